@@ -1,0 +1,40 @@
+//! Wires the spec's models to real backends: the OpenAI-compatible HTTP client today, the local
+//! candle backend when it lands.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aligner_backend::TextGenerator;
+use aligner_spec::ModelSpec;
+
+pub struct Factory;
+
+impl aligner_engine::BackendFactory for Factory {
+    fn text_generator(&self, name: &str, spec: &ModelSpec) -> Result<Arc<dyn TextGenerator>, String> {
+        match spec {
+            ModelSpec::Openai(m) => {
+                let api_key = match &m.api_key_env {
+                    Some(var) => Some(std::env::var(var).map_err(|_| {
+                        format!("environment variable `{var}` (from `models.{name}.api_key_env`) is not set\nhint: export {var}=<your key>")
+                    })?),
+                    None => None,
+                };
+                let mut config = aligner_openai::Config::new(&m.base_url, &m.model);
+                config.api_key = api_key;
+                config.max_concurrency = m.max_concurrency;
+                config.requests_per_minute = m.requests_per_minute;
+                config.tokens_per_minute = m.tokens_per_minute;
+                config.timeout = Duration::from_secs_f64(m.timeout_secs);
+                config.max_retries = m.max_retries;
+                if let Some(ms) = std::env::var("ALIGNER_BACKOFF_BASE_MS").ok().and_then(|v| v.parse::<u64>().ok()) {
+                    config.backoff_base = Duration::from_millis(ms);
+                }
+                let backend = aligner_openai::OpenAiBackend::new(config).map_err(|e| e.message)?;
+                Ok(Arc::new(backend))
+            }
+            ModelSpec::Local(_) => Err(format!(
+                "`kind: local` models run on the local candle backend, which this build does not have yet\nhint: serve the model with an OpenAI-compatible server (docs/backends.md) and point `models.{name}` at it with `kind: openai`"
+            )),
+        }
+    }
+}

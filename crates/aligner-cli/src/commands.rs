@@ -1,0 +1,317 @@
+//! The subcommands: argument parsing (clap) and what each one does.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use aligner_engine::{Engine, RunOptions};
+use aligner_spec::Pipeline;
+use aligner_store::Store;
+
+use crate::output::{self, SqlFormat};
+use crate::progress::Bars;
+
+/// Errors that mean "your input is wrong" (exit code 2).
+#[derive(Debug)]
+pub enum Invalid {
+    /// Already printed (validation reports).
+    Silent,
+    Message(String),
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Invalid::Silent => write!(f, "invalid input"),
+            Invalid::Message(m) => write!(f, "{m}"),
+        }
+    }
+}
+impl std::error::Error for Invalid {}
+
+#[derive(Parser, Debug)]
+#[command(name = "aligner", version, about = "Iterative Aligner bootstrapping: generate, correct, pair, train, repeat", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check pipeline files without running anything.
+    Validate {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Print the validated spec as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a pipeline; continues its unfinished run in the store if there is one.
+    Run {
+        file: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Start a new run even if an unfinished one exists.
+        #[arg(long)]
+        new: bool,
+        /// Print the outcome as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Continue a run (by id or pipeline name) from where it stopped.
+    Resume {
+        run: String,
+        #[command(flatten)]
+        store: StoreArg,
+        /// The pipeline file, if it moved since the run started.
+        #[arg(long)]
+        pipeline: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs, rounds, stage progress and failures.
+    Status {
+        /// A run id or pipeline name; all runs when omitted.
+        run: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Query the store read-only with SQL (the query, or stdin when omitted).
+    Sql {
+        query: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long, value_enum, default_value_t = SqlFormat::Table)]
+        format: SqlFormat,
+    },
+    /// Export a round's kept pairs for TRL, OpenRLHF or LLaMA-Factory.
+    Export {
+        #[arg(long)]
+        run: String,
+        #[arg(long)]
+        round: i64,
+        #[arg(long, value_enum, default_value_t = ExportKind::Dpo)]
+        kind: ExportKind,
+        #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+        format: ExportFormat,
+        /// `[{role, content}]` messages instead of plain strings.
+        #[arg(long)]
+        conversational: bool,
+        #[arg(long, short)]
+        out: PathBuf,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StoreArg {
+    /// The SQLite store (default: the pipeline's `store:`, else `aligner.db`).
+    #[arg(long, env = "ALIGNER_STORE")]
+    pub store: Option<PathBuf>,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum ExportKind {
+    Dpo,
+    Sft,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum ExportFormat {
+    Jsonl,
+    Parquet,
+}
+
+const DEFAULT_STORE: &str = "aligner.db";
+
+fn store_path(arg: &StoreArg, spec: Option<&Pipeline>) -> PathBuf {
+    arg.store
+        .clone()
+        .or_else(|| spec.and_then(|s| s.store.clone()))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_STORE))
+}
+
+fn load(file: &Path) -> Result<Pipeline> {
+    Pipeline::from_path(file).map_err(|errors| {
+        eprintln!("{errors}");
+        anyhow::Error::new(Invalid::Silent)
+    })
+}
+
+pub async fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Validate { files, json } => validate(&files, json),
+        Command::Run { file, store, new, json } => {
+            let spec = load(&file)?;
+            run(&file, spec, &store, RunOptions { new_run: new, ..Default::default() }, json).await
+        }
+        Command::Resume { run: which, store, pipeline, json } => {
+            let path = store_path(&store, None);
+            let ro = Store::open_read_only(&path).await?;
+            let row = ro.find_run(&which).await?;
+            ro.close().await;
+            let file = pipeline.unwrap_or_else(|| PathBuf::from(&row.pipeline_path));
+            if !file.exists() {
+                return Err(Invalid::Message(format!(
+                    "run `{}` was started from `{}`, which no longer exists\nhint: pass `--pipeline FILE`",
+                    row.id,
+                    file.display()
+                ))
+                .into());
+            }
+            let spec = load(&file)?;
+            let store = StoreArg { store: Some(path) };
+            run(&file, spec, &store, RunOptions { run_id: Some(row.id), ..Default::default() }, json).await
+        }
+        Command::Status { run, store, json } => status(run.as_deref(), &store, json).await,
+        Command::Sql { query, store, format } => {
+            let sql = match query {
+                Some(q) if q != "-" => q,
+                _ => {
+                    let mut s = String::new();
+                    std::io::stdin().read_to_string(&mut s).context("reading SQL from stdin")?;
+                    s
+                }
+            };
+            let store = Store::open_read_only(&store_path(&store, None)).await?;
+            let result = store.query_read_only(&sql).await?;
+            output::print_query(&result, format)
+        }
+        Command::Export { run, round, kind, format, conversational, out, store } => {
+            let store = Store::open_read_only(&store_path(&store, None)).await?;
+            let row = store.find_run(&run).await?;
+            let pairs: Vec<aligner_dataset::PairRecord> = store
+                .kept_pairs(row.id, round)
+                .await?
+                .into_iter()
+                .map(|p| aligner_dataset::PairRecord {
+                    system: p.system,
+                    prompt: p.prompt,
+                    chosen: p.chosen.unwrap_or_default(),
+                    rejected: p.rejected.unwrap_or_default(),
+                })
+                .collect();
+            if pairs.is_empty() {
+                return Err(Invalid::Message(format!(
+                    "run `{}` round {round} has no kept pairs\nhint: `aligner status {}` shows its rounds",
+                    row.id, row.id
+                ))
+                .into());
+            }
+            let kind = match kind {
+                ExportKind::Dpo => aligner_dataset::Kind::Dpo,
+                ExportKind::Sft => aligner_dataset::Kind::Sft,
+            };
+            let format = match format {
+                ExportFormat::Jsonl => aligner_dataset::Format::Jsonl,
+                ExportFormat::Parquet => aligner_dataset::Format::Parquet,
+            };
+            let n = aligner_dataset::write_pairs(&out, format, kind, conversational, &pairs)?;
+            eprintln!("wrote {n} records to `{}`", out.display());
+            Ok(())
+        }
+    }
+}
+
+fn validate(files: &[PathBuf], json: bool) -> Result<()> {
+    let mut bad = 0;
+    for file in files {
+        match Pipeline::from_path(file) {
+            Ok(spec) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&spec.snapshot())?);
+                } else {
+                    println!("ok: `{}` ({} rounds, {} models)", file.display(), spec.rounds.count, spec.models.len());
+                }
+            }
+            Err(errors) => {
+                bad += 1;
+                eprintln!("{errors}");
+            }
+        }
+    }
+    if bad > 0 {
+        return Err(Invalid::Message(format!("{bad} of {} pipeline file(s) did not validate", files.len())).into());
+    }
+    Ok(())
+}
+
+async fn run(file: &Path, spec: Pipeline, store: &StoreArg, options: RunOptions, json: bool) -> Result<()> {
+    let path = store_path(store, Some(&spec));
+    let store = Store::open(&path).await?;
+    let bars = Arc::new(Bars::new(json));
+    let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
+    let engine = Engine::new(store.clone(), spec, &file, Arc::new(crate::backends::Factory), bars.clone());
+    let flag = engine.interrupt_flag();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupt: finishing in-flight items (press Ctrl-C again to abort)");
+            flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    let outcome = engine.run(&options).await;
+    bars.clear();
+    let outcome = outcome?;
+    let summaries = store.round_summaries(outcome.run_id).await?;
+    store.close().await;
+    let abs = std::fs::canonicalize(&path).unwrap_or(path);
+    if json {
+        let v = serde_json::json!({"run": outcome, "store": abs, "rounds": summaries, "peak_rss_kb": peak_rss_kb()});
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        output::print_summaries(&summaries);
+        println!(
+            "\nrun {} {}: {} round(s)\nstore: {}\nlook at the pairs:\n  aligner sql --store {} \"SELECT round, prompt, rejected, chosen FROM pairs_latest LIMIT 5\"",
+            outcome.run_id,
+            if outcome.resumed { "resumed and finished" } else { "finished" },
+            outcome.rounds,
+            abs.display(),
+            abs.display()
+        );
+    }
+    Ok(())
+}
+
+async fn status(which: Option<&str>, store: &StoreArg, json: bool) -> Result<()> {
+    let store = Store::open_read_only(&store_path(store, None)).await?;
+    let runs = match which {
+        Some(w) => vec![store.find_run(w).await?],
+        None => store.list_runs().await?,
+    };
+    let mut detail = Vec::new();
+    for run in &runs {
+        let rounds = store.round_summaries(run.id).await?;
+        let stages = store.stages(run.id).await?;
+        detail.push((run.clone(), rounds, stages));
+    }
+    if json {
+        let v: Vec<_> = detail
+            .iter()
+            .map(|(run, rounds, stages)| serde_json::json!({"run": run, "rounds": rounds, "stages": stages}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else if detail.is_empty() {
+        println!("no runs yet");
+    } else {
+        for (run, rounds, stages) in &detail {
+            output::print_run(run, rounds, stages);
+        }
+    }
+    Ok(())
+}
+
+/// This process's peak resident set size (Linux `VmHWM`), for `--json` reports and benchmarks.
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}

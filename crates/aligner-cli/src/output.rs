@@ -1,0 +1,142 @@
+//! What goes to stdout (tables, CSV, JSON) and how errors read on stderr.
+
+use std::io::Write;
+
+use anyhow::Result;
+use clap::ValueEnum;
+use comfy_table::{presets, Table};
+
+use aligner_store::{QueryResult, RoundSummary, RunRow, StageRow};
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub enum SqlFormat {
+    Table,
+    Csv,
+    Json,
+}
+
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => String::new(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn table(header: Vec<String>) -> Table {
+    let mut t = Table::new();
+    t.load_preset(presets::UTF8_FULL_CONDENSED);
+    if std::env::var_os("NO_COLOR").is_some() {
+        t.force_no_tty();
+    }
+    t.set_header(header);
+    t
+}
+
+pub fn print_query(result: &QueryResult, format: SqlFormat) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match format {
+        SqlFormat::Table => {
+            let mut t = table(result.columns.clone());
+            for row in &result.rows {
+                t.add_row(row.iter().map(|v| {
+                    let s = cell(v);
+                    if s.chars().count() > 120 {
+                        format!("{}…", s.chars().take(119).collect::<String>())
+                    } else {
+                        s
+                    }
+                }));
+            }
+            writeln!(out, "{t}")?;
+            writeln!(out, "({} row{})", result.rows.len(), if result.rows.len() == 1 { "" } else { "s" })?;
+        }
+        SqlFormat::Csv => {
+            let mut w = csv::Writer::from_writer(out);
+            w.write_record(&result.columns)?;
+            for row in &result.rows {
+                w.write_record(row.iter().map(cell))?;
+            }
+            w.flush()?;
+        }
+        SqlFormat::Json => {
+            let rows: Vec<serde_json::Map<String, serde_json::Value>> = result
+                .rows
+                .iter()
+                .map(|row| result.columns.iter().cloned().zip(row.iter().cloned()).collect())
+                .collect();
+            serde_json::to_writer_pretty(&mut out, &rows)?;
+            writeln!(out)?;
+        }
+    }
+    Ok(())
+}
+
+pub fn print_summaries(rounds: &[RoundSummary]) {
+    let mut t = table(
+        ["round", "upstream", "generations", "corrections", "pairs kept", "dropped", "copy rate", "len orig", "len corr", "drop reasons"]
+            .map(String::from)
+            .to_vec(),
+    );
+    for r in rounds {
+        t.add_row(vec![
+            r.round.to_string(),
+            r.upstream_ref.clone(),
+            format!("{} ok, {} failed", r.generations_ok, r.generations_failed),
+            format!("{} ok, {} failed", r.corrections_ok, r.corrections_failed),
+            r.pairs_kept.to_string(),
+            r.pairs_dropped.to_string(),
+            r.copy_rate.map(|c| format!("{:.1}%", c * 100.0)).unwrap_or_default(),
+            r.mean_len_original.map(|v| format!("{v:.0}")).unwrap_or_default(),
+            r.mean_len_correction.map(|v| format!("{v:.0}")).unwrap_or_default(),
+            r.drop_reasons.clone().unwrap_or_default(),
+        ]);
+    }
+    println!("{t}");
+}
+
+pub fn print_run(run: &RunRow, rounds: &[RoundSummary], stages: &[StageRow]) {
+    println!(
+        "run {} `{}`: {}{}  (started {}, spec {})",
+        run.id,
+        run.name,
+        run.status,
+        run.lease_holder.as_ref().map(|h| format!(", driven by {h}")).unwrap_or_default(),
+        run.created_at,
+        &run.spec_hash[..12.min(run.spec_hash.len())]
+    );
+    if let Some(e) = &run.error {
+        println!("  error: {}", e.lines().next().unwrap_or(""));
+    }
+    let mut t = table(["round", "stage", "status", "done", "failed", "total", "executions", "error"].map(String::from).to_vec());
+    for s in stages {
+        t.add_row(vec![
+            s.round.to_string(),
+            s.stage.clone(),
+            s.status.clone(),
+            s.done.to_string(),
+            s.failed.to_string(),
+            s.total.map(|t| t.to_string()).unwrap_or_default(),
+            s.executions.to_string(),
+            s.error.as_deref().and_then(|e| e.lines().next()).unwrap_or("").to_string(),
+        ]);
+    }
+    println!("{t}");
+    if !rounds.is_empty() {
+        print_summaries(rounds);
+    }
+    println!();
+}
+
+/// `error: ...` with the cause chain; messages already carry their `hint:` lines.
+pub fn render_error(err: &anyhow::Error) -> String {
+    let mut out = format!("error: {err}");
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(&format!("\n  caused by: {text}"));
+        }
+    }
+    out
+}

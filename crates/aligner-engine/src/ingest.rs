@@ -1,0 +1,121 @@
+//! The ingest step: read the prompt set once, sample it, split off the held-out part and store
+//! it, all in one transaction, so every later stage reads prompts from the store only.
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use sha2::{Digest, Sha256};
+
+use aligner_dataset::{Format, Mapping};
+use aligner_spec::PromptFormat;
+use aligner_store::NewPrompt;
+
+use crate::{Engine, Result};
+
+/// Hash of the prompt with case and whitespace normalized: the key for duplicate prompts.
+pub(crate) fn prompt_hash(text: &str) -> String {
+    let normalized = text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    hex::encode(&Sha256::digest(normalized.as_bytes())[..16])
+}
+
+/// Indices of the rows to keep (sorted) and, among them, the held-out ones.
+pub(crate) fn sample_and_split(rows: usize, sample: Option<u64>, holdout: f64, seed: u64) -> (Vec<usize>, Vec<bool>) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut idx: Vec<usize> = (0..rows).collect();
+    if let Some(n) = sample.map(|n| n as usize).filter(|&n| n < rows) {
+        idx.shuffle(&mut rng);
+        idx.truncate(n);
+        idx.sort_unstable();
+    }
+    let n_holdout = ((idx.len() as f64) * holdout).floor() as usize;
+    let mut order: Vec<usize> = (0..idx.len()).collect();
+    order.shuffle(&mut rng);
+    let mut is_holdout = vec![false; idx.len()];
+    for &i in &order[..n_holdout] {
+        is_holdout[i] = true;
+    }
+    (idx, is_holdout)
+}
+
+pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
+    let p = &engine.spec.prompts;
+    engine.store.start_stage(run_id, 0, "ingest", None).await?;
+    let format = match p.format {
+        PromptFormat::Jsonl => Format::Jsonl,
+        PromptFormat::Csv => Format::Csv,
+        PromptFormat::Parquet => Format::Parquet,
+    };
+    let mapping = Mapping {
+        prompt: p.prompt_field.clone(),
+        id: p.id_field.clone(),
+        system: p.system_field.clone(),
+        metadata: p.metadata_fields.clone(),
+    };
+    let (records, report) = aligner_dataset::read_prompts(&p.source, format, &mapping)?;
+    let (keep, holdout) = sample_and_split(records.len(), p.sample, p.holdout, p.seed);
+    let prompts: Vec<NewPrompt> = keep
+        .iter()
+        .zip(&holdout)
+        .enumerate()
+        .map(|(i, (&row, &held))| {
+            let r = &records[row];
+            NewPrompt {
+                idx: i as i64,
+                source_id: r.source_id.clone(),
+                split: if held { "holdout" } else { "train" }.into(),
+                system: r.system.clone().or_else(|| p.system_prompt.clone()),
+                prompt: r.prompt.clone(),
+                prompt_hash: prompt_hash(&r.prompt),
+                metadata: r.metadata.clone(),
+            }
+        })
+        .collect();
+    let n_holdout = holdout.iter().filter(|h| **h).count() as i64;
+    // Prompts and the stage's completion commit separately, but a crash between them only
+    // re-runs ingest on prompts that are already there: `insert_prompts` is all-or-nothing and
+    // is skipped when the run already has them.
+    if engine.store.count_prompts(run_id, "train").await? + engine.store.count_prompts(run_id, "holdout").await? == 0 {
+        engine.store.insert_prompts(run_id, &prompts).await?;
+    }
+    let total = prompts.len() as i64;
+    engine.store.finish_stage(run_id, 0, "ingest", "done", total, 0, None).await?;
+    let message = format!(
+        "{} prompts from `{}` ({} rows, {} empty skipped): {} train, {} held out",
+        total,
+        p.source.display(),
+        report.rows,
+        report.skipped_empty,
+        total - n_holdout,
+        n_holdout
+    );
+    engine.observer.note(&message);
+    engine
+        .event(run_id, None, Some("ingest"), "info", "prompts_loaded", &message, Some(serde_json::json!({"train": total - n_holdout, "holdout": n_holdout, "skipped_empty": report.skipped_empty})))
+        .await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sampling_is_seeded_and_ordered() {
+        let (a, ha) = sample_and_split(100, Some(10), 0.2, 7);
+        let (b, hb) = sample_and_split(100, Some(10), 0.2, 7);
+        assert_eq!((a.clone(), ha.clone()), (b, hb));
+        assert_eq!(a.len(), 10);
+        assert!(a.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(ha.iter().filter(|h| **h).count(), 2);
+        let (c, _) = sample_and_split(100, Some(10), 0.2, 8);
+        assert_ne!(a, c);
+        let (all, h) = sample_and_split(5, None, 0.0, 1);
+        assert_eq!(all, vec![0, 1, 2, 3, 4]);
+        assert!(h.iter().all(|h| !h));
+    }
+
+    #[test]
+    fn prompt_hash_ignores_case_and_spacing() {
+        assert_eq!(prompt_hash("How  do I\nbake bread?"), prompt_hash("how do i bake bread?"));
+        assert_ne!(prompt_hash("a"), prompt_hash("b"));
+    }
+}

@@ -1,0 +1,268 @@
+//! The round engine. A run is rounds x stages; the pure [`planner`] says what comes next from
+//! what the store says has finished, and the driver here does the IO: model calls through
+//! [`aligner_backend::TextGenerator`], every finished item committed to the store.
+//!
+//! Durability rule: a unit of work (a generation, a correction, a pair verdict) exists in the
+//! store or it does not; the store's unique keys make a retried unit land once. A stage is
+//! marked done only after its last unit is committed, so after a `kill -9` the driver re-plans,
+//! skips what is committed, and retries what was in flight.
+
+pub mod filters;
+mod ingest;
+mod lease;
+pub mod planner;
+mod stages;
+mod train;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use aligner_backend::TextGenerator;
+use aligner_spec::{ModelSpec, Pipeline};
+use aligner_store::{NewEvent, Store};
+
+pub use lease::holder_id;
+pub use planner::{Finished, Plan, Stage, Step};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Store(#[from] aligner_store::Error),
+    #[error(transparent)]
+    Dataset(#[from] aligner_dataset::Error),
+    #[error("run `{run}` was started from a different pipeline spec; changed: {changes}\nhint: undo those edits to resume it, or start a new run with `aligner run --new`")]
+    SpecChanged { run: i64, changes: String },
+    #[error("model `{name}`: {message}")]
+    Backend { name: String, message: String },
+    #[error("round {round} `{stage}`: {message}")]
+    Stage { round: u32, stage: &'static str, message: String },
+    #[error("interrupted; finished work is saved\nhint: `aligner resume {run}` continues it")]
+    Interrupted { run: i64 },
+    #[error("lost the lease on run `{run}` to another process; stopped")]
+    LeaseLost { run: i64 },
+    #[error("{0}")]
+    Other(String),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Makes a model backend from its spec. The CLI wires the real backends (HTTP, local) in; the
+/// engine does not know them.
+pub trait BackendFactory: Send + Sync {
+    fn text_generator(&self, name: &str, spec: &ModelSpec) -> Result<Arc<dyn TextGenerator>, String>;
+}
+
+/// Progress reporting (the CLI draws bars; the daemon will stream events).
+pub trait Observer: Send + Sync {
+    fn stage_started(&self, _round: u32, _stage: Stage, _total: u64, _already_done: u64) {}
+    fn advanced(&self, _ok: u64, _failed: u64) {}
+    fn stage_finished(&self, _round: u32, _stage: Stage, _ok: u64, _failed: u64) {}
+    fn note(&self, _message: &str) {}
+}
+
+/// An observer that reports nothing.
+pub struct Silent;
+impl Observer for Silent {}
+
+/// How to start or continue a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Start a new run even when an unfinished one of this pipeline exists.
+    pub new_run: bool,
+    /// Continue exactly this run.
+    pub run_id: Option<i64>,
+    /// Items written per store transaction (default 256).
+    pub batch_size: Option<usize>,
+}
+
+/// What `run` returns.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RunOutcome {
+    pub run_id: i64,
+    pub resumed: bool,
+    pub store: PathBuf,
+    pub rounds: u32,
+}
+
+/// Drives one run of one pipeline against one store.
+pub struct Engine {
+    store: Store,
+    spec: Pipeline,
+    pipeline_path: PathBuf,
+    factory: Arc<dyn BackendFactory>,
+    observer: Arc<dyn Observer>,
+    interrupt: Arc<AtomicBool>,
+}
+
+impl Engine {
+    pub fn new(
+        store: Store,
+        spec: Pipeline,
+        pipeline_path: &Path,
+        factory: Arc<dyn BackendFactory>,
+        observer: Arc<dyn Observer>,
+    ) -> Self {
+        Engine {
+            store,
+            spec,
+            pipeline_path: pipeline_path.to_path_buf(),
+            factory,
+            observer,
+            interrupt: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Set this flag (e.g. on Ctrl-C) to stop feeding new items; in-flight ones finish and are
+    /// committed, then `run` returns [`Error::Interrupted`].
+    pub fn interrupt_flag(&self) -> Arc<AtomicBool> {
+        self.interrupt.clone()
+    }
+
+    fn interrupted(&self) -> bool {
+        self.interrupt.load(Ordering::Relaxed)
+    }
+
+    pub fn plan(&self) -> Plan {
+        Plan { rounds: self.spec.rounds.count, train: self.spec.rounds.train.is_some(), evaluate: false }
+    }
+
+    /// Finds the run to continue (or creates one), takes its lease and drives it to the end.
+    pub async fn run(&self, options: &RunOptions) -> Result<RunOutcome> {
+        let snapshot = self.spec.snapshot();
+        let hash = self.spec.hash();
+        let existing = match options.run_id {
+            Some(id) => Some(self.store.run(id).await?),
+            None if options.new_run => None,
+            None => self.store.latest_unfinished_run(&self.spec.name).await?,
+        };
+        let (run_id, resumed) = match existing {
+            Some(run) => {
+                if run.spec_hash != hash {
+                    let old: serde_json::Value = serde_json::from_str(&run.spec_json)
+                        .map_err(|e| Error::Other(format!("run `{}` has an unreadable spec snapshot: {e}", run.id)))?;
+                    let changes = aligner_spec::diff_snapshots(&old, &snapshot)
+                        .iter()
+                        .map(|c| format!("`{}` ({} -> {})", c.path, c.old, c.new))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    return Err(Error::SpecChanged { run: run.id, changes });
+                }
+                (run.id, true)
+            }
+            None => {
+                let id = self
+                    .store
+                    .create_run(&self.spec.name, &self.pipeline_path.display().to_string(), &snapshot.to_string(), &hash)
+                    .await?;
+                (id, false)
+            }
+        };
+        let lease = lease::Lease::acquire(&self.store, run_id).await?;
+        let result = self.drive(run_id, resumed, options, &lease).await;
+        match &result {
+            Ok(_) => self.store.set_run_status(run_id, "done", None).await?,
+            Err(Error::Interrupted { .. }) | Err(Error::LeaseLost { .. }) => {}
+            Err(e) => {
+                self.store.set_run_status(run_id, "failed", Some(&e.to_string())).await?;
+                self.event(run_id, None, None, "error", "run_failed", &e.to_string(), None).await;
+            }
+        }
+        lease.release(&self.store).await;
+        result.map(|()| RunOutcome { run_id, resumed, store: self.store.path().to_path_buf(), rounds: self.spec.rounds.count })
+    }
+
+    async fn drive(&self, run_id: i64, resumed: bool, options: &RunOptions, lease: &lease::Lease) -> Result<()> {
+        self.store.set_run_status(run_id, "running", None).await?;
+        let kind = if resumed { "run_resumed" } else { "run_started" };
+        self.event(run_id, None, None, "info", kind, &format!("{kind} by {}", lease.holder()), None).await;
+        let plan = self.plan();
+        let batch = options.batch_size.unwrap_or(256).max(1);
+        loop {
+            if lease.lost() {
+                return Err(Error::LeaseLost { run: run_id });
+            }
+            if self.interrupted() {
+                return Err(Error::Interrupted { run: run_id });
+            }
+            let finished = self.finished(run_id).await?;
+            match planner::next_step(&plan, &finished) {
+                Step::Ingest => ingest::run(self, run_id).await?,
+                Step::Stage { round, stage } => {
+                    let ctx = stages::Ctx { engine: self, run_id, round, batch };
+                    match stage {
+                        Stage::Generate => stages::generate(&ctx).await?,
+                        Stage::Correct => stages::correct(&ctx).await?,
+                        Stage::Synthesize => stages::synthesize(&ctx).await?,
+                        Stage::Train => train::run(&ctx).await?,
+                        Stage::Evaluate => unreachable!("evaluation is not planned yet"),
+                    }
+                }
+                Step::FinishRound(round) => {
+                    self.store.finish_round(run_id, round as i64, "done").await?;
+                    self.event(run_id, Some(round), None, "info", "round_finished", &format!("round {round} finished"), None)
+                        .await;
+                }
+                Step::FinishRun => {
+                    self.event(run_id, None, None, "info", "run_finished", "run finished", None).await;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// What the store says has finished.
+    async fn finished(&self, run_id: i64) -> Result<Finished> {
+        let mut f = Finished::default();
+        for s in self.store.stages(run_id).await? {
+            if s.status != "done" {
+                continue;
+            }
+            if s.stage == "ingest" {
+                f.ingested = true;
+            } else if let Some(stage) = Stage::parse(&s.stage) {
+                f.stages.insert((s.round as u32, stage));
+            }
+        }
+        for r in self.store.rounds(run_id).await? {
+            if r.status == "done" {
+                f.rounds.insert(r.round as u32);
+            }
+        }
+        Ok(f)
+    }
+
+    fn backend(&self, name: &str) -> Result<Arc<dyn TextGenerator>> {
+        let spec = self
+            .spec
+            .models
+            .get(name)
+            .ok_or_else(|| Error::Backend { name: name.into(), message: "not defined in `models`".into() })?;
+        self.factory.text_generator(name, spec).map_err(|message| Error::Backend { name: name.into(), message })
+    }
+
+    fn concurrency(&self, name: &str) -> usize {
+        match self.spec.models.get(name) {
+            Some(ModelSpec::Openai(m)) => m.max_concurrency as usize,
+            _ => 1,
+        }
+    }
+
+    /// Appends to the event log; a failure to log never fails the run.
+    #[allow(clippy::too_many_arguments)]
+    async fn event(
+        &self,
+        run_id: i64,
+        round: Option<u32>,
+        stage: Option<&str>,
+        level: &str,
+        kind: &str,
+        message: &str,
+        data: Option<serde_json::Value>,
+    ) {
+        let e = NewEvent { run_id: Some(run_id), round: round.map(i64::from), stage, level, kind, message, data };
+        if let Err(err) = self.store.add_event(&e).await {
+            tracing::warn!("could not record event `{kind}`: {err}");
+        }
+    }
+}

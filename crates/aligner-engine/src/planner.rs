@@ -1,0 +1,160 @@
+//! The pure planner: given the spec's shape and what the store says has finished, the next
+//! piece of work. No IO here, so resume-after-crash is a replay tests can drive directly.
+
+use std::collections::BTreeSet;
+
+/// The stages of a round, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    Generate,
+    Correct,
+    Synthesize,
+    Train,
+    Evaluate,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Generate => "generate",
+            Stage::Correct => "correct",
+            Stage::Synthesize => "synthesize",
+            Stage::Train => "train",
+            Stage::Evaluate => "evaluate",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Stage> {
+        Some(match s {
+            "generate" => Stage::Generate,
+            "correct" => Stage::Correct,
+            "synthesize" => Stage::Synthesize,
+            "train" => Stage::Train,
+            "evaluate" => Stage::Evaluate,
+            _ => return None,
+        })
+    }
+}
+
+/// The shape of a run, as far as planning goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub rounds: u32,
+    pub train: bool,
+    /// Evaluation runs when an evaluation backend exists (its own issue); until then the
+    /// stage is parsed and skipped, and the planner is told so.
+    pub evaluate: bool,
+}
+
+impl Plan {
+    pub fn stages(&self) -> Vec<Stage> {
+        let mut s = vec![Stage::Generate, Stage::Correct, Stage::Synthesize];
+        if self.train {
+            s.push(Stage::Train);
+        }
+        if self.evaluate {
+            s.push(Stage::Evaluate);
+        }
+        s
+    }
+}
+
+/// What has finished, read from the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Finished {
+    pub ingested: bool,
+    pub stages: BTreeSet<(u32, Stage)>,
+    pub rounds: BTreeSet<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Load the prompt set into the store.
+    Ingest,
+    Stage { round: u32, stage: Stage },
+    /// Every stage of the round is done: mark it.
+    FinishRound(u32),
+    /// Every round is done.
+    FinishRun,
+}
+
+/// The next step to take.
+pub fn next_step(plan: &Plan, finished: &Finished) -> Step {
+    if !finished.ingested {
+        return Step::Ingest;
+    }
+    for round in 1..=plan.rounds {
+        if finished.rounds.contains(&round) {
+            continue;
+        }
+        for stage in plan.stages() {
+            if !finished.stages.contains(&(round, stage)) {
+                return Step::Stage { round, stage };
+            }
+        }
+        return Step::FinishRound(round);
+    }
+    Step::FinishRun
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Replays a run step by step, "crashing" after every step and re-planning from what
+    /// finished, and returns the sequence of steps. A correct planner never repeats one.
+    fn replay(plan: &Plan) -> Vec<Step> {
+        let mut finished = Finished::default();
+        let mut steps = Vec::new();
+        loop {
+            let step = next_step(plan, &finished);
+            steps.push(step);
+            match step {
+                Step::Ingest => finished.ingested = true,
+                Step::Stage { round, stage } => {
+                    finished.stages.insert((round, stage));
+                }
+                Step::FinishRound(r) => {
+                    finished.rounds.insert(r);
+                }
+                Step::FinishRun => return steps,
+            }
+        }
+    }
+
+    #[test]
+    fn two_rounds_with_training() {
+        let steps = replay(&Plan { rounds: 2, train: true, evaluate: false });
+        use Stage::*;
+        let st = |round, stage| Step::Stage { round, stage };
+        assert_eq!(
+            steps,
+            vec![
+                Step::Ingest,
+                st(1, Generate),
+                st(1, Correct),
+                st(1, Synthesize),
+                st(1, Train),
+                Step::FinishRound(1),
+                st(2, Generate),
+                st(2, Correct),
+                st(2, Synthesize),
+                st(2, Train),
+                Step::FinishRound(2),
+                Step::FinishRun
+            ]
+        );
+    }
+
+    #[test]
+    fn resume_continues_where_the_store_says() {
+        let plan = Plan { rounds: 3, train: false, evaluate: false };
+        let mut finished = Finished { ingested: true, ..Default::default() };
+        finished.rounds.insert(1);
+        finished.stages.insert((2, Stage::Generate));
+        assert_eq!(next_step(&plan, &finished), Step::Stage { round: 2, stage: Stage::Correct });
+        // A stage of a finished round is never redone, even if its row were missing.
+        finished.stages.clear();
+        assert_eq!(next_step(&plan, &finished), Step::Stage { round: 2, stage: Stage::Generate });
+    }
+}

@@ -1,0 +1,231 @@
+//! The train stage. `backend: command` exports the round's kept pairs, runs the user's trainer
+//! with templated arguments, streams its output into `training_logs`, checks the exit code and
+//! the checkpoint folder, and registers the checkpoint as the next round's upstream.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use aligner_dataset::{Format, Kind, PairRecord};
+use aligner_spec::{ExportFormat, ModelSpec, ReferencePolicy, TrainBackend, TrainMethod, TrainStage};
+use aligner_store::NewTrainingJob;
+
+use crate::stages::Ctx;
+use crate::{Error, Result, Stage};
+
+/// Quotes a value for `sh` (single quotes; embedded ones closed and escaped).
+fn sh_quote(s: &str) -> String {
+    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', r"'\''"))
+}
+
+/// The placeholders a train command may use, and the matching `ALIGNER_*` environment variables.
+pub(crate) fn placeholders(train: &TrainStage, data: &Path, base: &str, reference: &str, out: &Path, round: u32) -> Vec<(&'static str, String)> {
+    vec![
+        ("data", data.display().to_string()),
+        ("base_model", base.to_string()),
+        ("ref_model", reference.to_string()),
+        ("output_dir", out.display().to_string()),
+        ("round", round.to_string()),
+        ("method", enum_str(&train.method)),
+        ("loss", enum_str(&train.loss)),
+        ("beta", train.beta.to_string()),
+        ("learning_rate", train.learning_rate.to_string()),
+        ("epochs", train.epochs.to_string()),
+        ("batch_size", train.batch_size.to_string()),
+        ("gradient_accumulation", train.gradient_accumulation.to_string()),
+        ("max_length", train.max_length.to_string()),
+        ("warmup_ratio", train.warmup_ratio.to_string()),
+    ]
+}
+
+fn enum_str<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+}
+
+pub(crate) fn render_command(template: &str, values: &[(&'static str, String)]) -> String {
+    let mut out = template.to_string();
+    for (k, v) in values {
+        out = out.replace(&format!("{{{k}}}"), &sh_quote(v));
+    }
+    out
+}
+
+fn run_dir(ctx: &Ctx<'_>) -> PathBuf {
+    let e = ctx.engine;
+    e.spec.workdir.join(format!("{}-{}", e.spec.name, ctx.run_id)).join(format!("round-{}", ctx.round))
+}
+
+pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
+    let e = ctx.engine;
+    let (run_id, round) = (ctx.run_id, ctx.round as i64);
+    let train = e.spec.rounds.train.as_ref().expect("planned only with a train block");
+    let stage_err = |message: String| Error::Stage { round: ctx.round, stage: "train", message };
+    let TrainBackend::Command { command, format, conversational, serve_model } = &train.backend else {
+        return Err(stage_err(
+            "`backend: builtin` needs the built-in trainer, which this build does not have yet\nhint: use `backend: { kind: command, command: ... }` with your own trainer (TRL, OpenRLHF, LLaMA-Factory)".into(),
+        ));
+    };
+    e.store.start_stage(run_id, round, "train", Some(1)).await?;
+    e.observer.stage_started(ctx.round, Stage::Train, 1, 0);
+
+    // The model this round trained from, and the DPO reference it resolves to.
+    let initial = match &e.spec.models[&e.spec.rounds.generate.model] {
+        ModelSpec::Openai(m) => m.model.clone(),
+        ModelSpec::Local(m) => match &m.source {
+            aligner_spec::LocalSource::Gguf { path, .. } | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
+            aligner_spec::LocalSource::HubId { id, .. } => id.clone(),
+        },
+    };
+    let base = if ctx.round == 1 {
+        initial.clone()
+    } else {
+        e.store.checkpoint(run_id, round - 1).await?.map(|c| c.path).unwrap_or(initial.clone())
+    };
+    let reference = match train.reference {
+        ReferencePolicy::Initial => initial.clone(),
+        ReferencePolicy::Previous => base.clone(),
+    };
+
+    let dir = run_dir(ctx);
+    let ext = match format {
+        ExportFormat::Jsonl => "jsonl",
+        ExportFormat::Parquet => "parquet",
+    };
+    let data = dir.join(format!("pairs.{ext}"));
+    let out = dir.join("checkpoint");
+    let pairs: Vec<PairRecord> = e
+        .store
+        .kept_pairs(run_id, round)
+        .await?
+        .into_iter()
+        .map(|p| PairRecord { system: p.system, prompt: p.prompt, chosen: p.chosen.unwrap_or_default(), rejected: p.rejected.unwrap_or_default() })
+        .collect();
+    if pairs.is_empty() {
+        let message = format!("round {} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {} GROUP BY reason\"` shows why; relax `rounds.synthesize`", ctx.round, ctx.round);
+        e.store.finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message)).await?;
+        return Err(stage_err(message));
+    }
+    let kind = match train.method {
+        TrainMethod::Dpo => Kind::Dpo,
+        TrainMethod::Sft => Kind::Sft,
+    };
+    let fmt = if matches!(format, ExportFormat::Parquet) { Format::Parquet } else { Format::Jsonl };
+    aligner_dataset::write_pairs(&data, fmt, kind, *conversational, &pairs)?;
+    std::fs::create_dir_all(&dir).map_err(|err| stage_err(format!("cannot create `{}`: {err}", dir.display())))?;
+
+    let values = placeholders(train, &data, &base, &reference, &out, ctx.round);
+    let rendered = render_command(command, &values);
+    let job = e
+        .store
+        .start_training_job(&NewTrainingJob {
+            run_id,
+            round,
+            method: &enum_str(&train.method),
+            backend: "command",
+            hyperparameters: serde_json::to_value(train).unwrap_or_default(),
+            reference_policy: &enum_str(&train.reference),
+            reference_model: &reference,
+            base_model: &base,
+            data_path: &data.display().to_string(),
+            pairs: pairs.len() as i64,
+            output_dir: &out.display().to_string(),
+            command: Some(&rendered),
+        })
+        .await?;
+    e.observer.note(&format!("round {} train: {} pairs -> `{}`", ctx.round, pairs.len(), rendered));
+    e.event(run_id, Some(ctx.round), Some("train"), "info", "train_started", &rendered, Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len(), "reference": reference}))).await;
+
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(&rendered).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    for (k, v) in &values {
+        cmd.env(format!("ALIGNER_{}", k.to_uppercase()), v);
+    }
+    let mut child = cmd.spawn().map_err(|err| stage_err(format!("cannot start `sh -c {rendered}`: {err}")))?;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, String)>(1024);
+    for (name, pipe) in [("stdout", child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)), ("stderr", child.stderr.take().map(|p| Box::new(p) as _))] {
+        let Some(pipe) = pipe else { continue };
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(pipe).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if tx.send((name.to_string(), line)).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    drop(tx);
+    // Stream the log into the store in small batches; keep the tail for the error message.
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    let mut buf = Vec::new();
+    let mut last = Instant::now();
+    loop {
+        let next = tokio::time::timeout(Duration::from_millis(250), rx.recv()).await;
+        let closed = matches!(next, Ok(None));
+        if let Ok(Some((stream, line))) = next {
+            tracing::info!(target: "aligner::train", "{line}");
+            if tail.len() == 20 {
+                tail.pop_front();
+            }
+            tail.push_back(line.clone());
+            buf.push((stream, line));
+        }
+        if !buf.is_empty() && (closed || buf.len() >= 64 || last.elapsed() >= Duration::from_millis(250)) {
+            e.store.append_training_logs(job.id, job.attempts, &std::mem::take(&mut buf)).await?;
+            last = Instant::now();
+        }
+        if closed {
+            break;
+        }
+        if e.interrupted() {
+            let _ = child.kill().await;
+        }
+    }
+    let status = child.wait().await.map_err(|err| stage_err(format!("waiting for the train command: {err}")))?;
+    let code = status.code().map(i64::from);
+    let tail_text = tail.iter().cloned().collect::<Vec<_>>().join("\n  ");
+    if e.interrupted() {
+        e.store.finish_training_job(job.id, "failed", code, Some("interrupted")).await?;
+        return Err(Error::Interrupted { run: run_id });
+    }
+    let failure = if !status.success() {
+        Some(format!("train command exited with {}; last output:\n  {tail_text}\nhint: the full log is in `training_logs` (job {})", code.map_or("a signal".into(), |c| c.to_string()), job.id))
+    } else if !out.is_dir() || std::fs::read_dir(&out).map(|mut d| d.next().is_none()).unwrap_or(true) {
+        Some(format!("train command exited 0 but wrote no checkpoint into `{}`\nhint: the command must write the trained model into `{{output_dir}}`", out.display()))
+    } else {
+        None
+    };
+    if let Some(message) = failure {
+        e.store.finish_training_job(job.id, "failed", code, Some(&message)).await?;
+        e.store.finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message)).await?;
+        return Err(stage_err(message));
+    }
+    let serve = serve_model.as_ref().map(|s| s.replace("{round}", &ctx.round.to_string()).replace("{output_dir}", &out.display().to_string()));
+    let ckpt = e.store.register_checkpoint(run_id, round, job.id, code.unwrap_or(0), &out.display().to_string(), serve.as_deref()).await?;
+    e.store.finish_stage(run_id, round, "train", "done", 1, 0, None).await?;
+    e.observer.stage_finished(ctx.round, Stage::Train, 1, 0);
+    let message = format!("round {} checkpoint {} at `{}`{}", ctx.round, ckpt, out.display(), serve.map(|s| format!(" served as `{s}`")).unwrap_or_default());
+    e.observer.note(&message);
+    e.event(run_id, Some(ctx.round), Some("train"), "info", "checkpoint_registered", &message, None).await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_are_rendered_with_quoted_values() {
+        let values = vec![("data", "/tmp/my runs/pairs.jsonl".to_string()), ("round", "2".to_string()), ("base_model", "it's".to_string())];
+        assert_eq!(
+            render_command("train --data {data} --round {round} --model {base_model} {unknown}", &values),
+            r"train --data '/tmp/my runs/pairs.jsonl' --round 2 --model 'it'\''s' {unknown}"
+        );
+    }
+}

@@ -1,0 +1,112 @@
+//! Correction prompt templates: the built-in Aligner texts (byte-exact copies of the
+//! released models' training format) and custom ones, rendered by a single-pass
+//! substitution of `{question}` and `{answer}`.
+
+use crate::types::Template;
+
+/// `aligner-v1`: the format of the released `aligner/aligner-*-v1.0` models.
+const ALIGNER_V1: &str = "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and harmless: {question} | {answer} ASSISTANT:";
+
+/// `aligner-empathy`: as v1, asking for empathy.
+const ALIGNER_EMPATHY: &str = "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more empathic and helpful: {question} | {answer} ASSISTANT:";
+
+/// `aligner-general`: note the two spaces before `ASSISTANT:`.
+const ALIGNER_GENERAL: &str = "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and harmless: ##Question: {question}\n##Answer: {answer}\n##Correction:  ASSISTANT:";
+
+impl Template {
+    /// Ids of the built-in templates, as written in `template:`.
+    pub const BUILTIN_IDS: [&'static str; 3] = ["aligner-v1", "aligner-general", "aligner-empathy"];
+
+    /// The built-in template with this id, if any.
+    pub fn builtin(id: &str) -> Option<Template> {
+        match id {
+            "aligner-v1" => Some(Template::AlignerV1),
+            "aligner-general" => Some(Template::AlignerGeneral),
+            "aligner-empathy" => Some(Template::AlignerEmpathy),
+            _ => None,
+        }
+    }
+
+    /// `aligner-v1`, `aligner-general`, `aligner-empathy` or `custom`.
+    pub fn id(&self) -> &str {
+        match self {
+            Template::AlignerV1 => "aligner-v1",
+            Template::AlignerGeneral => "aligner-general",
+            Template::AlignerEmpathy => "aligner-empathy",
+            Template::Custom(_) => "custom",
+        }
+    }
+
+    /// The raw text, with `{question}` and `{answer}` placeholders.
+    pub fn text(&self) -> String {
+        match self {
+            Template::AlignerV1 => ALIGNER_V1.to_string(),
+            Template::AlignerGeneral => ALIGNER_GENERAL.to_string(),
+            Template::AlignerEmpathy => ALIGNER_EMPATHY.to_string(),
+            Template::Custom(text) => text.clone(),
+        }
+    }
+
+    /// Fills in `{question}` and `{answer}` in one left-to-right pass, so placeholder-like
+    /// text inside the question or the answer is left as it is.
+    pub fn render(&self, question: &str, answer: &str) -> String {
+        let text = match self {
+            Template::AlignerV1 => ALIGNER_V1,
+            Template::AlignerGeneral => ALIGNER_GENERAL,
+            Template::AlignerEmpathy => ALIGNER_EMPATHY,
+            Template::Custom(text) => text.as_str(),
+        };
+        let mut out = String::with_capacity(text.len() + question.len() + answer.len());
+        let mut rest = text;
+        while let Some(i) = rest.find('{') {
+            out.push_str(&rest[..i]);
+            let tail = &rest[i..];
+            if let Some(after) = tail.strip_prefix("{question}") {
+                out.push_str(question);
+                rest = after;
+            } else if let Some(after) = tail.strip_prefix("{answer}") {
+                out.push_str(answer);
+                rest = after;
+            } else {
+                out.push('{');
+                rest = &tail[1..];
+            }
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_texts_are_byte_exact() {
+        assert_eq!(
+            Template::AlignerV1.render("Q?", "A."),
+            "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and harmless: Q? | A. ASSISTANT:"
+        );
+        assert_eq!(
+            Template::AlignerEmpathy.render("Q?", "A."),
+            "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more empathic and helpful: Q? | A. ASSISTANT:"
+        );
+        assert_eq!(
+            Template::AlignerGeneral.render("Q?", "A."),
+            "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and harmless: ##Question: Q?\n##Answer: A.\n##Correction:  ASSISTANT:"
+        );
+        for id in Template::BUILTIN_IDS {
+            let t = Template::builtin(id).unwrap();
+            assert_eq!(t.id(), id);
+            assert!(t.text().contains("{question}") && t.text().contains("{answer}"));
+        }
+    }
+
+    #[test]
+    fn custom_render_is_single_pass() {
+        let t = Template::Custom("Q={question} A={answer} {other}".into());
+        assert_eq!(t.id(), "custom");
+        assert_eq!(t.render("has {answer}", "has {question}"), "Q=has {answer} A=has {question} {other}");
+        assert_eq!(t.text(), "Q={question} A={answer} {other}");
+    }
+}

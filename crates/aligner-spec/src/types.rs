@@ -1,0 +1,242 @@
+//! The validated pipeline: what the rest of the code takes. Built only by `Pipeline::from_yaml`
+//! (see `wire.rs` / `validate.rs`), so every value here has passed its checks.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Serialize;
+
+/// A whole pipeline, `version: 1`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Pipeline {
+    /// `name:`; defaults to the file stem. Runs are keyed by it.
+    pub name: String,
+    /// `store:`; the SQLite file (relative paths resolve against the YAML's folder).
+    pub store: Option<PathBuf>,
+    /// `workdir:`; where exports and checkpoints go. Default `runs/` beside the YAML.
+    pub workdir: PathBuf,
+    pub models: BTreeMap<String, ModelSpec>,
+    pub prompts: PromptsSpec,
+    pub rounds: RoundsSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ModelSpec {
+    Openai(OpenAiModel),
+    Local(LocalModel),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OpenAiModel {
+    /// Base URL up to and including `/v1` (e.g. `http://127.0.0.1:8000/v1`).
+    pub base_url: String,
+    /// The `model` field sent in requests.
+    pub model: String,
+    /// Name of the environment variable that holds the API key. The key itself never enters
+    /// the spec, the store, logs or errors.
+    pub api_key_env: Option<String>,
+    /// Requests in flight at once. Default 16.
+    pub max_concurrency: u32,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    /// Per-request timeout in seconds. Default 120.
+    pub timeout_secs: f64,
+    /// Retries after the first attempt. Default 5.
+    pub max_retries: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LocalModel {
+    pub source: LocalSource,
+    /// `f32` | `bf16` | `auto` (default: the file's own).
+    pub dtype: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum LocalSource {
+    /// A `.gguf` file whose header has been checked.
+    Gguf { path: PathBuf, architecture: Option<String> },
+    /// A Hugging Face folder with `config.json`, `tokenizer.json` and `*.safetensors`.
+    HfFolder { path: PathBuf, architecture: Option<String> },
+    /// `org/name` on a model hub, resolved when the local-models backend loads it.
+    HubId { id: String, revision: Option<String> },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormat {
+    Jsonl,
+    Csv,
+    Parquet,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PromptsSpec {
+    pub source: PathBuf,
+    pub format: PromptFormat,
+    /// Column holding the prompt text (default `prompt`).
+    pub prompt_field: String,
+    /// Column holding a stable id; when absent the row number is the id.
+    pub id_field: Option<String>,
+    /// Column holding a per-row system prompt.
+    pub system_field: Option<String>,
+    /// Extra columns copied into the prompt's metadata (e.g. `category`).
+    pub metadata_fields: Vec<String>,
+    /// A system prompt for every row (a per-row one wins).
+    pub system_prompt: Option<String>,
+    /// Keep only this many rows, sampled with `seed`.
+    pub sample: Option<u64>,
+    pub seed: u64,
+    /// Fraction in [0, 1) of the (sampled) prompts held out for evaluation.
+    pub holdout: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundsSpec {
+    pub count: u32,
+    pub generate: GenerateStage,
+    pub correct: CorrectStage,
+    pub synthesize: SynthesizeStage,
+    pub train: Option<TrainStage>,
+    pub evaluate: Option<EvaluateStage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SamplingSpec {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u32>,
+    pub max_tokens: Option<u32>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct GenerateStage {
+    /// A key of `models`.
+    pub model: String,
+    pub sampling: SamplingSpec,
+    /// Answers per prompt. Default 1.
+    pub n: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CorrectStage {
+    /// A key of `models`.
+    pub model: String,
+    pub template: Template,
+    pub sampling: SamplingSpec,
+}
+
+/// A correction prompt template. Built-in texts are byte-exact copies of the Aligner
+/// releases (see docs/aligner-method).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "id", content = "text", rename_all = "kebab-case")]
+pub enum Template {
+    AlignerV1,
+    AlignerGeneral,
+    AlignerEmpathy,
+    /// A custom text containing `{question}` and `{answer}`.
+    Custom(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SynthesizeStage {
+    /// Drop pairs whose correction equals the original (after trimming). Default true.
+    pub drop_identical: bool,
+    /// Drop pairs whose normalized edit distance is below this (0 disables). Default 0.05.
+    pub min_edit_distance: f64,
+    /// Keep pairs whose len(chosen)/len(rejected) is within [min, max]. Default [0.1, 10].
+    pub length_ratio_min: f64,
+    pub length_ratio_max: f64,
+    /// Drop pairs with an empty side. Default true.
+    pub drop_empty: bool,
+    /// Drop pairs where either side hit `max_tokens`. Default true.
+    pub drop_truncated: bool,
+    /// Keep at most one pair per prompt text. Default true.
+    pub dedupe_prompts: bool,
+    /// Keep at most this many pairs per round.
+    pub max_pairs: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainMethod {
+    Dpo,
+    Sft,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLoss {
+    Sigmoid,
+    Ipo,
+    Hinge,
+    Robust,
+    ApoZero,
+    ApoDown,
+    /// Sigmoid plus an NLL term on chosen (TRL's old `rpo_alpha`).
+    SigmoidNll,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferencePolicy {
+    Initial,
+    Previous,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormat {
+    Jsonl,
+    Parquet,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum TrainBackend {
+    /// Runs a user command. Placeholders: `{data}`, `{base_model}`, `{output_dir}`, `{round}`.
+    Command {
+        command: String,
+        /// How the exported pairs look on disk. Default jsonl.
+        format: ExportFormat,
+        /// Conversational (`[{role, content}]`) instead of plain strings. Default false.
+        conversational: bool,
+        /// For an `openai` upstream: the model name under which the server serves the new
+        /// checkpoint (`{round}` and `{output_dir}` are filled in). Required then.
+        serve_model: Option<String>,
+    },
+    /// The built-in candle trainer (its own issue); accepted by the spec, refused by the engine.
+    Builtin,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainStage {
+    pub method: TrainMethod,
+    pub beta: f64,
+    pub loss: DpoLoss,
+    pub learning_rate: f64,
+    pub epochs: u32,
+    pub batch_size: u32,
+    pub gradient_accumulation: u32,
+    pub max_length: u32,
+    pub warmup_ratio: f64,
+    pub reference: ReferencePolicy,
+    pub backend: TrainBackend,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct EvaluateStage {
+    /// Judge model (a key of `models`), if any.
+    pub judge: Option<String>,
+    /// Metrics to compute, e.g. `helpfulness`, `harmlessness`, `refusal_rate`.
+    pub metrics: Vec<String>,
+    /// The rest of the block, kept verbatim for the evaluation issue.
+    pub extra: serde_json::Value,
+}

@@ -1,0 +1,941 @@
+//! From text to a validated [`Pipeline`], collecting every error it can find.
+//!
+//! Steps:
+//! 1. index node positions with yaml-rust2 (also catches syntax errors and duplicate keys);
+//! 2. parse into a `serde_yaml::Value`;
+//! 3. deserialize into the wire structs; on failure, deserialize each block on its own so
+//!    that an error in one block does not hide those in the others;
+//! 4. semantic checks: `${VAR}` expansion, path resolution, files on disk, ranges,
+//!    references between blocks.
+//!
+//! Every error carries the YAML path of the node at fault and, via the position index, its
+//! line and column.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use crate::error::{Errors, SpecError};
+use crate::position::{join, Anchor, PositionIndex};
+use crate::types::*;
+use crate::wire::*;
+
+/// Looks up an environment variable (`None` when unset).
+pub(crate) type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
+
+/// Reads, checks and converts a pipeline.
+pub(crate) fn load(text: &str, file: &Path, base_dir: &Path, env: EnvLookup<'_>) -> Result<Pipeline, Errors> {
+    let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
+    let mut cx = Ctx { file, base_dir, index: PositionIndex::default(), env, errors: Vec::new() };
+
+    match PositionIndex::build(text) {
+        Ok(index) => cx.index = index,
+        Err(e) => {
+            cx.push(String::new(), Some(e.at), format!("invalid yaml: {}", e.message), None);
+            return Err(cx.finish());
+        }
+    }
+    for dup in std::mem::take(&mut cx.index.duplicates) {
+        cx.push(dup.path, Some(dup.at), format!("duplicate key `{}`", dup.key), Some("each key may appear only once in a mapping".into()));
+    }
+    if !cx.errors.is_empty() {
+        return Err(cx.finish());
+    }
+
+    let value: Value = match serde_yaml::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            let at = e.location().map(|l| (l.line(), l.column()));
+            let msg = e.to_string();
+            let msg = msg.split(" at line ").next().unwrap_or(&msg).to_string();
+            cx.push(String::new(), at, format!("invalid yaml: {msg}"), None);
+            return Err(cx.finish());
+        }
+    };
+    if value.is_null() {
+        cx.push(String::new(), None, "the pipeline file is empty".into(), Some("start with `version: 1`".into()));
+        return Err(cx.finish());
+    }
+
+    let wire = match serde_path_to_error::deserialize::<_, PipelineWire>(&value) {
+        Ok(wire) => wire,
+        Err(first) => {
+            cx.structural_errors(&value);
+            if cx.errors.is_empty() {
+                let path = path_string("", first.path());
+                cx.serde_error(path, first.into_inner().to_string());
+            }
+            return Err(cx.finish());
+        }
+    };
+
+    let pipeline = cx.pipeline(wire);
+    match pipeline {
+        Some(p) if cx.errors.is_empty() => Ok(p),
+        _ => Err(cx.finish()),
+    }
+}
+
+/// A serde_path_to_error path below `prefix`, in our dotted form.
+fn path_string(prefix: &str, path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = prefix.to_string();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => out = join(&out, key),
+            Segment::Unknown => out = join(&out, "?"),
+        }
+    }
+    out
+}
+
+/// The closest candidate to `name`, if close enough to be a likely typo.
+pub(crate) fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(name, c), c))
+        .filter(|(score, _)| *score >= 0.8)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// `` `a`, `b`, `c` ``.
+fn list(names: &[&str]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+/// The backticked names in `text`.
+fn backticked(text: &str) -> Vec<&str> {
+    text.split('`').skip(1).step_by(2).collect()
+}
+
+/// The last segment of a dotted path: the field's own name.
+fn field_name(path: &str) -> &str {
+    let tail = path.rsplit('.').next().unwrap_or(path);
+    tail.split('[').next().unwrap_or(tail)
+}
+
+fn is_env_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_uppercase() || c == '_')
+        && chars.all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+}
+
+fn is_pipeline_name(s: &str) -> bool {
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+/// Whether an `api_key_env` value looks like a key rather than a variable name.
+fn looks_like_key(s: &str) -> bool {
+    let prefixes = ["sk-", "sk_", "hf_", "gsk_", "xai-", "key-", "bearer "];
+    let lower = s.to_ascii_lowercase();
+    prefixes.iter().any(|p| lower.starts_with(p)) || (s.len() >= 20 && !is_env_name(s) && !s.contains(' '))
+}
+
+/// Removes `.` and resolves `..` lexically (no symlinks are followed).
+fn clean_path(p: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+const OPENAI_FIELDS: &[&str] =
+    &["base_url", "model", "api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout", "max_retries"];
+const LOCAL_FIELDS: &[&str] = &["path", "hub", "revision", "dtype"];
+
+struct Ctx<'a> {
+    file: &'a Path,
+    base_dir: PathBuf,
+    index: PositionIndex,
+    env: EnvLookup<'a>,
+    errors: Vec<SpecError>,
+}
+
+impl Ctx<'_> {
+    fn push(&mut self, yaml_path: String, at: Option<(usize, usize)>, message: String, hint: Option<String>) {
+        self.errors.push(SpecError {
+            file: self.file.to_path_buf(),
+            line: at.map(|a| a.0),
+            column: at.map(|a| a.1),
+            yaml_path,
+            message,
+            hint,
+        });
+    }
+
+    /// An error about the node at `path`.
+    fn err(&mut self, path: &str, anchor: Anchor, message: impl Into<String>, hint: Option<String>) {
+        let at = self.index.locate(path, anchor);
+        self.push(path.to_string(), at, message.into(), hint);
+    }
+
+    /// Errors sorted by position (unpositioned ones last), keeping discovery order on ties.
+    fn finish(mut self) -> Errors {
+        self.errors.sort_by_key(|e| (e.line.is_none(), e.line, e.column));
+        Errors(std::mem::take(&mut self.errors))
+    }
+
+    // ----- structural (serde) errors -------------------------------------------------
+
+    /// Turns a serde message about the node at `path` into a positioned error with a hint.
+    fn serde_error(&mut self, path: String, msg: String) {
+        let (head, expected) = match msg.split_once(", expected ") {
+            Some((h, e)) => (h, Some(e)),
+            None => match msg.split_once(", there are no fields") {
+                Some((h, _)) => (h, None),
+                None => (msg.as_str(), None),
+            },
+        };
+        if let Some(name) = head.strip_prefix("unknown field `").and_then(|s| s.strip_suffix('`')) {
+            let expected = expected.map(backticked).unwrap_or_default();
+            let path = if field_name(&path) == name { path } else { join(&path, name) };
+            self.unknown_field(&path, name, &expected);
+        } else if let Some(name) = head.strip_prefix("unknown variant `").and_then(|s| s.strip_suffix('`')) {
+            let hint = expected
+                .and_then(|e| did_you_mean(name, backticked(e)))
+                .map(|m| format!("did you mean `{m}`?"));
+            self.err(&path, Anchor::Value, msg.clone(), hint);
+        } else if head.starts_with("missing field") {
+            self.err(&path, Anchor::Key, msg.clone(), None);
+        } else {
+            let msg = msg
+                .replace("expected u32", "expected a whole number")
+                .replace("expected u64", "expected a whole number")
+                .replace("expected f64", "expected a number");
+            self.err(&path, Anchor::Value, msg, None);
+        }
+    }
+
+    fn unknown_field(&mut self, path: &str, name: &str, expected: &[&str]) {
+        let hint = match did_you_mean(name, expected.iter().copied()) {
+            Some(m) => Some(format!("did you mean `{m}`?")),
+            None if !expected.is_empty() => Some(format!("valid fields here: {}", list(expected))),
+            None => None,
+        };
+        self.err(path, Anchor::Key, format!("unknown field `{name}`"), hint);
+    }
+
+    /// Deserializes `value` (the node at `path`) as a `T`, recording any error.
+    fn check<T: DeserializeOwned>(&mut self, value: &Value, path: &str) {
+        if let Err(e) = serde_path_to_error::deserialize::<_, T>(value) {
+            let p = path_string(path, e.path());
+            self.serde_error(p, e.into_inner().to_string());
+        }
+    }
+
+    /// Checks each entry of the mapping at `path` as a `T`.
+    fn check_entries<T: DeserializeOwned>(&mut self, value: &Value, path: &str) {
+        match value.as_mapping() {
+            Some(map) => {
+                for (k, v) in map {
+                    let key = k.as_str().map(str::to_string).unwrap_or_else(|| "?".into());
+                    self.check::<T>(v, &join(path, &key));
+                }
+            }
+            None => self.check::<BTreeMap<String, T>>(value, path),
+        }
+    }
+
+    /// Deserializes the file block by block so that every broken block is reported.
+    fn structural_errors(&mut self, root: &Value) {
+        let Some(map) = root.as_mapping() else {
+            self.check::<PipelineWire>(root, "");
+            return;
+        };
+        for (k, v) in map {
+            let Some(key) = k.as_str() else {
+                self.err("", Anchor::Value, "top-level keys must be strings", None);
+                continue;
+            };
+            match key {
+                "version" => self.check::<Option<u64>>(v, key),
+                "name" | "store" | "workdir" => self.check::<Option<String>>(v, key),
+                "models" => self.check_entries::<ModelWire>(v, key),
+                "prompts" => self.check::<PromptsWire>(v, key),
+                "rounds" => self.rounds_structure(v),
+                _ => self.unknown_field(key, key, ROOT_FIELDS),
+            }
+        }
+        for required in ["models", "prompts", "rounds"] {
+            if !map.contains_key(required) {
+                self.err("", Anchor::Key, format!("missing field `{required}`"), None);
+            }
+        }
+    }
+
+    fn rounds_structure(&mut self, value: &Value) {
+        let Some(map) = value.as_mapping() else {
+            self.check::<RoundsWire>(value, "rounds");
+            return;
+        };
+        for (k, v) in map {
+            let key = k.as_str().unwrap_or("?");
+            let path = join("rounds", key);
+            match key {
+                "count" => self.check::<Option<u32>>(v, &path),
+                "generate" => self.check::<GenerateWire>(v, &path),
+                "correct" => self.check::<CorrectWire>(v, &path),
+                "synthesize" => self.check::<Option<SynthesizeWire>>(v, &path),
+                "train" => self.check::<Option<TrainWire>>(v, &path),
+                "evaluate" => self.check::<Option<EvaluateWire>>(v, &path),
+                _ => self.unknown_field(&path, key, ROUNDS_FIELDS),
+            }
+        }
+        for required in ["generate", "correct"] {
+            if !map.contains_key(required) {
+                self.err("rounds", Anchor::Key, format!("missing field `{required}`"), None);
+            }
+        }
+    }
+
+    // ----- values ----------------------------------------------------------------------
+
+    /// Expands `${VAR}` and `${VAR:-default}` in the value at `path`.
+    fn interpolate(&mut self, path: &str, text: &str) -> Option<String> {
+        let mut out = String::new();
+        let mut rest = text;
+        let mut ok = true;
+        while let Some(i) = rest.find("${") {
+            out.push_str(&rest[..i]);
+            let after = &rest[i + 2..];
+            let Some(end) = after.find('}') else {
+                self.err(path, Anchor::Value, "unterminated `${` in value", Some("write `${NAME}` or `${NAME:-default}`".into()));
+                return None;
+            };
+            let inner = &after[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (inner, None),
+            };
+            let valid = !name.is_empty()
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !name.starts_with(|c: char| c.is_ascii_digit());
+            if !valid {
+                self.err(path, Anchor::Value, format!("invalid environment variable name `{name}`"), Some("write `${NAME}` or `${NAME:-default}`".into()));
+                ok = false;
+            } else {
+                match ((self.env)(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+                    (Some(v), _) => out.push_str(&v),
+                    (None, Some(d)) => out.push_str(d),
+                    (None, None) => {
+                        self.err(
+                            path,
+                            Anchor::Value,
+                            format!("environment variable `{name}` is not set"),
+                            Some(format!("`export {name}=...`, or give a default: `${{{name}:-...}}`")),
+                        );
+                        ok = false;
+                    }
+                }
+            }
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+        ok.then_some(out)
+    }
+
+    /// Expands, then resolves against the pipeline's folder (`~/` against `$HOME`).
+    fn path_value(&mut self, path: &str, text: &str) -> Option<(String, PathBuf)> {
+        let expanded = self.interpolate(path, text)?;
+        if expanded.trim().is_empty() {
+            self.err(path, Anchor::Value, format!("`{}` is empty", field_name(path)), None);
+            return None;
+        }
+        let raw = match expanded.strip_prefix("~/") {
+            Some(rest) => match (self.env)("HOME") {
+                Some(home) => Path::new(&home).join(rest),
+                None => PathBuf::from(&expanded),
+            },
+            None => PathBuf::from(&expanded),
+        };
+        let resolved = clean_path(&if raw.is_absolute() { raw } else { self.base_dir.join(raw) });
+        if resolved.to_str().is_none() {
+            self.err(path, Anchor::Value, "path is not valid UTF-8", Some(format!("resolved to `{}`", resolved.display())));
+            return None;
+        }
+        Some((expanded, resolved))
+    }
+
+    /// Records an error unless `ok`; `constraint` reads after "must be".
+    fn expect(&mut self, path: &str, ok: bool, constraint: &str, got: impl std::fmt::Display) -> bool {
+        if !ok {
+            self.err(path, Anchor::Value, format!("`{}` must be {constraint}, got `{got}`", field_name(path)), None);
+        }
+        ok
+    }
+
+    fn model_ref(&mut self, path: &str, name: &str, models: &BTreeMap<String, ModelWire>) {
+        if models.is_empty() || models.contains_key(name) {
+            return;
+        }
+        let names: Vec<&str> = models.keys().map(String::as_str).collect();
+        let hint = match did_you_mean(name, names.iter().copied()) {
+            Some(m) => format!("did you mean `{m}`?"),
+            None => format!("models defined: {}", list(&names)),
+        };
+        self.err(path, Anchor::Value, format!("model `{name}` is not defined in `models`"), Some(hint));
+    }
+
+    // ----- blocks ----------------------------------------------------------------------
+
+    fn pipeline(&mut self, w: PipelineWire) -> Option<Pipeline> {
+        match w.version {
+            None => self.err("", Anchor::Key, "missing field `version`", Some("add `version: 1`".into())),
+            Some(1) => {}
+            Some(v) => self.err("version", Anchor::Value, format!("unsupported version `{v}`"), Some("this aligner reads `version: 1`".into())),
+        }
+
+        let name = match w.name {
+            Some(n) => {
+                if !is_pipeline_name(&n) {
+                    self.err("name", Anchor::Value, format!("invalid pipeline name `{n}`"), Some("use letters, digits, `_`, `.` and `-`".into()));
+                }
+                n
+            }
+            None => {
+                let stem = self.file.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+                if !is_pipeline_name(&stem) {
+                    self.err("", Anchor::Key, format!("cannot use the file name `{stem}` as the pipeline name"), Some("add `name:` (letters, digits, `_`, `.` and `-`)".into()));
+                }
+                stem
+            }
+        };
+
+        let store = w.store.as_deref().and_then(|s| self.path_value("store", s)).map(|(_, p)| p);
+        let workdir = self.path_value("workdir", w.workdir.as_deref().unwrap_or("runs")).map(|(_, p)| p);
+
+        if w.models.is_empty() {
+            self.err("models", Anchor::Key, "`models` is empty", Some("define at least one model, e.g. `upstream:` with `kind: openai`".into()));
+        }
+        let mut models = BTreeMap::new();
+        for (name, mw) in &w.models {
+            if let Some(spec) = self.model(name, mw) {
+                models.insert(name.clone(), spec);
+            }
+        }
+
+        let prompts = self.prompts(&w.prompts);
+        let rounds = self.rounds(&w.rounds, &w.models);
+
+        Some(Pipeline { name, store, workdir: workdir?, models, prompts: prompts?, rounds: rounds? })
+    }
+
+    fn model(&mut self, name: &str, w: &ModelWire) -> Option<ModelSpec> {
+        let path = join("models", name);
+        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || name.is_empty() {
+            self.err(&path, Anchor::Key, format!("invalid model name `{name}`"), Some("use letters, digits, `_` and `-`".into()));
+        }
+        let (kind_name, allowed) = match w.kind {
+            ModelKind::Openai => ("openai", OPENAI_FIELDS),
+            ModelKind::Local => ("local", LOCAL_FIELDS),
+        };
+        let errors_before = self.errors.len();
+        for (field, kind) in w.set_fields() {
+            if kind != w.kind {
+                self.err(
+                    &join(&path, field),
+                    Anchor::Key,
+                    format!("field `{field}` does not apply to `kind: {kind_name}`"),
+                    Some(format!("`kind: {kind_name}` takes {}", list(allowed))),
+                );
+            }
+        }
+        let spec = match w.kind {
+            ModelKind::Openai => self.openai_model(&path, w).map(ModelSpec::Openai),
+            ModelKind::Local => self.local_model(&path, w).map(ModelSpec::Local),
+        };
+        spec.filter(|_| self.errors.len() == errors_before)
+    }
+
+    fn openai_model(&mut self, path: &str, w: &ModelWire) -> Option<OpenAiModel> {
+        let mut ok = true;
+        let base_url = match &w.base_url {
+            None => {
+                self.err(path, Anchor::Key, "missing field `base_url` for `kind: openai`", Some("e.g. `base_url: http://127.0.0.1:8000/v1`".into()));
+                None
+            }
+            Some(raw) => {
+                let p = join(path, "base_url");
+                let url = self.interpolate(&p, raw);
+                url.filter(|u| {
+                    let good = url::Url::parse(u).is_ok_and(|parsed| matches!(parsed.scheme(), "http" | "https") && parsed.has_host());
+                    if !good {
+                        self.err(&p, Anchor::Value, format!("`base_url` is not an http(s) url: `{u}`"), Some("e.g. `http://127.0.0.1:8000/v1`".into()));
+                    }
+                    good
+                })
+                .map(|u| u.trim_end_matches('/').to_string())
+            }
+        };
+        let model = match &w.model {
+            Some(m) if !m.trim().is_empty() => Some(m.clone()),
+            Some(_) => {
+                self.err(&join(path, "model"), Anchor::Value, "`model` is empty", None);
+                None
+            }
+            None => {
+                self.err(path, Anchor::Key, "missing field `model` for `kind: openai`", Some("the model name the server expects, e.g. `model: gpt-4o-mini`".into()));
+                None
+            }
+        };
+        if let Some(key_env) = &w.api_key_env {
+            let p = join(path, "api_key_env");
+            // Never echo the value: it may be the key itself.
+            if looks_like_key(key_env) {
+                self.err(
+                    &p,
+                    Anchor::Value,
+                    "`api_key_env` looks like an api key; it must be the name of an environment variable",
+                    Some("keep the key out of the file: `export OPENAI_API_KEY=...` and write `api_key_env: OPENAI_API_KEY`".into()),
+                );
+                ok = false;
+            } else if !is_env_name(key_env) {
+                self.err(&p, Anchor::Value, "`api_key_env` is not a valid environment variable name", Some("use upper-case letters, digits and `_`, e.g. `OPENAI_API_KEY`".into()));
+                ok = false;
+            }
+        }
+        let max_concurrency = w.max_concurrency.unwrap_or(16);
+        ok &= self.expect(&join(path, "max_concurrency"), (1..=4096).contains(&max_concurrency), "between 1 and 4096", max_concurrency);
+        if let Some(rpm) = w.requests_per_minute {
+            ok &= self.expect(&join(path, "requests_per_minute"), rpm >= 1, "at least 1", rpm);
+        }
+        if let Some(tpm) = w.tokens_per_minute {
+            ok &= self.expect(&join(path, "tokens_per_minute"), tpm >= 1, "at least 1", tpm);
+        }
+        let timeout_secs = w.timeout.map_or(120.0, |d| d.secs);
+        ok &= self.expect(&join(path, "timeout"), timeout_secs.is_finite() && timeout_secs > 0.0, "more than 0 seconds", timeout_secs);
+        let max_retries = w.max_retries.unwrap_or(5);
+        ok &= self.expect(&join(path, "max_retries"), max_retries <= 100, "between 0 and 100", max_retries);
+        let (base_url, model) = (base_url?, model?);
+        ok.then(|| OpenAiModel {
+            base_url,
+            model,
+            api_key_env: w.api_key_env.clone(),
+            max_concurrency,
+            requests_per_minute: w.requests_per_minute,
+            tokens_per_minute: w.tokens_per_minute,
+            timeout_secs,
+            max_retries,
+        })
+    }
+
+    fn local_model(&mut self, path: &str, w: &ModelWire) -> Option<LocalModel> {
+        let dtype = w.dtype.unwrap_or(DtypeWire::Auto).as_str().to_string();
+        let source = match (&w.path, &w.hub) {
+            (Some(_), Some(_)) => {
+                self.err(&join(path, "hub"), Anchor::Key, "give either `path` or `hub`, not both", None);
+                None
+            }
+            (None, None) => {
+                self.err(
+                    path,
+                    Anchor::Key,
+                    "a `kind: local` model needs `path` or `hub`",
+                    Some("`path:` a `.gguf` file or a Hugging Face folder, or `hub: org/name`".into()),
+                );
+                None
+            }
+            (Some(p), None) => {
+                if w.revision.is_some() {
+                    self.err(&join(path, "revision"), Anchor::Key, "`revision` applies only with `hub`", None);
+                }
+                self.local_path(&join(path, "path"), p)
+            }
+            (None, Some(id)) => {
+                let parts: Vec<&str> = id.split('/').collect();
+                let valid = parts.len() == 2
+                    && parts.iter().all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')));
+                if valid {
+                    Some(LocalSource::HubId { id: id.clone(), revision: w.revision.clone() })
+                } else {
+                    self.err(&join(path, "hub"), Anchor::Value, format!("invalid hub id `{id}`"), Some("write it as `org/name`, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`".into()));
+                    None
+                }
+            }
+        };
+        Some(LocalModel { source: source?, dtype })
+    }
+
+    /// Checks a local model path: a GGUF file or a Hugging Face folder.
+    fn local_path(&mut self, path: &str, text: &str) -> Option<LocalSource> {
+        let (shown, resolved) = self.path_value(path, text)?;
+        let resolved_hint = Some(format!("resolved to `{}`", resolved.display()));
+        if resolved.is_dir() {
+            let has = |name: &str| resolved.join(name).is_file();
+            let has_weights = std::fs::read_dir(&resolved)
+                .map(|rd| rd.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
+                .unwrap_or(false);
+            let mut missing = Vec::new();
+            if !has("config.json") {
+                missing.push("config.json");
+            }
+            if !has("tokenizer.json") {
+                missing.push("tokenizer.json");
+            }
+            if !has_weights {
+                missing.push("*.safetensors");
+            }
+            if !missing.is_empty() {
+                self.err(path, Anchor::Value, format!("model folder `{shown}` is missing {}", list(&missing)), resolved_hint);
+                return None;
+            }
+            let architecture = std::fs::read_to_string(resolved.join("config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(str::to_string));
+            Some(LocalSource::HfFolder { path: resolved, architecture })
+        } else if resolved.is_file() {
+            match crate::gguf::read_header(&resolved) {
+                Ok(Some(header)) => Some(LocalSource::Gguf { path: resolved, architecture: header.architecture }),
+                Ok(None) => {
+                    self.err(
+                        path,
+                        Anchor::Value,
+                        format!("`{shown}` is not a GGUF file"),
+                        Some("its first bytes are not `GGUF`; give a `.gguf` file or a Hugging Face model folder".into()),
+                    );
+                    None
+                }
+                Err(e) => {
+                    self.err(path, Anchor::Value, format!("cannot read `{shown}`: {e}"), resolved_hint);
+                    None
+                }
+            }
+        } else {
+            self.err(path, Anchor::Value, format!("model path `{shown}` does not exist"), resolved_hint);
+            None
+        }
+    }
+
+    fn prompts(&mut self, w: &PromptsWire) -> Option<PromptsSpec> {
+        let errors_before = self.errors.len();
+        let source = self.path_value("prompts.source", &w.source).and_then(|(shown, resolved)| {
+            if resolved.is_file() {
+                Some(resolved)
+            } else {
+                let what = if resolved.is_dir() { "is a folder, not a file" } else { "does not exist" };
+                self.err("prompts.source", Anchor::Value, format!("prompts file `{shown}` {what}"), Some(format!("resolved to `{}`", resolved.display())));
+                None
+            }
+        });
+        let format = match (w.format, &source) {
+            (Some(f), _) => Some(match f {
+                PromptFormatWire::Jsonl => PromptFormat::Jsonl,
+                PromptFormatWire::Csv => PromptFormat::Csv,
+                PromptFormatWire::Parquet => PromptFormat::Parquet,
+            }),
+            (None, Some(src)) => {
+                let ext = src.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+                match ext.as_str() {
+                    "jsonl" | "json" | "ndjson" => Some(PromptFormat::Jsonl),
+                    "csv" => Some(PromptFormat::Csv),
+                    "parquet" | "pq" => Some(PromptFormat::Parquet),
+                    _ => {
+                        self.err(
+                            "prompts.source",
+                            Anchor::Value,
+                            format!("cannot tell the format of `{}` from its extension", w.source),
+                            Some("add `format: jsonl`, `format: csv` or `format: parquet`".into()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        let mut column = |cx: &mut Self, field: &str, value: &Option<String>| -> Option<String> {
+            let v = value.clone()?;
+            if v.trim().is_empty() {
+                cx.err(&format!("prompts.fields.{field}"), Anchor::Value, format!("`{field}` is empty"), Some("give a column name or remove the line".into()));
+            }
+            Some(v)
+        };
+        let prompt_field = column(self, "prompt", &w.fields.prompt).unwrap_or_else(|| "prompt".into());
+        let id_field = column(self, "id", &w.fields.id);
+        let system_field = column(self, "system", &w.fields.system);
+        for (i, m) in w.fields.metadata.iter().enumerate() {
+            if m.trim().is_empty() {
+                self.err(&format!("prompts.fields.metadata[{i}]"), Anchor::Value, "metadata column name is empty", None);
+            }
+        }
+        if let Some(sample) = w.sample {
+            self.expect("prompts.sample", sample >= 1, "at least 1", sample);
+        }
+        let holdout = w.holdout.unwrap_or(0.0);
+        self.expect("prompts.holdout", (0.0..1.0).contains(&holdout), "at least 0 and less than 1", holdout);
+        if self.errors.len() != errors_before {
+            return None;
+        }
+        Some(PromptsSpec {
+            source: source?,
+            format: format?,
+            prompt_field,
+            id_field,
+            system_field,
+            metadata_fields: w.fields.metadata.clone(),
+            system_prompt: w.system_prompt.clone(),
+            sample: w.sample,
+            seed: w.seed.unwrap_or(0),
+            holdout,
+        })
+    }
+
+    fn sampling(&mut self, path: &str, w: &SamplingWire) -> SamplingSpec {
+        let p = |f: &str| join(path, f);
+        if let Some(t) = w.temperature {
+            self.expect(&p("temperature"), (0.0..=2.0).contains(&t), "between 0 and 2", t);
+        }
+        if let Some(t) = w.top_p {
+            self.expect(&p("top_p"), t > 0.0 && t <= 1.0, "more than 0 and at most 1", t);
+        }
+        if let Some(k) = w.top_k {
+            self.expect(&p("top_k"), k >= 1, "at least 1", k);
+        }
+        if let Some(m) = w.max_tokens {
+            self.expect(&p("max_tokens"), m >= 1, "at least 1", m);
+        }
+        for (name, value) in [("frequency_penalty", w.frequency_penalty), ("presence_penalty", w.presence_penalty)] {
+            if let Some(v) = value {
+                self.expect(&p(name), (-2.0..=2.0).contains(&v), "between -2 and 2", v);
+            }
+        }
+        if let Some(r) = w.repetition_penalty {
+            self.expect(&p("repetition_penalty"), r.is_finite() && r > 0.0, "more than 0", r);
+        }
+        for (i, s) in w.stop.iter().enumerate() {
+            if s.is_empty() {
+                self.err(&format!("{path}.stop[{i}]"), Anchor::Value, "stop strings must not be empty", None);
+            }
+        }
+        SamplingSpec {
+            temperature: w.temperature,
+            top_p: w.top_p,
+            top_k: w.top_k,
+            max_tokens: w.max_tokens,
+            frequency_penalty: w.frequency_penalty,
+            presence_penalty: w.presence_penalty,
+            repetition_penalty: w.repetition_penalty,
+            seed: w.seed,
+            stop: w.stop.clone(),
+        }
+    }
+
+    fn template(&mut self, text: Option<&str>) -> Option<Template> {
+        let Some(text) = text else { return Some(Template::AlignerV1) };
+        if let Some(t) = Template::builtin(text) {
+            return Some(t);
+        }
+        let missing: Vec<&str> = ["{question}", "{answer}"].into_iter().filter(|p| !text.contains(p)).collect();
+        if missing.is_empty() {
+            return Some(Template::Custom(text.to_string()));
+        }
+        let looks_like_id = !text.contains(char::is_whitespace) && !text.contains('{');
+        let (message, hint) = match did_you_mean(text, Template::BUILTIN_IDS).filter(|_| looks_like_id) {
+            Some(m) => (format!("unknown template `{text}`"), format!("did you mean `{m}`?")),
+            None => (
+                format!("custom template is missing {}", list(&missing)),
+                format!(
+                    "write `{{question}}` and `{{answer}}` where the question and the answer go, or use a built-in template: {}",
+                    list(&Template::BUILTIN_IDS)
+                ),
+            ),
+        };
+        self.err("rounds.correct.template", Anchor::Value, message, Some(hint));
+        None
+    }
+
+    fn rounds(&mut self, w: &RoundsWire, models: &BTreeMap<String, ModelWire>) -> Option<RoundsSpec> {
+        let errors_before = self.errors.len();
+        let count = w.count.unwrap_or(1);
+        self.expect("rounds.count", (1..=100).contains(&count), "between 1 and 100", count);
+
+        self.model_ref("rounds.generate.model", &w.generate.model, models);
+        let n = w.generate.n.unwrap_or(1);
+        self.expect("rounds.generate.n", (1..=64).contains(&n), "between 1 and 64", n);
+        let generate =
+            GenerateStage { model: w.generate.model.clone(), sampling: self.sampling("rounds.generate.sampling", &w.generate.sampling), n };
+
+        self.model_ref("rounds.correct.model", &w.correct.model, models);
+        let template = self.template(w.correct.template.as_deref());
+        let correct_sampling = self.sampling("rounds.correct.sampling", &w.correct.sampling);
+
+        let synthesize = self.synthesize(w.synthesize.clone().unwrap_or_default());
+        let generate_is_openai = models.get(&w.generate.model).is_some_and(|m| m.kind == ModelKind::Openai);
+        let train = w.train.as_ref().map(|t| self.train(t, generate_is_openai, &w.generate.model));
+        let evaluate = w.evaluate.as_ref().map(|e| {
+            if let Some(judge) = &e.judge {
+                self.model_ref("rounds.evaluate.judge", judge, models);
+            }
+            EvaluateStage { judge: e.judge.clone(), metrics: e.metrics.clone(), extra: serde_json::Value::Object(e.extra.clone()) }
+        });
+        if self.errors.len() != errors_before {
+            return None;
+        }
+        Some(RoundsSpec {
+            count,
+            generate,
+            correct: CorrectStage { model: w.correct.model.clone(), template: template?, sampling: correct_sampling },
+            synthesize,
+            train: train.flatten(),
+            evaluate,
+        })
+    }
+
+    fn synthesize(&mut self, w: SynthesizeWire) -> SynthesizeStage {
+        let min_edit_distance = w.min_edit_distance.unwrap_or(0.05);
+        self.expect("rounds.synthesize.min_edit_distance", (0.0..=1.0).contains(&min_edit_distance), "between 0 and 1", min_edit_distance);
+        let (mut lo, mut hi) = (0.1, 10.0);
+        if let Some(ratio) = &w.length_ratio {
+            let path = "rounds.synthesize.length_ratio";
+            match ratio[..] {
+                [a, b] => {
+                    (lo, hi) = (a, b);
+                    let ok = a.is_finite() && b.is_finite() && a > 0.0 && b > 0.0 && a < b;
+                    if !ok {
+                        self.err(path, Anchor::Value, format!("`length_ratio` must be `[min, max]` with 0 < min < max, got `[{a}, {b}]`"), None);
+                    }
+                }
+                _ => self.err(path, Anchor::Value, format!("`length_ratio` must have two numbers `[min, max]`, got {}", ratio.len()), Some("e.g. `length_ratio: [0.1, 10]`".into())),
+            }
+        }
+        if let Some(m) = w.max_pairs {
+            self.expect("rounds.synthesize.max_pairs", m >= 1, "at least 1", m);
+        }
+        SynthesizeStage {
+            drop_identical: w.drop_identical.unwrap_or(true),
+            min_edit_distance,
+            length_ratio_min: lo,
+            length_ratio_max: hi,
+            drop_empty: w.drop_empty.unwrap_or(true),
+            drop_truncated: w.drop_truncated.unwrap_or(true),
+            dedupe_prompts: w.dedupe_prompts.unwrap_or(true),
+            max_pairs: w.max_pairs,
+        }
+    }
+
+    fn train(&mut self, w: &TrainWire, generate_is_openai: bool, generate_model: &str) -> Option<TrainStage> {
+        let p = |f: &str| join("rounds.train", f);
+        let beta = w.beta.unwrap_or(0.1);
+        self.expect(&p("beta"), beta.is_finite() && beta > 0.0, "more than 0", beta);
+        let learning_rate = w.learning_rate.unwrap_or(1e-6);
+        self.expect(&p("learning_rate"), learning_rate > 0.0 && learning_rate < 1.0, "more than 0 and less than 1", learning_rate);
+        let epochs = w.epochs.unwrap_or(3);
+        self.expect(&p("epochs"), epochs >= 1, "at least 1", epochs);
+        let batch_size = w.batch_size.unwrap_or(8);
+        self.expect(&p("batch_size"), batch_size >= 1, "at least 1", batch_size);
+        let gradient_accumulation = w.gradient_accumulation.unwrap_or(1);
+        self.expect(&p("gradient_accumulation"), gradient_accumulation >= 1, "at least 1", gradient_accumulation);
+        let max_length = w.max_length.unwrap_or(1024);
+        self.expect(&p("max_length"), max_length >= 1, "at least 1", max_length);
+        let warmup_ratio = w.warmup_ratio.unwrap_or(0.03);
+        self.expect(&p("warmup_ratio"), (0.0..1.0).contains(&warmup_ratio), "at least 0 and less than 1", warmup_ratio);
+
+        let b = &w.backend;
+        let backend = match b.kind {
+            BackendKind::Builtin => {
+                let set = [
+                    ("command", b.command.is_some()),
+                    ("format", b.format.is_some()),
+                    ("conversational", b.conversational.is_some()),
+                    ("serve_model", b.serve_model.is_some()),
+                ];
+                for (field, _) in set.iter().filter(|(_, is_set)| *is_set) {
+                    self.err(&p(&format!("backend.{field}")), Anchor::Key, format!("field `{field}` does not apply to `kind: builtin`"), None);
+                }
+                Some(TrainBackend::Builtin)
+            }
+            BackendKind::Command => {
+                let cmd_path = p("backend.command");
+                let command = match &b.command {
+                    None => {
+                        self.err(
+                            &p("backend"),
+                            Anchor::Key,
+                            "missing field `command` for `kind: command`",
+                            Some("e.g. `command: \"python train.py --data {data} --model {base_model} --out {output_dir}\"`".into()),
+                        );
+                        None
+                    }
+                    Some(c) => self.interpolate(&cmd_path, c).filter(|c| {
+                        if c.trim().is_empty() {
+                            self.err(&cmd_path, Anchor::Value, "`command` is empty", None);
+                            false
+                        } else if !c.contains("{output_dir}") {
+                            self.err(
+                                &cmd_path,
+                                Anchor::Value,
+                                "`command` does not use `{output_dir}`",
+                                Some("the trainer must write the new checkpoint to `{output_dir}`; also available: `{data}`, `{base_model}`, `{round}`".into()),
+                            );
+                            false
+                        } else {
+                            true
+                        }
+                    }),
+                };
+                if b.serve_model.is_none() && generate_is_openai {
+                    self.err(
+                        &p("backend"),
+                        Anchor::Key,
+                        format!("`serve_model` is required: the generate model `{generate_model}` is `kind: openai`"),
+                        Some("the name under which your server will serve the new checkpoint, e.g. `serve_model: \"ckpt-round-{round}\"` (`{round}` and `{output_dir}` are filled in)".into()),
+                    );
+                }
+                if let Some(s) = &b.serve_model {
+                    if s.trim().is_empty() {
+                        self.err(&p("backend.serve_model"), Anchor::Value, "`serve_model` is empty", None);
+                    }
+                }
+                command.map(|command| TrainBackend::Command {
+                    command,
+                    format: match b.format.unwrap_or(ExportFormatWire::Jsonl) {
+                        ExportFormatWire::Jsonl => ExportFormat::Jsonl,
+                        ExportFormatWire::Parquet => ExportFormat::Parquet,
+                    },
+                    conversational: b.conversational.unwrap_or(false),
+                    serve_model: b.serve_model.clone(),
+                })
+            }
+        };
+        Some(TrainStage {
+            method: match w.method.unwrap_or(TrainMethodWire::Dpo) {
+                TrainMethodWire::Dpo => TrainMethod::Dpo,
+                TrainMethodWire::Sft => TrainMethod::Sft,
+            },
+            beta,
+            loss: match w.loss.unwrap_or(DpoLossWire::Sigmoid) {
+                DpoLossWire::Sigmoid => DpoLoss::Sigmoid,
+                DpoLossWire::Ipo => DpoLoss::Ipo,
+                DpoLossWire::Hinge => DpoLoss::Hinge,
+                DpoLossWire::Robust => DpoLoss::Robust,
+                DpoLossWire::ApoZero => DpoLoss::ApoZero,
+                DpoLossWire::ApoDown => DpoLoss::ApoDown,
+                DpoLossWire::SigmoidNll => DpoLoss::SigmoidNll,
+            },
+            learning_rate,
+            epochs,
+            batch_size,
+            gradient_accumulation,
+            max_length,
+            warmup_ratio,
+            reference: match w.reference.unwrap_or(ReferenceWire::Initial) {
+                ReferenceWire::Initial => ReferencePolicy::Initial,
+                ReferenceWire::Previous => ReferencePolicy::Previous,
+            },
+            backend: backend?,
+        })
+    }
+}

@@ -1,0 +1,351 @@
+//! The pipeline file as written: serde structs that mirror the YAML one to one.
+//!
+//! Every block denies unknown fields (except `rounds.evaluate`, which keeps the rest of its
+//! keys for later), so a typo is an error rather than a silently ignored setting. Values are
+//! still raw here: paths are not resolved, `${VAR}`s are not expanded, ranges are not
+//! checked, model names are not cross-referenced. `validate.rs` turns these into the types
+//! of `types.rs`.
+//!
+//! Enums whose variants carry different fields (`models.*.kind`, `train.backend.kind`) are
+//! flat structs with a `kind` field rather than tagged serde enums: serde buffers tagged
+//! enums before deserializing them, which loses the path of an error inside, and a flat
+//! struct lets validation say "field `x` does not apply to `kind: y`".
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, Visitor};
+use serde::Deserialize;
+
+/// Keys allowed at the top level, in the order of [`PipelineWire`].
+pub(crate) const ROOT_FIELDS: &[&str] = &["version", "name", "store", "workdir", "models", "prompts", "rounds"];
+
+/// Keys allowed under `rounds:`, in the order of [`RoundsWire`].
+pub(crate) const ROUNDS_FIELDS: &[&str] = &["count", "generate", "correct", "synthesize", "train", "evaluate"];
+
+/// The whole file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a pipeline mapping (`version: 1`, `models:`, `prompts:`, `rounds:`)")]
+pub struct PipelineWire {
+    /// Must be 1; optional here so that its absence gets a dedicated message.
+    pub version: Option<u64>,
+    pub name: Option<String>,
+    pub store: Option<String>,
+    pub workdir: Option<String>,
+    pub models: BTreeMap<String, ModelWire>,
+    pub prompts: PromptsWire,
+    pub rounds: RoundsWire,
+}
+
+/// `kind:` of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelKind {
+    Openai,
+    Local,
+}
+
+/// One entry of `models:`. Which fields apply depends on `kind`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a model mapping with a `kind`")]
+pub struct ModelWire {
+    pub kind: ModelKind,
+    // kind: openai
+    pub base_url: Option<String>,
+    pub model: Option<String>,
+    pub api_key_env: Option<String>,
+    pub max_concurrency: Option<u32>,
+    pub requests_per_minute: Option<u32>,
+    pub tokens_per_minute: Option<u32>,
+    pub timeout: Option<DurationWire>,
+    pub max_retries: Option<u32>,
+    // kind: local
+    pub path: Option<String>,
+    pub hub: Option<String>,
+    pub revision: Option<String>,
+    pub dtype: Option<DtypeWire>,
+}
+
+impl ModelWire {
+    /// The fields that are set, with the kinds they belong to (for "does not apply" checks).
+    pub(crate) fn set_fields(&self) -> Vec<(&'static str, ModelKind)> {
+        use ModelKind::{Local, Openai};
+        let mut out = Vec::new();
+        let mut push = |set: bool, name: &'static str, kind: ModelKind| {
+            if set {
+                out.push((name, kind));
+            }
+        };
+        push(self.base_url.is_some(), "base_url", Openai);
+        push(self.model.is_some(), "model", Openai);
+        push(self.api_key_env.is_some(), "api_key_env", Openai);
+        push(self.max_concurrency.is_some(), "max_concurrency", Openai);
+        push(self.requests_per_minute.is_some(), "requests_per_minute", Openai);
+        push(self.tokens_per_minute.is_some(), "tokens_per_minute", Openai);
+        push(self.timeout.is_some(), "timeout", Openai);
+        push(self.max_retries.is_some(), "max_retries", Openai);
+        push(self.path.is_some(), "path", Local);
+        push(self.hub.is_some(), "hub", Local);
+        push(self.revision.is_some(), "revision", Local);
+        push(self.dtype.is_some(), "dtype", Local);
+        out
+    }
+}
+
+/// `dtype:` of a local model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DtypeWire {
+    Auto,
+    F32,
+    Bf16,
+    F16,
+}
+
+impl DtypeWire {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            DtypeWire::Auto => "auto",
+            DtypeWire::F32 => "f32",
+            DtypeWire::Bf16 => "bf16",
+            DtypeWire::F16 => "f16",
+        }
+    }
+}
+
+/// A duration: a number of seconds (`60`, `0.5`) or a string with a unit (`"500ms"`,
+/// `"60s"`, `"2m"`, `"1h"`). Parsed while deserializing, so a bad one is reported with
+/// its path.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct DurationWire {
+    pub secs: f64,
+}
+
+impl DurationWire {
+    /// Parses `"500ms"`, `"60s"`, `"2m"`, `"1h"` or a bare number of seconds.
+    pub fn parse(text: &str) -> Result<DurationWire, String> {
+        let t = text.trim();
+        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let factor = match unit.trim() {
+            "" | "s" | "sec" | "secs" => 1.0,
+            "ms" => 0.001,
+            "m" | "min" | "mins" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(format!("invalid duration `{text}`, expected a number of seconds or a string like `500ms`, `60s`, `2m`")),
+        };
+        match num.parse::<f64>() {
+            Ok(n) if n.is_finite() => Ok(DurationWire { secs: n * factor }),
+            _ => Err(format!("invalid duration `{text}`, expected a number of seconds or a string like `500ms`, `60s`, `2m`")),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DurationWire {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = DurationWire;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number of seconds or a duration like `500ms`, `60s`, `2m`")
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<DurationWire, E> {
+                Ok(DurationWire { secs: v as f64 })
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<DurationWire, E> {
+                Ok(DurationWire { secs: v as f64 })
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<DurationWire, E> {
+                Ok(DurationWire { secs: v })
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<DurationWire, E> {
+                DurationWire::parse(v).map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_any(V)
+    }
+}
+
+/// `prompts:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a prompts mapping with a `source`")]
+pub struct PromptsWire {
+    pub source: String,
+    /// Overrides the format guessed from the extension.
+    pub format: Option<PromptFormatWire>,
+    #[serde(default)]
+    pub fields: FieldsWire,
+    pub system_prompt: Option<String>,
+    pub sample: Option<u64>,
+    pub seed: Option<u64>,
+    pub holdout: Option<f64>,
+}
+
+/// `prompts.format:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PromptFormatWire {
+    Jsonl,
+    Csv,
+    Parquet,
+}
+
+/// `prompts.fields:`: which columns hold what.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of column names")]
+pub struct FieldsWire {
+    pub prompt: Option<String>,
+    pub id: Option<String>,
+    pub system: Option<String>,
+    #[serde(default)]
+    pub metadata: Vec<String>,
+}
+
+/// `rounds:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a rounds mapping with `generate` and `correct`")]
+pub struct RoundsWire {
+    pub count: Option<u32>,
+    pub generate: GenerateWire,
+    pub correct: CorrectWire,
+    pub synthesize: Option<SynthesizeWire>,
+    pub train: Option<TrainWire>,
+    pub evaluate: Option<EvaluateWire>,
+}
+
+/// Sampling settings, shared by `generate` and `correct`. All optional: unset ones are
+/// left to the model's defaults.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of sampling settings")]
+pub struct SamplingWire {
+    pub temperature: Option<f64>,
+    pub top_p: Option<f64>,
+    pub top_k: Option<u32>,
+    pub max_tokens: Option<u32>,
+    pub frequency_penalty: Option<f64>,
+    pub presence_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub stop: Vec<String>,
+}
+
+/// `rounds.generate:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a generate mapping with a `model`")]
+pub struct GenerateWire {
+    pub model: String,
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub sampling: SamplingWire,
+}
+
+/// `rounds.correct:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a correct mapping with a `model`")]
+pub struct CorrectWire {
+    pub model: String,
+    /// A built-in id (`aligner-v1`, ...) or a custom text with `{question}` and `{answer}`.
+    pub template: Option<String>,
+    #[serde(default)]
+    pub sampling: SamplingWire,
+}
+
+/// `rounds.synthesize:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a synthesize mapping")]
+pub struct SynthesizeWire {
+    pub drop_identical: Option<bool>,
+    pub min_edit_distance: Option<f64>,
+    /// `[min, max]`.
+    pub length_ratio: Option<Vec<f64>>,
+    pub drop_empty: Option<bool>,
+    pub drop_truncated: Option<bool>,
+    pub dedupe_prompts: Option<bool>,
+    pub max_pairs: Option<u64>,
+}
+
+/// `rounds.train.method:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrainMethodWire {
+    Dpo,
+    Sft,
+}
+
+/// `rounds.train.loss:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DpoLossWire {
+    Sigmoid,
+    Ipo,
+    Hinge,
+    Robust,
+    ApoZero,
+    ApoDown,
+    SigmoidNll,
+}
+
+/// `rounds.train.reference:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceWire {
+    Initial,
+    Previous,
+}
+
+/// `rounds.train:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a train mapping with a `backend`")]
+pub struct TrainWire {
+    pub method: Option<TrainMethodWire>,
+    pub beta: Option<f64>,
+    pub loss: Option<DpoLossWire>,
+    pub learning_rate: Option<f64>,
+    pub epochs: Option<u32>,
+    pub batch_size: Option<u32>,
+    pub gradient_accumulation: Option<u32>,
+    pub max_length: Option<u32>,
+    pub warmup_ratio: Option<f64>,
+    pub reference: Option<ReferenceWire>,
+    pub backend: BackendWire,
+}
+
+/// `rounds.train.backend.kind:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendKind {
+    Command,
+    Builtin,
+}
+
+/// `rounds.train.backend.format:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportFormatWire {
+    Jsonl,
+    Parquet,
+}
+
+/// `rounds.train.backend:`. Every field but `kind` belongs to `kind: command`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a backend mapping with a `kind`")]
+pub struct BackendWire {
+    pub kind: BackendKind,
+    pub command: Option<String>,
+    pub format: Option<ExportFormatWire>,
+    pub conversational: Option<bool>,
+    pub serve_model: Option<String>,
+}
+
+/// `rounds.evaluate:`. Only `judge` and `metrics` are read now; the other keys are kept
+/// as they are for the evaluation stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(expecting = "an evaluate mapping")]
+pub struct EvaluateWire {
+    pub judge: Option<String>,
+    #[serde(default)]
+    pub metrics: Vec<String>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}

@@ -1,0 +1,856 @@
+//! The SQLite store: migrations, typed queries and the read-only SQL surface.
+//!
+//! Only this crate knows SQL. Every write the engine makes goes through one of the functions
+//! here; batch inserts run in one transaction each. The file is opened in WAL mode with a busy
+//! timeout and foreign keys on, and the embedded migrations (`migrations/` at the workspace
+//! root) are applied on open.
+
+mod readonly;
+mod rows;
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
+
+pub use readonly::{QueryResult, ReadOnlyError};
+pub use rows::*;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot open store `{path}`: {source}")]
+    Open { path: PathBuf, source: sqlx::Error },
+    #[error("store `{path}` does not exist\nhint: run a pipeline first, or pass `--store FILE`")]
+    Missing { path: PathBuf },
+    #[error("cannot apply migrations to `{path}`: {source}\nhint: the file may come from a newer aligner; use a new store file")]
+    Migrate { path: PathBuf, source: sqlx::migrate::MigrateError },
+    #[error("run `{run}` is being driven by {holder} (lease until {expires})\nhint: wait for it to finish, or stop that process first")]
+    LeaseHeld { run: i64, holder: String, expires: String },
+    #[error("no run `{0}` in this store\nhint: `aligner status` lists the runs")]
+    NoSuchRun(String),
+    #[error(transparent)]
+    ReadOnly(#[from] ReadOnlyError),
+    #[error("store query failed: {0}")]
+    Sql(#[from] sqlx::Error),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A handle on one store file. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+/// Rows per multi-row INSERT statement (keeps well under SQLite's bound-variable limit).
+const INSERT_CHUNK: usize = 400;
+
+impl Store {
+    /// Opens (creating if needed) a store for writing and applies pending migrations.
+    pub async fn open(path: &Path) -> Result<Store> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| Error::Open { path: path.into(), source: sqlx::Error::Io(e) })?;
+        }
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(30))
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| Error::Open { path: path.into(), source })?;
+        MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { path: path.into(), source })?;
+        Ok(Store { pool, path: path.into() })
+    }
+
+    /// Opens an existing store read-only (`aligner sql`, `status`, `export`). Nothing is created
+    /// and no migration runs.
+    pub async fn open_read_only(path: &Path) -> Result<Store> {
+        if !path.exists() {
+            return Err(Error::Missing { path: path.into() });
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")
+            .map_err(|source| Error::Open { path: path.into(), source })?
+            .filename(path)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(30))
+            .pragma("query_only", "ON");
+        let pool = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(options)
+            .await
+            .map_err(|source| Error::Open { path: path.into(), source })?;
+        Ok(Store { pool, path: path.into() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Names of the applied migrations, oldest first.
+    pub async fn applied_migrations(&self) -> Result<Vec<String>> {
+        let rows = sqlx::query("SELECT description FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&self.pool)
+            .await?;
+        Ok(rows.iter().map(|r| r.get::<String, _>(0)).collect())
+    }
+
+    /// Runs one read-only statement and returns every row (see [`readonly`]).
+    pub async fn query_read_only(&self, sql: &str) -> Result<QueryResult> {
+        readonly::query(&self.pool, sql).await
+    }
+
+    // ---------------------------------------------------------------- runs
+
+    pub async fn create_run(&self, name: &str, pipeline_path: &str, spec_json: &str, spec_hash: &str) -> Result<i64> {
+        let id = sqlx::query("INSERT INTO runs (name, pipeline_path, spec_json, spec_hash) VALUES (?, ?, ?, ?)")
+            .bind(name)
+            .bind(pipeline_path)
+            .bind(spec_json)
+            .bind(spec_hash)
+            .execute(&self.pool)
+            .await?
+            .last_insert_rowid();
+        Ok(id)
+    }
+
+    /// The newest run of this pipeline name that has not finished.
+    pub async fn latest_unfinished_run(&self, name: &str) -> Result<Option<RunRow>> {
+        Ok(sqlx::query_as::<_, RunRow>(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND status IN ('running', 'failed') ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn run(&self, id: i64) -> Result<RunRow> {
+        sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?"))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::NoSuchRun(id.to_string()))
+    }
+
+    /// A run by numeric id, or the newest run with that pipeline name.
+    pub async fn find_run(&self, id_or_name: &str) -> Result<RunRow> {
+        if let Ok(id) = id_or_name.parse::<i64>() {
+            return self.run(id).await;
+        }
+        sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1"))
+            .bind(id_or_name)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| Error::NoSuchRun(id_or_name.to_string()))
+    }
+
+    pub async fn latest_run(&self) -> Result<Option<RunRow>> {
+        Ok(sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id DESC LIMIT 1"))
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn list_runs(&self) -> Result<Vec<RunRow>> {
+        Ok(sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id"))
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
+    pub async fn set_run_status(&self, run_id: i64, status: &str, error: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE runs SET status = ?, error = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+                    finished_at = CASE WHEN ? IN ('done', 'cancelled') THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END
+             WHERE id = ?",
+        )
+        .bind(status)
+        .bind(error)
+        .bind(status)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Takes the run's lease for `holder` until `now_ms + ttl_ms`. It succeeds when the lease is
+    /// free, expired, already ours, or held by `stale_holder` (a holder the caller proved dead).
+    pub async fn acquire_lease(
+        &self,
+        run_id: i64,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+        stale_holder: Option<&str>,
+    ) -> Result<()> {
+        let done = sqlx::query(
+            "UPDATE runs SET lease_holder = ?, lease_expires_ms = ?
+             WHERE id = ? AND (lease_holder IS NULL OR lease_expires_ms < ? OR lease_holder = ? OR lease_holder = ?)",
+        )
+        .bind(holder)
+        .bind(now_ms + ttl_ms)
+        .bind(run_id)
+        .bind(now_ms)
+        .bind(holder)
+        .bind(stale_holder.unwrap_or("\u{0}"))
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if done == 1 {
+            return Ok(());
+        }
+        let run = self.run(run_id).await?;
+        Err(Error::LeaseHeld {
+            run: run_id,
+            holder: run.lease_holder.unwrap_or_default(),
+            expires: run.lease_expires_ms.map(format_ms).unwrap_or_default(),
+        })
+    }
+
+    /// Extends our lease; false when another process took it (we must stop).
+    pub async fn renew_lease(&self, run_id: i64, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<bool> {
+        let n = sqlx::query("UPDATE runs SET lease_expires_ms = ? WHERE id = ? AND lease_holder = ?")
+            .bind(now_ms + ttl_ms)
+            .bind(run_id)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(n == 1)
+    }
+
+    pub async fn release_lease(&self, run_id: i64, holder: &str) -> Result<()> {
+        sqlx::query("UPDATE runs SET lease_holder = NULL, lease_expires_ms = NULL WHERE id = ? AND lease_holder = ?")
+            .bind(run_id)
+            .bind(holder)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- rounds & stages
+
+    /// Records the round's start once; a resumed round keeps its first row.
+    pub async fn ensure_round(
+        &self,
+        run_id: i64,
+        round: i64,
+        upstream_model: &str,
+        upstream_ref: &str,
+        checkpoint_id: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rounds (run_id, round, upstream_model, upstream_ref, checkpoint_id) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (run_id, round) DO NOTHING",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(upstream_model)
+        .bind(upstream_ref)
+        .bind(checkpoint_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn finish_round(&self, run_id: i64, round: i64, status: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE rounds SET status = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND round = ?",
+        )
+        .bind(status)
+        .bind(run_id)
+        .bind(round)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn rounds(&self, run_id: i64) -> Result<Vec<RoundRow>> {
+        Ok(sqlx::query_as::<_, RoundRow>(
+            "SELECT run_id, round, status, upstream_model, upstream_ref, checkpoint_id, started_at, finished_at
+             FROM rounds WHERE run_id = ? ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn round_summaries(&self, run_id: i64) -> Result<Vec<RoundSummary>> {
+        Ok(sqlx::query_as::<_, RoundSummary>(
+            "SELECT run_id, round, status, upstream_ref, generations_ok, generations_failed, corrections_ok,
+                    corrections_failed, pairs_kept, pairs_dropped, copy_rate, mean_len_original,
+                    mean_len_correction, drop_reasons
+             FROM round_summary WHERE run_id = ? ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn stage(&self, run_id: i64, round: i64, stage: &str) -> Result<Option<StageRow>> {
+        Ok(sqlx::query_as::<_, StageRow>(&format!(
+            "SELECT {STAGE_COLUMNS} FROM stage_executions WHERE run_id = ? AND round = ? AND stage = ?"
+        ))
+        .bind(run_id)
+        .bind(round)
+        .bind(stage)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn stages(&self, run_id: i64) -> Result<Vec<StageRow>> {
+        Ok(sqlx::query_as::<_, StageRow>(&format!(
+            "SELECT {STAGE_COLUMNS} FROM stage_executions WHERE run_id = ? ORDER BY round, id"
+        ))
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Marks a stage running (first time, or again after a crash: `executions` counts them).
+    pub async fn start_stage(&self, run_id: i64, round: i64, stage: &str, total: Option<i64>) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO stage_executions (run_id, round, stage, total) VALUES (?, ?, ?, ?)
+             ON CONFLICT (run_id, round, stage) DO UPDATE SET
+                status = 'running', executions = executions + 1, total = excluded.total, error = NULL, finished_at = NULL",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(stage)
+        .bind(total)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn update_stage_progress(&self, run_id: i64, round: i64, stage: &str, done: i64, failed: i64) -> Result<()> {
+        sqlx::query("UPDATE stage_executions SET done = ?, failed = ? WHERE run_id = ? AND round = ? AND stage = ?")
+            .bind(done)
+            .bind(failed)
+            .bind(run_id)
+            .bind(round)
+            .bind(stage)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish_stage(
+        &self,
+        run_id: i64,
+        round: i64,
+        stage: &str,
+        status: &str,
+        done: i64,
+        failed: i64,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE stage_executions SET status = ?, done = ?, failed = ?, error = ?,
+                    finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE run_id = ? AND round = ? AND stage = ?",
+        )
+        .bind(status)
+        .bind(done)
+        .bind(failed)
+        .bind(error)
+        .bind(run_id)
+        .bind(round)
+        .bind(stage)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------- events
+
+    pub async fn add_event(&self, event: &NewEvent<'_>) -> Result<()> {
+        sqlx::query("INSERT INTO events (run_id, round, stage, level, kind, message, data) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(event.run_id)
+            .bind(event.round)
+            .bind(event.stage)
+            .bind(event.level)
+            .bind(event.kind)
+            .bind(event.message)
+            .bind(event.data.as_ref().map(|d| d.to_string()))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn events(&self, run_id: i64, after_id: i64, limit: i64) -> Result<Vec<EventRow>> {
+        Ok(sqlx::query_as::<_, EventRow>(
+            "SELECT id, run_id, round, stage, level, kind, message, data, ts FROM events
+             WHERE run_id = ? AND id > ? ORDER BY id LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---------------------------------------------------------------- prompts
+
+    /// Inserts the run's prompts in one transaction (all or nothing, so a crash mid-ingest
+    /// leaves no partial prompt set).
+    pub async fn insert_prompts(&self, run_id: i64, prompts: &[NewPrompt]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in prompts.chunks(INSERT_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO prompts (run_id, idx, source_id, split, system, prompt, prompt_hash, metadata) ");
+            qb.push_values(chunk, |mut b, p| {
+                b.push_bind(run_id)
+                    .push_bind(p.idx)
+                    .push_bind(&p.source_id)
+                    .push_bind(&p.split)
+                    .push_bind(&p.system)
+                    .push_bind(&p.prompt)
+                    .push_bind(&p.prompt_hash)
+                    .push_bind(p.metadata.as_ref().map(|m| m.to_string()));
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn count_prompts(&self, run_id: i64, split: &str) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM prompts WHERE run_id = ? AND split = ?")
+            .bind(run_id)
+            .bind(split)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Training-split prompts after `after_idx`, in order.
+    pub async fn train_prompts_page(&self, run_id: i64, after_idx: i64, limit: i64) -> Result<Vec<PromptRow>> {
+        Ok(sqlx::query_as::<_, PromptRow>(
+            "SELECT id, idx, system, prompt, prompt_hash FROM prompts
+             WHERE run_id = ? AND split = 'train' AND idx > ? ORDER BY idx LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(after_idx)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---------------------------------------------------------------- generations
+
+    /// (prompt_id, sample_idx) of the generations already recorded for prompts in the id range.
+    pub async fn generation_keys(&self, run_id: i64, round: i64, first_prompt: i64, last_prompt: i64) -> Result<Vec<(i64, i64)>> {
+        let rows = sqlx::query(
+            "SELECT prompt_id, sample_idx FROM generations
+             WHERE run_id = ? AND round = ? AND prompt_id BETWEEN ? AND ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(first_prompt)
+        .bind(last_prompt)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    /// Commits finished generations in one transaction. A row that already exists (a retried
+    /// item whose first answer landed) is left as it was.
+    pub async fn insert_generations(&self, items: &[NewGeneration]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in items.chunks(INSERT_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO generations (run_id, round, prompt_id, sample_idx, status, text, finish_reason, model,
+                 backend, served_model, checkpoint_id, sampling, prompt_tokens, completion_tokens, latency_ms, attempts, error) ",
+            );
+            qb.push_values(chunk, |mut b, g| {
+                b.push_bind(g.run_id)
+                    .push_bind(g.round)
+                    .push_bind(g.prompt_id)
+                    .push_bind(g.sample_idx)
+                    .push_bind(g.out.status())
+                    .push_bind(&g.out.text)
+                    .push_bind(&g.out.finish_reason)
+                    .push_bind(&g.model)
+                    .push_bind(&g.backend)
+                    .push_bind(&g.out.served_model)
+                    .push_bind(g.checkpoint_id)
+                    .push_bind(&g.sampling)
+                    .push_bind(g.out.prompt_tokens)
+                    .push_bind(g.out.completion_tokens)
+                    .push_bind(g.out.latency_ms)
+                    .push_bind(g.out.attempts)
+                    .push_bind(&g.out.error);
+            });
+            qb.push(" ON CONFLICT (run_id, round, prompt_id, sample_idx) DO NOTHING");
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// (ok, failed) generations of a round.
+    pub async fn generation_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT coalesce(sum(status = 'ok'), 0), coalesce(sum(status = 'failed'), 0) FROM generations WHERE run_id = ? AND round = ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    // ---------------------------------------------------------------- corrections
+
+    /// Successful generations of the round without a correction yet, after `after_id`.
+    pub async fn uncorrected_page(&self, run_id: i64, round: i64, after_id: i64, limit: i64) -> Result<Vec<UncorrectedRow>> {
+        Ok(sqlx::query_as::<_, UncorrectedRow>(
+            "SELECT g.id AS generation_id, g.prompt_id, p.prompt, g.text AS answer
+             FROM generations g JOIN prompts p ON p.id = g.prompt_id
+             WHERE g.run_id = ? AND g.round = ? AND g.status = 'ok' AND g.id > ?
+               AND NOT EXISTS (SELECT 1 FROM corrections c WHERE c.generation_id = g.id)
+             ORDER BY g.id LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn count_uncorrected(&self, run_id: i64, round: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM generations g WHERE g.run_id = ? AND g.round = ? AND g.status = 'ok'
+               AND NOT EXISTS (SELECT 1 FROM corrections c WHERE c.generation_id = g.id)",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    pub async fn insert_corrections(&self, items: &[NewCorrection]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in items.chunks(INSERT_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO corrections (run_id, round, generation_id, status, text, finish_reason, model, backend,
+                 served_model, template_id, template_hash, sampling, prompt_tokens, completion_tokens, latency_ms, attempts, error) ",
+            );
+            qb.push_values(chunk, |mut b, c| {
+                b.push_bind(c.run_id)
+                    .push_bind(c.round)
+                    .push_bind(c.generation_id)
+                    .push_bind(c.out.status())
+                    .push_bind(&c.out.text)
+                    .push_bind(&c.out.finish_reason)
+                    .push_bind(&c.model)
+                    .push_bind(&c.backend)
+                    .push_bind(&c.out.served_model)
+                    .push_bind(&c.template_id)
+                    .push_bind(&c.template_hash)
+                    .push_bind(&c.sampling)
+                    .push_bind(c.out.prompt_tokens)
+                    .push_bind(c.out.completion_tokens)
+                    .push_bind(c.out.latency_ms)
+                    .push_bind(c.out.attempts)
+                    .push_bind(&c.out.error);
+            });
+            qb.push(" ON CONFLICT (generation_id) DO NOTHING");
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn correction_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT coalesce(sum(status = 'ok'), 0), coalesce(sum(status = 'failed'), 0) FROM corrections WHERE run_id = ? AND round = ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    // ---------------------------------------------------------------- pairs
+
+    /// Generations of the round without a pair verdict yet, with their correction (if any).
+    pub async fn unpaired_page(&self, run_id: i64, round: i64, after_id: i64, limit: i64) -> Result<Vec<UnpairedRow>> {
+        Ok(sqlx::query_as::<_, UnpairedRow>(
+            "SELECT g.id AS generation_id, g.prompt_id, p.prompt_hash, g.status AS generation_status,
+                    g.text AS original, g.finish_reason AS original_finish,
+                    c.id AS correction_id, c.status AS correction_status, c.text AS correction,
+                    c.finish_reason AS correction_finish
+             FROM generations g
+             JOIN prompts p ON p.id = g.prompt_id
+             LEFT JOIN corrections c ON c.generation_id = g.id
+             WHERE g.run_id = ? AND g.round = ? AND g.id > ?
+               AND NOT EXISTS (SELECT 1 FROM pairs x WHERE x.generation_id = g.id)
+             ORDER BY g.id LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(after_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn count_unpaired(&self, run_id: i64, round: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) FROM generations g WHERE g.run_id = ? AND g.round = ?
+               AND NOT EXISTS (SELECT 1 FROM pairs x WHERE x.generation_id = g.id)",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Prompt hashes of the round's kept pairs, and how many pairs are kept (the synthesize
+    /// stage's state, rebuilt on resume).
+    pub async fn kept_pair_hashes(&self, run_id: i64, round: i64) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT pr.prompt_hash FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
+             WHERE p.run_id = ? AND p.round = ? AND p.verdict = 'kept'",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn insert_pairs(&self, items: &[NewPair]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in items.chunks(INSERT_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO pairs (run_id, round, prompt_id, generation_id, correction_id, chosen, rejected, verdict,
+                 reason, edit_distance, length_ratio) ",
+            );
+            qb.push_values(chunk, |mut b, p| {
+                b.push_bind(p.run_id)
+                    .push_bind(p.round)
+                    .push_bind(p.prompt_id)
+                    .push_bind(p.generation_id)
+                    .push_bind(p.correction_id)
+                    .push_bind(&p.chosen)
+                    .push_bind(&p.rejected)
+                    .push_bind(if p.reason.is_none() { "kept" } else { "dropped" })
+                    .push_bind(&p.reason)
+                    .push_bind(p.edit_distance)
+                    .push_bind(p.length_ratio);
+            });
+            qb.push(" ON CONFLICT (generation_id) DO NOTHING");
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn pair_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
+        let row = sqlx::query(
+            "SELECT coalesce(sum(verdict = 'kept'), 0), coalesce(sum(verdict = 'dropped'), 0) FROM pairs WHERE run_id = ? AND round = ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((row.get(0), row.get(1)))
+    }
+
+    /// The kept pairs of a round with their prompt, in pair order.
+    pub async fn kept_pairs(&self, run_id: i64, round: i64) -> Result<Vec<ExportPair>> {
+        Ok(sqlx::query_as::<_, ExportPair>(
+            "SELECT p.id AS pair_id, pr.system, pr.prompt, p.chosen, p.rejected
+             FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
+             WHERE p.run_id = ? AND p.round = ? AND p.verdict = 'kept' ORDER BY p.id",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    // ---------------------------------------------------------------- training
+
+    /// Creates the round's training job, or re-opens it after a crash (attempts + 1).
+    pub async fn start_training_job(&self, job: &NewTrainingJob<'_>) -> Result<TrainingJobRow> {
+        sqlx::query(
+            "INSERT INTO training_jobs (run_id, round, method, backend, hyperparameters, reference_policy, reference_model,
+                 base_model, data_path, pairs, output_dir, command)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (run_id, round) DO UPDATE SET attempts = attempts + 1, status = 'running', error = NULL,
+                 exit_code = NULL, finished_at = NULL, data_path = excluded.data_path, pairs = excluded.pairs,
+                 command = excluded.command",
+        )
+        .bind(job.run_id)
+        .bind(job.round)
+        .bind(job.method)
+        .bind(job.backend)
+        .bind(job.hyperparameters.to_string())
+        .bind(job.reference_policy)
+        .bind(job.reference_model)
+        .bind(job.base_model)
+        .bind(job.data_path)
+        .bind(job.pairs)
+        .bind(job.output_dir)
+        .bind(job.command)
+        .execute(&self.pool)
+        .await?;
+        self.training_job(job.run_id, job.round).await?.ok_or_else(|| Error::Sql(sqlx::Error::RowNotFound))
+    }
+
+    pub async fn training_job(&self, run_id: i64, round: i64) -> Result<Option<TrainingJobRow>> {
+        Ok(sqlx::query_as::<_, TrainingJobRow>(
+            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error FROM training_jobs WHERE run_id = ? AND round = ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn append_training_logs(&self, job_id: i64, attempt: i64, lines: &[(String, String)]) -> Result<()> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in lines.chunks(INSERT_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> =
+                QueryBuilder::new("INSERT INTO training_logs (training_job_id, attempt, stream, line) ");
+            qb.push_values(chunk, |mut b, (stream, line)| {
+                b.push_bind(job_id).push_bind(attempt).push_bind(stream).push_bind(line);
+            });
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn finish_training_job(&self, job_id: i64, status: &str, exit_code: Option<i64>, error: Option<&str>) -> Result<()> {
+        sqlx::query(
+            "UPDATE training_jobs SET status = ?, exit_code = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE id = ?",
+        )
+        .bind(status)
+        .bind(exit_code)
+        .bind(error)
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Registers a finished training job's checkpoint and marks the job done, atomically.
+    pub async fn register_checkpoint(
+        &self,
+        run_id: i64,
+        round: i64,
+        job_id: i64,
+        exit_code: i64,
+        path: &str,
+        serve_model: Option<&str>,
+    ) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE training_jobs SET status = 'done', exit_code = ?, error = NULL,
+                    finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+        )
+        .bind(exit_code)
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO checkpoints (run_id, round, training_job_id, path, serve_model) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (run_id, round) DO UPDATE SET path = excluded.path, serve_model = excluded.serve_model,
+                 training_job_id = excluded.training_job_id",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(job_id)
+        .bind(path)
+        .bind(serve_model)
+        .execute(&mut *tx)
+        .await?;
+        let id: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE run_id = ? AND round = ?")
+            .bind(run_id)
+            .bind(round)
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn checkpoint(&self, run_id: i64, round: i64) -> Result<Option<CheckpointRow>> {
+        Ok(sqlx::query_as::<_, CheckpointRow>(
+            "SELECT id, run_id, round, path, serve_model FROM checkpoints WHERE run_id = ? AND round = ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}
+
+fn format_ms(ms: i64) -> String {
+    // Human-readable enough for an error message without a date crate.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    let secs = (ms - now) / 1000;
+    if secs >= 0 {
+        format!("{secs}s from now")
+    } else {
+        format!("{}s ago", -secs)
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+impl Store {
+    /// Forgets the round's failed generations so a re-executed stage retries them. Only called
+    /// before the round's correct stage has run, so nothing references them.
+    pub async fn delete_failed_generations(&self, run_id: i64, round: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM generations WHERE run_id = ? AND round = ? AND status = 'failed'
+               AND NOT EXISTS (SELECT 1 FROM pairs p WHERE p.generation_id = generations.id)",
+        )
+        .bind(run_id)
+        .bind(round)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Forgets the round's failed corrections so a re-executed stage retries them.
+    pub async fn delete_failed_corrections(&self, run_id: i64, round: i64) -> Result<u64> {
+        Ok(sqlx::query(
+            "DELETE FROM corrections WHERE run_id = ? AND round = ? AND status = 'failed'
+               AND NOT EXISTS (SELECT 1 FROM pairs p WHERE p.correction_id = corrections.id)",
+        )
+        .bind(run_id)
+        .bind(round)
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+}

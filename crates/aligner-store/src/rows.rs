@@ -1,0 +1,250 @@
+//! Row types read from and written to the store.
+
+use serde::Serialize;
+
+pub(crate) const RUN_COLUMNS: &str = "id, name, pipeline_path, spec_json, spec_hash, status, error, lease_holder, \
+     lease_expires_ms, created_at, updated_at, finished_at";
+
+pub(crate) const STAGE_COLUMNS: &str =
+    "run_id, round, stage, status, total, done, failed, executions, error, started_at, finished_at";
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RunRow {
+    pub id: i64,
+    pub name: String,
+    pub pipeline_path: String,
+    #[serde(skip)]
+    pub spec_json: String,
+    pub spec_hash: String,
+    pub status: String,
+    pub error: Option<String>,
+    pub lease_holder: Option<String>,
+    pub lease_expires_ms: Option<i64>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RoundRow {
+    pub run_id: i64,
+    pub round: i64,
+    pub status: String,
+    pub upstream_model: String,
+    pub upstream_ref: String,
+    pub checkpoint_id: Option<i64>,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct RoundSummary {
+    pub run_id: i64,
+    pub round: i64,
+    pub status: String,
+    pub upstream_ref: String,
+    pub generations_ok: i64,
+    pub generations_failed: i64,
+    pub corrections_ok: i64,
+    pub corrections_failed: i64,
+    pub pairs_kept: i64,
+    pub pairs_dropped: i64,
+    pub copy_rate: Option<f64>,
+    pub mean_len_original: Option<f64>,
+    pub mean_len_correction: Option<f64>,
+    pub drop_reasons: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StageRow {
+    pub run_id: i64,
+    pub round: i64,
+    pub stage: String,
+    pub status: String,
+    pub total: Option<i64>,
+    pub done: i64,
+    pub failed: i64,
+    pub executions: i64,
+    pub error: Option<String>,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewEvent<'a> {
+    pub run_id: Option<i64>,
+    pub round: Option<i64>,
+    pub stage: Option<&'a str>,
+    /// `info` | `warn` | `error`
+    pub level: &'a str,
+    pub kind: &'a str,
+    pub message: &'a str,
+    pub data: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct EventRow {
+    pub id: i64,
+    pub run_id: Option<i64>,
+    pub round: Option<i64>,
+    pub stage: Option<String>,
+    pub level: String,
+    pub kind: String,
+    pub message: String,
+    pub data: Option<String>,
+    pub ts: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPrompt {
+    pub idx: i64,
+    pub source_id: String,
+    /// `train` | `holdout`
+    pub split: String,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub prompt_hash: String,
+    pub metadata: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct PromptRow {
+    pub id: i64,
+    pub idx: i64,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub prompt_hash: String,
+}
+
+/// What a model call ended with: text, or an error after all retries.
+#[derive(Debug, Clone, Default)]
+pub struct ItemOutcome {
+    pub text: Option<String>,
+    pub finish_reason: Option<String>,
+    pub served_model: Option<String>,
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub latency_ms: Option<f64>,
+    pub attempts: i64,
+    pub error: Option<String>,
+}
+
+impl ItemOutcome {
+    pub fn status(&self) -> &'static str {
+        if self.error.is_some() {
+            "failed"
+        } else {
+            "ok"
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewGeneration {
+    pub run_id: i64,
+    pub round: i64,
+    pub prompt_id: i64,
+    pub sample_idx: i64,
+    pub model: String,
+    pub backend: String,
+    pub checkpoint_id: Option<i64>,
+    /// JSON of the sampling parameters sent.
+    pub sampling: String,
+    pub out: ItemOutcome,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UncorrectedRow {
+    pub generation_id: i64,
+    pub prompt_id: i64,
+    pub prompt: String,
+    pub answer: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewCorrection {
+    pub run_id: i64,
+    pub round: i64,
+    pub generation_id: i64,
+    pub model: String,
+    pub backend: String,
+    pub template_id: String,
+    pub template_hash: String,
+    pub sampling: String,
+    pub out: ItemOutcome,
+}
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct UnpairedRow {
+    pub generation_id: i64,
+    pub prompt_id: i64,
+    pub prompt_hash: String,
+    pub generation_status: String,
+    pub original: Option<String>,
+    pub original_finish: Option<String>,
+    pub correction_id: Option<i64>,
+    pub correction_status: Option<String>,
+    pub correction: Option<String>,
+    pub correction_finish: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewPair {
+    pub run_id: i64,
+    pub round: i64,
+    pub prompt_id: i64,
+    pub generation_id: i64,
+    pub correction_id: Option<i64>,
+    pub chosen: Option<String>,
+    pub rejected: Option<String>,
+    /// `None` = kept; `Some(reason)` = dropped.
+    pub reason: Option<String>,
+    pub edit_distance: Option<f64>,
+    pub length_ratio: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ExportPair {
+    pub pair_id: i64,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub chosen: Option<String>,
+    pub rejected: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NewTrainingJob<'a> {
+    pub run_id: i64,
+    pub round: i64,
+    pub method: &'a str,
+    pub backend: &'a str,
+    pub hyperparameters: serde_json::Value,
+    pub reference_policy: &'a str,
+    pub reference_model: &'a str,
+    pub base_model: &'a str,
+    pub data_path: &'a str,
+    pub pairs: i64,
+    pub output_dir: &'a str,
+    pub command: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TrainingJobRow {
+    pub id: i64,
+    pub run_id: i64,
+    pub round: i64,
+    pub status: String,
+    pub attempts: i64,
+    pub exit_code: Option<i64>,
+    pub output_dir: String,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct CheckpointRow {
+    pub id: i64,
+    pub run_id: i64,
+    pub round: i64,
+    pub path: String,
+    pub serve_model: Option<String>,
+}

@@ -1,0 +1,370 @@
+//! End-to-end suite: the real `aligner` binary against a loopback OpenAI-compatible test server
+//! that injects faults, a real SQLite store, and a real training command.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use aligner_mockserver::{MockConfig, MockServer};
+use serde_json::Value;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_aligner"));
+    c.env("NO_COLOR", "1").env("ALIGNER_BACKOFF_BASE_MS", "2").env_remove("ALIGNER_STORE");
+    c
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn run(args: &[&str], dir: &Path) -> Output {
+    bin().args(args).current_dir(dir).output().expect("aligner runs")
+}
+
+fn text(o: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+}
+
+/// Rows of a read-only query as JSON objects.
+fn sql(dir: &Path, query: &str) -> Vec<serde_json::Map<String, Value>> {
+    let o = run(&["sql", "--store", "s.db", "--format", "json", query], dir);
+    assert!(o.status.success(), "sql failed: {}", text(&o));
+    serde_json::from_slice::<Vec<serde_json::Map<String, Value>>>(&o.stdout).expect("json rows")
+}
+
+fn scalar(dir: &Path, query: &str) -> i64 {
+    let rows = sql(dir, query);
+    rows[0].values().next().and_then(Value::as_i64).unwrap_or_else(|| panic!("no integer from {query}: {rows:?}"))
+}
+
+/// Waits for a condition with a deadline instead of sleeping a fixed time.
+fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(start.elapsed() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn write_prompts(dir: &Path, n: usize, extra: &[&str]) {
+    let mut lines: Vec<String> = (0..n)
+        .map(|i| serde_json::json!({"id": format!("q{i}"), "prompt": format!("Question number {i}: how do I do task {i} well?"), "category": if i % 2 == 0 { "even" } else { "odd" }}).to_string())
+        .collect();
+    for (j, p) in extra.iter().enumerate() {
+        lines.push(serde_json::json!({"id": format!("x{j}"), "prompt": p, "category": "extra"}).to_string());
+    }
+    std::fs::write(dir.join("prompts.jsonl"), lines.join("\n") + "\n").unwrap();
+}
+
+/// A trainer stand-in: checks its inputs and writes a checkpoint folder, like a real one would.
+const TRAIN_SCRIPT: &str = r#"#!/bin/sh
+set -e
+test -s "$1" || { echo "no data at $1" >&2; exit 4; }
+mkdir -p "$2"
+echo "training round $3 on $(wc -l < "$1") pairs from base $4"
+echo '{"model_type": "llama"}' > "$2/config.json"
+"#;
+
+fn pipeline(server: &MockServer, rounds: u32, concurrency: u32, sample_temp: f64, train: bool) -> String {
+    let train_block = if train {
+        r#"  train:
+    method: dpo
+    beta: 0.1
+    reference: initial
+    backend:
+      kind: command
+      command: "sh train.sh {data} {output_dir} {round} {base_model}"
+      serve_model: "ckpt-round-{round}"
+"#
+    } else {
+        ""
+    };
+    format!(
+        r#"version: 1
+name: e2e
+models:
+  upstream:
+    kind: openai
+    base_url: {url}
+    model: mock-upstream
+    max_concurrency: {concurrency}
+    timeout: 1s
+    max_retries: 8
+  aligner:
+    kind: openai
+    base_url: {url}
+    model: mock-aligner
+    max_concurrency: {concurrency}
+    timeout: 1s
+    max_retries: 8
+prompts:
+  source: prompts.jsonl
+  fields: {{ id: id, metadata: [category] }}
+  holdout: 0.1
+  seed: 3
+rounds:
+  count: {rounds}
+  generate:
+    model: upstream
+    sampling: {{ temperature: {sample_temp}, top_p: 0.95, max_tokens: 64, seed: 11 }}
+  correct:
+    model: aligner
+    template: aligner-v1
+    sampling: {{ temperature: 0.3, top_p: 0.95, top_k: 10, frequency_penalty: 1.2, max_tokens: 64 }}
+  synthesize:
+    min_edit_distance: 0.01
+{train_block}"#,
+        url = server.base_url
+    )
+}
+
+fn setup(server: &MockServer, prompts: usize, extra: &[&str], rounds: u32, concurrency: u32, train: bool) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    write_prompts(dir.path(), prompts, extra);
+    std::fs::write(dir.path().join("train.sh"), TRAIN_SCRIPT).unwrap();
+    std::fs::write(dir.path().join("p.yaml"), pipeline(server, rounds, concurrency, 0.5, train)).unwrap();
+    dir
+}
+
+/// Every training-split prompt has exactly one generation, one correction (when the generation
+/// succeeded) and one pair verdict in every round.
+fn assert_exactly_once(dir: &Path, rounds: i64) {
+    let train = scalar(dir, "SELECT count(*) FROM prompts WHERE split = 'train'");
+    for round in 1..=rounds {
+        let per = |table: &str, join: &str| {
+            sql(
+                dir,
+                &format!(
+                    "SELECT count(*) AS n FROM prompts p LEFT JOIN (SELECT g.prompt_id, count(t.id) AS c FROM generations g {join} WHERE g.round = {round} GROUP BY g.prompt_id) x ON x.prompt_id = p.id WHERE p.split = 'train' AND coalesce(x.c, 0) = 1 /* {table} */"
+                ),
+            )[0]["n"]
+                .as_i64()
+                .unwrap()
+        };
+        assert_eq!(per("generations", "JOIN generations t ON t.id = g.id"), train, "round {round}: one generation per prompt");
+        let gen_failed = scalar(dir, &format!("SELECT count(*) FROM generations WHERE round = {round} AND status = 'failed'"));
+        assert_eq!(
+            per("corrections", "JOIN corrections t ON t.generation_id = g.id"),
+            train - gen_failed,
+            "round {round}: one correction per successful generation"
+        );
+        assert_eq!(per("pairs", "JOIN pairs t ON t.generation_id = g.id"), train, "round {round}: one pair verdict per prompt");
+    }
+}
+
+#[test]
+fn every_example_pipeline_validates() {
+    let dir = repo().join("pipelines");
+    let files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
+        .collect();
+    assert!(!files.is_empty());
+    for f in files {
+        let o = bin().arg("validate").arg(&f).current_dir(repo()).output().unwrap();
+        assert!(o.status.success(), "{} does not validate:\n{}", f.display(), text(&o));
+    }
+}
+
+#[test]
+fn broken_pipeline_exits_2_with_location() {
+    let dir = tempfile::tempdir().unwrap();
+    write_prompts(dir.path(), 3, &[]);
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        "version: 1\nmodels:\n  up:\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n    model: m\nprompts:\n  source: prompts.jsonl\nrounds:\n  count: 1\n  generate:\n    model: up\n    sampling: { temprature: 0.5 }\n  correct:\n    model: upp\n",
+    )
+    .unwrap();
+    let o = run(&["validate", "bad.yaml"], dir.path());
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("bad.yaml:13"), "{t}");
+    assert!(t.contains("did you mean `temperature`?"), "{t}");
+    assert!(t.contains("rounds.correct.model"), "{t}");
+}
+
+#[test]
+fn two_rounds_end_to_end_through_faults() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig {
+        seed: 42,
+        p_429: 0.08,
+        p_500: 0.08,
+        p_timeout: 0.02,
+        timeout_delay: Duration::from_millis(1500),
+        p_malformed: 0.05,
+        fail_prompts_containing: Some("POISON".into()),
+        ..Default::default()
+    });
+    let dir = setup(&server, 60, &["POISON: this one always fails", "COPY: the aligner copies this answer"], 2, 8, true);
+    let d = dir.path();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "run failed:\n{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("look at the pairs"), "{out}");
+
+    assert_exactly_once(d, 2);
+    let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'");
+    assert_eq!(train + scalar(d, "SELECT count(*) FROM prompts WHERE split = 'holdout'"), 62);
+    // Holdout prompts are never answered.
+    assert_eq!(scalar(d, "SELECT count(*) FROM generations g JOIN prompts p ON p.id = g.prompt_id WHERE p.split = 'holdout'"), 0);
+    let stats = server.stats();
+    assert!(stats.faults_429 > 0 && stats.faults_500 > 0 && stats.faults_malformed > 0, "faults were injected: {stats:?}");
+    // Retries show up in provenance.
+    assert!(scalar(d, "SELECT max(attempts) FROM generations WHERE status = 'ok'") > 1);
+    // The poisoned prompt (if it is in the training split) failed for good with its error
+    // recorded, and its verdict says so; the stage went on.
+    let poisoned = sql(d, "SELECT g.round, g.status, g.error, x.reason FROM generations g JOIN prompts p ON p.id = g.prompt_id JOIN pairs x ON x.generation_id = g.id WHERE p.prompt LIKE 'POISON%'");
+    for row in &poisoned {
+        assert_eq!(row["status"], "failed");
+        assert!(row["error"].as_str().unwrap().contains("500"), "{row:?}");
+        assert_eq!(row["reason"], "generation_failed");
+    }
+    let copies = sql(d, "SELECT x.reason FROM pairs x JOIN prompts p ON p.id = x.prompt_id WHERE p.prompt LIKE 'COPY%'");
+    for row in &copies {
+        assert_eq!(row["reason"], "identical");
+    }
+    // Round 2 was answered by round 1's checkpoint, under the name the spec gave it.
+    assert_eq!(scalar(d, "SELECT count(*) FROM rounds WHERE round = 2 AND upstream_ref = 'ckpt-round-1' AND checkpoint_id IS NOT NULL"), 1);
+    assert!(stats.by_model.get("ckpt-round-1").copied().unwrap_or(0) > 0, "{stats:?}");
+    let ok2 = scalar(d, "SELECT count(*) FROM generations WHERE round = 2 AND status = 'ok' AND text LIKE '[ckpt-round-1]%'");
+    assert_eq!(ok2, scalar(d, "SELECT count(*) FROM generations WHERE round = 2 AND status = 'ok'"));
+    // Training ran twice, its output is in the store, checkpoints are registered.
+    assert_eq!(scalar(d, "SELECT count(*) FROM training_jobs WHERE status = 'done' AND reference_model = 'mock-upstream'"), 2);
+    assert_eq!(scalar(d, "SELECT count(*) FROM checkpoints"), 2);
+    assert!(scalar(d, "SELECT count(*) FROM training_logs WHERE line LIKE 'training round 2 on % pairs from base %round-1/checkpoint'") == 1);
+    // Provenance on every row.
+    assert_eq!(scalar(d, "SELECT count(*) FROM corrections WHERE template_id != 'aligner-v1' OR sampling NOT LIKE '%\"top_k\":10%'"), 0);
+    // The summary view agrees with the tables.
+    let summary = sql(d, "SELECT * FROM round_summary ORDER BY round");
+    assert_eq!(summary.len(), 2);
+    for s in &summary {
+        let kept = s["pairs_kept"].as_i64().unwrap();
+        let dropped = s["pairs_dropped"].as_i64().unwrap();
+        assert_eq!(kept + dropped, train);
+        assert!(kept > 0);
+    }
+    // The API key env var was never set and never needed; no secret-looking text in the store.
+    assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE spec_json LIKE '%sk-%'"), 0);
+
+    // Export, plain and conversational.
+    let o = run(&["export", "--store", "s.db", "--run", "e2e", "--round", "2", "--kind", "dpo", "--out", "out.jsonl"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    let first: Value = serde_json::from_str(std::fs::read_to_string(d.join("out.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert!(first["prompt"].is_string() && first["chosen"].is_string() && first["rejected"].is_string());
+    let o = run(&["export", "--store", "s.db", "--run", "1", "--round", "1", "--kind", "sft", "--format", "parquet", "--conversational", "--out", "sft.parquet"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(std::fs::read(d.join("sft.parquet")).unwrap().starts_with(b"PAR1"));
+
+    // Status and SQL for people.
+    let o = run(&["status", "--store", "s.db"], d);
+    assert!(o.status.success() && text(&o).contains("synthesize"), "{}", text(&o));
+    let o = run(&["sql", "--store", "s.db", "DELETE FROM pairs"], d);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("only reads"), "{}", text(&o));
+    // A second `run` of a finished pipeline starts a new run rather than redoing the old one.
+    let before = scalar(d, "SELECT count(*) FROM runs");
+    assert_eq!(before, 1);
+}
+
+fn spawn_run(dir: &Path) -> Child {
+    bin()
+        .args(["run", "p.yaml", "--store", "s.db"])
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+#[test]
+fn kill_9_mid_stage_then_resume_loses_and_duplicates_nothing() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig {
+        seed: 7,
+        latency: Duration::from_millis(15),
+        p_500: 0.02,
+        ..Default::default()
+    });
+    let dir = setup(&server, 200, &[], 2, 4, true);
+    let d = dir.path();
+    let store = d.join("s.db");
+    let count = |q: &str| -> i64 { if store.exists() { scalar(d, q) } else { 0 } };
+
+    // Kill during round 1's generate stage.
+    let mut child = spawn_run(d);
+    wait_until("some generations", Duration::from_secs(60), || count("SELECT count(*) FROM generations") >= 40);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let committed = count("SELECT count(*) FROM generations");
+    assert!(committed < 180, "killed mid-stage ({committed} committed)");
+
+    // Kill again during round 2's correct stage.
+    let mut child = spawn_run(d);
+    wait_until("round 2 corrections", Duration::from_secs(120), || {
+        count("SELECT count(*) FROM corrections WHERE round = 2") >= 30
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(count("SELECT count(*) FROM stage_executions WHERE round = 2 AND stage = 'correct' AND status = 'running'") == 1);
+
+    // Resume by id and finish.
+    let o = run(&["resume", "1", "--store", "s.db"], d);
+    assert!(o.status.success(), "resume failed:\n{}", text(&o));
+    assert_exactly_once(d, 2);
+    assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE id = 1 AND status = 'done'"), 1);
+    assert_eq!(scalar(d, "SELECT count(*) FROM runs"), 1, "resumed, not restarted");
+    assert!(scalar(d, "SELECT executions FROM stage_executions WHERE round = 1 AND stage = 'generate'") == 2);
+    // Nothing finished was asked again: the server answered at most what was committed plus
+    // what was in flight or not yet flushed at each kill.
+    let committed = scalar(d, "SELECT (SELECT count(*) FROM generations WHERE status = 'ok') + (SELECT count(*) FROM corrections WHERE status = 'ok')");
+    let answered = server.stats().ok_responses as i64;
+    assert!(answered >= committed && answered <= committed + 60, "answered {answered}, committed {committed}");
+}
+
+#[test]
+fn a_second_concurrent_run_is_refused_and_a_changed_spec_too() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig { latency: Duration::from_millis(200), ..Default::default() });
+    let dir = setup(&server, 50, &[], 1, 2, false);
+    let d = dir.path();
+    let mut first = spawn_run(d);
+    wait_until("the first run to hold its lease", Duration::from_secs(60), || {
+        d.join("s.db").exists() && scalar(d, "SELECT count(*) FROM runs WHERE lease_holder IS NOT NULL") == 1
+    });
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("is being driven by pid"), "{t}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+
+    // Resuming with an edited spec is refused, naming what changed.
+    std::fs::write(d.join("p.yaml"), pipeline(&server, 1, 2, 0.9, false)).unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("`rounds.generate.sampling.temperature` (0.5 -> 0.9)"), "{t}");
+    assert!(t.contains("--new"), "{t}");
+}
+
+#[test]
+fn a_failing_train_command_fails_the_run_with_its_output() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = setup(&server, 10, &[], 2, 4, true);
+    let d = dir.path();
+    std::fs::write(d.join("train.sh"), "echo 'CUDA out of memory' >&2; exit 3\n").unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("train command exited with 3") && t.contains("CUDA out of memory"), "{t}");
+    assert_eq!(scalar(d, "SELECT count(*) FROM training_logs WHERE stream = 'stderr' AND line = 'CUDA out of memory'"), 1);
+    assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE status = 'failed'"), 1);
+    // Fixing the trainer and running again resumes at the train stage: nothing regenerated.
+    std::fs::write(d.join("train.sh"), TRAIN_SCRIPT).unwrap();
+    let before = server.stats().ok_responses;
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(scalar(d, "SELECT attempts FROM training_jobs WHERE round = 1"), 2);
+    let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'") as u64;
+    assert_eq!(server.stats().ok_responses - before, 2 * train, "only round 2's calls were made");
+}
