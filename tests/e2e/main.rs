@@ -216,12 +216,15 @@ fn two_rounds_end_to_end_through_faults() {
     // The poisoned prompt (if it is in the training split) failed for good with its error
     // recorded, and its verdict says so; the stage went on.
     let poisoned = sql(d, "SELECT g.round, g.status, g.error, x.reason FROM generations g JOIN prompts p ON p.id = g.prompt_id JOIN pairs x ON x.generation_id = g.id WHERE p.prompt LIKE 'POISON%'");
+    assert_eq!(poisoned.len(), 2, "the poisoned prompt is in the training split and failed in both rounds");
+    assert_eq!(scalar(d, "SELECT sum(generations_failed) FROM round_summary"), 2);
     for row in &poisoned {
         assert_eq!(row["status"], "failed");
         assert!(row["error"].as_str().unwrap().contains("500"), "{row:?}");
         assert_eq!(row["reason"], "generation_failed");
     }
     let copies = sql(d, "SELECT x.reason FROM pairs x JOIN prompts p ON p.id = x.prompt_id WHERE p.prompt LIKE 'COPY%'");
+    assert!(!copies.is_empty(), "the copied prompt is in the training split");
     for row in &copies {
         assert_eq!(row["reason"], "identical");
     }
@@ -288,8 +291,14 @@ fn kill_9_mid_stage_then_resume_loses_and_duplicates_nothing() {
     });
     let dir = setup(&server, 200, &[], 2, 4, true);
     let d = dir.path();
-    let store = d.join("s.db");
-    let count = |q: &str| -> i64 { if store.exists() { scalar(d, q) } else { 0 } };
+    // The store may not exist yet, or be mid-migration, while the first process starts.
+    let count = |q: &str| -> i64 {
+        let o = run(&["sql", "--store", "s.db", "--format", "json", q], d);
+        serde_json::from_slice::<Vec<serde_json::Map<String, Value>>>(&o.stdout)
+            .ok()
+            .and_then(|rows| rows.first().and_then(|r| r.values().next().and_then(Value::as_i64)))
+            .unwrap_or(0)
+    };
 
     // Kill during round 1's generate stage.
     let mut child = spawn_run(d);
@@ -329,7 +338,8 @@ fn a_second_concurrent_run_is_refused_and_a_changed_spec_too() {
     let d = dir.path();
     let mut first = spawn_run(d);
     wait_until("the first run to hold its lease", Duration::from_secs(60), || {
-        d.join("s.db").exists() && scalar(d, "SELECT count(*) FROM runs WHERE lease_holder IS NOT NULL") == 1
+        let o = run(&["sql", "--store", "s.db", "--format", "csv", "SELECT count(*) FROM runs WHERE lease_holder IS NOT NULL"], d);
+        String::from_utf8_lossy(&o.stdout).lines().nth(1) == Some("1")
     });
     let o = run(&["run", "p.yaml", "--store", "s.db"], d);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));

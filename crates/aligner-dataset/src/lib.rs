@@ -9,7 +9,9 @@ use std::io::{BufWriter, Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
-use serde_json::{json, Map, Value};
+use serde_json::{Map, Value};
+#[cfg(test)]
+use serde_json::json;
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -147,28 +149,45 @@ pub struct PairRecord {
     pub rejected: String,
 }
 
-fn record(pair: &PairRecord, kind: Kind, conversational: bool) -> Value {
-    if conversational {
+#[derive(serde::Serialize)]
+struct Msg<'a> {
+    role: &'static str,
+    content: &'a str,
+}
+
+/// One exported record; field order is the order users see in the file.
+#[derive(serde::Serialize)]
+struct Record<'a, P: serde::Serialize, C: serde::Serialize> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    system: Option<&'a str>,
+    prompt: P,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    chosen: Option<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rejected: Option<C>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    completion: Option<C>,
+}
+
+fn write_record(out: &mut Vec<u8>, pair: &PairRecord, kind: Kind, conversational: bool) -> serde_json::Result<()> {
+    let (chosen, rejected, completion) = match kind {
+        Kind::Dpo => (Some(pair.chosen.as_str()), Some(pair.rejected.as_str()), None),
+        Kind::Sft => (None, None, Some(pair.chosen.as_str())),
+    };
+    let v = if conversational {
         let mut prompt = Vec::new();
         if let Some(system) = &pair.system {
-            prompt.push(json!({"role": "system", "content": system}));
+            prompt.push(Msg { role: "system", content: system });
         }
-        prompt.push(json!({"role": "user", "content": pair.prompt}));
-        let turn = |text: &str| json!([{"role": "assistant", "content": text}]);
-        match kind {
-            Kind::Dpo => json!({"prompt": prompt, "chosen": turn(&pair.chosen), "rejected": turn(&pair.rejected)}),
-            Kind::Sft => json!({"prompt": prompt, "completion": turn(&pair.chosen)}),
+        prompt.push(Msg { role: "user", content: &pair.prompt });
+        fn turn(t: Option<&str>) -> Option<Vec<Msg<'_>>> {
+            t.map(|content| vec![Msg { role: "assistant", content }])
         }
+        serde_json::to_writer(out, &Record { system: None, prompt, chosen: turn(chosen), rejected: turn(rejected), completion: turn(completion) })
     } else {
-        let mut v = match kind {
-            Kind::Dpo => json!({"prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}),
-            Kind::Sft => json!({"prompt": pair.prompt, "completion": pair.chosen}),
-        };
-        if let Some(system) = &pair.system {
-            v["system"] = json!(system);
-        }
-        v
-    }
+        serde_json::to_writer(out, &Record { system: pair.system.as_deref(), prompt: pair.prompt.as_str(), chosen, rejected, completion })
+    };
+    v
 }
 
 /// Writes pairs as JSONL (one record per line) or Parquet. Returns the number of records.
@@ -179,7 +198,7 @@ pub fn write_pairs(path: &Path, format: Format, kind: Kind, conversational: bool
     }
     let mut jsonl = Vec::new();
     for pair in pairs {
-        serde_json::to_writer(&mut jsonl, &record(pair, kind, conversational)).map_err(|e| werr(e.to_string()))?;
+        write_record(&mut jsonl, pair, kind, conversational).map_err(|e| werr(e.to_string()))?;
         jsonl.push(b'\n');
     }
     // Write to a temporary name and rename, so a crash never leaves a half file that a
@@ -266,7 +285,9 @@ mod tests {
         let pair = PairRecord { system: Some("be nice".into()), prompt: "q".into(), chosen: "c".into(), rejected: "r".into() };
         let path = dir.path().join("d.jsonl");
         write_pairs(&path, Format::Jsonl, Kind::Dpo, true, &[pair.clone()]).unwrap();
-        let v: Value = serde_json::from_str(std::fs::read_to_string(&path).unwrap().trim()).unwrap();
+        let line = std::fs::read_to_string(&path).unwrap();
+        assert!(line.starts_with(r#"{"prompt":[{"role":"system","content":"be nice"}"#), "{line}");
+        let v: Value = serde_json::from_str(line.trim()).unwrap();
         assert_eq!(v["prompt"][0], json!({"role": "system", "content": "be nice"}));
         assert_eq!(v["chosen"], json!([{"role": "assistant", "content": "c"}]));
         let pq = dir.path().join("d.parquet");

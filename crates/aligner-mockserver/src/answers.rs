@@ -79,7 +79,10 @@ mod tests {
         assert_eq!(extract_answer(P), "It is 4.");
         assert_eq!(extract_answer("a | b | c ASSISTANT:  "), "c");
         assert_eq!(extract_answer("no separator"), "no separator");
-        assert_eq!(extract_answer("q | tail without marker"), "tail without marker");
+        assert_eq!(
+            extract_answer("q | tail without marker"),
+            "tail without marker"
+        );
     }
 
     #[test]
@@ -94,9 +97,21 @@ mod tests {
         assert_eq!(chat_text("mock", "hi"), "answer: hi");
         assert_eq!(chat_text("m-ckpt-3", "hi"), "[m-ckpt-3] answer: hi");
         let long = "é".repeat(300);
-        assert_eq!(chat_text("m", &long).chars().count(), "answer: ".len() + ECHO_CHARS);
-        assert_eq!(apply_max_tokens("a b  c d".into(), Some(2)), ("a b".to_string(), "length"));
-        assert_eq!(apply_max_tokens("a b".into(), Some(2)), ("a b".to_string(), "stop"));
-        assert_eq!(apply_max_tokens("a b".into(), None), ("a b".to_string(), "stop"));
+        assert_eq!(
+            chat_text("m", &long).chars().count(),
+            "answer: ".len() + ECHO_CHARS
+        );
+        assert_eq!(
+            apply_max_tokens("a b  c d".into(), Some(2)),
+            ("a b".to_string(), "length")
+        );
+        assert_eq!(
+            apply_max_tokens("a b".into(), Some(2)),
+            ("a b".to_string(), "stop")
+        );
+        assert_eq!(
+            apply_max_tokens("a b".into(), None),
+            ("a b".to_string(), "stop")
+        );
     }
 }

@@ -60,7 +60,10 @@ struct InFlight<'a>(&'a Shared);
 impl<'a> InFlight<'a> {
     fn enter(shared: &'a Shared) -> Self {
         let now = shared.counters.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        shared.counters.max_in_flight.fetch_max(now, Ordering::Relaxed);
+        shared
+            .counters
+            .max_in_flight
+            .fetch_max(now, Ordering::Relaxed);
         InFlight(shared)
     }
 }
@@ -84,7 +87,9 @@ fn bad_request(shared: &Shared, message: &str) -> Response {
 /// 401 unless the configured key was sent. The body never echoes what was sent.
 fn check_auth(shared: &Shared, headers: &HeaderMap) -> Option<Response> {
     let expected = shared.expected_auth.as_deref()?;
-    let sent = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    let sent = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
     if sent == Some(expected) {
         return None;
     }
@@ -111,8 +116,8 @@ fn temperature_ok(t: Option<f64>) -> bool {
     t.is_none_or(|t| (0.0..=2.0).contains(&t))
 }
 
-/// Applies the configured failure for this request, if any. `Ok(true)` means "answer after the
-/// timeout delay", `Err` is the response to send instead of an answer.
+/// Applies the configured failure for this request, if any. `Ok(())` means "answer" (after any
+/// timeout delay has passed); `Err` is the response to send instead of an answer.
 async fn inject(shared: &Shared, poisoned: bool) -> Result<(), Response> {
     let c = &shared.counters;
     if poisoned {
@@ -135,7 +140,8 @@ async fn inject(shared: &Shared, poisoned: bool) -> Result<(), Response> {
                 "rate_limit_exceeded",
             );
             if let Some(secs) = shared.config.retry_after_secs {
-                resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+                resp.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             Err(resp)
         }
@@ -150,7 +156,11 @@ async fn inject(shared: &Shared, poisoned: bool) -> Result<(), Response> {
         Fault::Status(code) => {
             bump(&c.f_other);
             let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-            Err(error_response(status, "Injected status (mock).", "mock_error"))
+            Err(error_response(
+                status,
+                "Injected status (mock).",
+                "mock_error",
+            ))
         }
         Fault::Timeout => {
             bump(&c.f_timeout);
@@ -160,9 +170,18 @@ async fn inject(shared: &Shared, poisoned: bool) -> Result<(), Response> {
         Fault::Malformed => {
             let n = c.f_malformed.fetch_add(1, Ordering::Relaxed);
             let (ctype, body): (&'static str, &'static str) = match n % 3 {
-                0 => ("application/json", r#"{"id":"mock-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"trunc"#),
-                1 => ("application/json", r#"{"id":"mock-1","object":"chat.completion","created":0,"model":"mock"}"#),
-                _ => ("text/html", "<html><body>502 Bad Gateway (mock proxy)</body></html>"),
+                0 => (
+                    "application/json",
+                    r#"{"id":"mock-1","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"trunc"#,
+                ),
+                1 => (
+                    "application/json",
+                    r#"{"id":"mock-1","object":"chat.completion","created":0,"model":"mock"}"#,
+                ),
+                _ => (
+                    "text/html",
+                    "<html><body>502 Bad Gateway (mock proxy)</body></html>",
+                ),
             };
             Err((StatusCode::OK, [(header::CONTENT_TYPE, ctype)], body).into_response())
         }
@@ -176,7 +195,11 @@ async fn ok_latency(shared: &Shared) {
 }
 
 fn contains_poison(shared: &Shared, text: &str) -> bool {
-    shared.config.fail_prompts_containing.as_deref().is_some_and(|p| text.contains(p))
+    shared
+        .config
+        .fail_prompts_containing
+        .as_deref()
+        .is_some_and(|p| text.contains(p))
 }
 
 async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
@@ -187,19 +210,20 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     if let Some(resp) = check_auth(shared, &headers) {
         return resp;
     }
-    *shared.last_body.lock().unwrap_or_else(|e| e.into_inner()) = Some(body.clone());
     let req: ChatBody = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_request(shared, &format!("Invalid chat request body: {e}")),
     };
+    *shared.last_body.lock().unwrap_or_else(|e| e.into_inner()) = Some(body.clone());
     if !temperature_ok(req.temperature) {
         return bad_request(shared, "temperature must be between 0 and 2");
     }
     count_model(shared, req.model.as_deref());
-    let poisoned = req
-        .messages
-        .iter()
-        .any(|m| m.content.as_deref().is_some_and(|c| contains_poison(shared, c)));
+    let poisoned = req.messages.iter().any(|m| {
+        m.content
+            .as_deref()
+            .is_some_and(|c| contains_poison(shared, c))
+    });
     if let Err(resp) = inject(shared, poisoned).await {
         return resp;
     }
@@ -214,9 +238,13 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         .or(req.messages.last())
         .and_then(|m| m.content.as_deref())
         .unwrap_or("");
-    let (text, finish) = answers::apply_max_tokens(answers::chat_text(model, last_user), req.max_tokens);
-    let prompt_tokens: u64 =
-        req.messages.iter().map(|m| m.content.as_deref().map_or(0, answers::word_count)).sum();
+    let (text, finish) =
+        answers::apply_max_tokens(answers::chat_text(model, last_user), req.max_tokens);
+    let prompt_tokens: u64 = req
+        .messages
+        .iter()
+        .map(|m| m.content.as_deref().map_or(0, answers::word_count))
+        .sum();
     let completion_tokens = answers::word_count(&text);
     bump(&shared.counters.ok);
     axum::Json(json!({
@@ -238,7 +266,11 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     .into_response()
 }
 
-async fn completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn completions(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let shared = &*shared;
     bump(&shared.counters.requests);
     bump(&shared.counters.completions);
@@ -246,11 +278,11 @@ async fn completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, body
     if let Some(resp) = check_auth(shared, &headers) {
         return resp;
     }
-    *shared.last_body.lock().unwrap_or_else(|e| e.into_inner()) = Some(body.clone());
     let req: CompletionBody = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return bad_request(shared, &format!("Invalid completion request body: {e}")),
     };
+    *shared.last_body.lock().unwrap_or_else(|e| e.into_inner()) = Some(body.clone());
     if !temperature_ok(req.temperature) {
         return bad_request(shared, "temperature must be between 0 and 2");
     }
@@ -262,7 +294,8 @@ async fn completions(State(shared): State<Arc<Shared>>, headers: HeaderMap, body
     ok_latency(shared).await;
 
     let model = req.model.as_deref().unwrap_or("mock");
-    let (text, finish) = answers::apply_max_tokens(answers::correction_text(&req.prompt), req.max_tokens);
+    let (text, finish) =
+        answers::apply_max_tokens(answers::correction_text(&req.prompt), req.max_tokens);
     let prompt_tokens = answers::word_count(&req.prompt);
     let completion_tokens = answers::word_count(&text);
     bump(&shared.counters.ok);

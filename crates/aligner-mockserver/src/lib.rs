@@ -163,7 +163,9 @@ impl Shared {
             return None;
         }
         let n = self.draws.fetch_add(1, Ordering::Relaxed);
-        let u = unit(splitmix64(c.seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15))));
+        let u = unit(splitmix64(
+            c.seed.wrapping_add(n.wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+        ));
         let mut edge = c.p_429;
         if u < edge {
             return Some(Fault::TooManyRequests);
@@ -205,7 +207,11 @@ impl Shared {
                 bad_request: g(&c.f_bad_request),
                 not_found: g(&c.f_not_found),
             },
-            per_model: self.per_model.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+            per_model: self
+                .per_model
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
             ok: g(&c.ok),
             in_flight: g(&c.in_flight),
             max_in_flight: g(&c.max_in_flight),
@@ -237,7 +243,9 @@ pub struct MockServer {
 
 impl std::fmt::Debug for MockServer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MockServer").field("base_url", &self.base_url).finish_non_exhaustive()
+        f.debug_struct("MockServer")
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
     }
 }
 
@@ -256,7 +264,13 @@ impl MockServer {
                 })
                 .await;
         });
-        Ok(MockServer { addr, base_url: base_url(addr), shared, stop: Some(tx), thread: None })
+        Ok(MockServer {
+            addr,
+            base_url: base_url(addr),
+            shared,
+            stop: Some(tx),
+            thread: None,
+        })
     }
 
     /// Counters so far.
@@ -264,9 +278,14 @@ impl MockServer {
         self.shared.stats()
     }
 
-    /// The body of the last completion request (parsed), for checking what a client sent.
+    /// The body of the last completion request that parsed, for checking what a client sent.
     pub fn last_request_body(&self) -> Option<serde_json::Value> {
-        let body = self.shared.last_body.lock().unwrap_or_else(|e| e.into_inner()).clone()?;
+        let body = self
+            .shared
+            .last_body
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
         serde_json::from_slice(&body).ok()
     }
 
@@ -304,7 +323,9 @@ fn base_url(addr: SocketAddr) -> String {
 pub fn spawn_in_thread(config: MockConfig) -> MockServer {
     let std_listener =
         std::net::TcpListener::bind(("127.0.0.1", 0)).expect("mock server: bind 127.0.0.1:0");
-    std_listener.set_nonblocking(true).expect("mock server: set_nonblocking");
+    std_listener
+        .set_nonblocking(true)
+        .expect("mock server: set_nonblocking");
     let addr = std_listener.local_addr().expect("mock server: local_addr");
     let shared = Arc::new(Shared::new(config));
     let app = handlers::router(shared.clone());
@@ -324,14 +345,20 @@ pub fn spawn_in_thread(config: MockConfig) -> MockServer {
                     Err(_) => return,
                 };
                 tokio::select! {
-                    _ = axum::serve(listener, app) => {}
+                    _ = std::future::IntoFuture::into_future(axum::serve(listener, app)) => {}
                     _ = rx => {}
                 }
             });
             runtime.shutdown_timeout(Duration::from_secs(1));
         })
         .expect("mock server: spawn thread");
-    MockServer { addr, base_url: base_url(addr), shared, stop: Some(tx), thread: Some(thread) }
+    MockServer {
+        addr,
+        base_url: base_url(addr),
+        shared,
+        stop: Some(tx),
+        thread: Some(thread),
+    }
 }
 
 #[cfg(test)]
@@ -341,7 +368,9 @@ mod tests {
 
     fn post(addr: SocketAddr, path: &str, body: &str, auth: Option<&str>) -> (u16, String) {
         let mut s = std::net::TcpStream::connect(addr).unwrap();
-        let auth = auth.map(|a| format!("Authorization: {a}\r\n")).unwrap_or_default();
+        let auth = auth
+            .map(|a| format!("Authorization: {a}\r\n"))
+            .unwrap_or_default();
         write!(
             s,
             "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
@@ -351,7 +380,10 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         let status = out[9..12].parse().unwrap();
-        let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         (status, body)
     }
 
@@ -368,7 +400,10 @@ mod tests {
         let (st, body) = post(server.addr, PATH_CHAT, chat, None);
         assert_eq!(st, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(v["choices"][0]["message"]["content"], "[m-ckpt-1] answer: one");
+        assert_eq!(
+            v["choices"][0]["message"]["content"],
+            "[m-ckpt-1] answer: one"
+        );
         assert_eq!(v["choices"][0]["finish_reason"], "length");
         assert_eq!(v["model"], "m-ckpt-1");
 
@@ -409,9 +444,15 @@ mod tests {
         let (st, body) = post(server.addr, PATH_COMPLETIONS, raw, Some("Bearer nope"));
         assert_eq!(st, 401);
         assert!(!body.contains("nope"));
-        assert_eq!(post(server.addr, PATH_COMPLETIONS, raw, Some("Bearer k-123")).0, 200);
+        assert_eq!(
+            post(server.addr, PATH_COMPLETIONS, raw, Some("Bearer k-123")).0,
+            200
+        );
         let poison = r#"{"prompt":"POISON | b ASSISTANT:"}"#;
-        assert_eq!(post(server.addr, PATH_COMPLETIONS, poison, Some("Bearer k-123")).0, 500);
+        assert_eq!(
+            post(server.addr, PATH_COMPLETIONS, poison, Some("Bearer k-123")).0,
+            500
+        );
         let s = server.stats();
         assert_eq!(s.faults.unauthorized, 2);
         assert_eq!(s.faults.forced_500, 1);
@@ -420,14 +461,26 @@ mod tests {
 
     #[test]
     fn draws_are_seeded_and_roughly_calibrated() {
-        let cfg = MockConfig { seed: 7, p_429: 0.1, p_500: 0.2, p_malformed: 0.05, ..Default::default() };
+        let cfg = MockConfig {
+            seed: 7,
+            p_429: 0.1,
+            p_500: 0.2,
+            p_malformed: 0.05,
+            ..Default::default()
+        };
         let a = Shared::new(cfg.clone());
         let b = Shared::new(cfg);
         let fa: Vec<_> = (0..10_000).map(|_| a.pick_fault()).collect();
         let fb: Vec<_> = (0..10_000).map(|_| b.pick_fault()).collect();
         assert_eq!(fa, fb);
-        let n429 = fa.iter().filter(|f| **f == Some(Fault::TooManyRequests)).count();
-        let n500 = fa.iter().filter(|f| **f == Some(Fault::ServerError)).count();
+        let n429 = fa
+            .iter()
+            .filter(|f| **f == Some(Fault::TooManyRequests))
+            .count();
+        let n500 = fa
+            .iter()
+            .filter(|f| **f == Some(Fault::ServerError))
+            .count();
         let nbad = fa.iter().filter(|f| **f == Some(Fault::Malformed)).count();
         assert!((800..1200).contains(&n429), "{n429}");
         assert!((1800..2200).contains(&n500), "{n500}");

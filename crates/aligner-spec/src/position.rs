@@ -61,6 +61,11 @@ impl PositionIndex {
         Ok(builder.index)
     }
 
+    /// Whether the document has a node at `path`.
+    pub fn contains(&self, path: &str) -> bool {
+        self.nodes.contains_key(path)
+    }
+
     /// The position of `path`, falling back to the nearest indexed ancestor.
     pub fn locate(&self, path: &str, anchor: Anchor) -> Option<LineCol> {
         let mut p = path;
@@ -140,6 +145,13 @@ impl Builder {
             }
             Some(Frame::Map { path, pending, seen }) => match pending.take() {
                 None => {
+                    // yaml-rust2 marks a block mapping's start after its first key; move the
+                    // mapping's own position back to that key.
+                    if seen.is_empty() {
+                        if let Some(node) = self.index.nodes.get_mut(path.as_str()) {
+                            node.value = node.value.min(at);
+                        }
+                    }
                     let key = scalar.unwrap_or("?").to_string();
                     if seen.contains(&key) {
                         self.index.duplicates.push(DuplicateKey { path: join(path, &key), key: key.clone(), at });
@@ -213,6 +225,10 @@ mod tests {
         assert_eq!(idx.locate("a.c[0]", Anchor::Value), Some((3, 7)));
         assert_eq!(idx.locate("a.c[1].d", Anchor::Key), Some((3, 11)));
         assert_eq!(idx.locate("e[0]", Anchor::Value), Some((5, 5)));
+        // Block mappings start at their first key, flow mappings at `{`.
+        assert_eq!(idx.locate("", Anchor::Value), Some((1, 1)));
+        assert_eq!(idx.locate("a", Anchor::Value), Some((2, 3)));
+        assert_eq!(idx.locate("a.c[1]", Anchor::Value), Some((3, 10)));
         // Unknown paths fall back to the nearest ancestor.
         assert_eq!(idx.locate("a.b.zz", Anchor::Key), Some((2, 3)));
     }

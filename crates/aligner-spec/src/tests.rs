@@ -1,1 +1,620 @@
+//! End-to-end tests of loading: a full valid pipeline, and broken ones whose complete
+//! error output is snapshot-tested (temporary folders are shown as `[TMP]`).
 
+use std::path::Path;
+
+use tempfile::TempDir;
+
+use crate::*;
+
+/// The example from the docs, with every block filled in.
+const FULL: &str = r#"version: 1
+name: quickstart
+store: ${ALIGNER_HOME}/aligner.db
+workdir: runs
+models:
+  upstream:
+    kind: openai
+    base_url: ${OPENAI_BASE_URL}
+    model: gpt-4o-mini
+    api_key_env: OPENAI_API_KEY
+    max_concurrency: 16
+    requests_per_minute: 600
+    tokens_per_minute: 200000
+    timeout: 60
+    max_retries: 5
+  aligner:
+    kind: local
+    path: models/tiny.gguf
+    dtype: auto
+prompts:
+  source: data/prompts.jsonl
+  fields: { prompt: prompt, id: id, system: system, metadata: [category] }
+  system_prompt: "You are helpful."
+  sample: 200
+  seed: 7
+  holdout: 0.1
+rounds:
+  count: 2
+  generate:
+    model: upstream
+    n: 1
+    sampling: { temperature: 0.5, top_p: 0.95, top_k: 10, max_tokens: 256, repetition_penalty: 1.1, frequency_penalty: 0.0, presence_penalty: 0.0, seed: 1, stop: ["\n\nUser:"] }
+  correct:
+    model: aligner
+    template: aligner-v1
+    sampling: { temperature: 0.3, top_p: 0.95, top_k: 10, frequency_penalty: 1.2, max_tokens: 256 }
+  synthesize:
+    drop_identical: true
+    min_edit_distance: 0.05
+    length_ratio: [0.1, 10]
+    drop_empty: true
+    drop_truncated: true
+    dedupe_prompts: true
+    max_pairs: 1000
+  train:
+    method: dpo
+    beta: 0.1
+    loss: sigmoid
+    learning_rate: 1.0e-6
+    epochs: 3
+    batch_size: 8
+    gradient_accumulation: 1
+    max_length: 1024
+    warmup_ratio: 0.03
+    reference: initial
+    backend:
+      kind: command
+      command: "python train.py --data {data} --model {base_model} --out {output_dir} --round {round}"
+      format: jsonl
+      conversational: false
+      serve_model: "ckpt-round-{round}"
+  evaluate:
+    judge: upstream
+    metrics: [helpfulness, harmlessness, refusal_rate]
+    samples: 50
+"#;
+
+/// A folder with the files `FULL` refers to.
+fn setup() -> TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data")).unwrap();
+    std::fs::create_dir_all(dir.path().join("models")).unwrap();
+    std::fs::write(dir.path().join("data/prompts.jsonl"), "{\"prompt\": \"hi\"}\n").unwrap();
+    crate::gguf::write_test_gguf(&dir.path().join("models/tiny.gguf"), &[("general.architecture", "llama")]);
+    dir
+}
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "ALIGNER_HOME" => Some("/srv/aligner".into()),
+        "OPENAI_BASE_URL" => Some("http://127.0.0.1:8000/v1/".into()),
+        _ => None,
+    }
+}
+
+fn load(dir: &TempDir, text: &str) -> Result<Pipeline, Errors> {
+    Pipeline::from_yaml_with_env(text, Path::new("pipelines/x.yaml"), dir.path(), env)
+}
+
+/// `FULL` with `from` replaced by `to` (which must be there).
+fn full_with(from: &str, to: &str) -> String {
+    assert!(FULL.contains(from), "{from:?} not in FULL");
+    FULL.replacen(from, to, 1)
+}
+
+/// The complete error output for `text`, with the temporary folder shown as `[TMP]`.
+fn errors(dir: &TempDir, text: &str) -> String {
+    let err = load(dir, text).expect_err("expected errors");
+    err.to_string().replace(dir.path().to_str().unwrap(), "[TMP]")
+}
+
+#[test]
+fn full_example_parses() {
+    let dir = setup();
+    let p = load(&dir, FULL).unwrap_or_else(|e| panic!("{e}"));
+    let root = dir.path();
+    assert_eq!(p.name, "quickstart");
+    assert_eq!(p.store.as_deref(), Some(Path::new("/srv/aligner/aligner.db")));
+    assert_eq!(p.workdir, root.join("runs"));
+    assert_eq!(
+        p.models["upstream"],
+        ModelSpec::Openai(OpenAiModel {
+            base_url: "http://127.0.0.1:8000/v1".into(),
+            model: "gpt-4o-mini".into(),
+            api_key_env: Some("OPENAI_API_KEY".into()),
+            max_concurrency: 16,
+            requests_per_minute: Some(600),
+            tokens_per_minute: Some(200000),
+            timeout_secs: 60.0,
+            max_retries: 5,
+        })
+    );
+    assert_eq!(
+        p.models["aligner"],
+        ModelSpec::Local(LocalModel {
+            source: LocalSource::Gguf { path: root.join("models/tiny.gguf"), architecture: Some("llama".into()) },
+            dtype: "auto".into(),
+        })
+    );
+    assert_eq!(p.prompts.source, root.join("data/prompts.jsonl"));
+    assert_eq!(p.prompts.format, PromptFormat::Jsonl);
+    assert_eq!(p.prompts.prompt_field, "prompt");
+    assert_eq!(p.prompts.id_field.as_deref(), Some("id"));
+    assert_eq!(p.prompts.system_field.as_deref(), Some("system"));
+    assert_eq!(p.prompts.metadata_fields, vec!["category"]);
+    assert_eq!(p.prompts.system_prompt.as_deref(), Some("You are helpful."));
+    assert_eq!((p.prompts.sample, p.prompts.seed, p.prompts.holdout), (Some(200), 7, 0.1));
+
+    let r = &p.rounds;
+    assert_eq!(r.count, 2);
+    assert_eq!(r.generate.model, "upstream");
+    assert_eq!(r.generate.n, 1);
+    assert_eq!(
+        r.generate.sampling,
+        SamplingSpec {
+            temperature: Some(0.5),
+            top_p: Some(0.95),
+            top_k: Some(10),
+            max_tokens: Some(256),
+            frequency_penalty: Some(0.0),
+            presence_penalty: Some(0.0),
+            repetition_penalty: Some(1.1),
+            seed: Some(1),
+            stop: vec!["\n\nUser:".into()],
+        }
+    );
+    assert_eq!(r.correct.model, "aligner");
+    assert_eq!(r.correct.template, Template::AlignerV1);
+    assert_eq!(r.correct.sampling.frequency_penalty, Some(1.2));
+    assert_eq!(r.correct.sampling.stop, Vec::<String>::new());
+    assert_eq!(
+        r.synthesize,
+        SynthesizeStage {
+            drop_identical: true,
+            min_edit_distance: 0.05,
+            length_ratio_min: 0.1,
+            length_ratio_max: 10.0,
+            drop_empty: true,
+            drop_truncated: true,
+            dedupe_prompts: true,
+            max_pairs: Some(1000),
+        }
+    );
+    assert_eq!(
+        r.train,
+        Some(TrainStage {
+            method: TrainMethod::Dpo,
+            beta: 0.1,
+            loss: DpoLoss::Sigmoid,
+            learning_rate: 1e-6,
+            epochs: 3,
+            batch_size: 8,
+            gradient_accumulation: 1,
+            max_length: 1024,
+            warmup_ratio: 0.03,
+            reference: ReferencePolicy::Initial,
+            backend: TrainBackend::Command {
+                command: "python train.py --data {data} --model {base_model} --out {output_dir} --round {round}".into(),
+                format: ExportFormat::Jsonl,
+                conversational: false,
+                serve_model: Some("ckpt-round-{round}".into()),
+            },
+        })
+    );
+    let eval = r.evaluate.as_ref().unwrap();
+    assert_eq!(eval.judge.as_deref(), Some("upstream"));
+    assert_eq!(eval.metrics, vec!["helpfulness", "harmlessness", "refusal_rate"]);
+    assert_eq!(eval.extra, serde_json::json!({"samples": 50}));
+}
+
+#[test]
+fn minimal_pipeline_gets_defaults() {
+    let dir = setup();
+    let text = "version: 1
+models:
+  local:
+    kind: local
+    hub: HuggingFaceTB/SmolLM2-135M-Instruct
+prompts:
+  source: data/prompts.jsonl
+rounds:
+  generate: { model: local }
+  correct: { model: local }
+";
+    let p = load(&dir, text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.name, "x", "defaults to the file stem");
+    assert_eq!(p.store, None);
+    assert_eq!(p.workdir, dir.path().join("runs"));
+    assert_eq!(
+        p.models["local"],
+        ModelSpec::Local(LocalModel {
+            source: LocalSource::HubId { id: "HuggingFaceTB/SmolLM2-135M-Instruct".into(), revision: None },
+            dtype: "auto".into(),
+        })
+    );
+    assert_eq!((p.prompts.seed, p.prompts.holdout, p.prompts.sample), (0, 0.0, None));
+    assert_eq!(p.rounds.count, 1);
+    assert_eq!(p.rounds.generate.n, 1);
+    assert_eq!(p.rounds.generate.sampling, SamplingSpec::default());
+    assert_eq!(p.rounds.correct.template, Template::AlignerV1);
+    assert!(p.rounds.synthesize.drop_identical && p.rounds.synthesize.dedupe_prompts);
+    assert_eq!((p.rounds.synthesize.length_ratio_min, p.rounds.synthesize.length_ratio_max), (0.1, 10.0));
+    assert_eq!(p.rounds.train, None);
+    assert_eq!(p.rounds.evaluate, None);
+}
+
+#[test]
+fn durations_defaults_and_env_defaults() {
+    let dir = setup();
+    let text = full_with("timeout: 60", "timeout: 2m").replace("${ALIGNER_HOME}", "${NOT_SET_ANYWHERE:-state}");
+    let p = load(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    let ModelSpec::Openai(m) = &p.models["upstream"] else { panic!() };
+    assert_eq!(m.timeout_secs, 120.0);
+    assert_eq!(p.store, Some(dir.path().join("state/aligner.db")));
+    let p = load(&dir, &full_with("timeout: 60", "timeout: \"500ms\"")).unwrap();
+    let ModelSpec::Openai(m) = &p.models["upstream"] else { panic!() };
+    assert_eq!(m.timeout_secs, 0.5);
+}
+
+#[test]
+fn custom_template_and_builtins_from_yaml() {
+    let dir = setup();
+    for id in Template::BUILTIN_IDS {
+        let p = load(&dir, &full_with("template: aligner-v1", &format!("template: {id}"))).unwrap();
+        assert_eq!(p.rounds.correct.template.id(), id);
+    }
+    let p = load(&dir, &full_with("template: aligner-v1", "template: \"Q: {question}\\nA: {answer}\\nBetter:\"")).unwrap();
+    assert_eq!(p.rounds.correct.template, Template::Custom("Q: {question}\nA: {answer}\nBetter:".into()));
+    assert_eq!(p.rounds.correct.template.render("why?", "because"), "Q: why?\nA: because\nBetter:");
+}
+
+#[test]
+fn hf_folder_model() {
+    let dir = setup();
+    let folder = dir.path().join("models/hf");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let text = full_with("path: models/tiny.gguf", "path: ./models/hf/");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: model folder `./models/hf/` is missing `tokenizer.json`, `*.safetensors`
+      --> pipelines/x.yaml:18:11
+       at: models.aligner.path
+      hint: resolved to `[TMP]/models/hf`
+    ");
+    std::fs::write(folder.join("tokenizer.json"), "{}").unwrap();
+    std::fs::write(folder.join("model.safetensors"), "").unwrap();
+    let p = load(&dir, &text).unwrap();
+    let ModelSpec::Local(m) = &p.models["aligner"] else { panic!() };
+    assert_eq!(m.source, LocalSource::HfFolder { path: folder, architecture: Some("llama".into()) });
+}
+
+#[test]
+fn snapshot_hash_and_diff() {
+    let dir = setup();
+    let a = load(&dir, FULL).unwrap();
+    let b = load(&dir, FULL).unwrap();
+    assert_eq!(a.hash(), b.hash(), "hash is stable across parses");
+    assert_eq!(a.hash().len(), 64);
+    assert!(diff_snapshots(&a.snapshot(), &b.snapshot()).is_empty());
+
+    let c = load(&dir, &full_with("temperature: 0.5", "temperature: 0.7")).unwrap();
+    assert_ne!(a.hash(), c.hash());
+    assert_eq!(
+        diff_snapshots(&a.snapshot(), &c.snapshot()),
+        vec![Change { path: "rounds.generate.sampling.temperature".into(), old: "0.5".into(), new: "0.7".into() }]
+    );
+    let snap = a.snapshot();
+    assert_eq!(snap["rounds"]["correct"]["template"], serde_json::json!({"id": "aligner-v1"}));
+    assert_eq!(snap["models"]["upstream"]["kind"], "openai");
+}
+
+#[test]
+fn from_path_resolves_against_the_file_folder() {
+    let dir = setup();
+    std::fs::create_dir_all(dir.path().join("pipelines")).unwrap();
+    let file = dir.path().join("pipelines/my-run.yaml");
+    let text = FULL
+        .replace("name: quickstart\n", "")
+        .replace("store: ${ALIGNER_HOME}/aligner.db\n", "")
+        .replace("base_url: ${OPENAI_BASE_URL}", "base_url: http://localhost:8000/v1")
+        .replace("models/tiny.gguf", "../models/tiny.gguf")
+        .replace("data/prompts.jsonl", "../data/prompts.jsonl");
+    std::fs::write(&file, text).unwrap();
+    let p = Pipeline::from_path(&file).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(p.name, "my-run");
+    assert_eq!(p.prompts.source, dir.path().join("data/prompts.jsonl"));
+    assert_eq!(p.workdir, dir.path().join("pipelines/runs"));
+
+    let missing = Pipeline::from_path(&dir.path().join("nope.yaml")).unwrap_err();
+    assert_eq!(missing.len(), 1);
+    assert!(missing.to_string().starts_with("error: cannot read the pipeline file: no such file"), "{missing}");
+}
+
+fn ticked(names: &[&str]) -> String {
+    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}
+
+#[test]
+fn wire_field_lists_match_serde() {
+    // The block-by-block checker lists the fields itself; they must match the structs.
+    let err = serde_yaml::from_str::<crate::wire::PipelineWire>("bogus: 1").unwrap_err().to_string();
+    assert!(err.contains(&format!("expected one of {}", ticked(crate::wire::ROOT_FIELDS))), "{err}");
+    let err = serde_yaml::from_str::<crate::wire::RoundsWire>("bogus: 1").unwrap_err().to_string();
+    assert!(err.contains(&format!("expected one of {}", ticked(crate::wire::ROUNDS_FIELDS))), "{err}");
+}
+
+// ----- broken pipelines -------------------------------------------------------------
+
+#[test]
+fn error_unknown_field_with_typo() {
+    let dir = setup();
+    let text = full_with("sampling: { temperature: 0.5", "sampling: { temprature: 0.5");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: unknown field `temprature`
+      --> pipelines/x.yaml:32:17
+       at: rounds.generate.sampling.temprature
+      hint: did you mean `temperature`?
+    ");
+}
+
+#[test]
+fn error_unknown_field_in_block_mapping() {
+    let dir = setup();
+    let text = full_with("    drop_empty: true\n", "    drop_empty: true\n    sparkle: true\n");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: unknown field `sparkle`
+      --> pipelines/x.yaml:42:5
+       at: rounds.synthesize.sparkle
+      hint: valid fields here: `drop_identical`, `min_edit_distance`, `length_ratio`, `drop_empty`, `drop_truncated`, `dedupe_prompts`, `max_pairs`
+    ");
+}
+
+#[test]
+fn error_wrong_type() {
+    let dir = setup();
+    let text = full_with("    n: 1\n", "    n: many\n");
+    insta::assert_snapshot!(errors(&dir, &text), @r#"
+    error: invalid type: string "many", expected a whole number
+      --> pipelines/x.yaml:31:8
+       at: rounds.generate.n
+    "#);
+}
+
+#[test]
+fn error_several_blocks_at_once() {
+    let dir = setup();
+    let text = full_with("  seed: 7\n", "  seeds: 7\n").replace("max_retries: 5", "max_retries: -1").replace("count: 2", "count: two");
+    insta::assert_snapshot!(errors(&dir, &text), @r#"
+    error: invalid value: integer `-1`, expected a whole number
+      --> pipelines/x.yaml:15:18
+       at: models.upstream.max_retries
+
+    error: unknown field `seeds`
+      --> pipelines/x.yaml:25:3
+       at: prompts.seeds
+      hint: did you mean `seed`?
+
+    error: invalid type: string "two", expected a whole number
+      --> pipelines/x.yaml:28:10
+       at: rounds.count
+    "#);
+}
+
+#[test]
+fn error_missing_prompts_file() {
+    let dir = setup();
+    let text = full_with("source: data/prompts.jsonl", "source: data/missing.jsonl");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: prompts file `data/missing.jsonl` does not exist
+      --> pipelines/x.yaml:21:11
+       at: prompts.source
+      hint: resolved to `[TMP]/data/missing.jsonl`
+    ");
+}
+
+#[test]
+fn error_undefined_model_names() {
+    let dir = setup();
+    let text = full_with("model: aligner", "model: alignr").replace("judge: upstream", "judge: gpt4");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: model `alignr` is not defined in `models`
+      --> pipelines/x.yaml:34:12
+       at: rounds.correct.model
+      hint: did you mean `aligner`?
+
+    error: model `gpt4` is not defined in `models`
+      --> pipelines/x.yaml:63:12
+       at: rounds.evaluate.judge
+      hint: models defined: `aligner`, `upstream`
+    ");
+}
+
+#[test]
+fn error_out_of_range() {
+    let dir = setup();
+    let text = full_with("temperature: 0.5", "temperature: 3").replace("top_p: 0.95, top_k: 10, frequency_penalty: 1.2", "top_p: 0, top_k: 10, frequency_penalty: 2.5");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: `temperature` must be between 0 and 2, got `3`
+      --> pipelines/x.yaml:32:30
+       at: rounds.generate.sampling.temperature
+
+    error: `top_p` must be more than 0 and at most 1, got `0`
+      --> pipelines/x.yaml:36:42
+       at: rounds.correct.sampling.top_p
+
+    error: `frequency_penalty` must be between -2 and 2, got `2.5`
+      --> pipelines/x.yaml:36:75
+       at: rounds.correct.sampling.frequency_penalty
+    ");
+}
+
+#[test]
+fn error_bad_version() {
+    let dir = setup();
+    insta::assert_snapshot!(errors(&dir, &full_with("version: 1", "version: 2")), @r"
+    error: unsupported version `2`
+      --> pipelines/x.yaml:1:10
+       at: version
+      hint: this aligner reads `version: 1`
+    ");
+    insta::assert_snapshot!(errors(&dir, &full_with("version: 1\n", "")), @r"
+    error: missing field `version`
+      --> pipelines/x.yaml:1:1
+      hint: add `version: 1`
+    ");
+}
+
+#[test]
+fn error_unset_env_var() {
+    let dir = setup();
+    let text = full_with("base_url: ${OPENAI_BASE_URL}", "base_url: ${MY_SERVER_URL}/v1");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: environment variable `MY_SERVER_URL` is not set
+      --> pipelines/x.yaml:8:15
+       at: models.upstream.base_url
+      hint: `export MY_SERVER_URL=...`, or give a default: `${MY_SERVER_URL:-...}`
+    ");
+}
+
+#[test]
+fn error_bad_enum_value() {
+    let dir = setup();
+    insta::assert_snapshot!(errors(&dir, &full_with("method: dpo", "method: dpoo")), @r"
+    error: unknown variant `dpoo`, expected `dpo` or `sft`
+      --> pipelines/x.yaml:46:13
+       at: rounds.train.method
+      hint: did you mean `dpo`?
+    ");
+    insta::assert_snapshot!(errors(&dir, &full_with("loss: sigmoid", "loss: squared")), @r"
+    error: unknown variant `squared`, expected one of `sigmoid`, `ipo`, `hinge`, `robust`, `apo_zero`, `apo_down`, `sigmoid_nll`
+      --> pipelines/x.yaml:48:11
+       at: rounds.train.loss
+    ");
+}
+
+#[test]
+fn error_custom_template_without_answer() {
+    let dir = setup();
+    let text = full_with("template: aligner-v1", "template: \"Fix this answer to {question}\"");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: custom template is missing `{answer}`
+      --> pipelines/x.yaml:35:15
+       at: rounds.correct.template
+      hint: write `{question}` and `{answer}` where the question and the answer go, or use a built-in template: `aligner-v1`, `aligner-general`, `aligner-empathy`
+    ");
+    insta::assert_snapshot!(errors(&dir, &full_with("template: aligner-v1", "template: aligner-v2")), @r"
+    error: unknown template `aligner-v2`
+      --> pipelines/x.yaml:35:15
+       at: rounds.correct.template
+      hint: did you mean `aligner-v1`?
+    ");
+}
+
+#[test]
+fn error_api_key_in_api_key_env() {
+    let dir = setup();
+    let text = full_with("api_key_env: OPENAI_API_KEY", "api_key_env: sk-proj-abcdef1234567890");
+    let out = errors(&dir, &text);
+    assert!(!out.contains("abcdef"), "the key must never be echoed");
+    insta::assert_snapshot!(out, @r"
+    error: `api_key_env` looks like an api key; it must be the name of an environment variable
+      --> pipelines/x.yaml:10:18
+       at: models.upstream.api_key_env
+      hint: keep the key out of the file: `export OPENAI_API_KEY=...` and write `api_key_env: OPENAI_API_KEY`
+    ");
+}
+
+#[test]
+fn error_yaml_syntax() {
+    let dir = setup();
+    let text = full_with("  count: 2\n", "  count: [2\n");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: invalid yaml: while parsing a flow sequence, expected ',' or ']'
+      --> pipelines/x.yaml:30:10
+    ");
+    insta::assert_snapshot!(errors(&dir, &full_with("  seed: 7\n", "  seed: 7\n  seed: 8\n")), @r"
+    error: duplicate key `seed`
+      --> pipelines/x.yaml:26:3
+       at: prompts.seed
+      hint: each key may appear only once in a mapping
+    ");
+}
+
+#[test]
+fn error_serve_model_and_command() {
+    let dir = setup();
+    let text = full_with("      serve_model: \"ckpt-round-{round}\"\n", "").replace(" --out {output_dir}", "");
+    insta::assert_snapshot!(errors(&dir, &text), @r#"
+    error: `serve_model` is required: the generate model `upstream` is `kind: openai`
+      --> pipelines/x.yaml:56:5
+       at: rounds.train.backend
+      hint: the name under which your server will serve the new checkpoint, e.g. `serve_model: "ckpt-round-{round}"` (`{round}` and `{output_dir}` are filled in)
+
+    error: `command` does not use `{output_dir}`
+      --> pipelines/x.yaml:58:16
+       at: rounds.train.backend.command
+      hint: the trainer must write the new checkpoint to `{output_dir}`; also available: `{data}`, `{base_model}`, `{round}`
+    "#);
+}
+
+#[test]
+fn error_model_fields_and_files() {
+    let dir = setup();
+    std::fs::write(dir.path().join("models/fake.gguf"), "not really").unwrap();
+    let text = full_with("path: models/tiny.gguf", "path: models/fake.gguf\n    base_url: http://x")
+        .replace("timeout: 60", "timeout: soon")
+        .replace("max_concurrency: 16", "max_concurrency: 0");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: invalid duration `soon`, expected a number of seconds or a string like `500ms`, `60s`, `2m`
+      --> pipelines/x.yaml:14:14
+       at: models.upstream.timeout
+    ");
+    let text = full_with("path: models/tiny.gguf", "path: models/fake.gguf\n    base_url: http://x").replace("max_concurrency: 16", "max_concurrency: 0");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: `max_concurrency` must be between 1 and 4096, got `0`
+      --> pipelines/x.yaml:11:22
+       at: models.upstream.max_concurrency
+
+    error: `models/fake.gguf` is not a GGUF file
+      --> pipelines/x.yaml:18:11
+       at: models.aligner.path
+      hint: its first bytes are not `GGUF`; give a `.gguf` file or a Hugging Face model folder
+
+    error: field `base_url` does not apply to `kind: local`
+      --> pipelines/x.yaml:19:5
+       at: models.aligner.base_url
+      hint: `kind: local` takes `path`, `hub`, `revision`, `dtype`
+    ");
+}
+
+#[test]
+fn error_empty_file_and_not_a_mapping() {
+    let dir = setup();
+    insta::assert_snapshot!(errors(&dir, ""), @r"
+    error: the pipeline file is empty
+      --> pipelines/x.yaml
+      hint: start with `version: 1`
+    ");
+    insta::assert_snapshot!(errors(&dir, "- a\n- b\n"), @r"
+    error: invalid type: sequence, expected a pipeline mapping (`version: 1`, `models:`, `prompts:`, `rounds:`)
+      --> pipelines/x.yaml:1:1
+    ");
+}
+
+#[test]
+fn error_missing_or_empty_models() {
+    let dir = setup();
+    let rest = &FULL[FULL.find("prompts:").unwrap()..];
+    insta::assert_snapshot!(errors(&dir, &format!("version: 1\nmodels:\n{rest}")), @r"
+    error: `models` is empty
+      --> pipelines/x.yaml:2:1
+       at: models
+      hint: define at least one model, e.g. `upstream:` with `kind: openai`
+    ");
+    insta::assert_snapshot!(errors(&dir, &format!("version: 1\n{rest}")), @r"
+    error: missing field `models`
+      --> pipelines/x.yaml:1:1
+      hint: define at least one model, e.g. `upstream:` with `kind: openai`
+    ");
+}

@@ -263,13 +263,14 @@ impl Ctx<'_> {
             match key {
                 "version" => self.check::<Option<u64>>(v, key),
                 "name" | "store" | "workdir" => self.check::<Option<String>>(v, key),
+                "models" if v.is_null() => {}
                 "models" => self.check_entries::<ModelWire>(v, key),
                 "prompts" => self.check::<PromptsWire>(v, key),
                 "rounds" => self.rounds_structure(v),
                 _ => self.unknown_field(key, key, ROOT_FIELDS),
             }
         }
-        for required in ["models", "prompts", "rounds"] {
+        for required in ["prompts", "rounds"] {
             if !map.contains_key(required) {
                 self.err("", Anchor::Key, format!("missing field `{required}`"), None);
             }
@@ -417,18 +418,24 @@ impl Ctx<'_> {
         let store = w.store.as_deref().and_then(|s| self.path_value("store", s)).map(|(_, p)| p);
         let workdir = self.path_value("workdir", w.workdir.as_deref().unwrap_or("runs")).map(|(_, p)| p);
 
-        if w.models.is_empty() {
-            self.err("models", Anchor::Key, "`models` is empty", Some("define at least one model, e.g. `upstream:` with `kind: openai`".into()));
+        let hint = || Some("define at least one model, e.g. `upstream:` with `kind: openai`".to_string());
+        let wire_models = w.models.unwrap_or_default();
+        if wire_models.is_empty() {
+            if self.index.contains("models") {
+                self.err("models", Anchor::Key, "`models` is empty", hint());
+            } else {
+                self.err("", Anchor::Key, "missing field `models`", hint());
+            }
         }
         let mut models = BTreeMap::new();
-        for (name, mw) in &w.models {
+        for (name, mw) in &wire_models {
             if let Some(spec) = self.model(name, mw) {
                 models.insert(name.clone(), spec);
             }
         }
 
         let prompts = self.prompts(&w.prompts);
-        let rounds = self.rounds(&w.rounds, &w.models);
+        let rounds = self.rounds(&w.rounds, &wire_models);
 
         Some(Pipeline { name, store, workdir: workdir?, models, prompts: prompts?, rounds: rounds? })
     }
@@ -656,7 +663,7 @@ impl Ctx<'_> {
             }
             (None, None) => None,
         };
-        let mut column = |cx: &mut Self, field: &str, value: &Option<String>| -> Option<String> {
+        let column = |cx: &mut Self, field: &str, value: &Option<String>| -> Option<String> {
             let v = value.clone()?;
             if v.trim().is_empty() {
                 cx.err(&format!("prompts.fields.{field}"), Anchor::Value, format!("`{field}` is empty"), Some("give a column name or remove the line".into()));

@@ -32,7 +32,8 @@ pub struct PipelineWire {
     pub name: Option<String>,
     pub store: Option<String>,
     pub workdir: Option<String>,
-    pub models: BTreeMap<String, ModelWire>,
+    /// Optional here so that a missing or empty block gets a dedicated message.
+    pub models: Option<BTreeMap<String, ModelWire>>,
     pub prompts: PromptsWire,
     pub rounds: RoundsWire,
 }
