@@ -110,7 +110,7 @@ where
     Fut: Future<Output = Result<()>>,
 {
     let units = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|u| (u, rx)) });
-    let mut results = units
+    let results = units
         .map(|unit| {
             let req = request(&unit);
             let backend = backend.clone();
@@ -120,6 +120,7 @@ where
             }
         })
         .buffer_unordered(concurrency.max(1));
+    let mut results = std::pin::pin!(results);
     let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
     let mut buf = Vec::with_capacity(ctx.batch);
     let (mut buf_ok, mut buf_failed) = (0u64, 0u64);

@@ -52,10 +52,10 @@ const TYPE_ARRAY: u32 = 9;
 /// Size in bytes of a fixed-size GGUF value type.
 fn fixed_size(ty: u32) -> Option<u64> {
     match ty {
-        0 | 1 | 7 => Some(1),  // u8, i8, bool
-        2 | 3 => Some(2),      // u16, i16
-        4..=6 => Some(4),      // u32, i32, f32
-        10..=12 => Some(8),    // u64, i64, f64
+        0 | 1 | 7 => Some(1), // u8, i8, bool
+        2 | 3 => Some(2),     // u16, i16
+        4..=6 => Some(4),     // u32, i32, f32
+        10..=12 => Some(8),   // u64, i64, f64
         _ => None,
     }
 }
@@ -68,13 +68,18 @@ fn skip_value<R: Read + Seek>(r: &mut R, ty: u32) -> io::Result<()> {
     match ty {
         TYPE_STRING => {
             let len = read_u64(r)?;
-            r.seek(SeekFrom::Current(i64::try_from(len).map_err(|_| bad("string too long"))?))?;
+            r.seek(SeekFrom::Current(
+                i64::try_from(len).map_err(|_| bad("string too long"))?,
+            ))?;
         }
         TYPE_ARRAY => {
             let item = read_u32(r)?;
             let count = read_u64(r)?;
             if let Some(n) = fixed_size(item) {
-                let bytes = count.checked_mul(n).and_then(|b| i64::try_from(b).ok()).ok_or_else(|| bad("array too long"))?;
+                let bytes = count
+                    .checked_mul(n)
+                    .and_then(|b| i64::try_from(b).ok())
+                    .ok_or_else(|| bad("array too long"))?;
                 r.seek(SeekFrom::Current(bytes))?;
             } else {
                 for _ in 0..count {
@@ -145,13 +150,24 @@ mod tests {
     fn reads_architecture_and_rejects_other_files() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("m.gguf");
-        write_test_gguf(&p, &[("general.name", "tiny"), ("general.architecture", "llama")]);
-        assert_eq!(read_header(&p).unwrap(), Some(GgufHeader { architecture: Some("llama".into()) }));
+        write_test_gguf(
+            &p,
+            &[("general.name", "tiny"), ("general.architecture", "llama")],
+        );
+        assert_eq!(
+            read_header(&p).unwrap(),
+            Some(GgufHeader {
+                architecture: Some("llama".into())
+            })
+        );
         let q = dir.path().join("x.gguf");
         std::fs::write(&q, b"nope, not gguf").unwrap();
         assert_eq!(read_header(&q).unwrap(), None);
         let short = dir.path().join("s.gguf");
         std::fs::write(&short, b"GGUF").unwrap();
-        assert_eq!(read_header(&short).unwrap(), Some(GgufHeader { architecture: None }));
+        assert_eq!(
+            read_header(&short).unwrap(),
+            Some(GgufHeader { architecture: None })
+        );
     }
 }

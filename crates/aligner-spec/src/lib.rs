@@ -47,7 +47,10 @@ impl Pipeline {
                 line: None,
                 column: None,
                 yaml_path: String::new(),
-                message: format!("cannot read the pipeline file: {}", e.to_string().to_lowercase()),
+                message: format!(
+                    "cannot read the pipeline file: {}",
+                    e.to_string().to_lowercase()
+                ),
                 hint: None,
             }])
         })?;

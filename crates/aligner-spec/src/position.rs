@@ -134,16 +134,32 @@ impl Builder {
     fn start_node(&mut self, scalar: Option<&str>, at: LineCol) -> Option<String> {
         match self.stack.last_mut() {
             None => {
-                self.index.nodes.insert(String::new(), NodePos { key: None, value: at });
+                self.index.nodes.insert(
+                    String::new(),
+                    NodePos {
+                        key: None,
+                        value: at,
+                    },
+                );
                 Some(String::new())
             }
             Some(Frame::Seq { path, next }) => {
                 let p = format!("{path}[{next}]");
                 *next += 1;
-                self.index.nodes.insert(p.clone(), NodePos { key: None, value: at });
+                self.index.nodes.insert(
+                    p.clone(),
+                    NodePos {
+                        key: None,
+                        value: at,
+                    },
+                );
                 Some(p)
             }
-            Some(Frame::Map { path, pending, seen }) => match pending.take() {
+            Some(Frame::Map {
+                path,
+                pending,
+                seen,
+            }) => match pending.take() {
                 None => {
                     // yaml-rust2 marks a block mapping's start after its first key; move the
                     // mapping's own position back to that key.
@@ -154,7 +170,11 @@ impl Builder {
                     }
                     let key = scalar.unwrap_or("?").to_string();
                     if seen.contains(&key) {
-                        self.index.duplicates.push(DuplicateKey { path: join(path, &key), key: key.clone(), at });
+                        self.index.duplicates.push(DuplicateKey {
+                            path: join(path, &key),
+                            key: key.clone(),
+                            at,
+                        });
                     } else {
                         seen.push(key.clone());
                     }
@@ -164,7 +184,10 @@ impl Builder {
                 Some((key, key_at)) => {
                     let p = join(path, &key);
                     // Keep the first occurrence of a duplicate key.
-                    self.index.nodes.entry(p.clone()).or_insert(NodePos { key: Some(key_at), value: at });
+                    self.index.nodes.entry(p.clone()).or_insert(NodePos {
+                        key: Some(key_at),
+                        value: at,
+                    });
                     Some(p)
                 }
             },
@@ -196,7 +219,11 @@ impl MarkedEventReceiver for Builder {
             Event::MappingStart(..) | Event::SequenceStart(..) => {
                 let is_map = matches!(ev, Event::MappingStart(..));
                 match self.start_node(None, at) {
-                    Some(path) if is_map => self.stack.push(Frame::Map { path, pending: None, seen: Vec::new() }),
+                    Some(path) if is_map => self.stack.push(Frame::Map {
+                        path,
+                        pending: None,
+                        seen: Vec::new(),
+                    }),
                     Some(path) => self.stack.push(Frame::Seq { path, next: 0 }),
                     // A mapping or sequence used as a key: not addressable, skip it.
                     None => self.skip = 1,

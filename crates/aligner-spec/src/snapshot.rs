@@ -97,7 +97,11 @@ fn diff_into(path: &str, old: Option<&Value>, new: Option<&Value>, out: &mut Vec
                 diff_into(&format!("{path}[{i}]"), Some(x), Some(y), out);
             }
         }
-        (a, b) => out.push(Change { path: path.to_string(), old: render(a), new: render(b) }),
+        (a, b) => out.push(Change {
+            path: path.to_string(),
+            old: render(a),
+            new: render(b),
+        }),
     }
 }
 
@@ -122,8 +126,19 @@ mod tests {
         let a = json!({"x": {"y": 1, "z": [1, 2]}, "w": "a", "gone": true});
         let b = json!({"x": {"y": 2, "z": [1, 2, 3]}, "w": "a", "added": null});
         let changes = diff_snapshots(&a, &b);
-        let lines: Vec<String> = changes.iter().map(|c| format!("{}: {} -> {}", c.path, c.old, c.new)).collect();
-        assert_eq!(lines, vec!["added: (none) -> null", "gone: true -> (none)", "x.y: 1 -> 2", "x.z: [1,2] -> [1,2,3]"]);
+        let lines: Vec<String> = changes
+            .iter()
+            .map(|c| format!("{}: {} -> {}", c.path, c.old, c.new))
+            .collect();
+        assert_eq!(
+            lines,
+            vec![
+                "added: (none) -> null",
+                "gone: true -> (none)",
+                "x.y: 1 -> 2",
+                "x.z: [1,2] -> [1,2,3]"
+            ]
+        );
         assert!(diff_snapshots(&a, &a).is_empty());
     }
 

@@ -106,7 +106,10 @@ mod tests {
     fn custom_render_is_single_pass() {
         let t = Template::Custom("Q={question} A={answer} {other}".into());
         assert_eq!(t.id(), "custom");
-        assert_eq!(t.render("has {answer}", "has {question}"), "Q=has {answer} A=has {question} {other}");
+        assert_eq!(
+            t.render("has {answer}", "has {question}"),
+            "Q=has {answer} A=has {question} {other}"
+        );
         assert_eq!(t.text(), "Q={question} A={answer} {other}");
     }
 }

@@ -80,8 +80,15 @@ fn setup() -> TempDir {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("data")).unwrap();
     std::fs::create_dir_all(dir.path().join("models")).unwrap();
-    std::fs::write(dir.path().join("data/prompts.jsonl"), "{\"prompt\": \"hi\"}\n").unwrap();
-    crate::gguf::write_test_gguf(&dir.path().join("models/tiny.gguf"), &[("general.architecture", "llama")]);
+    std::fs::write(
+        dir.path().join("data/prompts.jsonl"),
+        "{\"prompt\": \"hi\"}\n",
+    )
+    .unwrap();
+    crate::gguf::write_test_gguf(
+        &dir.path().join("models/tiny.gguf"),
+        &[("general.architecture", "llama")],
+    );
     dir
 }
 
@@ -106,7 +113,8 @@ fn full_with(from: &str, to: &str) -> String {
 /// The complete error output for `text`, with the temporary folder shown as `[TMP]`.
 fn errors(dir: &TempDir, text: &str) -> String {
     let err = load(dir, text).expect_err("expected errors");
-    err.to_string().replace(dir.path().to_str().unwrap(), "[TMP]")
+    err.to_string()
+        .replace(dir.path().to_str().unwrap(), "[TMP]")
 }
 
 #[test]
@@ -115,7 +123,10 @@ fn full_example_parses() {
     let p = load(&dir, FULL).unwrap_or_else(|e| panic!("{e}"));
     let root = dir.path();
     assert_eq!(p.name, "quickstart");
-    assert_eq!(p.store.as_deref(), Some(Path::new("/srv/aligner/aligner.db")));
+    assert_eq!(
+        p.store.as_deref(),
+        Some(Path::new("/srv/aligner/aligner.db"))
+    );
     assert_eq!(p.workdir, root.join("runs"));
     assert_eq!(
         p.models["upstream"],
@@ -133,7 +144,10 @@ fn full_example_parses() {
     assert_eq!(
         p.models["aligner"],
         ModelSpec::Local(LocalModel {
-            source: LocalSource::Gguf { path: root.join("models/tiny.gguf"), architecture: Some("llama".into()) },
+            source: LocalSource::Gguf {
+                path: root.join("models/tiny.gguf"),
+                architecture: Some("llama".into())
+            },
             dtype: "auto".into(),
         })
     );
@@ -144,7 +158,10 @@ fn full_example_parses() {
     assert_eq!(p.prompts.system_field.as_deref(), Some("system"));
     assert_eq!(p.prompts.metadata_fields, vec!["category"]);
     assert_eq!(p.prompts.system_prompt.as_deref(), Some("You are helpful."));
-    assert_eq!((p.prompts.sample, p.prompts.seed, p.prompts.holdout), (Some(200), 7, 0.1));
+    assert_eq!(
+        (p.prompts.sample, p.prompts.seed, p.prompts.holdout),
+        (Some(200), 7, 0.1)
+    );
 
     let r = &p.rounds;
     assert_eq!(r.count, 2);
@@ -204,7 +221,10 @@ fn full_example_parses() {
     );
     let eval = r.evaluate.as_ref().unwrap();
     assert_eq!(eval.judge.as_deref(), Some("upstream"));
-    assert_eq!(eval.metrics, vec!["helpfulness", "harmlessness", "refusal_rate"]);
+    assert_eq!(
+        eval.metrics,
+        vec!["helpfulness", "harmlessness", "refusal_rate"]
+    );
     assert_eq!(eval.extra, serde_json::json!({"samples": 50}));
 }
 
@@ -229,17 +249,29 @@ rounds:
     assert_eq!(
         p.models["local"],
         ModelSpec::Local(LocalModel {
-            source: LocalSource::HubId { id: "HuggingFaceTB/SmolLM2-135M-Instruct".into(), revision: None },
+            source: LocalSource::HubId {
+                id: "HuggingFaceTB/SmolLM2-135M-Instruct".into(),
+                revision: None
+            },
             dtype: "auto".into(),
         })
     );
-    assert_eq!((p.prompts.seed, p.prompts.holdout, p.prompts.sample), (0, 0.0, None));
+    assert_eq!(
+        (p.prompts.seed, p.prompts.holdout, p.prompts.sample),
+        (0, 0.0, None)
+    );
     assert_eq!(p.rounds.count, 1);
     assert_eq!(p.rounds.generate.n, 1);
     assert_eq!(p.rounds.generate.sampling, SamplingSpec::default());
     assert_eq!(p.rounds.correct.template, Template::AlignerV1);
     assert!(p.rounds.synthesize.drop_identical && p.rounds.synthesize.dedupe_prompts);
-    assert_eq!((p.rounds.synthesize.length_ratio_min, p.rounds.synthesize.length_ratio_max), (0.1, 10.0));
+    assert_eq!(
+        (
+            p.rounds.synthesize.length_ratio_min,
+            p.rounds.synthesize.length_ratio_max
+        ),
+        (0.1, 10.0)
+    );
     assert_eq!(p.rounds.train, None);
     assert_eq!(p.rounds.evaluate, None);
 }
@@ -247,13 +279,18 @@ rounds:
 #[test]
 fn durations_defaults_and_env_defaults() {
     let dir = setup();
-    let text = full_with("timeout: 60", "timeout: 2m").replace("${ALIGNER_HOME}", "${NOT_SET_ANYWHERE:-state}");
+    let text = full_with("timeout: 60", "timeout: 2m")
+        .replace("${ALIGNER_HOME}", "${NOT_SET_ANYWHERE:-state}");
     let p = load(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
-    let ModelSpec::Openai(m) = &p.models["upstream"] else { panic!() };
+    let ModelSpec::Openai(m) = &p.models["upstream"] else {
+        panic!()
+    };
     assert_eq!(m.timeout_secs, 120.0);
     assert_eq!(p.store, Some(dir.path().join("state/aligner.db")));
     let p = load(&dir, &full_with("timeout: 60", "timeout: \"500ms\"")).unwrap();
-    let ModelSpec::Openai(m) = &p.models["upstream"] else { panic!() };
+    let ModelSpec::Openai(m) = &p.models["upstream"] else {
+        panic!()
+    };
     assert_eq!(m.timeout_secs, 0.5);
 }
 
@@ -261,12 +298,29 @@ fn durations_defaults_and_env_defaults() {
 fn custom_template_and_builtins_from_yaml() {
     let dir = setup();
     for id in Template::BUILTIN_IDS {
-        let p = load(&dir, &full_with("template: aligner-v1", &format!("template: {id}"))).unwrap();
+        let p = load(
+            &dir,
+            &full_with("template: aligner-v1", &format!("template: {id}")),
+        )
+        .unwrap();
         assert_eq!(p.rounds.correct.template.id(), id);
     }
-    let p = load(&dir, &full_with("template: aligner-v1", "template: \"Q: {question}\\nA: {answer}\\nBetter:\"")).unwrap();
-    assert_eq!(p.rounds.correct.template, Template::Custom("Q: {question}\nA: {answer}\nBetter:".into()));
-    assert_eq!(p.rounds.correct.template.render("why?", "because"), "Q: why?\nA: because\nBetter:");
+    let p = load(
+        &dir,
+        &full_with(
+            "template: aligner-v1",
+            "template: \"Q: {question}\\nA: {answer}\\nBetter:\"",
+        ),
+    )
+    .unwrap();
+    assert_eq!(
+        p.rounds.correct.template,
+        Template::Custom("Q: {question}\nA: {answer}\nBetter:".into())
+    );
+    assert_eq!(
+        p.rounds.correct.template.render("why?", "because"),
+        "Q: why?\nA: because\nBetter:"
+    );
 }
 
 #[test]
@@ -285,8 +339,16 @@ fn hf_folder_model() {
     std::fs::write(folder.join("tokenizer.json"), "{}").unwrap();
     std::fs::write(folder.join("model.safetensors"), "").unwrap();
     let p = load(&dir, &text).unwrap();
-    let ModelSpec::Local(m) = &p.models["aligner"] else { panic!() };
-    assert_eq!(m.source, LocalSource::HfFolder { path: folder, architecture: Some("llama".into()) });
+    let ModelSpec::Local(m) = &p.models["aligner"] else {
+        panic!()
+    };
+    assert_eq!(
+        m.source,
+        LocalSource::HfFolder {
+            path: folder,
+            architecture: Some("llama".into())
+        }
+    );
 }
 
 #[test]
@@ -302,10 +364,17 @@ fn snapshot_hash_and_diff() {
     assert_ne!(a.hash(), c.hash());
     assert_eq!(
         diff_snapshots(&a.snapshot(), &c.snapshot()),
-        vec![Change { path: "rounds.generate.sampling.temperature".into(), old: "0.5".into(), new: "0.7".into() }]
+        vec![Change {
+            path: "rounds.generate.sampling.temperature".into(),
+            old: "0.5".into(),
+            new: "0.7".into()
+        }]
     );
     let snap = a.snapshot();
-    assert_eq!(snap["rounds"]["correct"]["template"], serde_json::json!({"id": "aligner-v1"}));
+    assert_eq!(
+        snap["rounds"]["correct"]["template"],
+        serde_json::json!({"id": "aligner-v1"})
+    );
     assert_eq!(snap["models"]["upstream"]["kind"], "openai");
 }
 
@@ -317,7 +386,10 @@ fn from_path_resolves_against_the_file_folder() {
     let text = FULL
         .replace("name: quickstart\n", "")
         .replace("store: ${ALIGNER_HOME}/aligner.db\n", "")
-        .replace("base_url: ${OPENAI_BASE_URL}", "base_url: http://localhost:8000/v1")
+        .replace(
+            "base_url: ${OPENAI_BASE_URL}",
+            "base_url: http://localhost:8000/v1",
+        )
         .replace("models/tiny.gguf", "../models/tiny.gguf")
         .replace("data/prompts.jsonl", "../data/prompts.jsonl");
     std::fs::write(&file, text).unwrap();
@@ -328,20 +400,45 @@ fn from_path_resolves_against_the_file_folder() {
 
     let missing = Pipeline::from_path(&dir.path().join("nope.yaml")).unwrap_err();
     assert_eq!(missing.len(), 1);
-    assert!(missing.to_string().starts_with("error: cannot read the pipeline file: no such file"), "{missing}");
+    assert!(
+        missing
+            .to_string()
+            .starts_with("error: cannot read the pipeline file: no such file"),
+        "{missing}"
+    );
 }
 
 fn ticked(names: &[&str]) -> String {
-    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[test]
 fn wire_field_lists_match_serde() {
     // The block-by-block checker lists the fields itself; they must match the structs.
-    let err = serde_yaml::from_str::<crate::wire::PipelineWire>("bogus: 1").unwrap_err().to_string();
-    assert!(err.contains(&format!("expected one of {}", ticked(crate::wire::ROOT_FIELDS))), "{err}");
-    let err = serde_yaml::from_str::<crate::wire::RoundsWire>("bogus: 1").unwrap_err().to_string();
-    assert!(err.contains(&format!("expected one of {}", ticked(crate::wire::ROUNDS_FIELDS))), "{err}");
+    let err = serde_yaml::from_str::<crate::wire::PipelineWire>("bogus: 1")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "expected one of {}",
+            ticked(crate::wire::ROOT_FIELDS)
+        )),
+        "{err}"
+    );
+    let err = serde_yaml::from_str::<crate::wire::RoundsWire>("bogus: 1")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "expected one of {}",
+            ticked(crate::wire::ROUNDS_FIELDS)
+        )),
+        "{err}"
+    );
 }
 
 // ----- broken pipelines -------------------------------------------------------------
@@ -349,7 +446,10 @@ fn wire_field_lists_match_serde() {
 #[test]
 fn error_unknown_field_with_typo() {
     let dir = setup();
-    let text = full_with("sampling: { temperature: 0.5", "sampling: { temprature: 0.5");
+    let text = full_with(
+        "sampling: { temperature: 0.5",
+        "sampling: { temprature: 0.5",
+    );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: unknown field `temprature`
       --> pipelines/x.yaml:32:17
@@ -361,7 +461,10 @@ fn error_unknown_field_with_typo() {
 #[test]
 fn error_unknown_field_in_block_mapping() {
     let dir = setup();
-    let text = full_with("    drop_empty: true\n", "    drop_empty: true\n    sparkle: true\n");
+    let text = full_with(
+        "    drop_empty: true\n",
+        "    drop_empty: true\n    sparkle: true\n",
+    );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: unknown field `sparkle`
       --> pipelines/x.yaml:42:5
@@ -384,7 +487,9 @@ fn error_wrong_type() {
 #[test]
 fn error_several_blocks_at_once() {
     let dir = setup();
-    let text = full_with("  seed: 7\n", "  seeds: 7\n").replace("max_retries: 5", "max_retries: -1").replace("count: 2", "count: two");
+    let text = full_with("  seed: 7\n", "  seeds: 7\n")
+        .replace("max_retries: 5", "max_retries: -1")
+        .replace("count: 2", "count: two");
     insta::assert_snapshot!(errors(&dir, &text), @r#"
     error: invalid value: integer `-1`, expected a whole number
       --> pipelines/x.yaml:15:18
@@ -416,7 +521,8 @@ fn error_missing_prompts_file() {
 #[test]
 fn error_undefined_model_names() {
     let dir = setup();
-    let text = full_with("model: aligner", "model: alignr").replace("judge: upstream", "judge: gpt4");
+    let text =
+        full_with("model: aligner", "model: alignr").replace("judge: upstream", "judge: gpt4");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: model `alignr` is not defined in `models`
       --> pipelines/x.yaml:34:12
@@ -433,7 +539,10 @@ fn error_undefined_model_names() {
 #[test]
 fn error_out_of_range() {
     let dir = setup();
-    let text = full_with("temperature: 0.5", "temperature: 3").replace("top_p: 0.95, top_k: 10, frequency_penalty: 1.2", "top_p: 0, top_k: 10, frequency_penalty: 2.5");
+    let text = full_with("temperature: 0.5", "temperature: 3").replace(
+        "top_p: 0.95, top_k: 10, frequency_penalty: 1.2",
+        "top_p: 0, top_k: 10, frequency_penalty: 2.5",
+    );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: `temperature` must be between 0 and 2, got `3`
       --> pipelines/x.yaml:32:30
@@ -468,7 +577,10 @@ fn error_bad_version() {
 #[test]
 fn error_unset_env_var() {
     let dir = setup();
-    let text = full_with("base_url: ${OPENAI_BASE_URL}", "base_url: ${MY_SERVER_URL}/v1");
+    let text = full_with(
+        "base_url: ${OPENAI_BASE_URL}",
+        "base_url: ${MY_SERVER_URL}/v1",
+    );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: environment variable `MY_SERVER_URL` is not set
       --> pipelines/x.yaml:8:15
@@ -496,7 +608,10 @@ fn error_bad_enum_value() {
 #[test]
 fn error_custom_template_without_answer() {
     let dir = setup();
-    let text = full_with("template: aligner-v1", "template: \"Fix this answer to {question}\"");
+    let text = full_with(
+        "template: aligner-v1",
+        "template: \"Fix this answer to {question}\"",
+    );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: custom template is missing `{answer}`
       --> pipelines/x.yaml:35:15
@@ -514,7 +629,10 @@ fn error_custom_template_without_answer() {
 #[test]
 fn error_api_key_in_api_key_env() {
     let dir = setup();
-    let text = full_with("api_key_env: OPENAI_API_KEY", "api_key_env: sk-proj-abcdef1234567890");
+    let text = full_with(
+        "api_key_env: OPENAI_API_KEY",
+        "api_key_env: sk-proj-abcdef1234567890",
+    );
     let out = errors(&dir, &text);
     assert!(!out.contains("abcdef"), "the key must never be echoed");
     insta::assert_snapshot!(out, @r"
@@ -544,7 +662,8 @@ fn error_yaml_syntax() {
 #[test]
 fn error_serve_model_and_command() {
     let dir = setup();
-    let text = full_with("      serve_model: \"ckpt-round-{round}\"\n", "").replace(" --out {output_dir}", "");
+    let text = full_with("      serve_model: \"ckpt-round-{round}\"\n", "")
+        .replace(" --out {output_dir}", "");
     insta::assert_snapshot!(errors(&dir, &text), @r#"
     error: `serve_model` is required: the generate model `upstream` is `kind: openai`
       --> pipelines/x.yaml:56:5
@@ -562,15 +681,22 @@ fn error_serve_model_and_command() {
 fn error_model_fields_and_files() {
     let dir = setup();
     std::fs::write(dir.path().join("models/fake.gguf"), "not really").unwrap();
-    let text = full_with("path: models/tiny.gguf", "path: models/fake.gguf\n    base_url: http://x")
-        .replace("timeout: 60", "timeout: soon")
-        .replace("max_concurrency: 16", "max_concurrency: 0");
+    let text = full_with(
+        "path: models/tiny.gguf",
+        "path: models/fake.gguf\n    base_url: http://x",
+    )
+    .replace("timeout: 60", "timeout: soon")
+    .replace("max_concurrency: 16", "max_concurrency: 0");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: invalid duration `soon`, expected a number of seconds or a string like `500ms`, `60s`, `2m`
       --> pipelines/x.yaml:14:14
        at: models.upstream.timeout
     ");
-    let text = full_with("path: models/tiny.gguf", "path: models/fake.gguf\n    base_url: http://x").replace("max_concurrency: 16", "max_concurrency: 0");
+    let text = full_with(
+        "path: models/tiny.gguf",
+        "path: models/fake.gguf\n    base_url: http://x",
+    )
+    .replace("max_concurrency: 16", "max_concurrency: 0");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: `max_concurrency` must be between 1 and 4096, got `0`
       --> pipelines/x.yaml:11:22

@@ -26,19 +26,40 @@ use crate::wire::*;
 pub(crate) type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
 /// Reads, checks and converts a pipeline.
-pub(crate) fn load(text: &str, file: &Path, base_dir: &Path, env: EnvLookup<'_>) -> Result<Pipeline, Errors> {
+pub(crate) fn load(
+    text: &str,
+    file: &Path,
+    base_dir: &Path,
+    env: EnvLookup<'_>,
+) -> Result<Pipeline, Errors> {
     let base_dir = std::path::absolute(base_dir).unwrap_or_else(|_| base_dir.to_path_buf());
-    let mut cx = Ctx { file, base_dir, index: PositionIndex::default(), env, errors: Vec::new() };
+    let mut cx = Ctx {
+        file,
+        base_dir,
+        index: PositionIndex::default(),
+        env,
+        errors: Vec::new(),
+    };
 
     match PositionIndex::build(text) {
         Ok(index) => cx.index = index,
         Err(e) => {
-            cx.push(String::new(), Some(e.at), format!("invalid yaml: {}", e.message), None);
+            cx.push(
+                String::new(),
+                Some(e.at),
+                format!("invalid yaml: {}", e.message),
+                None,
+            );
             return Err(cx.finish());
         }
     }
     for dup in std::mem::take(&mut cx.index.duplicates) {
-        cx.push(dup.path, Some(dup.at), format!("duplicate key `{}`", dup.key), Some("each key may appear only once in a mapping".into()));
+        cx.push(
+            dup.path,
+            Some(dup.at),
+            format!("duplicate key `{}`", dup.key),
+            Some("each key may appear only once in a mapping".into()),
+        );
     }
     if !cx.errors.is_empty() {
         return Err(cx.finish());
@@ -55,7 +76,12 @@ pub(crate) fn load(text: &str, file: &Path, base_dir: &Path, env: EnvLookup<'_>)
         }
     };
     if value.is_null() {
-        cx.push(String::new(), None, "the pipeline file is empty".into(), Some("start with `version: 1`".into()));
+        cx.push(
+            String::new(),
+            None,
+            "the pipeline file is empty".into(),
+            Some("start with `version: 1`".into()),
+        );
         return Err(cx.finish());
     }
 
@@ -93,7 +119,10 @@ fn path_string(prefix: &str, path: &serde_path_to_error::Path) -> String {
 }
 
 /// The closest candidate to `name`, if close enough to be a likely typo.
-pub(crate) fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn did_you_mean<'a>(
+    name: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     candidates
         .into_iter()
         .map(|c| (strsim::jaro_winkler(name, c), c))
@@ -104,7 +133,11 @@ pub(crate) fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = 
 
 /// `` `a`, `b`, `c` ``.
 fn list(names: &[&str]) -> String {
-    names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The backticked names in `text`.
@@ -125,14 +158,17 @@ fn is_env_name(s: &str) -> bool {
 }
 
 fn is_pipeline_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// Whether an `api_key_env` value looks like a key rather than a variable name.
 fn looks_like_key(s: &str) -> bool {
     let prefixes = ["sk-", "sk_", "hf_", "gsk_", "xai-", "key-", "bearer "];
     let lower = s.to_ascii_lowercase();
-    prefixes.iter().any(|p| lower.starts_with(p)) || (s.len() >= 20 && !is_env_name(s) && !s.contains(' '))
+    prefixes.iter().any(|p| lower.starts_with(p))
+        || (s.len() >= 20 && !is_env_name(s) && !s.contains(' '))
 }
 
 /// Removes `.` and resolves `..` lexically (no symlinks are followed).
@@ -152,8 +188,16 @@ fn clean_path(p: &Path) -> PathBuf {
     out
 }
 
-const OPENAI_FIELDS: &[&str] =
-    &["base_url", "model", "api_key_env", "max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout", "max_retries"];
+const OPENAI_FIELDS: &[&str] = &[
+    "base_url",
+    "model",
+    "api_key_env",
+    "max_concurrency",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "timeout",
+    "max_retries",
+];
 const LOCAL_FIELDS: &[&str] = &["path", "hub", "revision", "dtype"];
 
 struct Ctx<'a> {
@@ -165,7 +209,13 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn push(&mut self, yaml_path: String, at: Option<(usize, usize)>, message: String, hint: Option<String>) {
+    fn push(
+        &mut self,
+        yaml_path: String,
+        at: Option<(usize, usize)>,
+        message: String,
+        hint: Option<String>,
+    ) {
         self.errors.push(SpecError {
             file: self.file.to_path_buf(),
             line: at.map(|a| a.0),
@@ -177,14 +227,21 @@ impl Ctx<'_> {
     }
 
     /// An error about the node at `path`.
-    fn err(&mut self, path: &str, anchor: Anchor, message: impl Into<String>, hint: Option<String>) {
+    fn err(
+        &mut self,
+        path: &str,
+        anchor: Anchor,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
         let at = self.index.locate(path, anchor);
         self.push(path.to_string(), at, message.into(), hint);
     }
 
     /// Errors sorted by position (unpositioned ones last), keeping discovery order on ties.
     fn finish(mut self) -> Errors {
-        self.errors.sort_by_key(|e| (e.line.is_none(), e.line, e.column));
+        self.errors
+            .sort_by_key(|e| (e.line.is_none(), e.line, e.column));
         Errors(std::mem::take(&mut self.errors))
     }
 
@@ -199,11 +256,21 @@ impl Ctx<'_> {
                 None => (msg.as_str(), None),
             },
         };
-        if let Some(name) = head.strip_prefix("unknown field `").and_then(|s| s.strip_suffix('`')) {
+        if let Some(name) = head
+            .strip_prefix("unknown field `")
+            .and_then(|s| s.strip_suffix('`'))
+        {
             let expected = expected.map(backticked).unwrap_or_default();
-            let path = if field_name(&path) == name { path } else { join(&path, name) };
+            let path = if field_name(&path) == name {
+                path
+            } else {
+                join(&path, name)
+            };
             self.unknown_field(&path, name, &expected);
-        } else if let Some(name) = head.strip_prefix("unknown variant `").and_then(|s| s.strip_suffix('`')) {
+        } else if let Some(name) = head
+            .strip_prefix("unknown variant `")
+            .and_then(|s| s.strip_suffix('`'))
+        {
             let hint = expected
                 .and_then(|e| did_you_mean(name, backticked(e)))
                 .map(|m| format!("did you mean `{m}`?"));
@@ -297,7 +364,12 @@ impl Ctx<'_> {
         }
         for required in ["generate", "correct"] {
             if !map.contains_key(required) {
-                self.err("rounds", Anchor::Key, format!("missing field `{required}`"), None);
+                self.err(
+                    "rounds",
+                    Anchor::Key,
+                    format!("missing field `{required}`"),
+                    None,
+                );
             }
         }
     }
@@ -313,7 +385,12 @@ impl Ctx<'_> {
             out.push_str(&rest[..i]);
             let after = &rest[i + 2..];
             let Some(end) = after.find('}') else {
-                self.err(path, Anchor::Value, "unterminated `${` in value", Some("write `${NAME}` or `${NAME:-default}`".into()));
+                self.err(
+                    path,
+                    Anchor::Value,
+                    "unterminated `${` in value",
+                    Some("write `${NAME}` or `${NAME:-default}`".into()),
+                );
                 return None;
             };
             let inner = &after[..end];
@@ -325,10 +402,18 @@ impl Ctx<'_> {
                 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                 && !name.starts_with(|c: char| c.is_ascii_digit());
             if !valid {
-                self.err(path, Anchor::Value, format!("invalid environment variable name `{name}`"), Some("write `${NAME}` or `${NAME:-default}`".into()));
+                self.err(
+                    path,
+                    Anchor::Value,
+                    format!("invalid environment variable name `{name}`"),
+                    Some("write `${NAME}` or `${NAME:-default}`".into()),
+                );
                 ok = false;
             } else {
-                match ((self.env)(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+                match (
+                    (self.env)(name).filter(|v| !v.is_empty() || default.is_none()),
+                    default,
+                ) {
                     (Some(v), _) => out.push_str(&v),
                     (None, Some(d)) => out.push_str(d),
                     (None, None) => {
@@ -336,7 +421,9 @@ impl Ctx<'_> {
                             path,
                             Anchor::Value,
                             format!("environment variable `{name}` is not set"),
-                            Some(format!("`export {name}=...`, or give a default: `${{{name}:-...}}`")),
+                            Some(format!(
+                                "`export {name}=...`, or give a default: `${{{name}:-...}}`"
+                            )),
                         );
                         ok = false;
                     }
@@ -352,7 +439,12 @@ impl Ctx<'_> {
     fn path_value(&mut self, path: &str, text: &str) -> Option<(String, PathBuf)> {
         let expanded = self.interpolate(path, text)?;
         if expanded.trim().is_empty() {
-            self.err(path, Anchor::Value, format!("`{}` is empty", field_name(path)), None);
+            self.err(
+                path,
+                Anchor::Value,
+                format!("`{}` is empty", field_name(path)),
+                None,
+            );
             return None;
         }
         let raw = match expanded.strip_prefix("~/") {
@@ -362,18 +454,38 @@ impl Ctx<'_> {
             },
             None => PathBuf::from(&expanded),
         };
-        let resolved = clean_path(&if raw.is_absolute() { raw } else { self.base_dir.join(raw) });
+        let resolved = clean_path(&if raw.is_absolute() {
+            raw
+        } else {
+            self.base_dir.join(raw)
+        });
         if resolved.to_str().is_none() {
-            self.err(path, Anchor::Value, "path is not valid UTF-8", Some(format!("resolved to `{}`", resolved.display())));
+            self.err(
+                path,
+                Anchor::Value,
+                "path is not valid UTF-8",
+                Some(format!("resolved to `{}`", resolved.display())),
+            );
             return None;
         }
         Some((expanded, resolved))
     }
 
     /// Records an error unless `ok`; `constraint` reads after "must be".
-    fn expect(&mut self, path: &str, ok: bool, constraint: &str, got: impl std::fmt::Display) -> bool {
+    fn expect(
+        &mut self,
+        path: &str,
+        ok: bool,
+        constraint: &str,
+        got: impl std::fmt::Display,
+    ) -> bool {
         if !ok {
-            self.err(path, Anchor::Value, format!("`{}` must be {constraint}, got `{got}`", field_name(path)), None);
+            self.err(
+                path,
+                Anchor::Value,
+                format!("`{}` must be {constraint}, got `{got}`", field_name(path)),
+                None,
+            );
         }
         ok
     }
@@ -387,38 +499,75 @@ impl Ctx<'_> {
             Some(m) => format!("did you mean `{m}`?"),
             None => format!("models defined: {}", list(&names)),
         };
-        self.err(path, Anchor::Value, format!("model `{name}` is not defined in `models`"), Some(hint));
+        self.err(
+            path,
+            Anchor::Value,
+            format!("model `{name}` is not defined in `models`"),
+            Some(hint),
+        );
     }
 
     // ----- blocks ----------------------------------------------------------------------
 
     fn pipeline(&mut self, w: PipelineWire) -> Option<Pipeline> {
         match w.version {
-            None => self.err("", Anchor::Key, "missing field `version`", Some("add `version: 1`".into())),
+            None => self.err(
+                "",
+                Anchor::Key,
+                "missing field `version`",
+                Some("add `version: 1`".into()),
+            ),
             Some(1) => {}
-            Some(v) => self.err("version", Anchor::Value, format!("unsupported version `{v}`"), Some("this aligner reads `version: 1`".into())),
+            Some(v) => self.err(
+                "version",
+                Anchor::Value,
+                format!("unsupported version `{v}`"),
+                Some("this aligner reads `version: 1`".into()),
+            ),
         }
 
         let name = match w.name {
             Some(n) => {
                 if !is_pipeline_name(&n) {
-                    self.err("name", Anchor::Value, format!("invalid pipeline name `{n}`"), Some("use letters, digits, `_`, `.` and `-`".into()));
+                    self.err(
+                        "name",
+                        Anchor::Value,
+                        format!("invalid pipeline name `{n}`"),
+                        Some("use letters, digits, `_`, `.` and `-`".into()),
+                    );
                 }
                 n
             }
             None => {
-                let stem = self.file.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
+                let stem = self
+                    .file
+                    .file_stem()
+                    .and_then(|s| s.to_str())
+                    .unwrap_or_default()
+                    .to_string();
                 if !is_pipeline_name(&stem) {
-                    self.err("", Anchor::Key, format!("cannot use the file name `{stem}` as the pipeline name"), Some("add `name:` (letters, digits, `_`, `.` and `-`)".into()));
+                    self.err(
+                        "",
+                        Anchor::Key,
+                        format!("cannot use the file name `{stem}` as the pipeline name"),
+                        Some("add `name:` (letters, digits, `_`, `.` and `-`)".into()),
+                    );
                 }
                 stem
             }
         };
 
-        let store = w.store.as_deref().and_then(|s| self.path_value("store", s)).map(|(_, p)| p);
-        let workdir = self.path_value("workdir", w.workdir.as_deref().unwrap_or("runs")).map(|(_, p)| p);
+        let store = w
+            .store
+            .as_deref()
+            .and_then(|s| self.path_value("store", s))
+            .map(|(_, p)| p);
+        let workdir = self
+            .path_value("workdir", w.workdir.as_deref().unwrap_or("runs"))
+            .map(|(_, p)| p);
 
-        let hint = || Some("define at least one model, e.g. `upstream:` with `kind: openai`".to_string());
+        let hint =
+            || Some("define at least one model, e.g. `upstream:` with `kind: openai`".to_string());
         let wire_models = w.models.unwrap_or_default();
         if wire_models.is_empty() {
             if self.index.contains("models") {
@@ -437,13 +586,29 @@ impl Ctx<'_> {
         let prompts = self.prompts(&w.prompts);
         let rounds = self.rounds(&w.rounds, &wire_models);
 
-        Some(Pipeline { name, store, workdir: workdir?, models, prompts: prompts?, rounds: rounds? })
+        Some(Pipeline {
+            name,
+            store,
+            workdir: workdir?,
+            models,
+            prompts: prompts?,
+            rounds: rounds?,
+        })
     }
 
     fn model(&mut self, name: &str, w: &ModelWire) -> Option<ModelSpec> {
         let path = join("models", name);
-        if !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') || name.is_empty() {
-            self.err(&path, Anchor::Key, format!("invalid model name `{name}`"), Some("use letters, digits, `_` and `-`".into()));
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            || name.is_empty()
+        {
+            self.err(
+                &path,
+                Anchor::Key,
+                format!("invalid model name `{name}`"),
+                Some("use letters, digits, `_` and `-`".into()),
+            );
         }
         let (kind_name, allowed) = match w.kind {
             ModelKind::Openai => ("openai", OPENAI_FIELDS),
@@ -471,16 +636,28 @@ impl Ctx<'_> {
         let mut ok = true;
         let base_url = match &w.base_url {
             None => {
-                self.err(path, Anchor::Key, "missing field `base_url` for `kind: openai`", Some("e.g. `base_url: http://127.0.0.1:8000/v1`".into()));
+                self.err(
+                    path,
+                    Anchor::Key,
+                    "missing field `base_url` for `kind: openai`",
+                    Some("e.g. `base_url: http://127.0.0.1:8000/v1`".into()),
+                );
                 None
             }
             Some(raw) => {
                 let p = join(path, "base_url");
                 let url = self.interpolate(&p, raw);
                 url.filter(|u| {
-                    let good = url::Url::parse(u).is_ok_and(|parsed| matches!(parsed.scheme(), "http" | "https") && parsed.has_host());
+                    let good = url::Url::parse(u).is_ok_and(|parsed| {
+                        matches!(parsed.scheme(), "http" | "https") && parsed.has_host()
+                    });
                     if !good {
-                        self.err(&p, Anchor::Value, format!("`base_url` is not an http(s) url: `{u}`"), Some("e.g. `http://127.0.0.1:8000/v1`".into()));
+                        self.err(
+                            &p,
+                            Anchor::Value,
+                            format!("`base_url` is not an http(s) url: `{u}`"),
+                            Some("e.g. `http://127.0.0.1:8000/v1`".into()),
+                        );
                     }
                     good
                 })
@@ -490,11 +667,21 @@ impl Ctx<'_> {
         let model = match &w.model {
             Some(m) if !m.trim().is_empty() => Some(m.clone()),
             Some(_) => {
-                self.err(&join(path, "model"), Anchor::Value, "`model` is empty", None);
+                self.err(
+                    &join(path, "model"),
+                    Anchor::Value,
+                    "`model` is empty",
+                    None,
+                );
                 None
             }
             None => {
-                self.err(path, Anchor::Key, "missing field `model` for `kind: openai`", Some("the model name the server expects, e.g. `model: gpt-4o-mini`".into()));
+                self.err(
+                    path,
+                    Anchor::Key,
+                    "missing field `model` for `kind: openai`",
+                    Some("the model name the server expects, e.g. `model: gpt-4o-mini`".into()),
+                );
                 None
             }
         };
@@ -510,22 +697,52 @@ impl Ctx<'_> {
                 );
                 ok = false;
             } else if !is_env_name(key_env) {
-                self.err(&p, Anchor::Value, "`api_key_env` is not a valid environment variable name", Some("use upper-case letters, digits and `_`, e.g. `OPENAI_API_KEY`".into()));
+                self.err(
+                    &p,
+                    Anchor::Value,
+                    "`api_key_env` is not a valid environment variable name",
+                    Some("use upper-case letters, digits and `_`, e.g. `OPENAI_API_KEY`".into()),
+                );
                 ok = false;
             }
         }
         let max_concurrency = w.max_concurrency.unwrap_or(16);
-        ok &= self.expect(&join(path, "max_concurrency"), (1..=4096).contains(&max_concurrency), "between 1 and 4096", max_concurrency);
+        ok &= self.expect(
+            &join(path, "max_concurrency"),
+            (1..=4096).contains(&max_concurrency),
+            "between 1 and 4096",
+            max_concurrency,
+        );
         if let Some(rpm) = w.requests_per_minute {
-            ok &= self.expect(&join(path, "requests_per_minute"), rpm >= 1, "at least 1", rpm);
+            ok &= self.expect(
+                &join(path, "requests_per_minute"),
+                rpm >= 1,
+                "at least 1",
+                rpm,
+            );
         }
         if let Some(tpm) = w.tokens_per_minute {
-            ok &= self.expect(&join(path, "tokens_per_minute"), tpm >= 1, "at least 1", tpm);
+            ok &= self.expect(
+                &join(path, "tokens_per_minute"),
+                tpm >= 1,
+                "at least 1",
+                tpm,
+            );
         }
         let timeout_secs = w.timeout.map_or(120.0, |d| d.secs);
-        ok &= self.expect(&join(path, "timeout"), timeout_secs.is_finite() && timeout_secs > 0.0, "more than 0 seconds", timeout_secs);
+        ok &= self.expect(
+            &join(path, "timeout"),
+            timeout_secs.is_finite() && timeout_secs > 0.0,
+            "more than 0 seconds",
+            timeout_secs,
+        );
         let max_retries = w.max_retries.unwrap_or(5);
-        ok &= self.expect(&join(path, "max_retries"), max_retries <= 100, "between 0 and 100", max_retries);
+        ok &= self.expect(
+            &join(path, "max_retries"),
+            max_retries <= 100,
+            "between 0 and 100",
+            max_retries,
+        );
         let (base_url, model) = (base_url?, model?);
         ok.then(|| OpenAiModel {
             base_url,
@@ -543,7 +760,12 @@ impl Ctx<'_> {
         let dtype = w.dtype.unwrap_or(DtypeWire::Auto).as_str().to_string();
         let source = match (&w.path, &w.hub) {
             (Some(_), Some(_)) => {
-                self.err(&join(path, "hub"), Anchor::Key, "give either `path` or `hub`, not both", None);
+                self.err(
+                    &join(path, "hub"),
+                    Anchor::Key,
+                    "give either `path` or `hub`, not both",
+                    None,
+                );
                 None
             }
             (None, None) => {
@@ -551,29 +773,55 @@ impl Ctx<'_> {
                     path,
                     Anchor::Key,
                     "a `kind: local` model needs `path` or `hub`",
-                    Some("`path:` a `.gguf` file or a Hugging Face folder, or `hub: org/name`".into()),
+                    Some(
+                        "`path:` a `.gguf` file or a Hugging Face folder, or `hub: org/name`"
+                            .into(),
+                    ),
                 );
                 None
             }
             (Some(p), None) => {
                 if w.revision.is_some() {
-                    self.err(&join(path, "revision"), Anchor::Key, "`revision` applies only with `hub`", None);
+                    self.err(
+                        &join(path, "revision"),
+                        Anchor::Key,
+                        "`revision` applies only with `hub`",
+                        None,
+                    );
                 }
                 self.local_path(&join(path, "path"), p)
             }
             (None, Some(id)) => {
                 let parts: Vec<&str> = id.split('/').collect();
                 let valid = parts.len() == 2
-                    && parts.iter().all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-')));
+                    && parts.iter().all(|s| {
+                        !s.is_empty()
+                            && s.chars()
+                                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+                    });
                 if valid {
-                    Some(LocalSource::HubId { id: id.clone(), revision: w.revision.clone() })
+                    Some(LocalSource::HubId {
+                        id: id.clone(),
+                        revision: w.revision.clone(),
+                    })
                 } else {
-                    self.err(&join(path, "hub"), Anchor::Value, format!("invalid hub id `{id}`"), Some("write it as `org/name`, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`".into()));
+                    self.err(
+                        &join(path, "hub"),
+                        Anchor::Value,
+                        format!("invalid hub id `{id}`"),
+                        Some(
+                            "write it as `org/name`, e.g. `HuggingFaceTB/SmolLM2-135M-Instruct`"
+                                .into(),
+                        ),
+                    );
                     None
                 }
             }
         };
-        Some(LocalModel { source: source?, dtype })
+        Some(LocalModel {
+            source: source?,
+            dtype,
+        })
     }
 
     /// Checks a local model path: a GGUF file or a Hugging Face folder.
@@ -583,7 +831,10 @@ impl Ctx<'_> {
         if resolved.is_dir() {
             let has = |name: &str| resolved.join(name).is_file();
             let has_weights = std::fs::read_dir(&resolved)
-                .map(|rd| rd.flatten().any(|e| e.path().extension().is_some_and(|x| x == "safetensors")))
+                .map(|rd| {
+                    rd.flatten()
+                        .any(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                })
                 .unwrap_or(false);
             let mut missing = Vec::new();
             if !has("config.json") {
@@ -596,17 +847,32 @@ impl Ctx<'_> {
                 missing.push("*.safetensors");
             }
             if !missing.is_empty() {
-                self.err(path, Anchor::Value, format!("model folder `{shown}` is missing {}", list(&missing)), resolved_hint);
+                self.err(
+                    path,
+                    Anchor::Value,
+                    format!("model folder `{shown}` is missing {}", list(&missing)),
+                    resolved_hint,
+                );
                 return None;
             }
             let architecture = std::fs::read_to_string(resolved.join("config.json"))
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|v| v.get("model_type").and_then(|m| m.as_str()).map(str::to_string));
-            Some(LocalSource::HfFolder { path: resolved, architecture })
+                .and_then(|v| {
+                    v.get("model_type")
+                        .and_then(|m| m.as_str())
+                        .map(str::to_string)
+                });
+            Some(LocalSource::HfFolder {
+                path: resolved,
+                architecture,
+            })
         } else if resolved.is_file() {
             match crate::gguf::read_header(&resolved) {
-                Ok(Some(header)) => Some(LocalSource::Gguf { path: resolved, architecture: header.architecture }),
+                Ok(Some(header)) => Some(LocalSource::Gguf {
+                    path: resolved,
+                    architecture: header.architecture,
+                }),
                 Ok(None) => {
                     self.err(
                         path,
@@ -617,27 +883,48 @@ impl Ctx<'_> {
                     None
                 }
                 Err(e) => {
-                    self.err(path, Anchor::Value, format!("cannot read `{shown}`: {e}"), resolved_hint);
+                    self.err(
+                        path,
+                        Anchor::Value,
+                        format!("cannot read `{shown}`: {e}"),
+                        resolved_hint,
+                    );
                     None
                 }
             }
         } else {
-            self.err(path, Anchor::Value, format!("model path `{shown}` does not exist"), resolved_hint);
+            self.err(
+                path,
+                Anchor::Value,
+                format!("model path `{shown}` does not exist"),
+                resolved_hint,
+            );
             None
         }
     }
 
     fn prompts(&mut self, w: &PromptsWire) -> Option<PromptsSpec> {
         let errors_before = self.errors.len();
-        let source = self.path_value("prompts.source", &w.source).and_then(|(shown, resolved)| {
-            if resolved.is_file() {
-                Some(resolved)
-            } else {
-                let what = if resolved.is_dir() { "is a folder, not a file" } else { "does not exist" };
-                self.err("prompts.source", Anchor::Value, format!("prompts file `{shown}` {what}"), Some(format!("resolved to `{}`", resolved.display())));
-                None
-            }
-        });
+        let source = self
+            .path_value("prompts.source", &w.source)
+            .and_then(|(shown, resolved)| {
+                if resolved.is_file() {
+                    Some(resolved)
+                } else {
+                    let what = if resolved.is_dir() {
+                        "is a folder, not a file"
+                    } else {
+                        "does not exist"
+                    };
+                    self.err(
+                        "prompts.source",
+                        Anchor::Value,
+                        format!("prompts file `{shown}` {what}"),
+                        Some(format!("resolved to `{}`", resolved.display())),
+                    );
+                    None
+                }
+            });
         let format = match (w.format, &source) {
             (Some(f), _) => Some(match f {
                 PromptFormatWire::Jsonl => PromptFormat::Jsonl,
@@ -645,7 +932,11 @@ impl Ctx<'_> {
                 PromptFormatWire::Parquet => PromptFormat::Parquet,
             }),
             (None, Some(src)) => {
-                let ext = src.extension().and_then(|e| e.to_str()).unwrap_or_default().to_ascii_lowercase();
+                let ext = src
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or_default()
+                    .to_ascii_lowercase();
                 match ext.as_str() {
                     "jsonl" | "json" | "ndjson" => Some(PromptFormat::Jsonl),
                     "csv" => Some(PromptFormat::Csv),
@@ -654,7 +945,10 @@ impl Ctx<'_> {
                         self.err(
                             "prompts.source",
                             Anchor::Value,
-                            format!("cannot tell the format of `{}` from its extension", w.source),
+                            format!(
+                                "cannot tell the format of `{}` from its extension",
+                                w.source
+                            ),
                             Some("add `format: jsonl`, `format: csv` or `format: parquet`".into()),
                         );
                         None
@@ -666,23 +960,39 @@ impl Ctx<'_> {
         let column = |cx: &mut Self, field: &str, value: &Option<String>| -> Option<String> {
             let v = value.clone()?;
             if v.trim().is_empty() {
-                cx.err(&format!("prompts.fields.{field}"), Anchor::Value, format!("`{field}` is empty"), Some("give a column name or remove the line".into()));
+                cx.err(
+                    &format!("prompts.fields.{field}"),
+                    Anchor::Value,
+                    format!("`{field}` is empty"),
+                    Some("give a column name or remove the line".into()),
+                );
             }
             Some(v)
         };
-        let prompt_field = column(self, "prompt", &w.fields.prompt).unwrap_or_else(|| "prompt".into());
+        let prompt_field =
+            column(self, "prompt", &w.fields.prompt).unwrap_or_else(|| "prompt".into());
         let id_field = column(self, "id", &w.fields.id);
         let system_field = column(self, "system", &w.fields.system);
         for (i, m) in w.fields.metadata.iter().enumerate() {
             if m.trim().is_empty() {
-                self.err(&format!("prompts.fields.metadata[{i}]"), Anchor::Value, "metadata column name is empty", None);
+                self.err(
+                    &format!("prompts.fields.metadata[{i}]"),
+                    Anchor::Value,
+                    "metadata column name is empty",
+                    None,
+                );
             }
         }
         if let Some(sample) = w.sample {
             self.expect("prompts.sample", sample >= 1, "at least 1", sample);
         }
         let holdout = w.holdout.unwrap_or(0.0);
-        self.expect("prompts.holdout", (0.0..1.0).contains(&holdout), "at least 0 and less than 1", holdout);
+        self.expect(
+            "prompts.holdout",
+            (0.0..1.0).contains(&holdout),
+            "at least 0 and less than 1",
+            holdout,
+        );
         if self.errors.len() != errors_before {
             return None;
         }
@@ -703,10 +1013,20 @@ impl Ctx<'_> {
     fn sampling(&mut self, path: &str, w: &SamplingWire) -> SamplingSpec {
         let p = |f: &str| join(path, f);
         if let Some(t) = w.temperature {
-            self.expect(&p("temperature"), (0.0..=2.0).contains(&t), "between 0 and 2", t);
+            self.expect(
+                &p("temperature"),
+                (0.0..=2.0).contains(&t),
+                "between 0 and 2",
+                t,
+            );
         }
         if let Some(t) = w.top_p {
-            self.expect(&p("top_p"), t > 0.0 && t <= 1.0, "more than 0 and at most 1", t);
+            self.expect(
+                &p("top_p"),
+                t > 0.0 && t <= 1.0,
+                "more than 0 and at most 1",
+                t,
+            );
         }
         if let Some(k) = w.top_k {
             self.expect(&p("top_k"), k >= 1, "at least 1", k);
@@ -714,17 +1034,30 @@ impl Ctx<'_> {
         if let Some(m) = w.max_tokens {
             self.expect(&p("max_tokens"), m >= 1, "at least 1", m);
         }
-        for (name, value) in [("frequency_penalty", w.frequency_penalty), ("presence_penalty", w.presence_penalty)] {
+        for (name, value) in [
+            ("frequency_penalty", w.frequency_penalty),
+            ("presence_penalty", w.presence_penalty),
+        ] {
             if let Some(v) = value {
                 self.expect(&p(name), (-2.0..=2.0).contains(&v), "between -2 and 2", v);
             }
         }
         if let Some(r) = w.repetition_penalty {
-            self.expect(&p("repetition_penalty"), r.is_finite() && r > 0.0, "more than 0", r);
+            self.expect(
+                &p("repetition_penalty"),
+                r.is_finite() && r > 0.0,
+                "more than 0",
+                r,
+            );
         }
         for (i, s) in w.stop.iter().enumerate() {
             if s.is_empty() {
-                self.err(&format!("{path}.stop[{i}]"), Anchor::Value, "stop strings must not be empty", None);
+                self.err(
+                    &format!("{path}.stop[{i}]"),
+                    Anchor::Value,
+                    "stop strings must not be empty",
+                    None,
+                );
             }
         }
         SamplingSpec {
@@ -741,11 +1074,16 @@ impl Ctx<'_> {
     }
 
     fn template(&mut self, text: Option<&str>) -> Option<Template> {
-        let Some(text) = text else { return Some(Template::AlignerV1) };
+        let Some(text) = text else {
+            return Some(Template::AlignerV1);
+        };
         if let Some(t) = Template::builtin(text) {
             return Some(t);
         }
-        let missing: Vec<&str> = ["{question}", "{answer}"].into_iter().filter(|p| !text.contains(p)).collect();
+        let missing: Vec<&str> = ["{question}", "{answer}"]
+            .into_iter()
+            .filter(|p| !text.contains(p))
+            .collect();
         if missing.is_empty() {
             return Some(Template::Custom(text.to_string()));
         }
@@ -760,33 +1098,64 @@ impl Ctx<'_> {
                 ),
             ),
         };
-        self.err("rounds.correct.template", Anchor::Value, message, Some(hint));
+        self.err(
+            "rounds.correct.template",
+            Anchor::Value,
+            message,
+            Some(hint),
+        );
         None
     }
 
-    fn rounds(&mut self, w: &RoundsWire, models: &BTreeMap<String, ModelWire>) -> Option<RoundsSpec> {
+    fn rounds(
+        &mut self,
+        w: &RoundsWire,
+        models: &BTreeMap<String, ModelWire>,
+    ) -> Option<RoundsSpec> {
         let errors_before = self.errors.len();
         let count = w.count.unwrap_or(1);
-        self.expect("rounds.count", (1..=100).contains(&count), "between 1 and 100", count);
+        self.expect(
+            "rounds.count",
+            (1..=100).contains(&count),
+            "between 1 and 100",
+            count,
+        );
 
         self.model_ref("rounds.generate.model", &w.generate.model, models);
         let n = w.generate.n.unwrap_or(1);
-        self.expect("rounds.generate.n", (1..=64).contains(&n), "between 1 and 64", n);
-        let generate =
-            GenerateStage { model: w.generate.model.clone(), sampling: self.sampling("rounds.generate.sampling", &w.generate.sampling), n };
+        self.expect(
+            "rounds.generate.n",
+            (1..=64).contains(&n),
+            "between 1 and 64",
+            n,
+        );
+        let generate = GenerateStage {
+            model: w.generate.model.clone(),
+            sampling: self.sampling("rounds.generate.sampling", &w.generate.sampling),
+            n,
+        };
 
         self.model_ref("rounds.correct.model", &w.correct.model, models);
         let template = self.template(w.correct.template.as_deref());
         let correct_sampling = self.sampling("rounds.correct.sampling", &w.correct.sampling);
 
         let synthesize = self.synthesize(w.synthesize.clone().unwrap_or_default());
-        let generate_is_openai = models.get(&w.generate.model).is_some_and(|m| m.kind == ModelKind::Openai);
-        let train = w.train.as_ref().map(|t| self.train(t, generate_is_openai, &w.generate.model));
+        let generate_is_openai = models
+            .get(&w.generate.model)
+            .is_some_and(|m| m.kind == ModelKind::Openai);
+        let train = w
+            .train
+            .as_ref()
+            .map(|t| self.train(t, generate_is_openai, &w.generate.model));
         let evaluate = w.evaluate.as_ref().map(|e| {
             if let Some(judge) = &e.judge {
                 self.model_ref("rounds.evaluate.judge", judge, models);
             }
-            EvaluateStage { judge: e.judge.clone(), metrics: e.metrics.clone(), extra: serde_json::Value::Object(e.extra.clone()) }
+            EvaluateStage {
+                judge: e.judge.clone(),
+                metrics: e.metrics.clone(),
+                extra: serde_json::Value::Object(e.extra.clone()),
+            }
         });
         if self.errors.len() != errors_before {
             return None;
@@ -794,7 +1163,11 @@ impl Ctx<'_> {
         Some(RoundsSpec {
             count,
             generate,
-            correct: CorrectStage { model: w.correct.model.clone(), template: template?, sampling: correct_sampling },
+            correct: CorrectStage {
+                model: w.correct.model.clone(),
+                template: template?,
+                sampling: correct_sampling,
+            },
             synthesize,
             train: train.flatten(),
             evaluate,
@@ -803,7 +1176,12 @@ impl Ctx<'_> {
 
     fn synthesize(&mut self, w: SynthesizeWire) -> SynthesizeStage {
         let min_edit_distance = w.min_edit_distance.unwrap_or(0.05);
-        self.expect("rounds.synthesize.min_edit_distance", (0.0..=1.0).contains(&min_edit_distance), "between 0 and 1", min_edit_distance);
+        self.expect(
+            "rounds.synthesize.min_edit_distance",
+            (0.0..=1.0).contains(&min_edit_distance),
+            "between 0 and 1",
+            min_edit_distance,
+        );
         let (mut lo, mut hi) = (0.1, 10.0);
         if let Some(ratio) = &w.length_ratio {
             let path = "rounds.synthesize.length_ratio";
@@ -815,7 +1193,15 @@ impl Ctx<'_> {
                         self.err(path, Anchor::Value, format!("`length_ratio` must be `[min, max]` with 0 < min < max, got `[{a}, {b}]`"), None);
                     }
                 }
-                _ => self.err(path, Anchor::Value, format!("`length_ratio` must have two numbers `[min, max]`, got {}", ratio.len()), Some("e.g. `length_ratio: [0.1, 10]`".into())),
+                _ => self.err(
+                    path,
+                    Anchor::Value,
+                    format!(
+                        "`length_ratio` must have two numbers `[min, max]`, got {}",
+                        ratio.len()
+                    ),
+                    Some("e.g. `length_ratio: [0.1, 10]`".into()),
+                ),
             }
         }
         if let Some(m) = w.max_pairs {
@@ -833,22 +1219,47 @@ impl Ctx<'_> {
         }
     }
 
-    fn train(&mut self, w: &TrainWire, generate_is_openai: bool, generate_model: &str) -> Option<TrainStage> {
+    fn train(
+        &mut self,
+        w: &TrainWire,
+        generate_is_openai: bool,
+        generate_model: &str,
+    ) -> Option<TrainStage> {
         let p = |f: &str| join("rounds.train", f);
         let beta = w.beta.unwrap_or(0.1);
-        self.expect(&p("beta"), beta.is_finite() && beta > 0.0, "more than 0", beta);
+        self.expect(
+            &p("beta"),
+            beta.is_finite() && beta > 0.0,
+            "more than 0",
+            beta,
+        );
         let learning_rate = w.learning_rate.unwrap_or(1e-6);
-        self.expect(&p("learning_rate"), learning_rate > 0.0 && learning_rate < 1.0, "more than 0 and less than 1", learning_rate);
+        self.expect(
+            &p("learning_rate"),
+            learning_rate > 0.0 && learning_rate < 1.0,
+            "more than 0 and less than 1",
+            learning_rate,
+        );
         let epochs = w.epochs.unwrap_or(3);
         self.expect(&p("epochs"), epochs >= 1, "at least 1", epochs);
         let batch_size = w.batch_size.unwrap_or(8);
         self.expect(&p("batch_size"), batch_size >= 1, "at least 1", batch_size);
         let gradient_accumulation = w.gradient_accumulation.unwrap_or(1);
-        self.expect(&p("gradient_accumulation"), gradient_accumulation >= 1, "at least 1", gradient_accumulation);
+        self.expect(
+            &p("gradient_accumulation"),
+            gradient_accumulation >= 1,
+            "at least 1",
+            gradient_accumulation,
+        );
         let max_length = w.max_length.unwrap_or(1024);
         self.expect(&p("max_length"), max_length >= 1, "at least 1", max_length);
         let warmup_ratio = w.warmup_ratio.unwrap_or(0.03);
-        self.expect(&p("warmup_ratio"), (0.0..1.0).contains(&warmup_ratio), "at least 0 and less than 1", warmup_ratio);
+        self.expect(
+            &p("warmup_ratio"),
+            (0.0..1.0).contains(&warmup_ratio),
+            "at least 0 and less than 1",
+            warmup_ratio,
+        );
 
         let b = &w.backend;
         let backend = match b.kind {
@@ -860,7 +1271,12 @@ impl Ctx<'_> {
                     ("serve_model", b.serve_model.is_some()),
                 ];
                 for (field, _) in set.iter().filter(|(_, is_set)| *is_set) {
-                    self.err(&p(&format!("backend.{field}")), Anchor::Key, format!("field `{field}` does not apply to `kind: builtin`"), None);
+                    self.err(
+                        &p(&format!("backend.{field}")),
+                        Anchor::Key,
+                        format!("field `{field}` does not apply to `kind: builtin`"),
+                        None,
+                    );
                 }
                 Some(TrainBackend::Builtin)
             }
@@ -903,7 +1319,12 @@ impl Ctx<'_> {
                 }
                 if let Some(s) = &b.serve_model {
                     if s.trim().is_empty() {
-                        self.err(&p("backend.serve_model"), Anchor::Value, "`serve_model` is empty", None);
+                        self.err(
+                            &p("backend.serve_model"),
+                            Anchor::Value,
+                            "`serve_model` is empty",
+                            None,
+                        );
                     }
                 }
                 command.map(|command| TrainBackend::Command {

@@ -18,14 +18,26 @@ use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
 /// Keys allowed at the top level, in the order of [`PipelineWire`].
-pub(crate) const ROOT_FIELDS: &[&str] = &["version", "name", "store", "workdir", "models", "prompts", "rounds"];
+pub(crate) const ROOT_FIELDS: &[&str] = &[
+    "version", "name", "store", "workdir", "models", "prompts", "rounds",
+];
 
 /// Keys allowed under `rounds:`, in the order of [`RoundsWire`].
-pub(crate) const ROUNDS_FIELDS: &[&str] = &["count", "generate", "correct", "synthesize", "train", "evaluate"];
+pub(crate) const ROUNDS_FIELDS: &[&str] = &[
+    "count",
+    "generate",
+    "correct",
+    "synthesize",
+    "train",
+    "evaluate",
+];
 
 /// The whole file.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a pipeline mapping (`version: 1`, `models:`, `prompts:`, `rounds:`)")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a pipeline mapping (`version: 1`, `models:`, `prompts:`, `rounds:`)"
+)]
 pub struct PipelineWire {
     /// Must be 1; optional here so that its absence gets a dedicated message.
     pub version: Option<u64>,
@@ -81,8 +93,16 @@ impl ModelWire {
         push(self.model.is_some(), "model", Openai);
         push(self.api_key_env.is_some(), "api_key_env", Openai);
         push(self.max_concurrency.is_some(), "max_concurrency", Openai);
-        push(self.requests_per_minute.is_some(), "requests_per_minute", Openai);
-        push(self.tokens_per_minute.is_some(), "tokens_per_minute", Openai);
+        push(
+            self.requests_per_minute.is_some(),
+            "requests_per_minute",
+            Openai,
+        );
+        push(
+            self.tokens_per_minute.is_some(),
+            "tokens_per_minute",
+            Openai,
+        );
         push(self.timeout.is_some(), "timeout", Openai);
         push(self.max_retries.is_some(), "max_retries", Openai);
         push(self.path.is_some(), "path", Local);
@@ -126,7 +146,9 @@ impl DurationWire {
     /// Parses `"500ms"`, `"60s"`, `"2m"`, `"1h"` or a bare number of seconds.
     pub fn parse(text: &str) -> Result<DurationWire, String> {
         let t = text.trim();
-        let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+        let split = t
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(t.len());
         let (num, unit) = t.split_at(split);
         let factor = match unit.trim() {
             "" | "s" | "sec" | "secs" => 1.0,
@@ -204,7 +226,10 @@ pub struct FieldsWire {
 
 /// `rounds:`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a rounds mapping with `generate` and `correct`")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a rounds mapping with `generate` and `correct`"
+)]
 pub struct RoundsWire {
     pub count: Option<u32>,
     pub generate: GenerateWire,
