@@ -182,7 +182,14 @@ fn broken_pipeline_exits_2_with_location() {
     let t = text(&o);
     assert!(t.contains("bad.yaml:13"), "{t}");
     assert!(t.contains("did you mean `temperature`?"), "{t}");
-    assert!(t.contains("rounds.correct.model"), "{t}");
+    // Once the types are right, references are checked.
+    let fixed = std::fs::read_to_string(dir.path().join("bad.yaml")).unwrap().replace("temprature", "temperature");
+    std::fs::write(dir.path().join("bad.yaml"), fixed).unwrap();
+    let o = run(&["run", "bad.yaml"], dir.path());
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("bad.yaml:15:12") && t.contains("rounds.correct.model") && t.contains("`up`"), "{t}");
+    assert!(!dir.path().join("aligner.db").exists(), "nothing runs before the spec is valid");
 }
 
 #[test]
@@ -210,7 +217,7 @@ fn two_rounds_end_to_end_through_faults() {
     // Holdout prompts are never answered.
     assert_eq!(scalar(d, "SELECT count(*) FROM generations g JOIN prompts p ON p.id = g.prompt_id WHERE p.split = 'holdout'"), 0);
     let stats = server.stats();
-    assert!(stats.faults_429 > 0 && stats.faults_500 > 0 && stats.faults_malformed > 0, "faults were injected: {stats:?}");
+    assert!(stats.faults.status_429 > 0 && stats.faults.status_500 > 0 && stats.faults.malformed > 0, "faults were injected: {stats:?}");
     // Retries show up in provenance.
     assert!(scalar(d, "SELECT max(attempts) FROM generations WHERE status = 'ok'") > 1);
     // The poisoned prompt (if it is in the training split) failed for good with its error
@@ -230,7 +237,7 @@ fn two_rounds_end_to_end_through_faults() {
     }
     // Round 2 was answered by round 1's checkpoint, under the name the spec gave it.
     assert_eq!(scalar(d, "SELECT count(*) FROM rounds WHERE round = 2 AND upstream_ref = 'ckpt-round-1' AND checkpoint_id IS NOT NULL"), 1);
-    assert!(stats.by_model.get("ckpt-round-1").copied().unwrap_or(0) > 0, "{stats:?}");
+    assert!(stats.per_model.get("ckpt-round-1").copied().unwrap_or(0) > 0, "{stats:?}");
     let ok2 = scalar(d, "SELECT count(*) FROM generations WHERE round = 2 AND status = 'ok' AND text LIKE '[ckpt-round-1]%'");
     assert_eq!(ok2, scalar(d, "SELECT count(*) FROM generations WHERE round = 2 AND status = 'ok'"));
     // Training ran twice, its output is in the store, checkpoints are registered.
@@ -327,7 +334,7 @@ fn kill_9_mid_stage_then_resume_loses_and_duplicates_nothing() {
     // Nothing finished was asked again: the server answered at most what was committed plus
     // what was in flight or not yet flushed at each kill.
     let committed = scalar(d, "SELECT (SELECT count(*) FROM generations WHERE status = 'ok') + (SELECT count(*) FROM corrections WHERE status = 'ok')");
-    let answered = server.stats().ok_responses as i64;
+    let answered = server.stats().ok as i64;
     assert!(answered >= committed && answered <= committed + 60, "answered {answered}, committed {committed}");
 }
 
@@ -371,10 +378,10 @@ fn a_failing_train_command_fails_the_run_with_its_output() {
     assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE status = 'failed'"), 1);
     // Fixing the trainer and running again resumes at the train stage: nothing regenerated.
     std::fs::write(d.join("train.sh"), TRAIN_SCRIPT).unwrap();
-    let before = server.stats().ok_responses;
+    let before = server.stats().ok;
     let o = run(&["run", "p.yaml", "--store", "s.db"], d);
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(scalar(d, "SELECT attempts FROM training_jobs WHERE round = 1"), 2);
     let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'") as u64;
-    assert_eq!(server.stats().ok_responses - before, 2 * train, "only round 2's calls were made");
+    assert_eq!(server.stats().ok - before, 2 * train, "only round 2's calls were made");
 }

@@ -72,6 +72,6 @@ rounds:
     println!("throughput:         {:.0} prompts/s through generate -> correct -> synthesize", prompts as f64 / secs);
     println!("pairs kept/dropped: {}/{}", r["pairs_kept"], r["pairs_dropped"]);
     println!("peak RSS:           {:.1} MB", v["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0);
-    println!("server requests:    {}", server.stats().total_requests);
+    println!("server requests:    {}", server.stats().requests);
     println!("{}", String::from_utf8_lossy(&stages.stdout));
 }
