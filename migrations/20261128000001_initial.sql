@@ -92,6 +92,8 @@ CREATE TABLE generations (
     created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     UNIQUE (run_id, round, prompt_id, sample_idx)
 );
+-- Keyset pages of a round's generations (correct and synthesize read them in id order).
+CREATE INDEX generations_round_id ON generations (run_id, round, id);
 
 CREATE TABLE corrections (
     id              INTEGER PRIMARY KEY,
@@ -132,6 +134,7 @@ CREATE TABLE pairs (
     created_at      TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
 CREATE INDEX pairs_round ON pairs (run_id, round, verdict);
+CREATE INDEX pairs_correction ON pairs (correction_id);
 
 CREATE TABLE training_jobs (
     id              INTEGER PRIMARY KEY,
@@ -147,6 +150,7 @@ CREATE TABLE training_jobs (
     pairs           INTEGER NOT NULL,
     output_dir      TEXT NOT NULL,
     command         TEXT,
+    pgid            INTEGER,                   -- process group of the running command
     status          TEXT NOT NULL DEFAULT 'running' CHECK (status IN ('running', 'done', 'failed')),
     exit_code       INTEGER,
     error           TEXT,
@@ -164,6 +168,7 @@ CREATE TABLE training_logs (
     line            TEXT NOT NULL,
     ts              TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
 );
+CREATE INDEX training_logs_job ON training_logs (training_job_id, attempt, id);
 
 -- Per-step training metrics, named as TRL names them (loss, rewards/chosen, ...).
 CREATE TABLE training_metrics (
@@ -219,7 +224,7 @@ SELECT
     r.finished_at
 FROM rounds r;
 
--- The kept pairs of each run's latest round that has any.
+-- The kept pairs of each run's latest round whose synthesize stage has finished.
 CREATE VIEW pairs_latest AS
 SELECT p.run_id, p.round, p.id AS pair_id, pr.prompt, p.chosen, p.rejected,
        p.edit_distance, p.length_ratio, c.template_id, g.model AS upstream_model, c.model AS aligner_model
@@ -228,7 +233,8 @@ JOIN prompts pr ON pr.id = p.prompt_id
 JOIN generations g ON g.id = p.generation_id
 LEFT JOIN corrections c ON c.id = p.correction_id
 WHERE p.verdict = 'kept'
-  AND p.round = (SELECT max(p2.round) FROM pairs p2 WHERE p2.run_id = p.run_id AND p2.verdict = 'kept');
+  AND p.round = (SELECT max(s.round) FROM stage_executions s
+                  WHERE s.run_id = p.run_id AND s.stage = 'synthesize' AND s.status = 'done');
 
 -- Stage progress for `aligner status`.
 CREATE VIEW stage_progress AS

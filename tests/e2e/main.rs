@@ -292,7 +292,8 @@ fn spawn_run(dir: &Path) -> Child {
 fn kill_9_mid_stage_then_resume_loses_and_duplicates_nothing() {
     let server = aligner_mockserver::spawn_in_thread(MockConfig {
         seed: 7,
-        latency: Duration::from_millis(15),
+        // Slow enough that each kill lands well inside its stage on a loaded machine.
+        latency: Duration::from_millis(40),
         p_500: 0.02,
         ..Default::default()
     });
@@ -362,6 +363,13 @@ fn a_second_concurrent_run_is_refused_and_a_changed_spec_too() {
     let t = text(&o);
     assert!(t.contains("`rounds.generate.sampling.temperature` (0.5 -> 0.9)"), "{t}");
     assert!(t.contains("--new"), "{t}");
+
+    // Connection tuning may change between a crash and its resume.
+    std::fs::write(d.join("p.yaml"), pipeline(&server, 1, 6, 0.5, false)).unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(scalar(d, "SELECT count(*) FROM runs"), 1, "the same run was continued");
+    assert_exactly_once(d, 1);
 }
 
 #[test]
@@ -384,4 +392,26 @@ fn a_failing_train_command_fails_the_run_with_its_output() {
     assert_eq!(scalar(d, "SELECT attempts FROM training_jobs WHERE round = 1"), 2);
     let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'") as u64;
     assert_eq!(server.stats().ok - before, 2 * train, "only round 2's calls were made");
+}
+
+#[test]
+fn sigterm_finishes_in_flight_items_and_releases_the_lease() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig { latency: Duration::from_millis(50), ..Default::default() });
+    let dir = setup(&server, 150, &[], 1, 4, false);
+    let d = dir.path();
+    let mut child = spawn_run(d);
+    wait_until("some generations", Duration::from_secs(60), || {
+        let o = run(&["sql", "--store", "s.db", "--format", "csv", "SELECT count(*) FROM generations"], d);
+        String::from_utf8_lossy(&o.stdout).lines().nth(1).and_then(|n| n.parse::<i64>().ok()).unwrap_or(0) >= 20
+    });
+    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", text(&out));
+    assert!(text(&out).contains("aligner resume 1"), "{}", text(&out));
+    // Clean stop: lease released, run resumable, nothing half-written.
+    assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE status = 'running' AND lease_holder IS NULL"), 1);
+    let o = run(&["resume", "1", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_exactly_once(d, 1);
 }

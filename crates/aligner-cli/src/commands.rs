@@ -186,6 +186,13 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::Export { run, round, kind, format, conversational, out, store } => {
             let store = Store::open_read_only(&store_path(&store, None)).await?;
             let row = store.find_run(&run).await?;
+            if !store.stage_done(row.id, round, "synthesize").await? {
+                return Err(Invalid::Message(format!(
+                    "run `{}` round {round} has not finished its synthesize stage, so its pairs are not final\nhint: `aligner status {}` shows where the run is; `aligner resume {}` finishes it",
+                    row.id, row.id, row.id
+                ))
+                .into());
+            }
             let pairs: Vec<aligner_dataset::PairRecord> = store
                 .kept_pairs(row.id, round)
                 .await?
@@ -250,12 +257,24 @@ async fn run(file: &Path, spec: Pipeline, store: &StoreArg, options: RunOptions,
     let engine = Engine::new(store.clone(), spec, &file, Arc::new(crate::backends::Factory), bars.clone());
     let flag = engine.interrupt_flag();
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            eprintln!("interrupt: finishing in-flight items (press Ctrl-C again to abort)");
-            flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            if tokio::signal::ctrl_c().await.is_ok() {
-                std::process::exit(130);
+        // Ctrl-C or SIGTERM: stop feeding items, commit what is in flight, release the lease.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let terminate = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate => {}
+        }
+        eprintln!("interrupt: finishing in-flight items (press Ctrl-C again to abort)");
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+        if tokio::signal::ctrl_c().await.is_ok() {
+            std::process::exit(130);
         }
     });
     let outcome = engine.run(&options).await;

@@ -11,7 +11,7 @@ use aligner_store::Store;
 const TTL_MS: i64 = 30_000;
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 
-fn now_ms() -> i64 {
+pub(crate) fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
@@ -43,7 +43,9 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
-    pub(crate) async fn acquire(store: &Store, run_id: i64) -> Result<Lease, aligner_store::Error> {
+    /// Takes the lease; if it is ever lost, `on_lost` is raised so the stages stop like on an
+    /// interrupt.
+    pub(crate) async fn acquire(store: &Store, run_id: i64, on_lost: Arc<AtomicBool>) -> Result<Lease, aligner_store::Error> {
         let holder = holder_id();
         let current = store.run(run_id).await?.lease_holder;
         let stale = current.filter(|h| holder_is_dead(h));
@@ -58,6 +60,8 @@ impl Lease {
                         Ok(true) => {}
                         Ok(false) => {
                             lost.store(true, Ordering::Relaxed);
+                            on_lost.store(true, Ordering::Relaxed);
+                            tracing::error!("lost the lease on run {run_id} to another process; stopping");
                             return;
                         }
                         Err(e) => tracing::warn!("could not renew the lease on run {run_id}: {e}"),

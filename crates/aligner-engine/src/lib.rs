@@ -37,8 +37,8 @@ pub enum Error {
     Backend { name: String, message: String },
     #[error("round {round} `{stage}`: {message}")]
     Stage { round: u32, stage: &'static str, message: String },
-    #[error("interrupted; finished work is saved\nhint: `aligner resume {run}` continues it")]
-    Interrupted { run: i64 },
+    #[error("interrupted; finished work is saved\nhint: `aligner resume {run} --store {}` continues it", store.display())]
+    Interrupted { run: i64, store: PathBuf },
     #[error("lost the lease on run `{run}` to another process; stopped")]
     LeaseLost { run: i64 },
     #[error("{0}")]
@@ -85,6 +85,23 @@ pub struct RunOutcome {
     pub rounds: u32,
 }
 
+/// The part of a spec snapshot that must not change while a run is continued. Connection
+/// tuning (concurrency, rate limits, timeouts, retries) does not change what a model answers,
+/// so it may be adjusted between a crash and its resume.
+pub fn resume_relevant(snapshot: &serde_json::Value) -> serde_json::Value {
+    let mut v = snapshot.clone();
+    if let Some(models) = v.get_mut("models").and_then(|m| m.as_object_mut()) {
+        for model in models.values_mut() {
+            if let Some(m) = model.as_object_mut() {
+                for key in ["max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_secs", "max_retries"] {
+                    m.remove(key);
+                }
+            }
+        }
+    }
+    v
+}
+
 /// Drives one run of one pipeline against one store.
 pub struct Engine {
     store: Store,
@@ -123,6 +140,11 @@ impl Engine {
         self.interrupt.load(Ordering::Relaxed)
     }
 
+    fn interrupted_error(&self, run: i64) -> Error {
+        let store = std::fs::canonicalize(self.store.path()).unwrap_or_else(|_| self.store.path().to_path_buf());
+        Error::Interrupted { run, store }
+    }
+
     pub fn plan(&self) -> Plan {
         Plan { rounds: self.spec.rounds.count, train: self.spec.rounds.train.is_some(), evaluate: false }
     }
@@ -130,7 +152,7 @@ impl Engine {
     /// Finds the run to continue (or creates one), takes its lease and drives it to the end.
     pub async fn run(&self, options: &RunOptions) -> Result<RunOutcome> {
         let snapshot = self.spec.snapshot();
-        let hash = self.spec.hash();
+        let hash = aligner_spec::hash_snapshot(&resume_relevant(&snapshot));
         let existing = match options.run_id {
             Some(id) => Some(self.store.run(id).await?),
             None if options.new_run => None,
@@ -141,7 +163,7 @@ impl Engine {
                 if run.spec_hash != hash {
                     let old: serde_json::Value = serde_json::from_str(&run.spec_json)
                         .map_err(|e| Error::Other(format!("run `{}` has an unreadable spec snapshot: {e}", run.id)))?;
-                    let changes = aligner_spec::diff_snapshots(&old, &snapshot)
+                    let changes = aligner_spec::diff_snapshots(&resume_relevant(&old), &resume_relevant(&snapshot))
                         .iter()
                         .map(|c| format!("`{}` ({} -> {})", c.path, c.old, c.new))
                         .collect::<Vec<_>>()
@@ -158,8 +180,28 @@ impl Engine {
                 (id, false)
             }
         };
-        let lease = lease::Lease::acquire(&self.store, run_id).await?;
-        let result = self.drive(run_id, resumed, options, &lease).await;
+        let lease = lease::Lease::acquire(&self.store, run_id, self.interrupt.clone()).await?;
+        if !resumed && !options.new_run {
+            // Two `aligner run`s of a fresh pipeline started at the same moment both found no
+            // unfinished run and both created one: the younger one steps back.
+            if let Some(other) = self.store.other_live_run(&self.spec.name, run_id, lease::now_ms()).await? {
+                if other.id < run_id {
+                    lease.release(&self.store).await;
+                    self.store.delete_empty_run(run_id).await?;
+                    return Err(Error::Store(aligner_store::Error::LeaseHeld {
+                        run: other.id,
+                        holder: other.lease_holder.unwrap_or_default(),
+                        expires: "a few seconds".into(),
+                    }));
+                }
+            }
+        }
+        let result = match self.drive(run_id, resumed, options, &lease).await {
+            Err(Error::Interrupted { .. }) if lease.lost() => Err(Error::LeaseLost { run: run_id }),
+            other => other,
+        };
+        // Release first: a failure to record the status must not leave the lease renewing.
+        lease.release(&self.store).await;
         match &result {
             Ok(_) => self.store.set_run_status(run_id, "done", None).await?,
             Err(Error::Interrupted { .. }) | Err(Error::LeaseLost { .. }) => {}
@@ -168,7 +210,6 @@ impl Engine {
                 self.event(run_id, None, None, "error", "run_failed", &e.to_string(), None).await;
             }
         }
-        lease.release(&self.store).await;
         result.map(|()| RunOutcome { run_id, resumed, store: self.store.path().to_path_buf(), rounds: self.spec.rounds.count })
     }
 
@@ -183,7 +224,7 @@ impl Engine {
                 return Err(Error::LeaseLost { run: run_id });
             }
             if self.interrupted() {
-                return Err(Error::Interrupted { run: run_id });
+                return Err(self.interrupted_error(run_id));
             }
             let finished = self.finished(run_id).await?;
             match planner::next_step(&plan, &finished) {
@@ -264,5 +305,19 @@ impl Engine {
         if let Err(err) = self.store.add_event(&e).await {
             tracing::warn!("could not record event `{kind}`: {err}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_tuning_is_not_part_of_the_resume_hash() {
+        let a = serde_json::json!({"models": {"up": {"kind": "openai", "model": "m", "max_concurrency": 4, "timeout_secs": 10.0}}});
+        let b = serde_json::json!({"models": {"up": {"kind": "openai", "model": "m", "max_concurrency": 64, "timeout_secs": 60.0}}});
+        let c = serde_json::json!({"models": {"up": {"kind": "openai", "model": "other", "max_concurrency": 4}}});
+        assert_eq!(resume_relevant(&a), resume_relevant(&b));
+        assert_ne!(resume_relevant(&a), resume_relevant(&c));
     }
 }

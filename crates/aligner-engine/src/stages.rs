@@ -37,7 +37,7 @@ impl Ctx<'_> {
     async fn finish(&self, stage: Stage, ok: i64, failed: i64, first_error: Option<String>) -> Result<()> {
         let e = self.engine;
         if e.interrupted() {
-            return Err(Error::Interrupted { run: self.run_id });
+            return Err(e.interrupted_error(self.run_id));
         }
         // A stage where every item failed is a broken backend, not bad luck: stop the run so the
         // user can fix it; a resume retries the failed items.
@@ -109,7 +109,14 @@ where
     F: Fn(Vec<R>, i64, i64) -> Fut,
     Fut: Future<Output = Result<()>>,
 {
-    let units = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|u| (u, rx)) });
+    // Stop taking queued units as soon as the run is interrupted; in-flight calls finish.
+    let flag = ctx.engine.interrupt.clone();
+    let units = futures::stream::unfold((rx, flag), |(mut rx, flag)| async move {
+        if flag.load(Ordering::Relaxed) {
+            return None;
+        }
+        rx.recv().await.map(|u| (u, (rx, flag)))
+    });
     let results = units
         .map(|unit| {
             let req = request(&unit);
@@ -371,7 +378,7 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     let mut after = 0i64;
     loop {
         if e.interrupted() {
-            return Err(Error::Interrupted { run: run_id });
+            return Err(e.interrupted_error(run_id));
         }
         let page = e.store.unpaired_page(run_id, round, after, ctx.batch as i64).await?;
         let Some(last) = page.last() else { break };

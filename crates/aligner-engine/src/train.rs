@@ -85,7 +85,11 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     let base = if ctx.round == 1 {
         initial.clone()
     } else {
-        e.store.checkpoint(run_id, round - 1).await?.map(|c| c.path).unwrap_or(initial.clone())
+        e.store
+            .checkpoint(run_id, round - 1)
+            .await?
+            .map(|c| c.path)
+            .ok_or_else(|| stage_err(format!("round {} left no checkpoint to train from", ctx.round - 1)))?
     };
     let reference = match train.reference {
         ReferencePolicy::Initial => initial.clone(),
@@ -98,7 +102,20 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         ExportFormat::Parquet => "parquet",
     };
     let data = dir.join(format!("pairs.{ext}"));
+    // Each attempt trains into a fresh folder, moved to `checkpoint` only on success: a killed
+    // attempt's partial files can never be registered, and trainers that refuse a non-empty
+    // output folder work on resume.
     let out = dir.join("checkpoint");
+    let previous = e.store.training_job(run_id, round).await?;
+    if let Some(pgid) = previous.as_ref().filter(|j| j.status == "running").and_then(|j| j.pgid) {
+        // A trainer that outlived a killed `aligner` must not race the new attempt.
+        kill_group(pgid, "KILL").await;
+    }
+    let attempt = previous.map_or(1, |j| j.attempts + 1);
+    let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
+    if attempt_dir.exists() {
+        std::fs::remove_dir_all(&attempt_dir).map_err(|err| stage_err(format!("cannot clear `{}`: {err}", attempt_dir.display())))?;
+    }
     let pairs: Vec<PairRecord> = e
         .store
         .kept_pairs(run_id, round)
@@ -119,7 +136,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     aligner_dataset::write_pairs(&data, fmt, kind, *conversational, &pairs)?;
     std::fs::create_dir_all(&dir).map_err(|err| stage_err(format!("cannot create `{}`: {err}", dir.display())))?;
 
-    let values = placeholders(train, &data, &base, &reference, &out, ctx.round);
+    let values = placeholders(train, &data, &base, &reference, &attempt_dir, ctx.round);
     let rendered = render_command(command, &values);
     let job = e
         .store
@@ -142,11 +159,21 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     e.event(run_id, Some(ctx.round), Some("train"), "info", "train_started", &rendered, Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len(), "reference": reference}))).await;
 
     let mut cmd = Command::new("sh");
-    cmd.arg("-c").arg(&rendered).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    cmd.arg("-c")
+        .arg(&rendered)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        // Its own process group, so stopping it stops the whole trainer, not just `sh`.
+        .process_group(0);
     for (k, v) in &values {
         cmd.env(format!("ALIGNER_{}", k.to_uppercase()), v);
     }
     let mut child = cmd.spawn().map_err(|err| stage_err(format!("cannot start `sh -c {rendered}`: {err}")))?;
+    let pgid = child.id().map(i64::from);
+    e.store.set_training_pgid(job.id, pgid).await?;
+    let mut stopping = false;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, String)>(1024);
     for (name, pipe) in [("stdout", child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)), ("stderr", child.stderr.take().map(|p| Box::new(p) as _))] {
         let Some(pipe) = pipe else { continue };
@@ -183,22 +210,31 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         if closed {
             break;
         }
-        if e.interrupted() {
-            let _ = child.kill().await;
+        if e.interrupted() && !stopping {
+            stopping = true;
+            if let Some(pgid) = pgid {
+                kill_group(pgid, "TERM").await;
+            }
         }
     }
     let status = child.wait().await.map_err(|err| stage_err(format!("waiting for the train command: {err}")))?;
+    e.store.set_training_pgid(job.id, None).await?;
     let code = status.code().map(i64::from);
     let tail_text = tail.iter().cloned().collect::<Vec<_>>().join("\n  ");
     if e.interrupted() {
         e.store.finish_training_job(job.id, "failed", code, Some("interrupted")).await?;
-        return Err(Error::Interrupted { run: run_id });
+        return Err(e.interrupted_error(run_id));
     }
     let failure = if !status.success() {
         Some(format!("train command exited with {}; last output:\n  {tail_text}\nhint: the full log is in `training_logs` (job {})", code.map_or("a signal".into(), |c| c.to_string()), job.id))
-    } else if !out.is_dir() || std::fs::read_dir(&out).map(|mut d| d.next().is_none()).unwrap_or(true) {
-        Some(format!("train command exited 0 but wrote no checkpoint into `{}`\nhint: the command must write the trained model into `{{output_dir}}`", out.display()))
+    } else if !attempt_dir.is_dir() || std::fs::read_dir(&attempt_dir).map(|mut d| d.next().is_none()).unwrap_or(true) {
+        Some(format!("train command exited 0 but wrote no checkpoint into `{}`\nhint: the command must write the trained model into `{{output_dir}}`", attempt_dir.display()))
     } else {
+        if out.exists() {
+            // Left by an attempt that was moved into place but never registered.
+            std::fs::remove_dir_all(&out).map_err(|err| stage_err(format!("cannot replace `{}`: {err}", out.display())))?;
+        }
+        std::fs::rename(&attempt_dir, &out).map_err(|err| stage_err(format!("cannot move the checkpoint to `{}`: {err}", out.display())))?;
         None
     };
     if let Some(message) = failure {
@@ -214,6 +250,16 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     e.observer.note(&message);
     e.event(run_id, Some(ctx.round), Some("train"), "info", "checkpoint_registered", &message, None).await;
     Ok(())
+}
+
+/// Signals a process group (`kill -SIG -- -PGID`); a group that is already gone is fine.
+async fn kill_group(pgid: i64, signal: &str) {
+    let _ = Command::new("kill")
+        .args([format!("-{signal}"), "--".into(), format!("-{pgid}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
 }
 
 #[cfg(test)]

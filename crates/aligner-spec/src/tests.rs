@@ -441,6 +441,61 @@ fn wire_field_lists_match_serde() {
     );
 }
 
+/// The fields serde accepts for `T`, from its unknown-field message, in its order.
+fn serde_fields<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
+    let err = serde_yaml::from_str::<T>("bogus_field: 1")
+        .unwrap_err()
+        .to_string();
+    let expected = err
+        .split_once(", expected ")
+        .unwrap_or_else(|| panic!("no field list in {err:?}"))
+        .1;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn known_fields_table_matches_serde() {
+    use crate::wire::*;
+    let table: Vec<(&str, Vec<String>)> = KNOWN_FIELDS
+        .iter()
+        .map(|(p, f)| (*p, f.iter().map(|s| s.to_string()).collect()))
+        .collect();
+    let from_serde = vec![
+        ("", serde_fields::<PipelineWire>()),
+        ("models.*", serde_fields::<ModelWire>()),
+        ("prompts", serde_fields::<PromptsWire>()),
+        ("prompts.fields", serde_fields::<FieldsWire>()),
+        ("rounds", serde_fields::<RoundsWire>()),
+        ("rounds.generate", serde_fields::<GenerateWire>()),
+        ("rounds.generate.sampling", serde_fields::<SamplingWire>()),
+        ("rounds.correct", serde_fields::<CorrectWire>()),
+        ("rounds.correct.sampling", serde_fields::<SamplingWire>()),
+        ("rounds.synthesize", serde_fields::<SynthesizeWire>()),
+        ("rounds.train", serde_fields::<TrainWire>()),
+        ("rounds.train.backend", serde_fields::<BackendWire>()),
+    ];
+    assert_eq!(table, from_serde);
+
+    // The per-kind model lists of validation cover `ModelWire` exactly.
+    let mut by_kind: Vec<&str> = vec!["kind"];
+    by_kind.extend(crate::validate::OPENAI_FIELDS);
+    by_kind.extend(crate::validate::LOCAL_FIELDS);
+    assert_eq!(by_kind, MODEL_FIELDS);
+
+    // Patterns: model names match `*`, everything else by name.
+    assert_eq!(child_pattern("models", "up"), "models.*");
+    assert_eq!(child_pattern("", "rounds"), "rounds");
+    assert_eq!(
+        child_pattern("rounds.train", "backend"),
+        "rounds.train.backend"
+    );
+}
+
 // ----- broken pipelines -------------------------------------------------------------
 
 #[test]
@@ -687,10 +742,21 @@ fn error_model_fields_and_files() {
     )
     .replace("timeout: 60", "timeout: soon")
     .replace("max_concurrency: 16", "max_concurrency: 0");
+    // `upstream` has a type error, so its other checks wait; `aligner` is still checked.
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: invalid duration `soon`, expected a number of seconds or a string like `500ms`, `60s`, `2m`
       --> pipelines/x.yaml:14:14
        at: models.upstream.timeout
+
+    error: `models/fake.gguf` is not a GGUF file
+      --> pipelines/x.yaml:18:11
+       at: models.aligner.path
+      hint: its first bytes are not `GGUF`; give a `.gguf` file or a Hugging Face model folder
+
+    error: field `base_url` does not apply to `kind: local`
+      --> pipelines/x.yaml:19:5
+       at: models.aligner.base_url
+      hint: `kind: local` takes `path`, `hub`, `revision`, `dtype`
     ");
     let text = full_with(
         "path: models/tiny.gguf",
@@ -742,5 +808,191 @@ fn error_missing_or_empty_models() {
     error: missing field `models`
       --> pipelines/x.yaml:1:1
       hint: define at least one model, e.g. `upstream:` with `kind: openai`
+    ");
+}
+
+#[test]
+fn error_many_mistakes_in_one_pass() {
+    let dir = setup();
+    let text = r#"version: 1
+models:
+  up: {kind: openai, base_url: "http://x/v1", model: m, api_key_env: sk-abc123}
+prompts: {source: nope.jsonl}
+rounds:
+  count: 0
+  generate: {model: up, sampling: {temperature: 3, temprature: 1}}
+  correct: {model: aligner, template: "fix {question}"}
+  train: {method: dpoo}
+"#;
+    insta::assert_snapshot!(errors(&dir, text), @r"
+    error: `api_key_env` looks like an api key; it must be the name of an environment variable
+      --> pipelines/x.yaml:3:70
+       at: models.up.api_key_env
+      hint: keep the key out of the file: `export OPENAI_API_KEY=...` and write `api_key_env: OPENAI_API_KEY`
+
+    error: prompts file `nope.jsonl` does not exist
+      --> pipelines/x.yaml:4:19
+       at: prompts.source
+      hint: resolved to `[TMP]/nope.jsonl`
+
+    error: `count` must be between 1 and 100, got `0`
+      --> pipelines/x.yaml:6:10
+       at: rounds.count
+
+    error: `temperature` must be between 0 and 2, got `3`
+      --> pipelines/x.yaml:7:49
+       at: rounds.generate.sampling.temperature
+
+    error: unknown field `temprature`
+      --> pipelines/x.yaml:7:52
+       at: rounds.generate.sampling.temprature
+      hint: did you mean `temperature`?
+
+    error: model `aligner` is not defined in `models`
+      --> pipelines/x.yaml:8:20
+       at: rounds.correct.model
+      hint: models defined: `up`
+
+    error: custom template is missing `{answer}`
+      --> pipelines/x.yaml:8:39
+       at: rounds.correct.template
+      hint: write `{question}` and `{answer}` where the question and the answer go, or use a built-in template: `aligner-v1`, `aligner-general`, `aligner-empathy`
+
+    error: missing field `backend`
+      --> pipelines/x.yaml:9:3
+       at: rounds.train
+
+    error: unknown variant `dpoo`, expected `dpo` or `sft`
+      --> pipelines/x.yaml:9:19
+       at: rounds.train.method
+      hint: did you mean `dpo`?
+    ");
+}
+
+#[test]
+fn error_every_unknown_field_at_once() {
+    let dir = setup();
+    let text = full_with("  seed: 7\n", "  sed: 7\n")
+        .replace("dtype: auto", "dtype: auto\n    colour: red")
+        .replace("count: 2", "count: 2\n  extra: 1")
+        .replace("workdir: runs", "workdir: runs\nfoo: bar")
+        .replace("format: jsonl", "formt: jsonl");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: unknown field `foo`
+      --> pipelines/x.yaml:5:1
+       at: foo
+      hint: valid fields here: `version`, `name`, `store`, `workdir`, `models`, `prompts`, `rounds`
+
+    error: unknown field `colour`
+      --> pipelines/x.yaml:21:5
+       at: models.aligner.colour
+      hint: valid fields here: `kind`, `base_url`, `model`, `api_key_env`, `max_concurrency`, `requests_per_minute`, `tokens_per_minute`, `timeout`, `max_retries`, `path`, `hub`, `revision`, `dtype`
+
+    error: unknown field `sed`
+      --> pipelines/x.yaml:27:3
+       at: prompts.sed
+      hint: did you mean `seed`?
+
+    error: unknown field `extra`
+      --> pipelines/x.yaml:31:3
+       at: rounds.extra
+      hint: valid fields here: `count`, `generate`, `correct`, `synthesize`, `train`, `evaluate`
+
+    error: unknown field `formt`
+      --> pipelines/x.yaml:62:7
+       at: rounds.train.backend.formt
+      hint: did you mean `format`?
+    ");
+}
+
+#[test]
+fn error_misspelled_required_fields_are_not_also_missing() {
+    // Each typo would also leave a required field missing; only the typo is reported.
+    let dir = setup();
+    let text = full_with(
+        "    model: upstream\n    n: 1",
+        "    modle: upstream\n    n: 1",
+    )
+    .replace("path: models/tiny.gguf", "pth: models/tiny.gguf")
+    .replace("      command:", "      comand:")
+    .replace("      serve_model:", "      serve_modle:")
+    .replace("prompts:\n", "promts:\n");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: unknown field `pth`
+      --> pipelines/x.yaml:18:5
+       at: models.aligner.pth
+      hint: did you mean `path`?
+
+    error: unknown field `promts`
+      --> pipelines/x.yaml:20:1
+       at: promts
+      hint: did you mean `prompts`?
+
+    error: unknown field `modle`
+      --> pipelines/x.yaml:30:5
+       at: rounds.generate.modle
+      hint: did you mean `model`?
+
+    error: unknown field `comand`
+      --> pipelines/x.yaml:58:7
+       at: rounds.train.backend.comand
+      hint: did you mean `command`?
+
+    error: unknown field `serve_modle`
+      --> pipelines/x.yaml:61:7
+       at: rounds.train.backend.serve_modle
+      hint: did you mean `serve_model`?
+    ");
+}
+
+#[test]
+fn error_several_type_errors_in_one_block() {
+    // After each error the broken field is dropped and the block is read again; the
+    // dropped `model` is not then reported as missing.
+    let dir = setup();
+    let text = full_with("    n: 1\n", "    n: many\n")
+        .replace("    model: upstream\n    n", "    model: [upstream]\n    n")
+        .replace("seed: 1, stop", "seed: x, stop")
+        .replace("      kind: command", "      kind: cmd")
+        .replace("beta: 0.1", "beta: high");
+    insta::assert_snapshot!(errors(&dir, &text), @r#"
+    error: invalid type: sequence, expected a string
+      --> pipelines/x.yaml:30:12
+       at: rounds.generate.model
+
+    error: invalid type: string "many", expected a whole number
+      --> pipelines/x.yaml:31:8
+       at: rounds.generate.n
+
+    error: invalid type: string "x", expected a whole number
+      --> pipelines/x.yaml:32:154
+       at: rounds.generate.sampling.seed
+
+    error: invalid type: string "high", expected a number
+      --> pipelines/x.yaml:47:11
+       at: rounds.train.beta
+
+    error: unknown variant `cmd`, expected `command` or `builtin`
+      --> pipelines/x.yaml:57:13
+       at: rounds.train.backend.kind
+    "#);
+}
+
+#[test]
+fn error_broken_models_block_skips_model_references() {
+    let dir = setup();
+    let rest = &FULL[FULL.find("prompts:").unwrap()..];
+    let text = format!("version: 1\nmodels: 5\n{rest}").replace("model: aligner", "model: nobody");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: invalid type: integer `5`, expected a map
+      --> pipelines/x.yaml:2:9
+       at: models
+    ");
+    // A broken entry still defines its name.
+    let text = full_with("timeout: 60", "timeout: [60]");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: invalid type: sequence, expected a number of seconds or a duration like `500ms`, `60s`, `2m`
+      --> pipelines/x.yaml:14:14
+       at: models.upstream.timeout
     ");
 }

@@ -3,18 +3,27 @@
 //! Steps:
 //! 1. index node positions with yaml-rust2 (also catches syntax errors and duplicate keys);
 //! 2. parse into a `serde_yaml::Value`;
-//! 3. deserialize into the wire structs; on failure, deserialize each block on its own so
-//!    that an error in one block does not hide those in the others;
-//! 4. semantic checks: `${VAR}` expansion, path resolution, files on disk, ranges,
-//!    references between blocks.
+//! 3. report every key that [`KNOWN_FIELDS`] does not allow where it is (with a
+//!    did-you-mean) and remove it, so the rest of its block still deserializes;
+//! 4. deserialize each block on its own (`models.<name>`, `prompts`, each stage of
+//!    `rounds`), so that an error in one does not hide those in the others; inside a
+//!    block, after each error the broken field is dropped and the block is read again,
+//!    so its other errors are reported too (a block with any error counts as broken);
+//! 5. semantic checks (`${VAR}` expansion, path resolution, files on disk, ranges,
+//!    references between blocks) on every block that deserialized; only the checks that
+//!    need a broken block are skipped (e.g. model references when `models` is broken).
+//!
+//! No cascades: a field dropped after a type error, or an unknown key that looks like a
+//! misspelling of a field, is not then also reported as missing.
 //!
 //! Every error carries the YAML path of the node at fault and, via the position index, its
 //! line and column.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Component, Path, PathBuf};
 
 use serde::de::DeserializeOwned;
+use serde_path_to_error::Segment;
 use serde_yaml::Value;
 
 use crate::error::{Errors, SpecError};
@@ -39,6 +48,7 @@ pub(crate) fn load(
         index: PositionIndex::default(),
         env,
         errors: Vec::new(),
+        misspelled: HashMap::new(),
     };
 
     match PositionIndex::build(text) {
@@ -85,30 +95,80 @@ pub(crate) fn load(
         return Err(cx.finish());
     }
 
-    let wire = match serde_path_to_error::deserialize::<_, PipelineWire>(&value) {
-        Ok(wire) => wire,
-        Err(first) => {
-            cx.structural_errors(&value);
-            if cx.errors.is_empty() {
-                let path = path_string("", first.path());
-                cx.serde_error(path, first.into_inner().to_string());
-            }
-            return Err(cx.finish());
-        }
+    let mut value = value;
+    cx.strip_unknown_fields(&mut value, "", "");
+    let Some(parts) = cx.parse_blocks(&value) else {
+        return Err(cx.finish());
     };
-
-    let pipeline = cx.pipeline(wire);
+    let pipeline = cx.pipeline(parts);
     match pipeline {
         Some(p) if cx.errors.is_empty() => Ok(p),
         _ => Err(cx.finish()),
     }
 }
 
-/// A serde_path_to_error path below `prefix`, in our dotted form.
-fn path_string(prefix: &str, path: &serde_path_to_error::Path) -> String {
-    use serde_path_to_error::Segment;
+/// The blocks of the file, each deserialized on its own so that an error in one does not
+/// hide those in the others. `None` marks a block or field that failed to deserialize (its
+/// errors are recorded): the checks that need it are skipped, the others still run.
+struct Parts {
+    version: Option<Option<u64>>,
+    name: Option<Option<String>>,
+    store: Option<Option<String>>,
+    workdir: Option<Option<String>>,
+    /// `None` when `models` is not a mapping; empty when it is absent or null.
+    models: Option<BTreeMap<String, ModelEntry>>,
+    /// `None` when missing or broken.
+    prompts: Option<PromptsWire>,
+    rounds: RoundsParts,
+}
+
+/// One entry of `models:`.
+struct ModelEntry {
+    /// `None` when the entry failed to deserialize.
+    wire: Option<ModelWire>,
+    /// Its `kind`, when that much is readable (even if other fields are broken).
+    kind: Option<ModelKind>,
+}
+
+/// The stages of `rounds:`; all `None` when `rounds` is missing or not a mapping.
+#[derive(Default)]
+struct RoundsParts {
+    count: Option<Option<u32>>,
+    generate: Option<GenerateWire>,
+    correct: Option<CorrectWire>,
+    synthesize: Option<Option<SynthesizeWire>>,
+    train: Option<Option<TrainWire>>,
+    evaluate: Option<Option<EvaluateWire>>,
+}
+
+/// The field named by a serde "missing field `x`" message.
+fn missing_field(msg: &str) -> Option<&str> {
+    msg.strip_prefix("missing field `")?.split('`').next()
+}
+
+/// Removes the mapping entry at `parents` + `last` from `value`; `None` when there is none.
+fn remove_entry(value: &mut Value, parents: &[Segment], last: &Segment) -> Option<()> {
+    let mut node = value;
+    for seg in parents {
+        node = match seg {
+            Segment::Map { key } => node.get_mut(key.as_str())?,
+            Segment::Seq { index } => node.get_mut(*index)?,
+            _ => return None,
+        };
+    }
+    match last {
+        Segment::Map { key } => node
+            .as_mapping_mut()?
+            .shift_remove(key.as_str())
+            .map(|_| ()),
+        _ => None,
+    }
+}
+
+/// serde_path_to_error segments below `prefix`, in our dotted form.
+fn segments_string<'a>(prefix: &str, segments: impl IntoIterator<Item = &'a Segment>) -> String {
     let mut out = prefix.to_string();
-    for seg in path.iter() {
+    for seg in segments {
         match seg {
             Segment::Seq { index } => out.push_str(&format!("[{index}]")),
             Segment::Map { key } | Segment::Enum { variant: key } => out = join(&out, key),
@@ -188,7 +248,7 @@ fn clean_path(p: &Path) -> PathBuf {
     out
 }
 
-const OPENAI_FIELDS: &[&str] = &[
+pub(crate) const OPENAI_FIELDS: &[&str] = &[
     "base_url",
     "model",
     "api_key_env",
@@ -198,7 +258,7 @@ const OPENAI_FIELDS: &[&str] = &[
     "timeout",
     "max_retries",
 ];
-const LOCAL_FIELDS: &[&str] = &["path", "hub", "revision", "dtype"];
+pub(crate) const LOCAL_FIELDS: &[&str] = &["path", "hub", "revision", "dtype"];
 
 struct Ctx<'a> {
     file: &'a Path,
@@ -206,6 +266,10 @@ struct Ctx<'a> {
     index: PositionIndex,
     env: EnvLookup<'a>,
     errors: Vec<SpecError>,
+    /// Mapping path -> the fields that its unknown keys look like misspellings of (already
+    /// reported with a did-you-mean). A "missing field" error for one of them would only
+    /// repeat that error, so it is not reported.
+    misspelled: HashMap<String, Vec<&'static str>>,
 }
 
 impl Ctx<'_> {
@@ -238,11 +302,18 @@ impl Ctx<'_> {
         self.push(path.to_string(), at, message.into(), hint);
     }
 
-    /// Errors sorted by position (unpositioned ones last), keeping discovery order on ties.
+    /// Errors sorted by position (unpositioned ones last), keeping discovery order on ties,
+    /// without repeats.
     fn finish(mut self) -> Errors {
         self.errors
             .sort_by_key(|e| (e.line.is_none(), e.line, e.column));
-        Errors(std::mem::take(&mut self.errors))
+        let mut out: Vec<SpecError> = Vec::with_capacity(self.errors.len());
+        for e in std::mem::take(&mut self.errors) {
+            if !out.contains(&e) {
+                out.push(e);
+            }
+        }
+        Errors(out)
     }
 
     // ----- structural (serde) errors -------------------------------------------------
@@ -286,92 +357,244 @@ impl Ctx<'_> {
         }
     }
 
-    fn unknown_field(&mut self, path: &str, name: &str, expected: &[&str]) {
-        let hint = match did_you_mean(name, expected.iter().copied()) {
+    /// Reports an unknown field; returns the field it probably meant, if any.
+    fn unknown_field<'e>(
+        &mut self,
+        path: &str,
+        name: &str,
+        expected: &[&'e str],
+    ) -> Option<&'e str> {
+        let meant = did_you_mean(name, expected.iter().copied());
+        let hint = match meant {
             Some(m) => Some(format!("did you mean `{m}`?")),
             None if !expected.is_empty() => Some(format!("valid fields here: {}", list(expected))),
             None => None,
         };
         self.err(path, Anchor::Key, format!("unknown field `{name}`"), hint);
+        meant
     }
 
-    /// Deserializes `value` (the node at `path`) as a `T`, recording any error.
-    fn check<T: DeserializeOwned>(&mut self, value: &Value, path: &str) {
-        if let Err(e) = serde_path_to_error::deserialize::<_, T>(value) {
-            let p = path_string(path, e.path());
-            self.serde_error(p, e.into_inner().to_string());
-        }
-    }
-
-    /// Checks each entry of the mapping at `path` as a `T`.
-    fn check_entries<T: DeserializeOwned>(&mut self, value: &Value, path: &str) {
-        match value.as_mapping() {
-            Some(map) => {
-                for (k, v) in map {
-                    let key = k.as_str().map(str::to_string).unwrap_or_else(|| "?".into());
-                    self.check::<T>(v, &join(path, &key));
-                }
-            }
-            None => self.check::<BTreeMap<String, T>>(value, path),
-        }
-    }
-
-    /// Deserializes the file block by block so that every broken block is reported.
-    fn structural_errors(&mut self, root: &Value) {
-        let Some(map) = root.as_mapping() else {
-            self.check::<PipelineWire>(root, "");
+    /// Reports every key that [`KNOWN_FIELDS`] does not allow at its place and removes it
+    /// from `value` (the node at `path`, whose pattern is `pattern`), so that the rest of
+    /// its block still deserializes and gets checked.
+    fn strip_unknown_fields(&mut self, value: &mut Value, path: &str, pattern: &str) {
+        let Some(map) = value.as_mapping_mut() else {
             return;
         };
+        if let Some(allowed) = known_fields(pattern) {
+            let unknown: Vec<Value> = map
+                .keys()
+                .filter(|k| k.as_str().is_some_and(|k| !allowed.contains(&k)))
+                .cloned()
+                .collect();
+            for key in unknown {
+                let name = key.as_str().unwrap_or_default();
+                if let Some(meant) = self.unknown_field(&join(path, name), name, allowed) {
+                    self.misspelled
+                        .entry(path.to_string())
+                        .or_default()
+                        .push(meant);
+                }
+                map.shift_remove(&key);
+            }
+        }
+        for (k, v) in map.iter_mut() {
+            if let Some(key) = k.as_str() {
+                self.strip_unknown_fields(v, &join(path, key), &child_pattern(pattern, key));
+            }
+        }
+    }
+
+    /// Whether an unknown key of the mapping at `path` looks like a misspelled `field`
+    /// (then a "missing `field`" error would only repeat the unknown-field one).
+    fn is_misspelled(&self, path: &str, field: &str) -> bool {
+        self.misspelled
+            .get(path)
+            .is_some_and(|fields| fields.contains(&field))
+    }
+
+    /// An error about a missing `field` of the mapping at `path`, unless an unknown key
+    /// there already looks like a misspelling of it.
+    fn missing(
+        &mut self,
+        path: &str,
+        field: &str,
+        message: impl Into<String>,
+        hint: Option<String>,
+    ) {
+        if !self.is_misspelled(path, field) {
+            self.err(path, Anchor::Key, message, hint);
+        }
+    }
+
+    /// Deserializes `value` (the node at `path`) as a `T`, recording every error serde
+    /// finds in it: after each error, the innermost field on its path is dropped and
+    /// deserializing is tried again, until it succeeds or the error is about the node
+    /// itself. `None` when there was any error.
+    fn parse<T: DeserializeOwned>(&mut self, value: &Value, path: &str) -> Option<T> {
+        let mut value = std::borrow::Cow::Borrowed(value);
+        let mut dropped: Vec<String> = Vec::new();
+        loop {
+            let err = match serde_path_to_error::deserialize::<_, T>(value.as_ref()) {
+                Ok(t) => return dropped.is_empty().then_some(t),
+                Err(e) => e,
+            };
+            let segments: Vec<Segment> = err.path().iter().cloned().collect();
+            let at = segments_string(path, &segments);
+            let msg = err.into_inner().to_string();
+            if let Some(field) = missing_field(&msg) {
+                // Missing because it was dropped after an error, or misspelled: said already.
+                if dropped.contains(&join(&at, field)) || self.is_misspelled(&at, field) {
+                    return None;
+                }
+            }
+            self.serde_error(at, msg);
+            let i = segments
+                .iter()
+                .rposition(|s| matches!(s, Segment::Map { .. }))?;
+            remove_entry(value.to_mut(), &segments[..i], &segments[i])?;
+            dropped.push(segments_string(path, &segments[..=i]));
+            if dropped.len() > 256 {
+                return None;
+            }
+        }
+    }
+
+    /// Deserializes the file block by block (see [`Parts`]); `None` when it is not a
+    /// mapping at all.
+    fn parse_blocks(&mut self, root: &Value) -> Option<Parts> {
+        let Some(map) = root.as_mapping() else {
+            if self.parse::<PipelineWire>(root, "").is_some() {
+                self.err(
+                    "",
+                    Anchor::Value,
+                    "the pipeline file must be a mapping",
+                    None,
+                );
+            }
+            return None;
+        };
+        let mut parts = Parts {
+            version: Some(None),
+            name: Some(None),
+            store: Some(None),
+            workdir: Some(None),
+            models: Some(BTreeMap::new()),
+            prompts: None,
+            rounds: RoundsParts::default(),
+        };
+        let (mut has_prompts, mut has_rounds) = (false, false);
         for (k, v) in map {
             let Some(key) = k.as_str() else {
                 self.err("", Anchor::Value, "top-level keys must be strings", None);
                 continue;
             };
             match key {
-                "version" => self.check::<Option<u64>>(v, key),
-                "name" | "store" | "workdir" => self.check::<Option<String>>(v, key),
-                "models" if v.is_null() => {}
-                "models" => self.check_entries::<ModelWire>(v, key),
-                "prompts" => self.check::<PromptsWire>(v, key),
-                "rounds" => self.rounds_structure(v),
-                _ => self.unknown_field(key, key, ROOT_FIELDS),
+                "version" => parts.version = self.parse(v, key),
+                "name" => parts.name = self.parse(v, key),
+                "store" => parts.store = self.parse(v, key),
+                "workdir" => parts.workdir = self.parse(v, key),
+                "models" => parts.models = self.parse_models(v),
+                "prompts" => {
+                    has_prompts = true;
+                    parts.prompts = self.parse(v, key);
+                }
+                "rounds" => {
+                    has_rounds = true;
+                    parts.rounds = self.parse_rounds(v);
+                }
+                // Reported and removed by `strip_unknown_fields`.
+                _ => {}
             }
         }
-        for required in ["prompts", "rounds"] {
-            if !map.contains_key(required) {
-                self.err("", Anchor::Key, format!("missing field `{required}`"), None);
+        for (required, present) in [("prompts", has_prompts), ("rounds", has_rounds)] {
+            if !present {
+                self.missing("", required, format!("missing field `{required}`"), None);
             }
         }
+        Some(parts)
     }
 
-    fn rounds_structure(&mut self, value: &Value) {
+    /// Deserializes each entry of `models:` on its own.
+    fn parse_models(&mut self, value: &Value) -> Option<BTreeMap<String, ModelEntry>> {
+        if value.is_null() {
+            return Some(BTreeMap::new());
+        }
         let Some(map) = value.as_mapping() else {
-            self.check::<RoundsWire>(value, "rounds");
-            return;
+            self.parse::<BTreeMap<String, ModelWire>>(value, "models");
+            return None;
+        };
+        let mut out = BTreeMap::new();
+        for (k, v) in map {
+            let kind = v
+                .get("kind")
+                .and_then(|k| serde_yaml::from_value::<ModelKind>(k.clone()).ok());
+            match k.as_str() {
+                Some(name) => {
+                    let wire = self.parse::<ModelWire>(v, &join("models", name));
+                    out.insert(name.to_string(), ModelEntry { wire, kind });
+                }
+                None => {
+                    // Let serde say what it thinks of the key.
+                    let mut single = serde_yaml::Mapping::new();
+                    single.insert(k.clone(), v.clone());
+                    let parsed = self
+                        .parse::<BTreeMap<String, ModelWire>>(&Value::Mapping(single), "models");
+                    for (name, wire) in parsed.into_iter().flatten() {
+                        out.insert(
+                            name,
+                            ModelEntry {
+                                wire: Some(wire),
+                                kind,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        Some(out)
+    }
+
+    /// Deserializes each stage of `rounds:` on its own.
+    fn parse_rounds(&mut self, value: &Value) -> RoundsParts {
+        let Some(map) = value.as_mapping() else {
+            self.parse::<RoundsWire>(value, "rounds");
+            return RoundsParts::default();
+        };
+        let mut parts = RoundsParts {
+            count: Some(None),
+            generate: None,
+            correct: None,
+            synthesize: Some(None),
+            train: Some(None),
+            evaluate: Some(None),
         };
         for (k, v) in map {
             let key = k.as_str().unwrap_or("?");
             let path = join("rounds", key);
             match key {
-                "count" => self.check::<Option<u32>>(v, &path),
-                "generate" => self.check::<GenerateWire>(v, &path),
-                "correct" => self.check::<CorrectWire>(v, &path),
-                "synthesize" => self.check::<Option<SynthesizeWire>>(v, &path),
-                "train" => self.check::<Option<TrainWire>>(v, &path),
-                "evaluate" => self.check::<Option<EvaluateWire>>(v, &path),
-                _ => self.unknown_field(&path, key, ROUNDS_FIELDS),
+                "count" => parts.count = self.parse(v, &path),
+                "generate" => parts.generate = self.parse(v, &path),
+                "correct" => parts.correct = self.parse(v, &path),
+                "synthesize" => parts.synthesize = self.parse(v, &path),
+                "train" => parts.train = self.parse(v, &path),
+                "evaluate" => parts.evaluate = self.parse(v, &path),
+                _ => {
+                    self.unknown_field(&path, key, ROUNDS_FIELDS);
+                }
             }
         }
         for required in ["generate", "correct"] {
             if !map.contains_key(required) {
-                self.err(
+                self.missing(
                     "rounds",
-                    Anchor::Key,
+                    required,
                     format!("missing field `{required}`"),
                     None,
                 );
             }
         }
+        parts
     }
 
     // ----- values ----------------------------------------------------------------------
@@ -490,7 +713,12 @@ impl Ctx<'_> {
         ok
     }
 
-    fn model_ref(&mut self, path: &str, name: &str, models: &BTreeMap<String, ModelWire>) {
+    /// Checks that `name` is defined in `models` (`None` when `models` is broken: then
+    /// nothing is checked).
+    fn model_ref(&mut self, path: &str, name: &str, models: Option<&BTreeMap<String, ModelEntry>>) {
+        let Some(models) = models else {
+            return;
+        };
         if models.is_empty() || models.contains_key(name) {
             return;
         }
@@ -509,16 +737,18 @@ impl Ctx<'_> {
 
     // ----- blocks ----------------------------------------------------------------------
 
-    fn pipeline(&mut self, w: PipelineWire) -> Option<Pipeline> {
+    fn pipeline(&mut self, w: Parts) -> Option<Pipeline> {
         match w.version {
-            None => self.err(
+            // Broken: reported already.
+            None => {}
+            Some(None) => self.missing(
                 "",
-                Anchor::Key,
+                "version",
                 "missing field `version`",
                 Some("add `version: 1`".into()),
             ),
-            Some(1) => {}
-            Some(v) => self.err(
+            Some(Some(1)) => {}
+            Some(Some(v)) => self.err(
                 "version",
                 Anchor::Value,
                 format!("unsupported version `{v}`"),
@@ -527,7 +757,8 @@ impl Ctx<'_> {
         }
 
         let name = match w.name {
-            Some(n) => {
+            None => None,
+            Some(Some(n)) => {
                 if !is_pipeline_name(&n) {
                     self.err(
                         "name",
@@ -536,9 +767,9 @@ impl Ctx<'_> {
                         Some("use letters, digits, `_`, `.` and `-`".into()),
                     );
                 }
-                n
+                Some(n)
             }
-            None => {
+            Some(None) => {
                 let stem = self
                     .file
                     .file_stem()
@@ -546,49 +777,53 @@ impl Ctx<'_> {
                     .unwrap_or_default()
                     .to_string();
                 if !is_pipeline_name(&stem) {
-                    self.err(
+                    self.missing(
                         "",
-                        Anchor::Key,
+                        "name",
                         format!("cannot use the file name `{stem}` as the pipeline name"),
                         Some("add `name:` (letters, digits, `_`, `.` and `-`)".into()),
                     );
                 }
-                stem
+                Some(stem)
             }
         };
 
-        let store = w
-            .store
-            .as_deref()
-            .and_then(|s| self.path_value("store", s))
-            .map(|(_, p)| p);
-        let workdir = self
-            .path_value("workdir", w.workdir.as_deref().unwrap_or("runs"))
-            .map(|(_, p)| p);
+        let store = w.store.map(|store| {
+            store
+                .as_deref()
+                .and_then(|s| self.path_value("store", s))
+                .map(|(_, p)| p)
+        });
+        let workdir = w.workdir.and_then(|workdir| {
+            self.path_value("workdir", workdir.as_deref().unwrap_or("runs"))
+                .map(|(_, p)| p)
+        });
 
         let hint =
             || Some("define at least one model, e.g. `upstream:` with `kind: openai`".to_string());
-        let wire_models = w.models.unwrap_or_default();
-        if wire_models.is_empty() {
-            if self.index.contains("models") {
-                self.err("models", Anchor::Key, "`models` is empty", hint());
-            } else {
-                self.err("", Anchor::Key, "missing field `models`", hint());
-            }
-        }
         let mut models = BTreeMap::new();
-        for (name, mw) in &wire_models {
-            if let Some(spec) = self.model(name, mw) {
-                models.insert(name.clone(), spec);
+        if let Some(entries) = &w.models {
+            if entries.is_empty() {
+                if self.index.contains("models") {
+                    self.err("models", Anchor::Key, "`models` is empty", hint());
+                } else {
+                    self.missing("", "models", "missing field `models`", hint());
+                }
+            }
+            for (name, entry) in entries {
+                self.model_name(name);
+                if let Some(spec) = entry.wire.as_ref().and_then(|mw| self.model(name, mw)) {
+                    models.insert(name.clone(), spec);
+                }
             }
         }
 
-        let prompts = self.prompts(&w.prompts);
-        let rounds = self.rounds(&w.rounds, &wire_models);
+        let prompts = w.prompts.as_ref().and_then(|p| self.prompts(p));
+        let rounds = self.rounds(&w.rounds, w.models.as_ref());
 
         Some(Pipeline {
-            name,
-            store,
+            name: name?,
+            store: store?,
             workdir: workdir?,
             models,
             prompts: prompts?,
@@ -596,20 +831,23 @@ impl Ctx<'_> {
         })
     }
 
-    fn model(&mut self, name: &str, w: &ModelWire) -> Option<ModelSpec> {
-        let path = join("models", name);
-        if !name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            || name.is_empty()
+    fn model_name(&mut self, name: &str) {
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
             self.err(
-                &path,
+                &join("models", name),
                 Anchor::Key,
                 format!("invalid model name `{name}`"),
                 Some("use letters, digits, `_` and `-`".into()),
             );
         }
+    }
+
+    fn model(&mut self, name: &str, w: &ModelWire) -> Option<ModelSpec> {
+        let path = join("models", name);
         let (kind_name, allowed) = match w.kind {
             ModelKind::Openai => ("openai", OPENAI_FIELDS),
             ModelKind::Local => ("local", LOCAL_FIELDS),
@@ -636,9 +874,9 @@ impl Ctx<'_> {
         let mut ok = true;
         let base_url = match &w.base_url {
             None => {
-                self.err(
+                self.missing(
                     path,
-                    Anchor::Key,
+                    "base_url",
                     "missing field `base_url` for `kind: openai`",
                     Some("e.g. `base_url: http://127.0.0.1:8000/v1`".into()),
                 );
@@ -676,9 +914,9 @@ impl Ctx<'_> {
                 None
             }
             None => {
-                self.err(
+                self.missing(
                     path,
-                    Anchor::Key,
+                    "model",
                     "missing field `model` for `kind: openai`",
                     Some("the model name the server expects, e.g. `model: gpt-4o-mini`".into()),
                 );
@@ -766,6 +1004,9 @@ impl Ctx<'_> {
                     "give either `path` or `hub`, not both",
                     None,
                 );
+                None
+            }
+            (None, None) if self.is_misspelled(path, "path") || self.is_misspelled(path, "hub") => {
                 None
             }
             (None, None) => {
@@ -941,6 +1182,8 @@ impl Ctx<'_> {
                     "jsonl" | "json" | "ndjson" => Some(PromptFormat::Jsonl),
                     "csv" => Some(PromptFormat::Csv),
                     "parquet" | "pq" => Some(PromptFormat::Parquet),
+                    // `format` is there, misspelled: reported already.
+                    _ if self.is_misspelled("prompts", "format") => None,
                     _ => {
                         self.err(
                             "prompts.source",
@@ -1107,70 +1350,91 @@ impl Ctx<'_> {
         None
     }
 
+    /// Checks the stages that deserialized; `None` when any stage is broken or wrong.
     fn rounds(
         &mut self,
-        w: &RoundsWire,
-        models: &BTreeMap<String, ModelWire>,
+        w: &RoundsParts,
+        models: Option<&BTreeMap<String, ModelEntry>>,
     ) -> Option<RoundsSpec> {
         let errors_before = self.errors.len();
-        let count = w.count.unwrap_or(1);
-        self.expect(
-            "rounds.count",
-            (1..=100).contains(&count),
-            "between 1 and 100",
-            count,
-        );
+        let count = w.count.map(|count| {
+            let count = count.unwrap_or(1);
+            self.expect(
+                "rounds.count",
+                (1..=100).contains(&count),
+                "between 1 and 100",
+                count,
+            );
+            count
+        });
 
-        self.model_ref("rounds.generate.model", &w.generate.model, models);
-        let n = w.generate.n.unwrap_or(1);
-        self.expect(
-            "rounds.generate.n",
-            (1..=64).contains(&n),
-            "between 1 and 64",
-            n,
-        );
-        let generate = GenerateStage {
-            model: w.generate.model.clone(),
-            sampling: self.sampling("rounds.generate.sampling", &w.generate.sampling),
-            n,
-        };
+        let generate = w.generate.as_ref().map(|g| {
+            self.model_ref("rounds.generate.model", &g.model, models);
+            let n = g.n.unwrap_or(1);
+            self.expect(
+                "rounds.generate.n",
+                (1..=64).contains(&n),
+                "between 1 and 64",
+                n,
+            );
+            GenerateStage {
+                model: g.model.clone(),
+                sampling: self.sampling("rounds.generate.sampling", &g.sampling),
+                n,
+            }
+        });
 
-        self.model_ref("rounds.correct.model", &w.correct.model, models);
-        let template = self.template(w.correct.template.as_deref());
-        let correct_sampling = self.sampling("rounds.correct.sampling", &w.correct.sampling);
+        let correct = w.correct.as_ref().and_then(|c| {
+            self.model_ref("rounds.correct.model", &c.model, models);
+            let template = self.template(c.template.as_deref());
+            let sampling = self.sampling("rounds.correct.sampling", &c.sampling);
+            Some(CorrectStage {
+                model: c.model.clone(),
+                template: template?,
+                sampling,
+            })
+        });
 
-        let synthesize = self.synthesize(w.synthesize.clone().unwrap_or_default());
-        let generate_is_openai = models
-            .get(&w.generate.model)
-            .is_some_and(|m| m.kind == ModelKind::Openai);
-        let train = w
-            .train
+        let synthesize = w
+            .synthesize
             .as_ref()
-            .map(|t| self.train(t, generate_is_openai, &w.generate.model));
+            .map(|s| self.synthesize(s.clone().unwrap_or_default()));
+        // The `kind` of the generate model, when both are readable.
+        let generate_is_openai = w.generate.as_ref().is_some_and(|g| {
+            models
+                .and_then(|m| m.get(&g.model))
+                .is_some_and(|m| m.kind == Some(ModelKind::Openai))
+        });
+        let generate_model = w.generate.as_ref().map_or("", |g| g.model.as_str());
+        let train = w.train.as_ref().map(|t| {
+            t.as_ref()
+                .map(|t| self.train(t, generate_is_openai, generate_model))
+        });
         let evaluate = w.evaluate.as_ref().map(|e| {
-            if let Some(judge) = &e.judge {
-                self.model_ref("rounds.evaluate.judge", judge, models);
-            }
-            EvaluateStage {
-                judge: e.judge.clone(),
-                metrics: e.metrics.clone(),
-                extra: serde_json::Value::Object(e.extra.clone()),
-            }
+            e.as_ref().map(|e| {
+                if let Some(judge) = &e.judge {
+                    self.model_ref("rounds.evaluate.judge", judge, models);
+                }
+                EvaluateStage {
+                    judge: e.judge.clone(),
+                    metrics: e.metrics.clone(),
+                    extra: serde_json::Value::Object(e.extra.clone()),
+                }
+            })
         });
         if self.errors.len() != errors_before {
             return None;
         }
         Some(RoundsSpec {
-            count,
-            generate,
-            correct: CorrectStage {
-                model: w.correct.model.clone(),
-                template: template?,
-                sampling: correct_sampling,
+            count: count?,
+            generate: generate?,
+            correct: correct?,
+            synthesize: synthesize?,
+            train: match train? {
+                Some(t) => Some(t?),
+                None => None,
             },
-            synthesize,
-            train: train.flatten(),
-            evaluate,
+            evaluate: evaluate?,
         })
     }
 
@@ -1284,9 +1548,9 @@ impl Ctx<'_> {
                 let cmd_path = p("backend.command");
                 let command = match &b.command {
                     None => {
-                        self.err(
+                        self.missing(
                             &p("backend"),
-                            Anchor::Key,
+                            "command",
                             "missing field `command` for `kind: command`",
                             Some("e.g. `command: \"python train.py --data {data} --model {base_model} --out {output_dir}\"`".into()),
                         );
@@ -1310,9 +1574,9 @@ impl Ctx<'_> {
                     }),
                 };
                 if b.serve_model.is_none() && generate_is_openai {
-                    self.err(
+                    self.missing(
                         &p("backend"),
-                        Anchor::Key,
+                        "serve_model",
                         format!("`serve_model` is required: the generate model `{generate_model}` is `kind: openai`"),
                         Some("the name under which your server will serve the new checkpoint, e.g. `serve_model: \"ckpt-round-{round}\"` (`{round}` and `{output_dir}` are filled in)".into()),
                     );

@@ -1,7 +1,9 @@
 //! The pipeline file as written: serde structs that mirror the YAML one to one.
 //!
 //! Every block denies unknown fields (except `rounds.evaluate`, which keeps the rest of its
-//! keys for later), so a typo is an error rather than a silently ignored setting. Values are
+//! keys for later), so a typo is an error rather than a silently ignored setting. The
+//! allowed keys of each block are also listed in [`KNOWN_FIELDS`], so that validation can
+//! report every unknown key of a file in one pass; a test keeps the two in step. Values are
 //! still raw here: paths are not resolved, `${VAR}`s are not expanded, ranges are not
 //! checked, model names are not cross-referenced. `validate.rs` turns these into the types
 //! of `types.rs`.
@@ -32,7 +34,141 @@ pub(crate) const ROUNDS_FIELDS: &[&str] = &[
     "evaluate",
 ];
 
-/// The whole file.
+/// Keys allowed in each `models.<name>:` entry, in the order of [`ModelWire`].
+pub(crate) const MODEL_FIELDS: &[&str] = &[
+    "kind",
+    "base_url",
+    "model",
+    "api_key_env",
+    "max_concurrency",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "timeout",
+    "max_retries",
+    "path",
+    "hub",
+    "revision",
+    "dtype",
+];
+
+/// Keys allowed under `prompts:`, in the order of [`PromptsWire`].
+pub(crate) const PROMPTS_FIELDS: &[&str] = &[
+    "source",
+    "format",
+    "fields",
+    "system_prompt",
+    "sample",
+    "seed",
+    "holdout",
+];
+
+/// Keys allowed under `prompts.fields:`, in the order of [`FieldsWire`].
+pub(crate) const PROMPT_COLUMNS_FIELDS: &[&str] = &["prompt", "id", "system", "metadata"];
+
+/// Keys allowed under `sampling:`, in the order of [`SamplingWire`].
+pub(crate) const SAMPLING_FIELDS: &[&str] = &[
+    "temperature",
+    "top_p",
+    "top_k",
+    "max_tokens",
+    "frequency_penalty",
+    "presence_penalty",
+    "repetition_penalty",
+    "seed",
+    "stop",
+];
+
+/// Keys allowed under `rounds.generate:`, in the order of [`GenerateWire`].
+pub(crate) const GENERATE_FIELDS: &[&str] = &["model", "n", "sampling"];
+
+/// Keys allowed under `rounds.correct:`, in the order of [`CorrectWire`].
+pub(crate) const CORRECT_FIELDS: &[&str] = &["model", "template", "sampling"];
+
+/// Keys allowed under `rounds.synthesize:`, in the order of [`SynthesizeWire`].
+pub(crate) const SYNTHESIZE_FIELDS: &[&str] = &[
+    "drop_identical",
+    "min_edit_distance",
+    "length_ratio",
+    "drop_empty",
+    "drop_truncated",
+    "dedupe_prompts",
+    "max_pairs",
+];
+
+/// Keys allowed under `rounds.train:`, in the order of [`TrainWire`].
+pub(crate) const TRAIN_FIELDS: &[&str] = &[
+    "method",
+    "beta",
+    "loss",
+    "learning_rate",
+    "epochs",
+    "batch_size",
+    "gradient_accumulation",
+    "max_length",
+    "warmup_ratio",
+    "reference",
+    "backend",
+];
+
+/// Keys allowed under `rounds.train.backend:`, in the order of [`BackendWire`].
+pub(crate) const BACKEND_FIELDS: &[&str] =
+    &["kind", "command", "format", "conversational", "serve_model"];
+
+/// The one table of allowed keys: for each YAML path pattern (`*` stands for any key, e.g.
+/// a model name), the keys its mapping may have. Validation reports and drops every other
+/// key before deserializing, so that all unknown keys of a file are reported at once and
+/// the rest of each block is still checked. `rounds.evaluate` is absent: it keeps unknown
+/// keys. A unit test checks each list against what serde accepts.
+pub(crate) const KNOWN_FIELDS: &[(&str, &[&str])] = &[
+    ("", ROOT_FIELDS),
+    ("models.*", MODEL_FIELDS),
+    ("prompts", PROMPTS_FIELDS),
+    ("prompts.fields", PROMPT_COLUMNS_FIELDS),
+    ("rounds", ROUNDS_FIELDS),
+    ("rounds.generate", GENERATE_FIELDS),
+    ("rounds.generate.sampling", SAMPLING_FIELDS),
+    ("rounds.correct", CORRECT_FIELDS),
+    ("rounds.correct.sampling", SAMPLING_FIELDS),
+    ("rounds.synthesize", SYNTHESIZE_FIELDS),
+    ("rounds.train", TRAIN_FIELDS),
+    ("rounds.train.backend", BACKEND_FIELDS),
+];
+
+/// The allowed keys of the mapping at path pattern `pattern`, if it is checked.
+pub(crate) fn known_fields(pattern: &str) -> Option<&'static [&'static str]> {
+    KNOWN_FIELDS
+        .iter()
+        .find(|(p, _)| *p == pattern)
+        .map(|(_, fields)| *fields)
+}
+
+/// The pattern of the child `key` of the node at pattern `parent`: `models` + `up` ->
+/// `models.*`, `rounds` + `train` -> `rounds.train`.
+pub(crate) fn child_pattern(parent: &str, key: &str) -> String {
+    let join = |k: &str| {
+        if parent.is_empty() {
+            k.to_string()
+        } else {
+            format!("{parent}.{k}")
+        }
+    };
+    let wildcard = join("*");
+    let is_wildcard = KNOWN_FIELDS.iter().any(|(p, _)| {
+        *p == wildcard
+            || p.strip_prefix(wildcard.as_str())
+                .is_some_and(|rest| rest.starts_with('.'))
+    });
+    if is_wildcard {
+        wildcard
+    } else {
+        join(key)
+    }
+}
+
+/// The whole file. Validation deserializes it block by block (each field on its own), so
+/// the fields are not read: the struct gives the message for a file that is not a mapping
+/// and is the reference that [`ROOT_FIELDS`] is tested against.
+#[allow(dead_code)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
     deny_unknown_fields,
@@ -224,7 +360,9 @@ pub struct FieldsWire {
     pub metadata: Vec<String>,
 }
 
-/// `rounds:`.
+/// `rounds:`. As with [`PipelineWire`], validation deserializes each stage on its own; the
+/// struct gives the message for a `rounds` that is not a mapping.
+#[allow(dead_code)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
     deny_unknown_fields,

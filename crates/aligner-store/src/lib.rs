@@ -161,6 +161,41 @@ impl Store {
             .ok_or_else(|| Error::NoSuchRun(id_or_name.to_string()))
     }
 
+    /// Another unfinished run of this pipeline whose lease is live (a process started it at the
+    /// same moment as us).
+    pub async fn other_live_run(&self, name: &str, except_id: i64, now_ms: i64) -> Result<Option<RunRow>> {
+        Ok(sqlx::query_as::<_, RunRow>(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND id != ? AND status IN ('running', 'failed')
+               AND lease_holder IS NOT NULL AND lease_expires_ms >= ? ORDER BY id LIMIT 1"
+        ))
+        .bind(name)
+        .bind(except_id)
+        .bind(now_ms)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Removes a run that has nothing recorded yet (a duplicate created by a race).
+    pub async fn delete_empty_run(&self, run_id: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let has_work: i64 = sqlx::query_scalar(
+            "SELECT (SELECT count(*) FROM stage_executions WHERE run_id = ?1) + (SELECT count(*) FROM events WHERE run_id = ?1)",
+        )
+        .bind(run_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        if has_work == 0 {
+            sqlx::query("DELETE FROM runs WHERE id = ?").bind(run_id).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Whether a stage of a round has finished.
+    pub async fn stage_done(&self, run_id: i64, round: i64, stage: &str) -> Result<bool> {
+        Ok(self.stage(run_id, round, stage).await?.is_some_and(|s| s.status == "done"))
+    }
+
     pub async fn latest_run(&self) -> Result<Option<RunRow>> {
         Ok(sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id DESC LIMIT 1"))
             .fetch_optional(&self.pool)
@@ -719,12 +754,19 @@ impl Store {
 
     pub async fn training_job(&self, run_id: i64, round: i64) -> Result<Option<TrainingJobRow>> {
         Ok(sqlx::query_as::<_, TrainingJobRow>(
-            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error FROM training_jobs WHERE run_id = ? AND round = ?",
+            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, pgid FROM training_jobs WHERE run_id = ? AND round = ?",
         )
         .bind(run_id)
         .bind(round)
         .fetch_optional(&self.pool)
         .await?)
+    }
+
+    /// Records the process group of the running train command, so a resumed run can stop a
+    /// trainer that outlived a killed `aligner`.
+    pub async fn set_training_pgid(&self, job_id: i64, pgid: Option<i64>) -> Result<()> {
+        sqlx::query("UPDATE training_jobs SET pgid = ? WHERE id = ?").bind(pgid).bind(job_id).execute(&self.pool).await?;
+        Ok(())
     }
 
     pub async fn append_training_logs(&self, job_id: i64, attempt: i64, lines: &[(String, String)]) -> Result<()> {

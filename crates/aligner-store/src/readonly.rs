@@ -1,7 +1,7 @@
 //! The read-only SQL surface behind `aligner sql`: one statement, no writes, rows as JSON values.
 
 use serde::Serialize;
-use sqlx::{Column, Row, SqlitePool, TypeInfo, ValueRef};
+use sqlx::{Column, Executor, Row, SqlitePool, TypeInfo, ValueRef};
 
 use crate::Error;
 
@@ -65,7 +65,8 @@ pub(crate) async fn query(pool: &SqlitePool, sql: &str) -> Result<QueryResult, E
     })?;
     let columns = match rows.first() {
         Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
-        None => Vec::new(),
+        // No rows: ask SQLite for the statement's columns so the header still prints.
+        None => pool.describe(sql).await.map(|d| d.columns().iter().map(|c| c.name().to_string()).collect()).unwrap_or_default(),
     };
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {

@@ -238,6 +238,7 @@ pub struct TrainingJobRow {
     pub exit_code: Option<i64>,
     pub output_dir: String,
     pub error: Option<String>,
+    pub pgid: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]

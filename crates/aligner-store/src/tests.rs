@@ -125,6 +125,12 @@ async fn items_are_recorded_once_and_summarized() {
     let summary = &store.round_summaries(run).await.unwrap()[0];
     assert_eq!(summary.copy_rate, Some(0.5));
     assert_eq!(summary.drop_reasons.as_deref(), Some(r#"{"identical":1}"#));
+    // Only rounds whose synthesize stage finished show in `pairs_latest`.
+    let latest = store.query_read_only("SELECT prompt, chosen FROM pairs_latest").await.unwrap();
+    assert!(latest.rows.is_empty());
+    assert_eq!(latest.columns, ["prompt", "chosen"], "columns even without rows");
+    store.start_stage(run, 1, "synthesize", Some(2)).await.unwrap();
+    store.finish_stage(run, 1, "synthesize", "done", 1, 1, None).await.unwrap();
     let latest = store.query_read_only("SELECT prompt, chosen FROM pairs_latest").await.unwrap();
     assert_eq!(latest.rows, vec![vec![serde_json::json!("b"), serde_json::json!("better y")]]);
 }
