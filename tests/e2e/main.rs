@@ -399,7 +399,7 @@ fn sigterm_finishes_in_flight_items_and_releases_the_lease() {
     let server = aligner_mockserver::spawn_in_thread(MockConfig { latency: Duration::from_millis(50), ..Default::default() });
     let dir = setup(&server, 150, &[], 1, 4, false);
     let d = dir.path();
-    let mut child = spawn_run(d);
+    let child = spawn_run(d);
     wait_until("some generations", Duration::from_secs(60), || {
         let o = run(&["sql", "--store", "s.db", "--format", "csv", "SELECT count(*) FROM generations"], d);
         String::from_utf8_lossy(&o.stdout).lines().nth(1).and_then(|n| n.parse::<i64>().ok()).unwrap_or(0) >= 20
