@@ -90,7 +90,7 @@ pub fn print_summaries(rounds: &[RoundSummary]) {
             r.copy_rate.map(|c| format!("{:.1}%", c * 100.0)).unwrap_or_default(),
             r.mean_len_original.map(|v| format!("{v:.0}")).unwrap_or_default(),
             r.mean_len_correction.map(|v| format!("{v:.0}")).unwrap_or_default(),
-            r.drop_reasons.clone().unwrap_or_default(),
+            r.drop_reasons.clone().filter(|d| d != "{}").unwrap_or_default(),
         ]);
     }
     println!("{t}");

@@ -252,7 +252,12 @@ impl std::fmt::Debug for MockServer {
 impl MockServer {
     /// Binds `127.0.0.1:0` and serves on the current tokio runtime.
     pub async fn start(config: MockConfig) -> std::io::Result<MockServer> {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+        MockServer::start_on(SocketAddr::from(([127, 0, 0, 1], 0)), config).await
+    }
+
+    /// Binds `addr` and serves on the current tokio runtime.
+    pub async fn start_on(addr: SocketAddr, config: MockConfig) -> std::io::Result<MockServer> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared::new(config));
         let app = handlers::router(shared.clone());
