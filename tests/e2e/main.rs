@@ -415,3 +415,18 @@ fn sigterm_finishes_in_flight_items_and_releases_the_lease() {
     assert!(o.status.success(), "{}", text(&o));
     assert_exactly_once(d, 1);
 }
+
+#[test]
+fn two_runs_started_together_drive_one_run() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig { latency: Duration::from_millis(30), ..Default::default() });
+    let dir = setup(&server, 60, &[], 1, 2, false);
+    let d = dir.path();
+    let a = spawn_run(d);
+    let b = spawn_run(d);
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    let mut codes = [a.status.code(), b.status.code()];
+    codes.sort();
+    assert_eq!(codes, [Some(0), Some(3)], "one drives, one is refused:\n{}\n{}", text(&a), text(&b));
+    assert_eq!(scalar(d, "SELECT count(*) FROM runs"), 1);
+    assert_exactly_once(d, 1);
+}

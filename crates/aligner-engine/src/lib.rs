@@ -182,18 +182,17 @@ impl Engine {
         };
         let lease = lease::Lease::acquire(&self.store, run_id, self.interrupt.clone()).await?;
         if !resumed && !options.new_run {
-            // Two `aligner run`s of a fresh pipeline started at the same moment both found no
-            // unfinished run and both created one: the younger one steps back.
-            if let Some(other) = self.store.other_live_run(&self.spec.name, run_id, lease::now_ms()).await? {
-                if other.id < run_id {
-                    lease.release(&self.store).await;
-                    self.store.delete_empty_run(run_id).await?;
-                    return Err(Error::Store(aligner_store::Error::LeaseHeld {
-                        run: other.id,
-                        holder: other.lease_holder.unwrap_or_default(),
-                        expires: "a few seconds".into(),
-                    }));
-                }
+            // We created a run because none was unfinished. If an older unfinished one exists
+            // now, another `aligner run` of this pipeline created it at the same moment: the
+            // younger run steps back, so one pipeline is never driven twice.
+            if let Some(other) = self.store.older_unfinished_run(&self.spec.name, run_id).await? {
+                lease.release(&self.store).await;
+                self.store.delete_empty_run(run_id).await?;
+                return Err(Error::Store(aligner_store::Error::LeaseHeld {
+                    run: other.id,
+                    holder: other.lease_holder.unwrap_or_else(|| "another process".into()),
+                    expires: "a few seconds".into(),
+                }));
             }
         }
         let result = match self.drive(run_id, resumed, options, &lease).await {

@@ -68,7 +68,19 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(|source| Error::Open { path: path.into(), source })?;
-        MIGRATOR.run(&pool).await.map_err(|source| Error::Migrate { path: path.into(), source })?;
+        // Two processes opening a new file at once both try to apply the migrations; the
+        // loser's transaction fails once the winner's commits, and a second pass finds them applied.
+        let mut attempt = 0;
+        loop {
+            match MIGRATOR.run(&pool).await {
+                Ok(()) => break,
+                Err(_) if attempt < 3 => {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(source) => return Err(Error::Migrate { path: path.into(), source }),
+            }
+        }
         Ok(Store { pool, path: path.into() })
     }
 
@@ -161,16 +173,14 @@ impl Store {
             .ok_or_else(|| Error::NoSuchRun(id_or_name.to_string()))
     }
 
-    /// Another unfinished run of this pipeline whose lease is live (a process started it at the
-    /// same moment as us).
-    pub async fn other_live_run(&self, name: &str, except_id: i64, now_ms: i64) -> Result<Option<RunRow>> {
+    /// An older unfinished run of this pipeline than `run_id` (another process created it at
+    /// the same moment as us).
+    pub async fn older_unfinished_run(&self, name: &str, run_id: i64) -> Result<Option<RunRow>> {
         Ok(sqlx::query_as::<_, RunRow>(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND id != ? AND status IN ('running', 'failed')
-               AND lease_holder IS NOT NULL AND lease_expires_ms >= ? ORDER BY id LIMIT 1"
+            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND id < ? AND status IN ('running', 'failed') ORDER BY id DESC LIMIT 1"
         ))
         .bind(name)
-        .bind(except_id)
-        .bind(now_ms)
+        .bind(run_id)
         .fetch_optional(&self.pool)
         .await?)
     }
