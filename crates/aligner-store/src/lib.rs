@@ -63,11 +63,19 @@ impl Store {
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Duration::from_secs(30))
             .foreign_keys(true);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(4)
-            .connect_with(options)
-            .await
-            .map_err(|source| Error::Open { path: path.into(), source })?;
+        // Switching a new file to WAL needs a moment of exclusive access, which SQLite refuses
+        // at once (no busy wait) when another process is opening the same file: retry briefly.
+        let mut tries = 0;
+        let pool = loop {
+            match SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await {
+                Ok(pool) => break pool,
+                Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("5") && tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(20 + 10 * tries)).await;
+                }
+                Err(source) => return Err(Error::Open { path: path.into(), source }),
+            }
+        };
         // Two processes opening a new file at once both try to apply the migrations; the
         // loser's transaction fails once the winner's commits, and a second pass finds them applied.
         let mut attempt = 0;
