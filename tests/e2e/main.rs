@@ -266,6 +266,25 @@ fn two_rounds_end_to_end_through_faults() {
     let o = run(&["export", "--store", "s.db", "--run", "1", "--round", "1", "--kind", "sft", "--format", "parquet", "--conversational", "--out", "sft.parquet"], d);
     assert!(o.status.success(), "{}", text(&o));
     assert!(std::fs::read(d.join("sft.parquet")).unwrap().starts_with(b"PAR1"));
+    let o = run(&["export", "--store", "s.db", "--run", "1", "--round", "2", "--conversational", "--out", "conv.jsonl"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    // Loaded the way TRL loads preference data.
+    for (file, kind, style) in [("out.jsonl", "dpo", "plain"), ("sft.parquet", "sft", "conversational"), ("conv.jsonl", "dpo", "conversational")] {
+        let o = Command::new("python3")
+            .arg(repo().join("tests/python/check_export.py"))
+            .args([file, kind, style])
+            .current_dir(d)
+            .env("HF_DATASETS_OFFLINE", "1")
+            .env("HF_HUB_OFFLINE", "1")
+            .env("HF_HOME", d.join("hf"))
+            .output()
+            .expect("python3 runs");
+        assert!(o.status.success(), "{file} does not load with `datasets` (scripts/test.sh installs it):\n{}", text(&o));
+        assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok "), "{}", text(&o));
+    }
+    // The round's export is the same file the train command received.
+    let round2 = std::fs::read_to_string(d.join("runs/e2e-1/round-2/pairs.jsonl")).unwrap();
+    assert_eq!(round2, std::fs::read_to_string(d.join("out.jsonl")).unwrap());
 
     // Status and SQL for people.
     let o = run(&["status", "--store", "s.db"], d);

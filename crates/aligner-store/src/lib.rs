@@ -558,14 +558,7 @@ impl Store {
 
     /// (ok, failed) generations of a round.
     pub async fn generation_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
-        let row = sqlx::query(
-            "SELECT coalesce(sum(status = 'ok'), 0), coalesce(sum(status = 'failed'), 0) FROM generations WHERE run_id = ? AND round = ?",
-        )
-        .bind(run_id)
-        .bind(round)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((row.get(0), row.get(1)))
+        self.round_counts("generations", "status = 'ok'", "status = 'failed'", run_id, round).await
     }
 
     // ---------------------------------------------------------------- corrections
@@ -632,14 +625,7 @@ impl Store {
     }
 
     pub async fn correction_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
-        let row = sqlx::query(
-            "SELECT coalesce(sum(status = 'ok'), 0), coalesce(sum(status = 'failed'), 0) FROM corrections WHERE run_id = ? AND round = ?",
-        )
-        .bind(run_id)
-        .bind(round)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((row.get(0), row.get(1)))
+        self.round_counts("corrections", "status = 'ok'", "status = 'failed'", run_id, round).await
     }
 
     // ---------------------------------------------------------------- pairs
@@ -718,14 +704,7 @@ impl Store {
     }
 
     pub async fn pair_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
-        let row = sqlx::query(
-            "SELECT coalesce(sum(verdict = 'kept'), 0), coalesce(sum(verdict = 'dropped'), 0) FROM pairs WHERE run_id = ? AND round = ?",
-        )
-        .bind(run_id)
-        .bind(round)
-        .fetch_one(&self.pool)
-        .await?;
-        Ok((row.get(0), row.get(1)))
+        self.round_counts("pairs", "verdict = 'kept'", "verdict = 'dropped'", run_id, round).await
     }
 
     /// The kept pairs of a round with their prompt, in pair order.
@@ -866,6 +845,17 @@ impl Store {
         .bind(round)
         .fetch_optional(&self.pool)
         .await?)
+    }
+}
+
+impl Store {
+    /// Two conditional counts over one round of a table (`ok`/`failed`, `kept`/`dropped`).
+    async fn round_counts(&self, table: &str, first: &str, second: &str, run_id: i64, round: i64) -> Result<(i64, i64)> {
+        let sql = format!(
+            "SELECT coalesce(sum({first}), 0), coalesce(sum({second}), 0) FROM {table} WHERE run_id = ? AND round = ?"
+        );
+        let row = sqlx::query(&sql).bind(run_id).bind(round).fetch_one(&self.pool).await?;
+        Ok((row.get(0), row.get(1)))
     }
 }
 
