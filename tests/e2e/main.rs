@@ -449,3 +449,28 @@ fn two_runs_started_together_drive_one_run() {
     assert_eq!(scalar(d, "SELECT count(*) FROM runs"), 1);
     assert_exactly_once(d, 1);
 }
+
+#[test]
+fn several_samples_per_prompt_and_repeated_prompts() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut rows: Vec<String> = (0..10).map(|i| serde_json::json!({"prompt": format!("Tell me about topic {i}.")}).to_string()).collect();
+    // The same prompts again, differing only in case and spacing.
+    rows.extend((0..3).map(|i| serde_json::json!({"prompt": format!("  tell me  about TOPIC {i}.")}).to_string()));
+    std::fs::write(d.join("prompts.csv.jsonl"), rows.join("\n")).unwrap();
+    let yaml = format!(
+        "version: 1\nmodels:\n  m: {{kind: openai, base_url: \"{}\", model: m}}\nprompts: {{source: prompts.csv.jsonl, format: jsonl}}\nrounds:\n  count: 1\n  generate: {{model: m, n: 2, sampling: {{seed: 11, max_tokens: 64}}}}\n  correct: {{model: m}}\n",
+        server.base_url
+    );
+    std::fs::write(d.join("p.yaml"), yaml).unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(scalar(d, "SELECT count(*) FROM generations"), 26);
+    // Each sample carries its own seed.
+    assert_eq!(scalar(d, "SELECT count(*) FROM generations WHERE sample_idx = 0 AND sampling LIKE '%\"seed\":11%'"), 13);
+    assert_eq!(scalar(d, "SELECT count(*) FROM generations WHERE sample_idx = 1 AND sampling LIKE '%\"seed\":12%'"), 13);
+    // One pair per prompt text and sample; the repeats are dropped with their reason.
+    assert_eq!(scalar(d, "SELECT count(*) FROM pairs WHERE verdict = 'kept'"), 20);
+    assert_eq!(scalar(d, "SELECT count(*) FROM pairs WHERE reason = 'duplicate_prompt'"), 6);
+}

@@ -13,6 +13,7 @@ use aligner_spec::SynthesizeStage;
 /// One candidate pair, as the store has it.
 #[derive(Debug, Clone, Copy)]
 pub struct Candidate<'a> {
+    /// Normalized prompt text hash and sample index: one kept pair per key.
     pub prompt_hash: &'a str,
     /// `None` when the generation failed.
     pub original: Option<&'a str>,

@@ -372,7 +372,7 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     e.store.start_stage(run_id, round, "synthesize", Some(gen_ok + gen_failed)).await?;
     e.observer.stage_started(ctx.round, Stage::Synthesize, (gen_ok + gen_failed) as u64, (kept0 + dropped0) as u64);
     // The filters' state spans pairs; rebuild it from what is committed.
-    let hashes = e.store.kept_pair_hashes(run_id, round).await?;
+    let hashes = e.store.kept_pair_keys(run_id, round).await?;
     let mut state = FilterState { kept: hashes.len() as u64, kept_prompts: hashes.into_iter().collect() };
     let (mut total_kept, mut total_dropped) = (kept0, dropped0);
     let mut after = 0i64;
@@ -389,7 +389,7 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
             let gen_ok = u.generation_status == "ok";
             let corr_ok = u.correction_status.as_deref() == Some("ok");
             let candidate = Candidate {
-                prompt_hash: &u.prompt_hash,
+                prompt_hash: &u.dedupe_key,
                 original: gen_ok.then_some(u.original.as_deref().unwrap_or("")),
                 original_truncated: u.original_finish.as_deref() == Some("length"),
                 correction: corr_ok.then_some(u.correction.as_deref().unwrap_or("")),

@@ -633,7 +633,7 @@ impl Store {
     /// Generations of the round without a pair verdict yet, with their correction (if any).
     pub async fn unpaired_page(&self, run_id: i64, round: i64, after_id: i64, limit: i64) -> Result<Vec<UnpairedRow>> {
         Ok(sqlx::query_as::<_, UnpairedRow>(
-            "SELECT g.id AS generation_id, g.prompt_id, p.prompt_hash, g.status AS generation_status,
+            "SELECT g.id AS generation_id, g.prompt_id, p.prompt_hash || ':' || g.sample_idx AS dedupe_key, g.status AS generation_status,
                     g.text AS original, g.finish_reason AS original_finish,
                     c.id AS correction_id, c.status AS correction_status, c.text AS correction,
                     c.finish_reason AS correction_finish
@@ -663,11 +663,12 @@ impl Store {
         .await?)
     }
 
-    /// Prompt hashes of the round's kept pairs, and how many pairs are kept (the synthesize
-    /// stage's state, rebuilt on resume).
-    pub async fn kept_pair_hashes(&self, run_id: i64, round: i64) -> Result<Vec<String>> {
+    /// Dedupe keys (prompt hash and sample index) of the round's kept pairs: the synthesize
+    /// stage's state, rebuilt on resume.
+    pub async fn kept_pair_keys(&self, run_id: i64, round: i64) -> Result<Vec<String>> {
         Ok(sqlx::query_scalar(
-            "SELECT pr.prompt_hash FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
+            "SELECT pr.prompt_hash || ':' || g.sample_idx FROM pairs p
+             JOIN prompts pr ON pr.id = p.prompt_id JOIN generations g ON g.id = p.generation_id
              WHERE p.run_id = ? AND p.round = ? AND p.verdict = 'kept'",
         )
         .bind(run_id)

@@ -178,7 +178,8 @@ pub struct NewCorrection {
 pub struct UnpairedRow {
     pub generation_id: i64,
     pub prompt_id: i64,
-    pub prompt_hash: String,
+    /// Prompt hash and sample index: pairs with the same key are duplicates.
+    pub dedupe_key: String,
     pub generation_status: String,
     pub original: Option<String>,
     pub original_finish: Option<String>,
