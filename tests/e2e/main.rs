@@ -474,3 +474,70 @@ fn several_samples_per_prompt_and_repeated_prompts() {
     assert_eq!(scalar(d, "SELECT count(*) FROM pairs WHERE verdict = 'kept'"), 20);
     assert_eq!(scalar(d, "SELECT count(*) FROM pairs WHERE reason = 'duplicate_prompt'"), 6);
 }
+
+#[test]
+fn the_api_key_is_sent_but_never_stored_or_printed() {
+    const KEY: &str = "sk-test-0123456789abcdef";
+    let server = aligner_mockserver::spawn_in_thread(MockConfig { api_key: Some(KEY.into()), ..Default::default() });
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_prompts(d, 5, &[]);
+    let yaml = format!(
+        "version: 1\nmodels:\n  m: {{kind: openai, base_url: \"{}\", model: m, api_key_env: E2E_KEY, max_retries: 1}}\nprompts: {{source: prompts.jsonl}}\nrounds:\n  count: 1\n  generate: {{model: m}}\n  correct: {{model: m}}\n",
+        server.base_url
+    );
+    std::fs::write(d.join("p.yaml"), yaml).unwrap();
+
+    // Unset: a clear error before any request.
+    let o = bin().args(["run", "p.yaml", "--store", "s.db"]).current_dir(d).env_remove("E2E_KEY").output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("environment variable `E2E_KEY`"), "{}", text(&o));
+
+    // Wrong key: every call is refused (401, not retried), the stage fails, the key is not echoed.
+    let o = bin().args(["run", "p.yaml", "--store", "s.db"]).current_dir(d).env("E2E_KEY", "sk-wrong-key-999").output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let t = text(&o);
+    assert!(t.contains("401") && !t.contains("sk-wrong-key-999"), "{t}");
+
+    // Right key: the run resumes, retries the failed items and finishes.
+    let o = bin().args(["run", "p.yaml", "--store", "s.db"]).current_dir(d).env("E2E_KEY", KEY).output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(!text(&o).contains(KEY));
+    assert_exactly_once(d, 1);
+    assert_eq!(scalar(d, "SELECT count(*) FROM generations WHERE status = 'failed'"), 0);
+    // Not in the store file (nor its WAL), in any form.
+    for f in ["s.db", "s.db-wal"] {
+        if let Ok(bytes) = std::fs::read(d.join(f)) {
+            assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()), "key found in {f}");
+            assert!(!bytes.windows(16).any(|w| w == b"sk-wrong-key-999"), "wrong key found in {f}");
+        }
+    }
+}
+
+#[test]
+fn sql_reads_stdin_and_status_speaks_json() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = setup(&server, 8, &[], 1, 4, false);
+    let d = dir.path();
+    assert!(run(&["run", "p.yaml", "--store", "s.db"], d).status.success());
+    let mut child = bin()
+        .args(["sql", "--store", "s.db", "--format", "csv"])
+        .current_dir(d)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(b"SELECT round, pairs_kept FROM round_summary").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("round,pairs_kept\n1,{train}\n"));
+    // An empty result still names its columns.
+    let o = run(&["sql", "--store", "s.db", "--format", "csv", "SELECT id, name FROM runs WHERE id = 99"], d);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "id,name\n");
+    let o = run(&["status", "--store", "s.db", "--json"], d);
+    let v: Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON");
+    assert_eq!(v[0]["run"]["status"], "done");
+    assert_eq!(v[0]["stages"].as_array().unwrap().len(), 4);
+}
