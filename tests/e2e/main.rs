@@ -10,20 +10,33 @@ use serde_json::Value;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_aligner"));
-    c.env("NO_COLOR", "1").env("ALIGNER_BACKOFF_BASE_MS", "2").env_remove("ALIGNER_STORE");
+    c.env("NO_COLOR", "1")
+        .env("ALIGNER_BACKOFF_BASE_MS", "2")
+        .env_remove("ALIGNER_STORE");
     c
 }
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 fn run(args: &[&str], dir: &Path) -> Output {
-    bin().args(args).current_dir(dir).output().expect("aligner runs")
+    bin()
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("aligner runs")
 }
 
 fn text(o: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 /// Rows of a read-only query as JSON objects.
@@ -35,7 +48,11 @@ fn sql(dir: &Path, query: &str) -> Vec<serde_json::Map<String, Value>> {
 
 fn scalar(dir: &Path, query: &str) -> i64 {
     let rows = sql(dir, query);
-    rows[0].values().next().and_then(Value::as_i64).unwrap_or_else(|| panic!("no integer from {query}: {rows:?}"))
+    rows[0]
+        .values()
+        .next()
+        .and_then(Value::as_i64)
+        .unwrap_or_else(|| panic!("no integer from {query}: {rows:?}"))
 }
 
 /// Waits for a condition with a deadline instead of sleeping a fixed time.
@@ -52,7 +69,10 @@ fn write_prompts(dir: &Path, n: usize, extra: &[&str]) {
         .map(|i| serde_json::json!({"id": format!("q{i}"), "prompt": format!("Question number {i}: how do I do task {i} well?"), "category": if i % 2 == 0 { "even" } else { "odd" }}).to_string())
         .collect();
     for (j, p) in extra.iter().enumerate() {
-        lines.push(serde_json::json!({"id": format!("x{j}"), "prompt": p, "category": "extra"}).to_string());
+        lines.push(
+            serde_json::json!({"id": format!("x{j}"), "prompt": p, "category": "extra"})
+                .to_string(),
+        );
     }
     std::fs::write(dir.join("prompts.jsonl"), lines.join("\n") + "\n").unwrap();
 }
@@ -66,7 +86,13 @@ echo "training round $3 on $(wc -l < "$1") pairs from base $4"
 echo '{"model_type": "llama"}' > "$2/config.json"
 "#;
 
-fn pipeline(server: &MockServer, rounds: u32, concurrency: u32, sample_temp: f64, train: bool) -> String {
+fn pipeline(
+    server: &MockServer,
+    rounds: u32,
+    concurrency: u32,
+    sample_temp: f64,
+    train: bool,
+) -> String {
     let train_block = if train {
         r#"  train:
     method: dpo
@@ -119,11 +145,22 @@ rounds:
     )
 }
 
-fn setup(server: &MockServer, prompts: usize, extra: &[&str], rounds: u32, concurrency: u32, train: bool) -> tempfile::TempDir {
+fn setup(
+    server: &MockServer,
+    prompts: usize,
+    extra: &[&str],
+    rounds: u32,
+    concurrency: u32,
+    train: bool,
+) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
     write_prompts(dir.path(), prompts, extra);
     std::fs::write(dir.path().join("train.sh"), TRAIN_SCRIPT).unwrap();
-    std::fs::write(dir.path().join("p.yaml"), pipeline(server, rounds, concurrency, 0.5, train)).unwrap();
+    std::fs::write(
+        dir.path().join("p.yaml"),
+        pipeline(server, rounds, concurrency, 0.5, train),
+    )
+    .unwrap();
     dir
 }
 
@@ -142,14 +179,30 @@ fn assert_exactly_once(dir: &Path, rounds: i64) {
                 .as_i64()
                 .unwrap()
         };
-        assert_eq!(per("generations", "JOIN generations t ON t.id = g.id"), train, "round {round}: one generation per prompt");
-        let gen_failed = scalar(dir, &format!("SELECT count(*) FROM generations WHERE round = {round} AND status = 'failed'"));
         assert_eq!(
-            per("corrections", "JOIN corrections t ON t.generation_id = g.id"),
+            per("generations", "JOIN generations t ON t.id = g.id"),
+            train,
+            "round {round}: one generation per prompt"
+        );
+        let gen_failed = scalar(
+            dir,
+            &format!(
+                "SELECT count(*) FROM generations WHERE round = {round} AND status = 'failed'"
+            ),
+        );
+        assert_eq!(
+            per(
+                "corrections",
+                "JOIN corrections t ON t.generation_id = g.id"
+            ),
             train - gen_failed,
             "round {round}: one correction per successful generation"
         );
-        assert_eq!(per("pairs", "JOIN pairs t ON t.generation_id = g.id"), train, "round {round}: one pair verdict per prompt");
+        assert_eq!(
+            per("pairs", "JOIN pairs t ON t.generation_id = g.id"),
+            train,
+            "round {round}: one pair verdict per prompt"
+        );
     }
 }
 
@@ -163,8 +216,18 @@ fn every_example_pipeline_validates() {
         .collect();
     assert!(!files.is_empty());
     for f in files {
-        let o = bin().arg("validate").arg(&f).current_dir(repo()).output().unwrap();
-        assert!(o.status.success(), "{} does not validate:\n{}", f.display(), text(&o));
+        let o = bin()
+            .arg("validate")
+            .arg(&f)
+            .current_dir(repo())
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "{} does not validate:\n{}",
+            f.display(),
+            text(&o)
+        );
     }
 }
 
@@ -183,13 +246,21 @@ fn broken_pipeline_exits_2_with_location() {
     assert!(t.contains("bad.yaml:13"), "{t}");
     assert!(t.contains("did you mean `temperature`?"), "{t}");
     // Once the types are right, references are checked.
-    let fixed = std::fs::read_to_string(dir.path().join("bad.yaml")).unwrap().replace("temprature", "temperature");
+    let fixed = std::fs::read_to_string(dir.path().join("bad.yaml"))
+        .unwrap()
+        .replace("temprature", "temperature");
     std::fs::write(dir.path().join("bad.yaml"), fixed).unwrap();
     let o = run(&["run", "bad.yaml"], dir.path());
     assert_eq!(o.status.code(), Some(2), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("bad.yaml:15:12") && t.contains("rounds.correct.model") && t.contains("`up`"), "{t}");
-    assert!(!dir.path().join("aligner.db").exists(), "nothing runs before the spec is valid");
+    assert!(
+        t.contains("bad.yaml:15:12") && t.contains("rounds.correct.model") && t.contains("`up`"),
+        "{t}"
+    );
+    assert!(
+        !dir.path().join("aligner.db").exists(),
+        "nothing runs before the spec is valid"
+    );
 }
 
 #[test]
@@ -204,7 +275,17 @@ fn two_rounds_end_to_end_through_faults() {
         fail_prompts_containing: Some("POISON".into()),
         ..Default::default()
     });
-    let dir = setup(&server, 60, &["POISON: this one always fails", "COPY: the aligner copies this answer"], 2, 8, true);
+    let dir = setup(
+        &server,
+        60,
+        &[
+            "POISON: this one always fails",
+            "COPY: the aligner copies this answer",
+        ],
+        2,
+        8,
+        true,
+    );
     let d = dir.path();
     let o = run(&["run", "p.yaml", "--store", "s.db"], d);
     assert!(o.status.success(), "run failed:\n{}", text(&o));
@@ -213,33 +294,63 @@ fn two_rounds_end_to_end_through_faults() {
 
     assert_exactly_once(d, 2);
     let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'");
-    assert_eq!(train + scalar(d, "SELECT count(*) FROM prompts WHERE split = 'holdout'"), 62);
+    assert_eq!(
+        train + scalar(d, "SELECT count(*) FROM prompts WHERE split = 'holdout'"),
+        62
+    );
     // Holdout prompts are never answered.
     assert_eq!(scalar(d, "SELECT count(*) FROM generations g JOIN prompts p ON p.id = g.prompt_id WHERE p.split = 'holdout'"), 0);
     let stats = server.stats();
-    assert!(stats.faults.status_429 > 0 && stats.faults.status_500 > 0 && stats.faults.malformed > 0, "faults were injected: {stats:?}");
+    assert!(
+        stats.faults.status_429 > 0 && stats.faults.status_500 > 0 && stats.faults.malformed > 0,
+        "faults were injected: {stats:?}"
+    );
     // Retries show up in provenance.
-    assert!(scalar(d, "SELECT max(attempts) FROM generations WHERE status = 'ok'") > 1);
+    assert!(
+        scalar(
+            d,
+            "SELECT max(attempts) FROM generations WHERE status = 'ok'"
+        ) > 1
+    );
     // The poisoned prompt (if it is in the training split) failed for good with its error
     // recorded, and its verdict says so; the stage went on.
     let poisoned = sql(d, "SELECT g.round, g.status, g.error, x.reason FROM generations g JOIN prompts p ON p.id = g.prompt_id JOIN pairs x ON x.generation_id = g.id WHERE p.prompt LIKE 'POISON%'");
-    assert_eq!(poisoned.len(), 2, "the poisoned prompt is in the training split and failed in both rounds");
-    assert_eq!(scalar(d, "SELECT sum(generations_failed) FROM round_summary"), 2);
+    assert_eq!(
+        poisoned.len(),
+        2,
+        "the poisoned prompt is in the training split and failed in both rounds"
+    );
+    assert_eq!(
+        scalar(d, "SELECT sum(generations_failed) FROM round_summary"),
+        2
+    );
     for row in &poisoned {
         assert_eq!(row["status"], "failed");
         assert!(row["error"].as_str().unwrap().contains("500"), "{row:?}");
         assert_eq!(row["reason"], "generation_failed");
     }
     let copies = sql(d, "SELECT x.reason FROM pairs x JOIN prompts p ON p.id = x.prompt_id WHERE p.prompt LIKE 'COPY%'");
-    assert!(!copies.is_empty(), "the copied prompt is in the training split");
+    assert!(
+        !copies.is_empty(),
+        "the copied prompt is in the training split"
+    );
     for row in &copies {
         assert_eq!(row["reason"], "identical");
     }
     // Round 2 was answered by round 1's checkpoint, under the name the spec gave it.
     assert_eq!(scalar(d, "SELECT count(*) FROM rounds WHERE round = 2 AND upstream_ref = 'ckpt-round-1' AND checkpoint_id IS NOT NULL"), 1);
-    assert!(stats.per_model.get("ckpt-round-1").copied().unwrap_or(0) > 0, "{stats:?}");
+    assert!(
+        stats.per_model.get("ckpt-round-1").copied().unwrap_or(0) > 0,
+        "{stats:?}"
+    );
     let ok2 = scalar(d, "SELECT count(*) FROM generations WHERE round = 2 AND status = 'ok' AND text LIKE '[ckpt-round-1]%'");
-    assert_eq!(ok2, scalar(d, "SELECT count(*) FROM generations WHERE round = 2 AND status = 'ok'"));
+    assert_eq!(
+        ok2,
+        scalar(
+            d,
+            "SELECT count(*) FROM generations WHERE round = 2 AND status = 'ok'"
+        )
+    );
     // Training ran twice, its output is in the store, checkpoints are registered.
     assert_eq!(scalar(d, "SELECT count(*) FROM training_jobs WHERE status = 'done' AND reference_model = 'mock-upstream'"), 2);
     assert_eq!(scalar(d, "SELECT count(*) FROM checkpoints"), 2);
@@ -256,20 +367,85 @@ fn two_rounds_end_to_end_through_faults() {
         assert!(kept > 0);
     }
     // The API key env var was never set and never needed; no secret-looking text in the store.
-    assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE spec_json LIKE '%sk-%'"), 0);
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM runs WHERE spec_json LIKE '%sk-%'"),
+        0
+    );
 
     // Export, plain and conversational.
-    let o = run(&["export", "--store", "s.db", "--run", "e2e", "--round", "2", "--kind", "dpo", "--out", "out.jsonl"], d);
+    let o = run(
+        &[
+            "export",
+            "--store",
+            "s.db",
+            "--run",
+            "e2e",
+            "--round",
+            "2",
+            "--kind",
+            "dpo",
+            "--out",
+            "out.jsonl",
+        ],
+        d,
+    );
     assert!(o.status.success(), "{}", text(&o));
-    let first: Value = serde_json::from_str(std::fs::read_to_string(d.join("out.jsonl")).unwrap().lines().next().unwrap()).unwrap();
-    assert!(first["prompt"].is_string() && first["chosen"].is_string() && first["rejected"].is_string());
-    let o = run(&["export", "--store", "s.db", "--run", "1", "--round", "1", "--kind", "sft", "--format", "parquet", "--conversational", "--out", "sft.parquet"], d);
+    let first: Value = serde_json::from_str(
+        std::fs::read_to_string(d.join("out.jsonl"))
+            .unwrap()
+            .lines()
+            .next()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        first["prompt"].is_string() && first["chosen"].is_string() && first["rejected"].is_string()
+    );
+    let o = run(
+        &[
+            "export",
+            "--store",
+            "s.db",
+            "--run",
+            "1",
+            "--round",
+            "1",
+            "--kind",
+            "sft",
+            "--format",
+            "parquet",
+            "--conversational",
+            "--out",
+            "sft.parquet",
+        ],
+        d,
+    );
     assert!(o.status.success(), "{}", text(&o));
-    assert!(std::fs::read(d.join("sft.parquet")).unwrap().starts_with(b"PAR1"));
-    let o = run(&["export", "--store", "s.db", "--run", "1", "--round", "2", "--conversational", "--out", "conv.jsonl"], d);
+    assert!(std::fs::read(d.join("sft.parquet"))
+        .unwrap()
+        .starts_with(b"PAR1"));
+    let o = run(
+        &[
+            "export",
+            "--store",
+            "s.db",
+            "--run",
+            "1",
+            "--round",
+            "2",
+            "--conversational",
+            "--out",
+            "conv.jsonl",
+        ],
+        d,
+    );
     assert!(o.status.success(), "{}", text(&o));
     // Loaded the way TRL loads preference data.
-    for (file, kind, style) in [("out.jsonl", "dpo", "plain"), ("sft.parquet", "sft", "conversational"), ("conv.jsonl", "dpo", "conversational")] {
+    for (file, kind, style) in [
+        ("out.jsonl", "dpo", "plain"),
+        ("sft.parquet", "sft", "conversational"),
+        ("conv.jsonl", "dpo", "conversational"),
+    ] {
         let o = Command::new("python3")
             .arg(repo().join("tests/python/check_export.py"))
             .args([file, kind, style])
@@ -279,16 +455,31 @@ fn two_rounds_end_to_end_through_faults() {
             .env("HF_HOME", d.join("hf"))
             .output()
             .expect("python3 runs");
-        assert!(o.status.success(), "{file} does not load with `datasets` (scripts/test.sh installs it):\n{}", text(&o));
-        assert!(String::from_utf8_lossy(&o.stdout).starts_with("ok "), "{}", text(&o));
+        assert!(
+            o.status.success(),
+            "{file} does not load with `datasets` (scripts/test.sh installs it):\n{}",
+            text(&o)
+        );
+        assert!(
+            String::from_utf8_lossy(&o.stdout).starts_with("ok "),
+            "{}",
+            text(&o)
+        );
     }
     // The round's export is the same file the train command received.
     let round2 = std::fs::read_to_string(d.join("runs/e2e-1/round-2/pairs.jsonl")).unwrap();
-    assert_eq!(round2, std::fs::read_to_string(d.join("out.jsonl")).unwrap());
+    assert_eq!(
+        round2,
+        std::fs::read_to_string(d.join("out.jsonl")).unwrap()
+    );
 
     // Status and SQL for people.
     let o = run(&["status", "--store", "s.db"], d);
-    assert!(o.status.success() && text(&o).contains("synthesize"), "{}", text(&o));
+    assert!(
+        o.status.success() && text(&o).contains("synthesize"),
+        "{}",
+        text(&o)
+    );
     let o = run(&["sql", "--store", "s.db", "DELETE FROM pairs"], d);
     assert_eq!(o.status.code(), Some(1));
     assert!(text(&o).contains("only reads"), "{}", text(&o));
@@ -323,13 +514,18 @@ fn kill_9_mid_stage_then_resume_loses_and_duplicates_nothing() {
         let o = run(&["sql", "--store", "s.db", "--format", "json", q], d);
         serde_json::from_slice::<Vec<serde_json::Map<String, Value>>>(&o.stdout)
             .ok()
-            .and_then(|rows| rows.first().and_then(|r| r.values().next().and_then(Value::as_i64)))
+            .and_then(|rows| {
+                rows.first()
+                    .and_then(|r| r.values().next().and_then(Value::as_i64))
+            })
             .unwrap_or(0)
     };
 
     // Kill during round 1's generate stage.
     let mut child = spawn_run(d);
-    wait_until("some generations", Duration::from_secs(60), || count("SELECT count(*) FROM generations") >= 40);
+    wait_until("some generations", Duration::from_secs(60), || {
+        count("SELECT count(*) FROM generations") >= 40
+    });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let committed = count("SELECT count(*) FROM generations");
@@ -348,26 +544,61 @@ fn kill_9_mid_stage_then_resume_loses_and_duplicates_nothing() {
     let o = run(&["resume", "1", "--store", "s.db"], d);
     assert!(o.status.success(), "resume failed:\n{}", text(&o));
     assert_exactly_once(d, 2);
-    assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE id = 1 AND status = 'done'"), 1);
-    assert_eq!(scalar(d, "SELECT count(*) FROM runs"), 1, "resumed, not restarted");
-    assert!(scalar(d, "SELECT executions FROM stage_executions WHERE round = 1 AND stage = 'generate'") == 2);
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM runs WHERE id = 1 AND status = 'done'"
+        ),
+        1
+    );
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM runs"),
+        1,
+        "resumed, not restarted"
+    );
+    assert!(
+        scalar(
+            d,
+            "SELECT executions FROM stage_executions WHERE round = 1 AND stage = 'generate'"
+        ) == 2
+    );
     // Nothing finished was asked again: the server answered at most what was committed plus
     // what was in flight or not yet flushed at each kill.
     let committed = scalar(d, "SELECT (SELECT count(*) FROM generations WHERE status = 'ok') + (SELECT count(*) FROM corrections WHERE status = 'ok')");
     let answered = server.stats().ok as i64;
-    assert!(answered >= committed && answered <= committed + 60, "answered {answered}, committed {committed}");
+    assert!(
+        answered >= committed && answered <= committed + 60,
+        "answered {answered}, committed {committed}"
+    );
 }
 
 #[test]
 fn a_second_concurrent_run_is_refused_and_a_changed_spec_too() {
-    let server = aligner_mockserver::spawn_in_thread(MockConfig { latency: Duration::from_millis(200), ..Default::default() });
+    let server = aligner_mockserver::spawn_in_thread(MockConfig {
+        latency: Duration::from_millis(200),
+        ..Default::default()
+    });
     let dir = setup(&server, 50, &[], 1, 2, false);
     let d = dir.path();
     let mut first = spawn_run(d);
-    wait_until("the first run to hold its lease", Duration::from_secs(60), || {
-        let o = run(&["sql", "--store", "s.db", "--format", "csv", "SELECT count(*) FROM runs WHERE lease_holder IS NOT NULL"], d);
-        String::from_utf8_lossy(&o.stdout).lines().nth(1) == Some("1")
-    });
+    wait_until(
+        "the first run to hold its lease",
+        Duration::from_secs(60),
+        || {
+            let o = run(
+                &[
+                    "sql",
+                    "--store",
+                    "s.db",
+                    "--format",
+                    "csv",
+                    "SELECT count(*) FROM runs WHERE lease_holder IS NOT NULL",
+                ],
+                d,
+            );
+            String::from_utf8_lossy(&o.stdout).lines().nth(1) == Some("1")
+        },
+    );
     let o = run(&["run", "p.yaml", "--store", "s.db"], d);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let t = text(&o);
@@ -380,14 +611,21 @@ fn a_second_concurrent_run_is_refused_and_a_changed_spec_too() {
     let o = run(&["run", "p.yaml", "--store", "s.db"], d);
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("`rounds.generate.sampling.temperature` (0.5 -> 0.9)"), "{t}");
+    assert!(
+        t.contains("`rounds.generate.sampling.temperature` (0.5 -> 0.9)"),
+        "{t}"
+    );
     assert!(t.contains("--new"), "{t}");
 
     // Connection tuning may change between a crash and its resume.
     std::fs::write(d.join("p.yaml"), pipeline(&server, 1, 6, 0.5, false)).unwrap();
     let o = run(&["run", "p.yaml", "--store", "s.db"], d);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(scalar(d, "SELECT count(*) FROM runs"), 1, "the same run was continued");
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM runs"),
+        1,
+        "the same run was continued"
+    );
     assert_exactly_once(d, 1);
 }
 
@@ -396,40 +634,84 @@ fn a_failing_train_command_fails_the_run_with_its_output() {
     let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
     let dir = setup(&server, 10, &[], 2, 4, true);
     let d = dir.path();
-    std::fs::write(d.join("train.sh"), "echo 'CUDA out of memory' >&2; exit 3\n").unwrap();
+    std::fs::write(
+        d.join("train.sh"),
+        "echo 'CUDA out of memory' >&2; exit 3\n",
+    )
+    .unwrap();
     let o = run(&["run", "p.yaml", "--store", "s.db"], d);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let t = text(&o);
-    assert!(t.contains("train command exited with 3") && t.contains("CUDA out of memory"), "{t}");
+    assert!(
+        t.contains("train command exited with 3") && t.contains("CUDA out of memory"),
+        "{t}"
+    );
     assert_eq!(scalar(d, "SELECT count(*) FROM training_logs WHERE stream = 'stderr' AND line = 'CUDA out of memory'"), 1);
-    assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE status = 'failed'"), 1);
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM runs WHERE status = 'failed'"),
+        1
+    );
     // Fixing the trainer and running again resumes at the train stage: nothing regenerated.
     std::fs::write(d.join("train.sh"), TRAIN_SCRIPT).unwrap();
     let before = server.stats().ok;
     let o = run(&["run", "p.yaml", "--store", "s.db"], d);
     assert!(o.status.success(), "{}", text(&o));
-    assert_eq!(scalar(d, "SELECT attempts FROM training_jobs WHERE round = 1"), 2);
+    assert_eq!(
+        scalar(d, "SELECT attempts FROM training_jobs WHERE round = 1"),
+        2
+    );
     let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'") as u64;
-    assert_eq!(server.stats().ok - before, 2 * train, "only round 2's calls were made");
+    assert_eq!(
+        server.stats().ok - before,
+        2 * train,
+        "only round 2's calls were made"
+    );
 }
 
 #[test]
 fn sigterm_finishes_in_flight_items_and_releases_the_lease() {
-    let server = aligner_mockserver::spawn_in_thread(MockConfig { latency: Duration::from_millis(50), ..Default::default() });
+    let server = aligner_mockserver::spawn_in_thread(MockConfig {
+        latency: Duration::from_millis(50),
+        ..Default::default()
+    });
     let dir = setup(&server, 150, &[], 1, 4, false);
     let d = dir.path();
     let child = spawn_run(d);
     wait_until("some generations", Duration::from_secs(60), || {
-        let o = run(&["sql", "--store", "s.db", "--format", "csv", "SELECT count(*) FROM generations"], d);
-        String::from_utf8_lossy(&o.stdout).lines().nth(1).and_then(|n| n.parse::<i64>().ok()).unwrap_or(0) >= 20
+        let o = run(
+            &[
+                "sql",
+                "--store",
+                "s.db",
+                "--format",
+                "csv",
+                "SELECT count(*) FROM generations",
+            ],
+            d,
+        );
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|n| n.parse::<i64>().ok())
+            .unwrap_or(0)
+            >= 20
     });
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{}", text(&out));
     assert!(text(&out).contains("aligner resume 1"), "{}", text(&out));
     // Clean stop: lease released, run resumable, nothing half-written.
-    assert_eq!(scalar(d, "SELECT count(*) FROM runs WHERE status = 'running' AND lease_holder IS NULL"), 1);
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM runs WHERE status = 'running' AND lease_holder IS NULL"
+        ),
+        1
+    );
     let o = run(&["resume", "1", "--store", "s.db"], d);
     assert!(o.status.success(), "{}", text(&o));
     assert_exactly_once(d, 1);
@@ -437,7 +719,10 @@ fn sigterm_finishes_in_flight_items_and_releases_the_lease() {
 
 #[test]
 fn two_runs_started_together_drive_one_run() {
-    let server = aligner_mockserver::spawn_in_thread(MockConfig { latency: Duration::from_millis(30), ..Default::default() });
+    let server = aligner_mockserver::spawn_in_thread(MockConfig {
+        latency: Duration::from_millis(30),
+        ..Default::default()
+    });
     let dir = setup(&server, 60, &[], 1, 2, false);
     let d = dir.path();
     let a = spawn_run(d);
@@ -445,7 +730,13 @@ fn two_runs_started_together_drive_one_run() {
     let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
     let mut codes = [a.status.code(), b.status.code()];
     codes.sort();
-    assert_eq!(codes, [Some(0), Some(3)], "one drives, one is refused:\n{}\n{}", text(&a), text(&b));
+    assert_eq!(
+        codes,
+        [Some(0), Some(3)],
+        "one drives, one is refused:\n{}\n{}",
+        text(&a),
+        text(&b)
+    );
     assert_eq!(scalar(d, "SELECT count(*) FROM runs"), 1);
     assert_exactly_once(d, 1);
 }
@@ -455,9 +746,13 @@ fn several_samples_per_prompt_and_repeated_prompts() {
     let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mut rows: Vec<String> = (0..10).map(|i| serde_json::json!({"prompt": format!("Tell me about topic {i}.")}).to_string()).collect();
+    let mut rows: Vec<String> = (0..10)
+        .map(|i| serde_json::json!({"prompt": format!("Tell me about topic {i}.")}).to_string())
+        .collect();
     // The same prompts again, differing only in case and spacing.
-    rows.extend((0..3).map(|i| serde_json::json!({"prompt": format!("  tell me  about TOPIC {i}.")}).to_string()));
+    rows.extend((0..3).map(|i| {
+        serde_json::json!({"prompt": format!("  tell me  about TOPIC {i}.")}).to_string()
+    }));
     std::fs::write(d.join("prompts.csv.jsonl"), rows.join("\n")).unwrap();
     let yaml = format!(
         "version: 1\nmodels:\n  m: {{kind: openai, base_url: \"{}\", model: m}}\nprompts: {{source: prompts.csv.jsonl, format: jsonl}}\nrounds:\n  count: 1\n  generate: {{model: m, n: 2, sampling: {{seed: 11, max_tokens: 64}}}}\n  correct: {{model: m}}\n",
@@ -471,14 +766,26 @@ fn several_samples_per_prompt_and_repeated_prompts() {
     assert_eq!(scalar(d, "SELECT count(*) FROM generations WHERE sample_idx = 0 AND sampling LIKE '%\"seed\":11%'"), 13);
     assert_eq!(scalar(d, "SELECT count(*) FROM generations WHERE sample_idx = 1 AND sampling LIKE '%\"seed\":12%'"), 13);
     // One pair per prompt text and sample; the repeats are dropped with their reason.
-    assert_eq!(scalar(d, "SELECT count(*) FROM pairs WHERE verdict = 'kept'"), 20);
-    assert_eq!(scalar(d, "SELECT count(*) FROM pairs WHERE reason = 'duplicate_prompt'"), 6);
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM pairs WHERE verdict = 'kept'"),
+        20
+    );
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM pairs WHERE reason = 'duplicate_prompt'"
+        ),
+        6
+    );
 }
 
 #[test]
 fn the_api_key_is_sent_but_never_stored_or_printed() {
     const KEY: &str = "sk-test-0123456789abcdef";
-    let server = aligner_mockserver::spawn_in_thread(MockConfig { api_key: Some(KEY.into()), ..Default::default() });
+    let server = aligner_mockserver::spawn_in_thread(MockConfig {
+        api_key: Some(KEY.into()),
+        ..Default::default()
+    });
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     write_prompts(d, 5, &[]);
@@ -489,27 +796,58 @@ fn the_api_key_is_sent_but_never_stored_or_printed() {
     std::fs::write(d.join("p.yaml"), yaml).unwrap();
 
     // Unset: a clear error before any request.
-    let o = bin().args(["run", "p.yaml", "--store", "s.db"]).current_dir(d).env_remove("E2E_KEY").output().unwrap();
+    let o = bin()
+        .args(["run", "p.yaml", "--store", "s.db"])
+        .current_dir(d)
+        .env_remove("E2E_KEY")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert!(text(&o).contains("environment variable `E2E_KEY`"), "{}", text(&o));
+    assert!(
+        text(&o).contains("environment variable `E2E_KEY`"),
+        "{}",
+        text(&o)
+    );
 
     // Wrong key: every call is refused (401, not retried), the stage fails, the key is not echoed.
-    let o = bin().args(["run", "p.yaml", "--store", "s.db"]).current_dir(d).env("E2E_KEY", "sk-wrong-key-999").output().unwrap();
+    let o = bin()
+        .args(["run", "p.yaml", "--store", "s.db"])
+        .current_dir(d)
+        .env("E2E_KEY", "sk-wrong-key-999")
+        .output()
+        .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     let t = text(&o);
     assert!(t.contains("401") && !t.contains("sk-wrong-key-999"), "{t}");
 
     // Right key: the run resumes, retries the failed items and finishes.
-    let o = bin().args(["run", "p.yaml", "--store", "s.db"]).current_dir(d).env("E2E_KEY", KEY).output().unwrap();
+    let o = bin()
+        .args(["run", "p.yaml", "--store", "s.db"])
+        .current_dir(d)
+        .env("E2E_KEY", KEY)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(!text(&o).contains(KEY));
     assert_exactly_once(d, 1);
-    assert_eq!(scalar(d, "SELECT count(*) FROM generations WHERE status = 'failed'"), 0);
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM generations WHERE status = 'failed'"
+        ),
+        0
+    );
     // Not in the store file (nor its WAL), in any form.
     for f in ["s.db", "s.db-wal"] {
         if let Ok(bytes) = std::fs::read(d.join(f)) {
-            assert!(!bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()), "key found in {f}");
-            assert!(!bytes.windows(16).any(|w| w == b"sk-wrong-key-999"), "wrong key found in {f}");
+            assert!(
+                !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+                "key found in {f}"
+            );
+            assert!(
+                !bytes.windows(16).any(|w| w == b"sk-wrong-key-999"),
+                "wrong key found in {f}"
+            );
         }
     }
 }
@@ -519,7 +857,9 @@ fn sql_reads_stdin_and_status_speaks_json() {
     let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
     let dir = setup(&server, 8, &[], 1, 4, false);
     let d = dir.path();
-    assert!(run(&["run", "p.yaml", "--store", "s.db"], d).status.success());
+    assert!(run(&["run", "p.yaml", "--store", "s.db"], d)
+        .status
+        .success());
     let mut child = bin()
         .args(["sql", "--store", "s.db", "--format", "csv"])
         .current_dir(d)
@@ -528,13 +868,31 @@ fn sql_reads_stdin_and_status_speaks_json() {
         .spawn()
         .unwrap();
     use std::io::Write;
-    child.stdin.take().unwrap().write_all(b"SELECT round, pairs_kept FROM round_summary").unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"SELECT round, pairs_kept FROM round_summary")
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), format!("round,pairs_kept\n1,{train}\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        format!("round,pairs_kept\n1,{train}\n")
+    );
     // An empty result still names its columns.
-    let o = run(&["sql", "--store", "s.db", "--format", "csv", "SELECT id, name FROM runs WHERE id = 99"], d);
+    let o = run(
+        &[
+            "sql",
+            "--store",
+            "s.db",
+            "--format",
+            "csv",
+            "SELECT id, name FROM runs WHERE id = 99",
+        ],
+        d,
+    );
     assert_eq!(String::from_utf8_lossy(&o.stdout), "id,name\n");
     let o = run(&["status", "--store", "s.db", "--json"], d);
     let v: Value = serde_json::from_slice(&o.stdout).expect("status --json is JSON");

@@ -11,7 +11,10 @@ use std::process::Command;
 use std::time::Instant;
 
 fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() {
@@ -69,9 +72,18 @@ rounds:
     println!("prompts:            {prompts}");
     println!("concurrency:        {concurrency}");
     println!("wall time:          {secs:.2} s (whole `aligner run`, ingest included)");
-    println!("throughput:         {:.0} prompts/s through generate -> correct -> synthesize", prompts as f64 / secs);
-    println!("pairs kept/dropped: {}/{}", r["pairs_kept"], r["pairs_dropped"]);
-    println!("peak RSS:           {:.1} MB", v["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0);
+    println!(
+        "throughput:         {:.0} prompts/s through generate -> correct -> synthesize",
+        prompts as f64 / secs
+    );
+    println!(
+        "pairs kept/dropped: {}/{}",
+        r["pairs_kept"], r["pairs_dropped"]
+    );
+    println!(
+        "peak RSS:           {:.1} MB",
+        v["peak_rss_kb"].as_f64().unwrap_or(0.0) / 1024.0
+    );
     println!("server requests:    {}", server.stats().requests);
     println!("{}", String::from_utf8_lossy(&stages.stdout));
 }

@@ -10,7 +10,11 @@ use aligner_spec::ModelSpec;
 pub struct Factory;
 
 impl aligner_engine::BackendFactory for Factory {
-    fn text_generator(&self, name: &str, spec: &ModelSpec) -> Result<Arc<dyn TextGenerator>, String> {
+    fn text_generator(
+        &self,
+        name: &str,
+        spec: &ModelSpec,
+    ) -> Result<Arc<dyn TextGenerator>, String> {
         match spec {
             ModelSpec::Openai(m) => {
                 let api_key = match &m.api_key_env {

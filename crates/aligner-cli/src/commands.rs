@@ -147,11 +147,31 @@ fn load(file: &Path) -> Result<Pipeline> {
 pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Validate { files, json } => validate(&files, json),
-        Command::Run { file, store, new, json } => {
+        Command::Run {
+            file,
+            store,
+            new,
+            json,
+        } => {
             let spec = load(&file)?;
-            run(&file, spec, &store, RunOptions { new_run: new, ..Default::default() }, json).await
+            run(
+                &file,
+                spec,
+                &store,
+                RunOptions {
+                    new_run: new,
+                    ..Default::default()
+                },
+                json,
+            )
+            .await
         }
-        Command::Resume { run: which, store, pipeline, json } => {
+        Command::Resume {
+            run: which,
+            store,
+            pipeline,
+            json,
+        } => {
             let path = store_path(&store, None);
             let ro = Store::open_read_only(&path).await?;
             let row = ro.find_run(&which).await?;
@@ -167,15 +187,31 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             }
             let spec = load(&file)?;
             let store = StoreArg { store: Some(path) };
-            run(&file, spec, &store, RunOptions { run_id: Some(row.id), ..Default::default() }, json).await
+            run(
+                &file,
+                spec,
+                &store,
+                RunOptions {
+                    run_id: Some(row.id),
+                    ..Default::default()
+                },
+                json,
+            )
+            .await
         }
         Command::Status { run, store, json } => status(run.as_deref(), &store, json).await,
-        Command::Sql { query, store, format } => {
+        Command::Sql {
+            query,
+            store,
+            format,
+        } => {
             let sql = match query {
                 Some(q) if q != "-" => q,
                 _ => {
                     let mut s = String::new();
-                    std::io::stdin().read_to_string(&mut s).context("reading SQL from stdin")?;
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("reading SQL from stdin")?;
                     s
                 }
             };
@@ -183,7 +219,15 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             let result = store.query_read_only(&sql).await?;
             output::print_query(&result, format)
         }
-        Command::Export { run, round, kind, format, conversational, out, store } => {
+        Command::Export {
+            run,
+            round,
+            kind,
+            format,
+            conversational,
+            out,
+            store,
+        } => {
             let store = Store::open_read_only(&store_path(&store, None)).await?;
             let row = store.find_run(&run).await?;
             if !store.stage_done(row.id, round, "synthesize").await? {
@@ -234,7 +278,12 @@ fn validate(files: &[PathBuf], json: bool) -> Result<()> {
                 if json {
                     println!("{}", serde_json::to_string_pretty(&spec.snapshot())?);
                 } else {
-                    println!("ok: `{}` ({} rounds, {} models)", file.display(), spec.rounds.count, spec.models.len());
+                    println!(
+                        "ok: `{}` ({} rounds, {} models)",
+                        file.display(),
+                        spec.rounds.count,
+                        spec.models.len()
+                    );
                 }
             }
             Err(errors) => {
@@ -244,21 +293,38 @@ fn validate(files: &[PathBuf], json: bool) -> Result<()> {
         }
     }
     if bad > 0 {
-        return Err(Invalid::Message(format!("{bad} of {} pipeline file(s) did not validate", files.len())).into());
+        return Err(Invalid::Message(format!(
+            "{bad} of {} pipeline file(s) did not validate",
+            files.len()
+        ))
+        .into());
     }
     Ok(())
 }
 
-async fn run(file: &Path, spec: Pipeline, store: &StoreArg, options: RunOptions, json: bool) -> Result<()> {
+async fn run(
+    file: &Path,
+    spec: Pipeline,
+    store: &StoreArg,
+    options: RunOptions,
+    json: bool,
+) -> Result<()> {
     let path = store_path(store, Some(&spec));
     let store = Store::open(&path).await?;
     let bars = Arc::new(Bars::new(json));
     let file = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_path_buf());
-    let engine = Engine::new(store.clone(), spec, &file, Arc::new(crate::backends::Factory), bars.clone());
+    let engine = Engine::new(
+        store.clone(),
+        spec,
+        &file,
+        Arc::new(crate::backends::Factory),
+        bars.clone(),
+    );
     let flag = engine.interrupt_flag();
     tokio::spawn(async move {
         // Ctrl-C or SIGTERM: stop feeding items, commit what is in flight, release the lease.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         let terminate = async {
             match term.as_mut() {
                 Some(t) => {

@@ -14,7 +14,10 @@ use clap::Parser;
 fn main() {
     let cli = commands::Cli::parse();
     init_tracing();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -26,7 +29,10 @@ fn main() {
         Ok(()) => 0,
         Err(err) => {
             let code = exit_code(&err);
-            if !matches!(err.downcast_ref::<commands::Invalid>(), Some(commands::Invalid::Silent)) {
+            if !matches!(
+                err.downcast_ref::<commands::Invalid>(),
+                Some(commands::Invalid::Silent)
+            ) {
                 eprintln!("{}", output::render_error(&err));
             }
             code
@@ -45,12 +51,15 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<aligner_engine::Error>() {
             return match e {
                 aligner_engine::Error::Interrupted { .. } => 130,
-                aligner_engine::Error::SpecChanged { .. } | aligner_engine::Error::LeaseLost { .. } => 3,
+                aligner_engine::Error::SpecChanged { .. }
+                | aligner_engine::Error::LeaseLost { .. } => 3,
                 aligner_engine::Error::Store(aligner_store::Error::LeaseHeld { .. }) => 3,
                 _ => 1,
             };
         }
-        if let Some(aligner_store::Error::LeaseHeld { .. }) = cause.downcast_ref::<aligner_store::Error>() {
+        if let Some(aligner_store::Error::LeaseHeld { .. }) =
+            cause.downcast_ref::<aligner_store::Error>()
+        {
             return 3;
         }
         if cause.downcast_ref::<aligner_spec::Errors>().is_some() {

@@ -50,7 +50,12 @@ pub fn print_query(result: &QueryResult, format: SqlFormat) -> Result<()> {
                 }));
             }
             writeln!(out, "{t}")?;
-            writeln!(out, "({} row{})", result.rows.len(), if result.rows.len() == 1 { "" } else { "s" })?;
+            writeln!(
+                out,
+                "({} row{})",
+                result.rows.len(),
+                if result.rows.len() == 1 { "" } else { "s" }
+            )?;
         }
         SqlFormat::Csv => {
             let mut w = csv::Writer::from_writer(out);
@@ -64,7 +69,14 @@ pub fn print_query(result: &QueryResult, format: SqlFormat) -> Result<()> {
             let rows: Vec<serde_json::Map<String, serde_json::Value>> = result
                 .rows
                 .iter()
-                .map(|row| result.columns.iter().cloned().zip(row.iter().cloned()).collect())
+                .map(|row| {
+                    result
+                        .columns
+                        .iter()
+                        .cloned()
+                        .zip(row.iter().cloned())
+                        .collect()
+                })
                 .collect();
             serde_json::to_writer_pretty(&mut out, &rows)?;
             writeln!(out)?;
@@ -75,9 +87,20 @@ pub fn print_query(result: &QueryResult, format: SqlFormat) -> Result<()> {
 
 pub fn print_summaries(rounds: &[RoundSummary]) {
     let mut t = table(
-        ["round", "upstream", "generations", "corrections", "pairs kept", "dropped", "copy rate", "len orig", "len corr", "drop reasons"]
-            .map(String::from)
-            .to_vec(),
+        [
+            "round",
+            "upstream",
+            "generations",
+            "corrections",
+            "pairs kept",
+            "dropped",
+            "copy rate",
+            "len orig",
+            "len corr",
+            "drop reasons",
+        ]
+        .map(String::from)
+        .to_vec(),
     );
     for r in rounds {
         t.add_row(vec![
@@ -87,10 +110,19 @@ pub fn print_summaries(rounds: &[RoundSummary]) {
             format!("{} ok, {} failed", r.corrections_ok, r.corrections_failed),
             r.pairs_kept.to_string(),
             r.pairs_dropped.to_string(),
-            r.copy_rate.map(|c| format!("{:.1}%", c * 100.0)).unwrap_or_default(),
-            r.mean_len_original.map(|v| format!("{v:.0}")).unwrap_or_default(),
-            r.mean_len_correction.map(|v| format!("{v:.0}")).unwrap_or_default(),
-            r.drop_reasons.clone().filter(|d| d != "{}").unwrap_or_default(),
+            r.copy_rate
+                .map(|c| format!("{:.1}%", c * 100.0))
+                .unwrap_or_default(),
+            r.mean_len_original
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_default(),
+            r.mean_len_correction
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_default(),
+            r.drop_reasons
+                .clone()
+                .filter(|d| d != "{}")
+                .unwrap_or_default(),
         ]);
     }
     println!("{t}");
@@ -102,14 +134,30 @@ pub fn print_run(run: &RunRow, rounds: &[RoundSummary], stages: &[StageRow]) {
         run.id,
         run.name,
         run.status,
-        run.lease_holder.as_ref().map(|h| format!(", driven by {h}")).unwrap_or_default(),
+        run.lease_holder
+            .as_ref()
+            .map(|h| format!(", driven by {h}"))
+            .unwrap_or_default(),
         run.created_at,
         &run.spec_hash[..12.min(run.spec_hash.len())]
     );
     if let Some(e) = &run.error {
         println!("  error: {}", e.lines().next().unwrap_or(""));
     }
-    let mut t = table(["round", "stage", "status", "done", "failed", "total", "executions", "error"].map(String::from).to_vec());
+    let mut t = table(
+        [
+            "round",
+            "stage",
+            "status",
+            "done",
+            "failed",
+            "total",
+            "executions",
+            "error",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
     for s in stages {
         t.add_row(vec![
             s.round.to_string(),
@@ -119,7 +167,11 @@ pub fn print_run(run: &RunRow, rounds: &[RoundSummary], stages: &[StageRow]) {
             s.failed.to_string(),
             s.total.map(|t| t.to_string()).unwrap_or_default(),
             s.executions.to_string(),
-            s.error.as_deref().and_then(|e| e.lines().next()).unwrap_or("").to_string(),
+            s.error
+                .as_deref()
+                .and_then(|e| e.lines().next())
+                .unwrap_or("")
+                .to_string(),
         ]);
     }
     println!("{t}");

@@ -14,7 +14,10 @@ pub struct Bars {
 
 impl Bars {
     pub fn new(quiet: bool) -> Self {
-        Bars { quiet, bar: Mutex::new(None) }
+        Bars {
+            quiet,
+            bar: Mutex::new(None),
+        }
     }
 
     pub fn clear(&self) {
@@ -37,17 +40,26 @@ impl Bars {
 impl Observer for Bars {
     fn stage_started(&self, round: u32, stage: Stage, total: u64, already_done: u64) {
         self.clear();
-        let target = if self.quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
+        let target = if self.quiet {
+            ProgressDrawTarget::hidden()
+        } else {
+            ProgressDrawTarget::stderr()
+        };
         let bar = ProgressBar::with_draw_target(Some(total), target);
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>18} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{prefix:>18} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
         );
         bar.set_prefix(format!("round {round} {}", stage.as_str()));
         bar.set_position(already_done);
         if already_done > 0 {
-            bar.println(format!("round {round} {}: resuming, {already_done} already done", stage.as_str()));
+            bar.println(format!(
+                "round {round} {}: resuming, {already_done} already done",
+                stage.as_str()
+            ));
         }
         *self.bar.lock().unwrap() = Some((bar, 0));
     }
@@ -64,8 +76,15 @@ impl Observer for Bars {
 
     fn stage_finished(&self, round: u32, stage: Stage, ok: u64, failed: u64) {
         self.clear();
-        let (a, b) = if stage == Stage::Synthesize { ("kept", "dropped") } else { ("ok", "failed") };
-        self.say(&format!("round {round} {}: {ok} {a}, {failed} {b}", stage.as_str()));
+        let (a, b) = if stage == Stage::Synthesize {
+            ("kept", "dropped")
+        } else {
+            ("ok", "failed")
+        };
+        self.say(&format!(
+            "round {round} {}: {ok} {a}, {failed} {b}",
+            stage.as_str()
+        ));
     }
 
     fn note(&self, message: &str) {

@@ -9,16 +9,25 @@ use std::io::{BufWriter, Cursor, Write};
 use std::path::{Path, PathBuf};
 
 use polars::prelude::*;
-use serde_json::{Map, Value};
 #[cfg(test)]
 use serde_json::json;
+use serde_json::{Map, Value};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("cannot read `{path}` as {format}: {message}")]
-    Read { path: PathBuf, format: &'static str, message: String },
+    Read {
+        path: PathBuf,
+        format: &'static str,
+        message: String,
+    },
     #[error("`{path}` has no column `{column}` (columns: {available})\nhint: map it with `prompts.fields.{field}: <column>`")]
-    MissingColumn { path: PathBuf, column: String, field: &'static str, available: String },
+    MissingColumn {
+        path: PathBuf,
+        column: String,
+        field: &'static str,
+        available: String,
+    },
     #[error("`{path}` has no usable prompt: every `{column}` value is empty")]
     NoPrompts { path: PathBuf, column: String },
     #[error("cannot write `{path}`: {message}")]
@@ -70,8 +79,16 @@ pub struct ReadReport {
 }
 
 fn read_frame(path: &Path, format: Format) -> Result<DataFrame> {
-    let err = |e: PolarsError| Error::Read { path: path.into(), format: format.name(), message: e.to_string() };
-    let file = File::open(path).map_err(|e| Error::Read { path: path.into(), format: format.name(), message: e.to_string() })?;
+    let err = |e: PolarsError| Error::Read {
+        path: path.into(),
+        format: format.name(),
+        message: e.to_string(),
+    };
+    let file = File::open(path).map_err(|e| Error::Read {
+        path: path.into(),
+        format: format.name(),
+        message: e.to_string(),
+    })?;
     match format {
         Format::Jsonl => JsonLineReader::new(file).finish().map_err(err),
         Format::Parquet => ParquetReader::new(file).finish().map_err(err),
@@ -85,49 +102,97 @@ fn read_frame(path: &Path, format: Format) -> Result<DataFrame> {
     }
 }
 
-fn string_column(df: &DataFrame, path: &Path, column: &str, field: &'static str) -> Result<Vec<Option<String>>> {
+fn string_column(
+    df: &DataFrame,
+    path: &Path,
+    column: &str,
+    field: &'static str,
+) -> Result<Vec<Option<String>>> {
     let col = df.column(column).map_err(|_| Error::MissingColumn {
         path: path.into(),
         column: column.into(),
         field,
-        available: df.get_column_names().iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "),
+        available: df
+            .get_column_names()
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
     })?;
-    let as_str = col
-        .cast(&DataType::String)
-        .map_err(|e| Error::Read { path: path.into(), format: "text", message: format!("column `{column}`: {e}") })?;
-    let ca = as_str
-        .str()
-        .map_err(|e| Error::Read { path: path.into(), format: "text", message: format!("column `{column}`: {e}") })?;
+    let as_str = col.cast(&DataType::String).map_err(|e| Error::Read {
+        path: path.into(),
+        format: "text",
+        message: format!("column `{column}`: {e}"),
+    })?;
+    let ca = as_str.str().map_err(|e| Error::Read {
+        path: path.into(),
+        format: "text",
+        message: format!("column `{column}`: {e}"),
+    })?;
     Ok(ca.into_iter().map(|v| v.map(str::to_string)).collect())
 }
 
 /// Reads every prompt of a file. Rows with an empty prompt are skipped and counted.
-pub fn read_prompts(path: &Path, format: Format, mapping: &Mapping) -> Result<(Vec<PromptRecord>, ReadReport)> {
+pub fn read_prompts(
+    path: &Path,
+    format: Format,
+    mapping: &Mapping,
+) -> Result<(Vec<PromptRecord>, ReadReport)> {
     let df = read_frame(path, format)?;
     let prompts = string_column(&df, path, &mapping.prompt, "prompt")?;
-    let ids = mapping.id.as_deref().map(|c| string_column(&df, path, c, "id")).transpose()?;
-    let systems = mapping.system.as_deref().map(|c| string_column(&df, path, c, "system")).transpose()?;
+    let ids = mapping
+        .id
+        .as_deref()
+        .map(|c| string_column(&df, path, c, "id"))
+        .transpose()?;
+    let systems = mapping
+        .system
+        .as_deref()
+        .map(|c| string_column(&df, path, c, "system"))
+        .transpose()?;
     let metadata = mapping
         .metadata
         .iter()
         .map(|c| Ok((c.clone(), string_column(&df, path, c, "metadata")?)))
         .collect::<Result<Vec<_>>>()?;
-    let mut report = ReadReport { rows: df.height(), skipped_empty: 0 };
+    let mut report = ReadReport {
+        rows: df.height(),
+        skipped_empty: 0,
+    };
     let mut out = Vec::with_capacity(df.height());
     for (row, prompt) in prompts.into_iter().enumerate() {
         let Some(prompt) = prompt.filter(|p| !p.trim().is_empty()) else {
             report.skipped_empty += 1;
             continue;
         };
-        let source_id = ids.as_ref().and_then(|ids| ids[row].clone()).unwrap_or_else(|| row.to_string());
-        let system = systems.as_ref().and_then(|s| s[row].clone()).filter(|s| !s.is_empty());
+        let source_id = ids
+            .as_ref()
+            .and_then(|ids| ids[row].clone())
+            .unwrap_or_else(|| row.to_string());
+        let system = systems
+            .as_ref()
+            .and_then(|s| s[row].clone())
+            .filter(|s| !s.is_empty());
         let meta = (!metadata.is_empty()).then(|| {
-            Value::Object(metadata.iter().map(|(k, v)| (k.clone(), v[row].clone().map_or(Value::Null, Value::String))).collect::<Map<_, _>>())
+            Value::Object(
+                metadata
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v[row].clone().map_or(Value::Null, Value::String)))
+                    .collect::<Map<_, _>>(),
+            )
         });
-        out.push(PromptRecord { source_id, prompt, system, metadata: meta });
+        out.push(PromptRecord {
+            source_id,
+            prompt,
+            system,
+            metadata: meta,
+        });
     }
     if out.is_empty() {
-        return Err(Error::NoPrompts { path: path.into(), column: mapping.prompt.clone() });
+        return Err(Error::NoPrompts {
+            path: path.into(),
+            column: mapping.prompt.clone(),
+        });
     }
     Ok((out, report))
 }
@@ -169,30 +234,77 @@ struct Record<'a, P: serde::Serialize, C: serde::Serialize> {
     completion: Option<C>,
 }
 
-fn write_record(out: &mut Vec<u8>, pair: &PairRecord, kind: Kind, conversational: bool) -> serde_json::Result<()> {
+fn write_record(
+    out: &mut Vec<u8>,
+    pair: &PairRecord,
+    kind: Kind,
+    conversational: bool,
+) -> serde_json::Result<()> {
     let (chosen, rejected, completion) = match kind {
-        Kind::Dpo => (Some(pair.chosen.as_str()), Some(pair.rejected.as_str()), None),
+        Kind::Dpo => (
+            Some(pair.chosen.as_str()),
+            Some(pair.rejected.as_str()),
+            None,
+        ),
         Kind::Sft => (None, None, Some(pair.chosen.as_str())),
     };
     let v = if conversational {
         let mut prompt = Vec::new();
         if let Some(system) = &pair.system {
-            prompt.push(Msg { role: "system", content: system });
+            prompt.push(Msg {
+                role: "system",
+                content: system,
+            });
         }
-        prompt.push(Msg { role: "user", content: &pair.prompt });
+        prompt.push(Msg {
+            role: "user",
+            content: &pair.prompt,
+        });
         fn turn(t: Option<&str>) -> Option<Vec<Msg<'_>>> {
-            t.map(|content| vec![Msg { role: "assistant", content }])
+            t.map(|content| {
+                vec![Msg {
+                    role: "assistant",
+                    content,
+                }]
+            })
         }
-        serde_json::to_writer(out, &Record { system: None, prompt, chosen: turn(chosen), rejected: turn(rejected), completion: turn(completion) })
+        serde_json::to_writer(
+            out,
+            &Record {
+                system: None,
+                prompt,
+                chosen: turn(chosen),
+                rejected: turn(rejected),
+                completion: turn(completion),
+            },
+        )
     } else {
-        serde_json::to_writer(out, &Record { system: pair.system.as_deref(), prompt: pair.prompt.as_str(), chosen, rejected, completion })
+        serde_json::to_writer(
+            out,
+            &Record {
+                system: pair.system.as_deref(),
+                prompt: pair.prompt.as_str(),
+                chosen,
+                rejected,
+                completion,
+            },
+        )
     };
     v
 }
 
 /// Writes pairs as JSONL (one record per line) or Parquet. Returns the number of records.
-pub fn write_pairs(path: &Path, format: Format, kind: Kind, conversational: bool, pairs: &[PairRecord]) -> Result<usize> {
-    let werr = |m: String| Error::Write { path: path.into(), message: m };
+pub fn write_pairs(
+    path: &Path,
+    format: Format,
+    kind: Kind,
+    conversational: bool,
+    pairs: &[PairRecord],
+) -> Result<usize> {
+    let werr = |m: String| Error::Write {
+        path: path.into(),
+        message: m,
+    };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| werr(e.to_string()))?;
     }
@@ -208,7 +320,10 @@ pub fn write_pairs(path: &Path, format: Format, kind: Kind, conversational: bool
         Format::Jsonl => {
             let mut f = BufWriter::new(File::create(&tmp).map_err(|e| werr(e.to_string()))?);
             f.write_all(&jsonl).map_err(|e| werr(e.to_string()))?;
-            f.into_inner().map_err(|e| werr(e.to_string()))?.sync_all().map_err(|e| werr(e.to_string()))?;
+            f.into_inner()
+                .map_err(|e| werr(e.to_string()))?
+                .sync_all()
+                .map_err(|e| werr(e.to_string()))?;
         }
         Format::Parquet => {
             let mut df = if pairs.is_empty() {
@@ -216,16 +331,28 @@ pub fn write_pairs(path: &Path, format: Format, kind: Kind, conversational: bool
                     Kind::Dpo => &["prompt", "chosen", "rejected"],
                     Kind::Sft => &["prompt", "completion"],
                 };
-                DataFrame::new(cols.iter().map(|c| Column::new((*c).into(), Vec::<String>::new())).collect())
-                    .map_err(|e| werr(e.to_string()))?
+                DataFrame::new(
+                    cols.iter()
+                        .map(|c| Column::new((*c).into(), Vec::<String>::new()))
+                        .collect(),
+                )
+                .map_err(|e| werr(e.to_string()))?
             } else {
                 // polars infers List(Struct{role, content}) for conversational records.
-                JsonLineReader::new(Cursor::new(jsonl)).finish().map_err(|e| werr(e.to_string()))?
+                JsonLineReader::new(Cursor::new(jsonl))
+                    .finish()
+                    .map_err(|e| werr(e.to_string()))?
             };
             let f = File::create(&tmp).map_err(|e| werr(e.to_string()))?;
-            ParquetWriter::new(f).finish(&mut df).map_err(|e| werr(e.to_string()))?;
+            ParquetWriter::new(f)
+                .finish(&mut df)
+                .map_err(|e| werr(e.to_string()))?;
         }
-        Format::Csv => return Err(werr("preference data is written as JSONL or Parquet".into())),
+        Format::Csv => {
+            return Err(werr(
+                "preference data is written as JSONL or Parquet".into(),
+            ))
+        }
     }
     std::fs::rename(&tmp, path).map_err(|e| werr(e.to_string()))?;
     Ok(pairs.len())
@@ -236,7 +363,12 @@ mod tests {
     use super::*;
 
     fn mapping() -> Mapping {
-        Mapping { prompt: "question".into(), id: Some("qid".into()), system: None, metadata: vec!["category".into()] }
+        Mapping {
+            prompt: "question".into(),
+            id: Some("qid".into()),
+            system: None,
+            metadata: vec!["category".into()],
+        }
     }
 
     #[test]
@@ -255,17 +387,39 @@ mod tests {
         assert_eq!(rows[1].metadata, Some(json!({"category": null})));
 
         let csv = dir.path().join("p.csv");
-        std::fs::write(&csv, "qid,question,category\n7,\"How do I bake bread?\",food\n9,\"Why, oh why?\",\n").unwrap();
+        std::fs::write(
+            &csv,
+            "qid,question,category\n7,\"How do I bake bread?\",food\n9,\"Why, oh why?\",\n",
+        )
+        .unwrap();
         let (rows, _) = read_prompts(&csv, Format::Csv, &mapping()).unwrap();
         assert_eq!(rows[1].prompt, "Why, oh why?");
 
         // Parquet through our own writer, read back.
         let pq = dir.path().join("p.parquet");
-        let pair = PairRecord { system: None, prompt: "q".into(), chosen: "c".into(), rejected: "r".into() };
+        let pair = PairRecord {
+            system: None,
+            prompt: "q".into(),
+            chosen: "c".into(),
+            rejected: "r".into(),
+        };
         write_pairs(&pq, Format::Parquet, Kind::Dpo, false, &[pair]).unwrap();
-        let m = Mapping { prompt: "prompt".into(), id: None, system: None, metadata: vec![] };
+        let m = Mapping {
+            prompt: "prompt".into(),
+            id: None,
+            system: None,
+            metadata: vec![],
+        };
         let (rows, _) = read_prompts(&pq, Format::Parquet, &m).unwrap();
-        assert_eq!(rows, vec![PromptRecord { source_id: "0".into(), prompt: "q".into(), system: None, metadata: None }]);
+        assert_eq!(
+            rows,
+            vec![PromptRecord {
+                source_id: "0".into(),
+                prompt: "q".into(),
+                system: None,
+                metadata: None
+            }]
+        );
     }
 
     #[test]
@@ -273,27 +427,56 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let jsonl = dir.path().join("p.jsonl");
         std::fs::write(&jsonl, "{\"text\": \"hi\"}\n").unwrap();
-        let m = Mapping { prompt: "prompt".into(), id: None, system: None, metadata: vec![] };
-        let err = read_prompts(&jsonl, Format::Jsonl, &m).unwrap_err().to_string();
-        assert!(err.contains("no column `prompt` (columns: `text`)"), "{err}");
-        assert!(err.contains("hint: map it with `prompts.fields.prompt"), "{err}");
+        let m = Mapping {
+            prompt: "prompt".into(),
+            id: None,
+            system: None,
+            metadata: vec![],
+        };
+        let err = read_prompts(&jsonl, Format::Jsonl, &m)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("no column `prompt` (columns: `text`)"),
+            "{err}"
+        );
+        assert!(
+            err.contains("hint: map it with `prompts.fields.prompt"),
+            "{err}"
+        );
     }
 
     #[test]
     fn conversational_exports_round_trip() {
         let dir = tempfile::tempdir().unwrap();
-        let pair = PairRecord { system: Some("be nice".into()), prompt: "q".into(), chosen: "c".into(), rejected: "r".into() };
+        let pair = PairRecord {
+            system: Some("be nice".into()),
+            prompt: "q".into(),
+            chosen: "c".into(),
+            rejected: "r".into(),
+        };
         let path = dir.path().join("d.jsonl");
         write_pairs(&path, Format::Jsonl, Kind::Dpo, true, &[pair.clone()]).unwrap();
         let line = std::fs::read_to_string(&path).unwrap();
-        assert!(line.starts_with(r#"{"prompt":[{"role":"system","content":"be nice"}"#), "{line}");
+        assert!(
+            line.starts_with(r#"{"prompt":[{"role":"system","content":"be nice"}"#),
+            "{line}"
+        );
         let v: Value = serde_json::from_str(line.trim()).unwrap();
-        assert_eq!(v["prompt"][0], json!({"role": "system", "content": "be nice"}));
+        assert_eq!(
+            v["prompt"][0],
+            json!({"role": "system", "content": "be nice"})
+        );
         assert_eq!(v["chosen"], json!([{"role": "assistant", "content": "c"}]));
         let pq = dir.path().join("d.parquet");
         write_pairs(&pq, Format::Parquet, Kind::Sft, true, &[pair]).unwrap();
-        let df = ParquetReader::new(File::open(&pq).unwrap()).finish().unwrap();
+        let df = ParquetReader::new(File::open(&pq).unwrap())
+            .finish()
+            .unwrap();
         assert_eq!(df.get_column_names(), ["prompt", "completion"]);
-        assert!(matches!(df.column("prompt").unwrap().dtype(), DataType::List(_)));
+        assert!(matches!(
+            df.column("prompt").unwrap().dtype(),
+            DataType::List(_)
+        ));
     }
 }

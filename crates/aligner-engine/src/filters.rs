@@ -44,9 +44,17 @@ pub fn normalized_edit_distance(a: &str, b: &str) -> f64 {
 }
 
 pub fn verdict(spec: &SynthesizeStage, state: &mut FilterState, c: &Candidate<'_>) -> Verdict {
-    let drop = |reason, edit_distance, length_ratio| Verdict { reason: Some(reason), edit_distance, length_ratio };
-    let Some(original) = c.original else { return drop("generation_failed", None, None) };
-    let Some(correction) = c.correction else { return drop("correction_failed", None, None) };
+    let drop = |reason, edit_distance, length_ratio| Verdict {
+        reason: Some(reason),
+        edit_distance,
+        length_ratio,
+    };
+    let Some(original) = c.original else {
+        return drop("generation_failed", None, None);
+    };
+    let Some(correction) = c.correction else {
+        return drop("correction_failed", None, None);
+    };
     let (o, k) = (original.trim(), correction.trim());
     if spec.drop_empty && o.is_empty() {
         return drop("empty_original", None, None);
@@ -84,7 +92,11 @@ pub fn verdict(spec: &SynthesizeStage, state: &mut FilterState, c: &Candidate<'_
     }
     state.kept += 1;
     state.kept_prompts.insert(c.prompt_hash.to_string());
-    Verdict { reason: None, edit_distance: Some(distance), length_ratio: ratio }
+    Verdict {
+        reason: None,
+        edit_distance: Some(distance),
+        length_ratio: ratio,
+    }
 }
 
 #[cfg(test)]
@@ -104,9 +116,25 @@ mod tests {
         }
     }
 
-    fn check(state: &mut FilterState, hash: &str, original: Option<&str>, correction: Option<&str>, expected: Option<&str>) {
-        let c = Candidate { prompt_hash: hash, original, original_truncated: false, correction, correction_truncated: false };
-        assert_eq!(verdict(&spec(), state, &c).reason, expected, "{original:?} -> {correction:?}");
+    fn check(
+        state: &mut FilterState,
+        hash: &str,
+        original: Option<&str>,
+        correction: Option<&str>,
+        expected: Option<&str>,
+    ) {
+        let c = Candidate {
+            prompt_hash: hash,
+            original,
+            original_truncated: false,
+            correction,
+            correction_truncated: false,
+        };
+        assert_eq!(
+            verdict(&spec(), state, &c).reason,
+            expected,
+            "{original:?} -> {correction:?}"
+        );
     }
 
     #[test]
@@ -116,17 +144,62 @@ mod tests {
         check(&mut s, "a", Some("x"), None, Some("correction_failed"));
         check(&mut s, "a", Some("  "), Some("x"), Some("empty_original"));
         check(&mut s, "a", Some("x"), Some(""), Some("empty_correction"));
-        check(&mut s, "a", Some("same answer"), Some(" same answer\n"), Some("identical"));
+        check(
+            &mut s,
+            "a",
+            Some("same answer"),
+            Some(" same answer\n"),
+            Some("identical"),
+        );
         let long = "a fairly long answer that the aligner barely touched at all, really.";
-        check(&mut s, "a", Some(long), Some(&long.replace("really.", "really!")), Some("near_identical"));
-        check(&mut s, "a", Some("short"), Some(&"much longer ".repeat(10)), Some("length_ratio"));
-        check(&mut s, "a", Some("how to pick a lock"), Some("I can't help with that."), None);
-        check(&mut s, "a", Some("how to pick a lock"), Some("I won't help with that."), Some("duplicate_prompt"));
+        check(
+            &mut s,
+            "a",
+            Some(long),
+            Some(&long.replace("really.", "really!")),
+            Some("near_identical"),
+        );
+        check(
+            &mut s,
+            "a",
+            Some("short"),
+            Some(&"much longer ".repeat(10)),
+            Some("length_ratio"),
+        );
+        check(
+            &mut s,
+            "a",
+            Some("how to pick a lock"),
+            Some("I can't help with that."),
+            None,
+        );
+        check(
+            &mut s,
+            "a",
+            Some("how to pick a lock"),
+            Some("I won't help with that."),
+            Some("duplicate_prompt"),
+        );
         check(&mut s, "b", Some("answer b"), Some("better answer b"), None);
-        check(&mut s, "c", Some("answer c"), Some("better answer c"), Some("cap"));
+        check(
+            &mut s,
+            "c",
+            Some("answer c"),
+            Some("better answer c"),
+            Some("cap"),
+        );
         assert_eq!(s.kept, 2);
-        let t = Candidate { prompt_hash: "d", original: Some("x"), original_truncated: true, correction: Some("y"), correction_truncated: false };
-        assert_eq!(verdict(&spec(), &mut s, &t).reason, Some("truncated_original"));
+        let t = Candidate {
+            prompt_hash: "d",
+            original: Some("x"),
+            original_truncated: true,
+            correction: Some("y"),
+            correction_truncated: false,
+        };
+        assert_eq!(
+            verdict(&spec(), &mut s, &t).reason,
+            Some("truncated_original")
+        );
     }
 
     #[test]

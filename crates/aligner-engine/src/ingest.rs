@@ -13,12 +13,21 @@ use crate::{Engine, Result};
 
 /// Hash of the prompt with case and whitespace normalized: the key for duplicate prompts.
 pub(crate) fn prompt_hash(text: &str) -> String {
-    let normalized = text.split_whitespace().collect::<Vec<_>>().join(" ").to_lowercase();
+    let normalized = text
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase();
     hex::encode(&Sha256::digest(normalized.as_bytes())[..16])
 }
 
 /// Indices of the rows to keep (sorted) and, among them, the held-out ones.
-pub(crate) fn sample_and_split(rows: usize, sample: Option<u64>, holdout: f64, seed: u64) -> (Vec<usize>, Vec<bool>) {
+pub(crate) fn sample_and_split(
+    rows: usize,
+    sample: Option<u64>,
+    holdout: f64,
+    seed: u64,
+) -> (Vec<usize>, Vec<bool>) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut idx: Vec<usize> = (0..rows).collect();
     if let Some(n) = sample.map(|n| n as usize).filter(|&n| n < rows) {
@@ -73,11 +82,17 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
     // Prompts and the stage's completion commit separately, but a crash between them only
     // re-runs ingest on prompts that are already there: `insert_prompts` is all-or-nothing and
     // is skipped when the run already has them.
-    if engine.store.count_prompts(run_id, "train").await? + engine.store.count_prompts(run_id, "holdout").await? == 0 {
+    if engine.store.count_prompts(run_id, "train").await?
+        + engine.store.count_prompts(run_id, "holdout").await?
+        == 0
+    {
         engine.store.insert_prompts(run_id, &prompts).await?;
     }
     let total = prompts.len() as i64;
-    engine.store.finish_stage(run_id, 0, "ingest", "done", total, 0, None).await?;
+    engine
+        .store
+        .finish_stage(run_id, 0, "ingest", "done", total, 0, None)
+        .await?;
     let message = format!(
         "{} prompts from `{}` ({} rows, {} empty skipped): {} train, {} held out",
         total,
@@ -115,7 +130,10 @@ mod tests {
 
     #[test]
     fn prompt_hash_ignores_case_and_spacing() {
-        assert_eq!(prompt_hash("How  do I\nbake bread?"), prompt_hash("how do i bake bread?"));
+        assert_eq!(
+            prompt_hash("How  do I\nbake bread?"),
+            prompt_hash("how do i bake bread?")
+        );
         assert_ne!(prompt_hash("a"), prompt_hash("b"));
     }
 }

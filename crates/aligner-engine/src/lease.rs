@@ -12,7 +12,10 @@ const TTL_MS: i64 = 30_000;
 const RENEW_EVERY: Duration = Duration::from_secs(5);
 
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn hostname() -> String {
@@ -30,9 +33,18 @@ pub fn holder_id() -> String {
 
 /// The holder string names a process on this host that no longer exists.
 fn holder_is_dead(holder: &str) -> bool {
-    let Some((pid, host)) = holder.strip_prefix("pid ").and_then(|r| r.split_once(" on ")) else { return false };
-    let Ok(pid) = pid.parse::<u32>() else { return false };
-    host == hostname() && pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    let Some((pid, host)) = holder
+        .strip_prefix("pid ")
+        .and_then(|r| r.split_once(" on "))
+    else {
+        return false;
+    };
+    let Ok(pid) = pid.parse::<u32>() else {
+        return false;
+    };
+    host == hostname()
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 pub(crate) struct Lease {
@@ -45,11 +57,17 @@ pub(crate) struct Lease {
 impl Lease {
     /// Takes the lease; if it is ever lost, `on_lost` is raised so the stages stop like on an
     /// interrupt.
-    pub(crate) async fn acquire(store: &Store, run_id: i64, on_lost: Arc<AtomicBool>) -> Result<Lease, aligner_store::Error> {
+    pub(crate) async fn acquire(
+        store: &Store,
+        run_id: i64,
+        on_lost: Arc<AtomicBool>,
+    ) -> Result<Lease, aligner_store::Error> {
         let holder = holder_id();
         let current = store.run(run_id).await?.lease_holder;
         let stale = current.filter(|h| holder_is_dead(h));
-        store.acquire_lease(run_id, &holder, now_ms(), TTL_MS, stale.as_deref()).await?;
+        store
+            .acquire_lease(run_id, &holder, now_ms(), TTL_MS, stale.as_deref())
+            .await?;
         let lost = Arc::new(AtomicBool::new(false));
         let heartbeat = {
             let (store, holder, lost) = (store.clone(), holder.clone(), lost.clone());
@@ -61,7 +79,9 @@ impl Lease {
                         Ok(false) => {
                             lost.store(true, Ordering::Relaxed);
                             on_lost.store(true, Ordering::Relaxed);
-                            tracing::error!("lost the lease on run {run_id} to another process; stopping");
+                            tracing::error!(
+                                "lost the lease on run {run_id} to another process; stopping"
+                            );
                             return;
                         }
                         Err(e) => tracing::warn!("could not renew the lease on run {run_id}: {e}"),
@@ -69,7 +89,12 @@ impl Lease {
                 }
             })
         };
-        Ok(Lease { run_id, holder, lost, heartbeat })
+        Ok(Lease {
+            run_id,
+            holder,
+            lost,
+            heartbeat,
+        })
     }
 
     pub(crate) fn holder(&self) -> &str {

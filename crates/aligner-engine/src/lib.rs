@@ -36,7 +36,11 @@ pub enum Error {
     #[error("model `{name}`: {message}")]
     Backend { name: String, message: String },
     #[error("round {round} `{stage}`: {message}")]
-    Stage { round: u32, stage: &'static str, message: String },
+    Stage {
+        round: u32,
+        stage: &'static str,
+        message: String,
+    },
     #[error("interrupted; finished work is saved\nhint: `aligner resume {run} --store {}` continues it", store.display())]
     Interrupted { run: i64, store: PathBuf },
     #[error("lost the lease on run `{run}` to another process; stopped")]
@@ -50,7 +54,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 /// Makes a model backend from its spec. The CLI wires the real backends (HTTP, local) in; the
 /// engine does not know them.
 pub trait BackendFactory: Send + Sync {
-    fn text_generator(&self, name: &str, spec: &ModelSpec) -> Result<Arc<dyn TextGenerator>, String>;
+    fn text_generator(
+        &self,
+        name: &str,
+        spec: &ModelSpec,
+    ) -> Result<Arc<dyn TextGenerator>, String>;
 }
 
 /// Progress reporting (the CLI draws bars; the daemon will stream events).
@@ -93,7 +101,13 @@ pub fn resume_relevant(snapshot: &serde_json::Value) -> serde_json::Value {
     if let Some(models) = v.get_mut("models").and_then(|m| m.as_object_mut()) {
         for model in models.values_mut() {
             if let Some(m) = model.as_object_mut() {
-                for key in ["max_concurrency", "requests_per_minute", "tokens_per_minute", "timeout_secs", "max_retries"] {
+                for key in [
+                    "max_concurrency",
+                    "requests_per_minute",
+                    "tokens_per_minute",
+                    "timeout_secs",
+                    "max_retries",
+                ] {
                     m.remove(key);
                 }
             }
@@ -141,12 +155,17 @@ impl Engine {
     }
 
     fn interrupted_error(&self, run: i64) -> Error {
-        let store = std::fs::canonicalize(self.store.path()).unwrap_or_else(|_| self.store.path().to_path_buf());
+        let store = std::fs::canonicalize(self.store.path())
+            .unwrap_or_else(|_| self.store.path().to_path_buf());
         Error::Interrupted { run, store }
     }
 
     pub fn plan(&self) -> Plan {
-        Plan { rounds: self.spec.rounds.count, train: self.spec.rounds.train.is_some(), evaluate: false }
+        Plan {
+            rounds: self.spec.rounds.count,
+            train: self.spec.rounds.train.is_some(),
+            evaluate: false,
+        }
     }
 
     /// Finds the run to continue (or creates one), takes its lease and drives it to the end.
@@ -161,21 +180,37 @@ impl Engine {
         let (run_id, resumed) = match existing {
             Some(run) => {
                 if run.spec_hash != hash {
-                    let old: serde_json::Value = serde_json::from_str(&run.spec_json)
-                        .map_err(|e| Error::Other(format!("run `{}` has an unreadable spec snapshot: {e}", run.id)))?;
-                    let changes = aligner_spec::diff_snapshots(&resume_relevant(&old), &resume_relevant(&snapshot))
-                        .iter()
-                        .map(|c| format!("`{}` ({} -> {})", c.path, c.old, c.new))
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    return Err(Error::SpecChanged { run: run.id, changes });
+                    let old: serde_json::Value =
+                        serde_json::from_str(&run.spec_json).map_err(|e| {
+                            Error::Other(format!(
+                                "run `{}` has an unreadable spec snapshot: {e}",
+                                run.id
+                            ))
+                        })?;
+                    let changes = aligner_spec::diff_snapshots(
+                        &resume_relevant(&old),
+                        &resume_relevant(&snapshot),
+                    )
+                    .iter()
+                    .map(|c| format!("`{}` ({} -> {})", c.path, c.old, c.new))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                    return Err(Error::SpecChanged {
+                        run: run.id,
+                        changes,
+                    });
                 }
                 (run.id, true)
             }
             None => {
                 let id = self
                     .store
-                    .create_run(&self.spec.name, &self.pipeline_path.display().to_string(), &snapshot.to_string(), &hash)
+                    .create_run(
+                        &self.spec.name,
+                        &self.pipeline_path.display().to_string(),
+                        &snapshot.to_string(),
+                        &hash,
+                    )
                     .await?;
                 (id, false)
             }
@@ -185,12 +220,18 @@ impl Engine {
             // We created a run because none was unfinished. If an older unfinished one exists
             // now, another `aligner run` of this pipeline created it at the same moment: the
             // younger run steps back, so one pipeline is never driven twice.
-            if let Some(other) = self.store.older_unfinished_run(&self.spec.name, run_id).await? {
+            if let Some(other) = self
+                .store
+                .older_unfinished_run(&self.spec.name, run_id)
+                .await?
+            {
                 lease.release(&self.store).await;
                 self.store.delete_empty_run(run_id).await?;
                 return Err(Error::Store(aligner_store::Error::LeaseHeld {
                     run: other.id,
-                    holder: other.lease_holder.unwrap_or_else(|| "another process".into()),
+                    holder: other
+                        .lease_holder
+                        .unwrap_or_else(|| "another process".into()),
                     expires: "a few seconds".into(),
                 }));
             }
@@ -205,17 +246,52 @@ impl Engine {
             Ok(_) => self.store.set_run_status(run_id, "done", None).await?,
             Err(Error::Interrupted { .. }) | Err(Error::LeaseLost { .. }) => {}
             Err(e) => {
-                self.store.set_run_status(run_id, "failed", Some(&e.to_string())).await?;
-                self.event(run_id, None, None, "error", "run_failed", &e.to_string(), None).await;
+                self.store
+                    .set_run_status(run_id, "failed", Some(&e.to_string()))
+                    .await?;
+                self.event(
+                    run_id,
+                    None,
+                    None,
+                    "error",
+                    "run_failed",
+                    &e.to_string(),
+                    None,
+                )
+                .await;
             }
         }
-        result.map(|()| RunOutcome { run_id, resumed, store: self.store.path().to_path_buf(), rounds: self.spec.rounds.count })
+        result.map(|()| RunOutcome {
+            run_id,
+            resumed,
+            store: self.store.path().to_path_buf(),
+            rounds: self.spec.rounds.count,
+        })
     }
 
-    async fn drive(&self, run_id: i64, resumed: bool, options: &RunOptions, lease: &lease::Lease) -> Result<()> {
+    async fn drive(
+        &self,
+        run_id: i64,
+        resumed: bool,
+        options: &RunOptions,
+        lease: &lease::Lease,
+    ) -> Result<()> {
         self.store.set_run_status(run_id, "running", None).await?;
-        let kind = if resumed { "run_resumed" } else { "run_started" };
-        self.event(run_id, None, None, "info", kind, &format!("{kind} by {}", lease.holder()), None).await;
+        let kind = if resumed {
+            "run_resumed"
+        } else {
+            "run_started"
+        };
+        self.event(
+            run_id,
+            None,
+            None,
+            "info",
+            kind,
+            &format!("{kind} by {}", lease.holder()),
+            None,
+        )
+        .await;
         let plan = self.plan();
         let batch = options.batch_size.unwrap_or(256).max(1);
         loop {
@@ -229,7 +305,12 @@ impl Engine {
             match planner::next_step(&plan, &finished) {
                 Step::Ingest => ingest::run(self, run_id).await?,
                 Step::Stage { round, stage } => {
-                    let ctx = stages::Ctx { engine: self, run_id, round, batch };
+                    let ctx = stages::Ctx {
+                        engine: self,
+                        run_id,
+                        round,
+                        batch,
+                    };
                     match stage {
                         Stage::Generate => stages::generate(&ctx).await?,
                         Stage::Correct => stages::correct(&ctx).await?,
@@ -239,12 +320,31 @@ impl Engine {
                     }
                 }
                 Step::FinishRound(round) => {
-                    self.store.finish_round(run_id, round as i64, "done").await?;
-                    self.event(run_id, Some(round), None, "info", "round_finished", &format!("round {round} finished"), None)
-                        .await;
+                    self.store
+                        .finish_round(run_id, round as i64, "done")
+                        .await?;
+                    self.event(
+                        run_id,
+                        Some(round),
+                        None,
+                        "info",
+                        "round_finished",
+                        &format!("round {round} finished"),
+                        None,
+                    )
+                    .await;
                 }
                 Step::FinishRun => {
-                    self.event(run_id, None, None, "info", "run_finished", "run finished", None).await;
+                    self.event(
+                        run_id,
+                        None,
+                        None,
+                        "info",
+                        "run_finished",
+                        "run finished",
+                        None,
+                    )
+                    .await;
                     return Ok(());
                 }
             }
@@ -273,12 +373,16 @@ impl Engine {
     }
 
     fn backend(&self, name: &str) -> Result<Arc<dyn TextGenerator>> {
-        let spec = self
-            .spec
-            .models
-            .get(name)
-            .ok_or_else(|| Error::Backend { name: name.into(), message: "not defined in `models`".into() })?;
-        self.factory.text_generator(name, spec).map_err(|message| Error::Backend { name: name.into(), message })
+        let spec = self.spec.models.get(name).ok_or_else(|| Error::Backend {
+            name: name.into(),
+            message: "not defined in `models`".into(),
+        })?;
+        self.factory
+            .text_generator(name, spec)
+            .map_err(|message| Error::Backend {
+                name: name.into(),
+                message,
+            })
     }
 
     fn concurrency(&self, name: &str) -> usize {
@@ -300,7 +404,15 @@ impl Engine {
         message: &str,
         data: Option<serde_json::Value>,
     ) {
-        let e = NewEvent { run_id: Some(run_id), round: round.map(i64::from), stage, level, kind, message, data };
+        let e = NewEvent {
+            run_id: Some(run_id),
+            round: round.map(i64::from),
+            stage,
+            level,
+            kind,
+            message,
+            data,
+        };
         if let Err(err) = self.store.add_event(&e).await {
             tracing::warn!("could not record event `{kind}`: {err}");
         }

@@ -71,7 +71,10 @@ pub struct Finished {
 pub enum Step {
     /// Load the prompt set into the store.
     Ingest,
-    Stage { round: u32, stage: Stage },
+    Stage {
+        round: u32,
+        stage: Stage,
+    },
     /// Every stage of the round is done: mark it.
     FinishRound(u32),
     /// Every round is done.
@@ -124,7 +127,11 @@ mod tests {
 
     #[test]
     fn two_rounds_with_training() {
-        let steps = replay(&Plan { rounds: 2, train: true, evaluate: false });
+        let steps = replay(&Plan {
+            rounds: 2,
+            train: true,
+            evaluate: false,
+        });
         use Stage::*;
         let st = |round, stage| Step::Stage { round, stage };
         assert_eq!(
@@ -148,13 +155,32 @@ mod tests {
 
     #[test]
     fn resume_continues_where_the_store_says() {
-        let plan = Plan { rounds: 3, train: false, evaluate: false };
-        let mut finished = Finished { ingested: true, ..Default::default() };
+        let plan = Plan {
+            rounds: 3,
+            train: false,
+            evaluate: false,
+        };
+        let mut finished = Finished {
+            ingested: true,
+            ..Default::default()
+        };
         finished.rounds.insert(1);
         finished.stages.insert((2, Stage::Generate));
-        assert_eq!(next_step(&plan, &finished), Step::Stage { round: 2, stage: Stage::Correct });
+        assert_eq!(
+            next_step(&plan, &finished),
+            Step::Stage {
+                round: 2,
+                stage: Stage::Correct
+            }
+        );
         // A stage of a finished round is never redone, even if its row were missing.
         finished.stages.clear();
-        assert_eq!(next_step(&plan, &finished), Step::Stage { round: 2, stage: Stage::Generate });
+        assert_eq!(
+            next_step(&plan, &finished),
+            Step::Stage {
+                round: 2,
+                stage: Stage::Generate
+            }
+        );
     }
 }

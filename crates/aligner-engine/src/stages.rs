@@ -34,24 +34,65 @@ impl Ctx<'_> {
         self.round as i64
     }
 
-    async fn finish(&self, stage: Stage, ok: i64, failed: i64, first_error: Option<String>) -> Result<()> {
+    async fn finish(
+        &self,
+        stage: Stage,
+        ok: i64,
+        failed: i64,
+        first_error: Option<String>,
+    ) -> Result<()> {
         let e = self.engine;
         if e.interrupted() {
             return Err(e.interrupted_error(self.run_id));
         }
         // A stage where every item failed is a broken backend, not bad luck: stop the run so the
         // user can fix it; a resume retries the failed items.
-        let status = if ok == 0 && failed > 0 { "failed" } else { "done" };
+        let status = if ok == 0 && failed > 0 {
+            "failed"
+        } else {
+            "done"
+        };
         let error = (status == "failed").then(|| {
-            format!("all {failed} item(s) failed; first error: {}", first_error.clone().unwrap_or_default())
+            format!(
+                "all {failed} item(s) failed; first error: {}",
+                first_error.clone().unwrap_or_default()
+            )
         });
-        e.store.finish_stage(self.run_id, self.round(), stage.as_str(), status, ok, failed, error.as_deref()).await?;
-        e.observer.stage_finished(self.round, stage, ok as u64, failed as u64);
-        let message = format!("round {} {}: {ok} ok, {failed} failed", self.round, stage.as_str());
+        e.store
+            .finish_stage(
+                self.run_id,
+                self.round(),
+                stage.as_str(),
+                status,
+                ok,
+                failed,
+                error.as_deref(),
+            )
+            .await?;
+        e.observer
+            .stage_finished(self.round, stage, ok as u64, failed as u64);
+        let message = format!(
+            "round {} {}: {ok} ok, {failed} failed",
+            self.round,
+            stage.as_str()
+        );
         let level = if failed > 0 { "warn" } else { "info" };
-        e.event(self.run_id, Some(self.round), Some(stage.as_str()), level, "stage_finished", &message, Some(serde_json::json!({"ok": ok, "failed": failed, "first_error": first_error}))).await;
+        e.event(
+            self.run_id,
+            Some(self.round),
+            Some(stage.as_str()),
+            level,
+            "stage_finished",
+            &message,
+            Some(serde_json::json!({"ok": ok, "failed": failed, "first_error": first_error})),
+        )
+        .await;
         match error {
-            Some(message) => Err(Error::Stage { round: self.round, stage: stage.as_str(), message }),
+            Some(message) => Err(Error::Stage {
+                round: self.round,
+                stage: stage.as_str(),
+                message,
+            }),
             None => Ok(()),
         }
     }
@@ -148,10 +189,17 @@ where
             }
             buf.push(record(unit, &result));
         }
-        if !buf.is_empty() && (done || buf.len() >= ctx.batch || last_flush.elapsed() >= FLUSH_EVERY) {
+        if !buf.is_empty()
+            && (done || buf.len() >= ctx.batch || last_flush.elapsed() >= FLUSH_EVERY)
+        {
             ok += buf_ok;
             failed += buf_failed;
-            flush(std::mem::take(&mut buf), base.0 + ok as i64, base.1 + failed as i64).await?;
+            flush(
+                std::mem::take(&mut buf),
+                base.0 + ok as i64,
+                base.1 + failed as i64,
+            )
+            .await?;
             ctx.engine.observer.advanced(buf_ok, buf_failed);
             (buf_ok, buf_failed) = (0, 0);
             last_flush = Instant::now();
@@ -180,13 +228,21 @@ async fn upstream(ctx: &Ctx<'_>) -> Result<Upstream> {
         ModelSpec::Local(m) => format!("{:?}", m.source),
     };
     if ctx.round == 1 || e.spec.rounds.train.is_none() {
-        return Ok(Upstream { model_override: None, upstream_ref: configured, checkpoint_id: None });
+        return Ok(Upstream {
+            model_override: None,
+            upstream_ref: configured,
+            checkpoint_id: None,
+        });
     }
-    let ckpt = e.store.checkpoint(ctx.run_id, ctx.round() - 1).await?.ok_or_else(|| Error::Stage {
-        round: ctx.round,
-        stage: "generate",
-        message: format!("round {} left no checkpoint to answer with", ctx.round - 1),
-    })?;
+    let ckpt = e
+        .store
+        .checkpoint(ctx.run_id, ctx.round() - 1)
+        .await?
+        .ok_or_else(|| Error::Stage {
+            round: ctx.round,
+            stage: "generate",
+            message: format!("round {} left no checkpoint to answer with", ctx.round - 1),
+        })?;
     Ok(Upstream {
         model_override: ckpt.serve_model.clone(),
         upstream_ref: ckpt.serve_model.clone().unwrap_or(ckpt.path.clone()),
@@ -199,18 +255,30 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
     let (run_id, round) = (ctx.run_id, ctx.round());
     let spec = &e.spec.rounds.generate;
     let up = upstream(ctx).await?;
-    e.store.ensure_round(run_id, round, &spec.model, &up.upstream_ref, up.checkpoint_id).await?;
+    e.store
+        .ensure_round(
+            run_id,
+            round,
+            &spec.model,
+            &up.upstream_ref,
+            up.checkpoint_id,
+        )
+        .await?;
     e.store.delete_failed_generations(run_id, round).await?;
     let n = spec.n as i64;
     let total = e.store.count_prompts(run_id, "train").await? * n;
     let base = e.store.generation_counts(run_id, round).await?;
     let done_ok = base.0;
-    e.store.start_stage(run_id, round, "generate", Some(total)).await?;
-    e.observer.stage_started(ctx.round, Stage::Generate, total as u64, done_ok as u64);
+    e.store
+        .start_stage(run_id, round, "generate", Some(total))
+        .await?;
+    e.observer
+        .stage_started(ctx.round, Stage::Generate, total as u64, done_ok as u64);
     let backend = e.backend(&spec.model)?;
     let backend_id = backend.id();
-    let sampling_json: Vec<String> =
-        (0..spec.n as u64).map(|k| serde_json::to_string(&to_sampling(&spec.sampling, k)).unwrap_or_default()).collect();
+    let sampling_json: Vec<String> = (0..spec.n as u64)
+        .map(|k| serde_json::to_string(&to_sampling(&spec.sampling, k)).unwrap_or_default())
+        .collect();
 
     struct Unit {
         prompt_id: i64,
@@ -225,10 +293,15 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
         let mut after = -1i64;
         loop {
             let page = store.train_prompts_page(run_id, after, PAGE).await?;
-            let (Some(first), Some(last)) = (page.first(), page.last()) else { break };
+            let (Some(first), Some(last)) = (page.first(), page.last()) else {
+                break;
+            };
             after = last.idx;
-            let have: std::collections::HashSet<(i64, i64)> =
-                store.generation_keys(run_id, round, first.id, last.id).await?.into_iter().collect();
+            let have: std::collections::HashSet<(i64, i64)> = store
+                .generation_keys(run_id, round, first.id, last.id)
+                .await?
+                .into_iter()
+                .collect();
             for p in page {
                 for k in 0..n {
                     if have.contains(&(p.id, k)) {
@@ -237,7 +310,12 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
                     if interrupt.load(Ordering::Relaxed) {
                         return Ok(());
                     }
-                    let unit = Unit { prompt_id: p.id, sample_idx: k, system: p.system.clone(), prompt: p.prompt.clone() };
+                    let unit = Unit {
+                        prompt_id: p.id,
+                        sample_idx: k,
+                        system: p.system.clone(),
+                        prompt: p.prompt.clone(),
+                    };
                     if tx.send(unit).await.is_err() {
                         return Ok(());
                     }
@@ -279,7 +357,9 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
             let store = e.store.clone();
             async move {
                 store.insert_generations(&rows).await?;
-                store.update_stage_progress(run_id, round, "generate", ok, failed).await?;
+                store
+                    .update_stage_progress(run_id, round, "generate", ok, failed)
+                    .await?;
                 Ok(())
             }
         },
@@ -299,8 +379,11 @@ pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
     let (gen_ok, _) = e.store.generation_counts(run_id, round).await?;
     let base = e.store.correction_counts(run_id, round).await?;
     let done_ok = base.0;
-    e.store.start_stage(run_id, round, "correct", Some(gen_ok)).await?;
-    e.observer.stage_started(ctx.round, Stage::Correct, gen_ok as u64, done_ok as u64);
+    e.store
+        .start_stage(run_id, round, "correct", Some(gen_ok))
+        .await?;
+    e.observer
+        .stage_started(ctx.round, Stage::Correct, gen_ok as u64, done_ok as u64);
     let backend = e.backend(&spec.model)?;
     let backend_id = backend.id();
     let template_id = spec.template.id().to_string();
@@ -351,7 +434,9 @@ pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
             let store = e.store.clone();
             async move {
                 store.insert_corrections(&rows).await?;
-                store.update_stage_progress(run_id, round, "correct", ok, failed).await?;
+                store
+                    .update_stage_progress(run_id, round, "correct", ok, failed)
+                    .await?;
                 Ok(())
             }
         },
@@ -369,18 +454,31 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     let spec = &e.spec.rounds.synthesize;
     let (gen_ok, gen_failed) = e.store.generation_counts(run_id, round).await?;
     let (kept0, dropped0) = e.store.pair_counts(run_id, round).await?;
-    e.store.start_stage(run_id, round, "synthesize", Some(gen_ok + gen_failed)).await?;
-    e.observer.stage_started(ctx.round, Stage::Synthesize, (gen_ok + gen_failed) as u64, (kept0 + dropped0) as u64);
+    e.store
+        .start_stage(run_id, round, "synthesize", Some(gen_ok + gen_failed))
+        .await?;
+    e.observer.stage_started(
+        ctx.round,
+        Stage::Synthesize,
+        (gen_ok + gen_failed) as u64,
+        (kept0 + dropped0) as u64,
+    );
     // The filters' state spans pairs; rebuild it from what is committed.
     let hashes = e.store.kept_pair_keys(run_id, round).await?;
-    let mut state = FilterState { kept: hashes.len() as u64, kept_prompts: hashes.into_iter().collect() };
+    let mut state = FilterState {
+        kept: hashes.len() as u64,
+        kept_prompts: hashes.into_iter().collect(),
+    };
     let (mut total_kept, mut total_dropped) = (kept0, dropped0);
     let mut after = 0i64;
     loop {
         if e.interrupted() {
             return Err(e.interrupted_error(run_id));
         }
-        let page = e.store.unpaired_page(run_id, round, after, ctx.batch as i64).await?;
+        let page = e
+            .store
+            .unpaired_page(run_id, round, after, ctx.batch as i64)
+            .await?;
         let Some(last) = page.last() else { break };
         after = last.generation_id;
         let mut rows = Vec::with_capacity(page.len());
@@ -417,13 +515,27 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
         e.store.insert_pairs(&rows).await?;
         total_kept += kept as i64;
         total_dropped += dropped as i64;
-        e.store.update_stage_progress(run_id, round, "synthesize", total_kept, total_dropped).await?;
+        e.store
+            .update_stage_progress(run_id, round, "synthesize", total_kept, total_dropped)
+            .await?;
         e.observer.advanced(kept, dropped);
     }
     let (kept, dropped) = e.store.pair_counts(run_id, round).await?;
-    e.store.finish_stage(run_id, round, "synthesize", "done", kept, dropped, None).await?;
-    e.observer.stage_finished(ctx.round, Stage::Synthesize, kept as u64, dropped as u64);
+    e.store
+        .finish_stage(run_id, round, "synthesize", "done", kept, dropped, None)
+        .await?;
+    e.observer
+        .stage_finished(ctx.round, Stage::Synthesize, kept as u64, dropped as u64);
     let message = format!("round {}: {kept} pairs kept, {dropped} dropped", ctx.round);
-    e.event(run_id, Some(ctx.round), Some("synthesize"), "info", "stage_finished", &message, None).await;
+    e.event(
+        run_id,
+        Some(ctx.round),
+        Some("synthesize"),
+        "info",
+        "stage_finished",
+        &message,
+        None,
+    )
+    .await;
     Ok(())
 }

@@ -10,7 +10,9 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 use aligner_dataset::{Format, Kind, PairRecord};
-use aligner_spec::{ExportFormat, ModelSpec, ReferencePolicy, TrainBackend, TrainMethod, TrainStage};
+use aligner_spec::{
+    ExportFormat, ModelSpec, ReferencePolicy, TrainBackend, TrainMethod, TrainStage,
+};
 use aligner_store::NewTrainingJob;
 
 use crate::stages::Ctx;
@@ -18,14 +20,24 @@ use crate::{Error, Result, Stage};
 
 /// Quotes a value for `sh` (single quotes; embedded ones closed and escaped).
 fn sh_quote(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c)) {
+    if !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./=:,+@%".contains(c))
+    {
         return s.to_string();
     }
     format!("'{}'", s.replace('\'', r"'\''"))
 }
 
 /// The placeholders a train command may use, and the matching `ALIGNER_*` environment variables.
-pub(crate) fn placeholders(train: &TrainStage, data: &Path, base: &str, reference: &str, out: &Path, round: u32) -> Vec<(&'static str, String)> {
+pub(crate) fn placeholders(
+    train: &TrainStage,
+    data: &Path,
+    base: &str,
+    reference: &str,
+    out: &Path,
+    round: u32,
+) -> Vec<(&'static str, String)> {
     vec![
         ("data", data.display().to_string()),
         ("base_model", base.to_string()),
@@ -38,14 +50,20 @@ pub(crate) fn placeholders(train: &TrainStage, data: &Path, base: &str, referenc
         ("learning_rate", train.learning_rate.to_string()),
         ("epochs", train.epochs.to_string()),
         ("batch_size", train.batch_size.to_string()),
-        ("gradient_accumulation", train.gradient_accumulation.to_string()),
+        (
+            "gradient_accumulation",
+            train.gradient_accumulation.to_string(),
+        ),
         ("max_length", train.max_length.to_string()),
         ("warmup_ratio", train.warmup_ratio.to_string()),
     ]
 }
 
 fn enum_str<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
 }
 
 pub(crate) fn render_command(template: &str, values: &[(&'static str, String)]) -> String {
@@ -58,15 +76,33 @@ pub(crate) fn render_command(template: &str, values: &[(&'static str, String)]) 
 
 fn run_dir(ctx: &Ctx<'_>) -> PathBuf {
     let e = ctx.engine;
-    e.spec.workdir.join(format!("{}-{}", e.spec.name, ctx.run_id)).join(format!("round-{}", ctx.round))
+    e.spec
+        .workdir
+        .join(format!("{}-{}", e.spec.name, ctx.run_id))
+        .join(format!("round-{}", ctx.round))
 }
 
 pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     let e = ctx.engine;
     let (run_id, round) = (ctx.run_id, ctx.round as i64);
-    let train = e.spec.rounds.train.as_ref().expect("planned only with a train block");
-    let stage_err = |message: String| Error::Stage { round: ctx.round, stage: "train", message };
-    let TrainBackend::Command { command, format, conversational, serve_model } = &train.backend else {
+    let train = e
+        .spec
+        .rounds
+        .train
+        .as_ref()
+        .expect("planned only with a train block");
+    let stage_err = |message: String| Error::Stage {
+        round: ctx.round,
+        stage: "train",
+        message,
+    };
+    let TrainBackend::Command {
+        command,
+        format,
+        conversational,
+        serve_model,
+    } = &train.backend
+    else {
         return Err(stage_err(
             "`backend: builtin` needs the built-in trainer, which this build does not have yet\nhint: use `backend: { kind: command, command: ... }` with your own trainer (TRL, OpenRLHF, LLaMA-Factory)".into(),
         ));
@@ -78,7 +114,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     let initial = match &e.spec.models[&e.spec.rounds.generate.model] {
         ModelSpec::Openai(m) => m.model.clone(),
         ModelSpec::Local(m) => match &m.source {
-            aligner_spec::LocalSource::Gguf { path, .. } | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
+            aligner_spec::LocalSource::Gguf { path, .. }
+            | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
             aligner_spec::LocalSource::HubId { id, .. } => id.clone(),
         },
     };
@@ -89,7 +126,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
             .checkpoint(run_id, round - 1)
             .await?
             .map(|c| c.path)
-            .ok_or_else(|| stage_err(format!("round {} left no checkpoint to train from", ctx.round - 1)))?
+            .ok_or_else(|| {
+                stage_err(format!(
+                    "round {} left no checkpoint to train from",
+                    ctx.round - 1
+                ))
+            })?
     };
     let reference = match train.reference {
         ReferencePolicy::Initial => initial.clone(),
@@ -107,34 +149,51 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     // output folder work on resume.
     let out = dir.join("checkpoint");
     let previous = e.store.training_job(run_id, round).await?;
-    if let Some(pgid) = previous.as_ref().filter(|j| j.status == "running").and_then(|j| j.pgid) {
+    if let Some(pgid) = previous
+        .as_ref()
+        .filter(|j| j.status == "running")
+        .and_then(|j| j.pgid)
+    {
         // A trainer that outlived a killed `aligner` must not race the new attempt.
         kill_group(pgid, "KILL").await;
     }
     let attempt = previous.map_or(1, |j| j.attempts + 1);
     let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
     if attempt_dir.exists() {
-        std::fs::remove_dir_all(&attempt_dir).map_err(|err| stage_err(format!("cannot clear `{}`: {err}", attempt_dir.display())))?;
+        std::fs::remove_dir_all(&attempt_dir)
+            .map_err(|err| stage_err(format!("cannot clear `{}`: {err}", attempt_dir.display())))?;
     }
     let pairs: Vec<PairRecord> = e
         .store
         .kept_pairs(run_id, round)
         .await?
         .into_iter()
-        .map(|p| PairRecord { system: p.system, prompt: p.prompt, chosen: p.chosen.unwrap_or_default(), rejected: p.rejected.unwrap_or_default() })
+        .map(|p| PairRecord {
+            system: p.system,
+            prompt: p.prompt,
+            chosen: p.chosen.unwrap_or_default(),
+            rejected: p.rejected.unwrap_or_default(),
+        })
         .collect();
     if pairs.is_empty() {
         let message = format!("round {} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {} GROUP BY reason\"` shows why; relax `rounds.synthesize`", ctx.round, ctx.round);
-        e.store.finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message)).await?;
+        e.store
+            .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
+            .await?;
         return Err(stage_err(message));
     }
     let kind = match train.method {
         TrainMethod::Dpo => Kind::Dpo,
         TrainMethod::Sft => Kind::Sft,
     };
-    let fmt = if matches!(format, ExportFormat::Parquet) { Format::Parquet } else { Format::Jsonl };
+    let fmt = if matches!(format, ExportFormat::Parquet) {
+        Format::Parquet
+    } else {
+        Format::Jsonl
+    };
     aligner_dataset::write_pairs(&data, fmt, kind, *conversational, &pairs)?;
-    std::fs::create_dir_all(&dir).map_err(|err| stage_err(format!("cannot create `{}`: {err}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|err| stage_err(format!("cannot create `{}`: {err}", dir.display())))?;
 
     let values = placeholders(train, &data, &base, &reference, &attempt_dir, ctx.round);
     let rendered = render_command(command, &values);
@@ -155,7 +214,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
             command: Some(&rendered),
         })
         .await?;
-    e.observer.note(&format!("round {} train: {} pairs -> `{}`", ctx.round, pairs.len(), rendered));
+    e.observer.note(&format!(
+        "round {} train: {} pairs -> `{}`",
+        ctx.round,
+        pairs.len(),
+        rendered
+    ));
     e.event(run_id, Some(ctx.round), Some("train"), "info", "train_started", &rendered, Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len(), "reference": reference}))).await;
 
     let mut cmd = Command::new("sh");
@@ -170,12 +234,23 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     for (k, v) in &values {
         cmd.env(format!("ALIGNER_{}", k.to_uppercase()), v);
     }
-    let mut child = cmd.spawn().map_err(|err| stage_err(format!("cannot start `sh -c {rendered}`: {err}")))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|err| stage_err(format!("cannot start `sh -c {rendered}`: {err}")))?;
     let pgid = child.id().map(i64::from);
     e.store.set_training_pgid(job.id, pgid).await?;
     let mut stopping = false;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, String)>(1024);
-    for (name, pipe) in [("stdout", child.stdout.take().map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>)), ("stderr", child.stderr.take().map(|p| Box::new(p) as _))] {
+    for (name, pipe) in [
+        (
+            "stdout",
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+        ),
+        ("stderr", child.stderr.take().map(|p| Box::new(p) as _)),
+    ] {
         let Some(pipe) = pipe else { continue };
         let tx = tx.clone();
         tokio::spawn(async move {
@@ -203,8 +278,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
             tail.push_back(line.clone());
             buf.push((stream, line));
         }
-        if !buf.is_empty() && (closed || buf.len() >= 64 || last.elapsed() >= Duration::from_millis(250)) {
-            e.store.append_training_logs(job.id, job.attempts, &std::mem::take(&mut buf)).await?;
+        if !buf.is_empty()
+            && (closed || buf.len() >= 64 || last.elapsed() >= Duration::from_millis(250))
+        {
+            e.store
+                .append_training_logs(job.id, job.attempts, &std::mem::take(&mut buf))
+                .await?;
             last = Instant::now();
         }
         if closed {
@@ -217,38 +296,89 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
             }
         }
     }
-    let status = child.wait().await.map_err(|err| stage_err(format!("waiting for the train command: {err}")))?;
+    let status = child
+        .wait()
+        .await
+        .map_err(|err| stage_err(format!("waiting for the train command: {err}")))?;
     e.store.set_training_pgid(job.id, None).await?;
     let code = status.code().map(i64::from);
     let tail_text = tail.iter().cloned().collect::<Vec<_>>().join("\n  ");
     if e.interrupted() {
-        e.store.finish_training_job(job.id, "failed", code, Some("interrupted")).await?;
+        e.store
+            .finish_training_job(job.id, "failed", code, Some("interrupted"))
+            .await?;
         return Err(e.interrupted_error(run_id));
     }
     let failure = if !status.success() {
         Some(format!("train command exited with {}; last output:\n  {tail_text}\nhint: the full log is in `training_logs` (job {})", code.map_or("a signal".into(), |c| c.to_string()), job.id))
-    } else if !attempt_dir.is_dir() || std::fs::read_dir(&attempt_dir).map(|mut d| d.next().is_none()).unwrap_or(true) {
+    } else if !attempt_dir.is_dir()
+        || std::fs::read_dir(&attempt_dir)
+            .map(|mut d| d.next().is_none())
+            .unwrap_or(true)
+    {
         Some(format!("train command exited 0 but wrote no checkpoint into `{}`\nhint: the command must write the trained model into `{{output_dir}}`", attempt_dir.display()))
     } else {
         if out.exists() {
             // Left by an attempt that was moved into place but never registered.
-            std::fs::remove_dir_all(&out).map_err(|err| stage_err(format!("cannot replace `{}`: {err}", out.display())))?;
+            std::fs::remove_dir_all(&out)
+                .map_err(|err| stage_err(format!("cannot replace `{}`: {err}", out.display())))?;
         }
-        std::fs::rename(&attempt_dir, &out).map_err(|err| stage_err(format!("cannot move the checkpoint to `{}`: {err}", out.display())))?;
+        std::fs::rename(&attempt_dir, &out).map_err(|err| {
+            stage_err(format!(
+                "cannot move the checkpoint to `{}`: {err}",
+                out.display()
+            ))
+        })?;
         None
     };
     if let Some(message) = failure {
-        e.store.finish_training_job(job.id, "failed", code, Some(&message)).await?;
-        e.store.finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message)).await?;
+        e.store
+            .finish_training_job(job.id, "failed", code, Some(&message))
+            .await?;
+        e.store
+            .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
+            .await?;
         return Err(stage_err(message));
     }
-    let serve = serve_model.as_ref().map(|s| s.replace("{round}", &ctx.round.to_string()).replace("{output_dir}", &out.display().to_string()));
-    let ckpt = e.store.register_checkpoint(run_id, round, job.id, code.unwrap_or(0), &out.display().to_string(), serve.as_deref()).await?;
-    e.store.finish_stage(run_id, round, "train", "done", 1, 0, None).await?;
+    let serve = serve_model.as_ref().map(|s| {
+        s.replace("{round}", &ctx.round.to_string())
+            .replace("{output_dir}", &out.display().to_string())
+    });
+    let ckpt = e
+        .store
+        .register_checkpoint(
+            run_id,
+            round,
+            job.id,
+            code.unwrap_or(0),
+            &out.display().to_string(),
+            serve.as_deref(),
+        )
+        .await?;
+    e.store
+        .finish_stage(run_id, round, "train", "done", 1, 0, None)
+        .await?;
     e.observer.stage_finished(ctx.round, Stage::Train, 1, 0);
-    let message = format!("round {} checkpoint {} at `{}`{}", ctx.round, ckpt, out.display(), serve.map(|s| format!(" served as `{s}`")).unwrap_or_default());
+    let message = format!(
+        "round {} checkpoint {} at `{}`{}",
+        ctx.round,
+        ckpt,
+        out.display(),
+        serve
+            .map(|s| format!(" served as `{s}`"))
+            .unwrap_or_default()
+    );
     e.observer.note(&message);
-    e.event(run_id, Some(ctx.round), Some("train"), "info", "checkpoint_registered", &message, None).await;
+    e.event(
+        run_id,
+        Some(ctx.round),
+        Some("train"),
+        "info",
+        "checkpoint_registered",
+        &message,
+        None,
+    )
+    .await;
     Ok(())
 }
 
@@ -268,9 +398,16 @@ mod tests {
 
     #[test]
     fn commands_are_rendered_with_quoted_values() {
-        let values = vec![("data", "/tmp/my runs/pairs.jsonl".to_string()), ("round", "2".to_string()), ("base_model", "it's".to_string())];
+        let values = vec![
+            ("data", "/tmp/my runs/pairs.jsonl".to_string()),
+            ("round", "2".to_string()),
+            ("base_model", "it's".to_string()),
+        ];
         assert_eq!(
-            render_command("train --data {data} --round {round} --model {base_model} {unknown}", &values),
+            render_command(
+                "train --data {data} --round {round} --model {base_model} {unknown}",
+                &values
+            ),
             r"train --data '/tmp/my runs/pairs.jsonl' --round 2 --model 'it'\''s' {unknown}"
         );
     }

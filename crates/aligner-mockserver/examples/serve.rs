@@ -20,7 +20,9 @@ fn main() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     runtime.block_on(async move {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let server = aligner_mockserver::MockServer::start_on(addr, config).await.expect("start");
+        let server = aligner_mockserver::MockServer::start_on(addr, config)
+            .await
+            .expect("start");
         eprintln!("test server on {}", server.base_url);
         tokio::signal::ctrl_c().await.ok();
     });

@@ -57,11 +57,20 @@ pub struct LocalModel {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum LocalSource {
     /// A `.gguf` file whose header has been checked.
-    Gguf { path: PathBuf, architecture: Option<String> },
+    Gguf {
+        path: PathBuf,
+        architecture: Option<String>,
+    },
     /// A Hugging Face folder with `config.json`, `tokenizer.json` and `*.safetensors`.
-    HfFolder { path: PathBuf, architecture: Option<String> },
+    HfFolder {
+        path: PathBuf,
+        architecture: Option<String>,
+    },
     /// `org/name` on a model hub, resolved when the local-models backend loads it.
-    HubId { id: String, revision: Option<String> },
+    HubId {
+        id: String,
+        revision: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

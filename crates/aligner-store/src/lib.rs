@@ -27,9 +27,16 @@ pub enum Error {
     #[error("store `{path}` does not exist\nhint: run a pipeline first, or pass `--store FILE`")]
     Missing { path: PathBuf },
     #[error("cannot apply migrations to `{path}`: {source}\nhint: the file may come from a newer aligner; use a new store file")]
-    Migrate { path: PathBuf, source: sqlx::migrate::MigrateError },
+    Migrate {
+        path: PathBuf,
+        source: sqlx::migrate::MigrateError,
+    },
     #[error("run `{run}` is being driven by {holder} (lease until {expires})\nhint: wait for it to finish, or stop that process first")]
-    LeaseHeld { run: i64, holder: String, expires: String },
+    LeaseHeld {
+        run: i64,
+        holder: String,
+        expires: String,
+    },
     #[error("no run `{0}` in this store\nhint: `aligner status` lists the runs")]
     NoSuchRun(String),
     #[error(transparent)]
@@ -54,7 +61,10 @@ impl Store {
     /// Opens (creating if needed) a store for writing and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| Error::Open { path: path.into(), source: sqlx::Error::Io(e) })?;
+            std::fs::create_dir_all(dir).map_err(|e| Error::Open {
+                path: path.into(),
+                source: sqlx::Error::Io(e),
+            })?;
         }
         let options = SqliteConnectOptions::new()
             .filename(path)
@@ -67,13 +77,22 @@ impl Store {
         // at once (no busy wait) when another process is opening the same file: retry briefly.
         let mut tries = 0;
         let pool = loop {
-            match SqlitePoolOptions::new().max_connections(4).connect_with(options.clone()).await {
+            match SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with(options.clone())
+                .await
+            {
                 Ok(pool) => break pool,
                 Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("5") && tries < 50 => {
                     tries += 1;
                     tokio::time::sleep(Duration::from_millis(20 + 10 * tries)).await;
                 }
-                Err(source) => return Err(Error::Open { path: path.into(), source }),
+                Err(source) => {
+                    return Err(Error::Open {
+                        path: path.into(),
+                        source,
+                    })
+                }
             }
         };
         // Two processes opening a new file at once both try to apply the migrations; the
@@ -86,10 +105,18 @@ impl Store {
                     attempt += 1;
                     tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
                 }
-                Err(source) => return Err(Error::Migrate { path: path.into(), source }),
+                Err(source) => {
+                    return Err(Error::Migrate {
+                        path: path.into(),
+                        source,
+                    })
+                }
             }
         }
-        Ok(Store { pool, path: path.into() })
+        Ok(Store {
+            pool,
+            path: path.into(),
+        })
     }
 
     /// Opens an existing store read-only (`aligner sql`, `status`, `export`). Nothing is created
@@ -99,7 +126,10 @@ impl Store {
             return Err(Error::Missing { path: path.into() });
         }
         let options = SqliteConnectOptions::from_str("sqlite://")
-            .map_err(|source| Error::Open { path: path.into(), source })?
+            .map_err(|source| Error::Open {
+                path: path.into(),
+                source,
+            })?
             .filename(path)
             .read_only(true)
             .busy_timeout(Duration::from_secs(30))
@@ -108,8 +138,14 @@ impl Store {
             .max_connections(2)
             .connect_with(options)
             .await
-            .map_err(|source| Error::Open { path: path.into(), source })?;
-        Ok(Store { pool, path: path.into() })
+            .map_err(|source| Error::Open {
+                path: path.into(),
+                source,
+            })?;
+        Ok(Store {
+            pool,
+            path: path.into(),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -139,15 +175,23 @@ impl Store {
 
     // ---------------------------------------------------------------- runs
 
-    pub async fn create_run(&self, name: &str, pipeline_path: &str, spec_json: &str, spec_hash: &str) -> Result<i64> {
-        let id = sqlx::query("INSERT INTO runs (name, pipeline_path, spec_json, spec_hash) VALUES (?, ?, ?, ?)")
-            .bind(name)
-            .bind(pipeline_path)
-            .bind(spec_json)
-            .bind(spec_hash)
-            .execute(&self.pool)
-            .await?
-            .last_insert_rowid();
+    pub async fn create_run(
+        &self,
+        name: &str,
+        pipeline_path: &str,
+        spec_json: &str,
+        spec_hash: &str,
+    ) -> Result<i64> {
+        let id = sqlx::query(
+            "INSERT INTO runs (name, pipeline_path, spec_json, spec_hash) VALUES (?, ?, ?, ?)",
+        )
+        .bind(name)
+        .bind(pipeline_path)
+        .bind(spec_json)
+        .bind(spec_hash)
+        .execute(&self.pool)
+        .await?
+        .last_insert_rowid();
         Ok(id)
     }
 
@@ -174,11 +218,13 @@ impl Store {
         if let Ok(id) = id_or_name.parse::<i64>() {
             return self.run(id).await;
         }
-        sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1"))
-            .bind(id_or_name)
-            .fetch_optional(&self.pool)
-            .await?
-            .ok_or_else(|| Error::NoSuchRun(id_or_name.to_string()))
+        sqlx::query_as::<_, RunRow>(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? ORDER BY id DESC LIMIT 1"
+        ))
+        .bind(id_or_name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| Error::NoSuchRun(id_or_name.to_string()))
     }
 
     /// An older unfinished run of this pipeline than `run_id` (another process created it at
@@ -203,7 +249,10 @@ impl Store {
         .fetch_one(&mut *tx)
         .await?;
         if has_work == 0 {
-            sqlx::query("DELETE FROM runs WHERE id = ?").bind(run_id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM runs WHERE id = ?")
+                .bind(run_id)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -211,22 +260,34 @@ impl Store {
 
     /// Whether a stage of a round has finished.
     pub async fn stage_done(&self, run_id: i64, round: i64, stage: &str) -> Result<bool> {
-        Ok(self.stage(run_id, round, stage).await?.is_some_and(|s| s.status == "done"))
+        Ok(self
+            .stage(run_id, round, stage)
+            .await?
+            .is_some_and(|s| s.status == "done"))
     }
 
     pub async fn latest_run(&self) -> Result<Option<RunRow>> {
-        Ok(sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id DESC LIMIT 1"))
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(sqlx::query_as::<_, RunRow>(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs ORDER BY id DESC LIMIT 1"
+        ))
+        .fetch_optional(&self.pool)
+        .await?)
     }
 
     pub async fn list_runs(&self) -> Result<Vec<RunRow>> {
-        Ok(sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id"))
-            .fetch_all(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_as::<_, RunRow>(&format!("SELECT {RUN_COLUMNS} FROM runs ORDER BY id"))
+                .fetch_all(&self.pool)
+                .await?,
+        )
     }
 
-    pub async fn set_run_status(&self, run_id: i64, status: &str, error: Option<&str>) -> Result<()> {
+    pub async fn set_run_status(
+        &self,
+        run_id: i64,
+        status: &str,
+        error: Option<&str>,
+    ) -> Result<()> {
         sqlx::query(
             "UPDATE runs SET status = ?, error = ?, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
                     finished_at = CASE WHEN ? IN ('done', 'cancelled') THEN strftime('%Y-%m-%dT%H:%M:%fZ', 'now') END
@@ -276,14 +337,21 @@ impl Store {
     }
 
     /// Extends our lease; false when another process took it (we must stop).
-    pub async fn renew_lease(&self, run_id: i64, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<bool> {
-        let n = sqlx::query("UPDATE runs SET lease_expires_ms = ? WHERE id = ? AND lease_holder = ?")
-            .bind(now_ms + ttl_ms)
-            .bind(run_id)
-            .bind(holder)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+    pub async fn renew_lease(
+        &self,
+        run_id: i64,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<bool> {
+        let n =
+            sqlx::query("UPDATE runs SET lease_expires_ms = ? WHERE id = ? AND lease_holder = ?")
+                .bind(now_ms + ttl_ms)
+                .bind(run_id)
+                .bind(holder)
+                .execute(&self.pool)
+                .await?
+                .rows_affected();
         Ok(n == 1)
     }
 
@@ -376,7 +444,13 @@ impl Store {
     }
 
     /// Marks a stage running (first time, or again after a crash: `executions` counts them).
-    pub async fn start_stage(&self, run_id: i64, round: i64, stage: &str, total: Option<i64>) -> Result<()> {
+    pub async fn start_stage(
+        &self,
+        run_id: i64,
+        round: i64,
+        stage: &str,
+        total: Option<i64>,
+    ) -> Result<()> {
         sqlx::query(
             "INSERT INTO stage_executions (run_id, round, stage, total) VALUES (?, ?, ?, ?)
              ON CONFLICT (run_id, round, stage) DO UPDATE SET
@@ -391,7 +465,14 @@ impl Store {
         Ok(())
     }
 
-    pub async fn update_stage_progress(&self, run_id: i64, round: i64, stage: &str, done: i64, failed: i64) -> Result<()> {
+    pub async fn update_stage_progress(
+        &self,
+        run_id: i64,
+        round: i64,
+        stage: &str,
+        done: i64,
+        failed: i64,
+    ) -> Result<()> {
         sqlx::query("UPDATE stage_executions SET done = ?, failed = ? WHERE run_id = ? AND round = ? AND stage = ?")
             .bind(done)
             .bind(failed)
@@ -484,15 +565,22 @@ impl Store {
     }
 
     pub async fn count_prompts(&self, run_id: i64, split: &str) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT count(*) FROM prompts WHERE run_id = ? AND split = ?")
-            .bind(run_id)
-            .bind(split)
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT count(*) FROM prompts WHERE run_id = ? AND split = ?")
+                .bind(run_id)
+                .bind(split)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// Training-split prompts after `after_idx`, in order.
-    pub async fn train_prompts_page(&self, run_id: i64, after_idx: i64, limit: i64) -> Result<Vec<PromptRow>> {
+    pub async fn train_prompts_page(
+        &self,
+        run_id: i64,
+        after_idx: i64,
+        limit: i64,
+    ) -> Result<Vec<PromptRow>> {
         Ok(sqlx::query_as::<_, PromptRow>(
             "SELECT id, idx, system, prompt, prompt_hash FROM prompts
              WHERE run_id = ? AND split = 'train' AND idx > ? ORDER BY idx LIMIT ?",
@@ -507,7 +595,13 @@ impl Store {
     // ---------------------------------------------------------------- generations
 
     /// (prompt_id, sample_idx) of the generations already recorded for prompts in the id range.
-    pub async fn generation_keys(&self, run_id: i64, round: i64, first_prompt: i64, last_prompt: i64) -> Result<Vec<(i64, i64)>> {
+    pub async fn generation_keys(
+        &self,
+        run_id: i64,
+        round: i64,
+        first_prompt: i64,
+        last_prompt: i64,
+    ) -> Result<Vec<(i64, i64)>> {
         let rows = sqlx::query(
             "SELECT prompt_id, sample_idx FROM generations
              WHERE run_id = ? AND round = ? AND prompt_id BETWEEN ? AND ?",
@@ -558,13 +652,26 @@ impl Store {
 
     /// (ok, failed) generations of a round.
     pub async fn generation_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
-        self.round_counts("generations", "status = 'ok'", "status = 'failed'", run_id, round).await
+        self.round_counts(
+            "generations",
+            "status = 'ok'",
+            "status = 'failed'",
+            run_id,
+            round,
+        )
+        .await
     }
 
     // ---------------------------------------------------------------- corrections
 
     /// Successful generations of the round without a correction yet, after `after_id`.
-    pub async fn uncorrected_page(&self, run_id: i64, round: i64, after_id: i64, limit: i64) -> Result<Vec<UncorrectedRow>> {
+    pub async fn uncorrected_page(
+        &self,
+        run_id: i64,
+        round: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<UncorrectedRow>> {
         Ok(sqlx::query_as::<_, UncorrectedRow>(
             "SELECT g.id AS generation_id, g.prompt_id, p.prompt, g.text AS answer
              FROM generations g JOIN prompts p ON p.id = g.prompt_id
@@ -625,13 +732,26 @@ impl Store {
     }
 
     pub async fn correction_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
-        self.round_counts("corrections", "status = 'ok'", "status = 'failed'", run_id, round).await
+        self.round_counts(
+            "corrections",
+            "status = 'ok'",
+            "status = 'failed'",
+            run_id,
+            round,
+        )
+        .await
     }
 
     // ---------------------------------------------------------------- pairs
 
     /// Generations of the round without a pair verdict yet, with their correction (if any).
-    pub async fn unpaired_page(&self, run_id: i64, round: i64, after_id: i64, limit: i64) -> Result<Vec<UnpairedRow>> {
+    pub async fn unpaired_page(
+        &self,
+        run_id: i64,
+        round: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<UnpairedRow>> {
         Ok(sqlx::query_as::<_, UnpairedRow>(
             "SELECT g.id AS generation_id, g.prompt_id, p.prompt_hash || ':' || g.sample_idx AS dedupe_key, g.status AS generation_status,
                     g.text AS original, g.finish_reason AS original_finish,
@@ -692,7 +812,11 @@ impl Store {
                     .push_bind(p.correction_id)
                     .push_bind(&p.chosen)
                     .push_bind(&p.rejected)
-                    .push_bind(if p.reason.is_none() { "kept" } else { "dropped" })
+                    .push_bind(if p.reason.is_none() {
+                        "kept"
+                    } else {
+                        "dropped"
+                    })
                     .push_bind(&p.reason)
                     .push_bind(p.edit_distance)
                     .push_bind(p.length_ratio);
@@ -705,7 +829,14 @@ impl Store {
     }
 
     pub async fn pair_counts(&self, run_id: i64, round: i64) -> Result<(i64, i64)> {
-        self.round_counts("pairs", "verdict = 'kept'", "verdict = 'dropped'", run_id, round).await
+        self.round_counts(
+            "pairs",
+            "verdict = 'kept'",
+            "verdict = 'dropped'",
+            run_id,
+            round,
+        )
+        .await
     }
 
     /// The kept pairs of a round with their prompt, in pair order.
@@ -747,7 +878,9 @@ impl Store {
         .bind(job.command)
         .execute(&self.pool)
         .await?;
-        self.training_job(job.run_id, job.round).await?.ok_or_else(|| Error::Sql(sqlx::Error::RowNotFound))
+        self.training_job(job.run_id, job.round)
+            .await?
+            .ok_or_else(|| Error::Sql(sqlx::Error::RowNotFound))
     }
 
     pub async fn training_job(&self, run_id: i64, round: i64) -> Result<Option<TrainingJobRow>> {
@@ -763,20 +896,33 @@ impl Store {
     /// Records the process group of the running train command, so a resumed run can stop a
     /// trainer that outlived a killed `aligner`.
     pub async fn set_training_pgid(&self, job_id: i64, pgid: Option<i64>) -> Result<()> {
-        sqlx::query("UPDATE training_jobs SET pgid = ? WHERE id = ?").bind(pgid).bind(job_id).execute(&self.pool).await?;
+        sqlx::query("UPDATE training_jobs SET pgid = ? WHERE id = ?")
+            .bind(pgid)
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 
-    pub async fn append_training_logs(&self, job_id: i64, attempt: i64, lines: &[(String, String)]) -> Result<()> {
+    pub async fn append_training_logs(
+        &self,
+        job_id: i64,
+        attempt: i64,
+        lines: &[(String, String)],
+    ) -> Result<()> {
         if lines.is_empty() {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
         for chunk in lines.chunks(INSERT_CHUNK) {
-            let mut qb: QueryBuilder<Sqlite> =
-                QueryBuilder::new("INSERT INTO training_logs (training_job_id, attempt, stream, line) ");
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO training_logs (training_job_id, attempt, stream, line) ",
+            );
             qb.push_values(chunk, |mut b, (stream, line)| {
-                b.push_bind(job_id).push_bind(attempt).push_bind(stream).push_bind(line);
+                b.push_bind(job_id)
+                    .push_bind(attempt)
+                    .push_bind(stream)
+                    .push_bind(line);
             });
             qb.build().execute(&mut *tx).await?;
         }
@@ -784,7 +930,13 @@ impl Store {
         Ok(())
     }
 
-    pub async fn finish_training_job(&self, job_id: i64, status: &str, exit_code: Option<i64>, error: Option<&str>) -> Result<()> {
+    pub async fn finish_training_job(
+        &self,
+        job_id: i64,
+        status: &str,
+        exit_code: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<()> {
         sqlx::query(
             "UPDATE training_jobs SET status = ?, exit_code = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
              WHERE id = ?",
@@ -829,11 +981,12 @@ impl Store {
         .bind(serve_model)
         .execute(&mut *tx)
         .await?;
-        let id: i64 = sqlx::query_scalar("SELECT id FROM checkpoints WHERE run_id = ? AND round = ?")
-            .bind(run_id)
-            .bind(round)
-            .fetch_one(&mut *tx)
-            .await?;
+        let id: i64 =
+            sqlx::query_scalar("SELECT id FROM checkpoints WHERE run_id = ? AND round = ?")
+                .bind(run_id)
+                .bind(round)
+                .fetch_one(&mut *tx)
+                .await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -851,11 +1004,22 @@ impl Store {
 
 impl Store {
     /// Two conditional counts over one round of a table (`ok`/`failed`, `kept`/`dropped`).
-    async fn round_counts(&self, table: &str, first: &str, second: &str, run_id: i64, round: i64) -> Result<(i64, i64)> {
+    async fn round_counts(
+        &self,
+        table: &str,
+        first: &str,
+        second: &str,
+        run_id: i64,
+        round: i64,
+    ) -> Result<(i64, i64)> {
         let sql = format!(
             "SELECT coalesce(sum({first}), 0), coalesce(sum({second}), 0) FROM {table} WHERE run_id = ? AND round = ?"
         );
-        let row = sqlx::query(&sql).bind(run_id).bind(round).fetch_one(&self.pool).await?;
+        let row = sqlx::query(&sql)
+            .bind(run_id)
+            .bind(round)
+            .fetch_one(&self.pool)
+            .await?;
         Ok((row.get(0), row.get(1)))
     }
 }

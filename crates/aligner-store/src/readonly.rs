@@ -27,14 +27,25 @@ fn first_keyword(sql: &str) -> String {
     let mut rest = sql.trim_start();
     loop {
         if let Some(r) = rest.strip_prefix("--") {
-            rest = r.split_once('\n').map(|(_, r)| r).unwrap_or("").trim_start();
+            rest = r
+                .split_once('\n')
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .trim_start();
         } else if let Some(r) = rest.strip_prefix("/*") {
-            rest = r.split_once("*/").map(|(_, r)| r).unwrap_or("").trim_start();
+            rest = r
+                .split_once("*/")
+                .map(|(_, r)| r)
+                .unwrap_or("")
+                .trim_start();
         } else {
             break;
         }
     }
-    rest.chars().take_while(|c| c.is_ascii_alphabetic()).collect::<String>().to_ascii_uppercase()
+    rest.chars()
+        .take_while(|c| c.is_ascii_alphabetic())
+        .collect::<String>()
+        .to_ascii_uppercase()
 }
 
 pub(crate) fn check(sql: &str) -> Result<(), ReadOnlyError> {
@@ -48,7 +59,9 @@ pub(crate) fn check(sql: &str) -> Result<(), ReadOnlyError> {
     // `PRAGMA x = y` sets; `PRAGMA x` and `PRAGMA x(arg)` read (and the connection is
     // read-only with `query_only` on, so a pragma that writes fails in SQLite anyway).
     if keyword == "PRAGMA" && sql.contains('=') {
-        return Err(ReadOnlyError::WriteRefused { keyword: "PRAGMA ... =".into() });
+        return Err(ReadOnlyError::WriteRefused {
+            keyword: "PRAGMA ... =".into(),
+        });
     }
     Ok(())
 }
@@ -57,16 +70,27 @@ pub(crate) async fn query(pool: &SqlitePool, sql: &str) -> Result<QueryResult, E
     check(sql)?;
     // The connection is read-only and `query_only` is on, so even a statement that slipped
     // past the keyword check (a CTE ending in DELETE) fails in SQLite itself.
-    let rows = sqlx::query(sql).fetch_all(pool).await.map_err(|e| match &e {
-        sqlx::Error::Database(db) if db.message().contains("readonly") || db.message().contains("query_only") => {
-            Error::ReadOnly(ReadOnlyError::WriteRefused { keyword: first_keyword(sql) })
-        }
-        _ => Error::Sql(e),
-    })?;
+    let rows = sqlx::query(sql)
+        .fetch_all(pool)
+        .await
+        .map_err(|e| match &e {
+            sqlx::Error::Database(db)
+                if db.message().contains("readonly") || db.message().contains("query_only") =>
+            {
+                Error::ReadOnly(ReadOnlyError::WriteRefused {
+                    keyword: first_keyword(sql),
+                })
+            }
+            _ => Error::Sql(e),
+        })?;
     let columns = match rows.first() {
         Some(row) => row.columns().iter().map(|c| c.name().to_string()).collect(),
         // No rows: ask SQLite for the statement's columns so the header still prints.
-        None => pool.describe(sql).await.map(|d| d.columns().iter().map(|c| c.name().to_string()).collect()).unwrap_or_default(),
+        None => pool
+            .describe(sql)
+            .await
+            .map(|d| d.columns().iter().map(|c| c.name().to_string()).collect())
+            .unwrap_or_default(),
     };
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
@@ -81,7 +105,9 @@ pub(crate) async fn query(pool: &SqlitePool, sql: &str) -> Result<QueryResult, E
                     "REAL" => serde_json::Value::from(row.try_get::<f64, _>(i)?),
                     "BLOB" => {
                         let bytes: Vec<u8> = row.try_get(i)?;
-                        serde_json::Value::from(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+                        serde_json::Value::from(
+                            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>(),
+                        )
                     }
                     _ => serde_json::Value::from(row.try_get::<String, _>(i)?),
                 }
@@ -102,9 +128,18 @@ mod tests {
         assert!(check("SELECT 1").is_ok());
         assert!(check("  -- hi\n with x as (select 1) select * from x").is_ok());
         assert!(check("/* c */ select 1").is_ok());
-        assert!(matches!(check("DELETE FROM runs"), Err(ReadOnlyError::WriteRefused { .. })));
-        assert!(matches!(check("insert into runs values (1)"), Err(ReadOnlyError::WriteRefused { .. })));
-        assert!(matches!(check("PRAGMA journal_mode = DELETE"), Err(ReadOnlyError::WriteRefused { .. })));
+        assert!(matches!(
+            check("DELETE FROM runs"),
+            Err(ReadOnlyError::WriteRefused { .. })
+        ));
+        assert!(matches!(
+            check("insert into runs values (1)"),
+            Err(ReadOnlyError::WriteRefused { .. })
+        ));
+        assert!(matches!(
+            check("PRAGMA journal_mode = DELETE"),
+            Err(ReadOnlyError::WriteRefused { .. })
+        ));
         assert!(check("PRAGMA table_info(runs)").is_ok());
         assert!(matches!(check("   "), Err(ReadOnlyError::Empty)));
     }

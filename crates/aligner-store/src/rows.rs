@@ -2,7 +2,8 @@
 
 use serde::Serialize;
 
-pub(crate) const RUN_COLUMNS: &str = "id, name, pipeline_path, spec_json, spec_hash, status, error, lease_holder, \
+pub(crate) const RUN_COLUMNS: &str =
+    "id, name, pipeline_path, spec_json, spec_hash, status, error, lease_holder, \
      lease_expires_ms, created_at, updated_at, finished_at";
 
 pub(crate) const STAGE_COLUMNS: &str =

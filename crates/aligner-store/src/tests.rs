@@ -21,23 +21,48 @@ fn prompt(idx: i64, text: &str) -> NewPrompt {
 }
 
 fn ok(text: &str) -> ItemOutcome {
-    ItemOutcome { text: Some(text.into()), finish_reason: Some("stop".into()), attempts: 1, ..Default::default() }
+    ItemOutcome {
+        text: Some(text.into()),
+        finish_reason: Some("stop".into()),
+        attempts: 1,
+        ..Default::default()
+    }
 }
 
 #[tokio::test]
 async fn migrations_apply_on_a_fresh_file() {
     let (_dir, store) = fresh().await;
-    assert_eq!(store.applied_migrations().await.unwrap(), vec!["initial".to_string()]);
+    assert_eq!(
+        store.applied_migrations().await.unwrap(),
+        vec!["initial".to_string()]
+    );
     let tables = store
         .query_read_only("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE '\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite%' ORDER BY name")
         .await
         .unwrap();
-    let names: Vec<String> = tables.rows.iter().map(|r| r[0].as_str().unwrap().to_string()).collect();
+    let names: Vec<String> = tables
+        .rows
+        .iter()
+        .map(|r| r[0].as_str().unwrap().to_string())
+        .collect();
     assert_eq!(
         names,
         [
-            "checkpoints", "corrections", "events", "failures", "generations", "pairs", "pairs_latest", "prompts",
-            "round_summary", "rounds", "runs", "stage_executions", "stage_progress", "training_jobs", "training_logs",
+            "checkpoints",
+            "corrections",
+            "events",
+            "failures",
+            "generations",
+            "pairs",
+            "pairs_latest",
+            "prompts",
+            "round_summary",
+            "rounds",
+            "runs",
+            "stage_executions",
+            "stage_progress",
+            "training_jobs",
+            "training_logs",
             "training_metrics"
         ]
     );
@@ -55,23 +80,47 @@ async fn migrations_apply_on_a_fresh_file() {
 async fn lease_is_exclusive_until_expired_or_stale() {
     let (_dir, store) = fresh().await;
     let run = store.create_run("p", "p.yaml", "{}", "h").await.unwrap();
-    store.acquire_lease(run, "pid 1 on a", 1_000, 10_000, None).await.unwrap();
-    let err = store.acquire_lease(run, "pid 2 on a", 2_000, 10_000, None).await.unwrap_err();
+    store
+        .acquire_lease(run, "pid 1 on a", 1_000, 10_000, None)
+        .await
+        .unwrap();
+    let err = store
+        .acquire_lease(run, "pid 2 on a", 2_000, 10_000, None)
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("pid 1 on a"), "{err}");
     // Expired: anyone may take it.
-    store.acquire_lease(run, "pid 2 on a", 20_000, 10_000, None).await.unwrap();
+    store
+        .acquire_lease(run, "pid 2 on a", 20_000, 10_000, None)
+        .await
+        .unwrap();
     // Proven stale holder: taken at once.
-    store.acquire_lease(run, "pid 3 on a", 21_000, 10_000, Some("pid 2 on a")).await.unwrap();
-    assert!(!store.renew_lease(run, "pid 2 on a", 22_000, 10_000).await.unwrap());
-    assert!(store.renew_lease(run, "pid 3 on a", 22_000, 10_000).await.unwrap());
+    store
+        .acquire_lease(run, "pid 3 on a", 21_000, 10_000, Some("pid 2 on a"))
+        .await
+        .unwrap();
+    assert!(!store
+        .renew_lease(run, "pid 2 on a", 22_000, 10_000)
+        .await
+        .unwrap());
+    assert!(store
+        .renew_lease(run, "pid 3 on a", 22_000, 10_000)
+        .await
+        .unwrap());
 }
 
 #[tokio::test]
 async fn items_are_recorded_once_and_summarized() {
     let (_dir, store) = fresh().await;
     let run = store.create_run("p", "p.yaml", "{}", "h").await.unwrap();
-    store.insert_prompts(run, &[prompt(0, "a"), prompt(1, "b")]).await.unwrap();
-    store.ensure_round(run, 1, "up", "up-model", None).await.unwrap();
+    store
+        .insert_prompts(run, &[prompt(0, "a"), prompt(1, "b")])
+        .await
+        .unwrap();
+    store
+        .ensure_round(run, 1, "up", "up-model", None)
+        .await
+        .unwrap();
     let prompts = store.train_prompts_page(run, -1, 10).await.unwrap();
     let gen = |p: &PromptRow, text: &str| NewGeneration {
         run_id: run,
@@ -84,9 +133,15 @@ async fn items_are_recorded_once_and_summarized() {
         sampling: "{}".into(),
         out: ok(text),
     };
-    store.insert_generations(&[gen(&prompts[0], "x"), gen(&prompts[1], "y")]).await.unwrap();
+    store
+        .insert_generations(&[gen(&prompts[0], "x"), gen(&prompts[1], "y")])
+        .await
+        .unwrap();
     // A retried item whose first answer landed: ignored, not duplicated.
-    store.insert_generations(&[gen(&prompts[0], "x2")]).await.unwrap();
+    store
+        .insert_generations(&[gen(&prompts[0], "x2")])
+        .await
+        .unwrap();
     assert_eq!(store.generation_counts(run, 1).await.unwrap(), (2, 0));
     let todo = store.uncorrected_page(run, 1, 0, 10).await.unwrap();
     assert_eq!(todo.len(), 2);
@@ -101,7 +156,10 @@ async fn items_are_recorded_once_and_summarized() {
         sampling: "{}".into(),
         out: ok(text),
     };
-    store.insert_corrections(&[corr(&todo[0], "x"), corr(&todo[1], "better y")]).await.unwrap();
+    store
+        .insert_corrections(&[corr(&todo[0], "x"), corr(&todo[1], "better y")])
+        .await
+        .unwrap();
     assert_eq!(store.count_uncorrected(run, 1).await.unwrap(), 0);
     let unpaired = store.unpaired_page(run, 1, 0, 10).await.unwrap();
     let pairs: Vec<NewPair> = unpaired
@@ -126,23 +184,53 @@ async fn items_are_recorded_once_and_summarized() {
     assert_eq!(summary.copy_rate, Some(0.5));
     assert_eq!(summary.drop_reasons.as_deref(), Some(r#"{"identical":1}"#));
     // Only rounds whose synthesize stage finished show in `pairs_latest`.
-    let latest = store.query_read_only("SELECT prompt, chosen FROM pairs_latest").await.unwrap();
+    let latest = store
+        .query_read_only("SELECT prompt, chosen FROM pairs_latest")
+        .await
+        .unwrap();
     assert!(latest.rows.is_empty());
-    assert_eq!(latest.columns, ["prompt", "chosen"], "columns even without rows");
-    store.start_stage(run, 1, "synthesize", Some(2)).await.unwrap();
-    store.finish_stage(run, 1, "synthesize", "done", 1, 1, None).await.unwrap();
-    let latest = store.query_read_only("SELECT prompt, chosen FROM pairs_latest").await.unwrap();
-    assert_eq!(latest.rows, vec![vec![serde_json::json!("b"), serde_json::json!("better y")]]);
+    assert_eq!(
+        latest.columns,
+        ["prompt", "chosen"],
+        "columns even without rows"
+    );
+    store
+        .start_stage(run, 1, "synthesize", Some(2))
+        .await
+        .unwrap();
+    store
+        .finish_stage(run, 1, "synthesize", "done", 1, 1, None)
+        .await
+        .unwrap();
+    let latest = store
+        .query_read_only("SELECT prompt, chosen FROM pairs_latest")
+        .await
+        .unwrap();
+    assert_eq!(
+        latest.rows,
+        vec![vec![serde_json::json!("b"), serde_json::json!("better y")]]
+    );
 }
 
 #[tokio::test]
 async fn events_are_append_only() {
     let (_dir, store) = fresh().await;
     store
-        .add_event(&NewEvent { run_id: None, round: None, stage: None, level: "info", kind: "k", message: "m", data: None })
+        .add_event(&NewEvent {
+            run_id: None,
+            round: None,
+            stage: None,
+            level: "info",
+            kind: "k",
+            message: "m",
+            data: None,
+        })
         .await
         .unwrap();
-    let err = sqlx::query("DELETE FROM events").execute(store.pool()).await.unwrap_err();
+    let err = sqlx::query("DELETE FROM events")
+        .execute(store.pool())
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("append-only"), "{err}");
 }
 
@@ -151,14 +239,37 @@ async fn read_only_store_refuses_writes() {
     let (dir, store) = fresh().await;
     store.create_run("p", "p.yaml", "{}", "h").await.unwrap();
     store.close().await;
-    let ro = Store::open_read_only(&dir.path().join("s.db")).await.unwrap();
-    let err = ro.query_read_only("UPDATE runs SET name = 'x'").await.unwrap_err();
+    let ro = Store::open_read_only(&dir.path().join("s.db"))
+        .await
+        .unwrap();
+    let err = ro
+        .query_read_only("UPDATE runs SET name = 'x'")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("only reads"), "{err}");
     // Past the keyword check, SQLite itself refuses.
-    let err = ro.query_read_only("WITH x AS (SELECT 1) DELETE FROM runs").await.unwrap_err();
+    let err = ro
+        .query_read_only("WITH x AS (SELECT 1) DELETE FROM runs")
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("only reads"), "{err}");
-    let rows = ro.query_read_only("SELECT id, name, 1.5 AS r, NULL AS n FROM runs").await.unwrap();
+    let rows = ro
+        .query_read_only("SELECT id, name, 1.5 AS r, NULL AS n FROM runs")
+        .await
+        .unwrap();
     assert_eq!(rows.columns, ["id", "name", "r", "n"]);
-    assert_eq!(rows.rows[0], vec![serde_json::json!(1), serde_json::json!("p"), serde_json::json!(1.5), serde_json::Value::Null]);
-    assert!(Store::open_read_only(&dir.path().join("missing.db")).await.unwrap_err().to_string().contains("does not exist"));
+    assert_eq!(
+        rows.rows[0],
+        vec![
+            serde_json::json!(1),
+            serde_json::json!("p"),
+            serde_json::json!(1.5),
+            serde_json::Value::Null
+        ]
+    );
+    assert!(Store::open_read_only(&dir.path().join("missing.db"))
+        .await
+        .unwrap_err()
+        .to_string()
+        .contains("does not exist"));
 }
