@@ -237,17 +237,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
                 ))
                 .into());
             }
-            let pairs: Vec<aligner_dataset::PairRecord> = store
-                .kept_pairs(row.id, round)
-                .await?
-                .into_iter()
-                .map(|p| aligner_dataset::PairRecord {
-                    system: p.system,
-                    prompt: p.prompt,
-                    chosen: p.chosen.unwrap_or_default(),
-                    rejected: p.rejected.unwrap_or_default(),
-                })
-                .collect();
+            let pairs = aligner_engine::pair_records(&store, row.id, round).await?;
             if pairs.is_empty() {
                 return Err(Invalid::Message(format!(
                     "run `{}` round {round} has no kept pairs\nhint: `aligner status {}` shows its rounds",

@@ -93,6 +93,26 @@ pub struct RunOutcome {
     pub rounds: u32,
 }
 
+/// A round's kept pairs as export records (what a train command receives and `aligner
+/// export` writes).
+pub async fn pair_records(
+    store: &Store,
+    run_id: i64,
+    round: i64,
+) -> Result<Vec<aligner_dataset::PairRecord>> {
+    Ok(store
+        .kept_pairs(run_id, round)
+        .await?
+        .into_iter()
+        .map(|p| aligner_dataset::PairRecord {
+            system: p.system,
+            prompt: p.prompt,
+            chosen: p.chosen.unwrap_or_default(),
+            rejected: p.rejected.unwrap_or_default(),
+        })
+        .collect())
+}
+
 /// The part of a spec snapshot that must not change while a run is continued. Connection
 /// tuning (concurrency, rate limits, timeouts, retries) does not change what a model answers,
 /// so it may be adjusted between a crash and its resume.

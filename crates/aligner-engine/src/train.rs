@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
-use aligner_dataset::{Format, Kind, PairRecord};
+use aligner_dataset::{Format, Kind};
 use aligner_spec::{
     ExportFormat, ModelSpec, ReferencePolicy, TrainBackend, TrainMethod, TrainStage,
 };
@@ -163,18 +163,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         std::fs::remove_dir_all(&attempt_dir)
             .map_err(|err| stage_err(format!("cannot clear `{}`: {err}", attempt_dir.display())))?;
     }
-    let pairs: Vec<PairRecord> = e
-        .store
-        .kept_pairs(run_id, round)
-        .await?
-        .into_iter()
-        .map(|p| PairRecord {
-            system: p.system,
-            prompt: p.prompt,
-            chosen: p.chosen.unwrap_or_default(),
-            rejected: p.rejected.unwrap_or_default(),
-        })
-        .collect();
+    let pairs = crate::pair_records(&e.store, run_id, round).await?;
     if pairs.is_empty() {
         let message = format!("round {} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {} GROUP BY reason\"` shows why; relax `rounds.synthesize`", ctx.round, ctx.round);
         e.store
@@ -192,8 +181,6 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         Format::Jsonl
     };
     aligner_dataset::write_pairs(&data, fmt, kind, *conversational, &pairs)?;
-    std::fs::create_dir_all(&dir)
-        .map_err(|err| stage_err(format!("cannot create `{}`: {err}", dir.display())))?;
 
     let values = placeholders(train, &data, &base, &reference, &attempt_dir, ctx.round);
     let rendered = render_command(command, &values);

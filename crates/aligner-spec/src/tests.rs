@@ -483,8 +483,8 @@ fn known_fields_table_matches_serde() {
 
     // The per-kind model lists of validation cover `ModelWire` exactly.
     let mut by_kind: Vec<&str> = vec!["kind"];
-    by_kind.extend(crate::validate::OPENAI_FIELDS);
-    by_kind.extend(crate::validate::LOCAL_FIELDS);
+    by_kind.extend(crate::wire::OPENAI_FIELDS);
+    by_kind.extend(crate::wire::LOCAL_FIELDS);
     assert_eq!(by_kind, MODEL_FIELDS);
 
     // Patterns: model names match `*`, everything else by name.

@@ -248,18 +248,6 @@ fn clean_path(p: &Path) -> PathBuf {
     out
 }
 
-pub(crate) const OPENAI_FIELDS: &[&str] = &[
-    "base_url",
-    "model",
-    "api_key_env",
-    "max_concurrency",
-    "requests_per_minute",
-    "tokens_per_minute",
-    "timeout",
-    "max_retries",
-];
-pub(crate) const LOCAL_FIELDS: &[&str] = &["path", "hub", "revision", "dtype"];
-
 struct Ctx<'a> {
     file: &'a Path,
     base_dir: PathBuf,

@@ -51,6 +51,20 @@ pub(crate) const MODEL_FIELDS: &[&str] = &[
     "dtype",
 ];
 
+/// The keys of `MODEL_FIELDS` that apply to `kind: openai`.
+pub(crate) const OPENAI_FIELDS: &[&str] = &[
+    "base_url",
+    "model",
+    "api_key_env",
+    "max_concurrency",
+    "requests_per_minute",
+    "tokens_per_minute",
+    "timeout",
+    "max_retries",
+];
+/// The keys of `MODEL_FIELDS` that apply to `kind: local`.
+pub(crate) const LOCAL_FIELDS: &[&str] = &["path", "hub", "revision", "dtype"];
+
 /// Keys allowed under `prompts:`, in the order of [`PromptsWire`].
 pub(crate) const PROMPTS_FIELDS: &[&str] = &[
     "source",
