@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 if ! python3 -c "import datasets" 2>/dev/null; then
     python3 -m pip install --quiet --disable-pip-version-check datasets
 fi
+cargo fmt --all -- --check
 cargo test --workspace "$@"
