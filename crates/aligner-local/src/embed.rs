@@ -1,0 +1,479 @@
+//! Sentence embeddings with a sentence-transformers BERT folder (all-MiniLM-L6-v2 and its
+//! kin), run with candle: the synthesize stage's semantic filter compares texts with them.
+//!
+//! The encoder is the plain BERT forward pass (word + position + token-type embeddings and
+//! LayerNorm, then self-attention layers with a padding mask and an erf-GELU feed-forward),
+//! followed by the sentence-transformers head the folder names (mean pooling over real tokens
+//! by default) and L2 normalization, so that a dot product is a cosine.
+//!
+//! Texts are embedded in batches of [`BATCH`]: sorted by token count first, so that each batch
+//! pads little, and returned in the caller's order. Checked against a float64 numpy reference
+//! (`scripts/fixtures/minilm_reference.py`).
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{Embedding, LayerNorm, Linear};
+use serde::Deserialize;
+use tokenizers::utils::padding::{pad_encodings, PaddingParams, PaddingStrategy};
+use tokenizers::utils::truncation::{TruncationParams, TruncationStrategy};
+use tokenizers::{Encoding, Tokenizer};
+
+/// Texts per forward pass.
+pub const BATCH: usize = 32;
+
+/// Tokens per text when the folder does not say (`sentence_bert_config.json`'s
+/// `max_seq_length`).
+const DEFAULT_MAX_SEQ_LENGTH: usize = 256;
+
+/// The files an embedder folder must have.
+const REQUIRED_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
+
+/// `config.json` of a BERT model: the fields the encoder needs.
+#[derive(Debug, Clone, Deserialize)]
+struct BertConfig {
+    #[serde(default)]
+    model_type: Option<String>,
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    #[serde(default = "default_hidden_act")]
+    hidden_act: String,
+    max_position_embeddings: usize,
+    #[serde(default = "default_type_vocab_size")]
+    type_vocab_size: usize,
+    #[serde(default = "default_layer_norm_eps")]
+    layer_norm_eps: f64,
+    #[serde(default)]
+    pad_token_id: Option<u32>,
+    #[serde(default)]
+    position_embedding_type: Option<String>,
+}
+
+fn default_hidden_act() -> String {
+    "gelu".into()
+}
+fn default_type_vocab_size() -> usize {
+    2
+}
+fn default_layer_norm_eps() -> f64 {
+    1e-12
+}
+
+/// `1_Pooling/config.json`: which pooling the sentence-transformers head uses.
+#[derive(Debug, Clone, Default, Deserialize)]
+struct PoolingConfig {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pooling {
+    Mean,
+    Cls,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    /// The exact GELU, `x * Φ(x)` (BERT's `gelu`).
+    GeluErf,
+    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
+    GeluTanh,
+}
+
+struct Layer {
+    /// Query, key and value projections fused into one `[3 * hidden, hidden]` matmul.
+    qkv: Linear,
+    attention_out: Linear,
+    attention_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    output_norm: LayerNorm,
+}
+
+/// A sentence-transformers BERT encoder with its tokenizer.
+pub struct Embedder {
+    tokenizer: Tokenizer,
+    padding: PaddingParams,
+    device: Device,
+    word: Embedding,
+    position: Tensor,
+    token_type: Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    heads: usize,
+    head_dim: usize,
+    activation: Activation,
+    pooling: Pooling,
+    max_seq_length: usize,
+}
+
+fn missing_file(dir: &Path, name: &str) -> anyhow::Error {
+    anyhow::anyhow!(
+        "embedder folder `{}` has no `{name}`\nhint: `aligner models fetch` puts all-MiniLM-L6-v2 into `models/all-MiniLM-L6-v2`; any sentence-transformers BERT folder with {} works",
+        dir.display(),
+        REQUIRED_FILES.map(|f| format!("`{f}`")).join(", ")
+    )
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read `{}`", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("`{}` is not valid", path.display()))
+}
+
+impl Embedder {
+    /// Loads `config.json`, `model.safetensors` and `tokenizer.json` from a
+    /// sentence-transformers folder (plus `1_Pooling/config.json` and
+    /// `sentence_bert_config.json` when present) onto `device`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!(
+                "embedder folder `{}` does not exist\nhint: `aligner models fetch` puts all-MiniLM-L6-v2 into `models/all-MiniLM-L6-v2`",
+                dir.display()
+            );
+        }
+        for name in REQUIRED_FILES {
+            if !dir.join(name).is_file() {
+                return Err(missing_file(dir, name));
+            }
+        }
+        let config: BertConfig = read_json(&dir.join("config.json"))?;
+        if let Some(t) = config.model_type.as_deref() {
+            if t != "bert" {
+                bail!(
+                    "`{}`: model_type `{t}` is not supported for embeddings; supported: `bert` (e.g. all-MiniLM-L6-v2)",
+                    dir.join("config.json").display()
+                );
+            }
+        }
+        if let Some(p) = config.position_embedding_type.as_deref() {
+            if p != "absolute" {
+                bail!(
+                    "`{}`: position_embedding_type `{p}` is not supported; supported: `absolute`",
+                    dir.display()
+                );
+            }
+        }
+        let activation = match config.hidden_act.as_str() {
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+            other => bail!(
+                "`{}`: hidden_act `{other}` is not supported; supported: `gelu`, `gelu_new`, `gelu_pytorch_tanh`",
+                dir.display()
+            ),
+        };
+        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+            bail!(
+                "`{}`: hidden_size {} is not a multiple of num_attention_heads {}",
+                dir.display(),
+                config.hidden_size,
+                config.num_attention_heads
+            );
+        }
+
+        let pooling = match dir.join("1_Pooling/config.json") {
+            p if p.is_file() => {
+                let c: PoolingConfig = read_json(&p)?;
+                match (
+                    c.pooling_mode_mean_tokens,
+                    c.pooling_mode_cls_token,
+                    c.pooling_mode_max_tokens || c.pooling_mode_mean_sqrt_len_tokens,
+                ) {
+                    (true, false, false) => Pooling::Mean,
+                    (false, true, false) => Pooling::Cls,
+                    _ => bail!(
+                        "`{}`: this pooling is not supported; supported: `pooling_mode_mean_tokens` or `pooling_mode_cls_token` alone",
+                        p.display()
+                    ),
+                }
+            }
+            _ => Pooling::Mean,
+        };
+        let max_seq_length = match dir.join("sentence_bert_config.json") {
+            p if p.is_file() => read_json::<serde_json::Value>(&p)?
+                .get("max_seq_length")
+                .and_then(|v| v.as_u64())
+                .map_or(DEFAULT_MAX_SEQ_LENGTH, |v| v as usize),
+            _ => DEFAULT_MAX_SEQ_LENGTH,
+        }
+        .min(config.max_position_embeddings);
+
+        let mut tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot load `{}`: {e}",
+                dir.join("tokenizer.json").display()
+            )
+        })?;
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: max_seq_length,
+                strategy: TruncationStrategy::LongestFirst,
+                stride: 0,
+                ..Default::default()
+            }))
+            .map_err(|e| anyhow::anyhow!("cannot set truncation: {e}"))?;
+        // Padding is applied per batch (after sorting by length), not by `encode_batch`.
+        let mut padding = tokenizer.get_padding().cloned().unwrap_or_default();
+        padding.strategy = PaddingStrategy::BatchLongest;
+        padding.pad_to_multiple_of = None;
+        if tokenizer.get_padding().is_none() {
+            padding.pad_id = config.pad_token_id.unwrap_or(0);
+        }
+        tokenizer.with_padding(None);
+
+        let weights_path = dir.join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&weights_path, device)
+            .with_context(|| format!("cannot read `{}`", weights_path.display()))?;
+        let prefix = ["", "bert.", "model."]
+            .into_iter()
+            .find(|p| tensors.contains_key(&format!("{p}embeddings.word_embeddings.weight")))
+            .with_context(|| {
+                format!(
+                    "`{}` has no `embeddings.word_embeddings.weight`: not a BERT model",
+                    weights_path.display()
+                )
+            })?;
+        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let full = format!("{prefix}{name}");
+            let t = tensors
+                .get(&full)
+                .with_context(|| format!("`{}` has no tensor `{full}`", weights_path.display()))?;
+            if t.dims() != shape {
+                bail!(
+                    "`{}`: tensor `{full}` has shape {:?}, expected {shape:?}",
+                    weights_path.display(),
+                    t.dims()
+                );
+            }
+            Ok(t.to_dtype(DType::F32)?)
+        };
+        let h = config.hidden_size;
+        let linear = |name: &str, out_dim: usize, in_dim: usize| -> Result<Linear> {
+            Ok(Linear::new(
+                get(&format!("{name}.weight"), &[out_dim, in_dim])?,
+                Some(get(&format!("{name}.bias"), &[out_dim])?),
+            ))
+        };
+        let norm = |name: &str| -> Result<LayerNorm> {
+            Ok(LayerNorm::new(
+                get(&format!("{name}.weight"), &[h])?,
+                get(&format!("{name}.bias"), &[h])?,
+                config.layer_norm_eps,
+            ))
+        };
+
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let parts =
+                ["query", "key", "value"].map(|n| linear(&format!("{p}.attention.self.{n}"), h, h));
+            let [q, k, v] = parts;
+            let (q, k, v) = (q?, k?, v?);
+            let bias = |l: &Linear| l.bias().cloned().context("missing bias");
+            let qkv = Linear::new(
+                Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?,
+                Some(Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?),
+            );
+            layers.push(Layer {
+                qkv,
+                attention_out: linear(&format!("{p}.attention.output.dense"), h, h)?,
+                attention_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                intermediate: linear(
+                    &format!("{p}.intermediate.dense"),
+                    config.intermediate_size,
+                    h,
+                )?,
+                output: linear(&format!("{p}.output.dense"), h, config.intermediate_size)?,
+                output_norm: norm(&format!("{p}.output.LayerNorm"))?,
+            });
+        }
+
+        Ok(Embedder {
+            tokenizer,
+            padding,
+            device: device.clone(),
+            word: Embedding::new(
+                get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
+                h,
+            ),
+            position: get(
+                "embeddings.position_embeddings.weight",
+                &[config.max_position_embeddings, h],
+            )?,
+            token_type: Embedding::new(
+                get(
+                    "embeddings.token_type_embeddings.weight",
+                    &[config.type_vocab_size, h],
+                )?,
+                h,
+            ),
+            embeddings_norm: norm("embeddings.LayerNorm")?,
+            layers,
+            heads: config.num_attention_heads,
+            head_dim: h / config.num_attention_heads,
+            activation,
+            pooling,
+            max_seq_length,
+        })
+    }
+
+    /// Length of each embedding (384 for all-MiniLM-L6-v2).
+    pub fn dim(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    /// Tokens kept per text; longer texts are truncated.
+    pub fn max_seq_length(&self) -> usize {
+        self.max_seq_length
+    }
+
+    /// One L2-normalized embedding per text, in order.
+    pub fn embed(&self, texts: &[&str]) -> Result<Vec<Vec<f32>>> {
+        let encodings = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| anyhow::anyhow!("tokenizing failed: {e}"))?;
+        // Longest first, so each batch pads as little as possible.
+        let mut order: Vec<usize> = (0..encodings.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(encodings[i].get_ids().len()));
+        let mut out = vec![Vec::new(); encodings.len()];
+        for chunk in order.chunks(BATCH) {
+            let mut batch: Vec<Encoding> = chunk.iter().map(|&i| encodings[i].clone()).collect();
+            pad_encodings(&mut batch, &self.padding)
+                .map_err(|e| anyhow::anyhow!("padding failed: {e}"))?;
+            let vectors = self.forward(&batch)?;
+            for (&i, v) in chunk.iter().zip(vectors) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Embeddings of one padded batch.
+    fn forward(&self, batch: &[Encoding]) -> Result<Vec<Vec<f32>>> {
+        let (b, t) = (batch.len(), batch[0].get_ids().len());
+        let flat = |f: fn(&Encoding) -> &[u32]| -> Vec<u32> {
+            batch.iter().flat_map(|e| f(e).iter().copied()).collect()
+        };
+        let dev = &self.device;
+        let ids = Tensor::from_vec(flat(Encoding::get_ids), (b, t), dev)?;
+        let type_ids = Tensor::from_vec(flat(Encoding::get_type_ids), (b, t), dev)?;
+        let mask = Tensor::from_vec(flat(Encoding::get_attention_mask), (b, t), dev)?
+            .to_dtype(DType::F32)?;
+
+        let x = self
+            .word
+            .forward(&ids)?
+            .add(&self.token_type.forward(&type_ids)?)?
+            .broadcast_add(&self.position.narrow(0, 0, t)?.unsqueeze(0)?)?;
+        let mut x = self.embeddings_norm.forward(&x)?;
+
+        // 0 where a token is real, a large negative number where it is padding: added to the
+        // attention scores, it gives padding no weight.
+        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let (heads, hd) = (self.heads, self.head_dim);
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&x)?.reshape((b, t, 3, heads, hd))?;
+            let part = |i: usize| -> Result<Tensor> {
+                Ok(qkv
+                    .narrow(2, i, 1)?
+                    .squeeze(2)?
+                    .transpose(1, 2)?
+                    .contiguous()?)
+            };
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = probs
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, t, heads * hd))?;
+            x = layer
+                .attention_norm
+                .forward(&(layer.attention_out.forward(&ctx)? + &x)?)?;
+            let hidden = layer.intermediate.forward(&x)?;
+            let hidden = match self.activation {
+                Activation::GeluErf => hidden.gelu_erf()?,
+                Activation::GeluTanh => hidden.gelu()?,
+            };
+            x = layer
+                .output_norm
+                .forward(&(layer.output.forward(&hidden)? + &x)?)?;
+        }
+
+        let pooled = match self.pooling {
+            Pooling::Mean => {
+                let m = mask.unsqueeze(2)?;
+                let sum = x.broadcast_mul(&m)?.sum(1)?;
+                let count = m.sum(1)?.clamp(1e-9, f64::MAX)?;
+                sum.broadcast_div(&count)?
+            }
+            Pooling::Cls => x.narrow(1, 0, 1)?.squeeze(1)?,
+        };
+        let norm = pooled
+            .sqr()?
+            .sum_keepdim(D::Minus1)?
+            .sqrt()?
+            .clamp(1e-12, f64::MAX)?;
+        Ok(pooled.broadcast_div(&norm)?.to_vec2::<f32>()?)
+    }
+}
+
+/// Cosine similarity of two vectors, in [-1, 1]; 0 when either is all zeros.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (*x as f64, *y as f64);
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 {
+        return 0.0;
+    }
+    (dot / (na.sqrt() * nb.sqrt())).clamp(-1.0, 1.0) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cosine_basics() {
+        assert_eq!(cosine(&[1.0, 0.0], &[2.0, 0.0]), 1.0);
+        assert_eq!(cosine(&[1.0, 0.0], &[0.0, 3.0]), 0.0);
+        assert_eq!(cosine(&[1.0, 0.0], &[-1.0, 0.0]), -1.0);
+        assert_eq!(cosine(&[0.0, 0.0], &[1.0, 0.0]), 0.0);
+    }
+
+    #[test]
+    fn missing_files_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.json"), "{}").unwrap();
+        let err = Embedder::load(dir.path(), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("has no `model.safetensors`"), "{err}");
+        assert!(err.contains("aligner models fetch"), "{err}");
+        let err = Embedder::load(&dir.path().join("nope"), &Device::Cpu)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("does not exist") && err.contains("aligner models fetch"),
+            "{err}"
+        );
+    }
+}
