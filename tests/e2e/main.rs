@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use aligner_mockserver::{MockConfig, MockServer};
 use serde_json::Value;
 
+mod fetch;
+
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_aligner"));
     c.env("NO_COLOR", "1")

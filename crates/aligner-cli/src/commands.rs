@@ -107,6 +107,12 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// The offline default models.
+    #[command(subcommand)]
+    Models(crate::fetch::ModelsCommand),
+    /// Prompt sets (StrongREJECT, MT-bench, HarmBench) as prompts JSONL.
+    #[command(subcommand)]
+    Prompts(crate::fetch::PromptsCommand),
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -147,6 +153,8 @@ fn load(file: &Path) -> Result<Pipeline> {
 pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Validate { files, json } => validate(&files, json),
+        Command::Models(c) => crate::fetch::models(c),
+        Command::Prompts(c) => crate::fetch::prompts(c),
         Command::Run {
             file,
             store,
