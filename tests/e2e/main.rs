@@ -9,6 +9,7 @@ use aligner_mockserver::{MockConfig, MockServer};
 use serde_json::Value;
 
 mod fetch;
+mod semantic;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_aligner"));

@@ -135,3 +135,11 @@ pub trait TextGenerator: Send + Sync {
     fn id(&self) -> String;
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, Error>;
 }
+
+/// Turns texts into vectors whose cosine similarity says how alike their meanings are (the
+/// synthesize stage's semantic filter). Synchronous and CPU-bound: callers run it on a
+/// blocking thread.
+pub trait Embedder: Send + Sync {
+    /// One vector per text, in order, all of the same length.
+    fn embed(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, Error>;
+}

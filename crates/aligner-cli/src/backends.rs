@@ -41,4 +41,11 @@ impl aligner_engine::BackendFactory for Factory {
             )),
         }
     }
+
+    fn embedder(
+        &self,
+        spec: &aligner_spec::SemanticFilter,
+    ) -> Result<Arc<dyn aligner_backend::Embedder>, String> {
+        crate::embedder::load(spec)
+    }
 }

@@ -6,6 +6,7 @@
 
 mod backends;
 mod commands;
+mod embedder;
 mod fetch;
 mod output;
 mod progress;

@@ -4,7 +4,12 @@
 //! pair has exactly one reason:
 //! `generation_failed`, `correction_failed`, `empty_original`, `empty_correction`,
 //! `truncated_original`, `truncated_correction`, `identical`, `near_identical`,
-//! `length_ratio`, `duplicate_prompt`, `cap`.
+//! `length_ratio`, `duplicate_prompt`, `semantic_copy`, `near_duplicate_prompt`, `cap`.
+//!
+//! The two semantic checks (`rounds.synthesize.semantic`) compare sentence embeddings that the
+//! stage computes beforehand (see `semantic.rs`) for the candidates that
+//! [`needs_semantic`] says can still be kept; the cap comes last, so it counts only pairs
+//! that passed every filter.
 
 use std::collections::HashSet;
 
@@ -21,6 +26,18 @@ pub struct Candidate<'a> {
     /// `None` when the correction failed or is missing.
     pub correction: Option<&'a str>,
     pub correction_truncated: bool,
+    /// What the semantic filter measured; `None` when it is off or was not needed.
+    pub semantic: Option<Semantic<'a>>,
+}
+
+/// The embeddings-based measures of one candidate (`rounds.synthesize.semantic`).
+#[derive(Debug, Clone, Copy)]
+pub struct Semantic<'a> {
+    /// Cosine of the original's and the correction's embeddings; `None`: not measured.
+    pub copy_similarity: Option<f32>,
+    /// The prompt's normalized hash and its embedding; `None`: near-duplicate prompts are not
+    /// checked.
+    pub prompt: Option<(&'a str, &'a [f32])>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +53,34 @@ pub struct Verdict {
 pub struct FilterState {
     pub kept_prompts: HashSet<String>,
     pub kept: u64,
+    /// Normalized hash and embedding of each prompt with a kept pair (one per prompt), for
+    /// near-duplicate prompts.
+    pub kept_prompt_embeddings: Vec<(String, Vec<f32>)>,
+}
+
+impl FilterState {
+    /// Remembers the embedding of a prompt with a kept pair.
+    pub fn add_kept_prompt(&mut self, hash: &str, embedding: &[f32]) {
+        if !self.kept_prompt_embeddings.iter().any(|(h, _)| h == hash) {
+            self.kept_prompt_embeddings
+                .push((hash.to_string(), embedding.to_vec()));
+        }
+    }
+}
+
+/// Cosine similarity in [-1, 1]; 0 when either vector is all zeros.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(*x), f64::from(*y));
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 {
+        return 0.0;
+    }
+    (dot / (na.sqrt() * nb.sqrt())).clamp(-1.0, 1.0) as f32
 }
 
 /// Normalized character edit distance in [0, 1]: 0 = identical, 1 = nothing in common.
@@ -44,59 +89,102 @@ pub fn normalized_edit_distance(a: &str, b: &str) -> f64 {
 }
 
 pub fn verdict(spec: &SynthesizeStage, state: &mut FilterState, c: &Candidate<'_>) -> Verdict {
+    let (distance, ratio) = match precheck(spec, c) {
+        Ok(measures) => measures,
+        Err(dropped) => return dropped,
+    };
+    let drop = |reason| Verdict {
+        reason: Some(reason),
+        edit_distance: Some(distance),
+        length_ratio: ratio,
+    };
+    if spec.dedupe_prompts && state.kept_prompts.contains(c.prompt_hash) {
+        return drop("duplicate_prompt");
+    }
+    if let (Some(filter), Some(measured)) = (&spec.semantic, c.semantic) {
+        if measured
+            .copy_similarity
+            .is_some_and(|s| f64::from(s) > filter.max_copy_similarity)
+        {
+            return drop("semantic_copy");
+        }
+        if let (Some(limit), Some((hash, embedding))) =
+            (filter.dedupe_prompts_above, measured.prompt)
+        {
+            let near = state
+                .kept_prompt_embeddings
+                .iter()
+                .any(|(h, e)| h != hash && f64::from(cosine(e, embedding)) > limit);
+            if near {
+                return drop("near_duplicate_prompt");
+            }
+        }
+    }
+    if spec.max_pairs.is_some_and(|cap| state.kept >= cap) {
+        return drop("cap");
+    }
+    state.kept += 1;
+    state.kept_prompts.insert(c.prompt_hash.to_string());
+    if let Some((hash, embedding)) = c.semantic.and_then(|m| m.prompt) {
+        state.add_kept_prompt(hash, embedding);
+    }
+    Verdict {
+        reason: None,
+        edit_distance: Some(distance),
+        length_ratio: ratio,
+    }
+}
+
+/// Whether `c` can still be kept after the checks that need no embeddings, so that its texts
+/// are worth embedding: the semantic filter is on, the per-pair checks pass, its prompt has no
+/// kept pair yet and the cap is not reached. (State only grows, so a `false` stays `false`.)
+pub fn needs_semantic(spec: &SynthesizeStage, state: &FilterState, c: &Candidate<'_>) -> bool {
+    spec.semantic.is_some()
+        && precheck(spec, c).is_ok()
+        && !(spec.dedupe_prompts && state.kept_prompts.contains(c.prompt_hash))
+        && !spec.max_pairs.is_some_and(|cap| state.kept >= cap)
+}
+
+/// The checks of one pair on its own; `Ok` holds its edit distance and length ratio.
+fn precheck(spec: &SynthesizeStage, c: &Candidate<'_>) -> Result<(f64, Option<f64>), Verdict> {
     let drop = |reason, edit_distance, length_ratio| Verdict {
         reason: Some(reason),
         edit_distance,
         length_ratio,
     };
     let Some(original) = c.original else {
-        return drop("generation_failed", None, None);
+        return Err(drop("generation_failed", None, None));
     };
     let Some(correction) = c.correction else {
-        return drop("correction_failed", None, None);
+        return Err(drop("correction_failed", None, None));
     };
     let (o, k) = (original.trim(), correction.trim());
     if spec.drop_empty && o.is_empty() {
-        return drop("empty_original", None, None);
+        return Err(drop("empty_original", None, None));
     }
     if spec.drop_empty && k.is_empty() {
-        return drop("empty_correction", None, None);
+        return Err(drop("empty_correction", None, None));
     }
     let ratio = (!o.is_empty()).then(|| k.chars().count() as f64 / o.chars().count() as f64);
     if spec.drop_truncated && c.original_truncated {
-        return drop("truncated_original", None, ratio);
+        return Err(drop("truncated_original", None, ratio));
     }
     if spec.drop_truncated && c.correction_truncated {
-        return drop("truncated_correction", None, ratio);
+        return Err(drop("truncated_correction", None, ratio));
     }
-    if o == k {
-        let d = Some(0.0);
-        if spec.drop_identical {
-            return drop("identical", d, ratio);
-        }
+    if o == k && spec.drop_identical {
+        return Err(drop("identical", Some(0.0), ratio));
     }
     let distance = normalized_edit_distance(o, k);
     if spec.min_edit_distance > 0.0 && distance < spec.min_edit_distance && o != k {
-        return drop("near_identical", Some(distance), ratio);
+        return Err(drop("near_identical", Some(distance), ratio));
     }
     if let Some(r) = ratio {
         if r < spec.length_ratio_min || r > spec.length_ratio_max {
-            return drop("length_ratio", Some(distance), ratio);
+            return Err(drop("length_ratio", Some(distance), ratio));
         }
     }
-    if spec.dedupe_prompts && state.kept_prompts.contains(c.prompt_hash) {
-        return drop("duplicate_prompt", Some(distance), ratio);
-    }
-    if spec.max_pairs.is_some_and(|cap| state.kept >= cap) {
-        return drop("cap", Some(distance), ratio);
-    }
-    state.kept += 1;
-    state.kept_prompts.insert(c.prompt_hash.to_string());
-    Verdict {
-        reason: None,
-        edit_distance: Some(distance),
-        length_ratio: ratio,
-    }
+    Ok((distance, ratio))
 }
 
 #[cfg(test)]
@@ -113,6 +201,7 @@ mod tests {
             drop_truncated: true,
             dedupe_prompts: true,
             max_pairs: Some(2),
+            semantic: None,
         }
     }
 
@@ -129,6 +218,7 @@ mod tests {
             original_truncated: false,
             correction,
             correction_truncated: false,
+            semantic: None,
         };
         assert_eq!(
             verdict(&spec(), state, &c).reason,
@@ -195,11 +285,84 @@ mod tests {
             original_truncated: true,
             correction: Some("y"),
             correction_truncated: false,
+            semantic: None,
         };
         assert_eq!(
             verdict(&spec(), &mut s, &t).reason,
             Some("truncated_original")
         );
+    }
+
+    #[test]
+    fn semantic_reasons_come_after_the_pair_checks_and_before_the_cap() {
+        let spec = SynthesizeStage {
+            max_pairs: Some(3),
+            semantic: Some(aligner_spec::SemanticFilter {
+                embedder: "unused".into(),
+                max_copy_similarity: 0.98,
+                dedupe_prompts_above: Some(0.9),
+            }),
+            ..spec()
+        };
+        let mut s = FilterState::default();
+        let (cats, cats2, bread) = ([1.0, 0.0, 0.0], [0.99, 0.1, 0.0], [0.0, 1.0, 0.0]);
+        let check = |state: &mut FilterState,
+                     hash: &str,
+                     copy: f32,
+                     prompt: &[f32],
+                     expected: Option<&str>| {
+            let c = Candidate {
+                prompt_hash: hash,
+                original: Some("the original answer"),
+                original_truncated: false,
+                correction: Some("a rather different correction"),
+                correction_truncated: false,
+                semantic: Some(Semantic {
+                    copy_similarity: Some(copy),
+                    prompt: Some((hash.split(':').next().unwrap(), prompt)),
+                }),
+            };
+            let worth_embedding = !matches!(expected, Some("duplicate_prompt" | "cap"));
+            assert_eq!(needs_semantic(&spec, state, &c), worth_embedding, "{hash}");
+            assert_eq!(verdict(&spec, state, &c).reason, expected, "{hash}");
+        };
+        check(&mut s, "cats:0", 0.99, &cats, Some("semantic_copy"));
+        // A dropped pair's prompt is not remembered: the next one for it may be kept.
+        check(&mut s, "cats:0", 0.5, &cats, None);
+        check(&mut s, "cats:0", 0.5, &cats, Some("duplicate_prompt"));
+        // Another sample of the same prompt is not a near duplicate of itself.
+        check(&mut s, "cats:1", 0.5, &cats, None);
+        check(
+            &mut s,
+            "kittens:0",
+            0.5,
+            &cats2,
+            Some("near_duplicate_prompt"),
+        );
+        check(&mut s, "bread:0", 0.5, &bread, None);
+        check(&mut s, "soup:0", 0.5, &[0.0, 0.0, 1.0], Some("cap"));
+        assert_eq!(s.kept, 3);
+        assert_eq!(s.kept_prompt_embeddings.len(), 2);
+
+        // Off: the same measures change nothing.
+        let off = SynthesizeStage {
+            semantic: None,
+            ..spec.clone()
+        };
+        let c = Candidate {
+            prompt_hash: "x:0",
+            original: Some("an answer"),
+            original_truncated: false,
+            correction: Some("AN ANSWER, said again"),
+            correction_truncated: false,
+            semantic: Some(Semantic {
+                copy_similarity: Some(1.0),
+                prompt: None,
+            }),
+        };
+        assert!(!needs_semantic(&off, &FilterState::default(), &c));
+        assert_eq!(verdict(&off, &mut FilterState::default(), &c).reason, None);
+        assert!((cosine(&[1.0, 1.0], &[1.0, 0.0]) - 0.70710677).abs() < 1e-6);
     }
 
     #[test]

@@ -11,6 +11,7 @@ pub mod filters;
 mod ingest;
 mod lease;
 pub mod planner;
+mod semantic;
 mod stages;
 mod train;
 
@@ -59,7 +60,20 @@ pub trait BackendFactory: Send + Sync {
         name: &str,
         spec: &ModelSpec,
     ) -> Result<Arc<dyn TextGenerator>, String>;
+
+    /// The sentence embedder of `rounds.synthesize.semantic`. Called once per synthesize
+    /// stage; implementations may cache it.
+    fn embedder(
+        &self,
+        spec: &aligner_spec::SemanticFilter,
+    ) -> Result<Arc<dyn aligner_backend::Embedder>, String> {
+        Err(format!(
+            "this build cannot run the embedder `{}` of `rounds.synthesize.semantic`\nhint: remove the `semantic` block, or use the `aligner` binary, which runs it locally",
+            spec.embedder.display()
+        ))
+    }
 }
+
 
 /// Progress reporting (the CLI draws bars; the daemon will stream events).
 pub trait Observer: Send + Sync {

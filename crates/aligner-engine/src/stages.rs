@@ -1,5 +1,6 @@
 //! The item stages of a round: generate, correct (model calls, bounded concurrency, results
-//! committed in small batches as they complete) and synthesize (pair verdicts, pure CPU).
+//! committed in small batches as they complete) and synthesize (pair verdicts, pure CPU, plus
+//! sentence embeddings when the semantic filter is on).
 
 use std::future::Future;
 use std::sync::atomic::Ordering;
@@ -15,6 +16,7 @@ use aligner_spec::{ModelSpec, SamplingSpec};
 use aligner_store::{ItemOutcome, NewCorrection, NewGeneration, NewPair};
 
 use crate::filters::{self, Candidate, FilterState};
+use crate::semantic::{Measured, Scorer};
 use crate::{Engine, Error, Result, Stage};
 
 /// Longest time a finished item waits in memory before it is committed.
@@ -468,6 +470,25 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     let mut state = FilterState {
         kept: hashes.len() as u64,
         kept_prompts: hashes.into_iter().collect(),
+        ..Default::default()
+    };
+    let scorer = match &spec.semantic {
+        Some(filter) => {
+            let embedder = e.factory.embedder(filter).map_err(|message| Error::Stage {
+                round: ctx.round,
+                stage: "synthesize",
+                message,
+            })?;
+            let scorer = Scorer::new(embedder, filter.clone(), ctx.round);
+            if state.kept > 0 {
+                let kept = e.store.kept_pairs(run_id, round).await?;
+                scorer
+                    .restore(&mut state, kept.into_iter().map(|p| p.prompt).collect())
+                    .await?;
+            }
+            Some(scorer)
+        }
+        None => None,
     };
     let (mut total_kept, mut total_dropped) = (kept0, dropped0);
     let mut after = 0i64;
@@ -481,19 +502,43 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
             .await?;
         let Some(last) = page.last() else { break };
         after = last.generation_id;
+        let candidates: Vec<Candidate> = page
+            .iter()
+            .map(|u| {
+                let gen_ok = u.generation_status == "ok";
+                let corr_ok = u.correction_status.as_deref() == Some("ok");
+                Candidate {
+                    prompt_hash: &u.dedupe_key,
+                    original: gen_ok.then_some(u.original.as_deref().unwrap_or("")),
+                    original_truncated: u.original_finish.as_deref() == Some("length"),
+                    correction: corr_ok.then_some(u.correction.as_deref().unwrap_or("")),
+                    correction_truncated: u.correction_finish.as_deref() == Some("length"),
+                    semantic: None,
+                }
+            })
+            .collect();
+        let measured = match &scorer {
+            Some(scorer) => {
+                let prompts: Vec<&str> = page.iter().map(|u| u.prompt.as_str()).collect();
+                scorer.measure(spec, &state, &candidates, &prompts).await?
+            }
+            None => vec![None; page.len()],
+        };
+        let verdicts: Vec<filters::Verdict> = candidates
+            .iter()
+            .zip(&measured)
+            .map(|(c, m)| {
+                let c = Candidate {
+                    semantic: m.as_ref().map(Measured::semantic),
+                    ..*c
+                };
+                filters::verdict(spec, &mut state, &c)
+            })
+            .collect();
+        drop(candidates);
         let mut rows = Vec::with_capacity(page.len());
         let (mut kept, mut dropped) = (0u64, 0u64);
-        for u in page {
-            let gen_ok = u.generation_status == "ok";
-            let corr_ok = u.correction_status.as_deref() == Some("ok");
-            let candidate = Candidate {
-                prompt_hash: &u.dedupe_key,
-                original: gen_ok.then_some(u.original.as_deref().unwrap_or("")),
-                original_truncated: u.original_finish.as_deref() == Some("length"),
-                correction: corr_ok.then_some(u.correction.as_deref().unwrap_or("")),
-                correction_truncated: u.correction_finish.as_deref() == Some("length"),
-            };
-            let v = filters::verdict(spec, &mut state, &candidate);
+        for (u, v) in page.into_iter().zip(verdicts) {
             if v.reason.is_none() {
                 kept += 1
             } else {

@@ -327,6 +327,11 @@ impl Embedder {
         })
     }
 
+    /// [`load`](Self::load) onto the CPU (callers need no candle types).
+    pub fn load_cpu(dir: &Path) -> Result<Self> {
+        Self::load(dir, &Device::Cpu)
+    }
+
     /// Length of each embedding (384 for all-MiniLM-L6-v2).
     pub fn dim(&self) -> usize {
         self.heads * self.head_dim

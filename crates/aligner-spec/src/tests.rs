@@ -196,6 +196,7 @@ fn full_example_parses() {
             drop_truncated: true,
             dedupe_prompts: true,
             max_pairs: Some(1000),
+            semantic: None,
         }
     );
     assert_eq!(
@@ -351,6 +352,127 @@ fn hf_folder_model() {
     );
 }
 
+/// `FULL` with a `semantic:` block (`extra` lines indented under it) after `max_pairs`.
+fn full_with_semantic(extra: &str) -> String {
+    full_with(
+        "    max_pairs: 1000\n",
+        &format!("    max_pairs: 1000\n    semantic:\n{extra}"),
+    )
+}
+
+/// A folder with the files an embedder needs (empty: validation only looks for them).
+fn embedder_folder(dir: &TempDir) -> std::path::PathBuf {
+    let folder = dir.path().join("models/minilm");
+    std::fs::create_dir_all(&folder).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::write(folder.join(f), "").unwrap();
+    }
+    folder
+}
+
+#[test]
+fn semantic_filter_block() {
+    let dir = setup();
+    let folder = embedder_folder(&dir);
+    let text = full_with_semantic(
+        "      embedder: ${MODELS:-models}/minilm\n      dedupe_prompts_above: 0.95\n",
+    );
+    let p = load(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.rounds.synthesize.semantic,
+        Some(SemanticFilter {
+            embedder: folder.clone(),
+            max_copy_similarity: 0.98,
+            dedupe_prompts_above: Some(0.95),
+        })
+    );
+    let text = full_with_semantic("      embedder: models/minilm\n      max_copy_similarity: 1\n");
+    let s = load(&dir, &text)
+        .unwrap()
+        .rounds
+        .synthesize
+        .semantic
+        .unwrap();
+    assert_eq!((s.max_copy_similarity, s.dedupe_prompts_above), (1.0, None));
+
+    // Unset, it is not in the snapshot (hashes of older specs stay the same); set, it is,
+    // and a changed threshold is a spec change.
+    let plain = load(&dir, FULL).unwrap();
+    assert!(plain.snapshot()["rounds"]["synthesize"]
+        .get("semantic")
+        .is_none());
+    let with = load(&dir, &text).unwrap();
+    assert_ne!(plain.hash(), with.hash());
+    let changed = load(
+        &dir,
+        &full_with_semantic("      embedder: models/minilm\n      max_copy_similarity: 0.9\n"),
+    )
+    .unwrap();
+    assert_eq!(
+        diff_snapshots(&with.snapshot(), &changed.snapshot()),
+        vec![Change {
+            path: "rounds.synthesize.semantic.max_copy_similarity".into(),
+            old: "1.0".into(),
+            new: "0.9".into()
+        }]
+    );
+}
+
+#[test]
+fn error_semantic_filter_values() {
+    let dir = setup();
+    embedder_folder(&dir);
+    let text = full_with_semantic(
+        "      embedder: models/minilm\n      max_copy_similarity: 0\n      dedupe_prompts_above: 1.5\n      dedupe_prompt_above: 0.9\n",
+    );
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: `max_copy_similarity` must be more than 0 and at most 1, got `0`
+      --> pipelines/x.yaml:47:28
+       at: rounds.synthesize.semantic.max_copy_similarity
+
+    error: `dedupe_prompts_above` must be more than 0 and at most 1, got `1.5`
+      --> pipelines/x.yaml:48:29
+       at: rounds.synthesize.semantic.dedupe_prompts_above
+
+    error: unknown field `dedupe_prompt_above`
+      --> pipelines/x.yaml:49:7
+       at: rounds.synthesize.semantic.dedupe_prompt_above
+      hint: did you mean `dedupe_prompts_above`?
+    ");
+    let text = full_with_semantic("      embedder: models/nothing-here\n");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: embedder folder `models/nothing-here` does not exist
+      --> pipelines/x.yaml:46:17
+       at: rounds.synthesize.semantic.embedder
+      hint: resolved to `[TMP]/models/nothing-here`; `aligner models fetch` puts all-MiniLM-L6-v2 into `models/all-MiniLM-L6-v2`
+    ");
+    std::fs::remove_file(dir.path().join("models/minilm/model.safetensors")).unwrap();
+    let text = full_with_semantic("      embedder: models/minilm\n");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: embedder folder `models/minilm` is missing `model.safetensors`
+      --> pipelines/x.yaml:46:17
+       at: rounds.synthesize.semantic.embedder
+      hint: resolved to `[TMP]/models/minilm`; `aligner models fetch` puts all-MiniLM-L6-v2 into `models/all-MiniLM-L6-v2`
+    ");
+    let text = full_with_semantic("      max_copy_similarity: high\n");
+    insta::assert_snapshot!(errors(&dir, &text), @r#"
+    error: missing field `embedder`
+      --> pipelines/x.yaml:45:5
+       at: rounds.synthesize.semantic
+
+    error: invalid type: string "high", expected a number
+      --> pipelines/x.yaml:46:28
+       at: rounds.synthesize.semantic.max_copy_similarity
+    "#);
+    let text = full_with_semantic("      embedder: ${NOPE}/minilm\n");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: environment variable `NOPE` is not set
+      --> pipelines/x.yaml:46:17
+       at: rounds.synthesize.semantic.embedder
+      hint: `export NOPE=...`, or give a default: `${NOPE:-...}`
+    ");
+}
+
 #[test]
 fn snapshot_hash_and_diff() {
     let dir = setup();
@@ -476,6 +598,7 @@ fn known_fields_table_matches_serde() {
         ("rounds.correct", serde_fields::<CorrectWire>()),
         ("rounds.correct.sampling", serde_fields::<SamplingWire>()),
         ("rounds.synthesize", serde_fields::<SynthesizeWire>()),
+        ("rounds.synthesize.semantic", serde_fields::<SemanticWire>()),
         ("rounds.train", serde_fields::<TrainWire>()),
         ("rounds.train.backend", serde_fields::<BackendWire>()),
     ];
@@ -524,7 +647,7 @@ fn error_unknown_field_in_block_mapping() {
     error: unknown field `sparkle`
       --> pipelines/x.yaml:42:5
        at: rounds.synthesize.sparkle
-      hint: valid fields here: `drop_identical`, `min_edit_distance`, `length_ratio`, `drop_empty`, `drop_truncated`, `dedupe_prompts`, `max_pairs`
+      hint: valid fields here: `drop_identical`, `min_edit_distance`, `length_ratio`, `drop_empty`, `drop_truncated`, `dedupe_prompts`, `max_pairs`, `semantic`
     ");
 }
 

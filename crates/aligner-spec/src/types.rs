@@ -171,6 +171,27 @@ pub struct SynthesizeStage {
     pub dedupe_prompts: bool,
     /// Keep at most this many pairs per round.
     pub max_pairs: Option<u64>,
+    /// Filters on sentence embeddings (`semantic:`), when set. Left out of the snapshot when
+    /// unset, so that the hash of a spec without it did not change when it was added.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub semantic: Option<SemanticFilter>,
+}
+
+/// `rounds.synthesize.semantic`: drops pairs by what their texts mean, using sentence
+/// embeddings (cosine similarity of L2-normalized vectors).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SemanticFilter {
+    /// A sentence-transformers folder (`config.json`, `model.safetensors`, `tokenizer.json`),
+    /// e.g. all-MiniLM-L6-v2.
+    pub embedder: PathBuf,
+    /// Drop a pair whose correction's embedding has a cosine above this with the original's:
+    /// the correction says the same thing (`semantic_copy`). In (0, 1]; default 0.98; 1 turns
+    /// it off.
+    pub max_copy_similarity: f64,
+    /// Drop a pair whose prompt's embedding has a cosine above this with the prompt of a pair
+    /// already kept this round (another prompt text): near-duplicate prompts give the pairs
+    /// of the first one only (`near_duplicate_prompt`). In (0, 1]; unset: not checked.
+    pub dedupe_prompts_above: Option<f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

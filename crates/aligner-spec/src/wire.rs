@@ -107,7 +107,12 @@ pub(crate) const SYNTHESIZE_FIELDS: &[&str] = &[
     "drop_truncated",
     "dedupe_prompts",
     "max_pairs",
+    "semantic",
 ];
+
+/// Keys allowed under `rounds.synthesize.semantic:`, in the order of [`SemanticWire`].
+pub(crate) const SEMANTIC_FIELDS: &[&str] =
+    &["embedder", "max_copy_similarity", "dedupe_prompts_above"];
 
 /// Keys allowed under `rounds.train:`, in the order of [`TrainWire`].
 pub(crate) const TRAIN_FIELDS: &[&str] = &[
@@ -144,6 +149,7 @@ pub(crate) const KNOWN_FIELDS: &[(&str, &[&str])] = &[
     ("rounds.correct", CORRECT_FIELDS),
     ("rounds.correct.sampling", SAMPLING_FIELDS),
     ("rounds.synthesize", SYNTHESIZE_FIELDS),
+    ("rounds.synthesize.semantic", SEMANTIC_FIELDS),
     ("rounds.train", TRAIN_FIELDS),
     ("rounds.train.backend", BACKEND_FIELDS),
 ];
@@ -441,6 +447,20 @@ pub struct SynthesizeWire {
     pub drop_truncated: Option<bool>,
     pub dedupe_prompts: Option<bool>,
     pub max_pairs: Option<u64>,
+    pub semantic: Option<SemanticWire>,
+}
+
+/// `rounds.synthesize.semantic:`: filters on sentence embeddings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a semantic mapping with an `embedder`"
+)]
+pub struct SemanticWire {
+    /// A sentence-transformers folder (`config.json`, `model.safetensors`, `tokenizer.json`).
+    pub embedder: String,
+    pub max_copy_similarity: Option<f64>,
+    pub dedupe_prompts_above: Option<f64>,
 }
 
 /// `rounds.train.method:`.

@@ -179,6 +179,8 @@ pub struct NewCorrection {
 pub struct UnpairedRow {
     pub generation_id: i64,
     pub prompt_id: i64,
+    /// The prompt text (what the semantic filter compares for near-duplicate prompts).
+    pub prompt: String,
     /// Prompt hash and sample index: pairs with the same key are duplicates.
     pub dedupe_key: String,
     pub generation_status: String,
