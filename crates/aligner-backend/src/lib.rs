@@ -134,7 +134,25 @@ pub trait TextGenerator: Send + Sync {
     /// A stable id for provenance (e.g. `openai:http://host/v1#model`).
     fn id(&self) -> String;
     async fn complete(&self, request: CompletionRequest) -> Result<Completion, Error>;
+
+    /// Like [`complete`](Self::complete), sending text pieces to `sink` as they are produced
+    /// (concatenated, they equal the final text). Backends that cannot stream send the whole
+    /// text once at the end. A closed `sink` (the client went away) is not an error.
+    async fn complete_streaming(
+        &self,
+        request: CompletionRequest,
+        sink: TextSink,
+    ) -> Result<Completion, Error> {
+        let completion = self.complete(request).await?;
+        if !completion.text.is_empty() {
+            let _ = sink.send(completion.text.clone());
+        }
+        Ok(completion)
+    }
 }
+
+/// Where streamed text pieces go.
+pub type TextSink = tokio::sync::mpsc::UnboundedSender<String>;
 
 /// Turns texts into vectors whose cosine similarity says how alike their meanings are (the
 /// synthesize stage's semantic filter). Synchronous and CPU-bound: callers run it on a

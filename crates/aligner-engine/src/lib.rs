@@ -74,7 +74,6 @@ pub trait BackendFactory: Send + Sync {
     }
 }
 
-
 /// Progress reporting (the CLI draws bars; the daemon will stream events).
 pub trait Observer: Send + Sync {
     fn stage_started(&self, _round: u32, _stage: Stage, _total: u64, _already_done: u64) {}
@@ -422,7 +421,10 @@ impl Engine {
     fn concurrency(&self, name: &str) -> usize {
         match self.spec.models.get(name) {
             Some(ModelSpec::Openai(m)) => m.max_concurrency as usize,
-            _ => 1,
+            // The local engine batches whatever is in flight (16 sequences by default); twice
+            // that keeps its batch full while finished answers are committed.
+            Some(ModelSpec::Local(_)) => 32,
+            None => 1,
         }
     }
 

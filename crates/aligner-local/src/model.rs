@@ -1,0 +1,536 @@
+//! The llama-family transformer (Llama, SmolLM, Mistral, Qwen2) on the CPU path: weights from
+//! GGUF or Hugging Face safetensors, a ragged-batch forward pass over many sequences at once,
+//! each with its own KV cache.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use rayon::prelude::*;
+
+use crate::gguf::GgufFile;
+use crate::quant::{dot_f32, Weight};
+
+/// How rotary embeddings pair up dimensions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// Adjacent pairs (x[2i], x[2i+1]): llama-architecture GGUF files, whose Q/K rows were
+    /// permuted by the converter.
+    Interleaved,
+    /// Halves (x[i], x[i + d/2]): Hugging Face checkpoints, and Qwen2 in GGUF.
+    Halves,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub architecture: String,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f32,
+    pub context: usize,
+    pub rope: RopeStyle,
+}
+
+pub struct Layer {
+    attn_norm: Vec<f32>,
+    wq: Weight,
+    wk: Weight,
+    wv: Weight,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: Weight,
+    ffn_norm: Vec<f32>,
+    w_gate: Weight,
+    w_up: Weight,
+    w_down: Weight,
+}
+
+pub struct Model {
+    pub config: Config,
+    embed: Weight,
+    layers: Vec<Layer>,
+    out_norm: Vec<f32>,
+    /// `None`: tied to the embedding.
+    lm_head: Option<Weight>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+/// Architectures this path runs.
+pub const SUPPORTED: &str = "llama (Llama, SmolLM), mistral, qwen2";
+
+/// One sequence's keys and values, per layer, position-major.
+#[derive(Default)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(layers: usize) -> Self {
+        KvCache {
+            k: vec![Vec::new(); layers],
+            v: vec![Vec::new(); layers],
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(|x| 4 * x.capacity()).sum()
+    }
+}
+
+/// A slice of one sequence's tokens to run in a step.
+pub struct Chunk<'a> {
+    pub cache: &'a mut KvCache,
+    pub tokens: &'a [u32],
+    /// Return logits for the last token of the chunk.
+    pub logits: bool,
+}
+
+impl Model {
+    pub fn from_gguf(file: &GgufFile) -> Result<Self> {
+        let arch = file.string("general.architecture")?;
+        let rope = match arch.as_str() {
+            "llama" | "mistral" => RopeStyle::Interleaved,
+            "qwen2" => RopeStyle::Halves,
+            other => bail!(
+                "{}: GGUF architecture `{other}` is not supported\nhint: supported architectures: {SUPPORTED}",
+                file.path.display()
+            ),
+        };
+        let key = |k: &str| format!("{arch}.{k}");
+        let hidden = file.usize(&key("embedding_length"))?;
+        let heads = file.usize(&key("attention.head_count"))?;
+        let kv_heads = file.usize(&key("attention.head_count_kv")).unwrap_or(heads);
+        let head_dim = file
+            .usize(&key("attention.key_length"))
+            .unwrap_or(hidden / heads);
+        let embed = file.weight("token_embd.weight")?;
+        let vocab = embed.rows();
+        let config = Config {
+            architecture: arch.clone(),
+            hidden,
+            intermediate: file.usize(&key("feed_forward_length"))?,
+            layers: file.usize(&key("block_count"))?,
+            heads,
+            kv_heads,
+            head_dim,
+            vocab,
+            rope_theta: file.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
+            rms_eps: file
+                .f32(&key("attention.layer_norm_rms_epsilon"))
+                .unwrap_or(1e-5),
+            context: file.usize(&key("context_length")).unwrap_or(4096),
+            rope,
+        };
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let p = |n: &str| format!("blk.{i}.{n}");
+            layers.push(Layer {
+                attn_norm: file.vector(&p("attn_norm.weight"))?,
+                wq: file.weight(&p("attn_q.weight"))?,
+                wk: file.weight(&p("attn_k.weight"))?,
+                wv: file.weight(&p("attn_v.weight"))?,
+                bq: file.optional_vector(&p("attn_q.bias"))?,
+                bk: file.optional_vector(&p("attn_k.bias"))?,
+                bv: file.optional_vector(&p("attn_v.bias"))?,
+                wo: file.weight(&p("attn_output.weight"))?,
+                ffn_norm: file.vector(&p("ffn_norm.weight"))?,
+                w_gate: file.weight(&p("ffn_gate.weight"))?,
+                w_up: file.weight(&p("ffn_up.weight"))?,
+                w_down: file.weight(&p("ffn_down.weight"))?,
+            });
+        }
+        let lm_head = if file.has("output.weight") {
+            Some(file.weight("output.weight")?)
+        } else {
+            None
+        };
+        let out_norm = file.vector("output_norm.weight")?;
+        Self::assemble(config, embed, layers, out_norm, lm_head)
+    }
+
+    pub fn from_hf_folder(dir: &Path, dtype: &str) -> Result<Self> {
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .with_context(|| format!("reading {}", cfg_path.display()))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("parsing {}", cfg_path.display()))?;
+        let archs: Vec<String> = cfg["architectures"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let arch = match archs.first().map(String::as_str) {
+            Some("LlamaForCausalLM") => "llama",
+            Some("MistralForCausalLM") => "mistral",
+            Some("Qwen2ForCausalLM") => "qwen2",
+            other => bail!(
+                "{}: architecture {:?} is not supported\nhint: supported architectures: {SUPPORTED} (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)",
+                cfg_path.display(),
+                other.unwrap_or("(none)")
+            ),
+        };
+        let get = |k: &str| -> Result<usize> {
+            cfg[k]
+                .as_u64()
+                .map(|v| v as usize)
+                .with_context(|| format!("{}: missing `{k}`", cfg_path.display()))
+        };
+        let hidden = get("hidden_size")?;
+        let heads = get("num_attention_heads")?;
+        let config = Config {
+            architecture: arch.to_string(),
+            hidden,
+            intermediate: get("intermediate_size")?,
+            layers: get("num_hidden_layers")?,
+            heads,
+            kv_heads: get("num_key_value_heads").unwrap_or(heads),
+            head_dim: get("head_dim").unwrap_or(hidden / heads),
+            vocab: get("vocab_size")?,
+            rope_theta: cfg["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
+            rms_eps: cfg["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+            context: get("max_position_embeddings").unwrap_or(4096),
+            rope: RopeStyle::Halves,
+        };
+        let tied = cfg["tie_word_embeddings"].as_bool().unwrap_or(false);
+        let st = crate::safetensors::SafeTensors::open(dir, dtype)?;
+        let mut layers = Vec::with_capacity(config.layers);
+        for i in 0..config.layers {
+            let p = |n: &str| format!("model.layers.{i}.{n}");
+            layers.push(Layer {
+                attn_norm: st.vector(&p("input_layernorm.weight"))?,
+                wq: st.weight(&p("self_attn.q_proj.weight"))?,
+                wk: st.weight(&p("self_attn.k_proj.weight"))?,
+                wv: st.weight(&p("self_attn.v_proj.weight"))?,
+                bq: st.optional_vector(&p("self_attn.q_proj.bias"))?,
+                bk: st.optional_vector(&p("self_attn.k_proj.bias"))?,
+                bv: st.optional_vector(&p("self_attn.v_proj.bias"))?,
+                wo: st.weight(&p("self_attn.o_proj.weight"))?,
+                ffn_norm: st.vector(&p("post_attention_layernorm.weight"))?,
+                w_gate: st.weight(&p("mlp.gate_proj.weight"))?,
+                w_up: st.weight(&p("mlp.up_proj.weight"))?,
+                w_down: st.weight(&p("mlp.down_proj.weight"))?,
+            });
+        }
+        let embed = st.weight("model.embed_tokens.weight")?;
+        let lm_head = if tied || !st.has("lm_head.weight") {
+            None
+        } else {
+            Some(st.weight("lm_head.weight")?)
+        };
+        let out_norm = st.vector("model.norm.weight")?;
+        Self::assemble(config, embed, layers, out_norm, lm_head)
+    }
+
+    fn assemble(
+        mut config: Config,
+        embed: Weight,
+        layers: Vec<Layer>,
+        out_norm: Vec<f32>,
+        lm_head: Option<Weight>,
+    ) -> Result<Self> {
+        config.vocab = lm_head.as_ref().map(Weight::rows).unwrap_or(embed.rows());
+        let c = &config;
+        if embed.cols() != c.hidden || c.heads % c.kv_heads != 0 || c.head_dim % 2 != 0 {
+            bail!("inconsistent model shapes: {c:?}");
+        }
+        for (i, l) in layers.iter().enumerate() {
+            let want = [
+                (&l.wq, c.heads * c.head_dim, c.hidden, "q"),
+                (&l.wk, c.kv_heads * c.head_dim, c.hidden, "k"),
+                (&l.wv, c.kv_heads * c.head_dim, c.hidden, "v"),
+                (&l.wo, c.hidden, c.heads * c.head_dim, "o"),
+                (&l.w_gate, c.intermediate, c.hidden, "gate"),
+                (&l.w_up, c.intermediate, c.hidden, "up"),
+                (&l.w_down, c.hidden, c.intermediate, "down"),
+            ];
+            for (w, r, k, name) in want {
+                if w.rows() != r || w.cols() != k {
+                    bail!(
+                        "layer {i} {name} weight is [{}, {}], expected [{r}, {k}]",
+                        w.rows(),
+                        w.cols()
+                    );
+                }
+            }
+        }
+        // Rotary tables up to the context length, computed in f64 then rounded once.
+        let half = c.head_dim / 2;
+        let ctx = c.context.min(1 << 17);
+        let mut cos = vec![0f32; ctx * half];
+        let mut sin = vec![0f32; ctx * half];
+        for p in 0..ctx {
+            for i in 0..half {
+                let freq = (c.rope_theta as f64).powf(-(2.0 * i as f64) / c.head_dim as f64);
+                let a = p as f64 * freq;
+                cos[p * half + i] = a.cos() as f32;
+                sin[p * half + i] = a.sin() as f32;
+            }
+        }
+        Ok(Model {
+            config,
+            embed,
+            layers,
+            out_norm,
+            lm_head,
+            cos,
+            sin,
+        })
+    }
+
+    /// Bytes of weights held.
+    pub fn weight_bytes(&self) -> usize {
+        let mut n = self.embed.size_bytes() + self.lm_head.as_ref().map_or(0, Weight::size_bytes);
+        for l in &self.layers {
+            n += [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
+                .iter()
+                .map(|w| w.size_bytes())
+                .sum::<usize>();
+        }
+        n
+    }
+
+    /// The longest sequence the rotary tables cover.
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / (self.config.head_dim / 2)
+    }
+
+    /// Runs every chunk's tokens through the model, appending to each chunk's cache, and
+    /// returns the logits of the last token of each chunk that asked for them (in order).
+    pub fn forward(&self, chunks: &mut [Chunk<'_>]) -> Vec<Vec<f32>> {
+        let c = &self.config;
+        let (h, hd) = (c.hidden, c.head_dim);
+        let qd = c.heads * hd;
+        let kvd = c.kv_heads * hd;
+        let rows: usize = chunks.iter().map(|ch| ch.tokens.len()).sum();
+        if rows == 0 {
+            return Vec::new();
+        }
+        // Row -> (chunk, position).
+        let mut pos = Vec::with_capacity(rows);
+        let mut starts = Vec::with_capacity(chunks.len());
+        for (i, ch) in chunks.iter().enumerate() {
+            starts.push(pos.len());
+            for t in 0..ch.tokens.len() {
+                pos.push((i, ch.cache.len + t));
+            }
+        }
+        let mut x = vec![0f32; rows * h];
+        let mut r = 0;
+        for ch in chunks.iter() {
+            for &t in ch.tokens {
+                self.embed.row_f32(t as usize, &mut x[r * h..(r + 1) * h]);
+                r += 1;
+            }
+        }
+        let mut xn = vec![0f32; rows * h];
+        let mut q = vec![0f32; rows * qd];
+        let mut k = vec![0f32; rows * kvd];
+        let mut v = vec![0f32; rows * kvd];
+        let mut att = vec![0f32; rows * qd];
+        let mut proj = vec![0f32; rows * h];
+        let mut gate = vec![0f32; rows * c.intermediate];
+        let mut up = vec![0f32; rows * c.intermediate];
+        for (li, l) in self.layers.iter().enumerate() {
+            rms_norm(&x, &l.attn_norm, c.rms_eps, &mut xn);
+            l.wq.matmul(&xn, rows, &mut q);
+            l.wk.matmul(&xn, rows, &mut k);
+            l.wv.matmul(&xn, rows, &mut v);
+            add_bias(&mut q, l.bq.as_deref());
+            add_bias(&mut k, l.bk.as_deref());
+            add_bias(&mut v, l.bv.as_deref());
+            for (row, &(_, p)) in pos.iter().enumerate() {
+                self.rope(&mut q[row * qd..(row + 1) * qd], p);
+                self.rope(&mut k[row * kvd..(row + 1) * kvd], p);
+            }
+            for (i, ch) in chunks.iter_mut().enumerate() {
+                let s = starts[i];
+                let n = ch.tokens.len();
+                ch.cache.k[li].extend_from_slice(&k[s * kvd..(s + n) * kvd]);
+                ch.cache.v[li].extend_from_slice(&v[s * kvd..(s + n) * kvd]);
+            }
+            self.attention(chunks, &starts, li, &q, &mut att);
+            l.wo.matmul(&att, rows, &mut proj);
+            add_into(&mut x, &proj);
+            rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut xn);
+            l.w_gate.matmul(&xn, rows, &mut gate);
+            l.w_up.matmul(&xn, rows, &mut up);
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            l.w_down.matmul(&gate, rows, &mut proj);
+            add_into(&mut x, &proj);
+        }
+        for ch in chunks.iter_mut() {
+            ch.cache.len += ch.tokens.len();
+        }
+        // Logits for the last row of each chunk that wants them.
+        let wanted: Vec<usize> = chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, ch)| ch.logits && !ch.tokens.is_empty())
+            .map(|(i, ch)| starts[i] + ch.tokens.len() - 1)
+            .collect();
+        if wanted.is_empty() {
+            return Vec::new();
+        }
+        let mut last = vec![0f32; wanted.len() * h];
+        for (j, &row) in wanted.iter().enumerate() {
+            last[j * h..(j + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
+        }
+        let mut normed = vec![0f32; last.len()];
+        rms_norm(&last, &self.out_norm, c.rms_eps, &mut normed);
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed);
+        let vocab = head.rows();
+        let mut logits = vec![0f32; wanted.len() * vocab];
+        head.matmul(&normed, wanted.len(), &mut logits);
+        logits.chunks_exact(vocab).map(|l| l.to_vec()).collect()
+    }
+
+    fn rope(&self, x: &mut [f32], p: usize) {
+        let hd = self.config.head_dim;
+        let half = hd / 2;
+        let cos = &self.cos[p * half..(p + 1) * half];
+        let sin = &self.sin[p * half..(p + 1) * half];
+        for head in x.chunks_exact_mut(hd) {
+            match self.config.rope {
+                RopeStyle::Interleaved => {
+                    for i in 0..half {
+                        let (a, b) = (head[2 * i], head[2 * i + 1]);
+                        head[2 * i] = a * cos[i] - b * sin[i];
+                        head[2 * i + 1] = a * sin[i] + b * cos[i];
+                    }
+                }
+                RopeStyle::Halves => {
+                    for i in 0..half {
+                        let (a, b) = (head[i], head[i + half]);
+                        head[i] = a * cos[i] - b * sin[i];
+                        head[i + half] = a * sin[i] + b * cos[i];
+                    }
+                }
+            }
+        }
+    }
+
+    /// Causal attention of every chunk's new rows over its cache (already holding them).
+    fn attention(
+        &self,
+        chunks: &[Chunk<'_>],
+        starts: &[usize],
+        li: usize,
+        q: &[f32],
+        out: &mut [f32],
+    ) {
+        let c = &self.config;
+        let hd = c.head_dim;
+        let qd = c.heads * hd;
+        let kvd = c.kv_heads * hd;
+        let group = c.heads / c.kv_heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        // One task per (chunk, head); each writes its own head's columns of its own rows.
+        let tasks: Vec<(usize, usize)> = (0..chunks.len())
+            .flat_map(|i| (0..c.heads).map(move |hh| (i, hh)))
+            .collect();
+        let ptr = SendPtr(out.as_mut_ptr());
+        let run = |&(i, hh): &(usize, usize)| {
+            let p = ptr;
+            let ch = &chunks[i];
+            let n = ch.tokens.len();
+            let total = ch.cache.len + n;
+            let kc = &ch.cache.k[li];
+            let vc = &ch.cache.v[li];
+            let kvh = hh / group;
+            let mut scores = vec![0f32; total];
+            let mut acc = vec![0f32; hd];
+            for t in 0..n {
+                let row = starts[i] + t;
+                let upto = ch.cache.len + t + 1;
+                let qv = &q[row * qd + hh * hd..row * qd + (hh + 1) * hd];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores[..upto].iter_mut().enumerate() {
+                    let kv = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                    *s = dot_f32(qv, kv) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores[..upto].iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for (j, &s) in scores[..upto].iter().enumerate() {
+                    let vv = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
+                    for (a, x) in acc.iter_mut().zip(vv) {
+                        *a = s.mul_add(*x, *a);
+                    }
+                }
+                let inv = 1.0 / sum;
+                for (d, a) in acc.iter().enumerate() {
+                    // SAFETY: (row, hh, d) is inside `out` (rows * qd) and only this task
+                    // writes head hh of this chunk's rows.
+                    unsafe { *p.0.add(row * qd + hh * hd + d) = a * inv };
+                }
+            }
+        };
+        let work: usize = chunks
+            .iter()
+            .map(|ch| ch.tokens.len() * (ch.cache.len + 1))
+            .sum();
+        if work * c.heads < 16_384 {
+            tasks.iter().for_each(run);
+        } else {
+            tasks.par_iter().for_each(run);
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint elements.
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
+    let h = w.len();
+    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let ss: f32 = dot_f32(xr, xr) / h as f32;
+        let scale = 1.0 / (ss + eps).sqrt();
+        for ((o, a), b) in or.iter_mut().zip(xr).zip(w) {
+            *o = a * scale * b;
+        }
+    }
+}
+
+fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
+    if let Some(b) = b {
+        for row in x.chunks_exact_mut(b.len()) {
+            add_into(row, b);
+        }
+    }
+}
+
+fn add_into(x: &mut [f32], y: &[f32]) {
+    for (a, b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}

@@ -1,0 +1,683 @@
+//! Weight matrices and the matrix products of the CPU path.
+//!
+//! Quantized weights keep GGML's block formats (32 values per block) with the block scales
+//! widened to `f32` at load time. Products with a quantized weight first quantize the
+//! activations the way llama.cpp does (`Q8_1` for `Q4_1` weights, `Q8_0` for `Q8_0` weights,
+//! scales rounded through `f16`), so every output element is the same integer dot product
+//! llama.cpp computes, summed block by block in the same order.
+//!
+//! Each output element is computed by one thread from one weight row and one activation row,
+//! independently of how many rows are in the batch: a prompt's greedy output is bit-identical
+//! batched and alone.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+pub const QK: usize = 32;
+
+/// A `[rows, cols]` weight (rows = output features, cols = input features).
+pub enum Weight {
+    /// GGML Q4_1: value = d * q + m, q in 0..16. `qs` holds 16 bytes per block: byte j has
+    /// element j in its low nibble and element j + 16 in its high nibble.
+    Q4_1 {
+        rows: usize,
+        cols: usize,
+        qs: Vec<u8>,
+        d: Vec<f32>,
+        m: Vec<f32>,
+    },
+    /// GGML Q8_0: value = d * q.
+    Q8_0 {
+        rows: usize,
+        cols: usize,
+        qs: Vec<i8>,
+        d: Vec<f32>,
+    },
+    F32 {
+        rows: usize,
+        cols: usize,
+        w: Vec<f32>,
+    },
+    Bf16 {
+        rows: usize,
+        cols: usize,
+        w: Vec<bf16>,
+    },
+}
+
+impl Weight {
+    pub fn rows(&self) -> usize {
+        match self {
+            Weight::Q4_1 { rows, .. }
+            | Weight::Q8_0 { rows, .. }
+            | Weight::F32 { rows, .. }
+            | Weight::Bf16 { rows, .. } => *rows,
+        }
+    }
+
+    pub fn cols(&self) -> usize {
+        match self {
+            Weight::Q4_1 { cols, .. }
+            | Weight::Q8_0 { cols, .. }
+            | Weight::F32 { cols, .. }
+            | Weight::Bf16 { cols, .. } => *cols,
+        }
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Weight::Q4_1 { .. } => "q4_1",
+            Weight::Q8_0 { .. } => "q8_0",
+            Weight::F32 { .. } => "f32",
+            Weight::Bf16 { .. } => "bf16",
+        }
+    }
+
+    /// Bytes held.
+    pub fn size_bytes(&self) -> usize {
+        match self {
+            Weight::Q4_1 { qs, d, m, .. } => qs.len() + 4 * (d.len() + m.len()),
+            Weight::Q8_0 { qs, d, .. } => qs.len() + 4 * d.len(),
+            Weight::F32 { w, .. } => 4 * w.len(),
+            Weight::Bf16 { w, .. } => 2 * w.len(),
+        }
+    }
+
+    /// From GGML Q4_1 blocks (`d: f16, m: f16, qs: [u8; 16]`, 20 bytes each).
+    pub fn from_q4_1_bytes(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
+        check_blocks(rows, cols, raw.len(), 20, "Q4_1")?;
+        let nb = rows * cols / QK;
+        let mut qs = Vec::with_capacity(nb * 16);
+        let mut d = Vec::with_capacity(nb);
+        let mut m = Vec::with_capacity(nb);
+        for b in raw.chunks_exact(20) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            m.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
+            qs.extend_from_slice(&b[4..20]);
+        }
+        Ok(Weight::Q4_1 {
+            rows,
+            cols,
+            qs,
+            d,
+            m,
+        })
+    }
+
+    /// From GGML Q8_0 blocks (`d: f16, qs: [i8; 32]`, 34 bytes each).
+    pub fn from_q8_0_bytes(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
+        check_blocks(rows, cols, raw.len(), 34, "Q8_0")?;
+        let nb = rows * cols / QK;
+        let mut qs = Vec::with_capacity(nb * QK);
+        let mut d = Vec::with_capacity(nb);
+        for b in raw.chunks_exact(34) {
+            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
+            qs.extend(b[2..34].iter().map(|&x| x as i8));
+        }
+        Ok(Weight::Q8_0 { rows, cols, qs, d })
+    }
+
+    /// Row `r` as f32 (embedding lookups).
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let cols = self.cols();
+        debug_assert_eq!(out.len(), cols);
+        match self {
+            Weight::Q4_1 { qs, d, m, .. } => {
+                let nb = cols / QK;
+                for b in 0..nb {
+                    let bi = r * nb + b;
+                    let q = &qs[bi * 16..bi * 16 + 16];
+                    for j in 0..16 {
+                        out[b * QK + j] = d[bi] * (q[j] & 0x0f) as f32 + m[bi];
+                        out[b * QK + j + 16] = d[bi] * (q[j] >> 4) as f32 + m[bi];
+                    }
+                }
+            }
+            Weight::Q8_0 { qs, d, .. } => {
+                let nb = cols / QK;
+                for b in 0..nb {
+                    let bi = r * nb + b;
+                    for j in 0..QK {
+                        out[b * QK + j] = d[bi] * qs[bi * QK + j] as f32;
+                    }
+                }
+            }
+            Weight::F32 { w, .. } => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
+            Weight::Bf16 { w, .. } => {
+                for (o, x) in out.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
+                    *o = x.to_f32();
+                }
+            }
+        }
+    }
+
+    /// `out[m, rows] = x[m, cols] · selfᵀ`.
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        let (n, k) = (self.rows(), self.cols());
+        assert_eq!(x.len(), m * k, "matmul input shape");
+        assert_eq!(out.len(), m * n, "matmul output shape");
+        match self {
+            Weight::Q4_1 { qs, d, m: mins, .. } => {
+                let a = ActQ8::quantize(x, m, k, true);
+                let nb = k / QK;
+                par_columns(out, m, n, |c, r| {
+                    let w = c * nb;
+                    dot_q4_1_q8_1(
+                        &qs[w * 16..(w + nb) * 16],
+                        &d[w..w + nb],
+                        &mins[w..w + nb],
+                        a.row(r),
+                    )
+                });
+            }
+            Weight::Q8_0 { qs, d, .. } => {
+                let a = ActQ8::quantize(x, m, k, false);
+                let nb = k / QK;
+                par_columns(out, m, n, |c, r| {
+                    let w = c * nb;
+                    dot_q8_0_q8_0(&qs[w * QK..(w + nb) * QK], &d[w..w + nb], a.row(r))
+                });
+            }
+            Weight::F32 { w, .. } => {
+                par_columns(out, m, n, |c, r| {
+                    dot_f32(&w[c * k..(c + 1) * k], &x[r * k..(r + 1) * k])
+                });
+            }
+            Weight::Bf16 { w, .. } => {
+                par_columns(out, m, n, |c, r| {
+                    dot_bf16(&w[c * k..(c + 1) * k], &x[r * k..(r + 1) * k])
+                });
+            }
+        }
+    }
+}
+
+fn check_blocks(
+    rows: usize,
+    cols: usize,
+    len: usize,
+    block_bytes: usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    if cols % QK != 0 {
+        anyhow::bail!("{what} weight with {cols} columns: not a multiple of the block size {QK}");
+    }
+    let want = rows * cols / QK * block_bytes;
+    if len != want {
+        anyhow::bail!("{what} weight [{rows}, {cols}] needs {want} bytes, found {len}");
+    }
+    Ok(())
+}
+
+/// Quantized activations, one row per input row.
+pub struct ActQ8 {
+    nb: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    /// `d * sum(qs)` per block (Q8_1 only).
+    s: Vec<f32>,
+}
+
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub s: &'a [f32],
+}
+
+impl ActQ8 {
+    pub fn quantize(x: &[f32], m: usize, k: usize, with_sums: bool) -> Self {
+        let nb = k / QK;
+        let mut qs = vec![0i8; m * k];
+        let mut d = vec![0f32; m * nb];
+        let mut s = if with_sums {
+            vec![0f32; m * nb]
+        } else {
+            Vec::new()
+        };
+        for (bi, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
+            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
+            // As llama.cpp's x86 quantizer: scale by 127/amax, round half to even.
+            let dd = amax / 127.0;
+            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+            let mut sum = 0i32;
+            for (q, v) in qb.iter_mut().zip(xb) {
+                let r = (v * id).round_ties_even() as i32;
+                *q = r as i8;
+                sum += r;
+            }
+            d[bi] = f16::from_f32(dd).to_f32();
+            if with_sums {
+                s[bi] = f16::from_f32(sum as f32 * dd).to_f32();
+            }
+        }
+        ActQ8 { nb, qs, d, s }
+    }
+
+    pub fn row(&self, r: usize) -> ActRow<'_> {
+        let nb = self.nb;
+        ActRow {
+            qs: &self.qs[r * nb * QK..(r + 1) * nb * QK],
+            d: &self.d[r * nb..(r + 1) * nb],
+            s: if self.s.is_empty() {
+                &[]
+            } else {
+                &self.s[r * nb..(r + 1) * nb]
+            },
+        }
+    }
+}
+
+/// Raw pointer to the output, for writing disjoint columns from several threads.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a disjoint set of columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Columns per task: a weight chunk stays in cache while every input row uses it.
+const COLS_PER_TASK: usize = 32;
+
+/// `out[r * n + c] = f(c, r)` for every row and column, split by columns across threads.
+fn par_columns<F>(out: &mut [f32], m: usize, n: usize, f: F)
+where
+    F: Fn(usize, usize) -> f32 + Sync,
+{
+    let ptr = OutPtr(out.as_mut_ptr());
+    let tasks = n.div_ceil(COLS_PER_TASK);
+    let run = |t: usize| {
+        let p = ptr;
+        let c0 = t * COLS_PER_TASK;
+        let c1 = (c0 + COLS_PER_TASK).min(n);
+        for r in 0..m {
+            for c in c0..c1 {
+                let v = f(c, r);
+                // SAFETY: r < m and c < n, so the index is inside `out` (len m * n), and no
+                // other task writes column c.
+                unsafe { *p.0.add(r * n + c) = v };
+            }
+        }
+    };
+    if m * n < 4096 {
+        (0..tasks).for_each(run);
+    } else {
+        (0..tasks).into_par_iter().for_each(run);
+    }
+}
+
+pub fn dot_q4_1_q8_1(qs: &[u8], d: &[f32], m: &[f32], a: ActRow<'_>) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::has_avx_vnni() {
+            // SAFETY: the CPU supports AVX2, FMA and AVX-VNNI (checked at run time).
+            return unsafe { simd::dot_q4_1_q8_1_vnni(qs, d, m, &a) };
+        }
+        if simd::has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { simd::dot_q4_1_q8_1_avx2(qs, d, m, &a) };
+        }
+    }
+    dot_q4_1_q8_1_scalar(qs, d, m, &a)
+}
+
+pub fn dot_q4_1_q8_1_scalar(qs: &[u8], d: &[f32], m: &[f32], a: &ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    let mut summs = 0f32;
+    for b in 0..d.len() {
+        let q = &qs[b * 16..b * 16 + 16];
+        let y = &a.qs[b * QK..b * QK + QK];
+        let mut isum = 0i32;
+        for j in 0..16 {
+            isum += (q[j] & 0x0f) as i32 * y[j] as i32;
+            isum += (q[j] >> 4) as i32 * y[j + 16] as i32;
+        }
+        acc += d[b] * a.d[b] * isum as f32;
+        summs += m[b] * a.s[b];
+    }
+    acc + summs
+}
+
+pub fn dot_q8_0_q8_0(qs: &[i8], d: &[f32], a: ActRow<'_>) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::has_avx_vnni() {
+            // SAFETY: the CPU supports AVX2, FMA and AVX-VNNI (checked at run time).
+            return unsafe { simd::dot_q8_0_q8_0_vnni(qs, d, &a) };
+        }
+        if simd::has_avx2() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { simd::dot_q8_0_q8_0_avx2(qs, d, &a) };
+        }
+    }
+    dot_q8_0_q8_0_scalar(qs, d, &a)
+}
+
+pub fn dot_q8_0_q8_0_scalar(qs: &[i8], d: &[f32], a: &ActRow<'_>) -> f32 {
+    let mut acc = 0f32;
+    for b in 0..d.len() {
+        let x = &qs[b * QK..b * QK + QK];
+        let y = &a.qs[b * QK..b * QK + QK];
+        let isum: i32 = x.iter().zip(y).map(|(&p, &q)| p as i32 * q as i32).sum();
+        acc += d[b] * a.d[b] * isum as f32;
+    }
+    acc
+}
+
+/// f32 dot product with eight independent accumulators (vectorizes).
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let ca = a.chunks_exact(8);
+    let cb = b.chunks_exact(8);
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+fn dot_bf16(w: &[bf16], x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let cw = w.chunks_exact(8);
+    let cx = x.chunks_exact(8);
+    let (rw, rx) = (cw.remainder(), cx.remainder());
+    for (a, b) in cw.zip(cx) {
+        for i in 0..8 {
+            acc[i] = a[i].to_f32().mul_add(b[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in rw.iter().zip(rx) {
+        s += a.to_f32() * b;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+mod simd {
+    use super::{ActRow, QK};
+    use std::arch::x86_64::*;
+
+    pub fn has_avx2() -> bool {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+
+    /// `ALIGNER_NO_VNNI=1` forces the AVX2 kernels (for comparing the two).
+    pub fn has_avx_vnni() -> bool {
+        static VNNI: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *VNNI.get_or_init(|| {
+            has_avx2()
+                && std::is_x86_feature_detected!("avxvnni")
+                && std::env::var_os("ALIGNER_NO_VNNI").is_none()
+        })
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot_q4_1_q8_1_vnni(qs: &[u8], d: &[f32], m: &[f32], a: &ActRow<'_>) -> f32 {
+        let nb = d.len();
+        assert!(qs.len() >= nb * 16 && a.qs.len() >= nb * QK && a.d.len() >= nb);
+        assert!(m.len() >= nb && a.s.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        let low = _mm256_set1_epi8(0x0f);
+        for b in 0..nb {
+            summs += m[b] * a.s[b];
+            // SAFETY: bounds asserted above; unaligned loads.
+            let (packed, qy) = unsafe {
+                (
+                    _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i),
+                    _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
+                )
+            };
+            let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+            let qx = _mm256_and_si256(both, low);
+            let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qx, qy));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a.d[b]), xy, acc);
+        }
+        hsum(acc) + summs
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot_q8_0_q8_0_vnni(qs: &[i8], d: &[f32], a: &ActRow<'_>) -> f32 {
+        let nb = d.len();
+        assert!(qs.len() >= nb * QK && a.qs.len() >= nb * QK && a.d.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            // SAFETY: bounds asserted above; unaligned loads.
+            let (qx, qy) = unsafe {
+                (
+                    _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i),
+                    _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
+                )
+            };
+            let ax = _mm256_sign_epi8(qx, qx);
+            let sy = _mm256_sign_epi8(qy, qx);
+            let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a.d[b]), xy, acc);
+        }
+        hsum(acc)
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let lo = _mm256_castps256_ps128(v);
+        let hi = _mm256_extractf128_ps(v, 1);
+        let s = _mm_add_ps(lo, hi);
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Unsigned bytes (0..16) times signed bytes, summed in pairs, then in fours, as f32.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn mul_sum_us8(ux: __m256i, sy: __m256i) -> __m256 {
+        let dot = _mm256_maddubs_epi16(ux, sy);
+        let ones = _mm256_set1_epi16(1);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, ones))
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; slices hold `d.len()` blocks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q4_1_q8_1_avx2(qs: &[u8], d: &[f32], m: &[f32], a: &ActRow<'_>) -> f32 {
+        let nb = d.len();
+        assert!(qs.len() >= nb * 16 && a.qs.len() >= nb * QK && a.d.len() >= nb);
+        assert!(m.len() >= nb && a.s.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        let low = _mm256_set1_epi8(0x0f);
+        for b in 0..nb {
+            summs += m[b] * a.s[b];
+            // SAFETY: bounds asserted above; unaligned loads.
+            let (packed, qy) = unsafe {
+                (
+                    _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i),
+                    _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
+                )
+            };
+            let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+            let qx = _mm256_and_si256(both, low);
+            let xy = mul_sum_us8(qx, qy);
+            let scale = _mm256_set1_ps(d[b] * a.d[b]);
+            acc = _mm256_fmadd_ps(scale, xy, acc);
+        }
+        hsum(acc) + summs
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2 and FMA; slices hold `d.len()` blocks.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_q8_0_q8_0_avx2(qs: &[i8], d: &[f32], a: &ActRow<'_>) -> f32 {
+        let nb = d.len();
+        assert!(qs.len() >= nb * QK && a.qs.len() >= nb * QK && a.d.len() >= nb);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            // SAFETY: bounds asserted above; unaligned loads.
+            let (qx, qy) = unsafe {
+                (
+                    _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i),
+                    _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
+                )
+            };
+            let ax = _mm256_sign_epi8(qx, qx);
+            let sy = _mm256_sign_epi8(qy, qx);
+            let xy = mul_sum_us8(ax, sy);
+            let scale = _mm256_set1_ps(d[b] * a.d[b]);
+            acc = _mm256_fmadd_ps(scale, xy, acc);
+        }
+        hsum(acc)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lcg(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    }
+
+    fn random_q4_1(rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+        let mut raw = Vec::new();
+        for _ in 0..rows * cols / QK {
+            raw.extend(f16::from_f32(lcg(seed).abs() * 0.1).to_le_bytes());
+            raw.extend(f16::from_f32(lcg(seed) * 0.5).to_le_bytes());
+            for _ in 0..16 {
+                raw.push(((lcg(seed) + 1.0) * 127.9) as u8);
+            }
+        }
+        raw
+    }
+
+    #[test]
+    fn simd_and_scalar_kernels_agree_and_match_dequantized_product() {
+        let mut seed = 7u64;
+        let (rows, cols, m) = (70, 96, 5);
+        let w = Weight::from_q4_1_bytes(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
+        let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let mut out = vec![0f32; m * rows];
+        w.matmul(&x, m, &mut out);
+        let a = ActQ8::quantize(&x, m, cols, true);
+        let mut dense = vec![0f32; cols];
+        for r in 0..m {
+            for c in 0..rows {
+                let Weight::Q4_1 { qs, d, m: mins, .. } = &w else {
+                    unreachable!()
+                };
+                let nb = cols / QK;
+                let s = dot_q4_1_q8_1_scalar(
+                    &qs[c * nb * 16..(c + 1) * nb * 16],
+                    &d[c * nb..(c + 1) * nb],
+                    &mins[c * nb..(c + 1) * nb],
+                    &a.row(r),
+                );
+                let v = out[r * rows + c];
+                assert!((s - v).abs() <= 1e-4 * (1.0 + s.abs()), "{s} vs {v}");
+                w.row_f32(c, &mut dense);
+                let exact = dot_f32(&dense, &x[r * cols..(r + 1) * cols]);
+                assert!(
+                    (exact - v).abs() < 0.05 * (1.0 + exact.abs()),
+                    "{exact} vs {v}"
+                );
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn every_simd_kernel_gives_the_scalar_result() {
+        let mut seed = 5u64;
+        let (rows, cols) = (8, 256);
+        let w = Weight::from_q4_1_bytes(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
+        let x: Vec<f32> = (0..cols).map(|_| lcg(&mut seed)).collect();
+        let a1 = ActQ8::quantize(&x, 1, cols, true);
+        let Weight::Q4_1 { qs, d, m, .. } = &w else {
+            unreachable!()
+        };
+        let nb = cols / QK;
+        let want = dot_q4_1_q8_1_scalar(&qs[..nb * 16], &d[..nb], &m[..nb], &a1.row(0));
+        if simd::has_avx2() {
+            // SAFETY: checked above.
+            let got =
+                unsafe { simd::dot_q4_1_q8_1_avx2(&qs[..nb * 16], &d[..nb], &m[..nb], &a1.row(0)) };
+            assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
+        }
+        if simd::has_avx_vnni() {
+            // SAFETY: checked above.
+            let got =
+                unsafe { simd::dot_q4_1_q8_1_vnni(&qs[..nb * 16], &d[..nb], &m[..nb], &a1.row(0)) };
+            assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
+        }
+        let q8: Vec<i8> = (0..cols).map(|_| (lcg(&mut seed) * 127.0) as i8).collect();
+        let d8: Vec<f32> = (0..nb).map(|_| lcg(&mut seed).abs()).collect();
+        let a0 = ActQ8::quantize(&x, 1, cols, false);
+        let want = dot_q8_0_q8_0_scalar(&q8, &d8, &a0.row(0));
+        if simd::has_avx2() {
+            // SAFETY: checked above.
+            let got = unsafe { simd::dot_q8_0_q8_0_avx2(&q8, &d8, &a0.row(0)) };
+            assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
+        }
+        if simd::has_avx_vnni() {
+            // SAFETY: checked above.
+            let got = unsafe { simd::dot_q8_0_q8_0_vnni(&q8, &d8, &a0.row(0)) };
+            assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
+        }
+    }
+
+    #[test]
+    fn q8_0_product_matches_dequantized_product() {
+        let mut seed = 11u64;
+        let (rows, cols, m) = (40, 64, 3);
+        let mut raw = Vec::new();
+        for _ in 0..rows * cols / QK {
+            raw.extend(f16::from_f32(0.01 + lcg(&mut seed).abs() * 0.02).to_le_bytes());
+            for _ in 0..QK {
+                raw.push((lcg(&mut seed) * 127.0) as i8 as u8);
+            }
+        }
+        let w = Weight::from_q8_0_bytes(rows, cols, &raw).unwrap();
+        let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let mut out = vec![0f32; m * rows];
+        w.matmul(&x, m, &mut out);
+        let mut dense = vec![0f32; cols];
+        for r in 0..m {
+            for c in 0..rows {
+                w.row_f32(c, &mut dense);
+                let exact = dot_f32(&dense, &x[r * cols..(r + 1) * cols]);
+                let v = out[r * rows + c];
+                assert!(
+                    (exact - v).abs() < 0.02 * (1.0 + exact.abs()),
+                    "{exact} vs {v}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
+        let mut seed = 3u64;
+        let (rows, cols) = (64, 128);
+        let w = Weight::from_q4_1_bytes(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
+        let x: Vec<f32> = (0..16 * cols).map(|_| lcg(&mut seed)).collect();
+        let mut batch = vec![0f32; 16 * rows];
+        w.matmul(&x, 16, &mut batch);
+        for r in 0..16 {
+            let mut one = vec![0f32; rows];
+            w.matmul(&x[r * cols..(r + 1) * cols], 1, &mut one);
+            assert_eq!(one, batch[r * rows..(r + 1) * rows]);
+        }
+    }
+}
