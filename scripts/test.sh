@@ -2,9 +2,25 @@
 # The test command: installs what the tests need, then runs the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Exports are checked by loading them with Hugging Face `datasets`, as TRL does.
-if ! python3 -c "import datasets" 2>/dev/null; then
-    python3 -m pip install --quiet --disable-pip-version-check datasets
-fi
+
+# Python packages the tests use: Hugging Face `datasets` loads exports the way TRL does; the
+# official `openai` client talks to `aligner serve`.
+need() { # import name, pip requirement
+    if ! python3 -c "import $1" 2>/dev/null; then
+        python3 -m pip install --quiet --disable-pip-version-check "$2"
+    fi
+}
+need datasets datasets
+need openai "openai>=1.40"
+
 cargo fmt --all -- --check
+
+# Build the suite (and the `aligner` binary it runs) first, then fetch the real models the
+# local-model tests load (models/, or $ALIGNER_MODELS_DIR) and the prompt sets the example
+# pipelines read (data/). Both are skipped when already there with the right checksums.
+cargo test --workspace --no-run
+aligner="${CARGO_TARGET_DIR:-target}/debug/aligner"
+"$aligner" models fetch
+"$aligner" prompts fetch
+
 cargo test --workspace "$@"
