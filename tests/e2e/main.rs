@@ -10,6 +10,7 @@ use serde_json::Value;
 
 mod fetch;
 mod semantic;
+mod serve;
 
 fn bin() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_aligner"));

@@ -107,6 +107,8 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// Serve a local model over an OpenAI-compatible HTTP API.
+    Serve(crate::serve::ServeArgs),
     /// The offline default models.
     #[command(subcommand)]
     Models(crate::fetch::ModelsCommand),
@@ -153,6 +155,7 @@ fn load(file: &Path) -> Result<Pipeline> {
 pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Validate { files, json } => validate(&files, json),
+        Command::Serve(args) => crate::serve::run(args).await,
         Command::Models(c) => crate::fetch::models(c),
         Command::Prompts(c) => crate::fetch::prompts(c),
         Command::Run {
