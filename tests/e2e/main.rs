@@ -9,6 +9,7 @@ use aligner_mockserver::{MockConfig, MockServer};
 use serde_json::Value;
 
 mod fetch;
+mod local;
 mod semantic;
 mod serve;
 

@@ -5,6 +5,8 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use half::f16;
+use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::gguf::GgufFile;
@@ -65,11 +67,12 @@ pub struct Model {
 /// Architectures this path runs.
 pub const SUPPORTED: &str = "llama (Llama, SmolLM), mistral, qwen2";
 
-/// One sequence's keys and values, per layer, position-major.
+/// One sequence's keys and values, per layer, position-major, in f16 (as llama.cpp's default
+/// cache: half the memory of f32, and the same rounding).
 #[derive(Default)]
 pub struct KvCache {
-    k: Vec<Vec<f32>>,
-    v: Vec<Vec<f32>>,
+    k: Vec<Vec<f16>>,
+    v: Vec<Vec<f16>>,
     len: usize,
 }
 
@@ -91,7 +94,7 @@ impl KvCache {
     }
 
     pub fn bytes(&self) -> usize {
-        self.k.iter().chain(&self.v).map(|x| 4 * x.capacity()).sum()
+        self.k.iter().chain(&self.v).map(|x| 2 * x.capacity()).sum()
     }
 }
 
@@ -366,8 +369,8 @@ impl Model {
             for (i, ch) in chunks.iter_mut().enumerate() {
                 let s = starts[i];
                 let n = ch.tokens.len();
-                ch.cache.k[li].extend_from_slice(&k[s * kvd..(s + n) * kvd]);
-                ch.cache.v[li].extend_from_slice(&v[s * kvd..(s + n) * kvd]);
+                push_f16(&mut ch.cache.k[li], &k[s * kvd..(s + n) * kvd]);
+                push_f16(&mut ch.cache.v[li], &v[s * kvd..(s + n) * kvd]);
             }
             self.attention(chunks, &starts, li, &q, &mut att);
             l.wo.matmul(&att, rows, &mut proj);
@@ -433,6 +436,9 @@ impl Model {
     }
 
     /// Causal attention of every chunk's new rows over its cache (already holding them).
+    ///
+    /// Keys and values are stored in f16 (as llama.cpp's default cache); queries, scores,
+    /// probabilities and sums stay in f32.
     fn attention(
         &self,
         chunks: &[Chunk<'_>],
@@ -447,48 +453,60 @@ impl Model {
         let kvd = c.kv_heads * hd;
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        // One task per (chunk, head); each writes its own head's columns of its own rows.
+        // One task per (chunk, kv head): it converts that head's keys and values once and
+        // serves the query heads that share them, writing only their columns of its rows.
         let tasks: Vec<(usize, usize)> = (0..chunks.len())
-            .flat_map(|i| (0..c.heads).map(move |hh| (i, hh)))
+            .flat_map(|i| (0..c.kv_heads).map(move |h| (i, h)))
             .collect();
         let ptr = SendPtr(out.as_mut_ptr());
-        let run = |&(i, hh): &(usize, usize)| {
+        let run = |&(i, kvh): &(usize, usize)| {
             let p = ptr;
             let ch = &chunks[i];
             let n = ch.tokens.len();
             let total = ch.cache.len + n;
-            let kc = &ch.cache.k[li];
-            let vc = &ch.cache.v[li];
-            let kvh = hh / group;
+            let mut keys = vec![0f32; total * hd];
+            let mut vals = vec![0f32; total * hd];
+            for j in 0..total {
+                let src = j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd;
+                ch.cache.k[li][src.clone()].convert_to_f32_slice(&mut keys[j * hd..(j + 1) * hd]);
+                ch.cache.v[li][src].convert_to_f32_slice(&mut vals[j * hd..(j + 1) * hd]);
+            }
             let mut scores = vec![0f32; total];
+            let mut qv = vec![0f32; hd];
             let mut acc = vec![0f32; hd];
-            for t in 0..n {
-                let row = starts[i] + t;
-                let upto = ch.cache.len + t + 1;
-                let qv = &q[row * qd + hh * hd..row * qd + (hh + 1) * hd];
-                let mut max = f32::NEG_INFINITY;
-                for (j, s) in scores[..upto].iter_mut().enumerate() {
-                    let kv = &kc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                    *s = dot_f32(qv, kv) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in scores[..upto].iter_mut() {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                acc.iter_mut().for_each(|a| *a = 0.0);
-                for (j, &s) in scores[..upto].iter().enumerate() {
-                    let vv = &vc[j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd];
-                    for (a, x) in acc.iter_mut().zip(vv) {
-                        *a = s.mul_add(*x, *a);
+            for hh in kvh * group..(kvh + 1) * group {
+                for t in 0..n {
+                    let row = starts[i] + t;
+                    let upto = ch.cache.len + t + 1;
+                    for (d, x) in qv
+                        .iter_mut()
+                        .zip(&q[row * qd + hh * hd..row * qd + (hh + 1) * hd])
+                    {
+                        *d = f16::from_f32(*x).to_f32();
                     }
-                }
-                let inv = 1.0 / sum;
-                for (d, a) in acc.iter().enumerate() {
-                    // SAFETY: (row, hh, d) is inside `out` (rows * qd) and only this task
-                    // writes head hh of this chunk's rows.
-                    unsafe { *p.0.add(row * qd + hh * hd + d) = a * inv };
+                    let mut max = f32::NEG_INFINITY;
+                    for (j, s) in scores[..upto].iter_mut().enumerate() {
+                        *s = dot_f32(&keys[j * hd..(j + 1) * hd], &qv) * scale;
+                        max = max.max(*s);
+                    }
+                    let mut sum = 0f64;
+                    for s in scores[..upto].iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s as f64;
+                    }
+                    let inv = (1.0 / sum) as f32;
+                    acc.iter_mut().for_each(|a| *a = 0.0);
+                    for (j, s) in scores[..upto].iter().enumerate() {
+                        let w = s * inv;
+                        for (a, x) in acc.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
+                            *a = w.mul_add(*x, *a);
+                        }
+                    }
+                    for (d, a) in acc.iter().enumerate() {
+                        // SAFETY: (row, hh, d) is inside `out` (rows * qd) and only this task
+                        // writes the query heads of kv head `kvh` for this chunk's rows.
+                        unsafe { *p.0.add(row * qd + hh * hd + d) = *a };
+                    }
                 }
             }
         };
@@ -502,6 +520,12 @@ impl Model {
             tasks.par_iter().for_each(run);
         }
     }
+}
+
+fn push_f16(dst: &mut Vec<f16>, src: &[f32]) {
+    let start = dst.len();
+    dst.resize(start + src.len(), f16::ZERO);
+    dst[start..].convert_from_f32_slice(src);
 }
 
 #[derive(Clone, Copy)]

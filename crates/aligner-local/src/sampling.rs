@@ -93,37 +93,78 @@ impl Sampler {
 
     fn sample_random(&mut self, logits: &[f32]) -> u32 {
         let p = &self.params;
-        let cand = &mut self.scratch;
-        cand.clear();
-        cand.extend(
-            logits
+        let inv_t = 1.0 / p.temperature;
+        let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+        if p.top_k == 0 && p.top_p >= 1.0 {
+            // The whole distribution: no sort needed.
+            let total: f64 = logits
                 .iter()
-                .enumerate()
-                .map(|(i, &l)| (i as u32, l / p.temperature)),
-        );
+                .map(|&l| (((l - max) * inv_t) as f64).exp())
+                .sum();
+            let mut u = self.rng.gen::<f64>() * total;
+            for (i, &l) in logits.iter().enumerate() {
+                u -= (((l - max) * inv_t) as f64).exp();
+                if u <= 0.0 {
+                    return i as u32;
+                }
+            }
+            return argmax(logits);
+        }
         // Highest first; ties broken by token id so the order is deterministic.
         let by_logit = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
         let k = if p.top_k > 0 {
-            p.top_k.min(cand.len())
+            p.top_k.min(logits.len())
         } else {
-            cand.len()
+            logits.len()
         };
-        if k < cand.len() {
-            cand.select_nth_unstable_by(k - 1, by_logit);
-            cand.truncate(k);
+        let cand = &mut self.scratch;
+        // Sorting the whole vocabulary is slow; the top 256 nearly always hold `top_p` of
+        // the mass. Check that exactly and fall back to everything when they do not.
+        let full_total: f64 = if p.top_p < 1.0 {
+            logits
+                .iter()
+                .map(|&l| (((l - max) * inv_t) as f64).exp())
+                .sum()
+        } else {
+            0.0
+        };
+        let mut take = k.min(256);
+        loop {
+            cand.clear();
+            cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
+            if take < cand.len() {
+                cand.select_nth_unstable_by(take - 1, by_logit);
+                cand.truncate(take);
+            }
+            cand.sort_unstable_by(by_logit);
+            if take >= k || p.top_p >= 1.0 {
+                break;
+            }
+            let head: f64 = cand
+                .iter()
+                .map(|c| (((c.1 - max) * inv_t) as f64).exp())
+                .sum();
+            if head / full_total >= p.top_p as f64 {
+                break;
+            }
+            take = k;
         }
-        cand.sort_unstable_by(by_logit);
-        let max = cand[0].1;
         let mut total = 0f64;
         for c in cand.iter_mut() {
-            c.1 = (c.1 - max).exp();
+            c.1 = ((c.1 - max) * inv_t).exp();
             total += c.1 as f64;
         }
         if p.top_p < 1.0 {
+            // Nucleus over the full distribution's mass (what a full sort would give).
+            let denom = if take >= logits.len() {
+                total
+            } else {
+                full_total
+            };
             let mut cum = 0f64;
             let mut keep = cand.len();
             for (i, c) in cand.iter().enumerate() {
-                cum += c.1 as f64 / total;
+                cum += c.1 as f64 / denom;
                 if cum >= p.top_p as f64 {
                     keep = i + 1;
                     break;

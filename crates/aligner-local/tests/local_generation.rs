@@ -8,7 +8,7 @@ use aligner_backend::{CompletionRequest, FinishReason, Message, Prompt, Sampling
 use aligner_local::backend::{LoadOptions, LocalBackend};
 use aligner_local::engine::{Engine, EngineOptions, GenParams};
 use aligner_local::gguf::GgufFile;
-use aligner_local::model::Model;
+use aligner_local::model::{Chunk, KvCache, Model};
 use aligner_local::sampling::SamplingParams;
 use aligner_local::tokenizer::TextTokenizer;
 use aligner_spec::{LocalModel, LocalSource};
@@ -47,24 +47,68 @@ fn greedy(max_tokens: usize) -> GenParams {
 
 #[derive(serde::Deserialize)]
 struct GreedyCase {
+    user: String,
     prompt: String,
     prompt_ids: Vec<u32>,
+    /// llama.cpp's greedy tokens, up to 32, ending with the end-of-generation token when it
+    /// stopped there.
+    #[serde(rename = "greedy_ids")]
     tokens: Vec<u32>,
+    text: String,
 }
 
 fn greedy_cases() -> Vec<GreedyCase> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_greedy.json");
     let text = std::fs::read_to_string(&path).unwrap();
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let cases = v.get("cases").cloned().unwrap_or(v);
+    let cases = v["prompts"].clone();
     serde_json::from_value(cases).unwrap()
 }
+
+/// How far (in logits) llama.cpp's greedy token may sit below our best token. Both programs
+/// compute the same integer block products, but sum floats in other orders, round the rotary
+/// tables and norms differently and use their own exp/silu approximations; on a 135M model
+/// those differences move logits by a few hundredths.
+const LOGIT_TOLERANCE: f32 = 0.05;
 
 #[test]
 fn greedy_tokens_match_llama_cpp_and_batching_changes_nothing() {
     let (model, tok) = load();
     let cases = greedy_cases();
     assert_eq!(cases.len(), 5);
+    // Teacher-forced along llama.cpp's greedy path: its token is our argmax, or a near-tie.
+    let mut near_ties = vec![Vec::new(); cases.len()];
+    for (ci, c) in cases.iter().enumerate() {
+        let mut cache = KvCache::new(model.config.layers);
+        let mut logits = model
+            .forward(&mut [Chunk {
+                cache: &mut cache,
+                tokens: &c.prompt_ids,
+                logits: true,
+            }])
+            .remove(0);
+        for (i, &t) in c.tokens.iter().enumerate() {
+            let best = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let gap = best - logits[t as usize];
+            assert!(
+                gap <= LOGIT_TOLERANCE,
+                "{:?}: step {i}: llama.cpp's token {t} is {gap} below our best",
+                c.user
+            );
+            let mut sorted = logits.clone();
+            sorted.sort_by(|a, b| b.total_cmp(a));
+            if sorted[0] - sorted[1] <= LOGIT_TOLERANCE {
+                near_ties[ci].push(i);
+            }
+            logits = model
+                .forward(&mut [Chunk {
+                    cache: &mut cache,
+                    tokens: &[t],
+                    logits: true,
+                }])
+                .remove(0);
+        }
+    }
     let engine = Engine::start(model, tok.clone(), EngineOptions::default());
     // All five at once (one batch) ...
     let batched: Vec<Vec<u32>> = std::thread::scope(|s| {
@@ -78,27 +122,46 @@ fn greedy_tokens_match_llama_cpp_and_batching_changes_nothing() {
             .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    for (c, got) in cases.iter().zip(&batched) {
+    let mut exact = 0;
+    for ((c, got), ties) in cases.iter().zip(&batched).zip(&near_ties) {
         assert_eq!(
             tok.encode(&c.prompt, true).unwrap(),
             c.prompt_ids,
             "prompt ids for {:?}",
-            c.prompt
+            c.user
         );
-        // ... then each alone.
+        // ... then each alone: bit-identical.
         let alone = engine
             .generate_blocking(c.prompt_ids.clone(), greedy(32))
             .unwrap()
             .tokens;
-        assert_eq!(&alone, got, "batched and alone differ for {:?}", c.prompt);
-        assert_eq!(
-            got,
-            &c.tokens,
-            "llama.cpp's greedy tokens differ for {:?}\nours: {:?}",
-            c.prompt,
-            tok.decode(got, false)
-        );
+        assert_eq!(&alone, got, "batched and alone differ for {:?}", c.user);
+        // Free-running, the tokens equal llama.cpp's up to the first near-tie at least.
+        let got = &got[..c.tokens.len()];
+        let same = got
+            .iter()
+            .zip(&c.tokens)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if same == c.tokens.len() {
+            exact += 1;
+        } else {
+            let first_tie = ties.first().copied().unwrap_or(usize::MAX);
+            assert!(
+                same >= first_tie,
+                "{:?}: diverged from llama.cpp at token {same} with no near-tie before it\nours: {:?}\nllama.cpp: {:?}",
+                c.user,
+                tok.decode(got, false),
+                c.text
+            );
+        }
     }
+    // On these five prompts all but one (a near-tie at step 7 of the first) agree on all
+    // 32 tokens.
+    assert!(
+        exact >= 4,
+        "only {exact} of 5 prompts match llama.cpp token for token"
+    );
 }
 
 #[test]
@@ -158,15 +221,25 @@ async fn backend_renders_the_chat_template_and_streams() {
         dtype: "auto".into(),
     };
     let backend = LocalBackend::load(&spec, LoadOptions::default()).unwrap();
+    // The model's own template renders the prompt llama.cpp was given, so the greedy text
+    // is llama.cpp's.
+    let case = greedy_cases()
+        .into_iter()
+        .find(|c| c.user.starts_with("List three fruits"))
+        .unwrap();
     let request = CompletionRequest {
-        prompt: Prompt::Chat(vec![Message::new("user", "What is the capital of France?")]),
+        prompt: Prompt::Chat(vec![Message::new("user", case.user.clone())]),
         sampling: Sampling {
             temperature: Some(0.0),
-            max_tokens: Some(24),
+            max_tokens: Some(32),
             ..Default::default()
         },
         model: None,
     };
+    assert_eq!(
+        backend.prompt_ids(&request.prompt).unwrap(),
+        case.prompt_ids
+    );
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let done = backend
         .complete_streaming(request.clone(), tx)
@@ -177,11 +250,8 @@ async fn backend_renders_the_chat_template_and_streams() {
         streamed.push_str(&piece);
     }
     assert_eq!(streamed, done.text);
-    assert!(done.text.contains("Paris"), "{:?}", done.text);
-    assert!(matches!(
-        done.finish_reason,
-        FinishReason::Stop | FinishReason::Length
-    ));
+    assert_eq!(done.text, case.text);
+    assert_eq!(done.finish_reason, FinishReason::Stop);
     let again = backend.complete(request).await.unwrap();
     assert_eq!(again.text, done.text);
     assert!(done.prompt_tokens.unwrap() > 10);
@@ -236,7 +306,6 @@ fn load_errors_name_the_problem() {
 #[test]
 fn candle_device_path_agrees_with_the_simd_path() {
     use aligner_local::device::{DeviceCache, DeviceModel};
-    use aligner_local::model::{Chunk, KvCache};
     let file = GgufFile::open(&gguf_path()).unwrap();
     let fast = Model::from_gguf(&file).unwrap();
     let dev = DeviceModel::from_gguf(&file, &candle_core::Device::Cpu).unwrap();
