@@ -154,6 +154,12 @@ fn main() -> Result<()> {
     let tokenizer = Arc::new(TextTokenizer::from_gguf(&file.content)?);
     let cpu_load_s = t.elapsed().as_secs_f64();
     let device = best_device();
+    if cfg!(feature = "cuda") && device.is_cpu() {
+        let why = Device::new_cuda(0)
+            .err()
+            .map_or(String::new(), |e| e.to_string());
+        println!("WARNING: built with CUDA but no CUDA device opened ({why}); the device path runs on the CPU");
+    }
     let t = Instant::now();
     let dev = DeviceModel::from_gguf(&file, &device)?;
     sync(&device)?;
