@@ -209,7 +209,10 @@ impl DeviceModel {
             x = (d + res).map_err(c)?;
         }
         cache.len += t;
-        let last = x.narrow(1, t - 1, 1).map_err(c)?;
+        let last = x
+            .narrow(1, t - 1, 1)
+            .and_then(|l| l.contiguous())
+            .map_err(c)?;
         let last = candle_nn::ops::rms_norm(&last, &self.norm, self.eps as f32).map_err(c)?;
         let logits = self
             .lm_head

@@ -453,13 +453,27 @@ impl Model {
         let kvd = c.kv_heads * hd;
         let group = c.heads / c.kv_heads;
         let scale = 1.0 / (hd as f32).sqrt();
-        // One task per (chunk, kv head): it converts that head's keys and values once and
-        // serves the query heads that share them, writing only their columns of its rows.
-        let tasks: Vec<(usize, usize)> = (0..chunks.len())
-            .flat_map(|i| (0..c.kv_heads).map(move |h| (i, h)))
+        // Tasks of (chunk, kv head, query heads): with many chunks, one per kv head, which
+        // converts that head's keys and values once for the query heads that share them; with
+        // few (a long prompt), one per query head, so both cores stay busy. Each task writes
+        // only its query heads' columns of its chunk's rows.
+        let per_query_head = chunks.len() < 4;
+        let tasks: Vec<(usize, usize, std::ops::Range<usize>)> = (0..chunks.len())
+            .flat_map(|i| {
+                (0..c.kv_heads).flat_map(move |kvh| {
+                    let heads = kvh * group..(kvh + 1) * group;
+                    let v: Vec<_> = if per_query_head {
+                        heads.map(|h| (i, kvh, h..h + 1)).collect()
+                    } else {
+                        vec![(i, kvh, heads)]
+                    };
+                    v
+                })
+            })
             .collect();
         let ptr = SendPtr(out.as_mut_ptr());
-        let run = |&(i, kvh): &(usize, usize)| {
+        let run = |(i, kvh, heads): &(usize, usize, std::ops::Range<usize>)| {
+            let (i, kvh) = (*i, *kvh);
             let p = ptr;
             let ch = &chunks[i];
             let n = ch.tokens.len();
@@ -474,7 +488,7 @@ impl Model {
             let mut scores = vec![0f32; total];
             let mut qv = vec![0f32; hd];
             let mut acc = vec![0f32; hd];
-            for hh in kvh * group..(kvh + 1) * group {
+            for hh in heads.clone() {
                 for t in 0..n {
                     let row = starts[i] + t;
                     let upto = ch.cache.len + t + 1;

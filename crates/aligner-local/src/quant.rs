@@ -160,7 +160,7 @@ impl Weight {
             Weight::Q4_1 { qs, d, m: mins, .. } => {
                 let a = ActQ8::quantize(x, m, k, true);
                 let nb = k / QK;
-                par_columns(out, m, n, k, |c, r| {
+                let one = |c: usize, r: usize| {
                     let w = c * nb;
                     dot_q4_1_q8_1(
                         &qs[w * 16..(w + nb) * 16],
@@ -168,15 +168,34 @@ impl Weight {
                         &mins[w..w + nb],
                         a.row(r),
                     )
-                });
+                };
+                let four = |c: usize, r: usize| {
+                    let w = c * nb;
+                    dot4_q4_1_q8_1(
+                        &qs[w * 16..(w + nb) * 16],
+                        &d[w..w + nb],
+                        &mins[w..w + nb],
+                        [a.row(r), a.row(r + 1), a.row(r + 2), a.row(r + 3)],
+                    )
+                };
+                par_columns4(out, m, n, k, &one, Some(&four));
             }
             Weight::Q8_0 { qs, d, .. } => {
                 let a = ActQ8::quantize(x, m, k, false);
                 let nb = k / QK;
-                par_columns(out, m, n, k, |c, r| {
+                let one = |c: usize, r: usize| {
                     let w = c * nb;
                     dot_q8_0_q8_0(&qs[w * QK..(w + nb) * QK], &d[w..w + nb], a.row(r))
-                });
+                };
+                let four = |c: usize, r: usize| {
+                    let w = c * nb;
+                    dot4_q8_0_q8_0(
+                        &qs[w * QK..(w + nb) * QK],
+                        &d[w..w + nb],
+                        [a.row(r), a.row(r + 1), a.row(r + 2), a.row(r + 3)],
+                    )
+                };
+                par_columns4(out, m, n, k, &one, Some(&four));
             }
             Weight::F32 { w, .. } => {
                 par_columns(out, m, n, k, |c, r| {
@@ -282,13 +301,53 @@ fn par_columns<F>(out: &mut [f32], m: usize, n: usize, k: usize, f: F)
 where
     F: Fn(usize, usize) -> f32 + Sync,
 {
+    par_columns4(
+        out,
+        m,
+        n,
+        k,
+        &f,
+        None::<&fn(usize, usize) -> Option<[f32; 4]>>,
+    );
+}
+
+/// As [`par_columns`], with `f4(c, r)` computing rows r..r+4 of column c at once when it can
+/// (`None`: it cannot, use `f`). Both must give the same bits for a row.
+fn par_columns4<F, G>(out: &mut [f32], m: usize, n: usize, k: usize, f: &F, f4: Option<&G>)
+where
+    F: Fn(usize, usize) -> f32 + Sync,
+    G: Fn(usize, usize) -> Option<[f32; 4]> + Sync,
+{
     let ptr = OutPtr(out.as_mut_ptr());
     let tasks = n.div_ceil(COLS_PER_TASK);
     let run = |t: usize| {
         let p = ptr;
         let c0 = t * COLS_PER_TASK;
         let c1 = (c0 + COLS_PER_TASK).min(n);
-        for r in 0..m {
+        let mut r = 0;
+        if let Some(f4) = f4 {
+            while r + 4 <= m {
+                for c in c0..c1 {
+                    match f4(c, r) {
+                        Some(v) => {
+                            for (i, x) in v.iter().enumerate() {
+                                // SAFETY: r + i < m and c < n: inside `out` (len m * n); no
+                                // other task writes column c.
+                                unsafe { *p.0.add((r + i) * n + c) = *x };
+                            }
+                        }
+                        None => {
+                            for i in 0..4 {
+                                // SAFETY: as above.
+                                unsafe { *p.0.add((r + i) * n + c) = f(c, r + i) };
+                            }
+                        }
+                    }
+                }
+                r += 4;
+            }
+        }
+        for r in r..m {
             for c in c0..c1 {
                 let v = f(c, r);
                 // SAFETY: r < m and c < n, so the index is inside `out` (len m * n), and no
@@ -303,6 +362,33 @@ where
     } else {
         (0..tasks).into_par_iter().for_each(run);
     }
+}
+
+/// Four activation rows against one weight row, with the same arithmetic per row as
+/// [`dot_q4_1_q8_1`] (so the same bits); `None` where no 4-row kernel applies.
+pub fn dot4_q4_1_q8_1(qs: &[u8], d: &[f32], m: &[f32], a: [ActRow<'_>; 4]) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::has_avx_vnni() {
+            // SAFETY: the CPU supports AVX2, FMA and AVX-VNNI (checked at run time).
+            return Some(unsafe { simd::dot4_q4_1_q8_1_vnni(qs, d, m, &a) });
+        }
+    }
+    let _ = (qs, d, m, a);
+    None
+}
+
+/// Four activation rows against one Q8_0 weight row (same bits as [`dot_q8_0_q8_0`]).
+pub fn dot4_q8_0_q8_0(qs: &[i8], d: &[f32], a: [ActRow<'_>; 4]) -> Option<[f32; 4]> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if simd::has_avx_vnni() {
+            // SAFETY: the CPU supports AVX2, FMA and AVX-VNNI (checked at run time).
+            return Some(unsafe { simd::dot4_q8_0_q8_0_vnni(qs, d, &a) });
+        }
+    }
+    let _ = (qs, d, a);
+    None
 }
 
 pub fn dot_q4_1_q8_1(qs: &[u8], d: &[f32], m: &[f32], a: ActRow<'_>) -> f32 {
@@ -442,6 +528,72 @@ mod simd {
             acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a.d[b]), xy, acc);
         }
         hsum(acc) + summs
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot4_q4_1_q8_1_vnni(
+        qs: &[u8],
+        d: &[f32],
+        m: &[f32],
+        a: &[ActRow<'_>; 4],
+    ) -> [f32; 4] {
+        let nb = d.len();
+        assert!(qs.len() >= nb * 16 && m.len() >= nb);
+        for r in a {
+            assert!(r.qs.len() >= nb * QK && r.d.len() >= nb && r.s.len() >= nb);
+        }
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        let low = _mm256_set1_epi8(0x0f);
+        for b in 0..nb {
+            // SAFETY: bounds asserted above; unaligned loads.
+            let packed = unsafe { _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i) };
+            let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+            for i in 0..4 {
+                summs[i] += m[b] * a[i].s[b];
+                // SAFETY: bounds asserted above.
+                let qy =
+                    unsafe { _mm256_loadu_si256(a[i].qs.as_ptr().add(b * QK) as *const __m256i) };
+                let xy =
+                    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qx, qy));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a[i].d[b]), xy, acc[i]);
+            }
+        }
+        [
+            hsum(acc[0]) + summs[0],
+            hsum(acc[1]) + summs[1],
+            hsum(acc[2]) + summs[2],
+            hsum(acc[3]) + summs[3],
+        ]
+    }
+
+    /// # Safety
+    /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
+    #[target_feature(enable = "avx2,fma,avxvnni")]
+    pub unsafe fn dot4_q8_0_q8_0_vnni(qs: &[i8], d: &[f32], a: &[ActRow<'_>; 4]) -> [f32; 4] {
+        let nb = d.len();
+        assert!(qs.len() >= nb * QK);
+        for r in a {
+            assert!(r.qs.len() >= nb * QK && r.d.len() >= nb);
+        }
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..nb {
+            // SAFETY: bounds asserted above; unaligned loads.
+            let qx = unsafe { _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i) };
+            let ax = _mm256_sign_epi8(qx, qx);
+            for i in 0..4 {
+                // SAFETY: bounds asserted above.
+                let qy =
+                    unsafe { _mm256_loadu_si256(a[i].qs.as_ptr().add(b * QK) as *const __m256i) };
+                let sy = _mm256_sign_epi8(qy, qx);
+                let xy =
+                    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
+                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a[i].d[b]), xy, acc[i]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
     }
 
     /// # Safety

@@ -45,6 +45,7 @@ pub struct Sampler {
     /// Generated tokens and their counts.
     counts: HashMap<u32, u32>,
     scratch: Vec<(u32, f32)>,
+    weights: Vec<f32>,
 }
 
 impl Sampler {
@@ -60,6 +61,7 @@ impl Sampler {
             prompt_tokens,
             counts: HashMap::new(),
             scratch: Vec::new(),
+            weights: Vec::new(),
         }
     }
 
@@ -96,14 +98,14 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         if p.top_k == 0 && p.top_p >= 1.0 {
-            // The whole distribution: no sort needed.
-            let total: f64 = logits
-                .iter()
-                .map(|&l| (((l - max) * inv_t) as f64).exp())
-                .sum();
+            // The whole distribution: no sort needed, one pass of exponentials.
+            let w = &mut self.weights;
+            w.clear();
+            w.extend(logits.iter().map(|&l| ((l - max) * inv_t).exp()));
+            let total: f64 = w.iter().map(|&x| x as f64).sum();
             let mut u = self.rng.gen::<f64>() * total;
-            for (i, &l) in logits.iter().enumerate() {
-                u -= (((l - max) * inv_t) as f64).exp();
+            for (i, &x) in w.iter().enumerate() {
+                u -= x as f64;
                 if u <= 0.0 {
                     return i as u32;
                 }
