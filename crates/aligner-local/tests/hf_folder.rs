@@ -111,7 +111,9 @@ fn hf_folder_in_f32_and_bf16_matches_the_gguf_it_came_from() {
     std::env::remove_var("ALIGNER_DEQUANTIZE");
     let want = last_logits(&reference, &ids);
     drop(reference);
-    for (dtype, name, tol) in [(DType::F32, "f32", 1e-3f32), (DType::BF16, "bf16", 0.6)] {
+    // f32: the same weights, rotated by halves instead of interleaved pairs (the same
+    // arithmetic in another order); bf16: weights rounded to 8 mantissa bits.
+    for (dtype, name, tol) in [(DType::F32, "f32", 0.02f32), (DType::BF16, "bf16", 0.6)] {
         let dir = tempfile::tempdir().unwrap();
         write_hf_folder(&file, dir.path(), dtype);
         let model = Model::from_hf_folder(dir.path(), "auto").unwrap();
