@@ -227,7 +227,14 @@ async fn upstream(ctx: &Ctx<'_>) -> Result<Upstream> {
     let key = &e.spec.rounds.generate.model;
     let configured = match &e.spec.models[key] {
         ModelSpec::Openai(m) => m.model.clone(),
-        ModelSpec::Local(m) => format!("{:?}", m.source),
+        ModelSpec::Local(m) => match &m.source {
+            aligner_spec::LocalSource::Gguf { path, .. }
+            | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
+            aligner_spec::LocalSource::HubId { id, revision } => match revision {
+                Some(r) => format!("{id}@{r}"),
+                None => id.clone(),
+            },
+        },
     };
     if ctx.round == 1 || e.spec.rounds.train.is_none() {
         return Ok(Upstream {

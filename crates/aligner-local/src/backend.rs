@@ -259,3 +259,27 @@ pub fn resolve_hub_id(id: &str, revision: Option<&str>) -> Result<PathBuf> {
         cache.display()
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::resolve_hub_id;
+
+    #[test]
+    fn hub_ids_resolve_in_the_local_cache_or_say_how_to_get_them() {
+        let cache = tempfile::tempdir().unwrap();
+        let repo = cache.path().join("models--org--name");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "abc123\n").unwrap();
+        let snap = repo.join("snapshots/abc123");
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::write(snap.join("config.json"), "{}").unwrap();
+        std::env::set_var("HF_HUB_CACHE", cache.path());
+        assert_eq!(resolve_hub_id("org/name", None).unwrap(), snap);
+        let err = resolve_hub_id("org/other", None).unwrap_err().to_string();
+        std::env::remove_var("HF_HUB_CACHE");
+        assert!(
+            err.contains("org/other") && err.contains("huggingface-cli download org/other"),
+            "{err}"
+        );
+    }
+}

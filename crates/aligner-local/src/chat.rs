@@ -292,6 +292,20 @@ mod tests {
     }
 
     #[test]
+    fn loop_controls_work() {
+        let t = ChatTemplate::new(
+            "{% for m in messages %}{% if loop.index > 1 %}{% break %}{% endif %}{{ m.content }}{% endfor %}",
+            None,
+            None,
+        )
+        .unwrap();
+        let out = t
+            .render(&[msg("user", "a"), msg("assistant", "b")], false)
+            .unwrap();
+        assert_eq!(out, "a");
+    }
+
+    #[test]
     fn chatml_without_system_message_gets_the_default_one() {
         let t = ChatTemplate::new(CHATML, None, Some("<|im_end|>".into())).unwrap();
         let out = t.render(&[msg("user", "Hi there")], true).unwrap();
