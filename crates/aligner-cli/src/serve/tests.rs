@@ -955,10 +955,8 @@ async fn shutdown_stops_the_server() {
         .await
         .expect("stops in time");
     result.unwrap().unwrap();
-    assert!(
-        tokio::net::TcpStream::connect(s.addr).await.is_err(),
-        "no longer listening"
-    );
+    // Not checked: that connecting now fails. Tests run in parallel and another test's
+    // listener may be given the port this one just released.
 }
 
 #[test]
