@@ -513,19 +513,21 @@ mod simd {
         let mut acc = _mm256_setzero_ps();
         let mut summs = 0f32;
         let low = _mm256_set1_epi8(0x0f);
+        let (wq, wd, wm) = (qs.as_ptr(), d.as_ptr(), m.as_ptr());
+        let (aq, ad, asum) = (a.qs.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
         for b in 0..nb {
-            summs += m[b] * a.s[b];
-            // SAFETY: bounds asserted above; unaligned loads.
-            let (packed, qy) = unsafe {
-                (
-                    _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i),
-                    _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
-                )
-            };
-            let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-            let qx = _mm256_and_si256(both, low);
-            let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qx, qy));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a.d[b]), xy, acc);
+            // SAFETY: every pointer is read at block b < nb, inside the lengths asserted
+            // above; loads are unaligned.
+            unsafe {
+                summs += *wm.add(b) * *asum.add(b);
+                let packed = _mm_loadu_si128(wq.add(b * 16) as *const __m128i);
+                let qy = _mm256_loadu_si256(aq.add(b * QK) as *const __m256i);
+                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+                let qx = _mm256_and_si256(both, low);
+                let xy =
+                    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qx, qy));
+                acc = _mm256_fmadd_ps(_mm256_set1_ps(*wd.add(b) * *ad.add(b)), xy, acc);
+            }
         }
         hsum(acc) + summs
     }
@@ -547,18 +549,39 @@ mod simd {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut summs = [0f32; 4];
         let low = _mm256_set1_epi8(0x0f);
+        let (wq, wd, wm) = (qs.as_ptr(), d.as_ptr(), m.as_ptr());
+        let aq = [
+            a[0].qs.as_ptr(),
+            a[1].qs.as_ptr(),
+            a[2].qs.as_ptr(),
+            a[3].qs.as_ptr(),
+        ];
+        let ad = [
+            a[0].d.as_ptr(),
+            a[1].d.as_ptr(),
+            a[2].d.as_ptr(),
+            a[3].d.as_ptr(),
+        ];
+        let asum = [
+            a[0].s.as_ptr(),
+            a[1].s.as_ptr(),
+            a[2].s.as_ptr(),
+            a[3].s.as_ptr(),
+        ];
         for b in 0..nb {
-            // SAFETY: bounds asserted above; unaligned loads.
-            let packed = unsafe { _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i) };
-            let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
-            for i in 0..4 {
-                summs[i] += m[b] * a[i].s[b];
-                // SAFETY: bounds asserted above.
-                let qy =
-                    unsafe { _mm256_loadu_si256(a[i].qs.as_ptr().add(b * QK) as *const __m256i) };
-                let xy =
-                    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qx, qy));
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a[i].d[b]), xy, acc[i]);
+            // SAFETY: every pointer is read at block b < nb, inside the lengths asserted
+            // above; loads are unaligned.
+            unsafe {
+                let packed = _mm_loadu_si128(wq.add(b * 16) as *const __m128i);
+                let qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(packed, 4), packed), low);
+                let (db, mb) = (*wd.add(b), *wm.add(b));
+                for i in 0..4 {
+                    summs[i] += mb * *asum[i].add(b);
+                    let qy = _mm256_loadu_si256(aq[i].add(b * QK) as *const __m256i);
+                    let xy =
+                        _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qx, qy));
+                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(db * *ad[i].add(b)), xy, acc[i]);
+                }
             }
         }
         [
@@ -579,18 +602,33 @@ mod simd {
             assert!(r.qs.len() >= nb * QK && r.d.len() >= nb);
         }
         let mut acc = [_mm256_setzero_ps(); 4];
+        let (wq, wd) = (qs.as_ptr(), d.as_ptr());
+        let aq = [
+            a[0].qs.as_ptr(),
+            a[1].qs.as_ptr(),
+            a[2].qs.as_ptr(),
+            a[3].qs.as_ptr(),
+        ];
+        let ad = [
+            a[0].d.as_ptr(),
+            a[1].d.as_ptr(),
+            a[2].d.as_ptr(),
+            a[3].d.as_ptr(),
+        ];
         for b in 0..nb {
-            // SAFETY: bounds asserted above; unaligned loads.
-            let qx = unsafe { _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i) };
-            let ax = _mm256_sign_epi8(qx, qx);
-            for i in 0..4 {
-                // SAFETY: bounds asserted above.
-                let qy =
-                    unsafe { _mm256_loadu_si256(a[i].qs.as_ptr().add(b * QK) as *const __m256i) };
-                let sy = _mm256_sign_epi8(qy, qx);
-                let xy =
-                    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
-                acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a[i].d[b]), xy, acc[i]);
+            // SAFETY: every pointer is read at block b < nb, inside the lengths asserted
+            // above; loads are unaligned.
+            unsafe {
+                let qx = _mm256_loadu_si256(wq.add(b * QK) as *const __m256i);
+                let ax = _mm256_sign_epi8(qx, qx);
+                let db = *wd.add(b);
+                for i in 0..4 {
+                    let qy = _mm256_loadu_si256(aq[i].add(b * QK) as *const __m256i);
+                    let sy = _mm256_sign_epi8(qy, qx);
+                    let xy =
+                        _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
+                    acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(db * *ad[i].add(b)), xy, acc[i]);
+                }
             }
         }
         [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
