@@ -324,20 +324,7 @@ async fn run(
     let flag = engine.interrupt_flag();
     tokio::spawn(async move {
         // Ctrl-C or SIGTERM: stop feeding items, commit what is in flight, release the lease.
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        let terminate = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate => {}
-        }
+        ctrl_c_or_sigterm().await;
         eprintln!("interrupt: finishing in-flight items (press Ctrl-C again to abort)");
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -400,4 +387,21 @@ fn peak_rss_kb() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Resolves on the first Ctrl-C or SIGTERM.
+pub(crate) async fn ctrl_c_or_sigterm() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminate = async {
+        match term.as_mut() {
+            Some(t) => {
+                t.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
 }

@@ -164,19 +164,7 @@ fn looks_like_path(s: &str) -> bool {
 
 /// Resolves on the first Ctrl-C or SIGTERM; a second Ctrl-C exits at once.
 async fn interrupted() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminate = async {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
+    crate::commands::ctrl_c_or_sigterm().await;
     eprintln!("shutting down: finishing requests in flight (press Ctrl-C again to stop now)");
     tokio::spawn(async {
         if tokio::signal::ctrl_c().await.is_ok() {

@@ -299,7 +299,7 @@ impl Scheduler {
             }
             self.model.forward(&mut chunks)
         };
-        let mut li = 0;
+        let mut logits = logits.into_iter();
         let mut generated = 0;
         for (j, &(i, _, to)) in plan.iter().enumerate() {
             let s = &mut self.active[i];
@@ -309,8 +309,7 @@ impl Scheduler {
             if !wants[j] {
                 continue;
             }
-            let mut l = logits[li].clone();
-            li += 1;
+            let mut l = logits.next().expect("logits for every sequence that asked");
             let token = s.sampler.sample(&mut l);
             generated += 1;
             self.advance(i, token);
