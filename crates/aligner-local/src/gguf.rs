@@ -76,7 +76,7 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(tensor)
     }
 
-    fn raw(&self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
+    pub fn raw(&self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
         let info = self.content.tensor_infos.get(name).ok_or_else(|| {
             anyhow!(
                 "{}: tensor `{name}` is missing (is this a complete llama-family GGUF?)",

@@ -17,4 +17,5 @@ pub mod model;
 pub mod quant;
 pub mod safetensors;
 pub mod sampling;
+pub mod tiled;
 pub mod tokenizer;

@@ -478,39 +478,50 @@ impl Model {
             let ch = &chunks[i];
             let n = ch.tokens.len();
             let total = ch.cache.len + n;
-            let mut keys = vec![0f32; total * hd];
+            // Keys transposed ([hd][stride], zero-padded to whole tiles) so scores vectorize
+            // over keys; values as rows.
+            let stride = total.next_multiple_of(KEY_TILE);
+            let mut kt = vec![0f32; hd * stride];
             let mut vals = vec![0f32; total * hd];
+            let mut krow = vec![0f32; hd];
             for j in 0..total {
                 let src = j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd;
-                ch.cache.k[li][src.clone()].convert_to_f32_slice(&mut keys[j * hd..(j + 1) * hd]);
+                ch.cache.k[li][src.clone()].convert_to_f32_slice(&mut krow);
+                for (d, x) in krow.iter().enumerate() {
+                    kt[d * stride + j] = *x;
+                }
                 ch.cache.v[li][src].convert_to_f32_slice(&mut vals[j * hd..(j + 1) * hd]);
             }
-            let mut scores = vec![0f32; total];
-            let mut qv = vec![0f32; hd];
+            // Every (query head, position) of this task, four at a time: a query's scores
+            // depend only on its own row and the keys, never on the others in its tile.
+            let queries: Vec<(usize, usize)> = heads
+                .clone()
+                .flat_map(|hh| (0..n).map(move |t| (hh, t)))
+                .collect();
+            let mut qt = vec![0f32; QUERY_TILE * hd];
+            let mut scores = vec![0f32; QUERY_TILE * stride];
             let mut acc = vec![0f32; hd];
-            for hh in heads.clone() {
-                for t in 0..n {
+            for tile in queries.chunks(QUERY_TILE) {
+                qt.iter_mut().for_each(|x| *x = 0.0);
+                let mut upto = [0usize; QUERY_TILE];
+                for (qi, &(hh, t)) in tile.iter().enumerate() {
                     let row = starts[i] + t;
-                    let upto = ch.cache.len + t + 1;
-                    for (d, x) in qv
+                    upto[qi] = ch.cache.len + t + 1;
+                    for (d, x) in qt[qi * hd..(qi + 1) * hd]
                         .iter_mut()
                         .zip(&q[row * qd + hh * hd..row * qd + (hh + 1) * hd])
                     {
                         *d = f16::from_f32(*x).to_f32();
                     }
-                    let mut max = f32::NEG_INFINITY;
-                    for (j, s) in scores[..upto].iter_mut().enumerate() {
-                        *s = dot_f32(&keys[j * hd..(j + 1) * hd], &qv) * scale;
-                        max = max.max(*s);
-                    }
-                    let mut sum = 0f64;
-                    for s in scores[..upto].iter_mut() {
-                        *s = (*s - max).exp();
-                        sum += *s as f64;
-                    }
-                    let inv = (1.0 / sum) as f32;
+                }
+                let longest = upto.iter().copied().max().unwrap_or(0);
+                score_tile(&qt, &kt, stride, hd, longest, scale, &mut scores);
+                for (qi, &(hh, t)) in tile.iter().enumerate() {
+                    let row = starts[i] + t;
+                    let s = &mut scores[qi * stride..qi * stride + upto[qi]];
+                    let inv = softmax_unnormalized(s);
                     acc.iter_mut().for_each(|a| *a = 0.0);
-                    for (j, s) in scores[..upto].iter().enumerate() {
+                    for (j, s) in s.iter().enumerate() {
                         let w = s * inv;
                         for (a, x) in acc.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
                             *a = w.mul_add(*x, *a);
@@ -534,6 +545,96 @@ impl Model {
             tasks.par_iter().for_each(run);
         }
     }
+}
+
+/// Keys per score tile (two 8-lane vectors).
+const KEY_TILE: usize = 16;
+/// Queries per score tile.
+const QUERY_TILE: usize = 4;
+
+/// `scores[qi * stride + j] = scale * (q_qi · k_j)` for the four queries in `qt` ([4][hd]) and
+/// keys `0..keys` (rounded up to whole tiles) of `kt` ([hd][stride]). Each score is summed over
+/// `d` in order with fused multiply-adds, whatever the other queries in the tile.
+fn score_tile(
+    qt: &[f32],
+    kt: &[f32],
+    stride: usize,
+    hd: usize,
+    keys: usize,
+    scale: f32,
+    scores: &mut [f32],
+) {
+    for j0 in (0..keys).step_by(KEY_TILE) {
+        let mut a = [[0f32; KEY_TILE]; QUERY_TILE];
+        for d in 0..hd {
+            let kr: &[f32; KEY_TILE] = kt[d * stride + j0..d * stride + j0 + KEY_TILE]
+                .try_into()
+                .expect("key tile");
+            for (qi, aq) in a.iter_mut().enumerate() {
+                let qd = qt[qi * hd + d];
+                for l in 0..KEY_TILE {
+                    aq[l] = qd.mul_add(kr[l], aq[l]);
+                }
+            }
+        }
+        for (qi, aq) in a.iter().enumerate() {
+            for (o, v) in scores[qi * stride + j0..qi * stride + j0 + KEY_TILE]
+                .iter_mut()
+                .zip(aq)
+            {
+                *o = v * scale;
+            }
+        }
+    }
+}
+
+/// Replaces the scores with `exp(s - max)` and returns `1 / sum` of those.
+fn softmax_unnormalized(s: &mut [f32]) -> f32 {
+    let mut m8 = [f32::NEG_INFINITY; 8];
+    let chunks = s.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            m8[i] = m8[i].max(c[i]);
+        }
+    }
+    let max = rest
+        .iter()
+        .chain(&m8)
+        .fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+    let mut s8 = [0f32; 8];
+    let mut chunks = s.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            c[i] = exp_nonpositive(c[i] - max);
+            s8[i] += c[i];
+        }
+    }
+    let mut sum: f32 = s8.iter().sum();
+    for v in chunks.into_remainder() {
+        *v = exp_nonpositive(*v - max);
+        sum += *v;
+    }
+    1.0 / sum
+}
+
+/// `e^x` for `x <= 0` to within a few ulp (2^n times a degree-6 polynomial on
+/// [-ln2/2, ln2/2]), branch-free so loops over it vectorize; inputs below -87 give ~1e-38.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0);
+    let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
+    let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
+    let p = (1.0 / 720.0f32)
+        .mul_add(r, 1.0 / 120.0)
+        .mul_add(r, 1.0 / 24.0)
+        .mul_add(r, 1.0 / 6.0)
+        .mul_add(r, 0.5)
+        .mul_add(r, 1.0)
+        .mul_add(r, 1.0);
+    p * f32::from_bits(((n as i32 + 127) << 23) as u32)
 }
 
 fn push_f16(dst: &mut Vec<f16>, src: &[f32]) {
@@ -570,5 +671,37 @@ fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
 fn add_into(x: &mut [f32], y: &[f32]) {
     for (a, b) in x.iter_mut().zip(y) {
         *a += b;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp_of_libm() {
+        let mut x = 0f32;
+        while x > -88.0 {
+            let (got, want) = (exp_nonpositive(x), x.exp());
+            if want > 1e-37 {
+                assert!(
+                    (got - want).abs() <= 4e-7 * want,
+                    "exp({x}) = {got}, libm {want}"
+                );
+            }
+            x -= 0.001_37;
+        }
+        assert!(exp_nonpositive(-1e30) >= 0.0 && exp_nonpositive(-1e30) < 1e-37);
+    }
+
+    #[test]
+    fn softmax_weights_sum_to_one() {
+        let mut s = vec![
+            0.5f32, -3.0, 2.0, 7.5, 7.5, -100.0, 0.0, 1.0, 3.25, -0.5, 6.0,
+        ];
+        let inv = softmax_unnormalized(&mut s);
+        let total: f32 = s.iter().map(|v| v * inv).sum();
+        assert!((total - 1.0).abs() < 1e-6);
+        assert!((s[3] - 1.0).abs() < 1e-7 && (s[4] - 1.0).abs() < 1e-7);
     }
 }

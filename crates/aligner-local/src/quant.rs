@@ -13,6 +13,8 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::tiled::{self, Q4_1x16, Q8_0x16};
+
 pub const QK: usize = 32;
 
 /// A `[rows, cols]` weight (rows = output features, cols = input features).
@@ -43,6 +45,10 @@ pub enum Weight {
         cols: usize,
         w: Vec<bf16>,
     },
+    /// Q4_1 repacked sixteen rows at a time for the AVX-512 VNNI kernels.
+    Q4_1x16(Q4_1x16),
+    /// Q8_0 repacked sixteen rows at a time for the AVX-512 VNNI kernels.
+    Q8_0x16(Q8_0x16),
 }
 
 impl Weight {
@@ -52,6 +58,8 @@ impl Weight {
             | Weight::Q8_0 { rows, .. }
             | Weight::F32 { rows, .. }
             | Weight::Bf16 { rows, .. } => *rows,
+            Weight::Q4_1x16(w) => w.rows,
+            Weight::Q8_0x16(w) => w.rows,
         }
     }
 
@@ -61,13 +69,15 @@ impl Weight {
             | Weight::Q8_0 { cols, .. }
             | Weight::F32 { cols, .. }
             | Weight::Bf16 { cols, .. } => *cols,
+            Weight::Q4_1x16(w) => w.cols,
+            Weight::Q8_0x16(w) => w.cols,
         }
     }
 
     pub fn kind(&self) -> &'static str {
         match self {
-            Weight::Q4_1 { .. } => "q4_1",
-            Weight::Q8_0 { .. } => "q8_0",
+            Weight::Q4_1 { .. } | Weight::Q4_1x16(_) => "q4_1",
+            Weight::Q8_0 { .. } | Weight::Q8_0x16(_) => "q8_0",
             Weight::F32 { .. } => "f32",
             Weight::Bf16 { .. } => "bf16",
         }
@@ -80,11 +90,40 @@ impl Weight {
             Weight::Q8_0 { qs, d, .. } => qs.len() + 4 * d.len(),
             Weight::F32 { w, .. } => 4 * w.len(),
             Weight::Bf16 { w, .. } => 2 * w.len(),
+            Weight::Q4_1x16(w) => w.size_bytes(),
+            Weight::Q8_0x16(w) => w.size_bytes(),
         }
     }
 
-    /// From GGML Q4_1 blocks (`d: f16, m: f16, qs: [u8; 16]`, 20 bytes each).
+    /// From GGML Q4_1 blocks (`d: f16, m: f16, qs: [u8; 16]`, 20 bytes each), in the
+    /// fastest layout for this CPU.
     pub fn from_q4_1_bytes(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
+        Ok(Self::q4_1_rowwise(rows, cols, raw)?.into_fastest_layout())
+    }
+
+    /// Repacks Q4_1 / Q8_0 weights for the tiled AVX-512 VNNI kernels where this CPU has
+    /// them and the row count is a multiple of 16; anything else is returned as it is.
+    pub fn into_fastest_layout(self) -> Self {
+        if !tiled::available() || self.rows() % tiled::LANES != 0 {
+            return self;
+        }
+        match self {
+            Weight::Q4_1 {
+                rows,
+                cols,
+                qs,
+                d,
+                m,
+            } => Weight::Q4_1x16(Q4_1x16::from_rowwise(rows, cols, &qs, &d, &m)),
+            Weight::Q8_0 { rows, cols, qs, d } => {
+                Weight::Q8_0x16(Q8_0x16::from_rowwise(rows, cols, &qs, &d))
+            }
+            other => other,
+        }
+    }
+
+    /// From GGML Q4_1 blocks, in GGML's row-wise layout whatever the CPU.
+    pub fn q4_1_rowwise(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
         check_blocks(rows, cols, raw.len(), 20, "Q4_1")?;
         let nb = rows * cols / QK;
         let mut qs = Vec::with_capacity(nb * 16);
@@ -106,6 +145,11 @@ impl Weight {
 
     /// From GGML Q8_0 blocks (`d: f16, qs: [i8; 32]`, 34 bytes each).
     pub fn from_q8_0_bytes(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
+        Ok(Self::q8_0_rowwise(rows, cols, raw)?.into_fastest_layout())
+    }
+
+    /// From GGML Q8_0 blocks, in GGML's row-wise layout whatever the CPU.
+    pub fn q8_0_rowwise(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
         check_blocks(rows, cols, raw.len(), 34, "Q8_0")?;
         let nb = rows * cols / QK;
         let mut qs = Vec::with_capacity(nb * QK);
@@ -142,6 +186,8 @@ impl Weight {
                     }
                 }
             }
+            Weight::Q4_1x16(w) => w.row_f32(r, out),
+            Weight::Q8_0x16(w) => w.row_f32(r, out),
             Weight::F32 { w, .. } => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
             Weight::Bf16 { w, .. } => {
                 for (o, x) in out.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
@@ -197,6 +243,8 @@ impl Weight {
                 };
                 par_columns4(out, m, n, k, &one, Some(&four));
             }
+            Weight::Q4_1x16(w) => w.matmul(&ActQ8::quantize(x, m, k, true), m, out),
+            Weight::Q8_0x16(w) => w.matmul(&ActQ8::quantize(x, m, k, false), m, out),
             Weight::F32 { w, .. } => {
                 par_columns(out, m, n, k, |c, r| {
                     dot_f32(&w[c * k..(c + 1) * k], &x[r * k..(r + 1) * k])
@@ -235,12 +283,15 @@ pub struct ActQ8 {
     d: Vec<f32>,
     /// `d * sum(qs)` per block (Q8_1 only).
     s: Vec<f32>,
+    /// `sum(qs)` per block.
+    qsum: Vec<i32>,
 }
 
 pub struct ActRow<'a> {
     pub qs: &'a [i8],
     pub d: &'a [f32],
     pub s: &'a [f32],
+    pub qsum: &'a [i32],
 }
 
 impl ActQ8 {
@@ -248,30 +299,41 @@ impl ActQ8 {
         let nb = k / QK;
         let mut qs = vec![0i8; m * k];
         let mut d = vec![0f32; m * nb];
-        let mut s = if with_sums {
-            vec![0f32; m * nb]
-        } else {
-            Vec::new()
+        let mut s = vec![0f32; if with_sums { m * nb } else { 0 }];
+        let mut qsum = vec![0i32; m * nb];
+        let row = |(((xr, qr), dr), (sr, ir)): (
+            ((&[f32], &mut [i8]), &mut [f32]),
+            (&mut [f32], &mut [i32]),
+        )| {
+            for (b, (xb, qb)) in xr.chunks_exact(QK).zip(qr.chunks_exact_mut(QK)).enumerate() {
+                let (dd, sum) = quantize_block(xb, qb);
+                dr[b] = f16::from_f32(dd).to_f32();
+                ir[b] = sum;
+                if with_sums {
+                    sr[b] = f16::from_f32(sum as f32 * dd).to_f32();
+                }
+            }
         };
-        for (bi, (xb, qb)) in x.chunks_exact(QK).zip(qs.chunks_exact_mut(QK)).enumerate() {
-            let amax = xb.iter().fold(0f32, |a, v| a.max(v.abs()));
-            // As llama.cpp's x86 quantizer: scale by 127/amax, round half to even.
-            let dd = amax / 127.0;
-            let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-            let mut sum = 0i32;
-            for (q, v) in qb.iter_mut().zip(xb) {
-                let r = (v * id).round_ties_even() as i32;
-                *q = r as i8;
-                sum += r;
-            }
-            d[bi] = f16::from_f32(dd).to_f32();
-            if with_sums {
-                s[bi] = f16::from_f32(sum as f32 * dd).to_f32();
-            }
+        let s_rows: Vec<&mut [f32]> = if with_sums {
+            s.chunks_mut(nb).collect()
+        } else {
+            (0..m).map(|_| &mut [][..]).collect()
+        };
+        let work = x
+            .chunks_exact(k)
+            .zip(qs.chunks_exact_mut(k))
+            .zip(d.chunks_exact_mut(nb))
+            .zip(s_rows.into_iter().zip(qsum.chunks_exact_mut(nb)));
+        // Quantizing is ~1/500 of the product that follows; split it only when it is large.
+        if m * k >= 1 << 15 {
+            work.par_bridge().for_each(row);
+        } else {
+            work.for_each(row);
         }
-        ActQ8 { nb, qs, d, s }
+        ActQ8 { nb, qs, d, s, qsum }
     }
 
+    #[inline]
     pub fn row(&self, r: usize) -> ActRow<'_> {
         let nb = self.nb;
         ActRow {
@@ -282,8 +344,31 @@ impl ActQ8 {
             } else {
                 &self.s[r * nb..(r + 1) * nb]
             },
+            qsum: &self.qsum[r * nb..(r + 1) * nb],
         }
     }
+}
+
+/// One block as llama.cpp's x86 quantizer does it: scale by 127/amax, round half to even.
+/// Returns the unrounded scale and the sum of the quantized values.
+#[inline]
+fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    let mut amax = [0f32; 8];
+    for c in xb.chunks_exact(8) {
+        for i in 0..8 {
+            amax[i] = amax[i].max(c[i].abs());
+        }
+    }
+    let amax = amax.iter().fold(0f32, |a, &v| a.max(v));
+    let dd = amax / 127.0;
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+    let mut sum = 0i32;
+    for (q, v) in qb.iter_mut().zip(xb) {
+        let r = (v * id).round_ties_even() as i32;
+        *q = r as i8;
+        sum += r;
+    }
+    (dd, sum)
 }
 
 /// Raw pointer to the output, for writing disjoint columns from several threads.
@@ -731,17 +816,17 @@ mod simd {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn lcg(seed: &mut u64) -> f32 {
+    pub(crate) fn lcg(seed: &mut u64) -> f32 {
         *seed = seed
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         ((*seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
     }
 
-    fn random_q4_1(rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+    pub(crate) fn random_q4_1(rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
         let mut raw = Vec::new();
         for _ in 0..rows * cols / QK {
             raw.extend(f16::from_f32(lcg(seed).abs() * 0.1).to_le_bytes());
@@ -757,7 +842,7 @@ mod tests {
     fn simd_and_scalar_kernels_agree_and_match_dequantized_product() {
         let mut seed = 7u64;
         let (rows, cols, m) = (70, 96, 5);
-        let w = Weight::from_q4_1_bytes(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
+        let w = Weight::q4_1_rowwise(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
         let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
         let mut out = vec![0f32; m * rows];
         w.matmul(&x, m, &mut out);
@@ -792,7 +877,7 @@ mod tests {
     fn every_simd_kernel_gives_the_scalar_result() {
         let mut seed = 5u64;
         let (rows, cols) = (8, 256);
-        let w = Weight::from_q4_1_bytes(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
+        let w = Weight::q4_1_rowwise(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
         let x: Vec<f32> = (0..cols).map(|_| lcg(&mut seed)).collect();
         let a1 = ActQ8::quantize(&x, 1, cols, true);
         let Weight::Q4_1 { qs, d, m, .. } = &w else {
@@ -866,14 +951,21 @@ mod tests {
     fn a_row_gives_the_same_bits_alone_and_in_a_batch() {
         let mut seed = 3u64;
         let (rows, cols) = (64, 128);
-        let w = Weight::from_q4_1_bytes(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
+        let raw = random_q4_1(rows, cols, &mut seed);
+        let fastest = Weight::from_q4_1_bytes(rows, cols, &raw).unwrap();
+        let rowwise = Weight::q4_1_rowwise(rows, cols, &raw).unwrap();
         let x: Vec<f32> = (0..16 * cols).map(|_| lcg(&mut seed)).collect();
-        let mut batch = vec![0f32; 16 * rows];
-        w.matmul(&x, 16, &mut batch);
-        for r in 0..16 {
-            let mut one = vec![0f32; rows];
-            w.matmul(&x[r * cols..(r + 1) * cols], 1, &mut one);
-            assert_eq!(one, batch[r * rows..(r + 1) * rows]);
+        for w in [fastest, rowwise] {
+            // 16 rows: four tiles of four; 7 rows: a tile of four and one of three.
+            for m in [16usize, 7] {
+                let mut batch = vec![0f32; m * rows];
+                w.matmul(&x[..m * cols], m, &mut batch);
+                for r in 0..m {
+                    let mut one = vec![0f32; rows];
+                    w.matmul(&x[r * cols..(r + 1) * cols], 1, &mut one);
+                    assert_eq!(one, batch[r * rows..(r + 1) * rows], "{} row {r}", w.kind());
+                }
+            }
         }
     }
 }

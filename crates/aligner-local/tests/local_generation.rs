@@ -332,8 +332,13 @@ fn candle_device_path_agrees_with_the_simd_path() {
         .fold(0f32, f32::max);
     let range =
         a.iter().cloned().fold(f32::MIN, f32::max) - a.iter().cloned().fold(f32::MAX, f32::min);
+    // Both paths quantize activations to 8 bits before every product, and a different
+    // summation order flips some of those roundings, which propagate through 30 layers. On
+    // this prompt each quantized path is 0.8-1.3 logits (2-3% of the range) away from the
+    // dequantized f32 model, so two of them may be ~4% apart; 5% of the range still catches
+    // a wrong kernel (those are off by the whole range) and the greedy tokens must agree.
     assert!(
-        max_diff < 0.02 * range,
+        max_diff < 0.05 * range,
         "logits differ by {max_diff} (range {range})"
     );
     assert_eq!(

@@ -1,0 +1,590 @@
+//! Quantized weights repacked sixteen rows at a time, for AVX-512 VNNI.
+//!
+//! In GGML's layout each weight row is a run of blocks, and a product multiplies one weight
+//! row by one activation row: every block then costs a horizontal reduction and scalar scale
+//! work. Here the blocks of sixteen consecutive rows are interleaved four bytes at a time, so
+//! one 512-bit register holds four consecutive values of each of the sixteen rows and one
+//! `vpdpbusd` against four broadcast activation bytes advances sixteen dot products at once.
+//! The scales of the sixteen rows sit next to each other and are applied with one vector
+//! multiply-add per block. Nothing is reduced across lanes: lane `l` of the accumulator is
+//! output column `16 g + l`.
+//!
+//! Every output element is computed the same way whatever the batch size (block by block:
+//! the exact integer dot product, then `acc = (dw * da) * isum + acc` fused, the `Q4_1` minimum
+//! term in its own fused accumulator, the two added at the end), so a row's result has the
+//! same bits alone and in a batch. [`scalar`] is the same arithmetic one element at a time,
+//! the reference the vector kernels are tested against.
+//!
+//! `Q8_0` weights are stored with 128 added (as unsigned bytes, which `vpdpbusd` needs); the
+//! product subtracts `128 * sum(a)` per block, which keeps the integer sum exact.
+
+use rayon::prelude::*;
+
+use crate::quant::{ActQ8, QK};
+
+/// Weight rows per group.
+pub const LANES: usize = 16;
+
+/// Whether this CPU runs the tiled kernels (`ALIGNER_NO_AVX512=1` turns them off, for
+/// comparing against the row-wise kernels).
+pub fn available() -> bool {
+    static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *OK.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            std::is_x86_feature_detected!("avx512f")
+                && std::is_x86_feature_detected!("avx512bw")
+                && std::is_x86_feature_detected!("avx512vnni")
+                && std::env::var_os("ALIGNER_NO_AVX512").is_none()
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `Q4_1` weights in groups of sixteen rows. Per (group, block): 256 bytes of nibbles (four
+/// 64-byte chunks; chunk `c`, lane `l` holds packed bytes `4c..4c+4` of row `16 g + l`, whose
+/// low nibbles are values `4c..4c+4` and high nibbles values `16+4c..16+4c+4`), then the
+/// sixteen scales `d` and minimums `m` in their own arrays.
+pub struct Q4_1x16 {
+    pub rows: usize,
+    pub cols: usize,
+    qs: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
+/// `Q8_0` weights in groups of sixteen rows: per (group, block) eight 64-byte chunks (chunk
+/// `c`, lane `l`: values `4c..4c+4` of row `16 g + l`, plus 128, as unsigned bytes), and the
+/// sixteen scales.
+pub struct Q8_0x16 {
+    pub rows: usize,
+    pub cols: usize,
+    qs: Vec<u8>,
+    d: Vec<f32>,
+}
+
+impl Q4_1x16 {
+    /// From GGML's row-wise layout (16 packed bytes, one `d` and one `m` per block).
+    pub fn from_rowwise(rows: usize, cols: usize, qs: &[u8], d: &[f32], m: &[f32]) -> Self {
+        assert!(rows % LANES == 0 && cols % QK == 0);
+        let nb = cols / QK;
+        let groups = rows / LANES;
+        let mut tq = vec![0u8; groups * nb * 256];
+        let mut td = vec![0f32; groups * nb * LANES];
+        let mut tm = vec![0f32; groups * nb * LANES];
+        for r in 0..rows {
+            let (g, l) = (r / LANES, r % LANES);
+            for b in 0..nb {
+                let src = (r * nb + b) * 16;
+                let gb = g * nb + b;
+                for c in 0..4 {
+                    let dst = gb * 256 + c * 64 + l * 4;
+                    tq[dst..dst + 4].copy_from_slice(&qs[src + 4 * c..src + 4 * c + 4]);
+                }
+                td[gb * LANES + l] = d[r * nb + b];
+                tm[gb * LANES + l] = m[r * nb + b];
+            }
+        }
+        Q4_1x16 {
+            rows,
+            cols,
+            qs: tq,
+            d: td,
+            m: tm,
+        }
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.qs.len() + 4 * (self.d.len() + self.m.len())
+    }
+
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let nb = self.cols / QK;
+        let (g, l) = (r / LANES, r % LANES);
+        for b in 0..nb {
+            let gb = g * nb + b;
+            let (d, m) = (self.d[gb * LANES + l], self.m[gb * LANES + l]);
+            for c in 0..4 {
+                for j in 0..4 {
+                    let q = self.qs[gb * 256 + c * 64 + l * 4 + j];
+                    out[b * QK + 4 * c + j] = d * (q & 0x0f) as f32 + m;
+                    out[b * QK + 16 + 4 * c + j] = d * (q >> 4) as f32 + m;
+                }
+            }
+        }
+    }
+
+    /// `out[m, rows] = a · selfᵀ` for activations quantized as `Q8_1` (with sums).
+    pub fn matmul(&self, a: &ActQ8, m: usize, out: &mut [f32]) {
+        let nb = self.cols / QK;
+        par_groups(out, m, self.rows, self.cols, |g, r0, rn, out_rows| {
+            let gb = g * nb;
+            let w = Group {
+                qs: &self.qs[gb * 256..(gb + nb) * 256],
+                d: &self.d[gb * LANES..(gb + nb) * LANES],
+                m: &self.m[gb * LANES..(gb + nb) * LANES],
+            };
+            tile(&w, a, r0, rn, out_rows, Kind::Q4_1);
+        });
+    }
+}
+
+impl Q8_0x16 {
+    /// From GGML's row-wise layout (32 signed bytes and one `d` per block).
+    pub fn from_rowwise(rows: usize, cols: usize, qs: &[i8], d: &[f32]) -> Self {
+        assert!(rows % LANES == 0 && cols % QK == 0);
+        let nb = cols / QK;
+        let groups = rows / LANES;
+        let mut tq = vec![0u8; groups * nb * 512];
+        let mut td = vec![0f32; groups * nb * LANES];
+        for r in 0..rows {
+            let (g, l) = (r / LANES, r % LANES);
+            for b in 0..nb {
+                let src = (r * nb + b) * QK;
+                let gb = g * nb + b;
+                for c in 0..8 {
+                    let dst = gb * 512 + c * 64 + l * 4;
+                    for j in 0..4 {
+                        tq[dst + j] = (qs[src + 4 * c + j] as u8) ^ 0x80;
+                    }
+                }
+                td[gb * LANES + l] = d[r * nb + b];
+            }
+        }
+        Q8_0x16 {
+            rows,
+            cols,
+            qs: tq,
+            d: td,
+        }
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.qs.len() + 4 * self.d.len()
+    }
+
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        let nb = self.cols / QK;
+        let (g, l) = (r / LANES, r % LANES);
+        for b in 0..nb {
+            let gb = g * nb + b;
+            let d = self.d[gb * LANES + l];
+            for c in 0..8 {
+                for j in 0..4 {
+                    let q = (self.qs[gb * 512 + c * 64 + l * 4 + j] ^ 0x80) as i8;
+                    out[b * QK + 4 * c + j] = d * q as f32;
+                }
+            }
+        }
+    }
+
+    /// `out[m, rows] = a · selfᵀ` for activations quantized as `Q8_0`.
+    pub fn matmul(&self, a: &ActQ8, m: usize, out: &mut [f32]) {
+        let nb = self.cols / QK;
+        par_groups(out, m, self.rows, self.cols, |g, r0, rn, out_rows| {
+            let gb = g * nb;
+            let w = Group {
+                qs: &self.qs[gb * 512..(gb + nb) * 512],
+                d: &self.d[gb * LANES..(gb + nb) * LANES],
+                m: &[],
+            };
+            tile(&w, a, r0, rn, out_rows, Kind::Q8_0);
+        });
+    }
+}
+
+/// One group's weights (all blocks of sixteen rows).
+pub(crate) struct Group<'a> {
+    qs: &'a [u8],
+    d: &'a [f32],
+    m: &'a [f32],
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kind {
+    Q4_1,
+    Q8_0,
+}
+
+/// Output rows `r0..r0 + rn` of one group: `out_rows[i]` points at the sixteen outputs of
+/// activation row `r0 + i`.
+fn tile(w: &Group<'_>, a: &ActQ8, r0: usize, rn: usize, out_rows: [*mut f32; 4], kind: Kind) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if available() {
+            // SAFETY: the CPU has AVX-512 F/BW/VNNI (checked); the kernels assert the slice
+            // lengths they read, and each out_rows[i] (i < rn) points at 16 writable floats
+            // that no other task writes.
+            unsafe {
+                match (kind, rn) {
+                    (Kind::Q4_1, 4) => avx512::q4_1::<4>(w, a, r0, out_rows),
+                    (Kind::Q4_1, 3) => avx512::q4_1::<3>(w, a, r0, out_rows),
+                    (Kind::Q4_1, 2) => avx512::q4_1::<2>(w, a, r0, out_rows),
+                    (Kind::Q4_1, _) => avx512::q4_1::<1>(w, a, r0, out_rows),
+                    (Kind::Q8_0, 4) => avx512::q8_0::<4>(w, a, r0, out_rows),
+                    (Kind::Q8_0, 3) => avx512::q8_0::<3>(w, a, r0, out_rows),
+                    (Kind::Q8_0, 2) => avx512::q8_0::<2>(w, a, r0, out_rows),
+                    (Kind::Q8_0, _) => avx512::q8_0::<1>(w, a, r0, out_rows),
+                }
+            }
+            return;
+        }
+    }
+    for (i, &o) in out_rows.iter().enumerate().take(rn) {
+        let v = scalar::dot(w, a, r0 + i, kind);
+        // SAFETY: as above, o points at 16 floats owned by this task.
+        unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), o, LANES) };
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint groups of columns.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// Runs `f(group, r0, rn, out_rows)` for every group and every tile of up to four activation
+/// rows, groups split across threads.
+fn par_groups<F>(out: &mut [f32], m: usize, n: usize, k: usize, f: F)
+where
+    F: Fn(usize, usize, usize, [*mut f32; 4]) + Sync,
+{
+    assert_eq!(out.len(), m * n, "matmul output shape");
+    let ptr = OutPtr(out.as_mut_ptr());
+    let groups = n / LANES;
+    let run = |g: usize| {
+        let p = ptr;
+        let mut r0 = 0;
+        while r0 < m {
+            let rn = (m - r0).min(4);
+            // SAFETY: (r0 + i) < m and 16 g + 16 <= n: inside `out`; only this task writes
+            // the columns of group g. Rows past rn are never written.
+            let rows =
+                std::array::from_fn(|i| unsafe { p.0.add((r0 + i.min(rn - 1)) * n + g * LANES) });
+            f(g, r0, rn, rows);
+            r0 += rn;
+        }
+    };
+    // Below ~32k multiply-adds a fork-join costs more than it saves.
+    if m * n * k < 32_768 {
+        (0..groups).for_each(run);
+    } else {
+        (0..groups).into_par_iter().with_min_len(2).for_each(run);
+    }
+}
+
+/// The reference: the kernels' arithmetic one lane at a time.
+pub(crate) mod scalar {
+    use super::{Group, Kind, LANES};
+    use crate::quant::{ActQ8, QK};
+
+    pub fn dot(w: &Group<'_>, a: &ActQ8, r: usize, kind: Kind) -> [f32; LANES] {
+        let row = a.row(r);
+        let nb = w.d.len() / LANES;
+        let mut acc = [0f32; LANES];
+        let mut macc = [0f32; LANES];
+        for b in 0..nb {
+            let y = &row.qs[b * QK..(b + 1) * QK];
+            for l in 0..LANES {
+                let mut isum = 0i32;
+                match kind {
+                    Kind::Q4_1 => {
+                        for c in 0..4 {
+                            for j in 0..4 {
+                                let q = w.qs[b * 256 + c * 64 + l * 4 + j];
+                                isum += (q & 0x0f) as i32 * y[4 * c + j] as i32;
+                                isum += (q >> 4) as i32 * y[16 + 4 * c + j] as i32;
+                            }
+                        }
+                    }
+                    Kind::Q8_0 => {
+                        for c in 0..8 {
+                            for j in 0..4 {
+                                let q = w.qs[b * 512 + c * 64 + l * 4 + j];
+                                isum += q as i32 * y[4 * c + j] as i32;
+                            }
+                        }
+                        isum -= 128 * row.qsum[b];
+                    }
+                }
+                let scale = w.d[b * LANES + l] * row.d[b];
+                acc[l] = scale.mul_add(isum as f32, acc[l]);
+                if kind == Kind::Q4_1 {
+                    macc[l] = w.m[b * LANES + l].mul_add(row.s[b], macc[l]);
+                }
+            }
+        }
+        std::array::from_fn(|l| acc[l] + macc[l])
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{Group, LANES};
+    use crate::quant::{ActQ8, QK};
+    use std::arch::x86_64::*;
+
+    /// Four activation bytes starting at `p`, as one 32-bit lane broadcast to all sixteen.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn bcast4(p: *const i8) -> __m512i {
+        // SAFETY: the caller keeps p + 4 inside the activation row.
+        _mm512_set1_epi32(unsafe { std::ptr::read_unaligned(p as *const i32) })
+    }
+
+    /// # Safety
+    /// AVX-512 F/BW/VNNI; `out[i]` (i < R) points at 16 writable floats; rows r0..r0+R exist.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn q4_1<const R: usize>(w: &Group<'_>, a: &ActQ8, r0: usize, out: [*mut f32; 4]) {
+        let nb = w.d.len() / LANES;
+        assert!(w.qs.len() >= nb * 256 && w.m.len() >= nb * LANES);
+        let rows: [_; R] = std::array::from_fn(|i| a.row(r0 + i));
+        for r in &rows {
+            assert!(r.qs.len() >= nb * QK && r.d.len() >= nb && r.s.len() >= nb);
+        }
+        let low = _mm512_set1_epi8(0x0f);
+        let zero = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut macc = [_mm512_setzero_ps(); R];
+        let (wq, wd, wm) = (w.qs.as_ptr(), w.d.as_ptr(), w.m.as_ptr());
+        for b in 0..nb {
+            // SAFETY: reads at block b < nb, inside the lengths asserted above.
+            unsafe {
+                let base = wq.add(b * 256);
+                let w0 = _mm512_loadu_si512(base as *const _);
+                let w1 = _mm512_loadu_si512(base.add(64) as *const _);
+                let w2 = _mm512_loadu_si512(base.add(128) as *const _);
+                let w3 = _mm512_loadu_si512(base.add(192) as *const _);
+                let l0 = _mm512_and_si512(w0, low);
+                let l1 = _mm512_and_si512(w1, low);
+                let l2 = _mm512_and_si512(w2, low);
+                let l3 = _mm512_and_si512(w3, low);
+                let h0 = _mm512_and_si512(_mm512_srli_epi16(w0, 4), low);
+                let h1 = _mm512_and_si512(_mm512_srli_epi16(w1, 4), low);
+                let h2 = _mm512_and_si512(_mm512_srli_epi16(w2, 4), low);
+                let h3 = _mm512_and_si512(_mm512_srli_epi16(w3, 4), low);
+                let dw = _mm512_loadu_ps(wd.add(b * LANES));
+                let mw = _mm512_loadu_ps(wm.add(b * LANES));
+                for i in 0..R {
+                    let y = rows[i].qs.as_ptr().add(b * QK);
+                    let mut s0 = _mm512_dpbusd_epi32(zero, l0, bcast4(y));
+                    let mut s1 = _mm512_dpbusd_epi32(zero, h0, bcast4(y.add(16)));
+                    s0 = _mm512_dpbusd_epi32(s0, l1, bcast4(y.add(4)));
+                    s1 = _mm512_dpbusd_epi32(s1, h1, bcast4(y.add(20)));
+                    s0 = _mm512_dpbusd_epi32(s0, l2, bcast4(y.add(8)));
+                    s1 = _mm512_dpbusd_epi32(s1, h2, bcast4(y.add(24)));
+                    s0 = _mm512_dpbusd_epi32(s0, l3, bcast4(y.add(12)));
+                    s1 = _mm512_dpbusd_epi32(s1, h3, bcast4(y.add(28)));
+                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*rows[i].d.get_unchecked(b)));
+                    acc[i] = _mm512_fmadd_ps(scale, isum, acc[i]);
+                    macc[i] =
+                        _mm512_fmadd_ps(mw, _mm512_set1_ps(*rows[i].s.get_unchecked(b)), macc[i]);
+                }
+            }
+        }
+        for i in 0..R {
+            // SAFETY: out[i] points at 16 writable floats (caller).
+            unsafe { _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i], macc[i])) };
+        }
+    }
+
+    /// # Safety
+    /// As [`q4_1`].
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn q8_0<const R: usize>(w: &Group<'_>, a: &ActQ8, r0: usize, out: [*mut f32; 4]) {
+        let nb = w.d.len() / LANES;
+        assert!(w.qs.len() >= nb * 512);
+        let rows: [_; R] = std::array::from_fn(|i| a.row(r0 + i));
+        for r in &rows {
+            assert!(r.qs.len() >= nb * QK && r.d.len() >= nb && r.qsum.len() >= nb);
+        }
+        let zero = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let (wq, wd) = (w.qs.as_ptr(), w.d.as_ptr());
+        for b in 0..nb {
+            // SAFETY: reads at block b < nb, inside the lengths asserted above.
+            unsafe {
+                let base = wq.add(b * 512);
+                let wv: [__m512i; 8] =
+                    std::array::from_fn(|c| _mm512_loadu_si512(base.add(64 * c) as *const _));
+                let dw = _mm512_loadu_ps(wd.add(b * LANES));
+                for i in 0..R {
+                    let y = rows[i].qs.as_ptr().add(b * QK);
+                    let mut s0 = _mm512_dpbusd_epi32(zero, wv[0], bcast4(y));
+                    let mut s1 = _mm512_dpbusd_epi32(zero, wv[1], bcast4(y.add(4)));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[2], bcast4(y.add(8)));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[3], bcast4(y.add(12)));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[4], bcast4(y.add(16)));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[5], bcast4(y.add(20)));
+                    s0 = _mm512_dpbusd_epi32(s0, wv[6], bcast4(y.add(24)));
+                    s1 = _mm512_dpbusd_epi32(s1, wv[7], bcast4(y.add(28)));
+                    let bias = _mm512_set1_epi32(128 * *rows[i].qsum.get_unchecked(b));
+                    let isum = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_add_epi32(s0, s1), bias));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*rows[i].d.get_unchecked(b)));
+                    acc[i] = _mm512_fmadd_ps(scale, isum, acc[i]);
+                }
+            }
+        }
+        let zero_ps = _mm512_setzero_ps();
+        for i in 0..R {
+            // SAFETY: out[i] points at 16 writable floats (caller).
+            unsafe { _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i], zero_ps)) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::tests::{lcg, random_q4_1};
+    use crate::quant::Weight;
+
+    fn rowwise_parts(w: &Weight) -> (&[u8], &[f32], &[f32]) {
+        match w {
+            Weight::Q4_1 { qs, d, m, .. } => (qs, d, m),
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn repacked_rows_read_back_as_the_original_rows() {
+        let mut seed = 21u64;
+        let (rows, cols) = (32, 96);
+        let w = Weight::q4_1_rowwise(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
+        let (qs, d, m) = rowwise_parts(&w);
+        let t = Q4_1x16::from_rowwise(rows, cols, qs, d, m);
+        let (mut a, mut b) = (vec![0f32; cols], vec![0f32; cols]);
+        for r in 0..rows {
+            w.row_f32(r, &mut a);
+            t.row_f32(r, &mut b);
+            assert_eq!(a, b, "row {r}");
+        }
+        let q8: Vec<i8> = (0..rows * cols)
+            .map(|_| (lcg(&mut seed) * 127.0) as i8)
+            .collect();
+        let d8: Vec<f32> = (0..rows * cols / QK)
+            .map(|_| lcg(&mut seed).abs())
+            .collect();
+        let t8 = Q8_0x16::from_rowwise(rows, cols, &q8, &d8);
+        for r in 0..rows {
+            t8.row_f32(r, &mut b);
+            for c in 0..cols {
+                assert_eq!(b[c], d8[(r * cols + c) / QK] * q8[r * cols + c] as f32);
+            }
+        }
+    }
+
+    /// The vector kernels give the reference's bits, for every tile height, and are close to
+    /// the dequantized product.
+    #[test]
+    fn kernels_give_the_reference_bits() {
+        let mut seed = 9u64;
+        let (rows, cols) = (48, 160);
+        let w = Weight::q4_1_rowwise(rows, cols, &random_q4_1(rows, cols, &mut seed)).unwrap();
+        let (qs, d, mn) = rowwise_parts(&w);
+        let t4 = Q4_1x16::from_rowwise(rows, cols, qs, d, mn);
+        let q8: Vec<i8> = (0..rows * cols)
+            .map(|_| (lcg(&mut seed) * 127.0) as i8)
+            .collect();
+        let d8: Vec<f32> = (0..rows * cols / QK)
+            .map(|_| lcg(&mut seed).abs() * 0.05)
+            .collect();
+        let t8 = Q8_0x16::from_rowwise(rows, cols, &q8, &d8);
+        let nb = cols / QK;
+        for m in 1..=9 {
+            let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+            for kind in [Kind::Q4_1, Kind::Q8_0] {
+                let a = ActQ8::quantize(&x, m, cols, kind == Kind::Q4_1);
+                let mut out = vec![0f32; m * rows];
+                let mut dense = vec![0f32; cols];
+                match kind {
+                    Kind::Q4_1 => t4.matmul(&a, m, &mut out),
+                    Kind::Q8_0 => t8.matmul(&a, m, &mut out),
+                }
+                for g in 0..rows / LANES {
+                    let group = match kind {
+                        Kind::Q4_1 => Group {
+                            qs: &t4.qs[g * nb * 256..(g + 1) * nb * 256],
+                            d: &t4.d[g * nb * LANES..(g + 1) * nb * LANES],
+                            m: &t4.m[g * nb * LANES..(g + 1) * nb * LANES],
+                        },
+                        Kind::Q8_0 => Group {
+                            qs: &t8.qs[g * nb * 512..(g + 1) * nb * 512],
+                            d: &t8.d[g * nb * LANES..(g + 1) * nb * LANES],
+                            m: &[],
+                        },
+                    };
+                    for r in 0..m {
+                        let want = scalar::dot(&group, &a, r, kind);
+                        let got = &out[r * rows + g * LANES..r * rows + (g + 1) * LANES];
+                        assert_eq!(got, &want[..], "{kind:?} m={m} group {g} row {r}");
+                        for (l, v) in got.iter().enumerate() {
+                            match kind {
+                                Kind::Q4_1 => t4.row_f32(g * LANES + l, &mut dense),
+                                Kind::Q8_0 => t8.row_f32(g * LANES + l, &mut dense),
+                            }
+                            let xr = &x[r * cols..(r + 1) * cols];
+                            let exact = crate::quant::dot_f32(&dense, xr);
+                            let bound: f32 = dense
+                                .iter()
+                                .zip(xr)
+                                .map(|(p, q)| (p * q).abs())
+                                .sum::<f32>()
+                                / 100.0;
+                            assert!((exact - v).abs() < bound + 1e-4, "{exact} vs {v}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod agree {
+    use crate::quant::tests::{lcg, random_q4_1};
+    use crate::quant::Weight;
+
+    /// Tiled and row-wise products are the same integer sums, scaled in another order.
+    #[test]
+    fn tiled_and_rowwise_products_agree() {
+        let mut seed = 77u64;
+        let (rows, cols, m) = (64, 576, 5);
+        let raw = random_q4_1(rows, cols, &mut seed);
+        let rw = Weight::q4_1_rowwise(rows, cols, &raw).unwrap();
+        let tw = Weight::q4_1_rowwise(rows, cols, &raw)
+            .unwrap()
+            .into_fastest_layout();
+        let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+        let (mut a, mut b) = (vec![0f32; m * rows], vec![0f32; m * rows]);
+        rw.matmul(&x, m, &mut a);
+        tw.matmul(&x, m, &mut b);
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + p.abs()), "{i}: {p} vs {q}");
+        }
+        let mut raw8 = Vec::new();
+        for _ in 0..rows * cols / 32 {
+            raw8.extend(half::f16::from_f32(0.01 + lcg(&mut seed).abs() * 0.02).to_le_bytes());
+            for _ in 0..32 {
+                raw8.push((lcg(&mut seed) * 127.0) as i8 as u8);
+            }
+        }
+        let rw = Weight::q8_0_rowwise(rows, cols, &raw8).unwrap();
+        let tw = Weight::q8_0_rowwise(rows, cols, &raw8)
+            .unwrap()
+            .into_fastest_layout();
+        assert_eq!(tw.kind(), "q8_0");
+        rw.matmul(&x, m, &mut a);
+        tw.matmul(&x, m, &mut b);
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-5 * (1.0 + p.abs()),
+                "q8_0 {i}: {p} vs {q}"
+            );
+        }
+    }
+}
