@@ -71,7 +71,10 @@ pub const SUPPORTED: &str = "llama (Llama, SmolLM), mistral, qwen2";
 /// cache: half the memory of f32, and the same rounding).
 #[derive(Default)]
 pub struct KvCache {
+    /// Keys per layer, in tiles of [`KEY_TILE`] positions: `[tile][kv head][head dim][lane]`,
+    /// so the scores of a tile of keys are sixteen-wide vector operations with no transpose.
     k: Vec<Vec<f16>>,
+    /// Values per layer, one row of `kv_heads * head_dim` per position.
     v: Vec<Vec<f16>>,
     len: usize,
 }
@@ -95,6 +98,25 @@ impl KvCache {
 
     pub fn bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(|x| 2 * x.capacity()).sum()
+    }
+
+    /// Appends `rows` (`[n][kvd]`) of keys and values at positions `len..len + n` of layer
+    /// `li` (`len` moves once every layer has them).
+    fn push(&mut self, li: usize, keys: &[f32], values: &[f32], kvd: usize) {
+        let tile = kvd * KEY_TILE;
+        let kl = &mut self.k[li];
+        for (t, row) in keys.chunks_exact(kvd).enumerate() {
+            let j = self.len + t;
+            let (ti, lane) = (j / KEY_TILE, j % KEY_TILE);
+            if kl.len() < (ti + 1) * tile {
+                kl.resize((ti + 1) * tile, f16::ZERO);
+            }
+            let base = ti * tile + lane;
+            for (e, x) in row.iter().enumerate() {
+                kl[base + e * KEY_TILE] = f16::from_f32(*x);
+            }
+        }
+        push_f16(&mut self.v[li], values);
     }
 }
 
@@ -369,8 +391,12 @@ impl Model {
             for (i, ch) in chunks.iter_mut().enumerate() {
                 let s = starts[i];
                 let n = ch.tokens.len();
-                push_f16(&mut ch.cache.k[li], &k[s * kvd..(s + n) * kvd]);
-                push_f16(&mut ch.cache.v[li], &v[s * kvd..(s + n) * kvd]);
+                ch.cache.push(
+                    li,
+                    &k[s * kvd..(s + n) * kvd],
+                    &v[s * kvd..(s + n) * kvd],
+                    kvd,
+                );
             }
             self.attention(chunks, &starts, li, &q, &mut att);
             l.wo.matmul(&att, rows, &mut proj);
@@ -379,7 +405,7 @@ impl Model {
             l.w_gate.matmul(&xn, rows, &mut gate);
             l.w_up.matmul(&xn, rows, &mut up);
             for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
+                *g = *g / (1.0 + exp_fast(-*g)) * u;
             }
             l.w_down.matmul(&gate, rows, &mut proj);
             add_into(&mut x, &proj);
@@ -478,62 +504,66 @@ impl Model {
             let ch = &chunks[i];
             let n = ch.tokens.len();
             let total = ch.cache.len + n;
-            // Keys transposed ([hd][stride], zero-padded to whole tiles) so scores vectorize
-            // over keys; values as rows.
             let stride = total.next_multiple_of(KEY_TILE);
-            let mut kt = vec![0f32; hd * stride];
-            let mut vals = vec![0f32; total * hd];
-            let mut krow = vec![0f32; hd];
-            for j in 0..total {
-                let src = j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd;
-                ch.cache.k[li][src.clone()].convert_to_f32_slice(&mut krow);
-                for (d, x) in krow.iter().enumerate() {
-                    kt[d * stride + j] = *x;
+            // This kv head's key tiles start at kvh * hd * KEY_TILE in every tile.
+            let keys = &ch.cache.k[li][kvh * hd * KEY_TILE..];
+            SCRATCH.with_borrow_mut(|sc| {
+                sc.vals.resize(total * hd, 0.0);
+                sc.qt.resize(QUERY_TILE * hd, 0.0);
+                sc.scores.resize(QUERY_TILE * stride, 0.0);
+                sc.acc.resize(hd, 0.0);
+                let Scratch {
+                    vals,
+                    qt,
+                    scores,
+                    acc,
+                } = sc;
+                for j in 0..total {
+                    let src = j * kvd + kvh * hd..j * kvd + (kvh + 1) * hd;
+                    ch.cache.v[li][src].convert_to_f32_slice(&mut vals[j * hd..(j + 1) * hd]);
                 }
-                ch.cache.v[li][src].convert_to_f32_slice(&mut vals[j * hd..(j + 1) * hd]);
-            }
-            // Every (query head, position) of this task, four at a time: a query's scores
-            // depend only on its own row and the keys, never on the others in its tile.
-            let queries: Vec<(usize, usize)> = heads
-                .clone()
-                .flat_map(|hh| (0..n).map(move |t| (hh, t)))
-                .collect();
-            let mut qt = vec![0f32; QUERY_TILE * hd];
-            let mut scores = vec![0f32; QUERY_TILE * stride];
-            let mut acc = vec![0f32; hd];
-            for tile in queries.chunks(QUERY_TILE) {
-                qt.iter_mut().for_each(|x| *x = 0.0);
-                let mut upto = [0usize; QUERY_TILE];
-                for (qi, &(hh, t)) in tile.iter().enumerate() {
-                    let row = starts[i] + t;
-                    upto[qi] = ch.cache.len + t + 1;
-                    for (d, x) in qt[qi * hd..(qi + 1) * hd]
-                        .iter_mut()
-                        .zip(&q[row * qd + hh * hd..row * qd + (hh + 1) * hd])
-                    {
-                        *d = f16::from_f32(*x).to_f32();
-                    }
-                }
-                let longest = upto.iter().copied().max().unwrap_or(0);
-                score_tile(&qt, &kt, stride, hd, longest, scale, &mut scores);
-                for (qi, &(hh, t)) in tile.iter().enumerate() {
-                    let row = starts[i] + t;
-                    let s = &mut scores[qi * stride..qi * stride + upto[qi]];
-                    let inv = softmax_unnormalized(s);
-                    acc.iter_mut().for_each(|a| *a = 0.0);
-                    for (j, s) in s.iter().enumerate() {
-                        let w = s * inv;
-                        for (a, x) in acc.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
-                            *a = w.mul_add(*x, *a);
+                // Every (query head, position) of this task, four at a time: a query's
+                // scores depend only on its own row and the keys, never on the others in
+                // its tile.
+                let queries: Vec<(usize, usize)> = heads
+                    .clone()
+                    .flat_map(|hh| (0..n).map(move |t| (hh, t)))
+                    .collect();
+                for tile in queries.chunks(QUERY_TILE) {
+                    qt.iter_mut().for_each(|x| *x = 0.0);
+                    let mut upto = [0usize; QUERY_TILE];
+                    for (qi, &(hh, t)) in tile.iter().enumerate() {
+                        let row = starts[i] + t;
+                        upto[qi] = ch.cache.len + t + 1;
+                        for (d, x) in qt[qi * hd..(qi + 1) * hd]
+                            .iter_mut()
+                            .zip(&q[row * qd + hh * hd..row * qd + (hh + 1) * hd])
+                        {
+                            *d = f16::from_f32(*x).to_f32();
                         }
                     }
-                    for (d, a) in acc.iter().enumerate() {
-                        // SAFETY: (row, hh, d) is inside `out` (rows * qd) and only this task
-                        // writes the query heads of kv head `kvh` for this chunk's rows.
-                        unsafe { *p.0.add(row * qd + hh * hd + d) = *a };
+                    let longest = upto.iter().copied().max().unwrap_or(0);
+                    score_tile(qt, keys, kvd * KEY_TILE, hd, longest, scale, scores, stride);
+                    for (qi, &(hh, t)) in tile.iter().enumerate() {
+                        let row = starts[i] + t;
+                        let s = &mut scores[qi * stride..qi * stride + upto[qi]];
+                        let inv = softmax_unnormalized(s);
+                        acc.iter_mut().for_each(|a| *a = 0.0);
+                        for (j, s) in s.iter().enumerate() {
+                            let w = s * inv;
+                            for (a, x) in acc.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
+                                *a = w.mul_add(*x, *a);
+                            }
+                        }
+                        for (d, a) in acc.iter().enumerate() {
+                            // SAFETY: (row, hh, d) is inside `out` (rows * qd) and only this
+                            // task writes the query heads of kv head `kvh` for this chunk's
+                            // rows.
+                            unsafe { *p.0.add(row * qd + hh * hd + d) = *a };
+                        }
                     }
                 }
-            }
+            });
         };
         let work: usize = chunks
             .iter()
@@ -552,24 +582,40 @@ const KEY_TILE: usize = 16;
 /// Queries per score tile.
 const QUERY_TILE: usize = 4;
 
+/// Per-thread buffers of the attention tasks, reused from step to step.
+#[derive(Default)]
+struct Scratch {
+    vals: Vec<f32>,
+    qt: Vec<f32>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
 /// `scores[qi * stride + j] = scale * (q_qi · k_j)` for the four queries in `qt` ([4][hd]) and
-/// keys `0..keys` (rounded up to whole tiles) of `kt` ([hd][stride]). Each score is summed over
-/// `d` in order with fused multiply-adds, whatever the other queries in the tile.
+/// keys `0..keys` (rounded up to whole tiles). `kt` holds one kv head's key tiles, `[hd][16]`
+/// f16 values each, `tile_stride` apart. Each score is summed over `d` in order with fused
+/// multiply-adds, whatever the other queries in the tile.
+#[allow(clippy::too_many_arguments)]
 fn score_tile(
     qt: &[f32],
-    kt: &[f32],
-    stride: usize,
+    kt: &[f16],
+    tile_stride: usize,
     hd: usize,
     keys: usize,
     scale: f32,
     scores: &mut [f32],
+    stride: usize,
 ) {
-    for j0 in (0..keys).step_by(KEY_TILE) {
+    let mut kr = [0f32; KEY_TILE];
+    for (ti, j0) in (0..keys).step_by(KEY_TILE).enumerate() {
+        let tile = &kt[ti * tile_stride..ti * tile_stride + hd * KEY_TILE];
         let mut a = [[0f32; KEY_TILE]; QUERY_TILE];
         for d in 0..hd {
-            let kr: &[f32; KEY_TILE] = kt[d * stride + j0..d * stride + j0 + KEY_TILE]
-                .try_into()
-                .expect("key tile");
+            tile[d * KEY_TILE..(d + 1) * KEY_TILE].convert_to_f32_slice(&mut kr);
             for (qi, aq) in a.iter_mut().enumerate() {
                 let qd = qt[qi * hd + d];
                 for l in 0..KEY_TILE {
@@ -606,25 +652,26 @@ fn softmax_unnormalized(s: &mut [f32]) -> f32 {
     let mut chunks = s.chunks_exact_mut(8);
     for c in &mut chunks {
         for i in 0..8 {
-            c[i] = exp_nonpositive(c[i] - max);
+            c[i] = exp_fast(c[i] - max);
             s8[i] += c[i];
         }
     }
     let mut sum: f32 = s8.iter().sum();
     for v in chunks.into_remainder() {
-        *v = exp_nonpositive(*v - max);
+        *v = exp_fast(*v - max);
         sum += *v;
     }
     1.0 / sum
 }
 
-/// `e^x` for `x <= 0` to within a few ulp (2^n times a degree-6 polynomial on
-/// [-ln2/2, ln2/2]), branch-free so loops over it vectorize; inputs below -87 give ~1e-38.
+/// `e^x` to within a few ulp (2^n times a degree-6 polynomial on [-ln2/2, ln2/2]),
+/// branch-free so loops over it vectorize. Inputs are clamped to [-87, 88]: below, ~1e-38;
+/// above, ~1.6e38.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+fn exp_fast(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
-    let x = x.max(-87.0);
+    let x = x.clamp(-87.0, 88.0);
     let n = (x * std::f32::consts::LOG2_E + 0.5).floor();
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, x));
     let p = (1.0 / 720.0f32)
@@ -680,9 +727,9 @@ mod tests {
 
     #[test]
     fn fast_exp_is_within_a_few_ulp_of_libm() {
-        let mut x = 0f32;
+        let mut x = 88f32;
         while x > -88.0 {
-            let (got, want) = (exp_nonpositive(x), x.exp());
+            let (got, want) = (exp_fast(x), x.exp());
             if want > 1e-37 {
                 assert!(
                     (got - want).abs() <= 4e-7 * want,
@@ -691,7 +738,8 @@ mod tests {
             }
             x -= 0.001_37;
         }
-        assert!(exp_nonpositive(-1e30) >= 0.0 && exp_nonpositive(-1e30) < 1e-37);
+        assert!(exp_fast(-1e30) >= 0.0 && exp_fast(-1e30) < 1e-37);
+        assert!(exp_fast(1e30).is_finite() && exp_fast(1e30) > 1e38);
     }
 
     #[test]
