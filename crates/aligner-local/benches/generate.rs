@@ -2,7 +2,7 @@
 //! tokens (pp64, pp512), one-stream decode of 128 tokens (tg128), generation throughput with
 //! 16 concurrent sequences through the batching engine, and peak RSS.
 //!
-//! `cargo bench -p aligner-local --bench generate -- [MODEL.gguf] [--reps N]`
+//! `cargo bench -p aligner-local --bench generate -- [MODEL.gguf] [--reps N] [--only pp|tg|gen]`
 //! (default model: `$ALIGNER_MODELS_DIR` or `./models`, SmolLM2-135M-Instruct.Q4_1.gguf).
 
 use std::path::PathBuf;
@@ -26,6 +26,12 @@ fn main() -> anyhow::Result<()> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let run = |what: &str| only.as_deref().is_none_or(|o| o == what);
     let path = args
         .iter()
         .find(|a| a.ends_with(".gguf"))
@@ -61,7 +67,7 @@ fn main() -> anyhow::Result<()> {
         let sd = (runs.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / runs.len() as f64).sqrt();
         (mean, sd)
     };
-    for n in [64usize, 512] {
+    for n in [64usize, 512].into_iter().filter(|_| run("pp")) {
         let toks = prompt(n);
         let (m, sd) = best(&mut || {
             let mut cache = KvCache::new(model.config.layers);
@@ -75,20 +81,24 @@ fn main() -> anyhow::Result<()> {
         });
         println!("pp{n:<4} {m:8.1} ± {sd:5.1} tok/s");
     }
-    let (m, sd) = best(&mut || {
-        let mut cache = KvCache::new(model.config.layers);
-        let mut tok = 1u32;
-        let t = Instant::now();
-        for _ in 0..128 {
-            let l = model.forward(&mut [Chunk {
-                cache: &mut cache,
-                tokens: &[tok],
-                logits: true,
-            }]);
-            tok = argmax(&l[0]);
-        }
-        128.0 / t.elapsed().as_secs_f64()
-    });
+    let (m, sd) = if !run("tg") {
+        (0.0, 0.0)
+    } else {
+        best(&mut || {
+            let mut cache = KvCache::new(model.config.layers);
+            let mut tok = 1u32;
+            let t = Instant::now();
+            for _ in 0..128 {
+                let l = model.forward(&mut [Chunk {
+                    cache: &mut cache,
+                    tokens: &[tok],
+                    logits: true,
+                }]);
+                tok = argmax(&l[0]);
+            }
+            128.0 / t.elapsed().as_secs_f64()
+        })
+    };
     println!("tg128  {m:8.1} ± {sd:5.1} tok/s  (one stream)");
     let engine = Engine::start(
         model.clone(),
@@ -99,7 +109,7 @@ fn main() -> anyhow::Result<()> {
             context: 4096,
         },
     );
-    for batch in [16usize] {
+    for batch in [16usize].into_iter().filter(|_| run("gen")) {
         let (m, sd) = best(&mut || {
             let t = Instant::now();
             let handles: Vec<_> = (0..batch)

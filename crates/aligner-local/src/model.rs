@@ -38,7 +38,8 @@ pub struct Config {
     pub rope: RopeStyle,
 }
 
-pub struct Layer {
+/// One layer's weights as loaded.
+struct LayerWeights {
     attn_norm: Vec<f32>,
     wq: Weight,
     wk: Weight,
@@ -51,6 +52,67 @@ pub struct Layer {
     w_gate: Weight,
     w_up: Weight,
     w_down: Weight,
+}
+
+/// One layer as it runs: q/k/v, and gate/up, each one product over stacked rows.
+pub struct Layer {
+    attn_norm: Vec<f32>,
+    qkv: Proj,
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
+    wo: Weight,
+    ffn_norm: Vec<f32>,
+    gate_up: Proj,
+    w_down: Weight,
+}
+
+/// Projections of the same input. Stacked into one weight when they share a format: one
+/// activation quantization and one fork-join instead of several, and more columns to split
+/// across threads. Each output element is the same computation either way.
+enum Proj {
+    Stacked { w: Weight, rows: Vec<usize> },
+    Separate(Vec<Weight>),
+}
+
+impl Proj {
+    fn new(parts: Vec<Weight>) -> Self {
+        let rows = parts.iter().map(Weight::rows).collect();
+        match Weight::concat_rows(parts) {
+            Ok(w) => Proj::Stacked { w, rows },
+            Err(parts) => Proj::Separate(parts),
+        }
+    }
+
+    fn size_bytes(&self) -> usize {
+        match self {
+            Proj::Stacked { w, .. } => w.size_bytes(),
+            Proj::Separate(ws) => ws.iter().map(Weight::size_bytes).sum(),
+        }
+    }
+
+    /// `outs[i] = x[m, cols] · part_iᵀ`; `scratch` holds the stacked product.
+    fn matmul(&self, x: &[f32], m: usize, outs: &mut [&mut Vec<f32>], scratch: &mut Vec<f32>) {
+        match self {
+            Proj::Stacked { w, rows } => {
+                let total = w.rows();
+                scratch.resize(m * total, 0.0);
+                w.matmul(x, m, scratch);
+                for (r, src) in scratch.chunks_exact(total).enumerate() {
+                    let mut off = 0;
+                    for (o, &n) in outs.iter_mut().zip(rows) {
+                        o[r * n..(r + 1) * n].copy_from_slice(&src[off..off + n]);
+                        off += n;
+                    }
+                }
+            }
+            Proj::Separate(ws) => {
+                for (w, o) in ws.iter().zip(outs.iter_mut()) {
+                    w.matmul(x, m, o);
+                }
+            }
+        }
+    }
 }
 
 pub struct Model {
@@ -167,7 +229,7 @@ impl Model {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = |n: &str| format!("blk.{i}.{n}");
-            layers.push(Layer {
+            layers.push(LayerWeights {
                 attn_norm: file.vector(&p("attn_norm.weight"))?,
                 wq: file.weight(&p("attn_q.weight"))?,
                 wk: file.weight(&p("attn_k.weight"))?,
@@ -242,7 +304,7 @@ impl Model {
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = |n: &str| format!("model.layers.{i}.{n}");
-            layers.push(Layer {
+            layers.push(LayerWeights {
                 attn_norm: st.vector(&p("input_layernorm.weight"))?,
                 wq: st.weight(&p("self_attn.q_proj.weight"))?,
                 wk: st.weight(&p("self_attn.k_proj.weight"))?,
@@ -270,7 +332,7 @@ impl Model {
     fn assemble(
         mut config: Config,
         embed: Weight,
-        layers: Vec<Layer>,
+        layers: Vec<LayerWeights>,
         out_norm: Vec<f32>,
         lm_head: Option<Weight>,
     ) -> Result<Self> {
@@ -299,6 +361,20 @@ impl Model {
                 }
             }
         }
+        let layers = layers
+            .into_iter()
+            .map(|l| Layer {
+                attn_norm: l.attn_norm,
+                qkv: Proj::new(vec![l.wq, l.wk, l.wv]),
+                bq: l.bq,
+                bk: l.bk,
+                bv: l.bv,
+                wo: l.wo,
+                ffn_norm: l.ffn_norm,
+                gate_up: Proj::new(vec![l.w_gate, l.w_up]),
+                w_down: l.w_down,
+            })
+            .collect();
         // Rotary tables up to the context length, computed in f64 then rounded once.
         let half = c.head_dim / 2;
         let ctx = c.context.min(1 << 17);
@@ -327,10 +403,10 @@ impl Model {
     pub fn weight_bytes(&self) -> usize {
         let mut n = self.embed.size_bytes() + self.lm_head.as_ref().map_or(0, Weight::size_bytes);
         for l in &self.layers {
-            n += [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-                .iter()
-                .map(|w| w.size_bytes())
-                .sum::<usize>();
+            n += l.qkv.size_bytes()
+                + l.gate_up.size_bytes()
+                + l.wo.size_bytes()
+                + l.w_down.size_bytes();
         }
         n
     }
@@ -376,11 +452,11 @@ impl Model {
         let mut proj = vec![0f32; rows * h];
         let mut gate = vec![0f32; rows * c.intermediate];
         let mut up = vec![0f32; rows * c.intermediate];
+        let mut stacked = Vec::new();
         for (li, l) in self.layers.iter().enumerate() {
             rms_norm(&x, &l.attn_norm, c.rms_eps, &mut xn);
-            l.wq.matmul(&xn, rows, &mut q);
-            l.wk.matmul(&xn, rows, &mut k);
-            l.wv.matmul(&xn, rows, &mut v);
+            l.qkv
+                .matmul(&xn, rows, &mut [&mut q, &mut k, &mut v], &mut stacked);
             add_bias(&mut q, l.bq.as_deref());
             add_bias(&mut k, l.bk.as_deref());
             add_bias(&mut v, l.bv.as_deref());
@@ -402,8 +478,8 @@ impl Model {
             l.wo.matmul(&att, rows, &mut proj);
             add_into(&mut x, &proj);
             rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut xn);
-            l.w_gate.matmul(&xn, rows, &mut gate);
-            l.w_up.matmul(&xn, rows, &mut up);
+            l.gate_up
+                .matmul(&xn, rows, &mut [&mut gate, &mut up], &mut stacked);
             for (g, u) in gate.iter_mut().zip(&up) {
                 *g = *g / (1.0 + exp_fast(-*g)) * u;
             }

@@ -101,6 +101,89 @@ impl Weight {
         Ok(Self::q4_1_rowwise(rows, cols, raw)?.into_fastest_layout())
     }
 
+    /// The rows of `parts` stacked into one weight, when they share a format and a column
+    /// count (every layout here is row-major or group-major, so their arrays append);
+    /// otherwise the parts come back unchanged.
+    pub fn concat_rows(parts: Vec<Weight>) -> Result<Weight, Vec<Weight>> {
+        let same = parts.iter().all(|p| {
+            std::mem::discriminant(p) == std::mem::discriminant(&parts[0])
+                && p.cols() == parts[0].cols()
+        });
+        if parts.is_empty() || !same {
+            return Err(parts);
+        }
+        let cols = parts[0].cols();
+        let rows = parts.iter().map(Weight::rows).sum();
+        Ok(match &parts[0] {
+            Weight::Q4_1x16(_) => Weight::Q4_1x16(Q4_1x16::concat(
+                parts
+                    .into_iter()
+                    .map(|p| match p {
+                        Weight::Q4_1x16(w) => w,
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect(),
+            )),
+            Weight::Q8_0x16(_) => Weight::Q8_0x16(Q8_0x16::concat(
+                parts
+                    .into_iter()
+                    .map(|p| match p {
+                        Weight::Q8_0x16(w) => w,
+                        _ => unreachable!("checked above"),
+                    })
+                    .collect(),
+            )),
+            Weight::Q4_1 { .. } => {
+                let (mut qs, mut d, mut m) = (Vec::new(), Vec::new(), Vec::new());
+                for p in parts {
+                    if let Weight::Q4_1 {
+                        qs: a, d: b, m: c, ..
+                    } = p
+                    {
+                        qs.extend(a);
+                        d.extend(b);
+                        m.extend(c);
+                    }
+                }
+                Weight::Q4_1 {
+                    rows,
+                    cols,
+                    qs,
+                    d,
+                    m,
+                }
+            }
+            Weight::Q8_0 { .. } => {
+                let (mut qs, mut d) = (Vec::new(), Vec::new());
+                for p in parts {
+                    if let Weight::Q8_0 { qs: a, d: b, .. } = p {
+                        qs.extend(a);
+                        d.extend(b);
+                    }
+                }
+                Weight::Q8_0 { rows, cols, qs, d }
+            }
+            Weight::F32 { .. } => {
+                let mut w = Vec::new();
+                for p in parts {
+                    if let Weight::F32 { w: a, .. } = p {
+                        w.extend(a);
+                    }
+                }
+                Weight::F32 { rows, cols, w }
+            }
+            Weight::Bf16 { .. } => {
+                let mut w = Vec::new();
+                for p in parts {
+                    if let Weight::Bf16 { w: a, .. } = p {
+                        w.extend(a);
+                    }
+                }
+                Weight::Bf16 { rows, cols, w }
+            }
+        })
+    }
+
     /// Repacks Q4_1 / Q8_0 weights for the tiled AVX-512 VNNI kernels where this CPU has
     /// them and the row count is a multiple of 16; anything else is returned as it is.
     pub fn into_fastest_layout(self) -> Self {
@@ -353,6 +436,17 @@ impl ActQ8 {
 /// Returns the unrounded scale and the sum of the quantized values.
 #[inline]
 fn quantize_block(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if tiled::available() {
+            // SAFETY: AVX-512 F/BW present (checked); both blocks hold QK values.
+            return unsafe { simd::quantize_block_avx512(xb, qb) };
+        }
+    }
+    quantize_block_scalar(xb, qb)
+}
+
+fn quantize_block_scalar(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
     let mut amax = [0f32; 8];
     for c in xb.chunks_exact(8) {
         for i in 0..8 {
@@ -586,6 +680,32 @@ mod simd {
                 && std::is_x86_feature_detected!("avxvnni")
                 && std::env::var_os("ALIGNER_NO_VNNI").is_none()
         })
+    }
+
+    /// [`super::quantize_block_scalar`] sixteen lanes at a time (same bits: the same
+    /// multiply, round half to even by the default rounding mode, exact integer sum).
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F and BW.
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub unsafe fn quantize_block_avx512(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
+        assert!(xb.len() >= QK && qb.len() >= QK);
+        // SAFETY: 32 values read and written, inside the lengths asserted above.
+        unsafe {
+            let x0 = _mm512_loadu_ps(xb.as_ptr());
+            let x1 = _mm512_loadu_ps(xb.as_ptr().add(16));
+            let amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+            let dd = amax / 127.0;
+            let id = _mm512_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+            let q0 = _mm512_cvtps_epi32(_mm512_mul_ps(x0, id));
+            let q1 = _mm512_cvtps_epi32(_mm512_mul_ps(x1, id));
+            _mm_storeu_si128(qb.as_mut_ptr() as *mut __m128i, _mm512_cvtepi32_epi8(q0));
+            _mm_storeu_si128(
+                qb.as_mut_ptr().add(16) as *mut __m128i,
+                _mm512_cvtepi32_epi8(q1),
+            );
+            (dd, _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1)))
+        }
     }
 
     /// # Safety
@@ -910,6 +1030,23 @@ pub(crate) mod tests {
             // SAFETY: checked above.
             let got = unsafe { simd::dot_q8_0_q8_0_vnni(&q8, &d8, &a0.row(0)) };
             assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
+        }
+    }
+
+    #[test]
+    fn vector_quantizer_gives_the_scalar_bits() {
+        let mut seed = 13u64;
+        let mut x: Vec<f32> = (0..QK * 64).map(|_| lcg(&mut seed) * 3.0).collect();
+        // Exact halves (ties), zeros and an all-zero block.
+        for (i, v) in x.iter_mut().take(QK).enumerate() {
+            *v = i as f32 - 15.5;
+        }
+        x[QK..2 * QK].iter_mut().for_each(|v| *v = 0.0);
+        for (xb, _) in x.chunks_exact(QK).zip(0..) {
+            let (mut a, mut b) = ([0i8; QK], [0i8; QK]);
+            let want = quantize_block_scalar(xb, &mut a);
+            let got = quantize_block(xb, &mut b);
+            assert_eq!((want, a), (got, b));
         }
     }
 

@@ -20,7 +20,7 @@
 
 use rayon::prelude::*;
 
-use crate::quant::{ActQ8, QK};
+use crate::quant::{ActQ8, ActRow, QK};
 
 /// Weight rows per group.
 pub const LANES: usize = 16;
@@ -101,6 +101,26 @@ impl Q4_1x16 {
         self.qs.len() + 4 * (self.d.len() + self.m.len())
     }
 
+    /// The rows of `parts` stacked (groups are independent, so their arrays just append).
+    pub fn concat(parts: Vec<Self>) -> Self {
+        let cols = parts[0].cols;
+        let mut out = Q4_1x16 {
+            rows: 0,
+            cols,
+            qs: Vec::new(),
+            d: Vec::new(),
+            m: Vec::new(),
+        };
+        for p in parts {
+            assert_eq!(p.cols, cols);
+            out.rows += p.rows;
+            out.qs.extend_from_slice(&p.qs);
+            out.d.extend_from_slice(&p.d);
+            out.m.extend_from_slice(&p.m);
+        }
+        out
+    }
+
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let nb = self.cols / QK;
         let (g, l) = (r / LANES, r % LANES);
@@ -120,6 +140,7 @@ impl Q4_1x16 {
     /// `out[m, rows] = a · selfᵀ` for activations quantized as `Q8_1` (with sums).
     pub fn matmul(&self, a: &ActQ8, m: usize, out: &mut [f32]) {
         let nb = self.cols / QK;
+        let act: Vec<ActRow<'_>> = (0..m).map(|r| a.row(r)).collect();
         par_groups(out, m, self.rows, self.cols, |g, r0, rn, out_rows| {
             let gb = g * nb;
             let w = Group {
@@ -127,7 +148,7 @@ impl Q4_1x16 {
                 d: &self.d[gb * LANES..(gb + nb) * LANES],
                 m: &self.m[gb * LANES..(gb + nb) * LANES],
             };
-            tile(&w, a, r0, rn, out_rows, Kind::Q4_1);
+            tile(&w, &act[r0..r0 + rn], out_rows, Kind::Q4_1);
         });
     }
 }
@@ -166,6 +187,24 @@ impl Q8_0x16 {
         self.qs.len() + 4 * self.d.len()
     }
 
+    /// The rows of `parts` stacked.
+    pub fn concat(parts: Vec<Self>) -> Self {
+        let cols = parts[0].cols;
+        let mut out = Q8_0x16 {
+            rows: 0,
+            cols,
+            qs: Vec::new(),
+            d: Vec::new(),
+        };
+        for p in parts {
+            assert_eq!(p.cols, cols);
+            out.rows += p.rows;
+            out.qs.extend_from_slice(&p.qs);
+            out.d.extend_from_slice(&p.d);
+        }
+        out
+    }
+
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         let nb = self.cols / QK;
         let (g, l) = (r / LANES, r % LANES);
@@ -184,6 +223,7 @@ impl Q8_0x16 {
     /// `out[m, rows] = a · selfᵀ` for activations quantized as `Q8_0`.
     pub fn matmul(&self, a: &ActQ8, m: usize, out: &mut [f32]) {
         let nb = self.cols / QK;
+        let act: Vec<ActRow<'_>> = (0..m).map(|r| a.row(r)).collect();
         par_groups(out, m, self.rows, self.cols, |g, r0, rn, out_rows| {
             let gb = g * nb;
             let w = Group {
@@ -191,7 +231,7 @@ impl Q8_0x16 {
                 d: &self.d[gb * LANES..(gb + nb) * LANES],
                 m: &[],
             };
-            tile(&w, a, r0, rn, out_rows, Kind::Q8_0);
+            tile(&w, &act[r0..r0 + rn], out_rows, Kind::Q8_0);
         });
     }
 }
@@ -209,9 +249,10 @@ pub(crate) enum Kind {
     Q8_0,
 }
 
-/// Output rows `r0..r0 + rn` of one group: `out_rows[i]` points at the sixteen outputs of
-/// activation row `r0 + i`.
-fn tile(w: &Group<'_>, a: &ActQ8, r0: usize, rn: usize, out_rows: [*mut f32; 4], kind: Kind) {
+/// One group against up to four activation rows: `out_rows[i]` points at the sixteen
+/// outputs of `act[i]`.
+fn tile(w: &Group<'_>, act: &[ActRow<'_>], out_rows: [*mut f32; 4], kind: Kind) {
+    let rn = act.len();
     #[cfg(target_arch = "x86_64")]
     {
         if available() {
@@ -220,21 +261,21 @@ fn tile(w: &Group<'_>, a: &ActQ8, r0: usize, rn: usize, out_rows: [*mut f32; 4],
             // that no other task writes.
             unsafe {
                 match (kind, rn) {
-                    (Kind::Q4_1, 4) => avx512::q4_1::<4>(w, a, r0, out_rows),
-                    (Kind::Q4_1, 3) => avx512::q4_1::<3>(w, a, r0, out_rows),
-                    (Kind::Q4_1, 2) => avx512::q4_1::<2>(w, a, r0, out_rows),
-                    (Kind::Q4_1, _) => avx512::q4_1::<1>(w, a, r0, out_rows),
-                    (Kind::Q8_0, 4) => avx512::q8_0::<4>(w, a, r0, out_rows),
-                    (Kind::Q8_0, 3) => avx512::q8_0::<3>(w, a, r0, out_rows),
-                    (Kind::Q8_0, 2) => avx512::q8_0::<2>(w, a, r0, out_rows),
-                    (Kind::Q8_0, _) => avx512::q8_0::<1>(w, a, r0, out_rows),
+                    (Kind::Q4_1, 4) => avx512::q4_1::<4>(w, act, out_rows),
+                    (Kind::Q4_1, 3) => avx512::q4_1::<3>(w, act, out_rows),
+                    (Kind::Q4_1, 2) => avx512::q4_1::<2>(w, act, out_rows),
+                    (Kind::Q4_1, _) => avx512::q4_1::<1>(w, act, out_rows),
+                    (Kind::Q8_0, 4) => avx512::q8_0::<4>(w, act, out_rows),
+                    (Kind::Q8_0, 3) => avx512::q8_0::<3>(w, act, out_rows),
+                    (Kind::Q8_0, 2) => avx512::q8_0::<2>(w, act, out_rows),
+                    (Kind::Q8_0, _) => avx512::q8_0::<1>(w, act, out_rows),
                 }
             }
             return;
         }
     }
-    for (i, &o) in out_rows.iter().enumerate().take(rn) {
-        let v = scalar::dot(w, a, r0 + i, kind);
+    for (row, &o) in act.iter().zip(&out_rows) {
+        let v = scalar::dot(w, row, kind);
         // SAFETY: as above, o points at 16 floats owned by this task.
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), o, LANES) };
     }
@@ -279,10 +320,9 @@ where
 /// The reference: the kernels' arithmetic one lane at a time.
 pub(crate) mod scalar {
     use super::{Group, Kind, LANES};
-    use crate::quant::{ActQ8, QK};
+    use crate::quant::{ActRow, QK};
 
-    pub fn dot(w: &Group<'_>, a: &ActQ8, r: usize, kind: Kind) -> [f32; LANES] {
-        let row = a.row(r);
+    pub fn dot(w: &Group<'_>, row: &ActRow<'_>, kind: Kind) -> [f32; LANES] {
         let nb = w.d.len() / LANES;
         let mut acc = [0f32; LANES];
         let mut macc = [0f32; LANES];
@@ -324,7 +364,7 @@ pub(crate) mod scalar {
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{Group, LANES};
-    use crate::quant::{ActQ8, QK};
+    use crate::quant::{ActRow, QK};
     use std::arch::x86_64::*;
 
     /// Four activation bytes starting at `p`, as one 32-bit lane broadcast to all sixteen.
@@ -336,13 +376,12 @@ mod avx512 {
     }
 
     /// # Safety
-    /// AVX-512 F/BW/VNNI; `out[i]` (i < R) points at 16 writable floats; rows r0..r0+R exist.
+    /// AVX-512 F/BW/VNNI; `out[i]` (i < R) points at 16 writable floats.
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn q4_1<const R: usize>(w: &Group<'_>, a: &ActQ8, r0: usize, out: [*mut f32; 4]) {
+    pub unsafe fn q4_1<const R: usize>(w: &Group<'_>, rows: &[ActRow<'_>], out: [*mut f32; 4]) {
         let nb = w.d.len() / LANES;
-        assert!(w.qs.len() >= nb * 256 && w.m.len() >= nb * LANES);
-        let rows: [_; R] = std::array::from_fn(|i| a.row(r0 + i));
-        for r in &rows {
+        assert!(w.qs.len() >= nb * 256 && w.m.len() >= nb * LANES && rows.len() >= R);
+        for r in &rows[..R] {
             assert!(r.qs.len() >= nb * QK && r.d.len() >= nb && r.s.len() >= nb);
         }
         let low = _mm512_set1_epi8(0x0f);
@@ -395,11 +434,10 @@ mod avx512 {
     /// # Safety
     /// As [`q4_1`].
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn q8_0<const R: usize>(w: &Group<'_>, a: &ActQ8, r0: usize, out: [*mut f32; 4]) {
+    pub unsafe fn q8_0<const R: usize>(w: &Group<'_>, rows: &[ActRow<'_>], out: [*mut f32; 4]) {
         let nb = w.d.len() / LANES;
-        assert!(w.qs.len() >= nb * 512);
-        let rows: [_; R] = std::array::from_fn(|i| a.row(r0 + i));
-        for r in &rows {
+        assert!(w.qs.len() >= nb * 512 && rows.len() >= R);
+        for r in &rows[..R] {
             assert!(r.qs.len() >= nb * QK && r.d.len() >= nb && r.qsum.len() >= nb);
         }
         let zero = _mm512_setzero_si512();
@@ -519,7 +557,7 @@ mod tests {
                         },
                     };
                     for r in 0..m {
-                        let want = scalar::dot(&group, &a, r, kind);
+                        let want = scalar::dot(&group, &a.row(r), kind);
                         let got = &out[r * rows + g * LANES..r * rows + (g + 1) * LANES];
                         assert_eq!(got, &want[..], "{kind:?} m={m} group {g} row {r}");
                         for (l, v) in got.iter().enumerate() {
