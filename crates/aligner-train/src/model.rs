@@ -1,0 +1,860 @@
+//! A llama-family causal LM (Llama, SmolLM, Mistral, Qwen2) whose weights are candle tensors,
+//! trainable ones as [`Var`]s, with optional LoRA adapters on the linear layers.
+//!
+//! Weights are held in the Hugging Face layout (`[out, in]` linear weights, rotate-half rotary
+//! embedding). A GGUF's q/k weights, which llama.cpp's converter permutes for its interleaved
+//! rotary embedding, are permuted back at load time, so a checkpoint written from here is a
+//! plain Hugging Face checkpoint.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var, D};
+
+use aligner_local::gguf::GgufFile;
+
+/// Shapes and constants of the model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Config {
+    /// `llama`, `mistral` or `qwen2`.
+    pub architecture: String,
+    pub vocab: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub rope_theta: f64,
+    pub rms_eps: f64,
+    pub max_positions: usize,
+    pub tie_embeddings: bool,
+    /// q/k/v projections with biases (Qwen2).
+    pub qkv_bias: bool,
+}
+
+/// Linear layers LoRA can adapt, by their Hugging Face names.
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// How to train: which parameters are variables.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trainable {
+    /// Every weight (embeddings, norms, linear layers).
+    Full,
+    /// The last `n` transformer layers and the final norm; everything else frozen.
+    TopLayers(usize),
+    /// LoRA adapters on the named linear layers; the base weights frozen.
+    Lora(LoraConfig),
+    /// Nothing (a frozen reference model).
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraConfig {
+    pub rank: usize,
+    pub alpha: f64,
+    pub dropout: f32,
+    /// Hugging Face names from [`LORA_TARGETS`].
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        LoraConfig {
+            rank: 16,
+            alpha: 32.0,
+            dropout: 0.05,
+            targets: LORA_TARGETS.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+}
+
+/// A weight, trainable or not.
+#[derive(Clone)]
+pub struct Param {
+    value: Tensor,
+    var: Option<Var>,
+}
+
+impl Param {
+    fn frozen(t: Tensor) -> Self {
+        Param {
+            value: t,
+            var: None,
+        }
+    }
+
+    fn new(t: Tensor, trainable: bool) -> Result<Self> {
+        if trainable {
+            let var = Var::from_tensor(&t)?;
+            Ok(Param {
+                value: var.as_tensor().clone(),
+                var: Some(var),
+            })
+        } else {
+            Ok(Param::frozen(t))
+        }
+    }
+
+    pub fn tensor(&self) -> &Tensor {
+        &self.value
+    }
+
+    pub fn var(&self) -> Option<&Var> {
+        self.var.as_ref()
+    }
+}
+
+/// A LoRA adapter: `y += scale * dropout(x) Aᵀ Bᵀ`, A `[r, in]`, B `[out, r]` (zero at start).
+pub struct Lora {
+    pub a: Var,
+    pub b: Var,
+    pub scale: f64,
+    pub dropout: f32,
+}
+
+pub struct Linear {
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    /// `x` is `[n, in]`.
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let mut y = x.matmul(&self.weight.tensor().t()?)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(b.tensor())?;
+        }
+        if let Some(l) = &self.lora {
+            let xd = if train && l.dropout > 0.0 {
+                candle_nn::ops::dropout(x, l.dropout)?
+            } else {
+                x.clone()
+            };
+            let delta = xd
+                .matmul(&l.a.as_tensor().t()?)?
+                .matmul(&l.b.as_tensor().t()?)?;
+            y = (y + delta.affine(l.scale, 0.0)?)?;
+        }
+        Ok(y)
+    }
+
+    /// The weight with the adapter folded in.
+    fn merged(&self) -> Result<Tensor> {
+        let w = self.weight.tensor().clone();
+        match &self.lora {
+            Some(l) => Ok((w + l
+                .b
+                .as_tensor()
+                .matmul(l.a.as_tensor())?
+                .affine(l.scale, 0.0)?)?),
+            None => Ok(w),
+        }
+    }
+}
+
+pub struct Layer {
+    pub input_norm: Param,
+    pub q: Linear,
+    pub k: Linear,
+    pub v: Linear,
+    pub o: Linear,
+    pub post_norm: Param,
+    pub gate: Linear,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+pub struct TrainModel {
+    pub config: Config,
+    pub embed: Param,
+    pub layers: Vec<Layer>,
+    pub norm: Param,
+    /// `None`: tied to the embedding.
+    pub lm_head: Option<Param>,
+    device: Device,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Raw f32 weights by Hugging Face name, with their shapes.
+pub type Weights = HashMap<String, (Vec<usize>, Vec<f32>)>;
+
+impl TrainModel {
+    /// From a GGUF (every tensor dequantized to f32).
+    pub fn from_gguf(path: &Path, trainable: &Trainable, device: &Device) -> Result<Self> {
+        let (config, weights) = gguf_weights(path)?;
+        Self::from_weights(config, weights, trainable, device)
+    }
+
+    /// From a Hugging Face folder (config.json + *.safetensors, f32/f16/bf16).
+    pub fn from_hf_folder(dir: &Path, trainable: &Trainable, device: &Device) -> Result<Self> {
+        let (config, weights) = hf_weights(dir)?;
+        Self::from_weights(config, weights, trainable, device)
+    }
+
+    /// A GGUF file or a Hugging Face folder.
+    pub fn load(path: &Path, trainable: &Trainable, device: &Device) -> Result<Self> {
+        if path.is_dir() {
+            Self::from_hf_folder(path, trainable, device)
+        } else {
+            Self::from_gguf(path, trainable, device)
+        }
+    }
+
+    pub fn from_weights(
+        config: Config,
+        mut weights: Weights,
+        trainable: &Trainable,
+        device: &Device,
+    ) -> Result<Self> {
+        let c = &config;
+        let mut take = |name: &str, shape: &[usize]| -> Result<Tensor> {
+            let (s, v) = weights
+                .remove(name)
+                .ok_or_else(|| anyhow!("weight `{name}` is missing"))?;
+            if s != shape {
+                bail!("weight `{name}` has shape {s:?}, expected {shape:?}");
+            }
+            Ok(Tensor::from_vec(v, s, device)?)
+        };
+        let full = matches!(trainable, Trainable::Full);
+        let top = |i: usize| match trainable {
+            Trainable::Full => true,
+            Trainable::TopLayers(n) => i + *n >= c.layers,
+            _ => false,
+        };
+        let lora = match trainable {
+            Trainable::Lora(l) => {
+                for t in &l.targets {
+                    if !LORA_TARGETS.contains(&t.as_str()) {
+                        bail!(
+                            "LoRA target `{t}` is not a linear layer of this model\nhint: targets are {}",
+                            LORA_TARGETS.join(", ")
+                        );
+                    }
+                }
+                if l.rank == 0 {
+                    bail!("LoRA rank must be at least 1");
+                }
+                Some(l.clone())
+            }
+            _ => None,
+        };
+        let mut seed = 0x5eed_u64;
+        let mut linear = |take: &mut dyn FnMut(&str, &[usize]) -> Result<Tensor>,
+                          prefix: &str,
+                          short: &str,
+                          out: usize,
+                          inp: usize,
+                          bias: bool,
+                          trainable: bool|
+         -> Result<Linear> {
+            let weight = Param::new(
+                take(&format!("{prefix}.{short}.weight"), &[out, inp])?,
+                trainable,
+            )?;
+            let bias = if bias {
+                Some(Param::new(
+                    take(&format!("{prefix}.{short}.bias"), &[out])?,
+                    trainable,
+                )?)
+            } else {
+                None
+            };
+            let lora = match &lora {
+                Some(l) if l.targets.iter().any(|t| t == short) => {
+                    // A: Kaiming-uniform as PEFT does (bound 1/sqrt(in)); B: zeros.
+                    let bound = 1.0 / (inp as f32).sqrt();
+                    let a: Vec<f32> = (0..l.rank * inp)
+                        .map(|_| (uniform(&mut seed) * 2.0 - 1.0) * bound)
+                        .collect();
+                    Some(Lora {
+                        a: Var::from_tensor(&Tensor::from_vec(a, (l.rank, inp), device)?)?,
+                        b: Var::zeros((out, l.rank), DType::F32, device)?,
+                        scale: l.alpha / l.rank as f64,
+                        dropout: l.dropout,
+                    })
+                }
+                _ => None,
+            };
+            Ok(Linear { weight, bias, lora })
+        };
+        let (h, qd, kvd) = (c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim);
+        let embed = Param::new(take("model.embed_tokens.weight", &[c.vocab, h])?, full)?;
+        let mut layers = Vec::with_capacity(c.layers);
+        for i in 0..c.layers {
+            let p = format!("model.layers.{i}");
+            let t = top(i);
+            let input_norm = Param::new(take(&format!("{p}.input_layernorm.weight"), &[h])?, t)?;
+            let q = linear(
+                &mut take,
+                &format!("{p}.self_attn"),
+                "q_proj",
+                qd,
+                h,
+                c.qkv_bias,
+                t,
+            )?;
+            let k = linear(
+                &mut take,
+                &format!("{p}.self_attn"),
+                "k_proj",
+                kvd,
+                h,
+                c.qkv_bias,
+                t,
+            )?;
+            let v = linear(
+                &mut take,
+                &format!("{p}.self_attn"),
+                "v_proj",
+                kvd,
+                h,
+                c.qkv_bias,
+                t,
+            )?;
+            let o = linear(
+                &mut take,
+                &format!("{p}.self_attn"),
+                "o_proj",
+                h,
+                qd,
+                false,
+                t,
+            )?;
+            let post_norm = Param::new(
+                take(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                t,
+            )?;
+            let gate = linear(
+                &mut take,
+                &format!("{p}.mlp"),
+                "gate_proj",
+                c.intermediate,
+                h,
+                false,
+                t,
+            )?;
+            let up = linear(
+                &mut take,
+                &format!("{p}.mlp"),
+                "up_proj",
+                c.intermediate,
+                h,
+                false,
+                t,
+            )?;
+            let down = linear(
+                &mut take,
+                &format!("{p}.mlp"),
+                "down_proj",
+                h,
+                c.intermediate,
+                false,
+                t,
+            )?;
+            layers.push(Layer {
+                input_norm,
+                q,
+                k,
+                v,
+                o,
+                post_norm,
+                gate,
+                up,
+                down,
+            });
+        }
+        let train_head = full || matches!(trainable, Trainable::TopLayers(_));
+        let norm = Param::new(take("model.norm.weight", &[h])?, train_head)?;
+        let lm_head = if c.tie_embeddings {
+            None
+        } else {
+            Some(Param::new(
+                take("lm_head.weight", &[c.vocab, h])?,
+                train_head,
+            )?)
+        };
+        // Rotary tables (rotate-half layout), computed in f64 and rounded once.
+        let half = c.head_dim / 2;
+        let n = c.max_positions;
+        let mut cos = vec![0f32; n * c.head_dim];
+        let mut sin = vec![0f32; n * c.head_dim];
+        for p in 0..n {
+            for i in 0..half {
+                let freq = c.rope_theta.powf(-(2.0 * i as f64) / c.head_dim as f64);
+                let a = p as f64 * freq;
+                for j in [i, i + half] {
+                    cos[p * c.head_dim + j] = a.cos() as f32;
+                    sin[p * c.head_dim + j] = a.sin() as f32;
+                }
+            }
+        }
+        let cos = Tensor::from_vec(cos, (n, c.head_dim), device)?;
+        let sin = Tensor::from_vec(sin, (n, c.head_dim), device)?;
+        Ok(TrainModel {
+            config,
+            embed,
+            layers,
+            norm,
+            lm_head,
+            device: device.clone(),
+            cos,
+            sin,
+        })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Every trainable variable, with its Hugging Face name (LoRA: `<linear>.lora_A/B`).
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let mut out = Vec::new();
+        let mut add = |name: String, p: &Param| {
+            if let Some(v) = p.var() {
+                out.push((name, v.clone()));
+            }
+        };
+        add("model.embed_tokens.weight".into(), &self.embed);
+        let mut loras = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            add(format!("{p}.input_layernorm.weight"), &l.input_norm);
+            add(format!("{p}.post_attention_layernorm.weight"), &l.post_norm);
+            for (name, lin) in l.linears() {
+                add(format!("{p}.{name}.weight"), &lin.weight);
+                if let Some(b) = &lin.bias {
+                    add(format!("{p}.{name}.bias"), b);
+                }
+                if let Some(lo) = &lin.lora {
+                    loras.push((format!("{p}.{name}.lora_A"), lo.a.clone()));
+                    loras.push((format!("{p}.{name}.lora_B"), lo.b.clone()));
+                }
+            }
+        }
+        add("model.norm.weight".into(), &self.norm);
+        if let Some(h) = &self.lm_head {
+            add("lm_head.weight".into(), h);
+        }
+        out.extend(loras);
+        out
+    }
+
+    /// Hidden states after the final norm, `[b, t, hidden]`, for token ids `[b, t]` (u32).
+    /// `mask` (`[b, t]`, 1 for tokens, 0 for padding) masks padded keys; causal masking is
+    /// always on. `train` turns on LoRA dropout.
+    pub fn hidden(&self, ids: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, t) = ids.dims2()?;
+        if t > c.max_positions {
+            bail!(
+                "sequence of {t} tokens is longer than the model's {} positions",
+                c.max_positions
+            );
+        }
+        let (hd, nh, nkv) = (c.head_dim, c.heads, c.kv_heads);
+        let mut x = self
+            .embed
+            .tensor()
+            .index_select(&ids.flatten_all()?, 0)?
+            .reshape((b * t, c.hidden))?;
+        let cos = self.cos.narrow(0, 0, t)?;
+        let sin = self.sin.narrow(0, 0, t)?;
+        // Additive attention bias: causal, plus padded keys.
+        let mut bias: Vec<f32> = vec![0.0; t * t];
+        for i in 0..t {
+            for j in i + 1..t {
+                bias[i * t + j] = NEG;
+            }
+        }
+        let mut bias = Tensor::from_vec(bias, (1, 1, t, t), &self.device)?;
+        if let Some(m) = mask {
+            let keys = m
+                .to_dtype(DType::F32)?
+                .affine(-(NEG as f64), NEG as f64)?
+                .reshape((b, 1, 1, t))?;
+            bias = bias.broadcast_add(&keys)?;
+        }
+        let scale = 1.0 / (hd as f64).sqrt();
+        for l in &self.layers {
+            let h = rms_norm(&x, l.input_norm.tensor(), c.rms_eps)?;
+            let q = l.q.forward(&h, train)?;
+            let k = l.k.forward(&h, train)?;
+            let v = l.v.forward(&h, train)?;
+            let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
+            let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
+            let q = rope(&q, &cos, &sin)?;
+            let k = rope(&k, &cos, &sin)?;
+            let (k, v) = if nh != nkv {
+                (repeat_kv(&k, nh / nkv)?, repeat_kv(&v, nh / nkv)?)
+            } else {
+                (k, v)
+            };
+            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
+            let att = softmax_last(&att)?;
+            let o = att
+                .matmul(&v)?
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * t, nh * hd))?;
+            x = (x + l.o.forward(&o, train)?)?;
+            let h = rms_norm(&x, l.post_norm.tensor(), c.rms_eps)?;
+            let g = l.gate.forward(&h, train)?.silu()?;
+            let u = l.up.forward(&h, train)?;
+            x = (x + l.down.forward(&(g * u)?, train)?)?;
+        }
+        let x = rms_norm(&x, self.norm.tensor(), c.rms_eps)?;
+        Ok(x.reshape((b, t, c.hidden))?)
+    }
+
+    /// Logits for rows of hidden states `[n, hidden]`.
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        let w = self.lm_head.as_ref().unwrap_or(&self.embed).tensor();
+        Ok(h.matmul(&w.t()?)?)
+    }
+
+    /// Logits at every position, `[b, t, vocab]`.
+    pub fn logits(&self, ids: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let h = self
+            .hidden(ids, mask, false)?
+            .reshape((b * t, self.config.hidden))?;
+        Ok(self.head(&h)?.reshape((b, t, self.config.vocab))?)
+    }
+
+    /// The weights with LoRA adapters merged, by Hugging Face name.
+    pub fn merged_weights(&self) -> Result<Vec<(String, Tensor)>> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed.tensor().clone(),
+        )];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((
+                format!("{p}.input_layernorm.weight"),
+                l.input_norm.tensor().clone(),
+            ));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                l.post_norm.tensor().clone(),
+            ));
+            for (name, lin) in l.linears() {
+                out.push((format!("{p}.{name}.weight"), lin.merged()?));
+                if let Some(b) = &lin.bias {
+                    out.push((format!("{p}.{name}.bias"), b.tensor().clone()));
+                }
+            }
+        }
+        out.push(("model.norm.weight".into(), self.norm.tensor().clone()));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".into(), h.tensor().clone()));
+        }
+        Ok(out)
+    }
+
+    /// A frozen copy of the current weights (LoRA merged): the reference model of a DPO
+    /// round with `reference: previous`.
+    pub fn frozen_copy(&self) -> Result<TrainModel> {
+        let mut weights = Weights::new();
+        for (name, t) in self.merged_weights()? {
+            let t = t.detach().to_device(&Device::Cpu)?;
+            weights.insert(
+                name,
+                (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?),
+            );
+        }
+        TrainModel::from_weights(self.config.clone(), weights, &Trainable::None, &self.device)
+    }
+}
+
+impl Layer {
+    fn linears(&self) -> [(&'static str, &Linear); 7] {
+        [
+            ("self_attn.q_proj", &self.q),
+            ("self_attn.k_proj", &self.k),
+            ("self_attn.v_proj", &self.v),
+            ("self_attn.o_proj", &self.o),
+            ("mlp.gate_proj", &self.gate),
+            ("mlp.up_proj", &self.up),
+            ("mlp.down_proj", &self.down),
+        ]
+    }
+}
+
+/// Masked attention scores: large and negative, not -inf, so a fully masked row stays finite.
+const NEG: f32 = -1e9;
+
+/// `x * rsqrt(mean(x²) + eps) * w` over the last dimension, from differentiable ops.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    let inv = (ms + eps)?.sqrt()?.recip()?;
+    Ok(x.broadcast_mul(&inv)?.broadcast_mul(w)?)
+}
+
+/// Softmax over the last dimension from differentiable ops (the max shift is a constant).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    let s = e.sum_keepdim(D::Minus1)?;
+    Ok(e.broadcast_div(&s)?)
+}
+
+/// Rotate-half rotary embedding of `[b, heads, t, hd]` with tables `[t, hd]`.
+pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, hd / 2)?;
+    let x2 = x.narrow(D::Minus1, hd / 2, hd / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    Ok((x.broadcast_mul(cos)? + rotated.broadcast_mul(sin)?)?)
+}
+
+/// `[b, kv, t, hd]` -> `[b, kv * n, t, hd]`, each kv head repeated for its query heads.
+fn repeat_kv(x: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, kv, t, hd) = x.dims4()?;
+    Ok(x.unsqueeze(2)?
+        .broadcast_as((b, kv, n, t, hd))?
+        .contiguous()?
+        .reshape((b, kv * n, t, hd))?)
+}
+
+fn uniform(seed: &mut u64) -> f32 {
+    *seed = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (*seed >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Undoes llama.cpp's q/k row permutation (its converter interleaves the two rotary halves of
+/// each head): GGUF row `h*hd + 2i + j` is Hugging Face row `h*hd + j*hd/2 + i`.
+pub fn unpermute_rows(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    let hd = rows / heads;
+    let half = hd / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                let src = h * hd + 2 * i + j;
+                let dst = h * hd + j * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+/// A GGUF's configuration and weights (dequantized, Hugging Face names and layout).
+pub fn gguf_weights(path: &Path) -> Result<(Config, Weights)> {
+    let file = GgufFile::open(path)?;
+    let arch = file
+        .string("general.architecture")
+        .unwrap_or_else(|_| "llama".into());
+    if !["llama", "mistral", "qwen2"].contains(&arch.as_str()) {
+        bail!(
+            "{}: architecture `{arch}` cannot be trained here\nhint: the built-in trainer supports llama, mistral and qwen2",
+            path.display()
+        );
+    }
+    let key = |k: &str| format!("{arch}.{k}");
+    let need = |k: &str| {
+        file.usize(&key(k))
+            .map_err(|_| anyhow!("{}: metadata `{}` is missing", path.display(), key(k)))
+    };
+    let hidden = need("embedding_length")?;
+    let heads = need("attention.head_count")?;
+    let kv_heads = file.usize(&key("attention.head_count_kv")).unwrap_or(heads);
+    let (_, embed_dims, _) = file.raw("token_embd.weight")?;
+    let vocab = embed_dims[0];
+    let tie = !file.has("output.weight");
+    let config = Config {
+        architecture: arch.clone(),
+        vocab,
+        hidden,
+        intermediate: need("feed_forward_length")?,
+        layers: need("block_count")?,
+        heads,
+        kv_heads,
+        head_dim: hidden / heads,
+        rope_theta: file.f32(&key("rope.freq_base")).unwrap_or(10_000.0) as f64,
+        rms_eps: file
+            .f32(&key("attention.layer_norm_rms_epsilon"))
+            .unwrap_or(1e-5) as f64,
+        max_positions: file.usize(&key("context_length")).unwrap_or(2048),
+        tie_embeddings: tie,
+        qkv_bias: file.has("blk.0.attn_q.bias"),
+    };
+    let mut w = Weights::new();
+    let mut put = |gguf: &str, hf: String, permute_heads: Option<usize>| -> Result<()> {
+        let (_, dims, _) = file.raw(gguf)?;
+        let mut v = file.vector(gguf)?;
+        if let (Some(nh), [rows, cols]) = (permute_heads, &dims[..]) {
+            v = unpermute_rows(&v, nh, *rows, *cols);
+        }
+        if let (Some(nh), [rows]) = (permute_heads, &dims[..]) {
+            v = unpermute_rows(&v, nh, *rows, 1);
+        }
+        w.insert(hf, (dims, v));
+        Ok(())
+    };
+    put(
+        "token_embd.weight",
+        "model.embed_tokens.weight".into(),
+        None,
+    )?;
+    for i in 0..config.layers {
+        let g = |n: &str| format!("blk.{i}.{n}");
+        let p = format!("model.layers.{i}");
+        put(
+            &g("attn_norm.weight"),
+            format!("{p}.input_layernorm.weight"),
+            None,
+        )?;
+        put(
+            &g("attn_q.weight"),
+            format!("{p}.self_attn.q_proj.weight"),
+            Some(heads),
+        )?;
+        put(
+            &g("attn_k.weight"),
+            format!("{p}.self_attn.k_proj.weight"),
+            Some(kv_heads),
+        )?;
+        put(
+            &g("attn_v.weight"),
+            format!("{p}.self_attn.v_proj.weight"),
+            None,
+        )?;
+        if config.qkv_bias {
+            put(
+                &g("attn_q.bias"),
+                format!("{p}.self_attn.q_proj.bias"),
+                Some(heads),
+            )?;
+            put(
+                &g("attn_k.bias"),
+                format!("{p}.self_attn.k_proj.bias"),
+                Some(kv_heads),
+            )?;
+            put(
+                &g("attn_v.bias"),
+                format!("{p}.self_attn.v_proj.bias"),
+                None,
+            )?;
+        }
+        put(
+            &g("attn_output.weight"),
+            format!("{p}.self_attn.o_proj.weight"),
+            None,
+        )?;
+        put(
+            &g("ffn_norm.weight"),
+            format!("{p}.post_attention_layernorm.weight"),
+            None,
+        )?;
+        put(
+            &g("ffn_gate.weight"),
+            format!("{p}.mlp.gate_proj.weight"),
+            None,
+        )?;
+        put(&g("ffn_up.weight"), format!("{p}.mlp.up_proj.weight"), None)?;
+        put(
+            &g("ffn_down.weight"),
+            format!("{p}.mlp.down_proj.weight"),
+            None,
+        )?;
+    }
+    put("output_norm.weight", "model.norm.weight".into(), None)?;
+    if !tie {
+        put("output.weight", "lm_head.weight".into(), None)?;
+    }
+    Ok((config, w))
+}
+
+/// A Hugging Face folder's configuration and weights (as f32).
+pub fn hf_weights(dir: &Path) -> Result<(Config, Weights)> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
+        format!(
+            "reading {}\nhint: a Hugging Face model folder holds config.json, tokenizer.json, tokenizer_config.json and model*.safetensors",
+            cfg_path.display()
+        )
+    })?;
+    let j: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
+    let arch = match j["architectures"][0].as_str() {
+        Some("LlamaForCausalLM") => "llama",
+        Some("MistralForCausalLM") => "mistral",
+        Some("Qwen2ForCausalLM") => "qwen2",
+        other => bail!(
+            "{}: architecture {other:?} cannot be trained here\nhint: the built-in trainer supports LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM",
+            cfg_path.display()
+        ),
+    };
+    let get = |k: &str| {
+        j[k].as_u64()
+            .map(|v| v as usize)
+            .ok_or_else(|| anyhow!("{}: `{k}` is missing", cfg_path.display()))
+    };
+    let hidden = get("hidden_size")?;
+    let heads = get("num_attention_heads")?;
+    let config = Config {
+        architecture: arch.into(),
+        vocab: get("vocab_size")?,
+        hidden,
+        intermediate: get("intermediate_size")?,
+        layers: get("num_hidden_layers")?,
+        heads,
+        kv_heads: j["num_key_value_heads"]
+            .as_u64()
+            .map(|v| v as usize)
+            .unwrap_or(heads),
+        head_dim: j["head_dim"]
+            .as_u64()
+            .map(|v| v as usize)
+            .unwrap_or(hidden / heads),
+        rope_theta: j["rope_theta"].as_f64().unwrap_or(10_000.0),
+        rms_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-5),
+        max_positions: get("max_position_embeddings").unwrap_or(2048),
+        tie_embeddings: j["tie_word_embeddings"].as_bool().unwrap_or(false),
+        qkv_bias: arch == "qwen2" || j["attention_bias"].as_bool().unwrap_or(false),
+    };
+    let mut files: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "{}: no *.safetensors file\nhint: a Hugging Face model folder holds config.json, tokenizer.json, tokenizer_config.json and model*.safetensors",
+            dir.display()
+        );
+    }
+    let mut w = Weights::new();
+    for f in files {
+        let tensors = candle_core::safetensors::load(&f, &Device::Cpu)
+            .with_context(|| format!("reading {}", f.display()))?;
+        for (name, t) in tensors {
+            let t = t.to_dtype(DType::F32)?;
+            w.insert(
+                name,
+                (t.dims().to_vec(), t.flatten_all()?.to_vec1::<f32>()?),
+            );
+        }
+    }
+    if config.tie_embeddings {
+        w.remove("lm_head.weight");
+    }
+    Ok((config, w))
+}
