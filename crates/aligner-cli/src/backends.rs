@@ -51,6 +51,10 @@ impl aligner_engine::BackendFactory for Factory {
     ) -> Result<Arc<dyn aligner_backend::Embedder>, String> {
         crate::embedder::load(spec)
     }
+
+    fn trainer(&self) -> Result<Arc<dyn aligner_engine::Trainer>, String> {
+        Ok(Arc::new(crate::trainer::BuiltinTrainer))
+    }
 }
 
 /// Loaded local models, by their spec.

@@ -11,6 +11,7 @@ mod fetch;
 mod output;
 mod progress;
 mod serve;
+mod trainer;
 
 use clap::Parser;
 

@@ -72,6 +72,52 @@ pub trait BackendFactory: Send + Sync {
             spec.embedder.display()
         ))
     }
+
+    /// The built-in trainer of `rounds.train.backend: {kind: builtin}`.
+    fn trainer(&self) -> Result<Arc<dyn Trainer>, String> {
+        Err("this build has no built-in trainer\nhint: use the `aligner` binary, or `backend: { kind: command, command: ... }` with your own trainer".into())
+    }
+}
+
+/// What the built-in trainer is asked to do for one round.
+#[derive(Debug, Clone)]
+pub struct TrainRequest {
+    pub round: u32,
+    pub stage: aligner_spec::TrainStage,
+    pub options: aligner_spec::BuiltinTrainer,
+    /// The model to train (round 1: the configured generate model; later: the previous
+    /// round's checkpoint).
+    pub base: aligner_spec::LocalModel,
+    /// The frozen DPO reference (`rounds.train.reference` resolved).
+    pub reference: aligner_spec::LocalModel,
+    pub pairs: Vec<aligner_dataset::PairRecord>,
+    /// Where the checkpoint goes (a fresh folder per attempt).
+    pub out_dir: PathBuf,
+    /// Kept across attempts: resumable optimizer state and the reference log-probs.
+    pub state_dir: PathBuf,
+    /// Set when the run is interrupted; the trainer stops at the next step.
+    pub interrupt: Arc<AtomicBool>,
+}
+
+/// What a trainer reports while it works.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainEvent {
+    /// One optimizer step's metrics, named as TRL names them.
+    Metrics {
+        step: u64,
+        values: Vec<(String, f64)>,
+    },
+    /// A line for `training_logs`.
+    Log(String),
+}
+
+/// The built-in trainer (the CLI wires `aligner-train` in). Runs on a blocking thread.
+pub trait Trainer: Send + Sync {
+    fn train(
+        &self,
+        request: &TrainRequest,
+        events: &mut dyn FnMut(TrainEvent),
+    ) -> std::result::Result<(), String>;
 }
 
 /// Progress reporting (the CLI draws bars; the daemon will stream events).

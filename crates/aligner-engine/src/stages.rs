@@ -218,6 +218,8 @@ where
 struct Upstream {
     /// Model name sent instead of the configured one (a served checkpoint).
     model_override: Option<String>,
+    /// A local upstream's checkpoint, loaded instead of the configured model.
+    local: Option<aligner_spec::LocalModel>,
     upstream_ref: String,
     checkpoint_id: Option<i64>,
 }
@@ -241,6 +243,7 @@ async fn upstream(ctx: &Ctx<'_>) -> Result<Upstream> {
             model_override: None,
             upstream_ref: configured,
             checkpoint_id: None,
+            local: None,
         });
     }
     let ckpt = e
@@ -252,10 +255,19 @@ async fn upstream(ctx: &Ctx<'_>) -> Result<Upstream> {
             stage: "generate",
             message: format!("round {} left no checkpoint to answer with", ctx.round - 1),
         })?;
+    // A local upstream answers with the checkpoint folder itself.
+    let local = match (
+        &e.spec.models[&e.spec.rounds.generate.model],
+        &ckpt.serve_model,
+    ) {
+        (ModelSpec::Local(_), None) => Some(crate::train::checkpoint_model(&ckpt.path)),
+        _ => None,
+    };
     Ok(Upstream {
         model_override: ckpt.serve_model.clone(),
         upstream_ref: ckpt.serve_model.clone().unwrap_or(ckpt.path.clone()),
         checkpoint_id: Some(ckpt.id),
+        local,
     })
 }
 
@@ -283,7 +295,15 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
         .await?;
     e.observer
         .stage_started(ctx.round, Stage::Generate, total as u64, done_ok as u64);
-    let backend = e.backend(&spec.model)?;
+    let backend = match &up.local {
+        Some(m) => {
+            let name = format!("{}@round-{}", spec.model, ctx.round - 1);
+            e.factory
+                .text_generator(&name, &ModelSpec::Local(m.clone()))
+                .map_err(|message| Error::Backend { name, message })?
+        }
+        None => e.backend(&spec.model)?,
+    };
     let backend_id = backend.id();
     let sampling_json: Vec<String> = (0..spec.n as u64)
         .map(|k| serde_json::to_string(&to_sampling(&spec.sampling, k)).unwrap_or_default())

@@ -96,16 +96,14 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         stage: "train",
         message,
     };
-    let TrainBackend::Command {
-        command,
-        format,
-        conversational,
-        serve_model,
-    } = &train.backend
-    else {
-        return Err(stage_err(
-            "`backend: builtin` needs the built-in trainer, which this build does not have yet\nhint: use `backend: { kind: command, command: ... }` with your own trainer (TRL, OpenRLHF, LLaMA-Factory)".into(),
-        ));
+    let (command, format, conversational, serve_model) = match &train.backend {
+        TrainBackend::Builtin(options) => return run_builtin(ctx, train, options).await,
+        TrainBackend::Command {
+            command,
+            format,
+            conversational,
+            serve_model,
+        } => (command, format, conversational, serve_model),
     };
     e.store.start_stage(run_id, round, "train", Some(1)).await?;
     e.observer.stage_started(ctx.round, Stage::Train, 1, 0);
@@ -367,6 +365,226 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     )
     .await;
     Ok(())
+}
+
+/// `backend: builtin`: trains in-process with the CLI's trainer (`aligner-train`), streams
+/// its per-step metrics into `training_metrics` and its messages into `training_logs`, and
+/// registers the Hugging Face checkpoint folder it writes. The optimizer state and the
+/// reference log-probs live in `round-N/train-state` across attempts, so a killed round
+/// resumes from its last saved step.
+async fn run_builtin(
+    ctx: &Ctx<'_>,
+    train: &TrainStage,
+    options: &aligner_spec::BuiltinTrainer,
+) -> Result<()> {
+    let e = ctx.engine;
+    let (run_id, round) = (ctx.run_id, ctx.round as i64);
+    let stage_err = |message: String| Error::Stage {
+        round: ctx.round,
+        stage: "train",
+        message,
+    };
+    let gen_model = &e.spec.rounds.generate.model;
+    let ModelSpec::Local(initial) = &e.spec.models[gen_model] else {
+        return Err(stage_err(format!(
+            "the built-in trainer trains local models; `{gen_model}` is not `kind: local`"
+        )));
+    };
+    e.store.start_stage(run_id, round, "train", Some(1)).await?;
+    e.observer.stage_started(ctx.round, Stage::Train, 1, 0);
+    let base = if ctx.round == 1 {
+        initial.clone()
+    } else {
+        let ckpt = e
+            .store
+            .checkpoint(run_id, round - 1)
+            .await?
+            .ok_or_else(|| {
+                stage_err(format!(
+                    "round {} left no checkpoint to train from",
+                    ctx.round - 1
+                ))
+            })?;
+        checkpoint_model(&ckpt.path)
+    };
+    let reference = match train.reference {
+        ReferencePolicy::Initial => initial.clone(),
+        ReferencePolicy::Previous => base.clone(),
+    };
+    let describe = |m: &aligner_spec::LocalModel| match &m.source {
+        aligner_spec::LocalSource::Gguf { path, .. }
+        | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
+        aligner_spec::LocalSource::HubId { id, .. } => id.clone(),
+    };
+    let dir = run_dir(ctx);
+    let out = dir.join("checkpoint");
+    let state_dir = dir.join("train-state");
+    let previous = e.store.training_job(run_id, round).await?;
+    let attempt = previous.map_or(1, |j| j.attempts + 1);
+    let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
+    if attempt_dir.exists() {
+        std::fs::remove_dir_all(&attempt_dir)
+            .map_err(|err| stage_err(format!("cannot clear `{}`: {err}", attempt_dir.display())))?;
+    }
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|err| stage_err(format!("cannot create `{}`: {err}", state_dir.display())))?;
+    let pairs = crate::pair_records(&e.store, run_id, round).await?;
+    if pairs.is_empty() {
+        let message = format!("round {} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {} GROUP BY reason\"` shows why; relax `rounds.synthesize`", ctx.round, ctx.round);
+        e.store
+            .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
+            .await?;
+        return Err(stage_err(message));
+    }
+    let trainer = e.factory.trainer().map_err(stage_err)?;
+    let job = e
+        .store
+        .start_training_job(&NewTrainingJob {
+            run_id,
+            round,
+            method: &enum_str(&train.method),
+            backend: "builtin",
+            hyperparameters: serde_json::to_value(train).unwrap_or_default(),
+            reference_policy: &enum_str(&train.reference),
+            reference_model: &describe(&reference),
+            base_model: &describe(&base),
+            data_path: &state_dir.display().to_string(),
+            pairs: pairs.len() as i64,
+            output_dir: &out.display().to_string(),
+            command: None,
+        })
+        .await?;
+    let message = format!(
+        "round {} train (built-in {}): {} pairs, base `{}`, reference `{}`",
+        ctx.round,
+        enum_str(&train.method),
+        pairs.len(),
+        describe(&base),
+        describe(&reference)
+    );
+    e.observer.note(&message);
+    e.event(
+        run_id,
+        Some(ctx.round),
+        Some("train"),
+        "info",
+        "train_started",
+        &message,
+        Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len()})),
+    )
+    .await;
+    let request = crate::TrainRequest {
+        round: ctx.round,
+        stage: train.clone(),
+        options: options.clone(),
+        base,
+        reference,
+        pairs,
+        out_dir: attempt_dir.clone(),
+        state_dir,
+        interrupt: e.interrupt.clone(),
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::TrainEvent>();
+    let worker = tokio::task::spawn_blocking(move || {
+        trainer.train(&request, &mut |ev| {
+            let _ = tx.send(ev);
+        })
+    });
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    while let Some(ev) = rx.recv().await {
+        match ev {
+            crate::TrainEvent::Metrics { step, values } => {
+                let line = values
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v:.5}"))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                tracing::info!(target: "aligner::train", "step {step}: {line}");
+                e.store
+                    .record_training_metrics(job.id, step as i64, &values)
+                    .await?;
+            }
+            crate::TrainEvent::Log(line) => {
+                tracing::info!(target: "aligner::train", "{line}");
+                if tail.len() == 20 {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+                e.store
+                    .append_training_logs(job.id, job.attempts, &[("stdout".into(), line)])
+                    .await?;
+            }
+        }
+    }
+    let result = worker
+        .await
+        .map_err(|err| stage_err(format!("the trainer thread failed: {err}")))?;
+    if e.interrupted() {
+        e.store
+            .finish_training_job(job.id, "failed", None, Some("interrupted"))
+            .await?;
+        return Err(e.interrupted_error(run_id));
+    }
+    if let Err(message) = result {
+        let message = format!(
+            "built-in trainer: {message}\nhint: its log is in `training_logs` (job {})",
+            job.id
+        );
+        e.store
+            .finish_training_job(job.id, "failed", None, Some(&message))
+            .await?;
+        e.store
+            .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
+            .await?;
+        return Err(stage_err(message));
+    }
+    if out.exists() {
+        std::fs::remove_dir_all(&out)
+            .map_err(|err| stage_err(format!("cannot replace `{}`: {err}", out.display())))?;
+    }
+    std::fs::rename(&attempt_dir, &out).map_err(|err| {
+        stage_err(format!(
+            "cannot move the checkpoint to `{}`: {err}",
+            out.display()
+        ))
+    })?;
+    let ckpt = e
+        .store
+        .register_checkpoint(run_id, round, job.id, 0, &out.display().to_string(), None)
+        .await?;
+    e.store
+        .finish_stage(run_id, round, "train", "done", 1, 0, None)
+        .await?;
+    e.observer.stage_finished(ctx.round, Stage::Train, 1, 0);
+    let message = format!(
+        "round {} checkpoint {} at `{}`",
+        ctx.round,
+        ckpt,
+        out.display()
+    );
+    e.observer.note(&message);
+    e.event(
+        run_id,
+        Some(ctx.round),
+        Some("train"),
+        "info",
+        "checkpoint_registered",
+        &message,
+        None,
+    )
+    .await;
+    Ok(())
+}
+
+/// A checkpoint folder as a local model (Hugging Face layout, its own dtype).
+pub(crate) fn checkpoint_model(path: &str) -> aligner_spec::LocalModel {
+    aligner_spec::LocalModel {
+        source: aligner_spec::LocalSource::HfFolder {
+            path: PathBuf::from(path),
+            architecture: None,
+        },
+        dtype: "auto".into(),
+    }
 }
 
 /// Signals a process group (`kill -SIG -- -PGID`); a group that is already gone is fine.

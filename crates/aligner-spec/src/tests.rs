@@ -601,6 +601,7 @@ fn known_fields_table_matches_serde() {
         ("rounds.synthesize.semantic", serde_fields::<SemanticWire>()),
         ("rounds.train", serde_fields::<TrainWire>()),
         ("rounds.train.backend", serde_fields::<BackendWire>()),
+        ("rounds.train.backend.lora", serde_fields::<LoraWire>()),
     ];
     assert_eq!(table, from_serde);
 

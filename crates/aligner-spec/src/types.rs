@@ -242,8 +242,33 @@ pub enum TrainBackend {
         /// checkpoint (`{round}` and `{output_dir}` are filled in). Required then.
         serve_model: Option<String>,
     },
-    /// The built-in candle trainer (its own issue); accepted by the spec, refused by the engine.
-    Builtin,
+    /// The built-in candle trainer (`aligner-train`), for `kind: local` generate models.
+    Builtin(BuiltinTrainer),
+}
+
+/// Options of the built-in trainer. Without `lora` or `train_layers` every weight trains.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BuiltinTrainer {
+    pub lora: Option<LoraSpec>,
+    /// Train only the last N transformer layers (and the final norm).
+    pub train_layers: Option<u32>,
+    /// Shuffling and adapter initialisation. Default 42.
+    pub seed: u64,
+    /// AdamW's decoupled weight decay. Default 0.
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping. Default 1.0; 0 turns it off.
+    pub max_grad_norm: f64,
+    /// Save resumable state every N optimizer steps. Default 50.
+    pub save_every: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LoraSpec {
+    pub rank: u32,
+    pub alpha: f64,
+    pub dropout: f64,
+    /// Linear layers by Hugging Face name (`q_proj` ... `down_proj`).
+    pub targets: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

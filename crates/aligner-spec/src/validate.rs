@@ -1601,9 +1601,128 @@ impl Ctx<'_> {
                         None,
                     );
                 }
-                Some(TrainBackend::Builtin)
+                if generate_is_openai {
+                    self.err(
+                        &p("backend.kind"),
+                        Anchor::Value,
+                        format!("the built-in trainer trains local models; the generate model `{generate_model}` is `kind: openai`"),
+                        Some("make the generate model `kind: local` (a GGUF file or a Hugging Face folder), or use `kind: command` with your own trainer and `serve_model`".into()),
+                    );
+                }
+                if let Some(loss) = &w.loss {
+                    use crate::wire::DpoLossWire as L;
+                    if !matches!(loss, L::Sigmoid | L::Ipo | L::SigmoidNll) {
+                        self.err(
+                            &p("loss"),
+                            Anchor::Value,
+                            "the built-in trainer implements the `sigmoid`, `ipo` and `sigmoid_nll` losses",
+                            Some("use one of those, or `kind: command` with TRL for the others".into()),
+                        );
+                    }
+                }
+                let lora = b.lora.as_ref().map(|l| {
+                    let rank = l.rank.unwrap_or(16);
+                    self.expect(&p("backend.lora.rank"), rank >= 1, "at least 1", rank);
+                    let alpha = l.alpha.unwrap_or(2.0 * rank as f64);
+                    self.expect(&p("backend.lora.alpha"), alpha > 0.0, "more than 0", alpha);
+                    let dropout = l.dropout.unwrap_or(0.0);
+                    self.expect(
+                        &p("backend.lora.dropout"),
+                        (0.0..1.0).contains(&dropout),
+                        "at least 0 and less than 1",
+                        dropout,
+                    );
+                    const TARGETS: [&str; 7] = [
+                        "q_proj",
+                        "k_proj",
+                        "v_proj",
+                        "o_proj",
+                        "gate_proj",
+                        "up_proj",
+                        "down_proj",
+                    ];
+                    let targets = l
+                        .targets
+                        .clone()
+                        .unwrap_or_else(|| TARGETS.iter().map(|t| t.to_string()).collect());
+                    for t in &targets {
+                        if !TARGETS.contains(&t.as_str()) {
+                            self.err(
+                                &p("backend.lora.targets"),
+                                Anchor::Value,
+                                format!("`{t}` is not a linear layer of a llama-family model"),
+                                Some(format!("targets are {}", TARGETS.join(", "))),
+                            );
+                        }
+                    }
+                    crate::types::LoraSpec {
+                        rank,
+                        alpha,
+                        dropout,
+                        targets,
+                    }
+                });
+                if let Some(n) = b.train_layers {
+                    self.expect(&p("backend.train_layers"), n >= 1, "at least 1", n);
+                    if lora.is_some() {
+                        self.err(
+                            &p("backend.train_layers"),
+                            Anchor::Key,
+                            "`train_layers` and `lora` exclude each other",
+                            Some("LoRA adapts every layer's named projections; `train_layers` trains the last N layers fully".into()),
+                        );
+                    }
+                }
+                let max_grad_norm = b.max_grad_norm.unwrap_or(1.0);
+                self.expect(
+                    &p("backend.max_grad_norm"),
+                    max_grad_norm >= 0.0,
+                    "at least 0",
+                    max_grad_norm,
+                );
+                let weight_decay = b.weight_decay.unwrap_or(0.0);
+                self.expect(
+                    &p("backend.weight_decay"),
+                    (0.0..1.0).contains(&weight_decay),
+                    "at least 0 and less than 1",
+                    weight_decay,
+                );
+                let save_every = b.save_every.unwrap_or(50);
+                self.expect(
+                    &p("backend.save_every"),
+                    save_every >= 1,
+                    "at least 1",
+                    save_every,
+                );
+                Some(TrainBackend::Builtin(crate::types::BuiltinTrainer {
+                    lora,
+                    train_layers: b.train_layers,
+                    seed: b.seed.unwrap_or(42),
+                    weight_decay,
+                    max_grad_norm,
+                    save_every,
+                }))
             }
             BackendKind::Command => {
+                let set = [
+                    ("lora", b.lora.is_some()),
+                    ("train_layers", b.train_layers.is_some()),
+                    ("seed", b.seed.is_some()),
+                    ("weight_decay", b.weight_decay.is_some()),
+                    ("max_grad_norm", b.max_grad_norm.is_some()),
+                    ("save_every", b.save_every.is_some()),
+                ];
+                for (field, _) in set.iter().filter(|(_, is_set)| *is_set) {
+                    self.err(
+                        &p(&format!("backend.{field}")),
+                        Anchor::Key,
+                        format!("field `{field}` applies to `kind: builtin` only"),
+                        Some(
+                            "your train command takes its own options; pass them in `command`"
+                                .into(),
+                        ),
+                    );
+                }
                 let cmd_path = p("backend.command");
                 let command = match &b.command {
                     None => {

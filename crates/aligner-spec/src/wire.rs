@@ -130,8 +130,22 @@ pub(crate) const TRAIN_FIELDS: &[&str] = &[
 ];
 
 /// Keys allowed under `rounds.train.backend:`, in the order of [`BackendWire`].
-pub(crate) const BACKEND_FIELDS: &[&str] =
-    &["kind", "command", "format", "conversational", "serve_model"];
+pub(crate) const BACKEND_FIELDS: &[&str] = &[
+    "kind",
+    "command",
+    "format",
+    "conversational",
+    "serve_model",
+    "lora",
+    "train_layers",
+    "seed",
+    "weight_decay",
+    "max_grad_norm",
+    "save_every",
+];
+
+/// Keys allowed under `rounds.train.backend.lora:`, in the order of [`LoraWire`].
+pub(crate) const LORA_FIELDS: &[&str] = &["rank", "alpha", "dropout", "targets"];
 
 /// The one table of allowed keys: for each YAML path pattern (`*` stands for any key, e.g.
 /// a model name), the keys its mapping may have. Validation reports and drops every other
@@ -152,6 +166,7 @@ pub(crate) const KNOWN_FIELDS: &[(&str, &[&str])] = &[
     ("rounds.synthesize.semantic", SEMANTIC_FIELDS),
     ("rounds.train", TRAIN_FIELDS),
     ("rounds.train.backend", BACKEND_FIELDS),
+    ("rounds.train.backend.lora", LORA_FIELDS),
 ];
 
 /// The allowed keys of the mapping at path pattern `pattern`, if it is checked.
@@ -525,7 +540,8 @@ pub enum ExportFormatWire {
     Parquet,
 }
 
-/// `rounds.train.backend:`. Every field but `kind` belongs to `kind: command`.
+/// `rounds.train.backend:`. `command`, `format`, `conversational` and `serve_model` belong
+/// to `kind: command`; the rest to `kind: builtin`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a backend mapping with a `kind`")]
 pub struct BackendWire {
@@ -534,6 +550,22 @@ pub struct BackendWire {
     pub format: Option<ExportFormatWire>,
     pub conversational: Option<bool>,
     pub serve_model: Option<String>,
+    pub lora: Option<LoraWire>,
+    pub train_layers: Option<u32>,
+    pub seed: Option<u64>,
+    pub weight_decay: Option<f64>,
+    pub max_grad_norm: Option<f64>,
+    pub save_every: Option<u32>,
+}
+
+/// `rounds.train.backend.lora:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a lora mapping")]
+pub struct LoraWire {
+    pub rank: Option<u32>,
+    pub alpha: Option<f64>,
+    pub dropout: Option<f64>,
+    pub targets: Option<Vec<String>>,
 }
 
 /// `rounds.evaluate:`. Only `judge` and `metrics` are read now; the other keys are kept

@@ -930,6 +930,30 @@ impl Store {
         Ok(())
     }
 
+    /// One optimizer step's metrics (TRL's names), replacing a step recorded before (a
+    /// resumed training repeats no step, but a retried one may).
+    pub async fn record_training_metrics(
+        &self,
+        job_id: i64,
+        step: i64,
+        values: &[(String, f64)],
+    ) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+            "INSERT OR REPLACE INTO training_metrics (training_job_id, step, name, value) ",
+        );
+        qb.push_values(values, |mut b, (name, value)| {
+            b.push_bind(job_id)
+                .push_bind(step)
+                .push_bind(name)
+                .push_bind(value);
+        });
+        qb.build().execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn finish_training_job(
         &self,
         job_id: i64,

@@ -189,13 +189,14 @@ pub fn sft(
                 dpo: None,
                 tokens,
             };
+            // Saved before it is reported: a run stopped by the report keeps the step.
+            if info.step % cfg.save_every.max(1) == 0 || last_micro {
+                resume.save(&opt, mi + 1)?;
+            }
             on_step(&log)?;
             last = Some(log);
             losses.clear();
             tokens = 0;
-            if info.step % cfg.save_every.max(1) == 0 || last_micro {
-                resume.save(&opt, mi + 1)?;
-            }
         }
     }
     Ok(Summary {
@@ -336,13 +337,13 @@ pub fn dpo(
                 dpo: Some(dm),
                 tokens,
             };
+            if info.step % cfg.save_every.max(1) == 0 || last_micro {
+                resume.save(&opt, mi + 1)?;
+            }
             on_step(&log)?;
             last = Some(log);
             metrics.clear();
             tokens = 0;
-            if info.step % cfg.save_every.max(1) == 0 || last_micro {
-                resume.save(&opt, mi + 1)?;
-            }
         }
     }
     Ok(Summary {

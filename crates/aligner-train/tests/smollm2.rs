@@ -1,0 +1,121 @@
+//! The trainable model on the real SmolLM2-135M-Instruct GGUF: a checkpoint written from it
+//! loads back through `aligner-local` (Hugging Face path) with the same logits and tokenizer.
+
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+use aligner_local::gguf::GgufFile;
+use aligner_local::model::{Chunk, KvCache, Model};
+use aligner_local::tokenizer::TextTokenizer;
+use aligner_train::checkpoint::{read_meta, save_hf, CheckpointMeta};
+use aligner_train::model::{gguf_weights, TrainModel, Trainable};
+
+fn gguf_path() -> PathBuf {
+    let dir = std::env::var_os("ALIGNER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let p = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    assert!(
+        p.is_file(),
+        "{} is missing: run `aligner models fetch` (or set ALIGNER_MODELS_DIR)",
+        p.display()
+    );
+    p
+}
+
+/// Logits of the trainer's forward pass equal the inference engine's on the checkpoint it
+/// wrote (f32 weights there, so no activation quantization). The inference path keeps q and
+/// the KV cache in f16, which moves logits by a few thousandths; 0.02 is well below any real
+/// error (a wrong rotary layout or tensor name moves them by whole units).
+#[test]
+fn checkpoint_round_trips_through_the_inference_engine() {
+    let path = gguf_path();
+    let (mut config, weights) = gguf_weights(&path).unwrap();
+    // The first four of the thirty layers keep the test fast and still cover every tensor
+    // kind and the q/k un-permutation.
+    config.layers = 4;
+    let model = TrainModel::from_weights(config, weights, &Trainable::None, &Device::Cpu).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let tok = TextTokenizer::from_gguf(&file.content).unwrap();
+    let ids = tok
+        .encode(
+            "<|im_start|>user\nName three prime numbers.<|im_end|>\n<|im_start|>assistant\n",
+            true,
+        )
+        .unwrap();
+    let t = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let ours = model.logits(&t, None).unwrap();
+    let last: Vec<f32> = ours
+        .squeeze(0)
+        .unwrap()
+        .get(ids.len() - 1)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("ckpt");
+    let meta = CheckpointMeta {
+        method: "sft".into(),
+        aligner_template: Some("aligner-v1".into()),
+        base_model: path.display().to_string(),
+        optimizer_steps: 0,
+        extra: serde_json::Value::Null,
+    };
+    save_hf(&model, &tok, &meta, &ckpt).unwrap();
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "aligner.json",
+    ] {
+        assert!(ckpt.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(read_meta(&ckpt).unwrap().unwrap(), meta);
+
+    let back = Model::from_hf_folder(&ckpt, "f32").unwrap();
+    let mut cache = KvCache::new(back.config.layers);
+    let theirs = back
+        .forward(&mut [Chunk {
+            cache: &mut cache,
+            tokens: &ids,
+            logits: true,
+        }])
+        .remove(0);
+    let diff = last
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 0.02, "logits differ by {diff}");
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0
+    };
+    assert_eq!(argmax(&last), argmax(&theirs));
+
+    // The tokenizer and chat template travel with the checkpoint.
+    let tok2 = TextTokenizer::from_hf_folder(&ckpt).unwrap();
+    for s in [
+        "Hello, world! 12345",
+        "  code:\n\tfn main() {}",
+        "naïve café 東京",
+    ] {
+        assert_eq!(
+            tok.encode(s, false).unwrap(),
+            tok2.encode(s, false).unwrap(),
+            "{s:?}"
+        );
+    }
+    assert_eq!(tok.chat_template(), tok2.chat_template());
+    assert_eq!(tok.eos_ids(), tok2.eos_ids());
+}
