@@ -134,3 +134,103 @@ fn local_run_killed_mid_stage_resumes_without_redoing_work() {
     );
     assert_eq!(scalar(dir.path(), "SELECT count(*) FROM corrections"), 8);
 }
+
+/// Two rounds with the built-in trainer: round 1's DPO step writes a Hugging Face checkpoint,
+/// its per-step metrics land in `training_metrics` under TRL's names, and round 2's upstream
+/// answers from that checkpoint folder.
+#[test]
+fn builtin_dpo_trains_and_the_next_round_answers_with_the_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    pipeline(dir.path(), 4);
+    let yaml = std::fs::read_to_string(dir.path().join("p.yaml"))
+        .unwrap()
+        .replace("count: 1", "count: 2")
+        + r#"  train:
+    method: dpo
+    beta: 0.1
+    learning_rate: 1.0e-5
+    epochs: 1
+    batch_size: 2
+    max_length: 128
+    warmup_ratio: 0.0
+    reference: initial
+    backend: { kind: builtin, train_layers: 2, save_every: 1 }
+"#;
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], dir.path());
+    assert!(o.status.success(), "run failed: {}", text(&o));
+    let jobs = sql(
+        dir.path(),
+        "SELECT round, backend, status, pairs, output_dir FROM training_jobs ORDER BY round",
+    );
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    for j in &jobs {
+        assert_eq!(j["backend"].as_str(), Some("builtin"), "{jobs:?}");
+        assert_eq!(j["status"].as_str(), Some("done"), "{jobs:?}");
+    }
+    let ckpt1 = PathBuf::from(jobs[0]["output_dir"].as_str().unwrap());
+    for f in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        assert!(ckpt1.join(f).is_file(), "{} has no {f}", ckpt1.display());
+    }
+    // TRL's metric names, one row per name and optimizer step.
+    let names: Vec<String> = sql(
+        dir.path(),
+        "SELECT DISTINCT name FROM training_metrics ORDER BY name",
+    )
+    .iter()
+    .map(|r| r["name"].as_str().unwrap().to_string())
+    .collect();
+    for n in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/chosen",
+        "logps/rejected",
+        "learning_rate",
+        "grad_norm",
+    ] {
+        assert!(names.iter().any(|x| x == n), "no `{n}` in {names:?}");
+    }
+    // 4 pairs at most per round, batch 2: one or two steps.
+    let steps = scalar(
+        dir.path(),
+        "SELECT count(DISTINCT step) FROM training_metrics m JOIN training_jobs j ON j.id = m.training_job_id WHERE j.round = 1",
+    );
+    assert!((1..=2).contains(&steps), "{steps} steps");
+    // The first step's DPO loss is log 2 (policy = reference before any update).
+    let first = sql(
+        dir.path(),
+        "SELECT value FROM training_metrics m JOIN training_jobs j ON j.id = m.training_job_id WHERE j.round = 1 AND step = 1 AND name = 'loss'",
+    );
+    let l = first[0]["value"].as_f64().unwrap();
+    assert!((l - std::f64::consts::LN_2).abs() < 1e-3, "first loss {l}");
+    // Round 2 answered with round 1's checkpoint.
+    let up = sql(
+        dir.path(),
+        "SELECT upstream_ref FROM rounds WHERE round = 2",
+    );
+    assert_eq!(
+        up[0]["upstream_ref"].as_str(),
+        Some(ckpt1.display().to_string().as_str()),
+        "{up:?}"
+    );
+    let served = sql(
+        dir.path(),
+        "SELECT DISTINCT served_model FROM generations WHERE round = 2",
+    );
+    assert_eq!(served.len(), 1, "{served:?}");
+    assert_eq!(
+        scalar(
+            dir.path(),
+            "SELECT count(*) FROM generations WHERE round = 2 AND status = 'ok'"
+        ),
+        4
+    );
+}
