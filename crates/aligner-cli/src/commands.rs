@@ -109,6 +109,8 @@ pub enum Command {
     },
     /// Serve a local model over an OpenAI-compatible HTTP API.
     Serve(crate::serve::ServeArgs),
+    /// Train an Aligner on question-answer-correction data with the built-in trainer.
+    TrainAligner(crate::trainer::TrainAlignerArgs),
     /// The offline default models.
     #[command(subcommand)]
     Models(crate::fetch::ModelsCommand),
@@ -156,6 +158,9 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Validate { files, json } => validate(&files, json),
         Command::Serve(args) => crate::serve::run(args).await,
+        Command::TrainAligner(args) => {
+            tokio::task::spawn_blocking(move || crate::trainer::train_aligner(&args)).await?
+        }
         Command::Models(c) => crate::fetch::models(c),
         Command::Prompts(c) => crate::fetch::prompts(c),
         Command::Run {

@@ -197,6 +197,50 @@ pub fn read_prompts(
     Ok((out, report))
 }
 
+/// One Aligner training example: a question, an upstream answer, and its correction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QacRecord {
+    pub question: String,
+    pub answer: String,
+    pub correction: String,
+}
+
+/// Reads Q-A-C data (columns `question`, `answer`, `correction`; JSONL, CSV or Parquet). Rows
+/// with an empty question or answer are skipped and counted; an empty correction is an empty
+/// target, which is rarely wanted, so those rows are skipped too.
+pub fn read_qac(path: &Path, format: Format) -> Result<(Vec<QacRecord>, ReadReport)> {
+    let df = read_frame(path, format)?;
+    let q = string_column(&df, path, "question", "question")?;
+    let a = string_column(&df, path, "answer", "answer")?;
+    let c = string_column(&df, path, "correction", "correction")?;
+    let mut report = ReadReport {
+        rows: df.height(),
+        skipped_empty: 0,
+    };
+    let mut out = Vec::with_capacity(df.height());
+    for ((q, a), c) in q.into_iter().zip(a).zip(c) {
+        match (q, a, c) {
+            (Some(q), Some(a), Some(c))
+                if !q.trim().is_empty() && !a.trim().is_empty() && !c.trim().is_empty() =>
+            {
+                out.push(QacRecord {
+                    question: q,
+                    answer: a,
+                    correction: c,
+                })
+            }
+            _ => report.skipped_empty += 1,
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::NoPrompts {
+            path: path.into(),
+            column: "question".into(),
+        });
+    }
+    Ok((out, report))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// prompt / chosen / rejected

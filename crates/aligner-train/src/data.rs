@@ -47,6 +47,7 @@ pub struct Packed {
     pub positions: Tensor,
     /// `[n]` the completion tokens they predict.
     pub targets: Tensor,
+    pub target_ids: Vec<u32>,
     /// `[b, n]`, 1 where position k belongs to sequence i: sums token log-probs per sequence.
     pub owner: Tensor,
     /// Completion tokens per sequence.
@@ -93,7 +94,8 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Pack
         ids: Tensor::from_vec(ids, (b, t), device)?,
         mask: Tensor::from_vec(mask, (b, t), device)?,
         positions: Tensor::from_vec(positions, n, device)?,
-        targets: Tensor::from_vec(targets, n, device)?,
+        targets: Tensor::from_slice(&targets, n, device)?,
+        target_ids: targets,
         owner: Tensor::from_vec(owner, (b, n), device)?,
         counts,
     })
@@ -107,6 +109,9 @@ pub fn token_logps(model: &TrainModel, batch: &Packed, train: bool) -> Result<Te
         .reshape((b * t, model.config.hidden))?;
     let rows = hidden.index_select(&batch.positions, 0)?;
     let logits = model.head(&rows)?;
+    if logits.device().is_cpu() && logits.dtype() == DType::F32 {
+        return Ok(crate::kernels::token_logps(&logits, &batch.target_ids)?);
+    }
     let max = logits.max_keepdim(D::Minus1)?.detach();
     let lse = logits
         .broadcast_sub(&max)?

@@ -472,21 +472,37 @@ impl TrainModel {
             .reshape((b * t, c.hidden))?;
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
-        // Additive attention bias: causal, plus padded keys.
-        let mut bias: Vec<f32> = vec![0.0; t * t];
-        for i in 0..t {
-            for j in i + 1..t {
-                bias[i * t + j] = NEG;
-            }
-        }
-        let mut bias = Tensor::from_vec(bias, (1, 1, t, t), &self.device)?;
-        if let Some(m) = mask {
-            let keys = m
+        // On the CPU with right padding (every `pack`ed batch) the fused causal softmax needs
+        // no mask tensor: padding only ever follows a sequence's tokens. Otherwise an additive
+        // bias masks future and padded keys.
+        let right_padded = match mask {
+            None => true,
+            Some(m) => m
                 .to_dtype(DType::F32)?
-                .affine(-(NEG as f64), NEG as f64)?
-                .reshape((b, 1, 1, t))?;
-            bias = bias.broadcast_add(&keys)?;
-        }
+                .to_vec2::<f32>()?
+                .iter()
+                .all(|row| row.windows(2).all(|w| !(w[0] == 0.0 && w[1] != 0.0))),
+        };
+        let fused = self.device.is_cpu() && right_padded;
+        let bias = if fused {
+            None
+        } else {
+            let mut bias: Vec<f32> = vec![0.0; t * t];
+            for i in 0..t {
+                for j in i + 1..t {
+                    bias[i * t + j] = NEG;
+                }
+            }
+            let mut bias = Tensor::from_vec(bias, (1, 1, t, t), &self.device)?;
+            if let Some(m) = mask {
+                let keys = m
+                    .to_dtype(DType::F32)?
+                    .affine(-(NEG as f64), NEG as f64)?
+                    .reshape((b, 1, 1, t))?;
+                bias = bias.broadcast_add(&keys)?;
+            }
+            Some(bias)
+        };
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
             let h = rms_norm(&x, l.input_norm.tensor(), c.rms_eps)?;
@@ -503,8 +519,11 @@ impl TrainModel {
             } else {
                 (k, v)
             };
-            let att = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let att = softmax_last(&att)?;
+            let scores = q.matmul(&k.t()?)?;
+            let att = match &bias {
+                None => crate::kernels::causal_softmax(&scores, scale)?,
+                Some(bias) => softmax_last(&(scores * scale)?.broadcast_add(bias)?)?,
+            };
             let o = att
                 .matmul(&v)?
                 .transpose(1, 2)?

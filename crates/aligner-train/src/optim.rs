@@ -54,11 +54,17 @@ pub struct StepInfo {
     pub grad_norm: f64,
 }
 
+/// A parameter's first and second moments: plain vectors updated by the fused CPU kernel, or
+/// tensors on other devices.
+enum Moments {
+    Cpu(Vec<f32>, Vec<f32>),
+    Device(Tensor, Tensor),
+}
+
 pub struct AdamW {
     cfg: OptimConfig,
     vars: Vec<(String, Var)>,
-    m: Vec<Tensor>,
-    v: Vec<Tensor>,
+    moments: Vec<Moments>,
     /// Optimizer steps taken.
     step: usize,
     /// Micro-batches accumulated since the last step.
@@ -74,17 +80,22 @@ impl AdamW {
         if cfg.accumulation == 0 {
             bail!("gradient accumulation must be at least 1");
         }
-        let m = vars
+        let moments = vars
             .iter()
-            .map(|(_, v)| v.as_tensor().zeros_like())
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let v = m.clone();
+            .map(|(_, v)| {
+                let t = v.as_tensor();
+                Ok(if t.device().is_cpu() && t.dtype() == DType::F32 {
+                    Moments::Cpu(vec![0.0; t.elem_count()], vec![0.0; t.elem_count()])
+                } else {
+                    Moments::Device(t.zeros_like()?, t.zeros_like()?)
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let acc = vec![None; vars.len()];
         Ok(AdamW {
             cfg,
             vars,
-            m,
-            v,
+            moments,
             step: 0,
             micro: 0,
             acc,
@@ -168,20 +179,40 @@ impl AdamW {
             let Some(g) = self.acc[i].take() else {
                 continue;
             };
-            let g = if clip != 1.0 { g.affine(clip, 0.0)? } else { g };
-            let m = ((&self.m[i] * c.beta1)? + g.affine(1.0 - c.beta1, 0.0)?)?;
-            let v = ((&self.v[i] * c.beta2)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
-            let update =
-                (m.affine(1.0 / bc1, 0.0)? / (v.affine(1.0 / bc2, 0.0)?.sqrt()? + c.eps)?)?;
-            let theta = var.as_tensor().detach();
-            let theta = if c.weight_decay > 0.0 {
-                theta.affine(1.0 - lr * c.weight_decay, 0.0)?
-            } else {
-                theta
-            };
-            var.set(&(theta - update.affine(lr, 0.0)?)?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            match &mut self.moments[i] {
+                Moments::Cpu(m, v) => {
+                    let g = g.contiguous()?;
+                    let step = crate::kernels::AdamStep {
+                        m: std::cell::RefCell::new(&mut m[..]),
+                        v: std::cell::RefCell::new(&mut v[..]),
+                        lr: lr as f32,
+                        beta1: c.beta1 as f32,
+                        beta2: c.beta2 as f32,
+                        eps: c.eps as f32,
+                        weight_decay: c.weight_decay as f32,
+                        bc1: bc1 as f32,
+                        bc2: bc2 as f32,
+                        grad_scale: clip as f32,
+                    };
+                    var.as_tensor().inplace_op2(&g, &step)?;
+                }
+                Moments::Device(m0, v0) => {
+                    let g = if clip != 1.0 { g.affine(clip, 0.0)? } else { g };
+                    let m = ((&*m0 * c.beta1)? + g.affine(1.0 - c.beta1, 0.0)?)?;
+                    let v = ((&*v0 * c.beta2)? + g.sqr()?.affine(1.0 - c.beta2, 0.0)?)?;
+                    let update =
+                        (m.affine(1.0 / bc1, 0.0)? / (v.affine(1.0 / bc2, 0.0)?.sqrt()? + c.eps)?)?;
+                    let theta = var.as_tensor().detach();
+                    let theta = if c.weight_decay > 0.0 {
+                        theta.affine(1.0 - lr * c.weight_decay, 0.0)?
+                    } else {
+                        theta
+                    };
+                    var.set(&(theta - update.affine(lr, 0.0)?)?)?;
+                    *m0 = m;
+                    *v0 = v;
+                }
+            }
         }
         Ok(StepInfo {
             step: self.step,
@@ -194,14 +225,20 @@ impl AdamW {
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut map: HashMap<String, Tensor> = HashMap::new();
         for (i, (name, var)) in self.vars.iter().enumerate() {
-            map.insert(format!("param/{name}"), var.as_tensor().detach());
-            map.insert(format!("m/{name}"), self.m[i].clone());
-            map.insert(format!("v/{name}"), self.v[i].clone());
+            let t = var.as_tensor();
+            map.insert(format!("param/{name}"), t.detach());
+            let (m, v) = match &self.moments[i] {
+                Moments::Cpu(m, v) => (
+                    Tensor::from_slice(m, t.shape(), t.device())?,
+                    Tensor::from_slice(v, t.shape(), t.device())?,
+                ),
+                Moments::Device(m, v) => (m.clone(), v.clone()),
+            };
+            map.insert(format!("m/{name}"), m);
+            map.insert(format!("v/{name}"), v);
         }
-        map.insert(
-            "step".into(),
-            Tensor::new(&[self.step as u32], self.m[0].device())?,
-        );
+        let dev = self.vars[0].1.as_tensor().device().clone();
+        map.insert("step".into(), Tensor::new(&[self.step as u32], &dev)?);
         let tmp = path.with_extension("tmp");
         candle_core::safetensors::save(&map, &tmp)
             .with_context(|| format!("writing {}", tmp.display()))?;
@@ -211,7 +248,7 @@ impl AdamW {
 
     /// Restores what [`AdamW::save`] wrote (same parameter names and shapes).
     pub fn load(&mut self, path: &Path) -> Result<()> {
-        let dev = self.m[0].device().clone();
+        let dev = self.vars[0].1.as_tensor().device().clone();
         let map = candle_core::safetensors::load(path, &dev)
             .with_context(|| format!("reading {}", path.display()))?;
         let get = |k: &str| {
@@ -225,8 +262,14 @@ impl AdamW {
                 bail!("{}: `{name}` has another shape", path.display());
             }
             var.set(&p)?;
-            self.m[i] = get(&format!("m/{name}"))?;
-            self.v[i] = get(&format!("v/{name}"))?;
+            let (m, v) = (get(&format!("m/{name}"))?, get(&format!("v/{name}"))?);
+            self.moments[i] = match &self.moments[i] {
+                Moments::Cpu(..) => Moments::Cpu(
+                    m.flatten_all()?.to_vec1::<f32>()?,
+                    v.flatten_all()?.to_vec1::<f32>()?,
+                ),
+                Moments::Device(..) => Moments::Device(m, v),
+            };
         }
         self.step = get("step")?.to_vec1::<u32>()?[0] as usize;
         self.micro = 0;
