@@ -23,6 +23,7 @@ fn arg(args: &[String], name: &str) -> Option<String> {
 }
 
 fn main() -> anyhow::Result<()> {
+    aligner_train::tune_allocator();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let seq: usize = arg(&args, "--seq")
         .and_then(|v| v.parse().ok())
