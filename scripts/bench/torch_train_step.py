@@ -14,7 +14,10 @@ crates/aligner-train reads, and times full training steps on random token ids wi
        -> seconds per step and policy tokens/s (2 * seq / step time)
 
 Each measurement is the median of --steps timed steps after one warm-up step. Prints a
-human-readable table on stderr, one JSON object on stdout, and the peak RSS.
+human-readable table on stderr, one JSON object on stdout, and the peak RSS. Each measurement
+also records how many cores other processes used meanwhile ("other_load_cores"); with torch's
+thread pool filling the machine, even a light competing load slows steps down many times over,
+so a run with "contended": true is not representative.
 
     ~/.cache/aligner/torch-venv/bin/python scripts/bench/torch_train_step.py [--threads 2] [--seq 512] [--steps 3]
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import resource
 import statistics
 import sys
@@ -50,14 +54,62 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def timed(fn, steps: int) -> list[dict[str, float]]:
-    """Runs `fn` once as warm-up, then `steps` times; returns the timed runs' phase timings."""
+class OtherLoad:
+    """CPU time used by everything except this process while a measurement ran (Linux only).
+
+    With torch's OpenMP thread pool sized to the whole machine, any other busy process slows a
+    step down by far more than its share (threads wait at barriers for a descheduled peer), so
+    a measurement is only meaningful when this stays near zero. Reported in cores (busy
+    jiffies of the whole system minus this process's, over wall time); None where /proc/stat
+    is unavailable.
+    """
+
+    CONTENDED_CORES = 0.2
+
+    def __init__(self) -> None:
+        self.start_system = self._system_busy_s()
+        t = os.times()
+        self.start_self = t.user + t.system
+        self.start_wall = time.perf_counter()
+
+    @staticmethod
+    def _system_busy_s() -> float | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+    def cores(self) -> float | None:
+        end_system = self._system_busy_s()
+        if end_system is None or self.start_system is None:
+            return None
+        t = os.times()
+        own = t.user + t.system - self.start_self
+        wall = time.perf_counter() - self.start_wall
+        return max(0.0, (end_system - self.start_system - own) / wall)
+
+
+def measure(fn, steps: int) -> tuple[dict[str, float], float | None]:
+    """One warm-up call of `fn`, then `steps` timed calls.
+
+    Returns the median of each phase timing and the other processes' CPU load (cores) seen
+    during the timed calls.
+    """
     fn()
-    return [fn() for _ in range(steps)]
+    load = OtherLoad()
+    runs = [fn() for _ in range(steps)]
+    phases = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    return phases, load.cores()
 
 
-def median_phases(runs: list[dict[str, float]]) -> dict[str, float]:
-    return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+def contention_note(other: float | None) -> str:
+    if other is None:
+        return ""
+    flag = " CONTENDED, not representative" if other > OtherLoad.CONTENDED_CORES else ""
+    return f" [other processes: {other:.2f} cores{flag}]"
 
 
 def sft_step(model, opt, ids: torch.Tensor) -> dict[str, float]:
@@ -128,12 +180,18 @@ def main() -> None:
 
     for batch in (1, 2):
         ids = torch.randint(0, vocab, (batch, a.seq))
-        phases = median_phases(timed(lambda: sft_step(model, opt, ids), a.steps))
+        phases, other = measure(lambda: sft_step(model, opt, ids), a.steps)
         tok_s = batch * a.seq / phases["total"]
-        results[f"sft_batch{batch}"] = {"seconds_per_step": phases["total"], "tokens_per_s": tok_s, "phases_s": phases}
+        results[f"sft_batch{batch}"] = {
+            "seconds_per_step": phases["total"],
+            "tokens_per_s": tok_s,
+            "phases_s": phases,
+            "other_load_cores": other,
+        }
         print(
             f"sft batch {batch}: {phases['total']:.2f} s/step, {tok_s:.1f} tok/s "
-            f"(fwd {phases['forward']:.2f} s, bwd {phases['backward']:.2f} s, adamw {phases['optimizer']:.2f} s)",
+            f"(fwd {phases['forward']:.2f} s, bwd {phases['backward']:.2f} s, adamw {phases['optimizer']:.2f} s)"
+            + contention_note(other),
             file=sys.stderr,
         )
 
@@ -144,16 +202,23 @@ def main() -> None:
     ids = torch.stack([torch.cat([prompt, torch.randint(0, vocab, (a.seq - prompt_len,))]) for _ in range(2)])
     completion_mask = torch.zeros(2, a.seq - 1)
     completion_mask[:, prompt_len - 1 :] = 1.0
-    phases = median_phases(timed(lambda: dpo_step(model, reference, opt, ids, completion_mask), a.steps))
+    phases, other = measure(lambda: dpo_step(model, reference, opt, ids, completion_mask), a.steps)
     tok_s = 2 * a.seq / phases["total"]
-    results["dpo_pair"] = {"seconds_per_step": phases["total"], "policy_tokens_per_s": tok_s, "phases_s": phases}
+    results["dpo_pair"] = {
+        "seconds_per_step": phases["total"],
+        "policy_tokens_per_s": tok_s,
+        "phases_s": phases,
+        "other_load_cores": other,
+    }
     print(
         f"dpo 1 pair: {phases['total']:.2f} s/step, {tok_s:.1f} policy tok/s "
         f"(ref fwd {phases['reference_forward']:.2f} s, policy fwd {phases['policy_forward']:.2f} s, "
-        f"bwd {phases['backward']:.2f} s, adamw {phases['optimizer']:.2f} s)",
+        f"bwd {phases['backward']:.2f} s, adamw {phases['optimizer']:.2f} s)" + contention_note(other),
         file=sys.stderr,
     )
 
+    loads = [r["other_load_cores"] for r in results.values() if isinstance(r, dict) and "other_load_cores" in r]
+    results["contended"] = any(x is not None and x > OtherLoad.CONTENDED_CORES for x in loads)
     results["peak_rss_mib"] = peak_rss_mib()
     print(f"peak RSS {results['peak_rss_mib']:.0f} MiB", file=sys.stderr)
     print(json.dumps(results, indent=1))
