@@ -400,10 +400,45 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
     ctx.finish(Stage::Generate, ok, failed, first_error).await
 }
 
+/// An Aligner trained here records its prompt template (`aligner.json` in its folder); using
+/// it with another template would feed it prompts it never saw. Returns the error to report.
+fn template_mismatch(
+    model: Option<&ModelSpec>,
+    template: &aligner_spec::Template,
+) -> Option<String> {
+    let Some(ModelSpec::Local(m)) = model else {
+        return None;
+    };
+    let aligner_spec::LocalSource::HfFolder { path, .. } = &m.source else {
+        return None;
+    };
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path.join("aligner.json")).ok()?).ok()?;
+    let trained_text = meta["extra"]["template_text"].as_str()?;
+    if trained_text == template.text() {
+        return None;
+    }
+    let trained_id = meta["aligner_template"].as_str().unwrap_or("custom");
+    Some(format!(
+        "the Aligner `{}` was trained with the template `{trained_id}`, but `rounds.correct.template` is `{}`\nhint: set `template: {}` (its text is in `{}`), so the Aligner reads the prompts it was trained on",
+        path.display(),
+        template.id(),
+        if trained_id == "custom" { "<the same text>" } else { trained_id },
+        path.join("aligner.json").display()
+    ))
+}
+
 pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
     let e = ctx.engine;
     let (run_id, round) = (ctx.run_id, ctx.round());
     let spec = &e.spec.rounds.correct;
+    if let Some(message) = template_mismatch(e.spec.models.get(&spec.model), &spec.template) {
+        return Err(Error::Stage {
+            round: ctx.round,
+            stage: "correct",
+            message,
+        });
+    }
     e.store.delete_failed_corrections(run_id, round).await?;
     let (gen_ok, _) = e.store.generation_counts(run_id, round).await?;
     let base = e.store.correction_counts(run_id, round).await?;
@@ -610,4 +645,38 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     )
     .await;
     Ok(())
+}
+
+#[cfg(test)]
+mod template_tests {
+    use super::*;
+
+    #[test]
+    fn an_aligner_checkpoint_refuses_another_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = serde_json::json!({
+            "method": "train_aligner",
+            "aligner_template": "aligner-v1",
+            "base_model": "x",
+            "optimizer_steps": 3,
+            "extra": { "template_text": aligner_spec::Template::AlignerV1.text() }
+        });
+        std::fs::write(dir.path().join("aligner.json"), meta.to_string()).unwrap();
+        let model = ModelSpec::Local(aligner_spec::LocalModel {
+            source: aligner_spec::LocalSource::HfFolder {
+                path: dir.path().into(),
+                architecture: None,
+            },
+            dtype: "auto".into(),
+        });
+        assert_eq!(
+            template_mismatch(Some(&model), &aligner_spec::Template::AlignerV1),
+            None
+        );
+        let err = template_mismatch(Some(&model), &aligner_spec::Template::AlignerGeneral).unwrap();
+        assert!(
+            err.contains("aligner-v1") && err.contains("aligner-general"),
+            "{err}"
+        );
+    }
 }

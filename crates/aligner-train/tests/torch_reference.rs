@@ -43,8 +43,8 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn logps_losses_and_gradients_match_pytorch() {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/smollm2_dpo_reference.json");
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/smollm2_dpo_reference.json");
     let fx: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let model = TrainModel::load(&gguf_path(), &Trainable::Full, &Device::Cpu).unwrap();
     let pairs = fx["pairs"].as_array().unwrap();
@@ -62,7 +62,12 @@ fn logps_losses_and_gradients_match_pytorch() {
     let (want_c, want_r) = (floats(&fx["logps_chosen"]), floats(&fx["logps_rejected"]));
     // Summed over 12-16 tokens in f32 with other summation orders: a few 1e-4 apart.
     for i in 0..n {
-        assert!((got[i] - want_c[i]).abs() < 2e-3, "chosen {i}: {} vs {}", got[i], want_c[i]);
+        assert!(
+            (got[i] - want_c[i]).abs() < 2e-3,
+            "chosen {i}: {} vs {}",
+            got[i],
+            want_c[i]
+        );
         assert!(
             (got[n + i] - want_r[i]).abs() < 2e-3,
             "rejected {i}: {} vs {}",
@@ -70,7 +75,10 @@ fn logps_losses_and_gradients_match_pytorch() {
             want_r[i]
         );
     }
-    let (rc, rr) = (floats(&fx["ref_logps_chosen"]), floats(&fx["ref_logps_rejected"]));
+    let (rc, rr) = (
+        floats(&fx["ref_logps_chosen"]),
+        floats(&fx["ref_logps_rejected"]),
+    );
     let beta = fx["beta"].as_f64().unwrap();
     let pc = all.narrow(0, 0, n).unwrap();
     let pr = all.narrow(0, n, n).unwrap();
@@ -82,7 +90,10 @@ fn logps_losses_and_gradients_match_pytorch() {
     let (l_ipo, _) = dpo_loss(&pc, &pr, &rc, &rr, &ipo, None).unwrap();
     let want_ipo = fx["loss_ipo"].as_f64().unwrap();
     let l_ipo = l_ipo.to_scalar::<f32>().unwrap() as f64;
-    assert!((l_ipo - want_ipo).abs() < 1e-3 * want_ipo, "ipo {l_ipo} vs {want_ipo}");
+    assert!(
+        (l_ipo - want_ipo).abs() < 1e-3 * want_ipo,
+        "ipo {l_ipo} vs {want_ipo}"
+    );
     let sigmoid = DpoOptions {
         beta,
         kind: DpoKind::Sigmoid,
@@ -142,7 +153,13 @@ fn logps_losses_and_gradients_match_pytorch() {
     let mut sq = 0f64;
     for (_, v) in &vars {
         if let Some(g) = grads.get(v.as_tensor()) {
-            sq += g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
+            sq += g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
         }
     }
     let want_norm = fx["grad_global_norm"].as_f64().unwrap();
