@@ -17,6 +17,8 @@ use clap::Parser;
 
 fn main() {
     let cli = commands::Cli::parse();
+    // Training reuses its large activation buffers instead of page-faulting them in again.
+    aligner_train::tune_allocator();
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
