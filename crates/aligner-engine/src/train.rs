@@ -576,14 +576,16 @@ async fn run_builtin(
     Ok(())
 }
 
-/// A checkpoint folder as a local model (Hugging Face layout, its own dtype).
+/// A checkpoint folder as a local model (Hugging Face layout). It answers with its weights
+/// quantized to Q8_0 at load, about 4x faster than its f32 weights on the CPU path. The
+/// trainer always reads the folder's f32 weights.
 pub(crate) fn checkpoint_model(path: &str) -> aligner_spec::LocalModel {
     aligner_spec::LocalModel {
         source: aligner_spec::LocalSource::HfFolder {
             path: PathBuf::from(path),
             architecture: None,
         },
-        dtype: "auto".into(),
+        dtype: "q8_0".into(),
     }
 }
 

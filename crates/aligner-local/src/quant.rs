@@ -231,6 +231,24 @@ impl Weight {
         Ok(Self::q8_0_rowwise(rows, cols, raw)?.into_fastest_layout())
     }
 
+    /// f32 weights quantized to Q8_0 as GGML does it (per 32 values: scale amax/127 stored as
+    /// f16, values rounded to the nearest integer), row-wise.
+    pub fn quantize_q8_0(rows: usize, cols: usize, w: &[f32]) -> Self {
+        assert_eq!(w.len(), rows * cols);
+        assert_eq!(cols % QK, 0);
+        let nb = rows * cols / QK;
+        let mut qs = Vec::with_capacity(nb * QK);
+        let mut d = Vec::with_capacity(nb);
+        for block in w.chunks_exact(QK) {
+            let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let dd = amax / 127.0;
+            let id = if dd != 0.0 { 1.0 / dd } else { 0.0 };
+            d.push(f16::from_f32(dd).to_f32());
+            qs.extend(block.iter().map(|v| (v * id).round() as i8));
+        }
+        Weight::Q8_0 { rows, cols, qs, d }
+    }
+
     /// From GGML Q8_0 blocks, in GGML's row-wise layout whatever the CPU.
     pub fn q8_0_rowwise(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
         check_blocks(rows, cols, raw.len(), 34, "Q8_0")?;

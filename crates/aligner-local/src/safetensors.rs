@@ -30,8 +30,8 @@ impl SafeTensors {
                 dir.display()
             );
         }
-        if !matches!(dtype, "f32" | "bf16" | "auto") {
-            bail!("dtype `{dtype}` is not supported on the CPU path\nhint: use f32, bf16 or auto");
+        if !matches!(dtype, "f32" | "bf16" | "auto" | "q8_0") {
+            bail!("dtype `{dtype}` is not supported on the CPU path\nhint: use f32, bf16, q8_0 or auto");
         }
         // SAFETY: the files are memory-mapped read-only; we never write through the map, and
         // a checkpoint changing under a running process is outside what we support.
@@ -82,6 +82,9 @@ impl SafeTensors {
                 .and_then(|t| t.flatten_all())
                 .and_then(|t| t.to_vec1::<f32>())
                 .map_err(conv)?;
+            if self.dtype == "q8_0" && cols % crate::quant::QK == 0 {
+                return Ok(Weight::quantize_q8_0(rows, cols, &w).into_fastest_layout());
+            }
             Ok(Weight::F32 { rows, cols, w })
         }
     }

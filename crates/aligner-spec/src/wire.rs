@@ -292,6 +292,9 @@ pub enum DtypeWire {
     F32,
     Bf16,
     F16,
+    /// f32/bf16 weights quantized to Q8_0 at load (CPU path; about 4x faster than f32).
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 impl DtypeWire {
@@ -301,6 +304,7 @@ impl DtypeWire {
             DtypeWire::F32 => "f32",
             DtypeWire::Bf16 => "bf16",
             DtypeWire::F16 => "f16",
+            DtypeWire::Q8_0 => "q8_0",
         }
     }
 }

@@ -103,6 +103,30 @@ fn checkpoint_round_trips_through_the_inference_engine() {
     };
     assert_eq!(argmax(&last), argmax(&theirs));
 
+    // Quantized to Q8_0 at load (how a checkpoint answers the next round), the same argmax
+    // and logits within quantization noise.
+    let q8 = Model::from_hf_folder(&ckpt, "q8_0").unwrap();
+    let mut cache = KvCache::new(q8.config.layers);
+    let quantized = q8
+        .forward(&mut [Chunk {
+            cache: &mut cache,
+            tokens: &ids,
+            logits: true,
+        }])
+        .remove(0);
+    let qdiff = last
+        .iter()
+        .zip(&quantized)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    let range = last.iter().cloned().fold(f32::MIN, f32::max)
+        - last.iter().cloned().fold(f32::MAX, f32::min);
+    assert!(
+        qdiff < 0.05 * range,
+        "q8_0 logits differ by {qdiff} (range {range})"
+    );
+    assert_eq!(argmax(&last), argmax(&quantized));
+
     // The tokenizer and chat template travel with the checkpoint.
     let tok2 = TextTokenizer::from_hf_folder(&ckpt).unwrap();
     for s in [
