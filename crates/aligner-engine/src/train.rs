@@ -163,7 +163,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     }
     let pairs = crate::pair_records(&e.store, run_id, round).await?;
     if pairs.is_empty() {
-        let message = format!("round {} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {} GROUP BY reason\"` shows why; relax `rounds.synthesize`", ctx.round, ctx.round);
+        let message = no_pairs(ctx.round);
         e.store
             .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
             .await?;
@@ -303,17 +303,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     {
         Some(format!("train command exited 0 but wrote no checkpoint into `{}`\nhint: the command must write the trained model into `{{output_dir}}`", attempt_dir.display()))
     } else {
-        if out.exists() {
-            // Left by an attempt that was moved into place but never registered.
-            std::fs::remove_dir_all(&out)
-                .map_err(|err| stage_err(format!("cannot replace `{}`: {err}", out.display())))?;
-        }
-        std::fs::rename(&attempt_dir, &out).map_err(|err| {
-            stage_err(format!(
-                "cannot move the checkpoint to `{}`: {err}",
-                out.display()
-            ))
-        })?;
+        move_into_place(&attempt_dir, &out).map_err(stage_err)?;
         None
     };
     if let Some(message) = failure {
@@ -329,13 +319,41 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         s.replace("{round}", &ctx.round.to_string())
             .replace("{output_dir}", &out.display().to_string())
     });
+    register(ctx, job.id, code.unwrap_or(0), &out, serve).await
+}
+
+fn no_pairs(round: u32) -> String {
+    format!("round {round} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {round} GROUP BY reason\"` shows why; relax `rounds.synthesize`")
+}
+
+/// Moves a successful attempt's folder to `out` (replacing one left by an attempt that was
+/// moved into place but never registered).
+fn move_into_place(attempt_dir: &Path, out: &Path) -> std::result::Result<(), String> {
+    if out.exists() {
+        std::fs::remove_dir_all(out)
+            .map_err(|err| format!("cannot replace `{}`: {err}", out.display()))?;
+    }
+    std::fs::rename(attempt_dir, out)
+        .map_err(|err| format!("cannot move the checkpoint to `{}`: {err}", out.display()))
+}
+
+/// Registers the round's checkpoint (marking its job done), finishes the stage and reports it.
+async fn register(
+    ctx: &Ctx<'_>,
+    job_id: i64,
+    exit_code: i64,
+    out: &Path,
+    serve: Option<String>,
+) -> Result<()> {
+    let e = ctx.engine;
+    let (run_id, round) = (ctx.run_id, ctx.round as i64);
     let ckpt = e
         .store
         .register_checkpoint(
             run_id,
             round,
-            job.id,
-            code.unwrap_or(0),
+            job_id,
+            exit_code,
             &out.display().to_string(),
             serve.as_deref(),
         )
@@ -430,7 +448,7 @@ async fn run_builtin(
         .map_err(|err| stage_err(format!("cannot create `{}`: {err}", state_dir.display())))?;
     let pairs = crate::pair_records(&e.store, run_id, round).await?;
     if pairs.is_empty() {
-        let message = format!("round {} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {} GROUP BY reason\"` shows why; relax `rounds.synthesize`", ctx.round, ctx.round);
+        let message = no_pairs(ctx.round);
         e.store
             .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
             .await?;
@@ -538,42 +556,8 @@ async fn run_builtin(
             .await?;
         return Err(stage_err(message));
     }
-    if out.exists() {
-        std::fs::remove_dir_all(&out)
-            .map_err(|err| stage_err(format!("cannot replace `{}`: {err}", out.display())))?;
-    }
-    std::fs::rename(&attempt_dir, &out).map_err(|err| {
-        stage_err(format!(
-            "cannot move the checkpoint to `{}`: {err}",
-            out.display()
-        ))
-    })?;
-    let ckpt = e
-        .store
-        .register_checkpoint(run_id, round, job.id, 0, &out.display().to_string(), None)
-        .await?;
-    e.store
-        .finish_stage(run_id, round, "train", "done", 1, 0, None)
-        .await?;
-    e.observer.stage_finished(ctx.round, Stage::Train, 1, 0);
-    let message = format!(
-        "round {} checkpoint {} at `{}`",
-        ctx.round,
-        ckpt,
-        out.display()
-    );
-    e.observer.note(&message);
-    e.event(
-        run_id,
-        Some(ctx.round),
-        Some("train"),
-        "info",
-        "checkpoint_registered",
-        &message,
-        None,
-    )
-    .await;
-    Ok(())
+    move_into_place(&attempt_dir, &out).map_err(stage_err)?;
+    register(ctx, job.id, 0, &out, None).await
 }
 
 /// A checkpoint folder as a local model (Hugging Face layout). It answers with its weights
