@@ -146,6 +146,35 @@ impl Resume {
     }
 }
 
+/// Backpropagates micro-batch `mi` of `total`; when that completes an optimizer step (or ends
+/// the data), saves the state if due and returns the step. Saved before the caller reports
+/// it, so a run stopped by the report keeps the step.
+fn step(
+    opt: &mut AdamW,
+    loss: &candle_core::Tensor,
+    resume: &Resume,
+    cfg: &LoopConfig,
+    mi: usize,
+    total: usize,
+) -> Result<Option<crate::optim::StepInfo>> {
+    let last_micro = mi + 1 == total;
+    let info = match opt.backward_step(loss)? {
+        Some(i) => i,
+        None if last_micro => opt.flush()?,
+        None => return Ok(None),
+    };
+    if info.step % cfg.save_every.max(1) == 0 || last_micro {
+        resume.save(opt, mi + 1)?;
+    }
+    Ok(Some(info))
+}
+
+/// Epochs done after micro-batch `mi` (fractional).
+fn epoch_progress(epoch: usize, mi: usize, per_epoch: usize) -> f64 {
+    let per = per_epoch.max(1);
+    epoch as f64 + ((mi % per) + 1) as f64 / per as f64
+}
+
 /// Supervised fine-tuning: loss on completion tokens only (the prompt is masked).
 pub fn sft(
     model: &TrainModel,
@@ -172,27 +201,16 @@ pub fn sft(
         tokens += seqs.iter().map(|(p, c)| p.len() + c.len()).sum::<usize>();
         let loss = sft_loss(&token_logps(model, &batch, true)?)?;
         losses.push(loss.to_scalar::<f32>()? as f64);
-        let last_micro = mi + 1 == plan.len();
-        let info = match opt.backward_step(&loss)? {
-            Some(i) => Some(i),
-            None if last_micro => Some(opt.flush()?),
-            None => None,
-        };
-        if let Some(info) = info {
+        if let Some(info) = step(&mut opt, &loss, &resume, cfg, mi, plan.len())? {
             let log = StepLog {
                 step: info.step,
-                epoch: *epoch as f64
-                    + ((mi % per_epoch.max(1)) + 1) as f64 / per_epoch.max(1) as f64,
+                epoch: epoch_progress(*epoch, mi, per_epoch),
                 learning_rate: info.learning_rate,
                 grad_norm: info.grad_norm,
                 loss: losses.iter().sum::<f64>() / losses.len() as f64,
                 dpo: None,
                 tokens,
             };
-            // Saved before it is reported: a run stopped by the report keeps the step.
-            if info.step % cfg.save_every.max(1) == 0 || last_micro {
-                resume.save(&opt, mi + 1)?;
-            }
             on_step(&log)?;
             last = Some(log);
             losses.clear();
@@ -309,13 +327,7 @@ pub fn dpo(
         let nll = (&pc / &nc)?.neg()?;
         let (loss, m) = dpo_loss(&pc, &pr, &rc, &rr, opts, Some(&nll))?;
         metrics.push(m);
-        let last_micro = mi + 1 == plan.len();
-        let info = match opt.backward_step(&loss)? {
-            Some(i) => Some(i),
-            None if last_micro => Some(opt.flush()?),
-            None => None,
-        };
-        if let Some(info) = info {
+        if let Some(info) = step(&mut opt, &loss, &resume, cfg, mi, plan.len())? {
             let n = metrics.len() as f64;
             let avg = |f: fn(&DpoMetrics) -> f64| metrics.iter().map(f).sum::<f64>() / n;
             let dm = DpoMetrics {
@@ -329,17 +341,13 @@ pub fn dpo(
             };
             let log = StepLog {
                 step: info.step,
-                epoch: *epoch as f64
-                    + ((mi % per_epoch.max(1)) + 1) as f64 / per_epoch.max(1) as f64,
+                epoch: epoch_progress(*epoch, mi, per_epoch),
                 learning_rate: info.learning_rate,
                 grad_norm: info.grad_norm,
                 loss: dm.loss,
                 dpo: Some(dm),
                 tokens,
             };
-            if info.step % cfg.save_every.max(1) == 0 || last_micro {
-                resume.save(&opt, mi + 1)?;
-            }
             on_step(&log)?;
             last = Some(log);
             metrics.clear();
