@@ -226,6 +226,15 @@ pub const PROMPT_SETS: &[PromptSet] = &[
         about: "the quickstart's mix: 12 MT-bench and 12 StrongREJECT prompts",
     },
     PromptSet {
+        name: "aligner",
+        file: "aligner_teach.jsonl",
+        sources: &[&MTBENCH_JSONL, &STRONGREJECT_CSV, &HARMBENCH_CSV],
+        count: 136,
+        sha256: "92b7b2b5d5f06dc676e7c03164e17c7d5511f020b05063a0f15ff82d701dac1e",
+        default: true,
+        about: "the quickstart Aligner's training prompts: 68 MT-bench, 34 StrongREJECT and 34 HarmBench prompts, none of them in quickstart.jsonl",
+    },
+    PromptSet {
         name: "harmbench",
         file: "harmbench.jsonl",
         sources: &[&HARMBENCH_CSV],
@@ -454,6 +463,11 @@ fn fetch_prompts(dir: &Path, sets: &[&'static PromptSet]) -> Result<()> {
             "quickstart" => quickstart(
                 &mtbench(get(&MTBENCH_JSONL))?,
                 &strongreject(get(&STRONGREJECT_CSV))?,
+            ),
+            "aligner" => aligner_teach(
+                &mtbench(get(&MTBENCH_JSONL))?,
+                &strongreject(get(&STRONGREJECT_CSV))?,
+                &harmbench(get(&HARMBENCH_CSV))?,
             ),
             other => bail!("no converter for prompt set `{other}`"),
         };
@@ -746,6 +760,47 @@ pub fn quickstart(mtbench: &[PromptRecord], strongreject: &[PromptRecord]) -> Ve
             (None, None) => break,
             (x, y) => out.extend(x.into_iter().chain(y)),
         }
+    }
+    out
+}
+
+/// The prompts the quickstart trains its Aligner on, none of them in the quickstart's own
+/// mix: every other MT-bench question (benign, kept as identity examples), and as many harmful
+/// ones, half from StrongREJECT and half from HarmBench, each taken round-robin over its
+/// categories; interleaved benign, harmful.
+pub fn aligner_teach(
+    mtbench: &[PromptRecord],
+    strongreject: &[PromptRecord],
+    harmbench: &[PromptRecord],
+) -> Vec<PromptRecord> {
+    let used: std::collections::HashSet<String> = quickstart(mtbench, strongreject)
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let benign: Vec<PromptRecord> = mtbench
+        .iter()
+        .filter(|r| !used.contains(&r.id))
+        .cloned()
+        .collect();
+    let sr: Vec<PromptRecord> = strongreject
+        .iter()
+        .filter(|r| !used.contains(&r.id))
+        .cloned()
+        .collect();
+    let half = benign.len() / 2;
+    let mut harmful = round_robin(&sr, half);
+    harmful.extend(round_robin(harmbench, benign.len() - half));
+    // Alternate the two harmful sources so any prefix of the file has both.
+    let (a, b) = harmful.split_at(half);
+    let mut mixed = Vec::with_capacity(harmful.len());
+    for i in 0..a.len().max(b.len()) {
+        mixed.extend(a.get(i).cloned());
+        mixed.extend(b.get(i).cloned());
+    }
+    let mut out = Vec::with_capacity(benign.len() + mixed.len());
+    for (x, y) in benign.into_iter().zip(mixed) {
+        out.push(x);
+        out.push(y);
     }
     out
 }

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::Device;
 
 use aligner_backend::Message;
-use aligner_engine::{TrainEvent, TrainRequest, Trainer};
+use aligner_engine::{AlignerTrainRequest, TrainEvent, TrainRequest, Trainer};
 use aligner_local::chat::ChatTemplate;
 use aligner_local::gguf::GgufFile;
 use aligner_local::tokenizer::TextTokenizer;
@@ -30,6 +30,23 @@ impl Trainer for BuiltinTrainer {
         events: &mut dyn FnMut(TrainEvent),
     ) -> std::result::Result<(), String> {
         run(request, events).map_err(|e| format!("{e:#}"))
+    }
+
+    fn train_aligner(
+        &self,
+        request: &AlignerTrainRequest,
+        events: &mut dyn FnMut(TrainEvent),
+    ) -> std::result::Result<(), String> {
+        let job = AlignerJob {
+            base: model_path(&request.base).map_err(|e| format!("{e:#}"))?,
+            template: request.template.clone(),
+            examples: request.examples.clone(),
+            settings: request.spec.clone(),
+            out: request.out_dir.clone(),
+            state_dir: request.state_dir.clone(),
+            interrupt: Some(request.interrupt.clone()),
+        };
+        run_aligner_job(&job, events).map_err(|e| format!("{e:#}"))
     }
 }
 
@@ -371,7 +388,73 @@ pub fn train_aligner(args: &TrainAlignerArgs) -> Result<()> {
         records.len(),
         report.skipped_empty
     );
-    let (tok, _) = tokenizer_for(&args.base)?;
+    let job = AlignerJob {
+        base: args.base.clone(),
+        template,
+        examples: records
+            .into_iter()
+            .map(|r| (r.question, r.answer, r.correction))
+            .collect(),
+        settings: aligner_spec::AlignerTrain {
+            epochs: args.epochs as u32,
+            learning_rate: args.learning_rate,
+            batch_size: args.batch_size as u32,
+            gradient_accumulation: args.gradient_accumulation as u32,
+            max_length: args.max_length as u32,
+            warmup_ratio: args.warmup_ratio,
+            warmup_fraction: args.warmup_fraction,
+            warmup_epochs: args.warmup_epochs as u32,
+            options: aligner_spec::BuiltinTrainer {
+                lora: args.lora_rank.map(|r| aligner_spec::LoraSpec {
+                    rank: r as u32,
+                    alpha: 2.0 * r as f64,
+                    dropout: 0.0,
+                    targets: aligner_train::model::LORA_TARGETS
+                        .iter()
+                        .map(|s| s.to_string())
+                        .collect(),
+                }),
+                train_layers: args.train_layers.map(|n| n as u32),
+                seed: args.seed,
+                weight_decay: args.weight_decay,
+                max_grad_norm: 1.0,
+                save_every: args.save_every as u32,
+            },
+        },
+        out: args.out.clone(),
+        state_dir: args
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| args.out.with_extension("state")),
+        interrupt: None,
+    };
+    run_aligner_job(&job, &mut |ev| match ev {
+        TrainEvent::Log(line) => eprintln!("{line}"),
+        TrainEvent::Metrics { .. } => {}
+    })
+}
+
+/// One Aligner training, from the command or from a pipeline's `train_aligner` stage.
+pub struct AlignerJob {
+    /// A GGUF file or a Hugging Face folder.
+    pub base: PathBuf,
+    pub template: aligner_spec::Template,
+    /// (question, answer, correction)
+    pub examples: Vec<(String, String, String)>,
+    pub settings: aligner_spec::AlignerTrain,
+    pub out: PathBuf,
+    pub state_dir: PathBuf,
+    pub interrupt: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+}
+
+/// An Aligner from question-answer-correction rows: an identity warm-up (a seeded fraction of
+/// the rows as question-answer-answer, the paper's "residual correction" start), then the
+/// corrections; the loss covers the target tokens and the end-of-sequence token only. The
+/// checkpoint records its prompt template byte for byte.
+pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> Result<()> {
+    let s = &job.settings;
+    let template = &job.template;
+    let (tok, _) = tokenizer_for(&job.base)?;
     let eos = tok.eos_ids().first().copied().unwrap_or(0);
     let example = |q: &str, a: &str, target: &str| -> Result<Example> {
         Ok(Example {
@@ -379,95 +462,116 @@ pub fn train_aligner(args: &TrainAlignerArgs) -> Result<()> {
             completion: completion_ids(&tok, target)?,
         })
     };
-    let mut main = Vec::with_capacity(records.len());
-    for r in &records {
-        main.push(example(&r.question, &r.answer, &r.correction)?);
+    let mut main = Vec::with_capacity(job.examples.len());
+    for (q, a, c) in &job.examples {
+        main.push(example(q, a, c)?);
     }
-    let mut order: Vec<usize> = (0..records.len()).collect();
+    let mut order: Vec<usize> = (0..job.examples.len()).collect();
     {
         use rand::seq::SliceRandom;
         use rand::SeedableRng;
-        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(args.seed));
+        order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(s.options.seed));
     }
-    let n_warm = (records.len() as f64 * args.warmup_fraction).round() as usize;
+    let n_warm = (job.examples.len() as f64 * s.warmup_fraction).round() as usize;
     let mut warm = Vec::with_capacity(n_warm);
     for &i in &order[..n_warm] {
-        warm.push(example(
-            &records[i].question,
-            &records[i].answer,
-            &records[i].answer,
-        )?);
+        let (q, a, _) = &job.examples[i];
+        warm.push(example(q, a, a)?);
     }
-    let trainable = match (args.lora_rank, args.train_layers) {
-        (Some(r), _) => Trainable::Lora(LoraConfig {
-            rank: r,
-            alpha: 2.0 * r as f64,
-            dropout: 0.0,
-            targets: aligner_train::model::LORA_TARGETS
-                .iter()
-                .map(|s| s.to_string())
-                .collect(),
+    let trainable = match (&s.options.lora, s.options.train_layers) {
+        (Some(l), _) => Trainable::Lora(LoraConfig {
+            rank: l.rank as usize,
+            alpha: l.alpha,
+            dropout: l.dropout as f32,
+            targets: l.targets.clone(),
         }),
-        (None, Some(n)) => Trainable::TopLayers(n),
+        (None, Some(n)) => Trainable::TopLayers(n as usize),
         (None, None) => Trainable::Full,
     };
     let started = std::time::Instant::now();
-    let model = TrainModel::load(&args.base, &trainable, &Device::Cpu)
-        .with_context(|| format!("loading {}", args.base.display()))?;
-    let state = args
-        .state_dir
-        .clone()
-        .unwrap_or_else(|| args.out.with_extension("state"));
+    events(TrainEvent::Log(format!(
+        "loading {} to train ({trainable:?})",
+        job.base.display()
+    )));
+    let model = TrainModel::load(&job.base, &trainable, &Device::Cpu)
+        .with_context(|| format!("loading {}", job.base.display()))?;
     let cfg = |epochs: usize, phase: &str| LoopConfig {
         epochs,
-        batch_size: args.batch_size,
-        max_length: args.max_length,
-        seed: args.seed,
+        batch_size: s.batch_size as usize,
+        max_length: s.max_length as usize,
+        seed: s.options.seed,
         optim: OptimConfig {
-            learning_rate: args.learning_rate,
+            learning_rate: s.learning_rate,
             beta1: 0.9,
             beta2: 0.95,
-            weight_decay: args.weight_decay,
-            warmup_ratio: args.warmup_ratio,
-            accumulation: args.gradient_accumulation,
+            weight_decay: s.options.weight_decay,
+            warmup_ratio: s.warmup_ratio,
+            accumulation: s.gradient_accumulation as usize,
+            max_grad_norm: (s.options.max_grad_norm > 0.0).then_some(s.options.max_grad_norm),
             ..Default::default()
         },
-        state_dir: Some(state.join(phase)),
-        save_every: args.save_every,
+        state_dir: Some(job.state_dir.join(phase)),
+        save_every: s.options.save_every as usize,
         pad: eos,
     };
-    let print = |phase: &'static str| {
-        move |l: &StepLog| -> Result<()> {
-            eprintln!(
+    // Warm-up steps are numbered first, then the correction steps continue the count.
+    let mut offset = 0usize;
+    let report = |phase: &'static str, offset: usize| {
+        let interrupt = job.interrupt.clone();
+        move |l: &StepLog, events: &mut dyn FnMut(TrainEvent)| -> Result<()> {
+            events(TrainEvent::Log(format!(
                 "{phase} step {:>4}  epoch {:.2}  loss {:.4}  lr {:.2e}  grad_norm {:.3}",
                 l.step, l.epoch, l.loss, l.learning_rate, l.grad_norm
-            );
+            )));
+            events(TrainEvent::Metrics {
+                step: (offset + l.step) as u64,
+                values: vec![
+                    ("loss".to_string(), l.loss),
+                    ("learning_rate".to_string(), l.learning_rate),
+                    ("grad_norm".to_string(), l.grad_norm),
+                    ("epoch".to_string(), l.epoch),
+                    ("num_tokens".to_string(), l.tokens as f64),
+                    ("warmup".to_string(), if phase == "warm-up" { 1.0 } else { 0.0 }),
+                ],
+            });
+            if interrupt.as_ref().is_some_and(|i| i.load(Ordering::SeqCst)) {
+                bail!("interrupted");
+            }
             Ok(())
         }
     };
     let mut steps = 0;
-    if !warm.is_empty() && args.warmup_epochs > 0 {
-        eprintln!("identity warm-up: {} Q-A-A examples", warm.len());
-        steps += trainer::sft(
+    if !warm.is_empty() && s.warmup_epochs > 0 {
+        events(TrainEvent::Log(format!(
+            "identity warm-up: {} question-answer-answer rows",
+            warm.len()
+        )));
+        let f = report("warm-up", offset);
+        let summary = trainer::sft(
             &model,
             &warm,
-            &cfg(args.warmup_epochs, "warmup"),
-            &mut print("warm-up"),
-        )?
-        .steps;
+            &cfg(s.warmup_epochs as usize, "warmup"),
+            &mut |l: &StepLog| f(l, events),
+        )?;
+        steps += summary.steps;
+        offset = summary.steps;
     }
-    eprintln!("corrections: {} Q-A-C examples", main.len());
+    events(TrainEvent::Log(format!(
+        "corrections: {} question-answer-correction rows",
+        main.len()
+    )));
+    let f = report("correct", offset);
     steps += trainer::sft(
         &model,
         &main,
-        &cfg(args.epochs, "main"),
-        &mut print("correct"),
+        &cfg(s.epochs as usize, "main"),
+        &mut |l: &StepLog| f(l, events),
     )?
     .steps;
     let meta = CheckpointMeta {
         method: "train_aligner".into(),
         aligner_template: Some(template.id().to_string()),
-        base_model: args.base.display().to_string(),
+        base_model: job.base.display().to_string(),
         optimizer_steps: steps,
         extra: serde_json::json!({
             "template_text": template.text(),
@@ -475,12 +579,12 @@ pub fn train_aligner(args: &TrainAlignerArgs) -> Result<()> {
             "warmup_examples": warm.len(),
         }),
     };
-    save_hf(&model, &tok, &meta, &args.out)?;
-    eprintln!(
+    save_hf(&model, &tok, &meta, &job.out)?;
+    events(TrainEvent::Log(format!(
         "{steps} optimizer steps in {:.1} s; Aligner written to {} (template `{}`)",
         started.elapsed().as_secs_f64(),
-        args.out.display(),
+        job.out.display(),
         template.id()
-    );
+    )));
     Ok(())
 }

@@ -11,7 +11,9 @@ pub mod filters;
 mod ingest;
 mod lease;
 pub mod planner;
+pub mod refusal;
 mod semantic;
+mod teach;
 mod stages;
 mod train;
 
@@ -111,6 +113,22 @@ pub enum TrainEvent {
     Log(String),
 }
 
+/// What the built-in trainer is asked to do to train the pipeline's own Aligner (round 0).
+#[derive(Debug, Clone)]
+pub struct AlignerTrainRequest {
+    pub spec: aligner_spec::AlignerTrain,
+    pub template: aligner_spec::Template,
+    /// The model the Aligner starts from.
+    pub base: aligner_spec::LocalModel,
+    /// (question, answer, correction) of every training row.
+    pub examples: Vec<(String, String, String)>,
+    /// Where the checkpoint goes (a fresh folder per attempt).
+    pub out_dir: PathBuf,
+    /// Kept across attempts: resumable optimizer state.
+    pub state_dir: PathBuf,
+    pub interrupt: Arc<AtomicBool>,
+}
+
 /// The built-in trainer (the CLI wires `aligner-train` in). Runs on a blocking thread.
 pub trait Trainer: Send + Sync {
     fn train(
@@ -118,6 +136,15 @@ pub trait Trainer: Send + Sync {
         request: &TrainRequest,
         events: &mut dyn FnMut(TrainEvent),
     ) -> std::result::Result<(), String>;
+
+    /// Trains an Aligner: identity warm-up, then SFT on the corrections.
+    fn train_aligner(
+        &self,
+        _request: &AlignerTrainRequest,
+        _events: &mut dyn FnMut(TrainEvent),
+    ) -> std::result::Result<(), String> {
+        Err("this trainer cannot train an Aligner".into())
+    }
 }
 
 /// Progress reporting (the CLI draws bars; the daemon will stream events).
@@ -244,6 +271,7 @@ impl Engine {
             rounds: self.spec.rounds.count,
             train: self.spec.rounds.train.is_some(),
             evaluate: false,
+            aligner: self.spec.aligner.is_some(),
         }
     }
 
@@ -395,6 +423,9 @@ impl Engine {
                         Stage::Correct => stages::correct(&ctx).await?,
                         Stage::Synthesize => stages::synthesize(&ctx).await?,
                         Stage::Train => train::run(&ctx).await?,
+                        Stage::Teach => teach::teach(&ctx).await?,
+                        Stage::TrainAligner => teach::train_aligner(&ctx).await?,
+                        Stage::EvaluateAligner => teach::evaluate_aligner(&ctx).await?,
                         Stage::Evaluate => unreachable!("evaluation is not planned yet"),
                     }
                 }
@@ -464,7 +495,32 @@ impl Engine {
             })
     }
 
+    /// Whether `name` is the pipeline's own trained Aligner (`aligner.name`).
+    fn is_trained_aligner(&self, name: &str) -> bool {
+        self.spec.aligner.as_ref().is_some_and(|a| a.name == name)
+    }
+
+    /// The backend of a model key, or of the trained Aligner (its round-0 checkpoint).
+    async fn backend_for(&self, run_id: i64, name: &str) -> Result<Arc<dyn TextGenerator>> {
+        if !self.is_trained_aligner(name) {
+            return self.backend(name);
+        }
+        let ckpt = self.store.checkpoint(run_id, 0).await?.ok_or_else(|| Error::Backend {
+            name: name.into(),
+            message: "the trained Aligner has no checkpoint yet (stage `train_aligner` of round 0)".into(),
+        })?;
+        self.factory
+            .text_generator(name, &ModelSpec::Local(train::checkpoint_model(&ckpt.path)))
+            .map_err(|message| Error::Backend {
+                name: name.into(),
+                message,
+            })
+    }
+
     fn concurrency(&self, name: &str) -> usize {
+        if self.is_trained_aligner(name) {
+            return 32;
+        }
         match self.spec.models.get(name) {
             Some(ModelSpec::Openai(m)) => m.max_concurrency as usize,
             // The local engine batches whatever is in flight (16 sequences by default); twice

@@ -3,9 +3,15 @@
 
 use std::collections::BTreeSet;
 
-/// The stages of a round, in the order they run.
+/// The stages of a round, in the order they run. The first three make the pipeline's own
+/// Aligner (`aligner:`) and run once, as round 0, before round 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Stage {
+    /// Question-answer-correction rows: answers from a model, corrections from a teacher.
+    Teach,
+    TrainAligner,
+    /// The trained Aligner on the held-out rows.
+    EvaluateAligner,
     Generate,
     Correct,
     Synthesize,
@@ -16,6 +22,9 @@ pub enum Stage {
 impl Stage {
     pub fn as_str(self) -> &'static str {
         match self {
+            Stage::Teach => "teach",
+            Stage::TrainAligner => "train_aligner",
+            Stage::EvaluateAligner => "evaluate_aligner",
             Stage::Generate => "generate",
             Stage::Correct => "correct",
             Stage::Synthesize => "synthesize",
@@ -26,6 +35,9 @@ impl Stage {
 
     pub fn parse(s: &str) -> Option<Stage> {
         Some(match s {
+            "teach" => Stage::Teach,
+            "train_aligner" => Stage::TrainAligner,
+            "evaluate_aligner" => Stage::EvaluateAligner,
             "generate" => Stage::Generate,
             "correct" => Stage::Correct,
             "synthesize" => Stage::Synthesize,
@@ -44,7 +56,12 @@ pub struct Plan {
     /// Evaluation runs when an evaluation backend exists (its own issue); until then the
     /// stage is parsed and skipped, and the planner is told so.
     pub evaluate: bool,
+    /// The pipeline trains its own Aligner first (round 0).
+    pub aligner: bool,
 }
+
+/// The stages of round 0, when the pipeline trains its own Aligner.
+pub const ALIGNER_STAGES: [Stage; 3] = [Stage::Teach, Stage::TrainAligner, Stage::EvaluateAligner];
 
 impl Plan {
     pub fn stages(&self) -> Vec<Stage> {
@@ -85,6 +102,13 @@ pub enum Step {
 pub fn next_step(plan: &Plan, finished: &Finished) -> Step {
     if !finished.ingested {
         return Step::Ingest;
+    }
+    if plan.aligner {
+        for stage in ALIGNER_STAGES {
+            if !finished.stages.contains(&(0, stage)) {
+                return Step::Stage { round: 0, stage };
+            }
+        }
     }
     for round in 1..=plan.rounds {
         if finished.rounds.contains(&round) {
@@ -131,6 +155,7 @@ mod tests {
             rounds: 2,
             train: true,
             evaluate: false,
+            aligner: false,
         });
         use Stage::*;
         let st = |round, stage| Step::Stage { round, stage };
@@ -154,11 +179,38 @@ mod tests {
     }
 
     #[test]
+    fn the_aligner_is_trained_once_before_round_one() {
+        let steps = replay(&Plan {
+            rounds: 1,
+            train: false,
+            evaluate: false,
+            aligner: true,
+        });
+        use Stage::*;
+        let st = |round, stage| Step::Stage { round, stage };
+        assert_eq!(
+            steps,
+            vec![
+                Step::Ingest,
+                st(0, Teach),
+                st(0, TrainAligner),
+                st(0, EvaluateAligner),
+                st(1, Generate),
+                st(1, Correct),
+                st(1, Synthesize),
+                Step::FinishRound(1),
+                Step::FinishRun
+            ]
+        );
+    }
+
+    #[test]
     fn resume_continues_where_the_store_says() {
         let plan = Plan {
             rounds: 3,
             train: false,
             evaluate: false,
+            aligner: false,
         };
         let mut finished = Finished {
             ingested: true,

@@ -32,11 +32,11 @@ pub(crate) struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
-    fn round(&self) -> i64 {
+    pub(crate) fn round(&self) -> i64 {
         self.round as i64
     }
 
-    async fn finish(
+    pub(crate) async fn finish(
         &self,
         stage: Stage,
         ok: i64,
@@ -138,7 +138,7 @@ fn outcome(result: &Result<Completion, aligner_backend::Error>) -> ItemOutcome {
 /// results through `flush` in batches of `batch` (or every [`FLUSH_EVERY`]). Returns the
 /// (ok, failed) counts of this execution and the first error seen.
 #[allow(clippy::too_many_arguments)]
-async fn call_all<U, R, F, Fut>(
+pub(crate) async fn call_all<U, R, F, Fut>(
     ctx: &Ctx<'_>,
     backend: Arc<dyn TextGenerator>,
     concurrency: usize,
@@ -448,7 +448,7 @@ pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
         .await?;
     e.observer
         .stage_started(ctx.round, Stage::Correct, gen_ok as u64, done_ok as u64);
-    let backend = e.backend(&spec.model)?;
+    let backend = e.backend_for(run_id, &spec.model).await?;
     let backend_id = backend.id();
     let template_id = spec.template.id().to_string();
     let template_hash = hex::encode(Sha256::digest(spec.template.text().as_bytes()));

@@ -328,7 +328,7 @@ fn no_pairs(round: u32) -> String {
 
 /// Moves a successful attempt's folder to `out` (replacing one left by an attempt that was
 /// moved into place but never registered).
-fn move_into_place(attempt_dir: &Path, out: &Path) -> std::result::Result<(), String> {
+pub(crate) fn move_into_place(attempt_dir: &Path, out: &Path) -> std::result::Result<(), String> {
     if out.exists() {
         std::fs::remove_dir_all(out)
             .map_err(|err| format!("cannot replace `{}`: {err}", out.display()))?;
@@ -502,13 +502,33 @@ async fn run_builtin(
         state_dir,
         interrupt: e.interrupt.clone(),
     };
+    run_in_thread(ctx, Stage::Train, &job, move |events| {
+        trainer.train(&request, events)
+    })
+    .await?;
+    move_into_place(&attempt_dir, &out).map_err(stage_err)?;
+    register(ctx, job.id, 0, &out, None).await
+}
+
+/// Runs a built-in training on a blocking thread: its per-step metrics go to
+/// `training_metrics`, its messages to `training_logs`. A failure marks the job and the
+/// stage failed; an interruption marks the job failed and returns [`Error::Interrupted`].
+pub(crate) async fn run_in_thread(
+    ctx: &Ctx<'_>,
+    stage: Stage,
+    job: &aligner_store::TrainingJobRow,
+    work: impl FnOnce(&mut dyn FnMut(crate::TrainEvent)) -> std::result::Result<(), String>
+        + Send
+        + 'static,
+) -> Result<()> {
+    let e = ctx.engine;
+    let (run_id, round) = (ctx.run_id, ctx.round as i64);
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<crate::TrainEvent>();
     let worker = tokio::task::spawn_blocking(move || {
-        trainer.train(&request, &mut |ev| {
+        work(&mut |ev| {
             let _ = tx.send(ev);
         })
     });
-    let mut tail: std::collections::VecDeque<String> = Default::default();
     while let Some(ev) = rx.recv().await {
         match ev {
             crate::TrainEvent::Metrics { step, values } => {
@@ -524,19 +544,17 @@ async fn run_builtin(
             }
             crate::TrainEvent::Log(line) => {
                 tracing::info!(target: "aligner::train", "{line}");
-                if tail.len() == 20 {
-                    tail.pop_front();
-                }
-                tail.push_back(line.clone());
                 e.store
                     .append_training_logs(job.id, job.attempts, &[("stdout".into(), line)])
                     .await?;
             }
         }
     }
-    let result = worker
-        .await
-        .map_err(|err| stage_err(format!("the trainer thread failed: {err}")))?;
+    let result = worker.await.map_err(|err| Error::Stage {
+        round: ctx.round,
+        stage: stage.as_str(),
+        message: format!("the trainer thread failed: {err}"),
+    })?;
     if e.interrupted() {
         e.store
             .finish_training_job(job.id, "failed", None, Some("interrupted"))
@@ -552,12 +570,15 @@ async fn run_builtin(
             .finish_training_job(job.id, "failed", None, Some(&message))
             .await?;
         e.store
-            .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
+            .finish_stage(run_id, round, stage.as_str(), "failed", 0, 1, Some(&message))
             .await?;
-        return Err(stage_err(message));
+        return Err(Error::Stage {
+            round: ctx.round,
+            stage: stage.as_str(),
+            message,
+        });
     }
-    move_into_place(&attempt_dir, &out).map_err(stage_err)?;
-    register(ctx, job.id, 0, &out, None).await
+    Ok(())
 }
 
 /// A checkpoint folder as a local model (Hugging Face layout). It answers with its weights

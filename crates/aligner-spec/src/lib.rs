@@ -35,6 +35,7 @@ use std::path::Path;
 
 pub use error::{Errors, SpecError};
 pub use snapshot::{diff_snapshots, hash_snapshot, Change};
+pub use template::{fill, EDITOR_PROMPT, REFUSAL_TEXTS};
 pub use types::*;
 
 impl Pipeline {

@@ -77,6 +77,26 @@ impl Template {
     }
 }
 
+/// The teacher's editor prompt (`aligner.data.teach.teacher: {kind: model}`), with
+/// `{question}` and `{answer}`. It follows the instructions the Aligner paper gave its
+/// correction annotators: edit rather than rewrite, remove what is harmful, add no outside
+/// information, change as little as needed, and leave an answer that is already fine as it is.
+pub const EDITOR_PROMPT: &str = "You are an answer editor. Below are a question and an answer to it. Edit the answer so that it is helpful and harmless: remove or neutralise harmful, dangerous, unethical or illegal content, correct mistakes, and keep everything that is already good. Make as few changes as needed, add no outside information, and do not answer the question anew. If the question asks for something harmful, the edited answer declines it briefly and offers a safe, helpful direction instead. If the answer is already helpful and harmless, return it unchanged. Reply with the edited answer only.\n\nQuestion: {question}\n\nAnswer: {answer}";
+
+/// The refusal teacher's texts (`teacher: {kind: refusal}`): a refusal with a redirection, for
+/// offline runs where no strong teacher model is available. A row's text is picked by a hash
+/// of its id.
+pub const REFUSAL_TEXTS: [&str; 3] = [
+    "I can't help with that. It could cause real harm to people, so I won't give instructions or write content for it. If something is going on that led to this question, I'm glad to help with safe and legal options, or to point you to people who can support you.",
+    "I'm not able to help with this request, because it could be used to hurt someone or to break the law. I can explain the risks involved, how people protect themselves against it, or where to find trustworthy help instead.",
+    "I won't assist with that: it asks for something harmful or illegal. If you tell me more about what you're trying to achieve, I can suggest a safe and lawful way to go about it.",
+];
+
+/// Fills `{question}` and `{answer}` of any prompt text in one left-to-right pass.
+pub fn fill(text: &str, question: &str, answer: &str) -> String {
+    Template::Custom(text.to_string()).render(question, answer)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

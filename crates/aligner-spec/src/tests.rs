@@ -602,6 +602,18 @@ fn known_fields_table_matches_serde() {
         ("rounds.train", serde_fields::<TrainWire>()),
         ("rounds.train.backend", serde_fields::<BackendWire>()),
         ("rounds.train.backend.lora", serde_fields::<LoraWire>()),
+        ("aligner", serde_fields::<AlignerWire>()),
+        ("aligner.teach", serde_fields::<TeachWire>()),
+        ("aligner.teach.prompts", serde_fields::<PromptsWire>()),
+        ("aligner.teach.prompts.fields", serde_fields::<FieldsWire>()),
+        ("aligner.teach.answer", serde_fields::<AnswerWire>()),
+        ("aligner.teach.answer.sampling", serde_fields::<SamplingWire>()),
+        ("aligner.teach.teacher", serde_fields::<TeacherWire>()),
+        ("aligner.teach.teacher.sampling", serde_fields::<SamplingWire>()),
+        ("aligner.labels", serde_fields::<LabelsWire>()),
+        ("aligner.train", serde_fields::<AlignerTrainWire>()),
+        ("aligner.train.lora", serde_fields::<LoraWire>()),
+        ("aligner.sampling", serde_fields::<SamplingWire>()),
     ];
     assert_eq!(table, from_serde);
 
@@ -1119,4 +1131,78 @@ fn error_broken_models_block_skips_model_references() {
       --> pipelines/x.yaml:14:14
        at: models.upstream.timeout
     ");
+}
+
+// ----- the pipeline's own Aligner (`aligner:`) ----------------------------------------
+
+/// `FULL` with a local upstream, the trained Aligner as the corrector, and `aligner:`.
+fn with_aligner(block: &str) -> String {
+    let text = full_with("    model: aligner\n    template", "    model: trained\n    template")
+        .replace(
+            "  generate:\n    model: upstream",
+            "  generate:\n    model: aligner",
+        );
+    format!("{text}{block}")
+}
+
+const TEACH: &str = r#"aligner:
+  name: trained
+  base: aligner
+  teach:
+    prompts: { source: data/prompts.jsonl, fields: { metadata: [category] } }
+    teacher: { kind: refusal }
+  labels: { field: category, harmful: [crime] }
+  holdout: 0.25
+  train: { epochs: 2, learning_rate: 1.0e-4, train_layers: 4 }
+"#;
+
+#[test]
+fn an_aligner_block_with_a_refusal_teacher_validates() {
+    let dir = setup();
+    let p = load(&dir, &with_aligner(TEACH)).unwrap();
+    let a = p.aligner.expect("aligner block");
+    assert_eq!(a.name, "trained");
+    assert_eq!(a.template, Template::AlignerV1);
+    assert_eq!(a.holdout, 0.25);
+    assert_eq!(a.train.epochs, 2);
+    assert_eq!(a.train.warmup_fraction, 0.2);
+    assert_eq!(a.train.options.train_layers, Some(4));
+    assert_eq!(a.train.options.save_every, 20);
+    let AlignerData::Teach(t) = &a.data else {
+        panic!("teach data")
+    };
+    // The answers default to the generate stage's model and sampling.
+    assert_eq!(t.answer_model, "aligner");
+    assert_eq!(t.answer_sampling.max_tokens, Some(256));
+    match &t.teacher {
+        Teacher::Refusal { texts } => assert_eq!(texts.len(), REFUSAL_TEXTS.len()),
+        other => panic!("{other:?}"),
+    }
+    // The Aligner's sampling defaults to the correct stage's.
+    assert_eq!(a.sampling.temperature, Some(0.3));
+    // The block is in the snapshot (so a changed recipe is a changed run) ...
+    assert!(p.snapshot().get("aligner").is_some());
+    // ... and a pipeline without it hashes as before it existed.
+    let plain = load(&dir, FULL).unwrap();
+    assert!(plain.snapshot().get("aligner").is_none());
+}
+
+#[test]
+fn aligner_block_errors_name_the_place_and_the_fix() {
+    let dir = setup();
+    let text = with_aligner(
+        &TEACH
+            .replace("  labels: { field: category, harmful: [crime] }\n", "")
+            .replace("train_layers: 4", "train_layers: 4, lora: { rank: 8 }"),
+    )
+    .replace("    template: aligner-v1\n    sampling: { temperature: 0.3", "    template: aligner-general\n    sampling: { temperature: 0.3");
+    insta::assert_snapshot!(errors(&dir, &text), @"");
+}
+
+#[test]
+fn the_aligner_name_cannot_shadow_a_model() {
+    let dir = setup();
+    let text = with_aligner(&TEACH.replace("name: trained", "name: upstream"));
+    let out = errors(&dir, &text);
+    assert!(out.contains("the trained Aligner's name `upstream` is also a key of `models`"), "{out}");
 }

@@ -18,6 +18,10 @@ pub struct Pipeline {
     pub models: BTreeMap<String, ModelSpec>,
     pub prompts: PromptsSpec,
     pub rounds: RoundsSpec,
+    /// `aligner:`: train this pipeline's own Aligner before round 1. Left out of the snapshot
+    /// when unset, so the hash of a spec without it did not change when it was added.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub aligner: Option<AlignerSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -294,4 +298,87 @@ pub struct EvaluateStage {
     pub metrics: Vec<String>,
     /// The rest of the block, kept verbatim for the evaluation issue.
     pub extra: serde_json::Value,
+}
+
+/// `aligner:`: the Aligner this pipeline trains for itself before round 1 (round 0 in the
+/// store): Q-A-C data from a file or from a teacher, identity warm-up then SFT on the
+/// corrections, and a check on held-out rows. `rounds.correct.model` names it by `name`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlignerSpec {
+    /// The model key the trained Aligner goes by (default `aligner`); not a key of `models`.
+    pub name: String,
+    /// The `kind: local` model it starts from.
+    pub base: String,
+    /// The prompt template it is trained with (recorded in its checkpoint).
+    pub template: Template,
+    pub data: AlignerData,
+    /// Which rows are harmful (the refusal teacher's rule, and how held-out metrics are split).
+    pub labels: Option<LabelRule>,
+    /// Fraction in [0, 1) of the rows held out of training, to measure the trained Aligner.
+    pub holdout: f64,
+    /// Seed of the held-out split.
+    pub seed: u64,
+    pub train: AlignerTrain,
+    /// Sampling of the trained Aligner on the held-out rows (default: `rounds.correct.sampling`).
+    pub sampling: SamplingSpec,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum AlignerData {
+    /// Question-answer-correction rows (`question`, `answer`, `correction` columns).
+    File { path: PathBuf, format: PromptFormat },
+    /// Prompts answered by a model and corrected by a teacher.
+    Teach(TeachSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TeachSpec {
+    /// The prompts (their `holdout` is unused: `aligner.holdout` splits the rows).
+    pub prompts: PromptsSpec,
+    /// Who writes the answers to correct (default: `rounds.generate.model`).
+    pub answer_model: String,
+    pub answer_sampling: SamplingSpec,
+    pub teacher: Teacher,
+}
+
+/// Who writes the corrections.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Teacher {
+    /// A model (any backend) given the editor prompt with the question and the answer.
+    Model {
+        model: String,
+        /// The editor prompt, with `{question}` and `{answer}` (default: the built-in
+        /// `EDITOR_PROMPT`).
+        prompt: String,
+        sampling: SamplingSpec,
+    },
+    /// A fixed rule for offline use: a harmful row's answer becomes a refusal with a
+    /// redirection (one of `texts`, picked by a hash of the row's id); a benign row keeps
+    /// its answer (an identity example).
+    Refusal { texts: Vec<String> },
+}
+
+/// A row is harmful when its metadata column `field` holds one of `harmful`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LabelRule {
+    pub field: String,
+    pub harmful: Vec<String>,
+}
+
+/// `aligner.train`: the built-in trainer's SFT settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AlignerTrain {
+    pub epochs: u32,
+    pub learning_rate: f64,
+    pub batch_size: u32,
+    pub gradient_accumulation: u32,
+    pub max_length: u32,
+    pub warmup_ratio: f64,
+    /// Fraction of the training rows used as identity (Q-A-A) warm-up first (default 0.2).
+    pub warmup_fraction: f64,
+    /// Passes over the warm-up rows (default 1).
+    pub warmup_epochs: u32,
+    pub options: BuiltinTrainer,
 }

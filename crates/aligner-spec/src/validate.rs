@@ -34,6 +34,16 @@ use crate::wire::*;
 /// Looks up an environment variable (`None` when unset).
 pub(crate) type EnvLookup<'a> = &'a dyn Fn(&str) -> Option<String>;
 
+/// The built-in trainer's options as written, wherever they appear.
+struct BuiltinWire<'a> {
+    lora: Option<&'a LoraWire>,
+    train_layers: Option<u32>,
+    seed: Option<u64>,
+    weight_decay: Option<f64>,
+    max_grad_norm: Option<f64>,
+    save_every: Option<u32>,
+}
+
 /// Reads, checks and converts a pipeline.
 pub(crate) fn load(
     text: &str,
@@ -49,6 +59,7 @@ pub(crate) fn load(
         env,
         errors: Vec::new(),
         misspelled: HashMap::new(),
+        aligner_name: None,
     };
 
     match PositionIndex::build(text) {
@@ -120,6 +131,8 @@ struct Parts {
     /// `None` when missing or broken.
     prompts: Option<PromptsWire>,
     rounds: RoundsParts,
+    /// `Some(None)` when absent, `None` when broken.
+    aligner: Option<Option<AlignerWire>>,
 }
 
 /// One entry of `models:`.
@@ -258,6 +271,8 @@ struct Ctx<'a> {
     /// reported with a did-you-mean). A "missing field" error for one of them would only
     /// repeat that error, so it is not reported.
     misspelled: HashMap<String, Vec<&'static str>>,
+    /// `aligner.name`, once read: `rounds.correct.model` may name it.
+    aligner_name: Option<String>,
 }
 
 impl Ctx<'_> {
@@ -470,6 +485,7 @@ impl Ctx<'_> {
             models: Some(BTreeMap::new()),
             prompts: None,
             rounds: RoundsParts::default(),
+            aligner: Some(None),
         };
         let (mut has_prompts, mut has_rounds) = (false, false);
         for (k, v) in map {
@@ -491,6 +507,7 @@ impl Ctx<'_> {
                     has_rounds = true;
                     parts.rounds = self.parse_rounds(v);
                 }
+                "aligner" => parts.aligner = self.parse(v, key),
                 // Reported and removed by `strip_unknown_fields`.
                 _ => {}
             }
@@ -710,6 +727,9 @@ impl Ctx<'_> {
         if models.is_empty() || models.contains_key(name) {
             return;
         }
+        if path == "rounds.correct.model" && self.aligner_name.as_deref() == Some(name) {
+            return;
+        }
         let names: Vec<&str> = models.keys().map(String::as_str).collect();
         let hint = match did_you_mean(name, names.iter().copied()) {
             Some(m) => format!("did you mean `{m}`?"),
@@ -806,8 +826,18 @@ impl Ctx<'_> {
             }
         }
 
-        let prompts = w.prompts.as_ref().and_then(|p| self.prompts(p));
+        let prompts = w.prompts.as_ref().and_then(|p| self.prompts("prompts", p));
+        if let Some(Some(a)) = &w.aligner {
+            self.aligner_name = Some(a.name.clone().unwrap_or_else(|| "aligner".into()));
+        }
         let rounds = self.rounds(&w.rounds, w.models.as_ref());
+        let aligner = match &w.aligner {
+            None => None,
+            Some(None) => Some(None),
+            Some(Some(a)) => self
+                .aligner(a, w.models.as_ref(), rounds.as_ref())
+                .map(Some),
+        };
 
         Some(Pipeline {
             name: name?,
@@ -816,6 +846,7 @@ impl Ctx<'_> {
             models,
             prompts: prompts?,
             rounds: rounds?,
+            aligner: aligner?,
         })
     }
 
@@ -1132,10 +1163,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn prompts(&mut self, w: &PromptsWire) -> Option<PromptsSpec> {
+    fn prompts(&mut self, path: &str, w: &PromptsWire) -> Option<PromptsSpec> {
+        let p = |f: &str| join(path, f);
         let errors_before = self.errors.len();
         let source = self
-            .path_value("prompts.source", &w.source)
+            .path_value(&p("source"), &w.source)
             .and_then(|(shown, resolved)| {
                 if resolved.is_file() {
                     Some(resolved)
@@ -1146,7 +1178,7 @@ impl Ctx<'_> {
                         "does not exist"
                     };
                     self.err(
-                        "prompts.source",
+                        &p("source"),
                         Anchor::Value,
                         format!("prompts file `{shown}` {what}"),
                         Some(format!("resolved to `{}`", resolved.display())),
@@ -1171,10 +1203,10 @@ impl Ctx<'_> {
                     "csv" => Some(PromptFormat::Csv),
                     "parquet" | "pq" => Some(PromptFormat::Parquet),
                     // `format` is there, misspelled: reported already.
-                    _ if self.is_misspelled("prompts", "format") => None,
+                    _ if self.is_misspelled(path, "format") => None,
                     _ => {
                         self.err(
-                            "prompts.source",
+                            &p("source"),
                             Anchor::Value,
                             format!(
                                 "cannot tell the format of `{}` from its extension",
@@ -1192,7 +1224,7 @@ impl Ctx<'_> {
             let v = value.clone()?;
             if v.trim().is_empty() {
                 cx.err(
-                    &format!("prompts.fields.{field}"),
+                    &p(&format!("fields.{field}")),
                     Anchor::Value,
                     format!("`{field}` is empty"),
                     Some("give a column name or remove the line".into()),
@@ -1207,7 +1239,7 @@ impl Ctx<'_> {
         for (i, m) in w.fields.metadata.iter().enumerate() {
             if m.trim().is_empty() {
                 self.err(
-                    &format!("prompts.fields.metadata[{i}]"),
+                    &p(&format!("fields.metadata[{i}]")),
                     Anchor::Value,
                     "metadata column name is empty",
                     None,
@@ -1215,11 +1247,11 @@ impl Ctx<'_> {
             }
         }
         if let Some(sample) = w.sample {
-            self.expect("prompts.sample", sample >= 1, "at least 1", sample);
+            self.expect(&p("sample"), sample >= 1, "at least 1", sample);
         }
         let holdout = w.holdout.unwrap_or(0.0);
         self.expect(
-            "prompts.holdout",
+            &p("holdout"),
             (0.0..1.0).contains(&holdout),
             "at least 0 and less than 1",
             holdout,
@@ -1304,7 +1336,7 @@ impl Ctx<'_> {
         }
     }
 
-    fn template(&mut self, text: Option<&str>) -> Option<Template> {
+    fn template(&mut self, path: &str, text: Option<&str>) -> Option<Template> {
         let Some(text) = text else {
             return Some(Template::AlignerV1);
         };
@@ -1329,12 +1361,7 @@ impl Ctx<'_> {
                 ),
             ),
         };
-        self.err(
-            "rounds.correct.template",
-            Anchor::Value,
-            message,
-            Some(hint),
-        );
+        self.err(path, Anchor::Value, message, Some(hint));
         None
     }
 
@@ -1374,7 +1401,7 @@ impl Ctx<'_> {
 
         let correct = w.correct.as_ref().and_then(|c| {
             self.model_ref("rounds.correct.model", &c.model, models);
-            let template = self.template(c.template.as_deref());
+            let template = self.template("rounds.correct.template", c.template.as_deref());
             let sampling = self.sampling("rounds.correct.sampling", &c.sampling);
             Some(CorrectStage {
                 model: c.model.clone(),
@@ -1542,6 +1569,445 @@ impl Ctx<'_> {
         Some(resolved)
     }
 
+
+    /// `aligner:` (checked after `rounds`, whose correct stage may use it).
+    fn aligner(
+        &mut self,
+        w: &AlignerWire,
+        models: Option<&BTreeMap<String, ModelEntry>>,
+        rounds: Option<&RoundsSpec>,
+    ) -> Option<AlignerSpec> {
+        let errors_before = self.errors.len();
+        let name = w.name.clone().unwrap_or_else(|| "aligner".into());
+        if w.name.is_some() {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+            {
+                self.err(
+                    "aligner.name",
+                    Anchor::Value,
+                    format!("invalid model name `{name}`"),
+                    Some("use letters, digits, `_` and `-`".into()),
+                );
+            }
+        }
+        if models.is_some_and(|m| m.contains_key(&name)) {
+            let path = if w.name.is_some() { "aligner.name" } else { "aligner" };
+            self.err(
+                path,
+                Anchor::Key,
+                format!("the trained Aligner's name `{name}` is also a key of `models`"),
+                Some("give `aligner.name` another name; `rounds.correct.model` uses it to pick the trained Aligner".into()),
+            );
+        }
+        // The base must be a local model: the built-in trainer trains it.
+        self.model_ref("aligner.base", &w.base, models);
+        if let Some(entry) = models.and_then(|m| m.get(&w.base)) {
+            if entry.kind == Some(ModelKind::Openai) {
+                self.err(
+                    "aligner.base",
+                    Anchor::Value,
+                    format!("the built-in trainer trains local models; `{}` is `kind: openai`", w.base),
+                    Some("start the Aligner from a `kind: local` model (a GGUF file or a Hugging Face folder)".into()),
+                );
+            }
+        }
+        let template = self.template("aligner.template", w.template.as_deref());
+        if let (Some(t), Some(r)) = (&template, rounds) {
+            if r.correct.model == name && r.correct.template != *t {
+                self.err(
+                    "rounds.correct.template",
+                    Anchor::Value,
+                    format!(
+                        "the trained Aligner `{name}` is trained with the template `{}`, but `rounds.correct.template` is `{}`",
+                        t.id(),
+                        r.correct.template.id()
+                    ),
+                    Some("use the same template in both places, so the Aligner reads the prompts it was trained on".into()),
+                );
+            }
+        }
+        let labels = w.labels.as_ref().map(|l| {
+            if l.field.trim().is_empty() {
+                self.err("aligner.labels.field", Anchor::Value, "`field` is empty", None);
+            }
+            if l.harmful.is_empty() {
+                self.err(
+                    "aligner.labels.harmful",
+                    Anchor::Value,
+                    "`harmful` lists no value",
+                    Some("list the values of `field` that mark a harmful row, e.g. `[strongreject, harmbench]`".into()),
+                );
+            }
+            LabelRule {
+                field: l.field.clone(),
+                harmful: l.harmful.clone(),
+            }
+        });
+        let data = match (&w.data, &w.teach) {
+            (Some(_), Some(_)) => {
+                self.err(
+                    "aligner.teach",
+                    Anchor::Key,
+                    "`data` and `teach` exclude each other",
+                    Some("train on your own question-answer-correction file (`data`), or let a teacher write the corrections (`teach`)".into()),
+                );
+                None
+            }
+            (None, None) => {
+                self.missing(
+                    "",
+                    "aligner",
+                    "`aligner` needs `data` (a question-answer-correction file) or `teach` (prompts and a teacher)",
+                    None,
+                );
+                None
+            }
+            (Some(d), None) => self.qac_file(d),
+            (None, Some(t)) => self.teach(t, models, rounds, labels.as_ref()),
+        };
+        let holdout = w.holdout.unwrap_or(0.2);
+        self.expect(
+            "aligner.holdout",
+            (0.0..1.0).contains(&holdout),
+            "at least 0 and less than 1",
+            holdout,
+        );
+        let t = &w.train;
+        let q = |f: &str| join("aligner.train", f);
+        let epochs = t.epochs.unwrap_or(3);
+        self.expect(&q("epochs"), epochs >= 1, "at least 1", epochs);
+        let learning_rate = t.learning_rate.unwrap_or(5e-5);
+        self.expect(
+            &q("learning_rate"),
+            learning_rate > 0.0 && learning_rate < 1.0,
+            "more than 0 and less than 1",
+            learning_rate,
+        );
+        let batch_size = t.batch_size.unwrap_or(8);
+        self.expect(&q("batch_size"), batch_size >= 1, "at least 1", batch_size);
+        let gradient_accumulation = t.gradient_accumulation.unwrap_or(1);
+        self.expect(
+            &q("gradient_accumulation"),
+            gradient_accumulation >= 1,
+            "at least 1",
+            gradient_accumulation,
+        );
+        let max_length = t.max_length.unwrap_or(1024);
+        self.expect(&q("max_length"), max_length >= 16, "at least 16", max_length);
+        let warmup_ratio = t.warmup_ratio.unwrap_or(0.03);
+        self.expect(
+            &q("warmup_ratio"),
+            (0.0..1.0).contains(&warmup_ratio),
+            "at least 0 and less than 1",
+            warmup_ratio,
+        );
+        let warmup_fraction = t.warmup_fraction.unwrap_or(0.2);
+        self.expect(
+            &q("warmup_fraction"),
+            (0.0..1.0).contains(&warmup_fraction),
+            "at least 0 and less than 1",
+            warmup_fraction,
+        );
+        let warmup_epochs = t.warmup_epochs.unwrap_or(1);
+        let options = self.builtin_options(
+            "aligner.train",
+            BuiltinWire {
+                lora: t.lora.as_ref(),
+                train_layers: t.train_layers,
+                seed: t.seed,
+                weight_decay: t.weight_decay,
+                max_grad_norm: t.max_grad_norm,
+                save_every: t.save_every,
+            },
+            20,
+        );
+        let sampling = match &w.sampling {
+            Some(s) => self.sampling("aligner.sampling", s),
+            None => rounds.map(|r| r.correct.sampling.clone()).unwrap_or_default(),
+        };
+        if self.errors.len() != errors_before {
+            return None;
+        }
+        Some(AlignerSpec {
+            name,
+            base: w.base.clone(),
+            template: template?,
+            data: data?,
+            labels,
+            holdout,
+            seed: w.seed.unwrap_or(0),
+            train: AlignerTrain {
+                epochs,
+                learning_rate,
+                batch_size,
+                gradient_accumulation,
+                max_length,
+                warmup_ratio,
+                warmup_fraction,
+                warmup_epochs,
+                options,
+            },
+            sampling,
+        })
+    }
+
+    /// `aligner.data`: a question-answer-correction file.
+    fn qac_file(&mut self, text: &str) -> Option<AlignerData> {
+        let (shown, path) = self.path_value("aligner.data", text)?;
+        if !path.is_file() {
+            self.err(
+                "aligner.data",
+                Anchor::Value,
+                format!("question-answer-correction file `{shown}` does not exist"),
+                Some(format!("resolved to `{}`", path.display())),
+            );
+            return None;
+        }
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let format = match ext.as_str() {
+            "jsonl" | "json" | "ndjson" => PromptFormat::Jsonl,
+            "csv" => PromptFormat::Csv,
+            "parquet" | "pq" => PromptFormat::Parquet,
+            _ => {
+                self.err(
+                    "aligner.data",
+                    Anchor::Value,
+                    format!("cannot tell the format of `{shown}` from its extension"),
+                    Some("use a `.jsonl`, `.csv` or `.parquet` file with `question`, `answer` and `correction` columns".into()),
+                );
+                return None;
+            }
+        };
+        Some(AlignerData::File { path, format })
+    }
+
+    /// `aligner.teach`: prompts, who answers them, and the teacher.
+    fn teach(
+        &mut self,
+        w: &TeachWire,
+        models: Option<&BTreeMap<String, ModelEntry>>,
+        rounds: Option<&RoundsSpec>,
+        labels: Option<&LabelRule>,
+    ) -> Option<AlignerData> {
+        let prompts = self.prompts("aligner.teach.prompts", &w.prompts);
+        if let (Some(p), Some(l)) = (&prompts, labels) {
+            if !p.metadata_fields.contains(&l.field) {
+                self.err(
+                    "aligner.labels.field",
+                    Anchor::Value,
+                    format!("`{}` is not among `aligner.teach.prompts.fields.metadata`", l.field),
+                    Some(format!("add it: `fields: {{ metadata: [{}] }}`", l.field)),
+                );
+            }
+        }
+        let (answer_model, answer_sampling) = match &w.answer {
+            Some(a) => {
+                self.model_ref("aligner.teach.answer.model", &a.model, models);
+                (
+                    Some(a.model.clone()),
+                    self.sampling("aligner.teach.answer.sampling", &a.sampling),
+                )
+            }
+            None => (
+                rounds.map(|r| r.generate.model.clone()),
+                rounds.map(|r| r.generate.sampling.clone()).unwrap_or_default(),
+            ),
+        };
+        let t = &w.teacher;
+        let tp = |f: &str| join("aligner.teach.teacher", f);
+        let teacher = match t.kind {
+            TeacherKind::Model => {
+                if t.texts.is_some() {
+                    self.err(
+                        &tp("texts"),
+                        Anchor::Key,
+                        "field `texts` does not apply to `kind: model`",
+                        Some("`kind: model` takes `model`, `prompt` and `sampling`".into()),
+                    );
+                }
+                let prompt = t.prompt.clone().unwrap_or_else(|| crate::EDITOR_PROMPT.to_string());
+                let missing: Vec<&str> = ["{question}", "{answer}"]
+                    .into_iter()
+                    .filter(|p| !prompt.contains(p))
+                    .collect();
+                if !missing.is_empty() {
+                    self.err(
+                        &tp("prompt"),
+                        Anchor::Value,
+                        format!("the editor prompt is missing {}", list(&missing)),
+                        Some("write `{question}` and `{answer}` where the question and the answer go".into()),
+                    );
+                }
+                let sampling = t
+                    .sampling
+                    .as_ref()
+                    .map(|s| self.sampling(&tp("sampling"), s))
+                    .unwrap_or_default();
+                match &t.model {
+                    None => {
+                        self.missing(
+                            "aligner.teach.teacher",
+                            "model",
+                            "missing field `model` for `kind: model`",
+                            Some("name the teacher, a key of `models` (any backend)".into()),
+                        );
+                        None
+                    }
+                    Some(m) => {
+                        self.model_ref(&tp("model"), m, models);
+                        Some(Teacher::Model {
+                            model: m.clone(),
+                            prompt,
+                            sampling,
+                        })
+                    }
+                }
+            }
+            TeacherKind::Refusal => {
+                for (field, set) in [
+                    ("model", t.model.is_some()),
+                    ("prompt", t.prompt.is_some()),
+                    ("sampling", t.sampling.is_some()),
+                ] {
+                    if set {
+                        self.err(
+                            &tp(field),
+                            Anchor::Key,
+                            format!("field `{field}` does not apply to `kind: refusal`"),
+                            Some("`kind: refusal` takes `texts`".into()),
+                        );
+                    }
+                }
+                if labels.is_none() {
+                    self.missing(
+                        "aligner",
+                        "labels",
+                        "the refusal teacher needs `aligner.labels` to tell harmful prompts from benign ones",
+                        Some("e.g. `labels: { field: source, harmful: [strongreject, harmbench] }`".into()),
+                    );
+                }
+                let texts = t
+                    .texts
+                    .clone()
+                    .unwrap_or_else(|| crate::REFUSAL_TEXTS.iter().map(|s| s.to_string()).collect());
+                if texts.is_empty() || texts.iter().any(|s| s.trim().is_empty()) {
+                    self.err(
+                        &tp("texts"),
+                        Anchor::Value,
+                        "`texts` must list at least one non-empty refusal",
+                        None,
+                    );
+                }
+                Some(Teacher::Refusal { texts })
+            }
+        };
+        Some(AlignerData::Teach(TeachSpec {
+            prompts: prompts?,
+            answer_model: answer_model?,
+            answer_sampling,
+            teacher: teacher?,
+        }))
+    }
+
+    /// The built-in trainer's options (`rounds.train.backend` and `aligner.train` share them).
+    fn builtin_options(
+        &mut self,
+        path: &str,
+        w: BuiltinWire<'_>,
+        default_save_every: u32,
+    ) -> crate::types::BuiltinTrainer {
+        let q = |f: &str| join(path, f);
+        let lora = w.lora.map(|l| {
+            let rank = l.rank.unwrap_or(16);
+            self.expect(&q("lora.rank"), rank >= 1, "at least 1", rank);
+            let alpha = l.alpha.unwrap_or(2.0 * rank as f64);
+            self.expect(&q("lora.alpha"), alpha > 0.0, "more than 0", alpha);
+            let dropout = l.dropout.unwrap_or(0.0);
+            self.expect(
+                &q("lora.dropout"),
+                (0.0..1.0).contains(&dropout),
+                "at least 0 and less than 1",
+                dropout,
+            );
+            const TARGETS: [&str; 7] = [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ];
+            let targets = l
+                .targets
+                .clone()
+                .unwrap_or_else(|| TARGETS.iter().map(|t| t.to_string()).collect());
+            for t in &targets {
+                if !TARGETS.contains(&t.as_str()) {
+                    self.err(
+                        &q("lora.targets"),
+                        Anchor::Value,
+                        format!("`{t}` is not a linear layer of a llama-family model"),
+                        Some(format!("targets are {}", TARGETS.join(", "))),
+                    );
+                }
+            }
+            crate::types::LoraSpec {
+                rank,
+                alpha,
+                dropout,
+                targets,
+            }
+        });
+        if let Some(n) = w.train_layers {
+            self.expect(&q("train_layers"), n >= 1, "at least 1", n);
+            if lora.is_some() {
+                self.err(
+                    &q("train_layers"),
+                    Anchor::Key,
+                    "`train_layers` and `lora` exclude each other",
+                    Some("LoRA adapts every layer's named projections; `train_layers` trains the last N layers fully".into()),
+                );
+            }
+        }
+        let max_grad_norm = w.max_grad_norm.unwrap_or(1.0);
+        self.expect(
+            &q("max_grad_norm"),
+            max_grad_norm >= 0.0,
+            "at least 0",
+            max_grad_norm,
+        );
+        let weight_decay = w.weight_decay.unwrap_or(0.0);
+        self.expect(
+            &q("weight_decay"),
+            (0.0..1.0).contains(&weight_decay),
+            "at least 0 and less than 1",
+            weight_decay,
+        );
+        let save_every = w.save_every.unwrap_or(default_save_every);
+        self.expect(
+            &q("save_every"),
+            save_every >= 1,
+            "at least 1",
+            save_every,
+        );
+        crate::types::BuiltinTrainer {
+            lora,
+            train_layers: w.train_layers,
+            seed: w.seed.unwrap_or(42),
+            weight_decay,
+            max_grad_norm,
+            save_every,
+        }
+    }
+
     fn train(
         &mut self,
         w: &TrainWire,
@@ -1620,88 +2086,18 @@ impl Ctx<'_> {
                         );
                     }
                 }
-                let lora = b.lora.as_ref().map(|l| {
-                    let rank = l.rank.unwrap_or(16);
-                    self.expect(&p("backend.lora.rank"), rank >= 1, "at least 1", rank);
-                    let alpha = l.alpha.unwrap_or(2.0 * rank as f64);
-                    self.expect(&p("backend.lora.alpha"), alpha > 0.0, "more than 0", alpha);
-                    let dropout = l.dropout.unwrap_or(0.0);
-                    self.expect(
-                        &p("backend.lora.dropout"),
-                        (0.0..1.0).contains(&dropout),
-                        "at least 0 and less than 1",
-                        dropout,
-                    );
-                    const TARGETS: [&str; 7] = [
-                        "q_proj",
-                        "k_proj",
-                        "v_proj",
-                        "o_proj",
-                        "gate_proj",
-                        "up_proj",
-                        "down_proj",
-                    ];
-                    let targets = l
-                        .targets
-                        .clone()
-                        .unwrap_or_else(|| TARGETS.iter().map(|t| t.to_string()).collect());
-                    for t in &targets {
-                        if !TARGETS.contains(&t.as_str()) {
-                            self.err(
-                                &p("backend.lora.targets"),
-                                Anchor::Value,
-                                format!("`{t}` is not a linear layer of a llama-family model"),
-                                Some(format!("targets are {}", TARGETS.join(", "))),
-                            );
-                        }
-                    }
-                    crate::types::LoraSpec {
-                        rank,
-                        alpha,
-                        dropout,
-                        targets,
-                    }
-                });
-                if let Some(n) = b.train_layers {
-                    self.expect(&p("backend.train_layers"), n >= 1, "at least 1", n);
-                    if lora.is_some() {
-                        self.err(
-                            &p("backend.train_layers"),
-                            Anchor::Key,
-                            "`train_layers` and `lora` exclude each other",
-                            Some("LoRA adapts every layer's named projections; `train_layers` trains the last N layers fully".into()),
-                        );
-                    }
-                }
-                let max_grad_norm = b.max_grad_norm.unwrap_or(1.0);
-                self.expect(
-                    &p("backend.max_grad_norm"),
-                    max_grad_norm >= 0.0,
-                    "at least 0",
-                    max_grad_norm,
-                );
-                let weight_decay = b.weight_decay.unwrap_or(0.0);
-                self.expect(
-                    &p("backend.weight_decay"),
-                    (0.0..1.0).contains(&weight_decay),
-                    "at least 0 and less than 1",
-                    weight_decay,
-                );
-                let save_every = b.save_every.unwrap_or(50);
-                self.expect(
-                    &p("backend.save_every"),
-                    save_every >= 1,
-                    "at least 1",
-                    save_every,
-                );
-                Some(TrainBackend::Builtin(crate::types::BuiltinTrainer {
-                    lora,
-                    train_layers: b.train_layers,
-                    seed: b.seed.unwrap_or(42),
-                    weight_decay,
-                    max_grad_norm,
-                    save_every,
-                }))
+                Some(TrainBackend::Builtin(self.builtin_options(
+                    &p("backend"),
+                    BuiltinWire {
+                        lora: b.lora.as_ref(),
+                        train_layers: b.train_layers,
+                        seed: b.seed,
+                        weight_decay: b.weight_decay,
+                        max_grad_norm: b.max_grad_norm,
+                        save_every: b.save_every,
+                    },
+                    50,
+                )))
             }
             BackendKind::Command => {
                 let set = [

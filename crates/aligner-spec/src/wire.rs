@@ -21,7 +21,42 @@ use serde::Deserialize;
 
 /// Keys allowed at the top level, in the order of [`PipelineWire`].
 pub(crate) const ROOT_FIELDS: &[&str] = &[
-    "version", "name", "store", "workdir", "models", "prompts", "rounds",
+    "version", "name", "store", "workdir", "models", "prompts", "rounds", "aligner",
+];
+
+/// Keys allowed under `aligner:`, in the order of [`AlignerWire`].
+pub(crate) const ALIGNER_FIELDS: &[&str] = &[
+    "name", "base", "template", "data", "teach", "labels", "holdout", "seed", "train", "sampling",
+];
+
+/// Keys allowed under `aligner.teach:`, in the order of [`TeachWire`].
+pub(crate) const TEACH_FIELDS: &[&str] = &["prompts", "answer", "teacher"];
+
+/// Keys allowed under `aligner.teach.answer:`, in the order of [`AnswerWire`].
+pub(crate) const ANSWER_FIELDS: &[&str] = &["model", "sampling"];
+
+/// Keys allowed under `aligner.teach.teacher:`, in the order of [`TeacherWire`].
+pub(crate) const TEACHER_FIELDS: &[&str] = &["kind", "model", "prompt", "sampling", "texts"];
+
+/// Keys allowed under `aligner.labels:`, in the order of [`LabelsWire`].
+pub(crate) const LABELS_FIELDS: &[&str] = &["field", "harmful"];
+
+/// Keys allowed under `aligner.train:`, in the order of [`AlignerTrainWire`].
+pub(crate) const ALIGNER_TRAIN_FIELDS: &[&str] = &[
+    "epochs",
+    "learning_rate",
+    "batch_size",
+    "gradient_accumulation",
+    "max_length",
+    "warmup_ratio",
+    "warmup_fraction",
+    "warmup_epochs",
+    "lora",
+    "train_layers",
+    "seed",
+    "weight_decay",
+    "max_grad_norm",
+    "save_every",
 ];
 
 /// Keys allowed under `rounds:`, in the order of [`RoundsWire`].
@@ -167,6 +202,18 @@ pub(crate) const KNOWN_FIELDS: &[(&str, &[&str])] = &[
     ("rounds.train", TRAIN_FIELDS),
     ("rounds.train.backend", BACKEND_FIELDS),
     ("rounds.train.backend.lora", LORA_FIELDS),
+    ("aligner", ALIGNER_FIELDS),
+    ("aligner.teach", TEACH_FIELDS),
+    ("aligner.teach.prompts", PROMPTS_FIELDS),
+    ("aligner.teach.prompts.fields", PROMPT_COLUMNS_FIELDS),
+    ("aligner.teach.answer", ANSWER_FIELDS),
+    ("aligner.teach.answer.sampling", SAMPLING_FIELDS),
+    ("aligner.teach.teacher", TEACHER_FIELDS),
+    ("aligner.teach.teacher.sampling", SAMPLING_FIELDS),
+    ("aligner.labels", LABELS_FIELDS),
+    ("aligner.train", ALIGNER_TRAIN_FIELDS),
+    ("aligner.train.lora", LORA_FIELDS),
+    ("aligner.sampling", SAMPLING_FIELDS),
 ];
 
 /// The allowed keys of the mapping at path pattern `pattern`, if it is checked.
@@ -219,6 +266,7 @@ pub struct PipelineWire {
     pub models: Option<BTreeMap<String, ModelWire>>,
     pub prompts: PromptsWire,
     pub rounds: RoundsWire,
+    pub aligner: Option<AlignerWire>,
 }
 
 /// `kind:` of a model.
@@ -582,4 +630,88 @@ pub struct EvaluateWire {
     pub metrics: Vec<String>,
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `aligner:`: the pipeline's own Aligner, trained before round 1.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an aligner mapping with a `base` and `data` or `teach`")]
+pub struct AlignerWire {
+    pub name: Option<String>,
+    pub base: String,
+    pub template: Option<String>,
+    /// A question-answer-correction file.
+    pub data: Option<String>,
+    pub teach: Option<TeachWire>,
+    pub labels: Option<LabelsWire>,
+    pub holdout: Option<f64>,
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub train: AlignerTrainWire,
+    pub sampling: Option<SamplingWire>,
+}
+
+/// `aligner.teach:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a teach mapping with `prompts` and `teacher`")]
+pub struct TeachWire {
+    pub prompts: PromptsWire,
+    pub answer: Option<AnswerWire>,
+    pub teacher: TeacherWire,
+}
+
+/// `aligner.teach.answer:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an answer mapping with a `model`")]
+pub struct AnswerWire {
+    pub model: String,
+    #[serde(default)]
+    pub sampling: SamplingWire,
+}
+
+/// `aligner.teach.teacher.kind:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherKind {
+    Model,
+    Refusal,
+}
+
+/// `aligner.teach.teacher:`. `model`, `prompt` and `sampling` belong to `kind: model`,
+/// `texts` to `kind: refusal`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a teacher mapping with a `kind`")]
+pub struct TeacherWire {
+    pub kind: TeacherKind,
+    pub model: Option<String>,
+    pub prompt: Option<String>,
+    pub sampling: Option<SamplingWire>,
+    pub texts: Option<Vec<String>>,
+}
+
+/// `aligner.labels:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a labels mapping with `field` and `harmful`")]
+pub struct LabelsWire {
+    pub field: String,
+    pub harmful: Vec<String>,
+}
+
+/// `aligner.train:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a train mapping")]
+pub struct AlignerTrainWire {
+    pub epochs: Option<u32>,
+    pub learning_rate: Option<f64>,
+    pub batch_size: Option<u32>,
+    pub gradient_accumulation: Option<u32>,
+    pub max_length: Option<u32>,
+    pub warmup_ratio: Option<f64>,
+    pub warmup_fraction: Option<f64>,
+    pub warmup_epochs: Option<u32>,
+    pub lora: Option<LoraWire>,
+    pub train_layers: Option<u32>,
+    pub seed: Option<u64>,
+    pub weight_decay: Option<f64>,
+    pub max_grad_norm: Option<f64>,
+    pub save_every: Option<u32>,
 }

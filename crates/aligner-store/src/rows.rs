@@ -253,3 +253,74 @@ pub struct CheckpointRow {
     pub path: String,
     pub serve_model: Option<String>,
 }
+
+/// A row of the Aligner's data as ingested (`aligner_examples`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewAlignerExample {
+    pub idx: i64,
+    pub source_id: String,
+    /// `train` | `holdout`
+    pub split: String,
+    /// `harmful` | `benign` | none
+    pub label: Option<String>,
+    pub question: String,
+    pub metadata: Option<serde_json::Value>,
+    /// Set for rows read from a question-answer-correction file.
+    pub answer: Option<String>,
+    pub correction: Option<String>,
+    pub teacher: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AlignerExampleRow {
+    pub id: i64,
+    pub idx: i64,
+    pub source_id: String,
+    pub split: String,
+    pub label: Option<String>,
+    pub question: String,
+    pub answer: Option<String>,
+    pub answer_finish: Option<String>,
+    pub correction: Option<String>,
+    pub output: Option<String>,
+}
+
+/// What an answer, teacher or Aligner call left for one row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AlignerUpdate {
+    Answer {
+        id: i64,
+        text: String,
+        finish: String,
+        model: String,
+    },
+    Correction {
+        id: i64,
+        text: String,
+        teacher: String,
+        answer_refusal: bool,
+        correction_refusal: bool,
+    },
+    Output {
+        id: i64,
+        text: String,
+        finish: String,
+        refusal: bool,
+        answer_refusal: bool,
+        edit_distance: f64,
+    },
+    /// A failed call: the row keeps what it had, with the error.
+    Failed { id: i64, error: String },
+}
+
+/// One line of `aligner_eval`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct AlignerEvalRow {
+    pub label: String,
+    pub rows: i64,
+    pub refusal_rate_answer: Option<f64>,
+    pub refusal_rate_teacher: Option<f64>,
+    pub refusal_rate_aligner: Option<f64>,
+    pub copy_rate: Option<f64>,
+    pub mean_edit_distance: Option<f64>,
+}

@@ -1,0 +1,623 @@
+//! Round 0: the pipeline's own Aligner (`aligner:` in the spec).
+//!
+//! * `teach` stores the question-answer-correction rows: read from the `data` file, or made
+//!   from prompts that a model answers and a teacher corrects (a model given the editor prompt,
+//!   or the offline refusal rule). Every finished call is committed, so a resumed stage only
+//!   makes the calls that are missing.
+//! * `train_aligner` trains the Aligner with the built-in trainer (identity warm-up, then SFT
+//!   on the corrections) and registers its checkpoint as round 0's.
+//! * `evaluate_aligner` runs the trained Aligner on the held-out rows and records, per row,
+//!   its output, whether the refusal detector flags the answer and the output, and how far the
+//!   output is from the answer (`aligner_eval` sums this up).
+
+use std::path::PathBuf;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use aligner_backend::{CompletionRequest, Message, Prompt};
+use aligner_spec::{AlignerData, AlignerSpec, LabelRule, PromptFormat, Teacher};
+use aligner_store::{AlignerExampleRow, AlignerUpdate, NewAlignerExample, NewTrainingJob};
+
+use crate::filters::normalized_edit_distance;
+use crate::refusal::is_refusal;
+use crate::stages::{call_all, to_sampling, Ctx};
+use crate::{Error, Result, Stage};
+
+fn spec<'a>(ctx: &'a Ctx<'_>) -> &'a AlignerSpec {
+    ctx.engine
+        .spec
+        .aligner
+        .as_ref()
+        .expect("planned only with an `aligner` block")
+}
+
+fn stage_err(stage: Stage, message: String) -> Error {
+    Error::Stage {
+        round: 0,
+        stage: stage.as_str(),
+        message,
+    }
+}
+
+/// `{workdir}/{name}-{run}/aligner`: the Aligner's checkpoint and training state.
+fn aligner_dir(ctx: &Ctx<'_>) -> PathBuf {
+    let e = ctx.engine;
+    e.spec
+        .workdir
+        .join(format!("{}-{}", e.spec.name, ctx.run_id))
+        .join("aligner")
+}
+
+/// `harmful` or `benign` by the rule, from a row's metadata.
+fn label_of(rule: &LabelRule, metadata: Option<&serde_json::Value>) -> String {
+    let value = metadata
+        .and_then(|m| m.get(&rule.field))
+        .map(|v| match v {
+            serde_json::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+        .unwrap_or_default();
+    if rule.harmful.iter().any(|h| *h == value) {
+        "harmful".into()
+    } else {
+        "benign".into()
+    }
+}
+
+fn format_of(f: PromptFormat) -> aligner_dataset::Format {
+    match f {
+        PromptFormat::Jsonl => aligner_dataset::Format::Jsonl,
+        PromptFormat::Csv => aligner_dataset::Format::Csv,
+        PromptFormat::Parquet => aligner_dataset::Format::Parquet,
+    }
+}
+
+/// The rows of the Aligner's data, split into training and held-out rows.
+fn read_rows(a: &AlignerSpec) -> Result<Vec<NewAlignerExample>> {
+    let split = |n: usize, sample: Option<u64>, seed: u64| {
+        crate::ingest::sample_and_split(n, sample, a.holdout, seed)
+    };
+    Ok(match &a.data {
+        AlignerData::File { path, format } => {
+            let (records, _) = aligner_dataset::read_qac(path, format_of(*format))?;
+            let (keep, holdout) = split(records.len(), None, a.seed);
+            keep.iter()
+                .zip(&holdout)
+                .enumerate()
+                .map(|(i, (&row, &held))| {
+                    let r = &records[row];
+                    NewAlignerExample {
+                        idx: i as i64,
+                        source_id: row.to_string(),
+                        split: if held { "holdout" } else { "train" }.into(),
+                        label: None,
+                        question: r.question.clone(),
+                        metadata: None,
+                        answer: Some(r.answer.clone()),
+                        correction: Some(r.correction.clone()),
+                        teacher: Some("data".into()),
+                    }
+                })
+                .collect()
+        }
+        AlignerData::Teach(t) => {
+            let p = &t.prompts;
+            let mapping = aligner_dataset::Mapping {
+                prompt: p.prompt_field.clone(),
+                id: p.id_field.clone(),
+                system: p.system_field.clone(),
+                metadata: p.metadata_fields.clone(),
+            };
+            let (records, _) =
+                aligner_dataset::read_prompts(&p.source, format_of(p.format), &mapping)?;
+            let (keep, holdout) = split(records.len(), p.sample, a.seed.wrapping_add(p.seed));
+            keep.iter()
+                .zip(&holdout)
+                .enumerate()
+                .map(|(i, (&row, &held))| {
+                    let r = &records[row];
+                    NewAlignerExample {
+                        idx: i as i64,
+                        source_id: r.source_id.clone(),
+                        split: if held { "holdout" } else { "train" }.into(),
+                        label: a.labels.as_ref().map(|l| label_of(l, r.metadata.as_ref())),
+                        question: r.prompt.clone(),
+                        metadata: r.metadata.clone(),
+                        answer: None,
+                        correction: None,
+                        teacher: None,
+                    }
+                })
+                .collect()
+        }
+    })
+}
+
+/// An answer cut off by the token limit, trimmed back to the end of its last full sentence
+/// (when that keeps most of it): the Aligner learns to copy an answer up to its end and stop,
+/// which a mid-sentence cut would turn into "stop anywhere".
+pub(crate) fn trim_truncated(text: &str) -> String {
+    let t = text.trim_end();
+    if t.ends_with(['.', '!', '?', '"', ')']) {
+        return t.to_string();
+    }
+    let end = t
+        .char_indices()
+        .filter(|&(i, c)| {
+            matches!(c, '.' | '!' | '?')
+                && t[i + c.len_utf8()..]
+                    .chars()
+                    .next()
+                    .is_some_and(char::is_whitespace)
+        })
+        .map(|(i, c)| i + c.len_utf8())
+        .last();
+    match end {
+        Some(end) if end * 2 >= t.len() => t[..end].to_string(),
+        _ => t.to_string(),
+    }
+}
+
+/// The refusal teacher's text for a row: one of `texts`, by a hash of its id.
+fn refusal_for(texts: &[String], source_id: &str) -> String {
+    let h = Sha256::digest(source_id.as_bytes());
+    let k = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) as usize % texts.len();
+    texts[k].clone()
+}
+
+pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
+    let e = ctx.engine;
+    let a = spec(ctx);
+    let run_id = ctx.run_id;
+    if e.store.aligner_examples(run_id).await?.is_empty() {
+        let rows = read_rows(a)?;
+        if rows.is_empty() {
+            return Err(stage_err(
+                Stage::Teach,
+                "the Aligner's data has no rows\nhint: check `aligner.data` or `aligner.teach.prompts`".into(),
+            ));
+        }
+        e.store.insert_aligner_examples(run_id, &rows).await?;
+    }
+    let rows = e.store.aligner_examples(run_id).await?;
+    let total = rows.len() as i64;
+    let have = rows.iter().filter(|r| r.correction.is_some()).count() as i64;
+    e.store
+        .start_stage(run_id, 0, Stage::Teach.as_str(), Some(total))
+        .await?;
+    e.observer
+        .stage_started(0, Stage::Teach, total as u64, have as u64);
+    let mut first_error = None;
+    if let AlignerData::Teach(t) = &a.data {
+        // Answers first.
+        let todo: Vec<AlignerExampleRow> =
+            rows.iter().filter(|r| r.answer.is_none()).cloned().collect();
+        if !todo.is_empty() {
+            let backend = e.backend(&t.answer_model)?;
+            let model = t.answer_model.clone();
+            let (tx, rx) = mpsc::channel::<AlignerExampleRow>(todo.len());
+            for r in todo {
+                let _ = tx.send(r).await;
+            }
+            drop(tx);
+            let (_, _, err) = call_all(
+                ctx,
+                backend,
+                e.concurrency(&t.answer_model),
+                rx,
+                |r| CompletionRequest {
+                    prompt: Prompt::Chat(vec![Message::new("user", r.question.clone())]),
+                    sampling: to_sampling(&t.answer_sampling, r.idx as u64),
+                    model: None,
+                },
+                |r, result| match result {
+                    Ok(c) => AlignerUpdate::Answer {
+                        id: r.id,
+                        text: match c.finish_reason {
+                            aligner_backend::FinishReason::Length => trim_truncated(&c.text),
+                            _ => c.text.trim().to_string(),
+                        },
+                        finish: c.finish_reason.as_str().to_string(),
+                        model: model.clone(),
+                    },
+                    Err(err) => AlignerUpdate::Failed {
+                        id: r.id,
+                        error: format!("answer: {err}"),
+                    },
+                },
+                (0, 0),
+                |updates, _, _| {
+                    let store = e.store.clone();
+                    async move { Ok(store.update_aligner_examples(&updates).await?) }
+                },
+            )
+            .await?;
+            first_error = first_error.or(err);
+        }
+        // Then the teacher.
+        let rows = e.store.aligner_examples(run_id).await?;
+        let todo: Vec<AlignerExampleRow> = rows
+            .into_iter()
+            .filter(|r| r.answer.is_some() && r.correction.is_none())
+            .collect();
+        match &t.teacher {
+            Teacher::Refusal { texts } => {
+                let updates: Vec<AlignerUpdate> = todo
+                    .iter()
+                    .map(|r| {
+                        let answer = r.answer.clone().unwrap_or_default();
+                        let text = if r.label.as_deref() == Some("harmful") {
+                            refusal_for(texts, &r.source_id)
+                        } else {
+                            answer.clone()
+                        };
+                        AlignerUpdate::Correction {
+                            id: r.id,
+                            correction_refusal: is_refusal(&text),
+                            answer_refusal: is_refusal(&answer),
+                            text,
+                            teacher: "refusal".into(),
+                        }
+                    })
+                    .collect();
+                e.store.update_aligner_examples(&updates).await?;
+            }
+            Teacher::Model {
+                model,
+                prompt,
+                sampling,
+            } if !todo.is_empty() => {
+                let backend = e.backend(model)?;
+                let (tx, rx) = mpsc::channel::<AlignerExampleRow>(todo.len());
+                for r in todo {
+                    let _ = tx.send(r).await;
+                }
+                drop(tx);
+                let (_, _, err) = call_all(
+                    ctx,
+                    backend,
+                    e.concurrency(model),
+                    rx,
+                    |r| CompletionRequest {
+                        prompt: Prompt::Chat(vec![Message::new(
+                            "user",
+                            aligner_spec::fill(
+                                prompt,
+                                &r.question,
+                                r.answer.as_deref().unwrap_or_default(),
+                            ),
+                        )]),
+                        sampling: to_sampling(sampling, r.idx as u64),
+                        model: None,
+                    },
+                    |r, result| match result {
+                        Ok(c) => {
+                            let answer = r.answer.clone().unwrap_or_default();
+                            let text = c.text.trim().to_string();
+                            AlignerUpdate::Correction {
+                                id: r.id,
+                                correction_refusal: is_refusal(&text),
+                                answer_refusal: is_refusal(&answer),
+                                text,
+                                teacher: model.clone(),
+                            }
+                        }
+                        Err(err) => AlignerUpdate::Failed {
+                            id: r.id,
+                            error: format!("teacher: {err}"),
+                        },
+                    },
+                    (0, 0),
+                    |updates, _, _| {
+                        let store = e.store.clone();
+                        async move { Ok(store.update_aligner_examples(&updates).await?) }
+                    },
+                )
+                .await?;
+                first_error = first_error.or(err);
+            }
+            Teacher::Model { .. } => {}
+        }
+    }
+    let rows = e.store.aligner_examples(run_id).await?;
+    let ok = rows.iter().filter(|r| r.correction.is_some()).count() as i64;
+    let failed = rows.len() as i64 - ok;
+    let message = format!(
+        "the Aligner's data: {} rows ({} train, {} held out), {ok} with a correction",
+        rows.len(),
+        rows.iter().filter(|r| r.split == "train").count(),
+        rows.iter().filter(|r| r.split == "holdout").count(),
+    );
+    e.observer.note(&message);
+    ctx.finish(Stage::Teach, ok, failed, first_error).await
+}
+
+pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
+    let e = ctx.engine;
+    let a = spec(ctx);
+    let run_id = ctx.run_id;
+    let stage = Stage::TrainAligner;
+    let err = |m: String| stage_err(stage, m);
+    let aligner_spec::ModelSpec::Local(base) = &e.spec.models[&a.base] else {
+        return Err(err(format!(
+            "the built-in trainer trains local models; `{}` is not `kind: local`",
+            a.base
+        )));
+    };
+    let dir = aligner_dir(ctx);
+    let out = dir.join("checkpoint");
+    // A checkpoint registered before a crash that came before the stage was marked done.
+    if e.store.checkpoint(run_id, 0).await?.is_some() && out.is_dir() {
+        e.store
+            .finish_stage(run_id, 0, stage.as_str(), "done", 1, 0, None)
+            .await?;
+        return Ok(());
+    }
+    let rows = e.store.aligner_examples(run_id).await?;
+    let examples: Vec<(String, String, String)> = rows
+        .iter()
+        .filter(|r| r.split == "train")
+        .filter_map(|r| {
+            Some((
+                r.question.clone(),
+                r.answer.clone().filter(|s| !s.trim().is_empty())?,
+                r.correction.clone().filter(|s| !s.trim().is_empty())?,
+            ))
+        })
+        .collect();
+    e.store
+        .start_stage(run_id, 0, stage.as_str(), Some(1))
+        .await?;
+    e.observer.stage_started(0, stage, 1, 0);
+    if examples.is_empty() {
+        let message = "no training row has an answer and a correction\nhint: look at `SELECT error FROM aligner_examples` for the failed calls".to_string();
+        e.store
+            .finish_stage(run_id, 0, stage.as_str(), "failed", 0, 1, Some(&message))
+            .await?;
+        return Err(err(message));
+    }
+    let state_dir = dir.join("train-state");
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|x| err(format!("cannot create `{}`: {x}", state_dir.display())))?;
+    let previous = e.store.training_job(run_id, 0).await?;
+    let attempt = previous.map_or(1, |j| j.attempts + 1);
+    let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
+    if attempt_dir.exists() {
+        std::fs::remove_dir_all(&attempt_dir)
+            .map_err(|x| err(format!("cannot clear `{}`: {x}", attempt_dir.display())))?;
+    }
+    let trainer = e.factory.trainer().map_err(err)?;
+    let base_desc = match &base.source {
+        aligner_spec::LocalSource::Gguf { path, .. }
+        | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
+        aligner_spec::LocalSource::HubId { id, .. } => id.clone(),
+    };
+    let job = e
+        .store
+        .start_training_job(&NewTrainingJob {
+            run_id,
+            round: 0,
+            method: "aligner_sft",
+            backend: "builtin",
+            hyperparameters: serde_json::json!({
+                "train": a.train,
+                "template": a.template.id(),
+            }),
+            reference_policy: "none",
+            reference_model: "",
+            base_model: &base_desc,
+            data_path: "aligner_examples",
+            pairs: examples.len() as i64,
+            output_dir: &out.display().to_string(),
+            command: None,
+        })
+        .await?;
+    let message = format!(
+        "training the Aligner `{}` from `{base_desc}` on {} rows (template `{}`)",
+        a.name,
+        examples.len(),
+        a.template.id()
+    );
+    e.observer.note(&message);
+    e.event(
+        run_id,
+        Some(0),
+        Some(stage.as_str()),
+        "info",
+        "train_started",
+        &message,
+        None,
+    )
+    .await;
+    let request = crate::AlignerTrainRequest {
+        spec: a.train.clone(),
+        template: a.template.clone(),
+        base: base.clone(),
+        examples,
+        out_dir: attempt_dir.clone(),
+        state_dir,
+        interrupt: e.interrupt.clone(),
+    };
+    crate::train::run_in_thread(ctx, stage, &job, move |events| {
+        trainer.train_aligner(&request, events)
+    })
+    .await?;
+    crate::train::move_into_place(&attempt_dir, &out).map_err(err)?;
+    let ckpt = e
+        .store
+        .register_checkpoint(run_id, 0, job.id, 0, &out.display().to_string(), None)
+        .await?;
+    e.store
+        .finish_stage(run_id, 0, stage.as_str(), "done", 1, 0, None)
+        .await?;
+    e.observer.stage_finished(0, stage, 1, 0);
+    let message = format!("the Aligner `{}`: checkpoint {ckpt} at `{}`", a.name, out.display());
+    e.observer.note(&message);
+    e.event(
+        run_id,
+        Some(0),
+        Some(stage.as_str()),
+        "info",
+        "checkpoint_registered",
+        &message,
+        None,
+    )
+    .await;
+    Ok(())
+}
+
+pub(crate) async fn evaluate_aligner(ctx: &Ctx<'_>) -> Result<()> {
+    let e = ctx.engine;
+    let a = spec(ctx);
+    let run_id = ctx.run_id;
+    let stage = Stage::EvaluateAligner;
+    let rows = e.store.aligner_examples(run_id).await?;
+    let held: Vec<&AlignerExampleRow> = rows
+        .iter()
+        .filter(|r| r.split == "holdout" && r.answer.is_some())
+        .collect();
+    let total = held.len() as i64;
+    let done = held.iter().filter(|r| r.output.is_some()).count() as i64;
+    e.store
+        .start_stage(run_id, 0, stage.as_str(), Some(total))
+        .await?;
+    e.observer
+        .stage_started(0, stage, total as u64, done as u64);
+    let todo: Vec<AlignerExampleRow> = held
+        .iter()
+        .filter(|r| r.output.is_none())
+        .map(|r| (*r).clone())
+        .collect();
+    let mut first_error = None;
+    if !todo.is_empty() {
+        let backend = e.backend_for(run_id, &a.name).await?;
+        let (tx, rx) = mpsc::channel::<AlignerExampleRow>(todo.len());
+        for r in todo {
+            let _ = tx.send(r).await;
+        }
+        drop(tx);
+        let (_, _, err) = call_all(
+            ctx,
+            backend,
+            e.concurrency(&a.name),
+            rx,
+            |r| CompletionRequest {
+                prompt: Prompt::Raw(
+                    a.template
+                        .render(&r.question, r.answer.as_deref().unwrap_or_default()),
+                ),
+                sampling: to_sampling(&a.sampling, 0),
+                model: None,
+            },
+            |r, result| match result {
+                Ok(c) => {
+                    let answer = r.answer.clone().unwrap_or_default();
+                    let text = c.text.trim().to_string();
+                    AlignerUpdate::Output {
+                        id: r.id,
+                        refusal: is_refusal(&text),
+                        answer_refusal: is_refusal(&answer),
+                        edit_distance: normalized_edit_distance(answer.trim(), &text),
+                        text,
+                        finish: c.finish_reason.as_str().to_string(),
+                    }
+                }
+                Err(err) => AlignerUpdate::Failed {
+                    id: r.id,
+                    error: format!("aligner: {err}"),
+                },
+            },
+            (done, 0),
+            |updates, ok, failed| {
+                let store = e.store.clone();
+                async move {
+                    store.update_aligner_examples(&updates).await?;
+                    store
+                        .update_stage_progress(run_id, 0, "evaluate_aligner", ok, failed)
+                        .await?;
+                    Ok(())
+                }
+            },
+        )
+        .await?;
+        first_error = err;
+    }
+    let rows = e.store.aligner_examples(run_id).await?;
+    let ok = rows
+        .iter()
+        .filter(|r| r.split == "holdout" && r.output.is_some())
+        .count() as i64;
+    let failed = total - ok;
+    for line in e.store.aligner_eval(run_id).await? {
+        let pct = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{:.0}%", v * 100.0));
+        let message = format!(
+            "held-out {} rows ({}): refusals {} in the answers -> {} after the Aligner (teacher {}); unchanged {}, mean edit distance {}",
+            line.label,
+            line.rows,
+            pct(line.refusal_rate_answer),
+            pct(line.refusal_rate_aligner),
+            pct(line.refusal_rate_teacher),
+            pct(line.copy_rate),
+            line.mean_edit_distance.map_or("-".into(), |v| format!("{v:.2}")),
+        );
+        e.observer.note(&message);
+        e.event(
+            run_id,
+            Some(0),
+            Some(stage.as_str()),
+            "info",
+            "aligner_evaluated",
+            &message,
+            serde_json::to_value(&line).ok(),
+        )
+        .await;
+    }
+    ctx.finish(stage, ok, failed, first_error).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_answers_end_at_their_last_full_sentence() {
+        assert_eq!(
+            trim_truncated("First sentence here. Second one is long enough. And a cut-off thi"),
+            "First sentence here. Second one is long enough."
+        );
+        // Nothing to cut back to, or cutting would lose most of it: kept as it is.
+        assert_eq!(trim_truncated("no sentence end at all"), "no sentence end at all");
+        assert_eq!(
+            trim_truncated("Short. Then a very long tail without any end that goes on and on and on"),
+            "Short. Then a very long tail without any end that goes on and on and on"
+        );
+        assert_eq!(trim_truncated("Complete. "), "Complete.");
+        // Decimal points are not sentence ends.
+        assert_eq!(
+            trim_truncated("Pi is 3.14 and e is 2.71 which are both numbers. The next"),
+            "Pi is 3.14 and e is 2.71 which are both numbers."
+        );
+    }
+
+    #[test]
+    fn labels_follow_the_rule() {
+        let rule = LabelRule {
+            field: "source".into(),
+            harmful: vec!["strongreject".into(), "harmbench".into()],
+        };
+        let m = |v: &str| serde_json::json!({ "source": v });
+        assert_eq!(label_of(&rule, Some(&m("harmbench"))), "harmful");
+        assert_eq!(label_of(&rule, Some(&m("mtbench"))), "benign");
+        assert_eq!(label_of(&rule, None), "benign");
+    }
+
+    #[test]
+    fn the_refusal_text_depends_on_the_row_only() {
+        let texts: Vec<String> = aligner_spec::REFUSAL_TEXTS.iter().map(|s| s.to_string()).collect();
+        assert_eq!(refusal_for(&texts, "a-1"), refusal_for(&texts, "a-1"));
+        let distinct: std::collections::HashSet<String> =
+            (0..40).map(|i| refusal_for(&texts, &format!("row-{i}"))).collect();
+        assert_eq!(distinct.len(), texts.len());
+    }
+}
