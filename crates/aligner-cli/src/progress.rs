@@ -31,8 +31,10 @@ impl Bars {
             return;
         }
         match &*self.bar.lock().unwrap() {
-            Some((bar, _)) => bar.println(line),
-            None => eprintln!("{line}"),
+            // A bar drawn on a terminal prints the line above itself; a hidden one (stderr
+            // is not a terminal) would drop it.
+            Some((bar, _)) if !bar.is_hidden() => bar.println(line),
+            _ => eprintln!("{line}"),
         }
     }
 }
@@ -55,13 +57,13 @@ impl Observer for Bars {
         );
         bar.set_prefix(format!("round {round} {}", stage.as_str()));
         bar.set_position(already_done);
+        *self.bar.lock().unwrap() = Some((bar, 0));
         if already_done > 0 {
-            bar.println(format!(
+            self.say(&format!(
                 "round {round} {}: resuming, {already_done} already done",
                 stage.as_str()
             ));
         }
-        *self.bar.lock().unwrap() = Some((bar, 0));
     }
 
     fn advanced(&self, ok: u64, failed: u64) {

@@ -1017,7 +1017,7 @@ fn error_every_unknown_field_at_once() {
     error: unknown field `foo`
       --> pipelines/x.yaml:5:1
        at: foo
-      hint: valid fields here: `version`, `name`, `store`, `workdir`, `models`, `prompts`, `rounds`
+      hint: valid fields here: `version`, `name`, `store`, `workdir`, `models`, `prompts`, `rounds`, `aligner`
 
     error: unknown field `colour`
       --> pipelines/x.yaml:21:5
@@ -1160,7 +1160,7 @@ const TEACH: &str = r#"aligner:
 fn an_aligner_block_with_a_refusal_teacher_validates() {
     let dir = setup();
     let p = load(&dir, &with_aligner(TEACH)).unwrap();
-    let a = p.aligner.expect("aligner block");
+    let a = p.aligner.clone().expect("aligner block");
     assert_eq!(a.name, "trained");
     assert_eq!(a.template, Template::AlignerV1);
     assert_eq!(a.holdout, 0.25);
@@ -1196,7 +1196,22 @@ fn aligner_block_errors_name_the_place_and_the_fix() {
             .replace("train_layers: 4", "train_layers: 4, lora: { rank: 8 }"),
     )
     .replace("    template: aligner-v1\n    sampling: { temperature: 0.3", "    template: aligner-general\n    sampling: { temperature: 0.3");
-    insta::assert_snapshot!(errors(&dir, &text), @"");
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: the trained Aligner `trained` is trained with the template `aligner-v1`, but `rounds.correct.template` is `aligner-general`
+      --> pipelines/x.yaml:35:15
+       at: rounds.correct.template
+      hint: use the same template in both places, so the Aligner reads the prompts it was trained on
+
+    error: the refusal teacher needs `aligner.labels` to tell harmful prompts from benign ones
+      --> pipelines/x.yaml:66:1
+       at: aligner
+      hint: e.g. `labels: { field: source, harmful: [strongreject, harmbench] }`
+
+    error: `train_layers` and `lora` exclude each other
+      --> pipelines/x.yaml:73:46
+       at: aligner.train.train_layers
+      hint: LoRA adapts every layer's named projections; `train_layers` trains the last N layers fully
+    ");
 }
 
 #[test]
