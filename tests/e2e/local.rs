@@ -255,7 +255,9 @@ fn a_pipeline_trains_its_own_aligner_with_a_teacher_model_and_corrects_with_it()
     ]
     .iter()
     .enumerate()
-    .map(|(i, (p, l))| serde_json::json!({"id": format!("t{i}"), "prompt": p, "kind": l}).to_string())
+    .map(|(i, (p, l))| {
+        serde_json::json!({"id": format!("t{i}"), "prompt": p, "kind": l}).to_string()
+    })
     .collect();
     std::fs::write(dir.path().join("teach.jsonl"), teach.join("\n") + "\n").unwrap();
     let yaml = std::fs::read_to_string(dir.path().join("p.yaml"))
@@ -301,7 +303,10 @@ fn a_pipeline_trains_its_own_aligner_with_a_teacher_model_and_corrects_with_it()
     assert_eq!(held.len(), 2, "{rows:?}");
     assert!(held.iter().all(|r| r["output"].is_string()), "{held:?}");
     assert_eq!(
-        scalar(dir.path(), "SELECT count(*) FROM aligner_examples WHERE label = 'harmful'"),
+        scalar(
+            dir.path(),
+            "SELECT count(*) FROM aligner_examples WHERE label = 'harmful'"
+        ),
         4
     );
     // The held-out check is summed up per label.
@@ -316,7 +321,10 @@ fn a_pipeline_trains_its_own_aligner_with_a_teacher_model_and_corrects_with_it()
         serde_json::from_str(&std::fs::read_to_string(path.join("aligner.json")).unwrap()).unwrap();
     assert_eq!(meta["aligner_template"].as_str(), Some("aligner-v1"));
     assert_eq!(meta["extra"]["examples"].as_u64(), Some(6));
-    let job = sql(dir.path(), "SELECT method, status, pairs FROM training_jobs WHERE round = 0");
+    let job = sql(
+        dir.path(),
+        "SELECT method, status, pairs FROM training_jobs WHERE round = 0",
+    );
     assert_eq!(job[0]["method"].as_str(), Some("aligner_sft"), "{job:?}");
     assert_eq!(job[0]["status"].as_str(), Some("done"), "{job:?}");
     assert!(scalar(dir.path(), "SELECT count(*) FROM training_metrics") >= 2);

@@ -824,11 +824,10 @@ pub fn mtbench_second_turns(jsonl: &str) -> Result<Vec<PromptRecord>> {
         }
         let q: Question = serde_json::from_str(line)
             .with_context(|| format!("MT-bench questions, line {}", i + 1))?;
-        let prompt = q
-            .turns
-            .into_iter()
-            .nth(1)
-            .with_context(|| format!("MT-bench question {} has no second turn", q.question_id))?;
+        let prompt =
+            q.turns.into_iter().nth(1).with_context(|| {
+                format!("MT-bench question {} has no second turn", q.question_id)
+            })?;
         out.push(PromptRecord {
             id: format!("mtbench-{}-2", q.question_id),
             prompt,

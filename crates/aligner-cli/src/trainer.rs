@@ -531,7 +531,10 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
                     ("grad_norm".to_string(), l.grad_norm),
                     ("epoch".to_string(), l.epoch),
                     ("num_tokens".to_string(), l.tokens as f64),
-                    ("warmup".to_string(), if phase == "warm-up" { 1.0 } else { 0.0 }),
+                    (
+                        "warmup".to_string(),
+                        if phase == "warm-up" { 1.0 } else { 0.0 },
+                    ),
                 ],
             });
             if interrupt.as_ref().is_some_and(|i| i.load(Ordering::SeqCst)) {

@@ -13,8 +13,8 @@ mod lease;
 pub mod planner;
 pub mod refusal;
 mod semantic;
-mod teach;
 mod stages;
+mod teach;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -505,10 +505,16 @@ impl Engine {
         if !self.is_trained_aligner(name) {
             return self.backend(name);
         }
-        let ckpt = self.store.checkpoint(run_id, 0).await?.ok_or_else(|| Error::Backend {
-            name: name.into(),
-            message: "the trained Aligner has no checkpoint yet (stage `train_aligner` of round 0)".into(),
-        })?;
+        let ckpt = self
+            .store
+            .checkpoint(run_id, 0)
+            .await?
+            .ok_or_else(|| Error::Backend {
+                name: name.into(),
+                message:
+                    "the trained Aligner has no checkpoint yet (stage `train_aligner` of round 0)"
+                        .into(),
+            })?;
         self.factory
             .text_generator(name, &ModelSpec::Local(train::checkpoint_model(&ckpt.path)))
             .map_err(|message| Error::Backend {

@@ -191,8 +191,11 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
     let mut first_error = None;
     if let AlignerData::Teach(t) = &a.data {
         // Answers first.
-        let todo: Vec<AlignerExampleRow> =
-            rows.iter().filter(|r| r.answer.is_none()).cloned().collect();
+        let todo: Vec<AlignerExampleRow> = rows
+            .iter()
+            .filter(|r| r.answer.is_none())
+            .cloned()
+            .collect();
         if !todo.is_empty() {
             let backend = e.backend(&t.answer_model)?;
             let model = t.answer_model.clone();
@@ -452,7 +455,11 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
         .finish_stage(run_id, 0, stage.as_str(), "done", 1, 0, None)
         .await?;
     e.observer.stage_finished(0, stage, 1, 0);
-    let message = format!("the Aligner `{}`: checkpoint {ckpt} at `{}`", a.name, out.display());
+    let message = format!(
+        "the Aligner `{}`: checkpoint {ckpt} at `{}`",
+        a.name,
+        out.display()
+    );
     e.observer.note(&message);
     e.event(
         run_id,
@@ -587,9 +594,14 @@ mod tests {
             "First sentence here. Second one is long enough."
         );
         // Nothing to cut back to, or cutting would lose most of it: kept as it is.
-        assert_eq!(trim_truncated("no sentence end at all"), "no sentence end at all");
         assert_eq!(
-            trim_truncated("Short. Then a very long tail without any end that goes on and on and on"),
+            trim_truncated("no sentence end at all"),
+            "no sentence end at all"
+        );
+        assert_eq!(
+            trim_truncated(
+                "Short. Then a very long tail without any end that goes on and on and on"
+            ),
             "Short. Then a very long tail without any end that goes on and on and on"
         );
         assert_eq!(trim_truncated("Complete. "), "Complete.");
@@ -614,10 +626,14 @@ mod tests {
 
     #[test]
     fn the_refusal_text_depends_on_the_row_only() {
-        let texts: Vec<String> = aligner_spec::REFUSAL_TEXTS.iter().map(|s| s.to_string()).collect();
+        let texts: Vec<String> = aligner_spec::REFUSAL_TEXTS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
         assert_eq!(refusal_for(&texts, "a-1"), refusal_for(&texts, "a-1"));
-        let distinct: std::collections::HashSet<String> =
-            (0..40).map(|i| refusal_for(&texts, &format!("row-{i}"))).collect();
+        let distinct: std::collections::HashSet<String> = (0..40)
+            .map(|i| refusal_for(&texts, &format!("row-{i}")))
+            .collect();
         assert_eq!(distinct.len(), texts.len());
     }
 }

@@ -570,7 +570,15 @@ pub(crate) async fn run_in_thread(
             .finish_training_job(job.id, "failed", None, Some(&message))
             .await?;
         e.store
-            .finish_stage(run_id, round, stage.as_str(), "failed", 0, 1, Some(&message))
+            .finish_stage(
+                run_id,
+                round,
+                stage.as_str(),
+                "failed",
+                0,
+                1,
+                Some(&message),
+            )
             .await?;
         return Err(Error::Stage {
             round: ctx.round,

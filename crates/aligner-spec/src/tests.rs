@@ -607,9 +607,15 @@ fn known_fields_table_matches_serde() {
         ("aligner.teach.prompts", serde_fields::<PromptsWire>()),
         ("aligner.teach.prompts.fields", serde_fields::<FieldsWire>()),
         ("aligner.teach.answer", serde_fields::<AnswerWire>()),
-        ("aligner.teach.answer.sampling", serde_fields::<SamplingWire>()),
+        (
+            "aligner.teach.answer.sampling",
+            serde_fields::<SamplingWire>(),
+        ),
         ("aligner.teach.teacher", serde_fields::<TeacherWire>()),
-        ("aligner.teach.teacher.sampling", serde_fields::<SamplingWire>()),
+        (
+            "aligner.teach.teacher.sampling",
+            serde_fields::<SamplingWire>(),
+        ),
         ("aligner.labels", serde_fields::<LabelsWire>()),
         ("aligner.train", serde_fields::<AlignerTrainWire>()),
         ("aligner.train.lora", serde_fields::<LoraWire>()),
@@ -1137,11 +1143,14 @@ fn error_broken_models_block_skips_model_references() {
 
 /// `FULL` with a local upstream, the trained Aligner as the corrector, and `aligner:`.
 fn with_aligner(block: &str) -> String {
-    let text = full_with("    model: aligner\n    template", "    model: trained\n    template")
-        .replace(
-            "  generate:\n    model: upstream",
-            "  generate:\n    model: aligner",
-        );
+    let text = full_with(
+        "    model: aligner\n    template",
+        "    model: trained\n    template",
+    )
+    .replace(
+        "  generate:\n    model: upstream",
+        "  generate:\n    model: aligner",
+    );
     format!("{text}{block}")
 }
 
@@ -1195,7 +1204,10 @@ fn aligner_block_errors_name_the_place_and_the_fix() {
             .replace("  labels: { field: category, harmful: [crime] }\n", "")
             .replace("train_layers: 4", "train_layers: 4, lora: { rank: 8 }"),
     )
-    .replace("    template: aligner-v1\n    sampling: { temperature: 0.3", "    template: aligner-general\n    sampling: { temperature: 0.3");
+    .replace(
+        "    template: aligner-v1\n    sampling: { temperature: 0.3",
+        "    template: aligner-general\n    sampling: { temperature: 0.3",
+    );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: the trained Aligner `trained` is trained with the template `aligner-v1`, but `rounds.correct.template` is `aligner-general`
       --> pipelines/x.yaml:35:15
@@ -1219,5 +1231,8 @@ fn the_aligner_name_cannot_shadow_a_model() {
     let dir = setup();
     let text = with_aligner(&TEACH.replace("name: trained", "name: upstream"));
     let out = errors(&dir, &text);
-    assert!(out.contains("the trained Aligner's name `upstream` is also a key of `models`"), "{out}");
+    assert!(
+        out.contains("the trained Aligner's name `upstream` is also a key of `models`"),
+        "{out}"
+    );
 }

@@ -1569,7 +1569,6 @@ impl Ctx<'_> {
         Some(resolved)
     }
 
-
     /// `aligner:` (checked after `rounds`, whose correct stage may use it).
     fn aligner(
         &mut self,
@@ -1594,7 +1593,11 @@ impl Ctx<'_> {
             }
         }
         if models.is_some_and(|m| m.contains_key(&name)) {
-            let path = if w.name.is_some() { "aligner.name" } else { "aligner" };
+            let path = if w.name.is_some() {
+                "aligner.name"
+            } else {
+                "aligner"
+            };
             self.err(
                 path,
                 Anchor::Key,
@@ -1696,7 +1699,12 @@ impl Ctx<'_> {
             gradient_accumulation,
         );
         let max_length = t.max_length.unwrap_or(1024);
-        self.expect(&q("max_length"), max_length >= 16, "at least 16", max_length);
+        self.expect(
+            &q("max_length"),
+            max_length >= 16,
+            "at least 16",
+            max_length,
+        );
         let warmup_ratio = t.warmup_ratio.unwrap_or(0.03);
         self.expect(
             &q("warmup_ratio"),
@@ -1726,7 +1734,9 @@ impl Ctx<'_> {
         );
         let sampling = match &w.sampling {
             Some(s) => self.sampling("aligner.sampling", s),
-            None => rounds.map(|r| r.correct.sampling.clone()).unwrap_or_default(),
+            None => rounds
+                .map(|r| r.correct.sampling.clone())
+                .unwrap_or_default(),
         };
         if self.errors.len() != errors_before {
             return None;
@@ -1802,7 +1812,10 @@ impl Ctx<'_> {
                 self.err(
                     "aligner.labels.field",
                     Anchor::Value,
-                    format!("`{}` is not among `aligner.teach.prompts.fields.metadata`", l.field),
+                    format!(
+                        "`{}` is not among `aligner.teach.prompts.fields.metadata`",
+                        l.field
+                    ),
                     Some(format!("add it: `fields: {{ metadata: [{}] }}`", l.field)),
                 );
             }
@@ -1817,7 +1830,9 @@ impl Ctx<'_> {
             }
             None => (
                 rounds.map(|r| r.generate.model.clone()),
-                rounds.map(|r| r.generate.sampling.clone()).unwrap_or_default(),
+                rounds
+                    .map(|r| r.generate.sampling.clone())
+                    .unwrap_or_default(),
             ),
         };
         let t = &w.teacher;
@@ -1832,7 +1847,10 @@ impl Ctx<'_> {
                         Some("`kind: model` takes `model`, `prompt` and `sampling`".into()),
                     );
                 }
-                let prompt = t.prompt.clone().unwrap_or_else(|| crate::EDITOR_PROMPT.to_string());
+                let prompt = t
+                    .prompt
+                    .clone()
+                    .unwrap_or_else(|| crate::EDITOR_PROMPT.to_string());
                 let missing: Vec<&str> = ["{question}", "{answer}"]
                     .into_iter()
                     .filter(|p| !prompt.contains(p))
@@ -1893,10 +1911,9 @@ impl Ctx<'_> {
                         Some("e.g. `labels: { field: source, harmful: [strongreject, harmbench] }`".into()),
                     );
                 }
-                let texts = t
-                    .texts
-                    .clone()
-                    .unwrap_or_else(|| crate::REFUSAL_TEXTS.iter().map(|s| s.to_string()).collect());
+                let texts = t.texts.clone().unwrap_or_else(|| {
+                    crate::REFUSAL_TEXTS.iter().map(|s| s.to_string()).collect()
+                });
                 if texts.is_empty() || texts.iter().any(|s| s.trim().is_empty()) {
                     self.err(
                         &tp("texts"),
@@ -1992,12 +2009,7 @@ impl Ctx<'_> {
             weight_decay,
         );
         let save_every = w.save_every.unwrap_or(default_save_every);
-        self.expect(
-            &q("save_every"),
-            save_every >= 1,
-            "at least 1",
-            save_every,
-        );
+        self.expect(&q("save_every"), save_every >= 1, "at least 1", save_every);
         crate::types::BuiltinTrainer {
             lora,
             train_layers: w.train_layers,

@@ -634,7 +634,10 @@ pub struct EvaluateWire {
 
 /// `aligner:`: the pipeline's own Aligner, trained before round 1.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "an aligner mapping with a `base` and `data` or `teach`")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "an aligner mapping with a `base` and `data` or `teach`"
+)]
 pub struct AlignerWire {
     pub name: Option<String>,
     pub base: String,
@@ -652,7 +655,10 @@ pub struct AlignerWire {
 
 /// `aligner.teach:`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a teach mapping with `prompts` and `teacher`")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a teach mapping with `prompts` and `teacher`"
+)]
 pub struct TeachWire {
     pub prompts: PromptsWire,
     pub answer: Option<AnswerWire>,
@@ -690,7 +696,10 @@ pub struct TeacherWire {
 
 /// `aligner.labels:`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a labels mapping with `field` and `harmful`")]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a labels mapping with `field` and `harmful`"
+)]
 pub struct LabelsWire {
     pub field: String,
     pub harmful: Vec<String>,
