@@ -34,7 +34,7 @@ async fn migrations_apply_on_a_fresh_file() {
     let (_dir, store) = fresh().await;
     assert_eq!(
         store.applied_migrations().await.unwrap(),
-        vec!["initial".to_string()]
+        vec!["initial".to_string(), "aligner training".to_string()]
     );
     let tables = store
         .query_read_only("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE '\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite%' ORDER BY name")
@@ -48,6 +48,8 @@ async fn migrations_apply_on_a_fresh_file() {
     assert_eq!(
         names,
         [
+            "aligner_eval",
+            "aligner_examples",
             "checkpoints",
             "corrections",
             "events",
@@ -272,4 +274,49 @@ async fn read_only_store_refuses_writes() {
         .unwrap_err()
         .to_string()
         .contains("does not exist"));
+}
+
+/// A store made before the Aligner migration keeps its stage rows through the rebuild of
+/// `stage_executions`, and takes round 0's new stage names afterwards.
+#[tokio::test]
+async fn a_store_from_before_the_aligner_migration_upgrades_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let opts = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(&path)
+            .create_if_missing(true)
+            .foreign_keys(true);
+        let pool = sqlx::SqlitePool::connect_with(opts).await.unwrap();
+        let mut first = sqlx::migrate::Migrator {
+            migrations: std::borrow::Cow::Owned(MIGRATOR.migrations[..1].to_vec()),
+            ..sqlx::migrate::Migrator::DEFAULT
+        };
+        first.set_ignore_missing(true);
+        first.run(&pool).await.unwrap();
+        sqlx::query("INSERT INTO runs (id, name, pipeline_path, spec_json, spec_hash) VALUES (1, 'p', 'p.yaml', '{}', 'h')")
+            .execute(&pool)
+            .await
+            .unwrap();
+        sqlx::query("INSERT INTO stage_executions (run_id, round, stage, status, total, done) VALUES (1, 1, 'generate', 'done', 3, 3)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+    }
+    let store = Store::open(&path).await.unwrap();
+    let stages = store.stages(1).await.unwrap();
+    assert_eq!(stages.len(), 1);
+    assert_eq!((stages[0].stage.as_str(), stages[0].done), ("generate", 3));
+    store.start_stage(1, 0, "teach", Some(2)).await.unwrap();
+    store
+        .finish_stage(1, 0, "teach", "done", 2, 0, None)
+        .await
+        .unwrap();
+    let progress = store
+        .query_read_only("SELECT stage FROM stage_progress ORDER BY round")
+        .await
+        .unwrap();
+    assert_eq!(progress.rows.len(), 2);
+    assert_eq!(progress.rows[0][0], serde_json::json!("teach"));
 }
