@@ -340,12 +340,14 @@ async fn run(
     bars.clear();
     let outcome = outcome?;
     let summaries = store.round_summaries(outcome.run_id).await?;
+    let aligner = store.aligner_eval(outcome.run_id).await?;
     store.close().await;
     let abs = std::fs::canonicalize(&path).unwrap_or(path);
     if json {
-        let v = serde_json::json!({"run": outcome, "store": abs, "rounds": summaries, "peak_rss_kb": peak_rss_kb()});
+        let v = serde_json::json!({"run": outcome, "store": abs, "rounds": summaries, "aligner_eval": aligner, "peak_rss_kb": peak_rss_kb()});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
+        output::print_aligner_eval(&aligner);
         output::print_summaries(&summaries);
         println!(
             "\nrun {} {}: {} round(s)\nstore: {}\nlook at the pairs:\n  aligner sql --store {} \"SELECT round, prompt, rejected, chosen FROM pairs_latest LIMIT 5\"",
@@ -369,19 +371,21 @@ async fn status(which: Option<&str>, store: &StoreArg, json: bool) -> Result<()>
     for run in &runs {
         let rounds = store.round_summaries(run.id).await?;
         let stages = store.stages(run.id).await?;
-        detail.push((run.clone(), rounds, stages));
+        let aligner = store.aligner_eval(run.id).await?;
+        detail.push((run.clone(), rounds, stages, aligner));
     }
     if json {
         let v: Vec<_> = detail
             .iter()
-            .map(|(run, rounds, stages)| serde_json::json!({"run": run, "rounds": rounds, "stages": stages}))
+            .map(|(run, rounds, stages, aligner)| serde_json::json!({"run": run, "rounds": rounds, "stages": stages, "aligner_eval": aligner}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if detail.is_empty() {
         println!("no runs yet");
     } else {
-        for (run, rounds, stages) in &detail {
+        for (run, rounds, stages, aligner) in &detail {
             output::print_run(run, rounds, stages);
+            output::print_aligner_eval(aligner);
         }
     }
     Ok(())

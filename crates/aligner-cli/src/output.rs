@@ -128,6 +128,41 @@ pub fn print_summaries(rounds: &[RoundSummary]) {
     println!("{t}");
 }
 
+/// The held-out check of the pipeline's own Aligner (`aligner_eval`), when there is one.
+pub fn print_aligner_eval(rows: &[aligner_store::AlignerEvalRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    let pct = |v: Option<f64>| v.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or_default();
+    let mut t = table(
+        [
+            "aligner (held out)",
+            "rows",
+            "refused: answers",
+            "refused: teacher",
+            "refused: aligner",
+            "unchanged",
+            "edit distance",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    for r in rows {
+        t.add_row(vec![
+            r.label.clone(),
+            r.rows.to_string(),
+            pct(r.refusal_rate_answer),
+            pct(r.refusal_rate_teacher),
+            pct(r.refusal_rate_aligner),
+            pct(r.copy_rate),
+            r.mean_edit_distance
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_default(),
+        ]);
+    }
+    println!("{t}");
+}
+
 pub fn print_run(run: &RunRow, rounds: &[RoundSummary], stages: &[StageRow]) {
     println!(
         "run {} `{}`: {}{}  (started {}, spec {})",
