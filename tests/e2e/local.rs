@@ -346,3 +346,116 @@ fn a_pipeline_trains_its_own_aligner_with_a_teacher_model_and_corrects_with_it()
         );
     }
 }
+
+/// kill -9 while round 0 trains the Aligner: the resumed run continues from the last saved
+/// optimizer step (the step after it repeats with the same loss), finishes the Aligner, and
+/// round 1 corrects with it.
+#[test]
+fn a_run_killed_while_training_its_aligner_resumes_from_the_last_saved_step() {
+    let dir = tempfile::tempdir().unwrap();
+    pipeline(dir.path(), 2);
+    let rows: Vec<String> = (0..24)
+        .map(|i| {
+            serde_json::json!({
+                "question": format!("Question {i}: how do I do task {i}?"),
+                "answer": format!("Task {i} is done in {} steps.", i % 5 + 2),
+                "correction": if i % 2 == 0 { "I can't help with that.".to_string() } else { format!("Task {i} is done in {} steps.", i % 5 + 2) },
+            })
+            .to_string()
+        })
+        .collect();
+    std::fs::write(dir.path().join("qac.jsonl"), rows.join("\n") + "\n").unwrap();
+    let yaml = std::fs::read_to_string(dir.path().join("p.yaml"))
+        .unwrap()
+        .replace("correct: { model: aligner,", "correct: { model: trained,")
+        .replace("  aligner:\n    kind: local", "  unused:\n    kind: local")
+        + r#"aligner:
+  name: trained
+  base: upstream
+  data: qac.jsonl
+  holdout: 0.25
+  train: { epochs: 3, batch_size: 2, max_length: 64, train_layers: 1, save_every: 2 }
+  sampling: { temperature: 0, max_tokens: 8 }
+"#;
+    std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+    let mut child = bin()
+        .args(["run", "p.yaml", "--store", "s.db"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = dir.path().join("s.db");
+    let steps = || -> i64 {
+        let o = run(
+            &[
+                "sql",
+                "--store",
+                "s.db",
+                "--format",
+                "json",
+                "SELECT count(*) AS n FROM training_metrics WHERE name = 'loss'",
+            ],
+            dir.path(),
+        );
+        if !o.status.success() {
+            return 0;
+        }
+        serde_json::from_slice::<serde_json::Value>(&o.stdout)
+            .ok()
+            .and_then(|v| v[0]["n"].as_i64())
+            .unwrap_or(0)
+    };
+    wait_until("five training steps", Duration::from_secs(300), || {
+        db.exists() && steps() >= 5
+    });
+    child.kill().unwrap(); // SIGKILL
+    let _ = child.wait();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], dir.path());
+    assert!(o.status.success(), "resume failed: {}", text(&o));
+    // 18 training rows: 4 warm-up rows (2 steps), then 3 epochs of 9 steps.
+    assert_eq!(
+        scalar(
+            dir.path(),
+            "SELECT count(DISTINCT step) FROM training_metrics"
+        ),
+        29
+    );
+    assert_eq!(
+        scalar(dir.path(), "SELECT max(step) FROM training_metrics"),
+        29
+    );
+    assert_eq!(
+        scalar(
+            dir.path(),
+            "SELECT executions FROM stage_executions WHERE round = 0 AND stage = 'train_aligner'"
+        ),
+        2
+    );
+    // Training continued from the saved state, not from scratch: the second attempt's first
+    // correction step comes after the first save (step 2), and a step both attempts logged
+    // (between the last save and the kill) has the same loss in both.
+    let first_again = sql(
+        dir.path(),
+        "SELECT line FROM training_logs WHERE attempt = 2 AND line LIKE 'correct step%' ORDER BY id LIMIT 1",
+    );
+    let line = first_again[0]["line"].as_str().unwrap();
+    let step: u32 = line.split_whitespace().nth(2).unwrap().parse().unwrap();
+    assert!(step >= 3, "the resumed training started over: {line}");
+    let repeated = sql(
+        dir.path(),
+        "SELECT a.line AS first, b.line AS again FROM training_logs a JOIN training_logs b
+           ON a.attempt = 1 AND b.attempt = 2
+          AND substr(a.line, 1, 20) = substr(b.line, 1, 20) AND a.line LIKE 'correct step%'",
+    );
+    for r in &repeated {
+        assert_eq!(r["first"], r["again"], "{repeated:?}");
+    }
+    assert_eq!(
+        scalar(
+            dir.path(),
+            "SELECT count(*) FROM corrections WHERE round = 1 AND status = 'ok'"
+        ),
+        2
+    );
+}
