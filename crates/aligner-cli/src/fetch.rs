@@ -682,6 +682,17 @@ pub fn strongreject(csv_text: &str) -> Result<Vec<PromptRecord>> {
 /// MT-bench's `question.jsonl`: the first turn of each question is the prompt (the pipeline
 /// asks single-turn questions), ids `mtbench-{question_id}`.
 pub fn mtbench(jsonl: &str) -> Result<Vec<PromptRecord>> {
+    mtbench_turn(jsonl, 0)
+}
+
+/// MT-bench's second turns as prompts of their own, ids `mtbench-{question_id}-2` (in file
+/// order, one per question with two turns).
+pub fn mtbench_second_turns(jsonl: &str) -> Result<Vec<PromptRecord>> {
+    mtbench_turn(jsonl, 1)
+}
+
+/// Turn `turn` (0-based) of every MT-bench question as a prompt.
+fn mtbench_turn(jsonl: &str, turn: usize) -> Result<Vec<PromptRecord>> {
     #[derive(Deserialize)]
     struct Question {
         question_id: u64,
@@ -695,13 +706,15 @@ pub fn mtbench(jsonl: &str) -> Result<Vec<PromptRecord>> {
         }
         let q: Question = serde_json::from_str(line)
             .with_context(|| format!("MT-bench questions, line {}", i + 1))?;
-        let prompt = q
-            .turns
-            .into_iter()
-            .next()
-            .with_context(|| format!("MT-bench question {} has no turns", q.question_id))?;
+        let prompt = q.turns.into_iter().nth(turn).with_context(|| match turn {
+            0 => format!("MT-bench question {} has no turns", q.question_id),
+            k => format!("MT-bench question {} has no turn {}", q.question_id, k + 1),
+        })?;
         out.push(PromptRecord {
-            id: format!("mtbench-{}", q.question_id),
+            id: match turn {
+                0 => format!("mtbench-{}", q.question_id),
+                k => format!("mtbench-{}-{}", q.question_id, k + 1),
+            },
             prompt,
             category: q.category,
             source: "mtbench".into(),
@@ -804,38 +817,6 @@ pub fn aligner_teach(
         out.push(one.clone());
         out.push(bad);
         out.push(two.clone());
-    }
-    Ok(out)
-}
-
-/// MT-bench's second turns as prompts of their own, ids `mtbench-{question_id}-2` (in file
-/// order, one per question with two turns).
-pub fn mtbench_second_turns(jsonl: &str) -> Result<Vec<PromptRecord>> {
-    #[derive(Deserialize)]
-    struct Question {
-        question_id: u64,
-        category: String,
-        turns: Vec<String>,
-    }
-    let mut out = Vec::new();
-    for (i, line) in jsonl.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let q: Question = serde_json::from_str(line)
-            .with_context(|| format!("MT-bench questions, line {}", i + 1))?;
-        let prompt =
-            q.turns.into_iter().nth(1).with_context(|| {
-                format!("MT-bench question {} has no second turn", q.question_id)
-            })?;
-        out.push(PromptRecord {
-            id: format!("mtbench-{}-2", q.question_id),
-            prompt,
-            category: q.category,
-            source: "mtbench".into(),
-            origin: None,
-            question_id: Some(q.question_id),
-        });
     }
     Ok(out)
 }

@@ -50,6 +50,20 @@ impl Trainer for BuiltinTrainer {
     }
 }
 
+/// What trains: LoRA adapters, the last N layers, or every weight.
+fn trainable_of(opts: &aligner_spec::BuiltinTrainer) -> Trainable {
+    match (&opts.lora, opts.train_layers) {
+        (Some(l), _) => Trainable::Lora(LoraConfig {
+            rank: l.rank as usize,
+            alpha: l.alpha,
+            dropout: l.dropout as f32,
+            targets: l.targets.clone(),
+        }),
+        (None, Some(n)) => Trainable::TopLayers(n as usize),
+        (None, None) => Trainable::Full,
+    }
+}
+
 /// The file or folder a local model spec points at.
 pub fn model_path(m: &LocalModel) -> Result<PathBuf> {
     match &m.source {
@@ -115,16 +129,7 @@ fn run(req: &TrainRequest, events: &mut dyn FnMut(TrainEvent)) -> Result<()> {
     let opts = &req.options;
     let base_path = model_path(&req.base)?;
     let (tok, chat) = tokenizer_for(&base_path)?;
-    let trainable = match (&opts.lora, opts.train_layers) {
-        (Some(l), _) => Trainable::Lora(LoraConfig {
-            rank: l.rank as usize,
-            alpha: l.alpha,
-            dropout: l.dropout as f32,
-            targets: l.targets.clone(),
-        }),
-        (None, Some(n)) => Trainable::TopLayers(n as usize),
-        (None, None) => Trainable::Full,
-    };
+    let trainable = trainable_of(opts);
     events(TrainEvent::Log(format!(
         "loading {} to train ({trainable:?})",
         base_path.display()
@@ -478,16 +483,7 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
         let (q, a, _) = &job.examples[i];
         warm.push(example(q, a, a)?);
     }
-    let trainable = match (&s.options.lora, s.options.train_layers) {
-        (Some(l), _) => Trainable::Lora(LoraConfig {
-            rank: l.rank as usize,
-            alpha: l.alpha,
-            dropout: l.dropout as f32,
-            targets: l.targets.clone(),
-        }),
-        (None, Some(n)) => Trainable::TopLayers(n as usize),
-        (None, None) => Trainable::Full,
-    };
+    let trainable = trainable_of(&s.options);
     let started = std::time::Instant::now();
     events(TrainEvent::Log(format!(
         "loading {} to train ({trainable:?})",

@@ -166,6 +166,68 @@ fn refusal_for(texts: &[String], source_id: &str) -> String {
     texts[k].clone()
 }
 
+/// What the stored row gets from a correction: the text, and the refusal detector's verdict on
+/// it and on the answer it corrects.
+fn correction_update(r: &AlignerExampleRow, text: String, teacher: &str) -> AlignerUpdate {
+    AlignerUpdate::Correction {
+        id: r.id,
+        answer_refusal: is_refusal(r.answer.as_deref().unwrap_or_default()),
+        correction_refusal: is_refusal(&text),
+        text,
+        teacher: teacher.to_string(),
+    }
+}
+
+/// One model call per row through [`call_all`], each result committed as a row update (and,
+/// with `progress`, counted into that round-0 stage's progress). Returns the first error.
+async fn call_rows(
+    ctx: &Ctx<'_>,
+    model: &str,
+    rows: Vec<AlignerExampleRow>,
+    request: impl Fn(&AlignerExampleRow) -> CompletionRequest,
+    record: impl Fn(
+        AlignerExampleRow,
+        &Result<aligner_backend::Completion, aligner_backend::Error>,
+    ) -> AlignerUpdate,
+    progress: Option<(Stage, i64)>,
+) -> Result<Option<String>> {
+    let e = ctx.engine;
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    let backend = e.backend_for(ctx.run_id, model).await?;
+    let (tx, rx) = mpsc::channel::<AlignerExampleRow>(rows.len());
+    for r in rows {
+        let _ = tx.send(r).await;
+    }
+    drop(tx);
+    let base = (progress.map_or(0, |(_, done)| done), 0);
+    let (_, _, first_error) = call_all(
+        ctx,
+        backend,
+        e.concurrency(model),
+        rx,
+        request,
+        record,
+        base,
+        |updates, ok, failed| {
+            let store = e.store.clone();
+            let run_id = ctx.run_id;
+            async move {
+                store.update_aligner_examples(&updates).await?;
+                if let Some((stage, _)) = progress {
+                    store
+                        .update_stage_progress(run_id, 0, stage.as_str(), ok, failed)
+                        .await?;
+                }
+                Ok(())
+            }
+        },
+    )
+    .await?;
+    Ok(first_error)
+}
+
 pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
     let e = ctx.engine;
     let a = spec(ctx);
@@ -196,48 +258,35 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
             .filter(|r| r.answer.is_none())
             .cloned()
             .collect();
-        if !todo.is_empty() {
-            let backend = e.backend(&t.answer_model)?;
-            let model = t.answer_model.clone();
-            let (tx, rx) = mpsc::channel::<AlignerExampleRow>(todo.len());
-            for r in todo {
-                let _ = tx.send(r).await;
-            }
-            drop(tx);
-            let (_, _, err) = call_all(
-                ctx,
-                backend,
-                e.concurrency(&t.answer_model),
-                rx,
-                |r| CompletionRequest {
-                    prompt: Prompt::Chat(vec![Message::new("user", r.question.clone())]),
-                    sampling: to_sampling(&t.answer_sampling, r.idx as u64),
-                    model: None,
-                },
-                |r, result| match result {
-                    Ok(c) => AlignerUpdate::Answer {
-                        id: r.id,
-                        text: match c.finish_reason {
-                            aligner_backend::FinishReason::Length => trim_truncated(&c.text),
-                            _ => c.text.trim().to_string(),
-                        },
-                        finish: c.finish_reason.as_str().to_string(),
-                        model: model.clone(),
+        let model = t.answer_model.clone();
+        let err = call_rows(
+            ctx,
+            &t.answer_model,
+            todo,
+            |r| CompletionRequest {
+                prompt: Prompt::Chat(vec![Message::new("user", r.question.clone())]),
+                sampling: to_sampling(&t.answer_sampling, r.idx as u64),
+                model: None,
+            },
+            |r, result| match result {
+                Ok(c) => AlignerUpdate::Answer {
+                    id: r.id,
+                    text: match c.finish_reason {
+                        aligner_backend::FinishReason::Length => trim_truncated(&c.text),
+                        _ => c.text.trim().to_string(),
                     },
-                    Err(err) => AlignerUpdate::Failed {
-                        id: r.id,
-                        error: format!("answer: {err}"),
-                    },
+                    finish: c.finish_reason.as_str().to_string(),
+                    model: model.clone(),
                 },
-                (0, 0),
-                |updates, _, _| {
-                    let store = e.store.clone();
-                    async move { Ok(store.update_aligner_examples(&updates).await?) }
+                Err(err) => AlignerUpdate::Failed {
+                    id: r.id,
+                    error: format!("answer: {err}"),
                 },
-            )
-            .await?;
-            first_error = first_error.or(err);
-        }
+            },
+            None,
+        )
+        .await?;
+        first_error = first_error.or(err);
         // Then the teacher.
         let rows = e.store.aligner_examples(run_id).await?;
         let todo: Vec<AlignerExampleRow> = rows
@@ -249,19 +298,12 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
                 let updates: Vec<AlignerUpdate> = todo
                     .iter()
                     .map(|r| {
-                        let answer = r.answer.clone().unwrap_or_default();
                         let text = if r.label.as_deref() == Some("harmful") {
                             refusal_for(texts, &r.source_id)
                         } else {
-                            answer.clone()
+                            r.answer.clone().unwrap_or_default()
                         };
-                        AlignerUpdate::Correction {
-                            id: r.id,
-                            correction_refusal: is_refusal(&text),
-                            answer_refusal: is_refusal(&answer),
-                            text,
-                            teacher: "refusal".into(),
-                        }
+                        correction_update(r, text, "refusal")
                     })
                     .collect();
                 e.store.update_aligner_examples(&updates).await?;
@@ -270,18 +312,11 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
                 model,
                 prompt,
                 sampling,
-            } if !todo.is_empty() => {
-                let backend = e.backend(model)?;
-                let (tx, rx) = mpsc::channel::<AlignerExampleRow>(todo.len());
-                for r in todo {
-                    let _ = tx.send(r).await;
-                }
-                drop(tx);
-                let (_, _, err) = call_all(
+            } => {
+                let err = call_rows(
                     ctx,
-                    backend,
-                    e.concurrency(model),
-                    rx,
+                    model,
+                    todo,
                     |r| CompletionRequest {
                         prompt: Prompt::Chat(vec![Message::new(
                             "user",
@@ -295,32 +330,17 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
                         model: None,
                     },
                     |r, result| match result {
-                        Ok(c) => {
-                            let answer = r.answer.clone().unwrap_or_default();
-                            let text = c.text.trim().to_string();
-                            AlignerUpdate::Correction {
-                                id: r.id,
-                                correction_refusal: is_refusal(&text),
-                                answer_refusal: is_refusal(&answer),
-                                text,
-                                teacher: model.clone(),
-                            }
-                        }
+                        Ok(c) => correction_update(&r, c.text.trim().to_string(), model),
                         Err(err) => AlignerUpdate::Failed {
                             id: r.id,
                             error: format!("teacher: {err}"),
                         },
                     },
-                    (0, 0),
-                    |updates, _, _| {
-                        let store = e.store.clone();
-                        async move { Ok(store.update_aligner_examples(&updates).await?) }
-                    },
+                    None,
                 )
                 .await?;
                 first_error = first_error.or(err);
             }
-            Teacher::Model { .. } => {}
         }
     }
     let rows = e.store.aligner_examples(run_id).await?;
@@ -380,22 +400,9 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
             .await?;
         return Err(err(message));
     }
-    let state_dir = dir.join("train-state");
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|x| err(format!("cannot create `{}`: {x}", state_dir.display())))?;
-    let previous = e.store.training_job(run_id, 0).await?;
-    let attempt = previous.map_or(1, |j| j.attempts + 1);
-    let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
-    if attempt_dir.exists() {
-        std::fs::remove_dir_all(&attempt_dir)
-            .map_err(|x| err(format!("cannot clear `{}`: {x}", attempt_dir.display())))?;
-    }
+    let (attempt_dir, state_dir) = crate::train::attempt_dirs(ctx, &dir).await?;
     let trainer = e.factory.trainer().map_err(err)?;
-    let base_desc = match &base.source {
-        aligner_spec::LocalSource::Gguf { path, .. }
-        | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
-        aligner_spec::LocalSource::HubId { id, .. } => id.clone(),
-    };
+    let base_desc = crate::train::describe_local(base);
     let job = e
         .store
         .start_training_job(&NewTrainingJob {
@@ -496,60 +503,39 @@ pub(crate) async fn evaluate_aligner(ctx: &Ctx<'_>) -> Result<()> {
         .filter(|r| r.output.is_none())
         .map(|r| (*r).clone())
         .collect();
-    let mut first_error = None;
-    if !todo.is_empty() {
-        let backend = e.backend_for(run_id, &a.name).await?;
-        let (tx, rx) = mpsc::channel::<AlignerExampleRow>(todo.len());
-        for r in todo {
-            let _ = tx.send(r).await;
-        }
-        drop(tx);
-        let (_, _, err) = call_all(
-            ctx,
-            backend,
-            e.concurrency(&a.name),
-            rx,
-            |r| CompletionRequest {
-                prompt: Prompt::Raw(
-                    a.template
-                        .render(&r.question, r.answer.as_deref().unwrap_or_default()),
-                ),
-                sampling: to_sampling(&a.sampling, 0),
-                model: None,
-            },
-            |r, result| match result {
-                Ok(c) => {
-                    let answer = r.answer.clone().unwrap_or_default();
-                    let text = c.text.trim().to_string();
-                    AlignerUpdate::Output {
-                        id: r.id,
-                        refusal: is_refusal(&text),
-                        answer_refusal: is_refusal(&answer),
-                        edit_distance: normalized_edit_distance(answer.trim(), &text),
-                        text,
-                        finish: c.finish_reason.as_str().to_string(),
-                    }
-                }
-                Err(err) => AlignerUpdate::Failed {
+    let first_error = call_rows(
+        ctx,
+        &a.name,
+        todo,
+        |r| CompletionRequest {
+            prompt: Prompt::Raw(
+                a.template
+                    .render(&r.question, r.answer.as_deref().unwrap_or_default()),
+            ),
+            sampling: to_sampling(&a.sampling, 0),
+            model: None,
+        },
+        |r, result| match result {
+            Ok(c) => {
+                let answer = r.answer.clone().unwrap_or_default();
+                let text = c.text.trim().to_string();
+                AlignerUpdate::Output {
                     id: r.id,
-                    error: format!("aligner: {err}"),
-                },
-            },
-            (done, 0),
-            |updates, ok, failed| {
-                let store = e.store.clone();
-                async move {
-                    store.update_aligner_examples(&updates).await?;
-                    store
-                        .update_stage_progress(run_id, 0, "evaluate_aligner", ok, failed)
-                        .await?;
-                    Ok(())
+                    refusal: is_refusal(&text),
+                    answer_refusal: is_refusal(&answer),
+                    edit_distance: normalized_edit_distance(answer.trim(), &text),
+                    text,
+                    finish: c.finish_reason.as_str().to_string(),
                 }
+            }
+            Err(err) => AlignerUpdate::Failed {
+                id: r.id,
+                error: format!("aligner: {err}"),
             },
-        )
-        .await?;
-        first_error = err;
-    }
+        },
+        Some((stage, done)),
+    )
+    .await?;
     let rows = e.store.aligner_examples(run_id).await?;
     let ok = rows
         .iter()

@@ -429,23 +429,10 @@ async fn run_builtin(
         ReferencePolicy::Initial => initial.clone(),
         ReferencePolicy::Previous => base.clone(),
     };
-    let describe = |m: &aligner_spec::LocalModel| match &m.source {
-        aligner_spec::LocalSource::Gguf { path, .. }
-        | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
-        aligner_spec::LocalSource::HubId { id, .. } => id.clone(),
-    };
+    let describe = describe_local;
     let dir = run_dir(ctx);
     let out = dir.join("checkpoint");
-    let state_dir = dir.join("train-state");
-    let previous = e.store.training_job(run_id, round).await?;
-    let attempt = previous.map_or(1, |j| j.attempts + 1);
-    let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
-    if attempt_dir.exists() {
-        std::fs::remove_dir_all(&attempt_dir)
-            .map_err(|err| stage_err(format!("cannot clear `{}`: {err}", attempt_dir.display())))?;
-    }
-    std::fs::create_dir_all(&state_dir)
-        .map_err(|err| stage_err(format!("cannot create `{}`: {err}", state_dir.display())))?;
+    let (attempt_dir, state_dir) = attempt_dirs(ctx, &dir).await?;
     let pairs = crate::pair_records(&e.store, run_id, round).await?;
     if pairs.is_empty() {
         let message = no_pairs(ctx.round);
@@ -587,6 +574,41 @@ pub(crate) async fn run_in_thread(
         });
     }
     Ok(())
+}
+
+/// What a local model is, for logs and `training_jobs`: its path or hub id.
+pub(crate) fn describe_local(m: &aligner_spec::LocalModel) -> String {
+    match &m.source {
+        aligner_spec::LocalSource::Gguf { path, .. }
+        | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),
+        aligner_spec::LocalSource::HubId { id, .. } => id.clone(),
+    }
+}
+
+/// The folders of a built-in training in `dir`: a fresh `checkpoint.attempt-N` for this
+/// attempt (N from the round's training job), and `train-state`, kept across attempts.
+pub(crate) async fn attempt_dirs(ctx: &Ctx<'_>, dir: &Path) -> Result<(PathBuf, PathBuf)> {
+    let e = ctx.engine;
+    let err = |message: String| Error::Stage {
+        round: ctx.round,
+        stage: if ctx.round == 0 {
+            "train_aligner"
+        } else {
+            "train"
+        },
+        message,
+    };
+    let previous = e.store.training_job(ctx.run_id, ctx.round as i64).await?;
+    let attempt = previous.map_or(1, |j| j.attempts + 1);
+    let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
+    if attempt_dir.exists() {
+        std::fs::remove_dir_all(&attempt_dir)
+            .map_err(|x| err(format!("cannot clear `{}`: {x}", attempt_dir.display())))?;
+    }
+    let state_dir = dir.join("train-state");
+    std::fs::create_dir_all(&state_dir)
+        .map_err(|x| err(format!("cannot create `{}`: {x}", state_dir.display())))?;
+    Ok((attempt_dir, state_dir))
 }
 
 /// A checkpoint folder as a local model (Hugging Face layout). It answers with its weights
