@@ -9,6 +9,7 @@
 
 pub mod checkpoint;
 pub mod data;
+pub mod fused;
 pub mod kernels;
 pub mod loss;
 pub mod model;

@@ -8,11 +8,14 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use aligner_local::gguf::GgufFile;
+
+use crate::fused::RopeTables;
 
 /// Shapes and constants of the model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -129,9 +132,13 @@ pub struct Linear {
 }
 
 impl Linear {
-    /// `x` is `[n, in]`.
-    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut y = x.matmul(&self.weight.tensor().t()?)?;
+    /// `x` is `[n, in]`; `fused`: the CPU's fused linear op (see [`crate::fused`]).
+    fn forward(&self, x: &Tensor, train: bool, fused: bool) -> Result<Tensor> {
+        let mut y = if fused {
+            crate::fused::linear(x, self.weight.tensor())?
+        } else {
+            x.matmul(&self.weight.tensor().t()?)?
+        };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b.tensor())?;
         }
@@ -185,6 +192,10 @@ pub struct TrainModel {
     device: Device,
     cos: Tensor,
     sin: Tensor,
+    /// The same rotary tables for the fused CPU attention.
+    rope: Arc<RopeTables>,
+    /// Whether the forward pass uses the fused CPU layers ([`crate::fused`]).
+    fused: bool,
 }
 
 /// Raw f32 weights by Hugging Face name, with their shapes.
@@ -401,9 +412,16 @@ impl TrainModel {
                 }
             }
         }
+        let rope = Arc::new(RopeTables {
+            cos: cos.clone(),
+            sin: sin.clone(),
+            head_dim: c.head_dim,
+        });
         let cos = Tensor::from_vec(cos, (n, c.head_dim), device)?;
         let sin = Tensor::from_vec(sin, (n, c.head_dim), device)?;
         Ok(TrainModel {
+            rope,
+            fused: device.is_cpu(),
             config,
             embed,
             layers,
@@ -417,6 +435,12 @@ impl TrainModel {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Turns the fused CPU layers off (or back on, on the CPU): the forward pass then composes
+    /// candle's basic ops, as it does on other devices. For tests that compare the two.
+    pub fn set_fused(&mut self, on: bool) {
+        self.fused = on && self.device.is_cpu();
     }
 
     /// Every trainable variable, with its Hugging Face name (LoRA: `<linear>.lora_A/B`).
@@ -483,6 +507,9 @@ impl TrainModel {
                 .iter()
                 .all(|row| row.windows(2).all(|w| !(w[0] == 0.0 && w[1] != 0.0))),
         };
+        if self.fused && right_padded {
+            return self.hidden_fused(x, b, t, train);
+        }
         let fused = self.device.is_cpu() && right_padded;
         let bias = if fused {
             None
@@ -506,9 +533,9 @@ impl TrainModel {
         let scale = 1.0 / (hd as f64).sqrt();
         for l in &self.layers {
             let h = rms_norm(&x, l.input_norm.tensor(), c.rms_eps)?;
-            let q = l.q.forward(&h, train)?;
-            let k = l.k.forward(&h, train)?;
-            let v = l.v.forward(&h, train)?;
+            let q = l.q.forward(&h, train, false)?;
+            let k = l.k.forward(&h, train, false)?;
+            let v = l.v.forward(&h, train, false)?;
             let q = q.reshape((b, t, nh, hd))?.transpose(1, 2)?.contiguous()?;
             let k = k.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
             let v = v.reshape((b, t, nkv, hd))?.transpose(1, 2)?.contiguous()?;
@@ -529,13 +556,35 @@ impl TrainModel {
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((b * t, nh * hd))?;
-            x = (x + l.o.forward(&o, train)?)?;
+            x = (x + l.o.forward(&o, train, false)?)?;
             let h = rms_norm(&x, l.post_norm.tensor(), c.rms_eps)?;
-            let g = l.gate.forward(&h, train)?.silu()?;
-            let u = l.up.forward(&h, train)?;
-            x = (x + l.down.forward(&(g * u)?, train)?)?;
+            let g = l.gate.forward(&h, train, false)?.silu()?;
+            let u = l.up.forward(&h, train, false)?;
+            x = (x + l.down.forward(&(g * u)?, train, false)?)?;
         }
         let x = rms_norm(&x, self.norm.tensor(), c.rms_eps)?;
+        Ok(x.reshape((b, t, c.hidden))?)
+    }
+
+    /// [`Self::hidden`] from the fused CPU layers, for embeddings `x` `[b * t, hidden]` of
+    /// right-padded (or unpadded) sequences.
+    fn hidden_fused(&self, mut x: Tensor, b: usize, t: usize, train: bool) -> Result<Tensor> {
+        use crate::fused;
+        let c = &self.config;
+        let scale = 1.0 / (c.head_dim as f64).sqrt();
+        for l in &self.layers {
+            let h = fused::rms_norm(&x, l.input_norm.tensor(), c.rms_eps)?;
+            let q = l.q.forward(&h, train, true)?;
+            let k = l.k.forward(&h, train, true)?;
+            let v = l.v.forward(&h, train, true)?;
+            let o = fused::attention(&q, &k, &v, b, t, c.heads, c.kv_heads, scale, &self.rope)?;
+            x = (x + l.o.forward(&o, train, true)?)?;
+            let h = fused::rms_norm(&x, l.post_norm.tensor(), c.rms_eps)?;
+            let g = l.gate.forward(&h, train, true)?;
+            let u = l.up.forward(&h, train, true)?;
+            x = (x + l.down.forward(&fused::swiglu(&g, &u)?, train, true)?)?;
+        }
+        let x = fused::rms_norm(&x, self.norm.tensor(), c.rms_eps)?;
         Ok(x.reshape((b, t, c.hidden))?)
     }
 

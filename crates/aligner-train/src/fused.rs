@@ -1,0 +1,686 @@
+//! Fused CPU layers with hand-written backward passes, for the training step's hot path.
+//!
+//! Composed from candle's basic ops, one transformer layer is some sixty graph nodes, and on
+//! the backward pass candle gives every node's input a zeroed gradient buffer plus an
+//! addition: most of a step that is not matrix products went there. Each function here is a
+//! single node with its own backward, and reads and writes the `[tokens, features]` layout the
+//! linear layers produce, so no transposed copies are made:
+//!
+//! - [`linear`]: `x Wᵀ`; the backward computes `dx` and `dW` only for inputs that need them
+//!   (a frozen base weight under LoRA gets none);
+//! - [`rms_norm`]: `x / rms(x) * w`;
+//! - [`swiglu`]: `silu(a) * u`;
+//! - [`attention`]: rotary embedding of q and k, causal scaled-dot-product attention with
+//!   grouped key/value heads (no repeated k/v), output `[tokens, heads * head_dim]`. The
+//!   attention probabilities and rotated q/k are kept for the backward pass.
+//!
+//! Matrix products go to `gemm` (candle's own CPU matmul backend) with strides, rows are split
+//! across threads with rayon. The model uses these on the CPU for f32 weights; elsewhere it
+//! composes candle ops (see `model.rs`), and the tests below check each against that
+//! composition, values and gradients.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{
+    CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let (start, end) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))?;
+    match s {
+        CpuStorage::F32(v) => Ok(&v[start..end]),
+        _ => Err(candle_core::Error::Msg(format!("{what}: f32 only"))),
+    }
+}
+
+/// Runs `f` on the f32 contents of a contiguous CPU tensor.
+fn read<R>(t: &Tensor, what: &str, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    match &*storage {
+        Storage::Cpu(s) => f(slice(s, layout, what)?),
+        _ => candle_core::bail!("{what}: CPU tensors only"),
+    }
+}
+
+fn cpu(v: Vec<f32>, shape: &Shape) -> Result<Tensor> {
+    Tensor::from_vec(v, shape.clone(), &Device::Cpu)
+}
+
+fn threads() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// A matrix operand: pointer, row stride, column stride.
+#[derive(Clone, Copy)]
+struct Mat(*const f32, isize, isize);
+
+/// `dst[m × n] = lhs[m × k] · rhs[k × n]` (or `+=` with `accumulate`), every matrix given by
+/// its pointer and strides.
+///
+/// # Safety
+/// Every pointer must be valid for the elements its strides reach, and `dst` must not alias
+/// the operands or memory another thread writes.
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    accumulate: bool,
+    lhs: Mat,
+    rhs: Mat,
+    par: Parallelism,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        gemm::gemm(
+            m, n, k, dst, 1, dst_rs, accumulate, lhs.0, lhs.2, lhs.1, rhs.0, rhs.2, rhs.1, 1.0,
+            1.0, false, false, false, par,
+        )
+    }
+}
+
+/// A raw pointer that tasks on other threads write disjoint parts through.
+#[derive(Clone, Copy)]
+struct Shared(*mut f32);
+// SAFETY: every use writes regions no other task touches, while the owner waits.
+unsafe impl Send for Shared {}
+unsafe impl Sync for Shared {}
+
+// ---------------------------------------------------------------------------------------------
+// linear
+
+struct LinearOp;
+
+impl CustomOp2 for LinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let (n, inp) = l1.shape().dims2()?;
+        let (out, inp2) = l2.shape().dims2()?;
+        if inp != inp2 {
+            candle_core::bail!("fused-linear: input has {inp} features, weight {inp2}");
+        }
+        let mut y = vec![0f32; n * out];
+        // SAFETY: x is n × inp, w is out × inp (read as its transpose), y is n × out.
+        unsafe {
+            matmul(
+                n,
+                out,
+                inp,
+                y.as_mut_ptr(),
+                out as isize,
+                false,
+                Mat(x.as_ptr(), inp as isize, 1),
+                Mat(w.as_ptr(), 1, inp as isize),
+                threads(),
+            )
+        };
+        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let dx = if x.track_op() {
+            Some(g.matmul(&w.detach())?)
+        } else {
+            None
+        };
+        let dw = if w.track_op() {
+            Some(g.t()?.matmul(&x.detach())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+/// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]` (CPU, f32).
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// RMSNorm
+
+struct RmsNormOp {
+    eps: f32,
+}
+
+fn inv_rms(row: &[f32], eps: f32) -> f32 {
+    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    1.0 / (ms + eps).sqrt()
+}
+
+impl CustomOp2 for RmsNormOp {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s1, l1, self.name())?;
+        let w = slice(s2, l2, self.name())?;
+        let d = w.len();
+        let mut y = vec![0f32; x.len()];
+        y.par_chunks_mut(d)
+            .zip(x.par_chunks(d))
+            .for_each(|(yr, xr)| {
+                let inv = inv_rms(xr, self.eps);
+                for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
+                    *y = x * inv * w;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (want_dx, want_dw) = (x.track_op(), w.track_op());
+        let eps = self.eps;
+        let (dx, dw) = read(x, self.name(), |x| {
+            read(w, "fused-rms-norm", |w| {
+                read(&g, "fused-rms-norm", |g| {
+                    let d = w.len();
+                    let mut dx = vec![0f32; if want_dx { x.len() } else { 0 }];
+                    let rows = x.len() / d;
+                    // dx = inv·(g∘w) − x·inv³/d·Σ(g∘w∘x); dw = Σ_rows g∘x·inv.
+                    let row = |r: usize, dxr: Option<&mut [f32]>, dw: &mut [f32]| {
+                        let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
+                        let inv = inv_rms(xr, eps);
+                        if let Some(dxr) = dxr {
+                            let dot: f32 =
+                                xr.iter().zip(gr).zip(w).map(|((x, g), w)| x * g * w).sum();
+                            let c = dot * inv * inv * inv / d as f32;
+                            for (((o, &x), &g), &w) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
+                                *o = inv * g * w - x * c;
+                            }
+                        }
+                        if want_dw {
+                            for ((o, &x), &g) in dw.iter_mut().zip(xr).zip(gr) {
+                                *o += g * x * inv;
+                            }
+                        }
+                    };
+                    let dw = if want_dx {
+                        dx.par_chunks_mut(d)
+                            .enumerate()
+                            .fold(
+                                || vec![0f32; if want_dw { d } else { 0 }],
+                                |mut acc, (r, dxr)| {
+                                    row(r, Some(dxr), &mut acc);
+                                    acc
+                                },
+                            )
+                            .reduce(|| vec![0f32; if want_dw { d } else { 0 }], add_into)
+                    } else {
+                        (0..rows)
+                            .into_par_iter()
+                            .fold(
+                                || vec![0f32; d],
+                                |mut acc, r| {
+                                    row(r, None, &mut acc);
+                                    acc
+                                },
+                            )
+                            .reduce(|| vec![0f32; d], add_into)
+                    };
+                    Ok((dx, dw))
+                })
+            })
+        })?;
+        let dx = if want_dx {
+            Some(cpu(dx, x.shape())?)
+        } else {
+            None
+        };
+        let dw = if want_dw {
+            Some(cpu(dw, w.shape())?)
+        } else {
+            None
+        };
+        Ok((dx, dw))
+    }
+}
+
+fn add_into(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
+    if a.len() < b.len() {
+        return add_into(b, a);
+    }
+    for (a, b) in a.iter_mut().zip(&b) {
+        *a += b;
+    }
+    a
+}
+
+/// `x * rsqrt(mean(x²) + eps) * w` over the last dimension (CPU, f32).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 })
+}
+
+// ---------------------------------------------------------------------------------------------
+// SwiGLU
+
+struct SwiGluOp;
+
+fn sigmoid(a: f32) -> f32 {
+    1.0 / (1.0 + (-a).exp())
+}
+
+impl CustomOp2 for SwiGluOp {
+    fn name(&self) -> &'static str {
+        "fused-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let a = slice(s1, l1, self.name())?;
+        let u = slice(s2, l2, self.name())?;
+        if a.len() != u.len() {
+            candle_core::bail!("fused-swiglu: shapes differ");
+        }
+        const CHUNK: usize = 1 << 13;
+        let mut y = vec![0f32; a.len()];
+        y.par_chunks_mut(CHUNK)
+            .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+            .for_each(|(y, (a, u))| {
+                for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
+                    *y = a * sigmoid(a) * u;
+                }
+            });
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        a: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = g.contiguous()?;
+        let (da, du) = read(a, self.name(), |a| {
+            read(u, "fused-swiglu", |u| {
+                read(&g, "fused-swiglu", |g| {
+                    const CHUNK: usize = 1 << 13;
+                    let mut da = vec![0f32; a.len()];
+                    let mut du = vec![0f32; a.len()];
+                    da.par_chunks_mut(CHUNK)
+                        .zip(du.par_chunks_mut(CHUNK))
+                        .zip(
+                            a.par_chunks(CHUNK)
+                                .zip(u.par_chunks(CHUNK))
+                                .zip(g.par_chunks(CHUNK)),
+                        )
+                        .for_each(|((da, du), ((a, u), g))| {
+                            for i in 0..a.len() {
+                                let s = sigmoid(a[i]);
+                                da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+                                du[i] = g[i] * a[i] * s;
+                            }
+                        });
+                    Ok((da, du))
+                })
+            })
+        })?;
+        Ok((Some(cpu(da, a.shape())?), Some(cpu(du, u.shape())?)))
+    }
+}
+
+/// `silu(a) * u` (CPU, f32).
+pub fn swiglu(a: &Tensor, u: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2(&u.contiguous()?, SwiGluOp)
+}
+
+// ---------------------------------------------------------------------------------------------
+// attention
+
+/// Rotary tables in the rotate-half layout: `cos[p * head_dim + j]`, both halves filled.
+pub struct RopeTables {
+    pub cos: Vec<f32>,
+    pub sin: Vec<f32>,
+    pub head_dim: usize,
+}
+
+/// Rotates every head of rows `[b * t, heads * hd]` in place (`inverse`: the transpose).
+fn rotate(rope: &RopeTables, x: &mut [f32], row_width: usize, t: usize, inverse: bool) {
+    let hd = rope.head_dim;
+    let half = hd / 2;
+    x.par_chunks_mut(row_width)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let p = r % t;
+            let c = &rope.cos[p * hd..(p + 1) * hd];
+            let s = &rope.sin[p * hd..(p + 1) * hd];
+            for head in row.chunks_mut(hd) {
+                for i in 0..half {
+                    let (x1, x2) = (head[i], head[i + half]);
+                    if inverse {
+                        head[i] = x1 * c[i] + x2 * s[i + half];
+                        head[i + half] = x2 * c[i + half] - x1 * s[i];
+                    } else {
+                        head[i] = x1 * c[i] - x2 * s[i];
+                        head[i + half] = x2 * c[i + half] + x1 * s[i + half];
+                    }
+                }
+            }
+        });
+}
+
+/// What the forward pass keeps for the backward pass.
+struct Saved {
+    /// Rotated q `[b * t, heads * hd]` and k `[b * t, kv_heads * hd]`.
+    q: Vec<f32>,
+    k: Vec<f32>,
+    /// Probabilities `[b, heads, t, t]`.
+    p: Vec<f32>,
+}
+
+struct AttentionOp {
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    scale: f32,
+    rope: Arc<RopeTables>,
+    saved: Mutex<Option<Arc<Saved>>>,
+}
+
+impl AttentionOp {
+    fn hd(&self) -> usize {
+        self.rope.head_dim
+    }
+
+    /// (batch row, head, kv head) of task `i` (one per batch row and query head).
+    fn task(&self, i: usize) -> (usize, usize, usize) {
+        let (bi, h) = (i / self.heads, i % self.heads);
+        (bi, h, h / (self.heads / self.kv_heads))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let q = slice(s1, l1, self.name())?;
+        let k = slice(s2, l2, self.name())?;
+        let v = slice(s3, l3, self.name())?;
+        if q.len() != b * t * qw || k.len() != b * t * kw || v.len() != b * t * kw {
+            candle_core::bail!("fused-attention: q/k/v shapes do not match [{b}*{t}, heads*{hd}]");
+        }
+        let mut q = q.to_vec();
+        let mut k = k.to_vec();
+        rotate(&self.rope, &mut q, qw, t, false);
+        rotate(&self.rope, &mut k, kw, t, false);
+        let mut p = vec![0f32; b * nh * t * t];
+        let mut out = vec![0f32; b * t * qw];
+        let o = Shared(out.as_mut_ptr());
+        let scale = self.scale;
+        p.par_chunks_mut(t * t).enumerate().for_each(|(i, ph)| {
+            let (bi, h, kvh) = self.task(i);
+            let o = o;
+            // SAFETY: q/k/v rows of batch row bi, head columns in bounds; ph is this task's;
+            // the output columns of (bi, h) are written by this task only.
+            unsafe {
+                // S = q_h k_kvhᵀ
+                matmul(
+                    t,
+                    t,
+                    hd,
+                    ph.as_mut_ptr(),
+                    t as isize,
+                    false,
+                    Mat(q.as_ptr().add(bi * t * qw + h * hd), qw as isize, 1),
+                    Mat(k.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
+                    Parallelism::None,
+                );
+            }
+            for (r, row) in ph.chunks_mut(t).enumerate() {
+                let keys = r + 1;
+                let max = row[..keys].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
+                let mut sum = 0f32;
+                for v in &mut row[..keys] {
+                    *v = ((*v - max) * scale).exp();
+                    sum += *v;
+                }
+                let inv = 1.0 / sum;
+                row[..keys].iter_mut().for_each(|v| *v *= inv);
+                row[keys..].iter_mut().for_each(|v| *v = 0.0);
+            }
+            unsafe {
+                // O_h = P_h v_kvh
+                matmul(
+                    t,
+                    hd,
+                    t,
+                    o.0.add(bi * t * qw + h * hd),
+                    qw as isize,
+                    false,
+                    Mat(ph.as_ptr(), t as isize, 1),
+                    Mat(v.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
+                    Parallelism::None,
+                );
+            }
+        });
+        *self.saved.lock().expect("attention state") = Some(Arc::new(Saved { q, k, p }));
+        Ok((CpuStorage::F32(out), Shape::from((b * t, qw))))
+    }
+
+    fn bwd(
+        &self,
+        _q: &Tensor,
+        _k: &Tensor,
+        v: &Tensor,
+        _out: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let saved = self
+            .saved
+            .lock()
+            .expect("attention state")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("fused-attention: no forward state".into()))?;
+        let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let group = nh / nkv;
+        let scale = self.scale;
+        let g = g.contiguous()?;
+        let (dq, dk, dv) = read(v, self.name(), |v| {
+            read(&g, "fused-attention", |g| {
+                let (q, k, p) = (&saved.q, &saved.k, &saved.p);
+                let mut dq = vec![0f32; b * t * qw];
+                // Per query head, summed over each kv group afterwards.
+                let mut dkh = vec![0f32; b * nh * t * hd];
+                let mut dvh = vec![0f32; b * nh * t * hd];
+                let dqp = Shared(dq.as_mut_ptr());
+                dkh.par_chunks_mut(t * hd)
+                    .zip(dvh.par_chunks_mut(t * hd))
+                    .enumerate()
+                    .for_each(|(i, (dk_h, dv_h))| {
+                        let (bi, h, kvh) = self.task(i);
+                        let dqp = dqp;
+                        let ph = &p[i * t * t..(i + 1) * t * t];
+                        let go = Mat(
+                            g.as_ptr().wrapping_add(bi * t * qw + h * hd),
+                            qw as isize,
+                            1,
+                        );
+                        let mut ds = vec![0f32; t * t];
+                        // SAFETY: operands in bounds as in the forward pass; ds, dk_h, dv_h are
+                        // this task's; the dq columns of (bi, h) are written by this task only.
+                        unsafe {
+                            // dP = dO vᵀ
+                            matmul(
+                                t,
+                                t,
+                                hd,
+                                ds.as_mut_ptr(),
+                                t as isize,
+                                false,
+                                go,
+                                Mat(v.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
+                                Parallelism::None,
+                            );
+                            // dV_h = Pᵀ dO
+                            matmul(
+                                t,
+                                hd,
+                                t,
+                                dv_h.as_mut_ptr(),
+                                hd as isize,
+                                false,
+                                Mat(ph.as_ptr(), 1, t as isize),
+                                go,
+                                Parallelism::None,
+                            );
+                        }
+                        // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
+                        for (dr, pr) in ds.chunks_mut(t).zip(ph.chunks(t)) {
+                            let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                            for (d, &p) in dr.iter_mut().zip(pr) {
+                                *d = scale * p * (*d - dot);
+                            }
+                        }
+                        unsafe {
+                            // dQ_h = dS k
+                            matmul(
+                                t,
+                                hd,
+                                t,
+                                dqp.0.add(bi * t * qw + h * hd),
+                                qw as isize,
+                                false,
+                                Mat(ds.as_ptr(), t as isize, 1),
+                                Mat(k.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
+                                Parallelism::None,
+                            );
+                            // dK_h = dSᵀ q_h
+                            matmul(
+                                t,
+                                hd,
+                                t,
+                                dk_h.as_mut_ptr(),
+                                hd as isize,
+                                false,
+                                Mat(ds.as_ptr(), 1, t as isize),
+                                Mat(q.as_ptr().add(bi * t * qw + h * hd), qw as isize, 1),
+                                Parallelism::None,
+                            );
+                        }
+                    });
+                // Sum each kv group's heads into [b * t, kv_heads * hd] rows.
+                let gather = |per_head: &[f32]| -> Vec<f32> {
+                    let mut out = vec![0f32; b * t * kw];
+                    out.par_chunks_mut(kw).enumerate().for_each(|(r, row)| {
+                        let (bi, j) = (r / t, r % t);
+                        for (kvh, dst) in row.chunks_mut(hd).enumerate() {
+                            for h in kvh * group..(kvh + 1) * group {
+                                let src = &per_head[((bi * nh + h) * t + j) * hd..][..hd];
+                                for (d, s) in dst.iter_mut().zip(src) {
+                                    *d += s;
+                                }
+                            }
+                        }
+                    });
+                    out
+                };
+                let mut dk = gather(&dkh);
+                let dv = gather(&dvh);
+                rotate(&self.rope, &mut dq, qw, t, true);
+                rotate(&self.rope, &mut dk, kw, t, true);
+                Ok((dq, dk, dv))
+            })
+        })?;
+        Ok((
+            Some(cpu(dq, &Shape::from((b * t, qw)))?),
+            Some(cpu(dk, &Shape::from((b * t, kw)))?),
+            Some(cpu(dv, &Shape::from((b * t, kw)))?),
+        ))
+    }
+}
+
+/// Causal attention of `q` `[b * t, heads * hd]` over `k`, `v` `[b * t, kv_heads * hd]`
+/// with the rotary embedding applied to q and k first; returns `[b * t, heads * hd]`
+/// (CPU, f32). Every sequence starts at position 0; padding must follow a sequence's tokens.
+#[allow(clippy::too_many_arguments)]
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    scale: f64,
+    rope: &Arc<RopeTables>,
+) -> Result<Tensor> {
+    if heads % kv_heads != 0 || rope.head_dim % 2 != 0 || rope.cos.len() < t * rope.head_dim {
+        candle_core::bail!("fused-attention: unsupported shape");
+    }
+    q.contiguous()?.apply_op3(
+        &k.contiguous()?,
+        &v.contiguous()?,
+        AttentionOp {
+            b,
+            t,
+            heads,
+            kv_heads,
+            scale: scale as f32,
+            rope: rope.clone(),
+            saved: Mutex::new(None),
+        },
+    )
+}
