@@ -73,7 +73,7 @@ fn main() -> anyhow::Result<()> {
             for i in 0..=steps {
                 let t = Instant::now();
                 let loss = sft_loss(&token_logps(&model, &data, true)?)?;
-                opt.backward_step(&loss)?;
+                opt.backward_step_with(&loss, |l| model.backward(l))?;
                 if i > 0 {
                     times.push(t.elapsed().as_secs_f64());
                 }
@@ -121,7 +121,7 @@ fn main() -> anyhow::Result<()> {
                 &DpoOptions::default(),
                 None,
             )?;
-            opt.backward_step(&loss)?;
+            opt.backward_step_with(&loss, |l| model.backward(l))?;
             if i > 0 {
                 times.push(t.elapsed().as_secs_f64());
             }

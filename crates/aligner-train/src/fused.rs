@@ -22,7 +22,7 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
-    CpuStorage, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Device, Layout, Result, Shape, Storage, Tensor,
 };
 use gemm::Parallelism;
 use rayon::prelude::*;
@@ -408,6 +408,14 @@ fn rotate(rope: &RopeTables, x: &mut [f32], row_width: usize, t: usize, inverse:
         });
 }
 
+/// The attention's output and what its backward pass needs.
+struct AttnOut {
+    o: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    p: Vec<f32>,
+}
+
 /// What the forward pass keeps for the backward pass.
 struct Saved {
     /// Rotated q `[b * t, heads * hd]` and k `[b * t, kv_heads * hd]`.
@@ -432,37 +440,10 @@ impl AttentionOp {
         self.rope.head_dim
     }
 
-    /// (batch row, head, kv head) of task `i` (one per batch row and query head).
-    fn task(&self, i: usize) -> (usize, usize, usize) {
-        let (bi, h) = (i / self.heads, i % self.heads);
-        (bi, h, h / (self.heads / self.kv_heads))
-    }
-}
-
-impl CustomOp3 for AttentionOp {
-    fn name(&self) -> &'static str {
-        "fused-attention"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+    /// Rotates `q`, `k` and attends; keeps what the backward pass needs.
+    fn run(&self, mut q: Vec<f32>, mut k: Vec<f32>, v: &[f32]) -> AttnOut {
         let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
         let (qw, kw) = (nh * hd, nkv * hd);
-        let q = slice(s1, l1, self.name())?;
-        let k = slice(s2, l2, self.name())?;
-        let v = slice(s3, l3, self.name())?;
-        if q.len() != b * t * qw || k.len() != b * t * kw || v.len() != b * t * kw {
-            candle_core::bail!("fused-attention: q/k/v shapes do not match [{b}*{t}, heads*{hd}]");
-        }
-        let mut q = q.to_vec();
-        let mut k = k.to_vec();
         rotate(&self.rope, &mut q, qw, t, false);
         rotate(&self.rope, &mut k, kw, t, false);
         let mut p = vec![0f32; b * nh * t * t];
@@ -515,8 +496,161 @@ impl CustomOp3 for AttentionOp {
                 );
             }
         });
-        *self.saved.lock().expect("attention state") = Some(Arc::new(Saved { q, k, p }));
-        Ok((CpuStorage::F32(out), Shape::from((b * t, qw))))
+        AttnOut { o: out, q, k, p }
+    }
+
+    /// Gradients of q, k (before rotation) and v from the output's gradient `g`.
+    fn backward(
+        &self,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        p: &[f32],
+        g: &[f32],
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let group = nh / nkv;
+        let scale = self.scale;
+        let mut dq = vec![0f32; b * t * qw];
+        // Per query head, summed over each kv group afterwards.
+        let mut dkh = vec![0f32; b * nh * t * hd];
+        let mut dvh = vec![0f32; b * nh * t * hd];
+        let dqp = Shared(dq.as_mut_ptr());
+        dkh.par_chunks_mut(t * hd)
+            .zip(dvh.par_chunks_mut(t * hd))
+            .enumerate()
+            .for_each(|(i, (dk_h, dv_h))| {
+                let (bi, h, kvh) = self.task(i);
+                let dqp = dqp;
+                let ph = &p[i * t * t..(i + 1) * t * t];
+                let go = Mat(
+                    g.as_ptr().wrapping_add(bi * t * qw + h * hd),
+                    qw as isize,
+                    1,
+                );
+                let mut ds = vec![0f32; t * t];
+                // SAFETY: operands in bounds as in the forward pass; ds, dk_h, dv_h are
+                // this task's; the dq columns of (bi, h) are written by this task only.
+                unsafe {
+                    // dP = dO vᵀ
+                    matmul(
+                        t,
+                        t,
+                        hd,
+                        ds.as_mut_ptr(),
+                        t as isize,
+                        false,
+                        go,
+                        Mat(v.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
+                        Parallelism::None,
+                    );
+                    // dV_h = Pᵀ dO
+                    matmul(
+                        t,
+                        hd,
+                        t,
+                        dv_h.as_mut_ptr(),
+                        hd as isize,
+                        false,
+                        Mat(ph.as_ptr(), 1, t as isize),
+                        go,
+                        Parallelism::None,
+                    );
+                }
+                // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
+                for (dr, pr) in ds.chunks_mut(t).zip(ph.chunks(t)) {
+                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                    for (d, &p) in dr.iter_mut().zip(pr) {
+                        *d = scale * p * (*d - dot);
+                    }
+                }
+                unsafe {
+                    // dQ_h = dS k
+                    matmul(
+                        t,
+                        hd,
+                        t,
+                        dqp.0.add(bi * t * qw + h * hd),
+                        qw as isize,
+                        false,
+                        Mat(ds.as_ptr(), t as isize, 1),
+                        Mat(k.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
+                        Parallelism::None,
+                    );
+                    // dK_h = dSᵀ q_h
+                    matmul(
+                        t,
+                        hd,
+                        t,
+                        dk_h.as_mut_ptr(),
+                        hd as isize,
+                        false,
+                        Mat(ds.as_ptr(), 1, t as isize),
+                        Mat(q.as_ptr().add(bi * t * qw + h * hd), qw as isize, 1),
+                        Parallelism::None,
+                    );
+                }
+            });
+        // Sum each kv group's heads into [b * t, kv_heads * hd] rows.
+        let gather = |per_head: &[f32]| -> Vec<f32> {
+            let mut out = vec![0f32; b * t * kw];
+            out.par_chunks_mut(kw).enumerate().for_each(|(r, row)| {
+                let (bi, j) = (r / t, r % t);
+                for (kvh, dst) in row.chunks_mut(hd).enumerate() {
+                    for h in kvh * group..(kvh + 1) * group {
+                        let src = &per_head[((bi * nh + h) * t + j) * hd..][..hd];
+                        for (d, s) in dst.iter_mut().zip(src) {
+                            *d += s;
+                        }
+                    }
+                }
+            });
+            out
+        };
+        let mut dk = gather(&dkh);
+        let dv = gather(&dvh);
+        rotate(&self.rope, &mut dq, qw, t, true);
+        rotate(&self.rope, &mut dk, kw, t, true);
+        (dq, dk, dv)
+    }
+
+    /// (batch row, head, kv head) of task `i` (one per batch row and query head).
+    fn task(&self, i: usize) -> (usize, usize, usize) {
+        let (bi, h) = (i / self.heads, i % self.heads);
+        (bi, h, h / (self.heads / self.kv_heads))
+    }
+}
+
+impl CustomOp3 for AttentionOp {
+    fn name(&self) -> &'static str {
+        "fused-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let q = slice(s1, l1, self.name())?;
+        let k = slice(s2, l2, self.name())?;
+        let v = slice(s3, l3, self.name())?;
+        if q.len() != b * t * qw || k.len() != b * t * kw || v.len() != b * t * kw {
+            candle_core::bail!("fused-attention: q/k/v shapes do not match [{b}*{t}, heads*{hd}]");
+        }
+        let r = self.run(q.to_vec(), k.to_vec(), v);
+        *self.saved.lock().expect("attention state") = Some(Arc::new(Saved {
+            q: r.q,
+            k: r.k,
+            p: r.p,
+        }));
+        Ok((CpuStorage::F32(r.o), Shape::from((b * t, qw))))
     }
 
     fn bwd(
@@ -535,113 +669,10 @@ impl CustomOp3 for AttentionOp {
             .ok_or_else(|| candle_core::Error::Msg("fused-attention: no forward state".into()))?;
         let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
         let (qw, kw) = (nh * hd, nkv * hd);
-        let group = nh / nkv;
-        let scale = self.scale;
         let g = g.contiguous()?;
         let (dq, dk, dv) = read(v, self.name(), |v| {
             read(&g, "fused-attention", |g| {
-                let (q, k, p) = (&saved.q, &saved.k, &saved.p);
-                let mut dq = vec![0f32; b * t * qw];
-                // Per query head, summed over each kv group afterwards.
-                let mut dkh = vec![0f32; b * nh * t * hd];
-                let mut dvh = vec![0f32; b * nh * t * hd];
-                let dqp = Shared(dq.as_mut_ptr());
-                dkh.par_chunks_mut(t * hd)
-                    .zip(dvh.par_chunks_mut(t * hd))
-                    .enumerate()
-                    .for_each(|(i, (dk_h, dv_h))| {
-                        let (bi, h, kvh) = self.task(i);
-                        let dqp = dqp;
-                        let ph = &p[i * t * t..(i + 1) * t * t];
-                        let go = Mat(
-                            g.as_ptr().wrapping_add(bi * t * qw + h * hd),
-                            qw as isize,
-                            1,
-                        );
-                        let mut ds = vec![0f32; t * t];
-                        // SAFETY: operands in bounds as in the forward pass; ds, dk_h, dv_h are
-                        // this task's; the dq columns of (bi, h) are written by this task only.
-                        unsafe {
-                            // dP = dO vᵀ
-                            matmul(
-                                t,
-                                t,
-                                hd,
-                                ds.as_mut_ptr(),
-                                t as isize,
-                                false,
-                                go,
-                                Mat(v.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
-                                Parallelism::None,
-                            );
-                            // dV_h = Pᵀ dO
-                            matmul(
-                                t,
-                                hd,
-                                t,
-                                dv_h.as_mut_ptr(),
-                                hd as isize,
-                                false,
-                                Mat(ph.as_ptr(), 1, t as isize),
-                                go,
-                                Parallelism::None,
-                            );
-                        }
-                        // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
-                        for (dr, pr) in ds.chunks_mut(t).zip(ph.chunks(t)) {
-                            let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                            for (d, &p) in dr.iter_mut().zip(pr) {
-                                *d = scale * p * (*d - dot);
-                            }
-                        }
-                        unsafe {
-                            // dQ_h = dS k
-                            matmul(
-                                t,
-                                hd,
-                                t,
-                                dqp.0.add(bi * t * qw + h * hd),
-                                qw as isize,
-                                false,
-                                Mat(ds.as_ptr(), t as isize, 1),
-                                Mat(k.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
-                                Parallelism::None,
-                            );
-                            // dK_h = dSᵀ q_h
-                            matmul(
-                                t,
-                                hd,
-                                t,
-                                dk_h.as_mut_ptr(),
-                                hd as isize,
-                                false,
-                                Mat(ds.as_ptr(), 1, t as isize),
-                                Mat(q.as_ptr().add(bi * t * qw + h * hd), qw as isize, 1),
-                                Parallelism::None,
-                            );
-                        }
-                    });
-                // Sum each kv group's heads into [b * t, kv_heads * hd] rows.
-                let gather = |per_head: &[f32]| -> Vec<f32> {
-                    let mut out = vec![0f32; b * t * kw];
-                    out.par_chunks_mut(kw).enumerate().for_each(|(r, row)| {
-                        let (bi, j) = (r / t, r % t);
-                        for (kvh, dst) in row.chunks_mut(hd).enumerate() {
-                            for h in kvh * group..(kvh + 1) * group {
-                                let src = &per_head[((bi * nh + h) * t + j) * hd..][..hd];
-                                for (d, s) in dst.iter_mut().zip(src) {
-                                    *d += s;
-                                }
-                            }
-                        }
-                    });
-                    out
-                };
-                let mut dk = gather(&dkh);
-                let dv = gather(&dvh);
-                rotate(&self.rope, &mut dq, qw, t, true);
-                rotate(&self.rope, &mut dk, kw, t, true);
-                Ok((dq, dk, dv))
+                Ok(self.backward(&saved.q, &saved.k, v, &saved.p, g))
             })
         })?;
         Ok((
@@ -683,4 +714,514 @@ pub fn attention(
             saved: Mutex::new(None),
         },
     )
+}
+
+// ---------------------------------------------------------------------------------------------
+// whole blocks
+
+/// Where a trainable weight's gradient accumulates during the backward pass of a fused block,
+/// outside candle's gradient store: the block writes `dW` with one accumulating matrix
+/// product instead of handing candle a tensor to add to a zeroed buffer. `TrainModel::backward`
+/// moves what it holds into the gradient store.
+#[derive(Default)]
+pub struct GradSink(Mutex<Option<Vec<f32>>>);
+
+impl GradSink {
+    /// Takes the accumulated gradient, leaving the sink empty.
+    pub fn take(&self) -> Option<Vec<f32>> {
+        self.0.lock().expect("gradient sink").take()
+    }
+
+    /// `+= f(buffer)` on a buffer of `len` floats; `f` gets whether the buffer holds values.
+    fn with(&self, len: usize, f: impl FnOnce(&mut [f32], bool)) {
+        let mut guard = self.0.lock().expect("gradient sink");
+        match guard.as_mut() {
+            Some(buf) => f(buf, true),
+            None => {
+                let mut buf = vec![0f32; len];
+                f(&mut buf, false);
+                *guard = Some(buf);
+            }
+        }
+    }
+}
+
+/// A weight of a fused block and, when it trains, its gradient sink.
+#[derive(Clone)]
+pub struct BlockWeight {
+    pub value: Tensor,
+    pub sink: Option<Arc<GradSink>>,
+}
+
+/// Contents of a contiguous CPU f32 tensor, copied (small weights: norms and biases).
+fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// `y[n, out] (+)= x[n, in] Wᵀ` for `W` `[out, in]`.
+fn forward_mm(x: &[f32], w: &[f32], y: &mut [f32], n: usize, inp: usize, out: usize, acc: bool) {
+    // SAFETY: slices sized n × inp, out × inp and n × out.
+    unsafe {
+        matmul(
+            n,
+            out,
+            inp,
+            y.as_mut_ptr(),
+            out as isize,
+            acc,
+            Mat(x.as_ptr(), inp as isize, 1),
+            Mat(w.as_ptr(), 1, inp as isize),
+            threads(),
+        )
+    }
+}
+
+/// `dx[n, in] (+)= g[n, out] W` for `W` `[out, in]`.
+fn input_grad(g: &[f32], w: &[f32], dx: &mut [f32], n: usize, inp: usize, out: usize, acc: bool) {
+    // SAFETY: slices sized n × out, out × inp and n × inp.
+    unsafe {
+        matmul(
+            n,
+            inp,
+            out,
+            dx.as_mut_ptr(),
+            inp as isize,
+            acc,
+            Mat(g.as_ptr(), out as isize, 1),
+            Mat(w.as_ptr(), inp as isize, 1),
+            threads(),
+        )
+    }
+}
+
+/// `dW[out, in] += gᵀ x` into the weight's sink, and `db[out] += Σ_rows g` into the bias's.
+fn weight_grad(
+    w: &BlockWeight,
+    bias: Option<&BlockWeight>,
+    g: &[f32],
+    x: &[f32],
+    n: usize,
+    inp: usize,
+    out: usize,
+) {
+    if let Some(sink) = &w.sink {
+        sink.with(out * inp, |dw, acc| {
+            // SAFETY: g is n × out (read transposed), x is n × inp, dw is out × inp.
+            unsafe {
+                matmul(
+                    out,
+                    inp,
+                    n,
+                    dw.as_mut_ptr(),
+                    inp as isize,
+                    acc,
+                    Mat(g.as_ptr(), 1, out as isize),
+                    Mat(x.as_ptr(), inp as isize, 1),
+                    threads(),
+                )
+            }
+        });
+    }
+    if let Some(sink) = bias.and_then(|b| b.sink.as_ref()) {
+        sink.with(out, |db, _| {
+            for row in g.chunks(out) {
+                for (d, &v) in db.iter_mut().zip(row) {
+                    *d += v;
+                }
+            }
+        });
+    }
+}
+
+/// RMSNorm forward: `h = x · inv · w` row by row; returns `inv` per row.
+fn norm_forward(x: &[f32], w: &[f32], eps: f32, h: &mut [f32]) -> Vec<f32> {
+    let d = w.len();
+    let mut inv = vec![0f32; x.len() / d];
+    h.par_chunks_mut(d)
+        .zip(x.par_chunks(d))
+        .zip(inv.par_iter_mut())
+        .for_each(|((hr, xr), inv)| {
+            *inv = inv_rms(xr, eps);
+            for ((h, &x), &w) in hr.iter_mut().zip(xr).zip(w) {
+                *h = x * *inv * w;
+            }
+        });
+    inv
+}
+
+/// RMSNorm backward: `dx += …` from `dh`, and `dw` into the norm weight's sink.
+fn norm_backward(x: &[f32], inv: &[f32], w: &BlockWeight, wv: &[f32], dh: &[f32], dx: &mut [f32]) {
+    let d = wv.len();
+    let dw = dx
+        .par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dh.par_chunks(d)))
+        .zip(inv.par_iter())
+        .fold(
+            || vec![0f32; d],
+            |mut acc, ((dxr, (xr, gr)), &inv)| {
+                let dot: f32 = xr.iter().zip(gr).zip(wv).map(|((x, g), w)| x * g * w).sum();
+                let c = dot * inv * inv * inv / d as f32;
+                for ((((o, &x), &g), &w), a) in
+                    dxr.iter_mut().zip(xr).zip(gr).zip(wv).zip(acc.iter_mut())
+                {
+                    *o += inv * g * w - x * c;
+                    *a += g * x * inv;
+                }
+                acc
+            },
+        )
+        .reduce(|| vec![0f32; d], add_into);
+    if let Some(sink) = &w.sink {
+        sink.with(d, |buf, _| {
+            for (b, v) in buf.iter_mut().zip(&dw) {
+                *b += v;
+            }
+        });
+    }
+}
+
+fn add_bias(y: &mut [f32], b: &[f32]) {
+    y.par_chunks_mut(b.len()).for_each(|row| {
+        for (y, &b) in row.iter_mut().zip(b) {
+            *y += b;
+        }
+    });
+}
+
+/// The weights of one layer's attention half.
+#[derive(Clone)]
+pub struct AttentionWeights {
+    pub norm: BlockWeight,
+    pub q: BlockWeight,
+    pub k: BlockWeight,
+    pub v: BlockWeight,
+    pub o: BlockWeight,
+    /// q/k/v biases (Qwen2).
+    pub bias: Option<[BlockWeight; 3]>,
+}
+
+/// `x + o_proj(attention(rope(q, k), v))` on `rms_norm(x)`: a whole attention half of a
+/// layer as one graph node.
+struct AttentionBlock {
+    w: AttentionWeights,
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    eps: f32,
+    rope: Arc<RopeTables>,
+    saved: Mutex<Option<Arc<BlockSaved>>>,
+}
+
+/// Activations one block keeps for its backward pass.
+struct BlockSaved {
+    inv: Vec<f32>,
+    h: Vec<f32>,
+    /// Attention: rotated q, k, then v, probabilities, output. MLP: gate, up, activation.
+    a: Vec<Vec<f32>>,
+}
+
+fn weight_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    read(t, "fused block weight", f)
+}
+
+impl AttentionBlock {
+    fn dims(&self) -> (usize, usize, usize, usize, usize) {
+        let hd = self.rope.head_dim;
+        (
+            self.b * self.t,
+            self.heads * hd,
+            self.kv_heads * hd,
+            hd,
+            self.heads * hd,
+        )
+    }
+
+    fn core(&self) -> AttentionOp {
+        AttentionOp {
+            b: self.b,
+            t: self.t,
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            scale: 1.0 / (self.rope.head_dim as f32).sqrt(),
+            rope: self.rope.clone(),
+            saved: Mutex::new(None),
+        }
+    }
+}
+
+impl CustomOp1 for AttentionBlock {
+    fn name(&self) -> &'static str {
+        "fused-attention-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (n, qw, kw, _, _) = self.dims();
+        let d = x.len() / n;
+        let w = &self.w;
+        let norm = to_vec(&w.norm.value)?;
+        let mut h = vec![0f32; n * d];
+        let inv = norm_forward(x, &norm, self.eps, &mut h);
+        let mut q = vec![0f32; n * qw];
+        let mut k = vec![0f32; n * kw];
+        let mut v = vec![0f32; n * kw];
+        weight_slice(&w.q.value, |wq| {
+            Ok(forward_mm(&h, wq, &mut q, n, d, qw, false))
+        })?;
+        weight_slice(&w.k.value, |wk| {
+            Ok(forward_mm(&h, wk, &mut k, n, d, kw, false))
+        })?;
+        weight_slice(&w.v.value, |wv| {
+            Ok(forward_mm(&h, wv, &mut v, n, d, kw, false))
+        })?;
+        if let Some([bq, bk, bv]) = &w.bias {
+            add_bias(&mut q, &to_vec(&bq.value)?);
+            add_bias(&mut k, &to_vec(&bk.value)?);
+            add_bias(&mut v, &to_vec(&bv.value)?);
+        }
+        let r = self.core().run(q, k, &v);
+        let (qr, kr, p, o) = (r.q, r.k, r.p, r.o);
+        let mut y = x.to_vec();
+        weight_slice(&w.o.value, |wo| {
+            Ok(forward_mm(&o, wo, &mut y, n, qw, d, true))
+        })?;
+        *self.saved.lock().expect("block state") = Some(Arc::new(BlockSaved {
+            inv,
+            h,
+            a: vec![qr, kr, v, p, o],
+        }));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let saved = self
+            .saved
+            .lock()
+            .expect("block state")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("fused block: no forward state".into()))?;
+        let (n, qw, kw, _, _) = self.dims();
+        let w = &self.w;
+        let g = g.contiguous()?;
+        let dx = read(x, self.name(), |x| {
+            read(&g, "fused-attention-block", |g| {
+                let d = x.len() / n;
+                let [qr, kr, v, p, o] = &saved.a[..] else {
+                    candle_core::bail!("fused block: bad state");
+                };
+                let h = &saved.h;
+                // Residual: dx starts as dy.
+                let mut dx = g.to_vec();
+                weight_grad(&w.o, None, g, o, n, qw, d);
+                let mut d_o = vec![0f32; n * qw];
+                weight_slice(&w.o.value, |wo| {
+                    Ok(input_grad(g, wo, &mut d_o, n, qw, d, false))
+                })?;
+                let (dq, dk, dv) = self.core().backward(qr, kr, v, p, &d_o);
+                let (bq, bk, bv) = match &w.bias {
+                    Some([a, b, c]) => (Some(a), Some(b), Some(c)),
+                    None => (None, None, None),
+                };
+                weight_grad(&w.q, bq, &dq, h, n, d, qw);
+                weight_grad(&w.k, bk, &dk, h, n, d, kw);
+                weight_grad(&w.v, bv, &dv, h, n, d, kw);
+                let mut dh = vec![0f32; n * d];
+                weight_slice(&w.q.value, |m| {
+                    Ok(input_grad(&dq, m, &mut dh, n, d, qw, false))
+                })?;
+                weight_slice(&w.k.value, |m| {
+                    Ok(input_grad(&dk, m, &mut dh, n, d, kw, true))
+                })?;
+                weight_slice(&w.v.value, |m| {
+                    Ok(input_grad(&dv, m, &mut dh, n, d, kw, true))
+                })?;
+                let norm = to_vec(&w.norm.value)?;
+                norm_backward(x, &saved.inv, &w.norm, &norm, &dh, &mut dx);
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(cpu(dx, x.shape())?))
+    }
+}
+
+/// The weights of one layer's MLP half.
+#[derive(Clone)]
+pub struct MlpWeights {
+    pub norm: BlockWeight,
+    pub gate: BlockWeight,
+    pub up: BlockWeight,
+    pub down: BlockWeight,
+}
+
+/// `x + down(silu(gate(h)) * up(h))` with `h = rms_norm(x)`, as one graph node.
+struct MlpBlock {
+    w: MlpWeights,
+    inter: usize,
+    eps: f32,
+    saved: Mutex<Option<Arc<BlockSaved>>>,
+}
+
+impl CustomOp1 for MlpBlock {
+    fn name(&self) -> &'static str {
+        "fused-mlp-block"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = slice(s, l, self.name())?;
+        let (n, d) = l.shape().dims2()?;
+        let i = self.inter;
+        let w = &self.w;
+        let norm = to_vec(&w.norm.value)?;
+        let mut h = vec![0f32; n * d];
+        let inv = norm_forward(x, &norm, self.eps, &mut h);
+        let mut gate = vec![0f32; n * i];
+        let mut up = vec![0f32; n * i];
+        weight_slice(&w.gate.value, |m| {
+            Ok(forward_mm(&h, m, &mut gate, n, d, i, false))
+        })?;
+        weight_slice(&w.up.value, |m| {
+            Ok(forward_mm(&h, m, &mut up, n, d, i, false))
+        })?;
+        const CHUNK: usize = 1 << 13;
+        let mut act = vec![0f32; n * i];
+        act.par_chunks_mut(CHUNK)
+            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+            .for_each(|(y, (a, u))| {
+                for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
+                    *y = a * sigmoid(a) * u;
+                }
+            });
+        let mut y = x.to_vec();
+        weight_slice(&w.down.value, |m| {
+            Ok(forward_mm(&act, m, &mut y, n, i, d, true))
+        })?;
+        *self.saved.lock().expect("block state") = Some(Arc::new(BlockSaved {
+            inv,
+            h,
+            a: vec![gate, up, act],
+        }));
+        Ok((CpuStorage::F32(y), l.shape().clone()))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let saved = self
+            .saved
+            .lock()
+            .expect("block state")
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("fused block: no forward state".into()))?;
+        let w = &self.w;
+        let i = self.inter;
+        let g = g.contiguous()?;
+        let (n, d) = x.dims2()?;
+        let dx = read(x, self.name(), |x| {
+            read(&g, "fused-mlp-block", |g| {
+                let [gate, up, act] = &saved.a[..] else {
+                    candle_core::bail!("fused block: bad state");
+                };
+                let h = &saved.h;
+                let mut dx = g.to_vec();
+                weight_grad(&w.down, None, g, act, n, i, d);
+                // d(act), then in place: d(gate) into `da`, d(up) into `du`.
+                let mut da = vec![0f32; n * i];
+                weight_slice(&w.down.value, |m| {
+                    Ok(input_grad(g, m, &mut da, n, i, d, false))
+                })?;
+                let mut du = vec![0f32; n * i];
+                const CHUNK: usize = 1 << 13;
+                da.par_chunks_mut(CHUNK)
+                    .zip(du.par_chunks_mut(CHUNK))
+                    .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
+                    .for_each(|((da, du), (a, u))| {
+                        for j in 0..da.len() {
+                            let s = sigmoid(a[j]);
+                            let gy = da[j];
+                            da[j] = gy * u[j] * s * (1.0 + a[j] * (1.0 - s));
+                            du[j] = gy * a[j] * s;
+                        }
+                    });
+                weight_grad(&w.gate, None, &da, h, n, d, i);
+                weight_grad(&w.up, None, &du, h, n, d, i);
+                let mut dh = vec![0f32; n * d];
+                weight_slice(&w.gate.value, |m| {
+                    Ok(input_grad(&da, m, &mut dh, n, d, i, false))
+                })?;
+                weight_slice(&w.up.value, |m| {
+                    Ok(input_grad(&du, m, &mut dh, n, d, i, true))
+                })?;
+                let norm = to_vec(&w.norm.value)?;
+                norm_backward(x, &saved.inv, &w.norm, &norm, &dh, &mut dx);
+                Ok(dx)
+            })
+        })?;
+        Ok(Some(cpu(dx, x.shape())?))
+    }
+}
+
+/// `x + o_proj(attention(…))` of one layer on `x` `[b * t, hidden]` (CPU, f32, no LoRA).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_block(
+    x: &Tensor,
+    w: &AttentionWeights,
+    b: usize,
+    t: usize,
+    heads: usize,
+    kv_heads: usize,
+    eps: f64,
+    rope: &Arc<RopeTables>,
+) -> Result<Tensor> {
+    block(
+        x,
+        w.sink_count() > 0,
+        AttentionBlock {
+            w: w.clone(),
+            b,
+            t,
+            heads,
+            kv_heads,
+            eps: eps as f32,
+            rope: rope.clone(),
+            saved: Mutex::new(None),
+        },
+    )
+}
+
+/// `x + mlp(rms_norm(x))` of one layer on `x` `[n, hidden]` (CPU, f32, no LoRA).
+pub fn mlp_block(x: &Tensor, w: &MlpWeights, intermediate: usize, eps: f64) -> Result<Tensor> {
+    let trains = [&w.norm, &w.gate, &w.up, &w.down]
+        .iter()
+        .any(|w| w.sink.is_some());
+    block(
+        x,
+        trains,
+        MlpBlock {
+            w: w.clone(),
+            inter: intermediate,
+            eps: eps as f32,
+            saved: Mutex::new(None),
+        },
+    )
+}
+
+impl AttentionWeights {
+    fn sink_count(&self) -> usize {
+        let mut all = vec![&self.norm, &self.q, &self.k, &self.v, &self.o];
+        if let Some(b) = &self.bias {
+            all.extend(b.iter());
+        }
+        all.iter().filter(|w| w.sink.is_some()).count()
+    }
+}
+
+/// Applies a block; when its weights train but its input does not track gradients (the
+/// lowest trained layer), the input is made a graph leaf so candle still calls the block's
+/// backward pass, which fills the weights' sinks.
+fn block<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, trains: bool, op: C) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    if trains && !x.track_op() {
+        let leaf = candle_core::Var::from_tensor(&x)?;
+        return leaf.as_tensor().apply_op1(op);
+    }
+    x.apply_op1(op)
 }

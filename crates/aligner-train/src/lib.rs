@@ -29,7 +29,7 @@ pub fn tune_allocator() {
         // threads allocate.
         unsafe {
             libc::mallopt(libc::M_MMAP_MAX, 0);
-            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, -1);
         }
     }
 }

@@ -11,11 +11,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var, D};
 
 use aligner_local::gguf::GgufFile;
 
-use crate::fused::RopeTables;
+use crate::fused::{AttentionWeights, BlockWeight, GradSink, MlpWeights, RopeTables};
 
 /// Shapes and constants of the model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -86,6 +87,8 @@ impl Default for LoraConfig {
 pub struct Param {
     value: Tensor,
     var: Option<Var>,
+    /// Where the fused blocks put its gradient (trainable weights only).
+    sink: Option<Arc<GradSink>>,
 }
 
 impl Param {
@@ -93,6 +96,7 @@ impl Param {
         Param {
             value: t,
             var: None,
+            sink: None,
         }
     }
 
@@ -102,9 +106,17 @@ impl Param {
             Ok(Param {
                 value: var.as_tensor().clone(),
                 var: Some(var),
+                sink: Some(Arc::new(GradSink::default())),
             })
         } else {
             Ok(Param::frozen(t))
+        }
+    }
+
+    fn block(&self) -> BlockWeight {
+        BlockWeight {
+            value: self.value.clone(),
+            sink: self.sink.clone(),
         }
     }
 
@@ -437,6 +449,30 @@ impl TrainModel {
         &self.device
     }
 
+    /// Backpropagates `loss` and returns every parameter's gradient: candle's gradient store
+    /// with the gradients the fused blocks accumulated in their own buffers added in. Use
+    /// this rather than `loss.backward()`, which misses the latter.
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        let mut grads = loss.backward()?;
+        let mut params: Vec<&Param> = vec![&self.embed, &self.norm];
+        params.extend(self.lm_head.iter());
+        for l in &self.layers {
+            params.extend(l.params());
+        }
+        for p in params {
+            let Some(buf) = p.sink.as_ref().and_then(|s| s.take()) else {
+                continue;
+            };
+            let g = Tensor::from_vec(buf, p.value.shape(), &Device::Cpu)?;
+            let g = match grads.get(&p.value) {
+                Some(other) => (other + g)?,
+                None => g,
+            };
+            grads.insert(&p.value, g);
+        }
+        Ok(grads)
+    }
+
     /// Turns the fused CPU layers off (or back on, on the CPU): the forward pass then composes
     /// candle's basic ops, as it does on other devices. For tests that compare the two.
     pub fn set_fused(&mut self, on: bool) {
@@ -573,6 +609,14 @@ impl TrainModel {
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
         for l in &self.layers {
+            if !l.has_lora() {
+                let w = l.attention_weights();
+                x = fused::attention_block(
+                    &x, &w, b, t, c.heads, c.kv_heads, c.rms_eps, &self.rope,
+                )?;
+                x = fused::mlp_block(&x, &l.mlp_weights(), c.intermediate, c.rms_eps)?;
+                continue;
+            }
             let h = fused::rms_norm(&x, l.input_norm.tensor(), c.rms_eps)?;
             let q = l.q.forward(&h, train, true)?;
             let k = l.k.forward(&h, train, true)?;
@@ -649,6 +693,44 @@ impl TrainModel {
 }
 
 impl Layer {
+    /// Whether any linear layer carries a LoRA adapter (the fused blocks have none).
+    fn has_lora(&self) -> bool {
+        self.linears().iter().any(|(_, l)| l.lora.is_some())
+    }
+
+    fn attention_weights(&self) -> AttentionWeights {
+        let bias = match (&self.q.bias, &self.k.bias, &self.v.bias) {
+            (Some(q), Some(k), Some(v)) => Some([q.block(), k.block(), v.block()]),
+            _ => None,
+        };
+        AttentionWeights {
+            norm: self.input_norm.block(),
+            q: self.q.weight.block(),
+            k: self.k.weight.block(),
+            v: self.v.weight.block(),
+            o: self.o.weight.block(),
+            bias,
+        }
+    }
+
+    fn mlp_weights(&self) -> MlpWeights {
+        MlpWeights {
+            norm: self.post_norm.block(),
+            gate: self.gate.weight.block(),
+            up: self.up.weight.block(),
+            down: self.down.weight.block(),
+        }
+    }
+
+    fn params(&self) -> Vec<&Param> {
+        let mut out = vec![&self.input_norm, &self.post_norm];
+        for (_, l) in self.linears() {
+            out.push(&l.weight);
+            out.extend(l.bias.iter());
+        }
+        out
+    }
+
     fn linears(&self) -> [(&'static str, &Linear); 7] {
         [
             ("self_attn.q_proj", &self.q),

@@ -125,8 +125,18 @@ impl AdamW {
     /// Backpropagates one micro-batch's loss (scaled by 1/accumulation) and, every
     /// `accumulation` micro-batches, takes an optimizer step.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<Option<StepInfo>> {
+        self.backward_step_with(loss, |l| Ok(l.backward()?))
+    }
+
+    /// [`Self::backward_step`] with the backward pass given, e.g. `|l| model.backward(l)`,
+    /// which also collects the gradients the model's fused blocks keep outside candle's store.
+    pub fn backward_step_with(
+        &mut self,
+        loss: &Tensor,
+        backward: impl FnOnce(&Tensor) -> Result<GradStore>,
+    ) -> Result<Option<StepInfo>> {
         let scaled = loss.affine(1.0 / self.cfg.accumulation as f64, 0.0)?;
-        let grads = scaled.backward()?;
+        let grads = backward(&scaled)?;
         self.accumulate(&grads)?;
         self.micro += 1;
         if self.micro < self.cfg.accumulation {

@@ -150,6 +150,7 @@ impl Resume {
 /// the data), saves the state if due and returns the step. Saved before the caller reports
 /// it, so a run stopped by the report keeps the step.
 fn step(
+    model: &TrainModel,
     opt: &mut AdamW,
     loss: &candle_core::Tensor,
     resume: &Resume,
@@ -158,7 +159,7 @@ fn step(
     total: usize,
 ) -> Result<Option<crate::optim::StepInfo>> {
     let last_micro = mi + 1 == total;
-    let info = match opt.backward_step(loss)? {
+    let info = match opt.backward_step_with(loss, |l| model.backward(l))? {
         Some(i) => i,
         None if last_micro => opt.flush()?,
         None => return Ok(None),
@@ -201,7 +202,7 @@ pub fn sft(
         tokens += seqs.iter().map(|(p, c)| p.len() + c.len()).sum::<usize>();
         let loss = sft_loss(&token_logps(model, &batch, true)?)?;
         losses.push(loss.to_scalar::<f32>()? as f64);
-        if let Some(info) = step(&mut opt, &loss, &resume, cfg, mi, plan.len())? {
+        if let Some(info) = step(model, &mut opt, &loss, &resume, cfg, mi, plan.len())? {
             let log = StepLog {
                 step: info.step,
                 epoch: epoch_progress(*epoch, mi, per_epoch),
@@ -327,7 +328,7 @@ pub fn dpo(
         let nll = (&pc / &nc)?.neg()?;
         let (loss, m) = dpo_loss(&pc, &pr, &rc, &rr, opts, Some(&nll))?;
         metrics.push(m);
-        if let Some(info) = step(&mut opt, &loss, &resume, cfg, mi, plan.len())? {
+        if let Some(info) = step(model, &mut opt, &loss, &resume, cfg, mi, plan.len())? {
             let n = metrics.len() as f64;
             let avg = |f: fn(&DpoMetrics) -> f64| metrics.iter().map(f).sum::<f64>() / n;
             let dm = DpoMetrics {

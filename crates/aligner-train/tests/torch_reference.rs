@@ -106,7 +106,7 @@ fn logps_losses_and_gradients_match_pytorch() {
     let mean_margin = margins.iter().sum::<f32>() as f64 / n as f64;
     assert!((m.rewards_margins - mean_margin).abs() < 1e-4);
 
-    let grads = loss.backward().unwrap();
+    let grads = model.backward(&loss).unwrap();
     let vars = model.vars();
     let var = |name: &str| {
         vars.iter()

@@ -131,7 +131,7 @@ fn every_trainable_parameter_receives_a_gradient() {
     let seqs: Vec<(&[u32], &[u32])> = vec![(&[1, 5, 6], &[7, 8, 2]), (&[1, 9], &[10, 2])];
     let batch = pack(&seqs, 0, &Device::Cpu).unwrap();
     let loss = sft_loss(&token_logps(&m, &batch, true).unwrap()).unwrap();
-    let grads = loss.backward().unwrap();
+    let grads = m.backward(&loss).unwrap();
     let vars = m.vars();
     // embeddings, 2 norms x 2 layers, 7 linears x 2 layers, final norm.
     assert_eq!(vars.len(), 1 + 2 * 2 + 7 * 2 + 1);
@@ -189,8 +189,12 @@ fn fused_layers_match_the_composed_model() {
             );
         }
         let w = Tensor::new(&[0.7f32, -1.3], &Device::Cpu).unwrap();
-        let gf = (&lf * &w).unwrap().sum_all().unwrap().backward().unwrap();
-        let gp = (&lp * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gf = fused
+            .backward(&(&lf * &w).unwrap().sum_all().unwrap())
+            .unwrap();
+        let gp = plain
+            .backward(&(&lp * &w).unwrap().sum_all().unwrap())
+            .unwrap();
         let (vars_f, vars_p) = (fused.vars(), plain.vars());
         assert!(!vars_f.is_empty());
         for ((name, a), (_, b)) in vars_f.iter().zip(vars_p.iter()) {
@@ -275,7 +279,7 @@ fn dpo_gradient_matches_finite_differences() {
             let nll = pc.affine(-1.0 / 3.0, 0.0).unwrap();
             dpo_loss(&pc, &pr, &rc, &rr, &opts, Some(&nll)).unwrap().0
         };
-        let grads = loss_of(&m).backward().unwrap();
+        let grads = m.backward(&loss_of(&m)).unwrap();
         let vars = m.vars();
         let mut checked = 0;
         for (name, v) in vars.iter().filter(|(n, _)| {
