@@ -27,6 +27,8 @@ use candle_core::{
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::vmath::{self, sigmoid};
+
 fn slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let (start, end) = l
         .contiguous_offsets()
@@ -172,7 +174,7 @@ struct RmsNormOp {
 }
 
 fn inv_rms(row: &[f32], eps: f32) -> f32 {
-    let ms = row.iter().map(|v| v * v).sum::<f32>() / row.len() as f32;
+    let ms = vmath::dot(row, row) / row.len() as f32;
     1.0 / (ms + eps).sqrt()
 }
 
@@ -224,8 +226,7 @@ impl CustomOp2 for RmsNormOp {
                         let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
                         let inv = inv_rms(xr, eps);
                         if let Some(dxr) = dxr {
-                            let dot: f32 =
-                                xr.iter().zip(gr).zip(w).map(|((x, g), w)| x * g * w).sum();
+                            let dot: f32 = vmath::dot3(xr, gr, w);
                             let c = dot * inv * inv * inv / d as f32;
                             for (((o, &x), &g), &w) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
                                 *o = inv * g * w - x * c;
@@ -298,10 +299,6 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 // SwiGLU
 
 struct SwiGluOp;
-
-fn sigmoid(a: f32) -> f32 {
-    1.0 / (1.0 + (-a).exp())
-}
 
 impl CustomOp2 for SwiGluOp {
     fn name(&self) -> &'static str {
@@ -408,6 +405,9 @@ fn rotate(rope: &RopeTables, x: &mut [f32], row_width: usize, t: usize, inverse:
         });
 }
 
+/// Query rows per attention task: a block of rows attends to the keys up to its last row.
+const ROWS: usize = 128;
+
 /// The attention's output and what its backward pass needs.
 struct AttnOut {
     o: Vec<f32>,
@@ -441,6 +441,9 @@ impl AttentionOp {
     }
 
     /// Rotates `q`, `k` and attends; keeps what the backward pass needs.
+    ///
+    /// Work is split by (batch row, head, block of query rows); a block of rows `r0..r1`
+    /// only computes scores against keys `0..r1`, skipping most of the masked half.
     fn run(&self, mut q: Vec<f32>, mut k: Vec<f32>, v: &[f32]) -> AttnOut {
         let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
         let (qw, kw) = (nh * hd, nkv * hd);
@@ -452,49 +455,53 @@ impl AttentionOp {
         let scale = self.scale;
         p.par_chunks_mut(t * t).enumerate().for_each(|(i, ph)| {
             let (bi, h, kvh) = self.task(i);
-            let o = o;
-            // SAFETY: q/k/v rows of batch row bi, head columns in bounds; ph is this task's;
-            // the output columns of (bi, h) are written by this task only.
-            unsafe {
-                // S = q_h k_kvhᵀ
-                matmul(
-                    t,
-                    t,
-                    hd,
-                    ph.as_mut_ptr(),
-                    t as isize,
-                    false,
-                    Mat(q.as_ptr().add(bi * t * qw + h * hd), qw as isize, 1),
-                    Mat(k.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
-                    Parallelism::None,
-                );
-            }
-            for (r, row) in ph.chunks_mut(t).enumerate() {
-                let keys = r + 1;
-                let max = row[..keys].iter().fold(f32::NEG_INFINITY, |a, &v| a.max(v));
-                let mut sum = 0f32;
-                for v in &mut row[..keys] {
-                    *v = ((*v - max) * scale).exp();
-                    sum += *v;
-                }
-                let inv = 1.0 / sum;
-                row[..keys].iter_mut().for_each(|v| *v *= inv);
-                row[keys..].iter_mut().for_each(|v| *v = 0.0);
-            }
-            unsafe {
-                // O_h = P_h v_kvh
-                matmul(
-                    t,
-                    hd,
-                    t,
-                    o.0.add(bi * t * qw + h * hd),
-                    qw as isize,
-                    false,
-                    Mat(ph.as_ptr(), t as isize, 1),
-                    Mat(v.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
-                    Parallelism::None,
-                );
-            }
+            ph.par_chunks_mut(ROWS * t)
+                .enumerate()
+                .for_each(|(blk, rows)| {
+                    let o = o;
+                    let (r0, m) = (blk * ROWS, rows.len() / t);
+                    let keys = r0 + m;
+                    // SAFETY: q/k/v rows of batch row bi, head columns in bounds; `rows` is
+                    // this task's; output rows r0..r0+m of head h are written by it only.
+                    unsafe {
+                        // S = q_h[r0..] k_kvh[..keys]ᵀ
+                        matmul(
+                            m,
+                            keys,
+                            hd,
+                            rows.as_mut_ptr(),
+                            t as isize,
+                            false,
+                            Mat(q.as_ptr().add((bi * t + r0) * qw + h * hd), qw as isize, 1),
+                            Mat(k.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
+                            Parallelism::None,
+                        );
+                    }
+                    for (j, row) in rows.chunks_mut(t).enumerate() {
+                        let n = r0 + j + 1;
+                        let max = vmath::max(&row[..n]);
+                        for v in &mut row[..n] {
+                            *v = vmath::exp((*v - max) * scale);
+                        }
+                        let inv = 1.0 / vmath::sum(&row[..n]);
+                        row[..n].iter_mut().for_each(|v| *v *= inv);
+                        row[n..].iter_mut().for_each(|v| *v = 0.0);
+                    }
+                    unsafe {
+                        // O_h[r0..] = P_h[r0.., ..keys] v_kvh[..keys]
+                        matmul(
+                            m,
+                            hd,
+                            keys,
+                            o.0.add((bi * t + r0) * qw + h * hd),
+                            qw as isize,
+                            false,
+                            Mat(rows.as_ptr(), t as isize, 1),
+                            Mat(v.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
+                            Parallelism::None,
+                        );
+                    }
+                });
         });
         AttnOut { o: out, q, k, p }
     }
@@ -511,45 +518,60 @@ impl AttentionOp {
         let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
         let (qw, kw) = (nh * hd, nkv * hd);
         let group = nh / nkv;
+        let blocks = t.div_ceil(ROWS);
         let scale = self.scale;
         let mut dq = vec![0f32; b * t * qw];
-        // Per query head, summed over each kv group afterwards.
-        let mut dkh = vec![0f32; b * nh * t * hd];
-        let mut dvh = vec![0f32; b * nh * t * hd];
+        // Per (batch row, query head, row block), summed per kv head afterwards.
+        let mut dkh = vec![0f32; b * nh * blocks * t * hd];
+        let mut dvh = vec![0f32; b * nh * blocks * t * hd];
         let dqp = Shared(dq.as_mut_ptr());
         dkh.par_chunks_mut(t * hd)
             .zip(dvh.par_chunks_mut(t * hd))
             .enumerate()
-            .for_each(|(i, (dk_h, dv_h))| {
+            .for_each(|(task, (dk_h, dv_h))| {
+                let (i, blk) = (task / blocks, task % blocks);
                 let (bi, h, kvh) = self.task(i);
                 let dqp = dqp;
-                let ph = &p[i * t * t..(i + 1) * t * t];
+                let r0 = blk * ROWS;
+                let m = ROWS.min(t - r0);
+                let keys = r0 + m;
+                let ph = &p[i * t * t + r0 * t..][..m * t];
                 let go = Mat(
-                    g.as_ptr().wrapping_add(bi * t * qw + h * hd),
+                    g.as_ptr().wrapping_add((bi * t + r0) * qw + h * hd),
                     qw as isize,
                     1,
                 );
-                let mut ds = vec![0f32; t * t];
+                let vk = Mat(
+                    v.as_ptr().wrapping_add(bi * t * kw + kvh * hd),
+                    kw as isize,
+                    1,
+                );
+                let kk = Mat(
+                    k.as_ptr().wrapping_add(bi * t * kw + kvh * hd),
+                    kw as isize,
+                    1,
+                );
+                let mut ds = vec![0f32; m * keys];
                 // SAFETY: operands in bounds as in the forward pass; ds, dk_h, dv_h are
-                // this task's; the dq columns of (bi, h) are written by this task only.
+                // this task's; dq rows r0..r0+m of head h are written by this task only.
                 unsafe {
                     // dP = dO vᵀ
                     matmul(
-                        t,
-                        t,
+                        m,
+                        keys,
                         hd,
                         ds.as_mut_ptr(),
-                        t as isize,
+                        keys as isize,
                         false,
                         go,
-                        Mat(v.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
+                        Mat(vk.0, 1, vk.1),
                         Parallelism::None,
                     );
-                    // dV_h = Pᵀ dO
+                    // dV_h[..keys] = Pᵀ dO
                     matmul(
-                        t,
+                        keys,
                         hd,
-                        t,
+                        m,
                         dv_h.as_mut_ptr(),
                         hd as isize,
                         false,
@@ -559,49 +581,53 @@ impl AttentionOp {
                     );
                 }
                 // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
-                for (dr, pr) in ds.chunks_mut(t).zip(ph.chunks(t)) {
-                    let dot: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
+                for (dr, pr) in ds.chunks_mut(keys).zip(ph.chunks(t)) {
+                    let pr = &pr[..keys];
+                    let dot = vmath::dot(dr, pr);
                     for (d, &p) in dr.iter_mut().zip(pr) {
                         *d = scale * p * (*d - dot);
                     }
                 }
                 unsafe {
-                    // dQ_h = dS k
+                    // dQ_h[r0..] = dS k[..keys]
                     matmul(
-                        t,
+                        m,
                         hd,
-                        t,
-                        dqp.0.add(bi * t * qw + h * hd),
+                        keys,
+                        dqp.0.add((bi * t + r0) * qw + h * hd),
                         qw as isize,
                         false,
-                        Mat(ds.as_ptr(), t as isize, 1),
-                        Mat(k.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
+                        Mat(ds.as_ptr(), keys as isize, 1),
+                        kk,
                         Parallelism::None,
                     );
-                    // dK_h = dSᵀ q_h
+                    // dK_h[..keys] = dSᵀ q_h[r0..]
                     matmul(
-                        t,
+                        keys,
                         hd,
-                        t,
+                        m,
                         dk_h.as_mut_ptr(),
                         hd as isize,
                         false,
-                        Mat(ds.as_ptr(), 1, t as isize),
-                        Mat(q.as_ptr().add(bi * t * qw + h * hd), qw as isize, 1),
+                        Mat(ds.as_ptr(), 1, keys as isize),
+                        Mat(q.as_ptr().add((bi * t + r0) * qw + h * hd), qw as isize, 1),
                         Parallelism::None,
                     );
                 }
             });
-        // Sum each kv group's heads into [b * t, kv_heads * hd] rows.
-        let gather = |per_head: &[f32]| -> Vec<f32> {
+        // Sum each kv group's heads and row blocks into [b * t, kv_heads * hd] rows.
+        let gather = |part: &[f32]| -> Vec<f32> {
             let mut out = vec![0f32; b * t * kw];
             out.par_chunks_mut(kw).enumerate().for_each(|(r, row)| {
                 let (bi, j) = (r / t, r % t);
                 for (kvh, dst) in row.chunks_mut(hd).enumerate() {
                     for h in kvh * group..(kvh + 1) * group {
-                        let src = &per_head[((bi * nh + h) * t + j) * hd..][..hd];
-                        for (d, s) in dst.iter_mut().zip(src) {
-                            *d += s;
+                        // Block `blk` wrote keys 0..(blk + 1) * ROWS.
+                        for blk in j / ROWS..blocks {
+                            let src = &part[(((bi * nh + h) * blocks + blk) * t + j) * hd..][..hd];
+                            for (d, s) in dst.iter_mut().zip(src) {
+                                *d += s;
+                            }
                         }
                     }
                 }
@@ -859,7 +885,7 @@ fn norm_backward(x: &[f32], inv: &[f32], w: &BlockWeight, wv: &[f32], dh: &[f32]
         .fold(
             || vec![0f32; d],
             |mut acc, ((dxr, (xr, gr)), &inv)| {
-                let dot: f32 = xr.iter().zip(gr).zip(wv).map(|((x, g), w)| x * g * w).sum();
+                let dot: f32 = vmath::dot3(xr, gr, wv);
                 let c = dot * inv * inv * inv / d as f32;
                 for ((((o, &x), &g), &w), a) in
                     dxr.iter_mut().zip(xr).zip(gr).zip(wv).zip(acc.iter_mut())
@@ -1224,4 +1250,153 @@ fn block<C: CustomOp1 + Send + Sync + 'static>(x: &Tensor, trains: bool, op: C) 
         return leaf.as_tensor().apply_op1(op);
     }
     x.apply_op1(op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Var, D};
+
+    fn rand(n: usize, seed: &mut u64) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                *seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((*seed >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Fused attention over several row blocks (the last one partial), two batch rows and
+    /// grouped kv heads, against rotary + repeated kv + masked softmax from candle ops.
+    #[test]
+    fn attention_matches_its_composition_across_row_blocks() {
+        let dev = Device::Cpu;
+        let (b, t, nh, nkv, hd) = (2, 2 * ROWS + 37, 4, 2, 8);
+        let mut seed = 7;
+        let q = Var::from_vec(rand(b * t * nh * hd, &mut seed), (b * t, nh * hd), &dev).unwrap();
+        let k = Var::from_vec(rand(b * t * nkv * hd, &mut seed), (b * t, nkv * hd), &dev).unwrap();
+        let v = Var::from_vec(rand(b * t * nkv * hd, &mut seed), (b * t, nkv * hd), &dev).unwrap();
+        let w = Tensor::from_vec(rand(b * t * nh * hd, &mut seed), (b * t, nh * hd), &dev).unwrap();
+        let half = hd / 2;
+        let (mut cos, mut sin) = (vec![0f32; t * hd], vec![0f32; t * hd]);
+        for p in 0..t {
+            for i in 0..half {
+                let a = p as f64 * 10_000f64.powf(-(2.0 * i as f64) / hd as f64);
+                for j in [i, i + half] {
+                    cos[p * hd + j] = a.cos() as f32;
+                    sin[p * hd + j] = a.sin() as f32;
+                }
+            }
+        }
+        let rope = Arc::new(RopeTables {
+            cos: cos.clone(),
+            sin: sin.clone(),
+            head_dim: hd,
+        });
+        let scale = 1.0 / (hd as f64).sqrt();
+        let fused = attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            b,
+            t,
+            nh,
+            nkv,
+            scale,
+            &rope,
+        )
+        .unwrap();
+
+        let cos = Tensor::from_vec(cos, (t, hd), &dev).unwrap();
+        let sin = Tensor::from_vec(sin, (t, hd), &dev).unwrap();
+        let heads = |x: &Tensor, n: usize| {
+            x.reshape((b, t, n, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let qh = crate::model::rope(&heads(q.as_tensor(), nh), &cos, &sin).unwrap();
+        let kh = crate::model::rope(&heads(k.as_tensor(), nkv), &cos, &sin).unwrap();
+        let vh = heads(v.as_tensor(), nkv);
+        let repeat = |x: &Tensor| {
+            x.unsqueeze(2)
+                .unwrap()
+                .broadcast_as((b, nkv, nh / nkv, t, hd))
+                .unwrap()
+                .contiguous()
+                .unwrap()
+                .reshape((b, nh, t, hd))
+                .unwrap()
+        };
+        let mut mask = vec![0f32; t * t];
+        for i in 0..t {
+            for j in i + 1..t {
+                mask[i * t + j] = -1e9;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (1, 1, t, t), &dev).unwrap();
+        let scores = (qh.matmul(&repeat(&kh).t().unwrap()).unwrap() * scale).unwrap();
+        let att = crate::model::softmax_last(&scores.broadcast_add(&mask).unwrap()).unwrap();
+        let plain = att
+            .matmul(&repeat(&vh))
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b * t, nh * hd))
+            .unwrap();
+        assert!(
+            max_diff(&fused, &plain) < 1e-5,
+            "{}",
+            max_diff(&fused, &plain)
+        );
+        let gf = (&fused * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gp = (&plain * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, c) = (
+                gf.get(x.as_tensor()).unwrap(),
+                gp.get(x.as_tensor()).unwrap(),
+            );
+            let big = c
+                .abs()
+                .unwrap()
+                .max_keepdim(D::Minus1)
+                .unwrap()
+                .max_all()
+                .unwrap();
+            let big = big.to_scalar::<f32>().unwrap();
+            assert!(big > 0.0);
+            assert!(
+                max_diff(a, c) < 1e-4 * big.max(1.0),
+                "d{name}: {}",
+                max_diff(a, c)
+            );
+        }
+    }
 }

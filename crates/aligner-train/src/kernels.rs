@@ -13,6 +13,8 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, InplaceOp2, Layout, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::vmath;
+
 fn contiguous<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> candle_core::Result<&'a [f32]> {
     let (start, end) = l
         .contiguous_offsets()
@@ -130,8 +132,17 @@ impl CustomOp1 for TokenLogp {
             .par_chunks(v)
             .zip(self.targets.par_iter())
             .map(|(row, &t)| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
+                // Chunks of exponentials on the stack, so the loop vectorizes.
+                let max = vmath::max(row);
+                let mut sum = 0f32;
+                let mut buf = [0f32; 256];
+                for c in row.chunks(256) {
+                    let b = &mut buf[..c.len()];
+                    for (e, &z) in b.iter_mut().zip(c) {
+                        *e = vmath::exp(z - max);
+                    }
+                    sum += vmath::sum(b);
+                }
                 row[t as usize] - max - sum.ln()
             })
             .collect();
@@ -174,13 +185,11 @@ impl CustomOp2 for TokenLogpBackward {
             .zip(x.par_chunks(v))
             .zip(g.par_iter().zip(self.targets.par_iter()))
             .for_each(|((o, row), (&gi, &t))| {
-                let max = row.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                let mut sum = 0f32;
+                let max = vmath::max(row);
                 for (o, &z) in o.iter_mut().zip(row) {
-                    *o = (z - max).exp();
-                    sum += *o;
+                    *o = vmath::exp(z - max);
                 }
-                let k = -gi / sum;
+                let k = -gi / vmath::sum(o);
                 o.iter_mut().for_each(|p| *p *= k);
                 o[t as usize] += gi;
             });

@@ -15,6 +15,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod trainer;
+pub mod vmath;
 
 /// Keeps large freed buffers in the process heap instead of returning them to the system.
 /// A training step allocates and frees the same few hundred megabytes of activations and
