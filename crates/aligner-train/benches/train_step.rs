@@ -69,20 +69,23 @@ fn main() -> anyhow::Result<()> {
             // Loss on every token but the first (as a causal LM loss over the whole sequence).
             let refs: Vec<(&[u32], &[u32])> = seqs.iter().map(|s| (&s[..1], &s[1..])).collect();
             let data = pack(&refs, 0, &dev)?;
-            let mut times = Vec::new();
+            let (mut times, mut fwd) = (Vec::new(), Vec::new());
             for i in 0..=steps {
                 let t = Instant::now();
                 let loss = sft_loss(&token_logps(&model, &data, true)?)?;
+                let f = t.elapsed().as_secs_f64();
                 opt.backward_step_with(&loss, |l| model.backward(l))?;
                 if i > 0 {
                     times.push(t.elapsed().as_secs_f64());
+                    fwd.push(f);
                 }
             }
-            let s = median(times);
+            let (s, f) = (median(times), median(fwd));
             println!(
-                "sft  batch {batch}: {:.2} s/step, {:.1} tok/s",
+                "sft  batch {batch}: {:.2} s/step, {:.1} tok/s (forward {f:.2} s, backward and AdamW {:.2} s)",
                 s,
-                (batch * seq) as f64 / s
+                (batch * seq) as f64 / s,
+                s - f
             );
         }
     }
@@ -106,13 +109,15 @@ fn main() -> anyhow::Result<()> {
         let refs: Vec<(&[u32], &[u32])> =
             vec![(&pair.prompt, &pair.chosen), (&pair.prompt, &pair.rejected)];
         let data = pack(&refs, 0, &dev)?;
-        let mut times = Vec::new();
+        let (mut times, mut refs, mut fwd) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=steps {
             let t = Instant::now();
             let r = sequence_logps(&reference, &data, false)?
                 .detach()
                 .to_vec1::<f32>()?;
+            let tr = t.elapsed().as_secs_f64();
             let p = sequence_logps(&model, &data, true)?;
+            let tp = t.elapsed().as_secs_f64() - tr;
             let (loss, _) = dpo_loss(
                 &p.narrow(0, 0, 1)?,
                 &p.narrow(0, 1, 1)?,
@@ -124,13 +129,16 @@ fn main() -> anyhow::Result<()> {
             opt.backward_step_with(&loss, |l| model.backward(l))?;
             if i > 0 {
                 times.push(t.elapsed().as_secs_f64());
+                refs.push(tr);
+                fwd.push(tp);
             }
         }
-        let s = median(times);
+        let (s, r, f) = (median(times), median(refs), median(fwd));
         println!(
-            "dpo  one pair: {:.2} s/step, {:.1} policy tok/s",
+            "dpo  one pair: {:.2} s/step, {:.1} policy tok/s (reference forward {r:.2} s, policy forward {f:.2} s, backward and AdamW {:.2} s)",
             s,
-            (2 * seq) as f64 / s
+            (2 * seq) as f64 / s,
+            s - r - f
         );
     }
     println!("peak RSS {} MB", peak_rss_kb() / 1024);
