@@ -204,6 +204,22 @@ pub fn token_logps(logits: &Tensor, targets: &[u32]) -> candle_core::Result<Tens
     })
 }
 
+/// `Σ x²` of a contiguous f32 CPU tensor in f64, over threads; `None` for other tensors.
+pub fn sum_of_squares(t: &Tensor) -> candle_core::Result<Option<f64>> {
+    let (storage, layout) = t.storage_and_layout();
+    let (candle_core::Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) =
+        (&*storage, layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    Ok(Some(
+        v[start..end]
+            .par_chunks(1 << 14)
+            .map(|c| vmath::dot(c, c) as f64)
+            .sum(),
+    ))
+}
+
 /// One AdamW step on a parameter, in place: `m`, `v` are its moments.
 pub struct AdamStep<'a> {
     pub m: std::cell::RefCell<&'a mut [f32]>,

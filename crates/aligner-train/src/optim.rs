@@ -168,11 +168,14 @@ impl AdamW {
     fn apply(&mut self) -> Result<StepInfo> {
         let mut sq = 0f64;
         for g in self.acc.iter().flatten() {
-            sq += g
-                .sqr()?
-                .sum_all()?
-                .to_dtype(DType::F64)?
-                .to_scalar::<f64>()?;
+            sq += match crate::kernels::sum_of_squares(g)? {
+                Some(s) => s,
+                None => g
+                    .sqr()?
+                    .sum_all()?
+                    .to_dtype(DType::F64)?
+                    .to_scalar::<f64>()?,
+            };
         }
         let norm = sq.sqrt();
         let clip = match self.cfg.max_grad_norm {
