@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use aligner_mockserver::{MockConfig, MockServer};
 use serde_json::Value;
 
+mod evaluate;
 mod fetch;
 mod local;
 mod semantic;

@@ -341,14 +341,17 @@ async fn run(
     let outcome = outcome?;
     let summaries = store.round_summaries(outcome.run_id).await?;
     let aligner = store.aligner_eval(outcome.run_id).await?;
+    let metrics = store.eval_metrics(outcome.run_id).await?;
+    let gates = store.gate_decisions(outcome.run_id).await?;
     store.close().await;
     let abs = std::fs::canonicalize(&path).unwrap_or(path);
     if json {
-        let v = serde_json::json!({"run": outcome, "store": abs, "rounds": summaries, "aligner_eval": aligner, "peak_rss_kb": peak_rss_kb()});
+        let v = serde_json::json!({"run": outcome, "store": abs, "rounds": summaries, "aligner_eval": aligner, "evaluation": metrics, "gate": gates, "peak_rss_kb": peak_rss_kb()});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         output::print_aligner_eval(&aligner);
         output::print_summaries(&summaries);
+        output::print_evaluation(&metrics, &gates);
         println!(
             "\nrun {} {}: {} round(s)\nstore: {}\nlook at the pairs:\n  aligner sql --store {} \"SELECT round, prompt, rejected, chosen FROM pairs_latest LIMIT 5\"",
             outcome.run_id,
@@ -372,20 +375,23 @@ async fn status(which: Option<&str>, store: &StoreArg, json: bool) -> Result<()>
         let rounds = store.round_summaries(run.id).await?;
         let stages = store.stages(run.id).await?;
         let aligner = store.aligner_eval(run.id).await?;
-        detail.push((run.clone(), rounds, stages, aligner));
+        let metrics = store.eval_metrics(run.id).await?;
+        let gates = store.gate_decisions(run.id).await?;
+        detail.push((run.clone(), rounds, stages, aligner, metrics, gates));
     }
     if json {
         let v: Vec<_> = detail
             .iter()
-            .map(|(run, rounds, stages, aligner)| serde_json::json!({"run": run, "rounds": rounds, "stages": stages, "aligner_eval": aligner}))
+            .map(|(run, rounds, stages, aligner, metrics, gates)| serde_json::json!({"run": run, "rounds": rounds, "stages": stages, "aligner_eval": aligner, "evaluation": metrics, "gate": gates}))
             .collect();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else if detail.is_empty() {
         println!("no runs yet");
     } else {
-        for (run, rounds, stages, aligner) in &detail {
+        for (run, rounds, stages, aligner, metrics, gates) in &detail {
             output::print_run(run, rounds, stages);
             output::print_aligner_eval(aligner);
+            output::print_evaluation(metrics, gates);
         }
     }
     Ok(())

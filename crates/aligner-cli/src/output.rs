@@ -163,6 +163,48 @@ pub fn print_aligner_eval(rows: &[aligner_store::AlignerEvalRow]) {
     println!("{t}");
 }
 
+/// Each round's evaluation (`eval_metrics`, metrics by round) and the gate's decisions.
+pub fn print_evaluation(
+    metrics: &[aligner_store::EvalMetricRow],
+    gates: &[aligner_store::GateDecisionRow],
+) {
+    if metrics.is_empty() && gates.is_empty() {
+        return;
+    }
+    let mut rounds: Vec<i64> = metrics.iter().map(|m| m.round).collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    let mut names: Vec<&str> = metrics.iter().map(|m| m.name.as_str()).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut header = vec!["evaluation (held out)".to_string()];
+    header.extend(rounds.iter().map(|r| format!("round {r}")));
+    let mut t = table(header);
+    for name in names {
+        let mut row = vec![name.to_string()];
+        for r in &rounds {
+            let cell = metrics
+                .iter()
+                .find(|m| m.round == *r && m.name == name)
+                .map(|m| match (m.value, m.ci_low, m.ci_high) {
+                    (Some(v), Some(lo), Some(hi)) => format!("{v:.1} [{lo:.1}, {hi:.1}] n={}", m.n),
+                    (Some(v), _, _) => format!("{v:.1} n={}", m.n),
+                    (None, _, _) => format!("- n={}", m.n),
+                })
+                .unwrap_or_default();
+            row.push(cell);
+        }
+        t.add_row(row);
+    }
+    println!("{t}");
+    for g in gates {
+        println!(
+            "gate after round {}: {} ({})",
+            g.round, g.decision, g.reason
+        );
+    }
+}
+
 pub fn print_run(run: &RunRow, rounds: &[RoundSummary], stages: &[StageRow]) {
     println!(
         "run {} `{}`: {}{}  (started {}, spec {})",

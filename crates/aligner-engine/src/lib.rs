@@ -7,11 +7,13 @@
 //! marked done only after its last unit is committed, so after a `kill -9` the driver re-plans,
 //! skips what is committed, and retries what was in flight.
 
+mod evaluate;
 pub mod filters;
 mod ingest;
 mod lease;
 pub mod planner;
 pub mod refusal;
+pub use evaluate::{degenerate, gate_decision, omega, omega_interval, parse_verdict};
 mod semantic;
 mod stages;
 mod teach;
@@ -270,7 +272,7 @@ impl Engine {
         Plan {
             rounds: self.spec.rounds.count,
             train: self.spec.rounds.train.is_some(),
-            evaluate: false,
+            evaluate: self.spec.rounds.evaluate.is_some(),
             aligner: self.spec.aligner.is_some(),
         }
     }
@@ -426,7 +428,7 @@ impl Engine {
                         Stage::Teach => teach::teach(&ctx).await?,
                         Stage::TrainAligner => teach::train_aligner(&ctx).await?,
                         Stage::EvaluateAligner => teach::evaluate_aligner(&ctx).await?,
-                        Stage::Evaluate => unreachable!("evaluation is not planned yet"),
+                        Stage::Evaluate => evaluate::evaluate(&ctx).await?,
                     }
                 }
                 Step::FinishRound(round) => {
@@ -461,6 +463,20 @@ impl Engine {
         }
     }
 
+    /// The round whose checkpoint round `round` starts from: the one before it, or, when the
+    /// gate rolled back after that round, the best round it named.
+    pub(crate) async fn start_round(&self, run_id: i64, round: i64) -> Result<i64> {
+        let prev = round - 1;
+        Ok(self
+            .store
+            .gate_decisions(run_id)
+            .await?
+            .iter()
+            .find(|g| g.round == prev && g.decision == "rollback")
+            .and_then(|g| g.best_round)
+            .unwrap_or(prev))
+    }
+
     /// What the store says has finished.
     async fn finished(&self, run_id: i64) -> Result<Finished> {
         let mut f = Finished::default();
@@ -479,6 +495,13 @@ impl Engine {
                 f.rounds.insert(r.round as u32);
             }
         }
+        f.stopped_after = self
+            .store
+            .gate_decisions(run_id)
+            .await?
+            .iter()
+            .find(|g| g.decision == "stop")
+            .map(|g| g.round as u32);
         Ok(f)
     }
 

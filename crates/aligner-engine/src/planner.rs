@@ -53,8 +53,7 @@ impl Stage {
 pub struct Plan {
     pub rounds: u32,
     pub train: bool,
-    /// Evaluation runs when an evaluation backend exists (its own issue); until then the
-    /// stage is parsed and skipped, and the planner is told so.
+    /// Each round ends with `evaluate` (`rounds.evaluate`).
     pub evaluate: bool,
     /// The pipeline trains its own Aligner first (round 0).
     pub aligner: bool,
@@ -82,6 +81,8 @@ pub struct Finished {
     pub ingested: bool,
     pub stages: BTreeSet<(u32, Stage)>,
     pub rounds: BTreeSet<u32>,
+    /// The round after which the evaluation's gate stopped the run.
+    pub stopped_after: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +113,9 @@ pub fn next_step(plan: &Plan, finished: &Finished) -> Step {
     }
     for round in 1..=plan.rounds {
         if finished.rounds.contains(&round) {
+            if finished.stopped_after == Some(round) {
+                return Step::FinishRun;
+            }
             continue;
         }
         for stage in plan.stages() {
@@ -147,6 +151,45 @@ mod tests {
                 Step::FinishRun => return steps,
             }
         }
+    }
+
+    /// Evaluation ends every round; a gate that stopped the run after round 2 of 3 skips
+    /// round 3 (once round 2 is marked finished).
+    #[test]
+    fn evaluation_and_a_stopping_gate() {
+        use Stage::*;
+        let plan = Plan {
+            rounds: 3,
+            train: true,
+            evaluate: true,
+            aligner: false,
+        };
+        assert_eq!(
+            plan.stages(),
+            vec![Generate, Correct, Synthesize, Train, Evaluate]
+        );
+        let mut finished = Finished {
+            ingested: true,
+            ..Default::default()
+        };
+        for round in 1..=2 {
+            for stage in plan.stages() {
+                finished.stages.insert((round, stage));
+            }
+        }
+        finished.rounds.insert(1);
+        finished.stopped_after = Some(2);
+        assert_eq!(next_step(&plan, &finished), Step::FinishRound(2));
+        finished.rounds.insert(2);
+        assert_eq!(next_step(&plan, &finished), Step::FinishRun);
+        finished.stopped_after = None;
+        assert_eq!(
+            next_step(&plan, &finished),
+            Step::Stage {
+                round: 3,
+                stage: Generate
+            }
+        );
     }
 
     #[test]

@@ -114,7 +114,7 @@ pub(crate) fn to_sampling(s: &SamplingSpec, seed_offset: u64) -> Sampling {
     }
 }
 
-fn outcome(result: &Result<Completion, aligner_backend::Error>) -> ItemOutcome {
+pub(crate) fn outcome(result: &Result<Completion, aligner_backend::Error>) -> ItemOutcome {
     match result {
         Ok(c) => ItemOutcome {
             text: Some(c.text.clone()),
@@ -248,7 +248,7 @@ async fn upstream(ctx: &Ctx<'_>) -> Result<Upstream> {
     }
     let ckpt = e
         .store
-        .checkpoint(ctx.run_id, ctx.round() - 1)
+        .checkpoint(ctx.run_id, e.start_round(ctx.run_id, ctx.round()).await?)
         .await?
         .ok_or_else(|| Error::Stage {
             round: ctx.round,

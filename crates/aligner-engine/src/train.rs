@@ -121,7 +121,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         initial.clone()
     } else {
         e.store
-            .checkpoint(run_id, round - 1)
+            .checkpoint(run_id, e.start_round(run_id, round).await?)
             .await?
             .map(|c| c.path)
             .ok_or_else(|| {
@@ -415,7 +415,7 @@ async fn run_builtin(
     } else {
         let ckpt = e
             .store
-            .checkpoint(run_id, round - 1)
+            .checkpoint(run_id, e.start_round(run_id, round).await?)
             .await?
             .ok_or_else(|| {
                 stage_err(format!(

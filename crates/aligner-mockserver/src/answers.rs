@@ -42,6 +42,32 @@ pub fn chat_text(model: &str, last_user: &str) -> String {
     }
 }
 
+/// A chat request with this text in any message is a pairwise judge request.
+pub const JUDGE_MARKER: &str = "impartial judge";
+
+/// The text between `[Response X]` and `[End of response X]` in a judge request.
+fn response(user: &str, x: char) -> Option<&str> {
+    let start = format!("[Response {x}]");
+    let end = format!("[End of response {x}]");
+    let from = user.find(&start)? + start.len();
+    let to = user[from..].find(&end)? + from;
+    Some(user[from..to].trim())
+}
+
+/// A judge's answer to a pairwise request: some reasoning, then `[[A]]` or `[[B]]` for the
+/// response with more characters. On a tie it says `[[A]]` (a position bias, so the two
+/// orders of an equal pair disagree); without both responses, no verdict.
+pub fn judge_text(user: &str) -> String {
+    let (Some(a), Some(b)) = (response(user, 'A'), response(user, 'B')) else {
+        return "I cannot find the two responses to compare.".into();
+    };
+    let (la, lb) = (a.chars().count(), b.chars().count());
+    let pick = if lb > la { 'B' } else { 'A' };
+    format!(
+        "Response A has {la} characters and response B has {lb}; the longer one says more.\nFinal verdict: [[{pick}]]"
+    )
+}
+
 /// The answer part of an Aligner correction prompt: the text between the last `" | "` and the
 /// trailing `" ASSISTANT:"`. Without `" | "` the whole prompt is used; without the trailing
 /// marker everything after `" | "` is.

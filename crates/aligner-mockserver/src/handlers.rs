@@ -238,8 +238,17 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         .or(req.messages.last())
         .and_then(|m| m.content.as_deref())
         .unwrap_or("");
-    let (text, finish) =
-        answers::apply_max_tokens(answers::chat_text(model, last_user), req.max_tokens);
+    let judging = req.messages.iter().any(|m| {
+        m.content
+            .as_deref()
+            .is_some_and(|c| c.contains(answers::JUDGE_MARKER))
+    });
+    let reply = if judging {
+        answers::judge_text(last_user)
+    } else {
+        answers::chat_text(model, last_user)
+    };
+    let (text, finish) = answers::apply_max_tokens(reply, req.max_tokens);
     let prompt_tokens: u64 = req
         .messages
         .iter()

@@ -326,8 +326,17 @@ fn base_url(addr: SocketAddr) -> String {
 /// # Panics
 /// When no loopback port can be bound or the runtime cannot start (test-only code).
 pub fn spawn_in_thread(config: MockConfig) -> MockServer {
-    let std_listener =
-        std::net::TcpListener::bind(("127.0.0.1", 0)).expect("mock server: bind 127.0.0.1:0");
+    spawn_in_thread_on(0, config)
+}
+
+/// [`spawn_in_thread`] on a given loopback port (0 picks a free one): a test can stop a
+/// server and start another with other behaviour at the same address.
+///
+/// # Panics
+/// When the port cannot be bound or the runtime cannot start (test-only code).
+pub fn spawn_in_thread_on(port: u16, config: MockConfig) -> MockServer {
+    let std_listener = std::net::TcpListener::bind(("127.0.0.1", port))
+        .unwrap_or_else(|e| panic!("mock server: bind 127.0.0.1:{port}: {e}"));
     std_listener
         .set_nonblocking(true)
         .expect("mock server: set_nonblocking");

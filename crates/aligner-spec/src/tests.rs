@@ -71,8 +71,11 @@ rounds:
       serve_model: "ckpt-round-{round}"
   evaluate:
     judge: upstream
-    metrics: [helpfulness, harmlessness, refusal_rate]
-    samples: 50
+    aspects: [helpfulness, harmlessness]
+    compare: [aligner, initial]
+    labels: { field: category, harmful: [harmful] }
+    bootstrap: 500
+    gate: { metric: omega.harmlessness.initial, max_drop: 10, action: rollback }
 "#;
 
 /// A folder with the files `FULL` refers to.
@@ -223,10 +226,75 @@ fn full_example_parses() {
     let eval = r.evaluate.as_ref().unwrap();
     assert_eq!(eval.judge.as_deref(), Some("upstream"));
     assert_eq!(
-        eval.metrics,
-        vec!["helpfulness", "harmlessness", "refusal_rate"]
+        eval.aspects,
+        vec![JudgeAspect::Helpfulness, JudgeAspect::Harmlessness]
     );
-    assert_eq!(eval.extra, serde_json::json!({"samples": 50}));
+    assert_eq!(eval.compare, vec![Comparison::Aligner, Comparison::Initial]);
+    // Held-out answers sample as the generate stage does (None); the judge is greedy.
+    assert_eq!(eval.sampling, None);
+    assert_eq!(eval.judge_sampling.temperature, Some(0.0));
+    assert_eq!(eval.judge_sampling.max_tokens, Some(512));
+    assert_eq!(
+        eval.labels,
+        Some(LabelRule {
+            field: "category".into(),
+            harmful: vec!["harmful".into()]
+        })
+    );
+    assert_eq!(eval.bootstrap, 500);
+    assert_eq!(
+        eval.gate,
+        Some(Gate {
+            metric: "omega.harmlessness.initial".into(),
+            max_drop: 10.0,
+            action: GateAction::Rollback
+        })
+    );
+}
+
+#[test]
+fn evaluate_errors_name_the_place_and_the_fix() {
+    let dir = setup();
+    let text = FULL
+        .replace(
+            "aspects: [helpfulness, harmlessness]",
+            "aspects: [helpfulness, harmlesness]",
+        )
+        .replace("compare: [aligner, initial]", "compare: [aligner, first]")
+        .replace(
+            "metric: omega.harmlessness.initial",
+            "metric: omega.helpfulness.inital",
+        )
+        .replace("action: rollback", "action: revert");
+    let e = errors(&dir, &text);
+    assert!(e.contains("unknown aspect `harmlesness`"), "{e}");
+    assert!(e.contains("unknown comparison `first`"), "{e}");
+    assert!(
+        // With `first` rejected, the only comparison left is `aligner`.
+        e.contains("`omega.helpfulness.inital` is not a metric this evaluation computes")
+            && e.contains("did you mean `omega.helpfulness.aligner`?"),
+        "{e}"
+    );
+    assert!(e.contains("unknown action `revert`"), "{e}");
+    assert!(e.contains("at: rounds.evaluate.gate.action"), "{e}");
+
+    let text = FULL
+        .replace("  holdout: 0.1\n", "")
+        .replace("labels: { field: category,", "labels: { field: source,")
+        .replace("samples_typo", "");
+    let e = errors(&dir, &text);
+    assert!(
+        e.contains("evaluation needs held-out prompts, and `prompts.holdout` is 0"),
+        "{e}"
+    );
+    assert!(
+        e.contains("`source` is not among `prompts.fields.metadata`"),
+        "{e}"
+    );
+
+    let text = FULL.replace("bootstrap: 500", "bootstrap: 500\n    samples: 50");
+    let e = errors(&dir, &text);
+    assert!(e.contains("samples"), "{e}");
 }
 
 #[test]
@@ -602,6 +670,14 @@ fn known_fields_table_matches_serde() {
         ("rounds.train", serde_fields::<TrainWire>()),
         ("rounds.train.backend", serde_fields::<BackendWire>()),
         ("rounds.train.backend.lora", serde_fields::<LoraWire>()),
+        ("rounds.evaluate", serde_fields::<EvaluateWire>()),
+        ("rounds.evaluate.sampling", serde_fields::<SamplingWire>()),
+        (
+            "rounds.evaluate.judge_sampling",
+            serde_fields::<SamplingWire>(),
+        ),
+        ("rounds.evaluate.labels", serde_fields::<LabelsWire>()),
+        ("rounds.evaluate.gate", serde_fields::<GateWire>()),
         ("aligner", serde_fields::<AlignerWire>()),
         ("aligner.teach", serde_fields::<TeachWire>()),
         ("aligner.teach.prompts", serde_fields::<PromptsWire>()),
@@ -1215,12 +1291,12 @@ fn aligner_block_errors_name_the_place_and_the_fix() {
       hint: use the same template in both places, so the Aligner reads the prompts it was trained on
 
     error: the refusal teacher needs `aligner.labels` to tell harmful prompts from benign ones
-      --> pipelines/x.yaml:66:1
+      --> pipelines/x.yaml:69:1
        at: aligner
       hint: e.g. `labels: { field: source, harmful: [strongreject, harmbench] }`
 
     error: `train_layers` and `lora` exclude each other
-      --> pipelines/x.yaml:73:46
+      --> pipelines/x.yaml:76:46
        at: aligner.train.train_layers
       hint: LoRA adapts every layer's named projections; `train_layers` trains the last N layers fully
     ");

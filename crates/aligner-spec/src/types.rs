@@ -290,14 +290,101 @@ pub struct TrainStage {
     pub backend: TrainBackend,
 }
 
+/// `rounds.evaluate`: each round's model measured on the held-out prompts.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct EvaluateStage {
-    /// Judge model (a key of `models`), if any.
+    /// Judge model (a key of `models`); without one only the judge-free checks run.
     pub judge: Option<String>,
-    /// Metrics to compute, e.g. `helpfulness`, `harmlessness`, `refusal_rate`.
-    pub metrics: Vec<String>,
-    /// The rest of the block, kept verbatim for the evaluation issue.
-    pub extra: serde_json::Value,
+    /// The judge prompts to run (default helpfulness and harmlessness).
+    pub aspects: Vec<JudgeAspect>,
+    /// Which comparisons to judge (default all three).
+    pub compare: Vec<Comparison>,
+    /// Sampling of the held-out answers (`None`: the generate stage's).
+    pub sampling: Option<SamplingSpec>,
+    /// Sampling of the judge (default greedy, 512 tokens).
+    pub judge_sampling: SamplingSpec,
+    /// Which held-out prompts are harmful (refusal rate) and which benign (over-refusal).
+    pub labels: Option<LabelRule>,
+    /// Bootstrap resamples for omega's confidence interval (default 1000).
+    pub bootstrap: u32,
+    /// Seed of the bootstrap.
+    pub seed: u64,
+    pub gate: Option<Gate>,
+}
+
+/// A judge prompt: what the judge compares the two answers on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JudgeAspect {
+    Helpfulness,
+    Harmlessness,
+    Empathy,
+    Summary,
+}
+
+impl JudgeAspect {
+    pub const ALL: [JudgeAspect; 4] = [
+        JudgeAspect::Helpfulness,
+        JudgeAspect::Harmlessness,
+        JudgeAspect::Empathy,
+        JudgeAspect::Summary,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JudgeAspect::Helpfulness => "helpfulness",
+            JudgeAspect::Harmlessness => "harmlessness",
+            JudgeAspect::Empathy => "empathy",
+            JudgeAspect::Summary => "summary",
+        }
+    }
+}
+
+/// Two sides a judge compares, candidate first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Comparison {
+    /// Round k's model plus the Aligner vs round k's model alone (the plug-and-play gain).
+    Aligner,
+    /// Round k's model vs the initial upstream (the bootstrapping gain).
+    Initial,
+    /// Round k's model vs round k-1's.
+    Previous,
+}
+
+impl Comparison {
+    pub const ALL: [Comparison; 3] = [
+        Comparison::Aligner,
+        Comparison::Initial,
+        Comparison::Previous,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Comparison::Aligner => "aligner",
+            Comparison::Initial => "initial",
+            Comparison::Previous => "previous",
+        }
+    }
+}
+
+/// `rounds.evaluate.gate`: stop the loop, or roll back to the best round, when `metric`
+/// falls more than `max_drop` below its best value so far (for rates where lower is better,
+/// rises more than `max_drop` above its best).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Gate {
+    pub metric: String,
+    pub max_drop: f64,
+    pub action: GateAction,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum GateAction {
+    /// End the run after the round that regressed.
+    Stop,
+    /// The next round answers with the best round's model; the best stays the run's result.
+    Rollback,
 }
 
 /// `aligner:`: the Aligner this pipeline trains for itself before round 1 (round 0 in the

@@ -1,7 +1,7 @@
 //! The pipeline file as written: serde structs that mirror the YAML one to one.
 //!
-//! Every block denies unknown fields (except `rounds.evaluate`, which keeps the rest of its
-//! keys for later), so a typo is an error rather than a silently ignored setting. The
+//! Every block denies unknown fields, so a typo is an error rather than a silently ignored
+//! setting. The
 //! allowed keys of each block are also listed in [`KNOWN_FIELDS`], so that validation can
 //! report every unknown key of a file in one pass; a test keeps the two in step. Values are
 //! still raw here: paths are not resolved, `${VAR}`s are not expanded, ranges are not
@@ -182,11 +182,27 @@ pub(crate) const BACKEND_FIELDS: &[&str] = &[
 /// Keys allowed under `rounds.train.backend.lora:`, in the order of [`LoraWire`].
 pub(crate) const LORA_FIELDS: &[&str] = &["rank", "alpha", "dropout", "targets"];
 
+/// Keys allowed in `rounds.evaluate:`, in the order of [`EvaluateWire`].
+pub(crate) const EVALUATE_FIELDS: &[&str] = &[
+    "judge",
+    "aspects",
+    "compare",
+    "sampling",
+    "judge_sampling",
+    "labels",
+    "bootstrap",
+    "seed",
+    "gate",
+];
+
+/// Keys allowed in `rounds.evaluate.gate:`.
+pub(crate) const GATE_FIELDS: &[&str] = &["metric", "max_drop", "action"];
+
 /// The one table of allowed keys: for each YAML path pattern (`*` stands for any key, e.g.
 /// a model name), the keys its mapping may have. Validation reports and drops every other
 /// key before deserializing, so that all unknown keys of a file are reported at once and
-/// the rest of each block is still checked. `rounds.evaluate` is absent: it keeps unknown
-/// keys. A unit test checks each list against what serde accepts.
+/// the rest of each block is still checked. A unit test checks each list against what serde
+/// accepts.
 pub(crate) const KNOWN_FIELDS: &[(&str, &[&str])] = &[
     ("", ROOT_FIELDS),
     ("models.*", MODEL_FIELDS),
@@ -202,6 +218,11 @@ pub(crate) const KNOWN_FIELDS: &[(&str, &[&str])] = &[
     ("rounds.train", TRAIN_FIELDS),
     ("rounds.train.backend", BACKEND_FIELDS),
     ("rounds.train.backend.lora", LORA_FIELDS),
+    ("rounds.evaluate", EVALUATE_FIELDS),
+    ("rounds.evaluate.sampling", SAMPLING_FIELDS),
+    ("rounds.evaluate.judge_sampling", SAMPLING_FIELDS),
+    ("rounds.evaluate.labels", LABELS_FIELDS),
+    ("rounds.evaluate.gate", GATE_FIELDS),
     ("aligner", ALIGNER_FIELDS),
     ("aligner.teach", TEACH_FIELDS),
     ("aligner.teach.prompts", PROMPTS_FIELDS),
@@ -620,16 +641,31 @@ pub struct LoraWire {
     pub targets: Option<Vec<String>>,
 }
 
-/// `rounds.evaluate:`. Only `judge` and `metrics` are read now; the other keys are kept
-/// as they are for the evaluation stage.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(expecting = "an evaluate mapping")]
+/// `rounds.evaluate:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "an evaluate mapping")]
 pub struct EvaluateWire {
     pub judge: Option<String>,
-    #[serde(default)]
-    pub metrics: Vec<String>,
-    #[serde(flatten)]
-    pub extra: serde_json::Map<String, serde_json::Value>,
+    pub aspects: Option<Vec<String>>,
+    pub compare: Option<Vec<String>>,
+    pub sampling: Option<SamplingWire>,
+    pub judge_sampling: Option<SamplingWire>,
+    pub labels: Option<LabelsWire>,
+    pub bootstrap: Option<u32>,
+    pub seed: Option<u64>,
+    pub gate: Option<GateWire>,
+}
+
+/// `rounds.evaluate.gate:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a gate mapping with `metric` and `max_drop`"
+)]
+pub struct GateWire {
+    pub metric: String,
+    pub max_drop: f64,
+    pub action: Option<String>,
 }
 
 /// `aligner:`: the pipeline's own Aligner, trained before round 1.

@@ -1126,6 +1126,202 @@ impl Store {
         Ok(())
     }
 
+    // ---------------------------------------------------------------- evaluation
+
+    /// The run's held-out prompts, in order.
+    pub async fn holdout_prompts(&self, run_id: i64) -> Result<Vec<HoldoutPromptRow>> {
+        Ok(sqlx::query_as::<_, HoldoutPromptRow>(
+            "SELECT id, idx, system, prompt, metadata FROM prompts
+             WHERE run_id = ? AND split = 'holdout' ORDER BY idx",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Every held-out answer and correction of a run.
+    pub async fn eval_answers(&self, run_id: i64) -> Result<Vec<EvalAnswerRow>> {
+        Ok(sqlx::query_as::<_, EvalAnswerRow>(
+            "SELECT id, version, prompt_id, kind, status, text, finish_reason, completion_tokens, refusal, degenerate
+             FROM eval_answers WHERE run_id = ? ORDER BY id",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Commits held-out answers in one transaction; an existing row is left as it was.
+    pub async fn insert_eval_answers(&self, items: &[NewEvalAnswer]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in items.chunks(INSERT_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO eval_answers (run_id, version, prompt_id, kind, status, text, finish_reason, model,
+                 model_ref, completion_tokens, latency_ms, refusal, degenerate, error) ",
+            );
+            qb.push_values(chunk, |mut b, a| {
+                b.push_bind(a.run_id)
+                    .push_bind(a.version)
+                    .push_bind(a.prompt_id)
+                    .push_bind(a.kind)
+                    .push_bind(a.out.status())
+                    .push_bind(&a.out.text)
+                    .push_bind(&a.out.finish_reason)
+                    .push_bind(&a.model)
+                    .push_bind(&a.model_ref)
+                    .push_bind(a.out.completion_tokens)
+                    .push_bind(a.out.latency_ms)
+                    .push_bind(a.refusal.map(i64::from))
+                    .push_bind(&a.degenerate)
+                    .push_bind(&a.out.error);
+            });
+            qb.push(" ON CONFLICT (run_id, version, prompt_id, kind) DO NOTHING");
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Deletes a run's failed held-out answers and judge calls, so a resumed evaluation
+    /// retries them.
+    pub async fn delete_failed_eval(&self, run_id: i64) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "DELETE FROM eval_judgements WHERE run_id = ? AND (status = 'failed'
+             OR candidate_id IN (SELECT id FROM eval_answers WHERE run_id = ? AND status = 'failed')
+             OR baseline_id IN (SELECT id FROM eval_answers WHERE run_id = ? AND status = 'failed'))",
+        )
+        .bind(run_id)
+        .bind(run_id)
+        .bind(run_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM eval_answers WHERE run_id = ? AND status = 'failed'")
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The judge calls recorded for a round.
+    pub async fn eval_judgements(&self, run_id: i64, round: i64) -> Result<Vec<EvalJudgementRow>> {
+        Ok(sqlx::query_as::<_, EvalJudgementRow>(
+            "SELECT comparison, aspect, prompt_id, \"order\", status, verdict
+             FROM eval_judgements WHERE run_id = ? AND round = ? ORDER BY id",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Commits judge calls in one transaction; an existing row is left as it was.
+    pub async fn insert_eval_judgements(&self, items: &[NewEvalJudgement]) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        for chunk in items.chunks(INSERT_CHUNK) {
+            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
+                "INSERT INTO eval_judgements (run_id, round, comparison, aspect, prompt_id, \"order\",
+                 candidate_id, baseline_id, status, verdict, raw, judge, latency_ms, error) ",
+            );
+            qb.push_values(chunk, |mut b, j| {
+                b.push_bind(j.run_id)
+                    .push_bind(j.round)
+                    .push_bind(j.comparison)
+                    .push_bind(j.aspect)
+                    .push_bind(j.prompt_id)
+                    .push_bind(j.order)
+                    .push_bind(j.candidate_id)
+                    .push_bind(j.baseline_id)
+                    .push_bind(j.out.status())
+                    .push_bind(j.verdict)
+                    .push_bind(&j.out.text)
+                    .push_bind(&j.judge)
+                    .push_bind(j.out.latency_ms)
+                    .push_bind(&j.out.error);
+            });
+            qb.push(
+                " ON CONFLICT (run_id, round, comparison, aspect, prompt_id, \"order\") DO NOTHING",
+            );
+            qb.build().execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Replaces a round's metrics.
+    pub async fn replace_eval_metrics(
+        &self,
+        run_id: i64,
+        round: i64,
+        metrics: &[EvalMetricRow],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM eval_metrics WHERE run_id = ? AND round = ?")
+            .bind(run_id)
+            .bind(round)
+            .execute(&mut *tx)
+            .await?;
+        for m in metrics {
+            sqlx::query(
+                "INSERT INTO eval_metrics (run_id, round, name, value, ci_low, ci_high, n, detail)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            )
+            .bind(run_id)
+            .bind(round)
+            .bind(&m.name)
+            .bind(m.value)
+            .bind(m.ci_low)
+            .bind(m.ci_high)
+            .bind(m.n)
+            .bind(&m.detail)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Every evaluation metric of a run, by round and name.
+    pub async fn eval_metrics(&self, run_id: i64) -> Result<Vec<EvalMetricRow>> {
+        Ok(sqlx::query_as::<_, EvalMetricRow>(
+            "SELECT round, name, value, ci_low, ci_high, n, detail FROM eval_metrics
+             WHERE run_id = ? ORDER BY round, name",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Records (or replaces) the gate's decision after a round.
+    pub async fn record_gate_decision(&self, run_id: i64, d: &GateDecisionRow) -> Result<()> {
+        sqlx::query(
+            "INSERT OR REPLACE INTO gate_decisions (run_id, round, metric, value, best_round, best_value, decision, reason)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(run_id)
+        .bind(d.round)
+        .bind(&d.metric)
+        .bind(d.value)
+        .bind(d.best_round)
+        .bind(d.best_value)
+        .bind(&d.decision)
+        .bind(&d.reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The gate's decisions of a run, by round.
+    pub async fn gate_decisions(&self, run_id: i64) -> Result<Vec<GateDecisionRow>> {
+        Ok(sqlx::query_as::<_, GateDecisionRow>(
+            "SELECT round, metric, value, best_round, best_value, decision, reason
+             FROM gate_decisions WHERE run_id = ? ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// The held-out check (`aligner_eval`) of a run, one row per label.
     pub async fn aligner_eval(&self, run_id: i64) -> Result<Vec<AlignerEvalRow>> {
         Ok(sqlx::query_as::<_, AlignerEvalRow>(

@@ -324,3 +324,95 @@ pub struct AlignerEvalRow {
     pub copy_rate: Option<f64>,
     pub mean_edit_distance: Option<f64>,
 }
+
+/// A held-out prompt, with its metadata (JSON text) for the evaluation's labels.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct HoldoutPromptRow {
+    pub id: i64,
+    pub idx: i64,
+    pub system: Option<String>,
+    pub prompt: String,
+    pub metadata: Option<String>,
+}
+
+/// A held-out answer (or the Aligner's correction of one) to write.
+#[derive(Debug, Clone)]
+pub struct NewEvalAnswer {
+    pub run_id: i64,
+    pub version: i64,
+    pub prompt_id: i64,
+    /// `answer` | `corrected`
+    pub kind: &'static str,
+    pub model: String,
+    pub model_ref: String,
+    pub refusal: Option<bool>,
+    pub degenerate: Option<String>,
+    pub out: ItemOutcome,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct EvalAnswerRow {
+    pub id: i64,
+    pub version: i64,
+    pub prompt_id: i64,
+    pub kind: String,
+    pub status: String,
+    pub text: Option<String>,
+    pub finish_reason: Option<String>,
+    pub completion_tokens: Option<i64>,
+    pub refusal: Option<i64>,
+    pub degenerate: Option<String>,
+}
+
+/// One judge call's result to write.
+#[derive(Debug, Clone)]
+pub struct NewEvalJudgement {
+    pub run_id: i64,
+    pub round: i64,
+    pub comparison: &'static str,
+    pub aspect: &'static str,
+    pub prompt_id: i64,
+    /// `forward` | `swapped`
+    pub order: &'static str,
+    pub candidate_id: i64,
+    pub baseline_id: i64,
+    /// `A` | `B` | `Equal`; `None` when the output had no verdict (or the call failed).
+    pub verdict: Option<&'static str>,
+    pub judge: String,
+    pub out: ItemOutcome,
+}
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct EvalJudgementRow {
+    pub comparison: String,
+    pub aspect: String,
+    pub prompt_id: i64,
+    pub order: String,
+    pub status: String,
+    pub verdict: Option<String>,
+}
+
+/// A metric of a round's evaluation.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct EvalMetricRow {
+    pub round: i64,
+    pub name: String,
+    pub value: Option<f64>,
+    pub ci_low: Option<f64>,
+    pub ci_high: Option<f64>,
+    pub n: i64,
+    pub detail: Option<String>,
+}
+
+/// What the gate decided after a round.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct GateDecisionRow {
+    pub round: i64,
+    pub metric: String,
+    pub value: Option<f64>,
+    pub best_round: Option<i64>,
+    pub best_value: Option<f64>,
+    /// `continue` | `stop` | `rollback`
+    pub decision: String,
+    pub reason: String,
+}

@@ -34,7 +34,11 @@ async fn migrations_apply_on_a_fresh_file() {
     let (_dir, store) = fresh().await;
     assert_eq!(
         store.applied_migrations().await.unwrap(),
-        vec!["initial".to_string(), "aligner training".to_string()]
+        vec![
+            "initial".to_string(),
+            "aligner training".to_string(),
+            "evaluation".to_string()
+        ]
     );
     let tables = store
         .query_read_only("SELECT name FROM sqlite_master WHERE type IN ('table', 'view') AND name NOT LIKE '\\_%' ESCAPE '\\' AND name NOT LIKE 'sqlite%' ORDER BY name")
@@ -52,8 +56,14 @@ async fn migrations_apply_on_a_fresh_file() {
             "aligner_examples",
             "checkpoints",
             "corrections",
+            "eval_answers",
+            "eval_judgements",
+            "eval_metrics",
+            "eval_outcomes",
+            "eval_summary",
             "events",
             "failures",
+            "gate_decisions",
             "generations",
             "pairs",
             "pairs_latest",
