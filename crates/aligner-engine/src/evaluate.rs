@@ -41,9 +41,9 @@ fn spec<'a>(ctx: &'a Ctx<'_>) -> &'a EvaluateStage {
         .expect("the evaluate stage runs only with rounds.evaluate")
 }
 
-fn stage_err(message: String) -> Error {
+fn stage_err(round: u32, message: String) -> Error {
     Error::Stage {
-        round: 0,
+        round,
         stage: "evaluate",
         message,
     }
@@ -367,7 +367,7 @@ fn answer_metrics(
 }
 
 /// The gate's decision after round `round`: `history` holds the metric's value in earlier
-/// rounds. Lower is better for `over_refusal` (and its `.aligner` form), higher for the rest.
+/// rounds. Lower is better for `over_refusal`, higher for the rest.
 pub fn gate_decision(
     metric: &str,
     max_drop: f64,
@@ -439,11 +439,12 @@ async fn version_backend(
         let id = backend.id();
         return Ok((backend, None, id));
     }
-    let ckpt = e
-        .store
-        .checkpoint(ctx.run_id, v)
-        .await?
-        .ok_or_else(|| stage_err(format!("round {v} left no checkpoint to evaluate")))?;
+    let ckpt = e.store.checkpoint(ctx.run_id, v).await?.ok_or_else(|| {
+        stage_err(
+            ctx.round,
+            format!("round {v} left no checkpoint to evaluate"),
+        )
+    })?;
     match (&e.spec.models[key], &ckpt.serve_model) {
         (ModelSpec::Local(_), None) => {
             let name = format!("{key}@round-{v}");
@@ -462,11 +463,21 @@ async fn version_backend(
     }
 }
 
+/// The (version, kind) of a comparison's candidate and baseline when version `k` is evaluated.
+fn sides(c: Comparison, k: i64) -> ((i64, &'static str), (i64, &'static str)) {
+    match c {
+        Comparison::Aligner => ((k, "corrected"), (k, "answer")),
+        Comparison::Initial => ((k, "answer"), (0, "answer")),
+        Comparison::Previous => ((k, "answer"), (k - 1, "answer")),
+    }
+}
+
 /// The version round `round` evaluates, and the versions its comparisons need.
 fn versions(ev: &EvaluateStage, trains: bool, round: i64) -> (i64, Vec<i64>) {
     let k = if trains { round } else { 0 };
     let mut need = vec![k];
-    if k > 0 {
+    // Other versions only serve the judge's comparisons.
+    if k > 0 && ev.judge.is_some() {
         if ev.compare.contains(&Comparison::Initial) {
             need.push(0);
         }
@@ -492,8 +503,8 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
             message: "the run has no held-out prompts to evaluate on\nhint: set `prompts.holdout` (e.g. 0.2) in a new run".into(),
         });
     }
-    e.store.delete_failed_eval(run_id).await?;
     let (k, need) = versions(ev, trains, round);
+    e.store.delete_failed_eval(run_id, round, &need).await?;
     let correct = ev.compare.contains(&Comparison::Aligner);
     let judged: Vec<Comparison> = ev
         .compare
@@ -522,7 +533,11 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
         (need.len() * prompts.len() + if correct { prompts.len() } else { 0 } + judge_calls) as i64;
     let done_before = (existing
         .iter()
-        .filter(|a| need.contains(&a.version) && a.status == "ok")
+        .filter(|a| {
+            a.status == "ok"
+                && ((a.kind == "answer" && need.contains(&a.version))
+                    || (correct && a.kind == "corrected" && a.version == k))
+        })
         .count()
         + e.store.eval_judgements(run_id, round).await?.len()) as i64;
     e.store
@@ -531,12 +546,9 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
     e.observer
         .stage_started(ctx.round, Stage::Evaluate, total as u64, done_before as u64);
     let (mut ok, mut failed, mut first_error) = (0i64, 0i64, None::<String>);
-    // A phase whose every call failed (a broken model or judge) fails the stage.
-    let mut broken = false;
     let mut note = |r: (u64, u64, Option<String>)| {
         ok += r.0 as i64;
         failed += r.1 as i64;
-        broken |= r.0 == 0 && r.1 > 0;
         if first_error.is_none() {
             first_error = r.2;
         }
@@ -554,7 +566,7 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
     for (v, p) in &missing_answers {
         by_version.entry(*v).or_default().push(p);
     }
-    let mut base = 0i64;
+    let (mut base, mut base_failed) = (0i64, 0i64);
     for (v, ps) in by_version {
         let (backend, model_override, model_ref) = version_backend(ctx, v).await?;
         let (tx, rx) = mpsc::channel(ps.len().max(1));
@@ -604,7 +616,7 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                     out,
                 }
             },
-            (base, 0),
+            (base, base_failed),
             |rows, ok, failed| {
                 let store = e.store.clone();
                 async move {
@@ -615,7 +627,11 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
         )
         .await?;
         base += r.0 as i64;
+        base_failed += r.1 as i64;
         note(r);
+        if e.interrupted() {
+            return Err(e.interrupted_error(run_id));
+        }
     }
 
     // 2. The Aligner's corrections of version k's answers.
@@ -681,7 +697,7 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                         out,
                     }
                 },
-                (base, 0),
+                (base, base_failed),
                 |rows, ok, failed| {
                     let store = e.store.clone();
                     async move {
@@ -692,7 +708,11 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
             )
             .await?;
             base += r.0 as i64;
+            base_failed += r.1 as i64;
             note(r);
+            if e.interrupted() {
+                return Err(e.interrupted_error(run_id));
+            }
         }
     }
 
@@ -720,11 +740,7 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
         }
         let mut calls = Vec::new();
         for &c in &judged {
-            let (cand, base_side) = match c {
-                Comparison::Aligner => ((k, "corrected"), (k, "answer")),
-                Comparison::Initial => ((k, "answer"), (0, "answer")),
-                Comparison::Previous => ((k, "answer"), (k - 1, "answer")),
-            };
+            let (cand, base_side) = sides(c, k);
             for p in &prompts {
                 let (Some(ca), Some(ba)) = (
                     by_key
@@ -802,7 +818,7 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                         out,
                     }
                 },
-                (base, 0),
+                (base, base_failed),
                 |rows, ok, failed| {
                     let store = e.store.clone();
                     async move {
@@ -816,8 +832,27 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
         }
     }
 
+    if e.interrupted() {
+        return Err(e.interrupted_error(run_id));
+    }
+    // A kind of work with nothing to show (every answer of a version, every correction or
+    // every judge call of the round failed: a broken model or judge) fails the stage; a few
+    // failures leave the rest to measure.
+    let rows = e.store.eval_answers(run_id).await?;
+    let any_ok = |v: i64, kind: &str| {
+        rows.iter()
+            .any(|a| a.version == v && a.kind == kind && a.status == "ok")
+    };
+    let mut broken = need.iter().any(|&v| !any_ok(v, "answer"))
+        || (correct && any_ok(k, "answer") && !any_ok(k, "corrected"));
+    if ev.judge.is_some() {
+        let j = e.store.eval_judgements(run_id, round).await?;
+        broken |= !j.is_empty() && j.iter().all(|j| j.status != "ok");
+    }
     if broken {
-        return ctx.finish(Stage::Evaluate, 0, failed, first_error).await;
+        return ctx
+            .finish(Stage::Evaluate, 0, failed.max(1), first_error)
+            .await;
     }
 
     // 4. Metrics.
@@ -863,10 +898,23 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                 );
                 m.ci_low = ci.map(|c| c.0);
                 m.ci_high = ci.map(|c| c.1);
+                // The two sides' mean lengths (characters), to read beside the win rate.
+                let (cand, base_side) = sides(c, k);
+                let mean_len = |(v, kind): (i64, &str)| -> Option<f64> {
+                    let l: Vec<f64> = prompts
+                        .iter()
+                        .filter_map(|p| by_key.get(&(v, p.id, kind)))
+                        .filter(|a| a.status == "ok")
+                        .map(|a| a.text.as_deref().unwrap_or("").chars().count() as f64)
+                        .collect();
+                    (!l.is_empty()).then(|| l.iter().sum::<f64>() / l.len() as f64)
+                };
                 m.detail = Some(
                     serde_json::json!({
                         "wins": wins, "losses": losses, "equals": equals,
                         "order_disagreements": disagree, "no_verdict": unparsed,
+                        "candidate_mean_length": mean_len(cand),
+                        "baseline_mean_length": mean_len(base_side),
                     })
                     .to_string(),
                 );

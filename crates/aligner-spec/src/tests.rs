@@ -292,6 +292,34 @@ fn evaluate_errors_name_the_place_and_the_fix() {
         "{e}"
     );
 
+    // Without `rounds.train` every round's model is the upstream.
+    let start = FULL.find("  train:\n    method: dpo").unwrap();
+    let end = FULL.find("  evaluate:\n").unwrap();
+    let text = format!("{}{}", &FULL[..start], &FULL[end..]);
+    let e = errors(&dir, &text);
+    assert!(
+        e.contains(
+            "`initial` compares the models of different rounds, and these rounds do not train"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("`rollback` returns to an earlier round's model"),
+        "{e}"
+    );
+    let text = text
+        .replace("compare: [aligner, initial]", "compare: [aligner]")
+        .replace(
+            "metric: omega.harmlessness.initial",
+            "metric: omega.harmlessness.aligner",
+        )
+        .replace("action: rollback", "action: stop");
+    let p = load(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.rounds.evaluate.unwrap().compare,
+        vec![Comparison::Aligner]
+    );
+
     let text = FULL.replace("bootstrap: 500", "bootstrap: 500\n    samples: 50");
     let e = errors(&dir, &text);
     assert!(e.contains("samples"), "{e}");

@@ -1448,10 +1448,13 @@ impl Ctx<'_> {
             t.as_ref()
                 .map(|t| self.train(t, generate_is_openai, generate_model))
         });
+        // `Some(None)`: no train block. A broken one counts as present (its own error is
+        // reported), so the evaluate block does not pile on.
+        let trains = !matches!(w.train, Some(None));
         let evaluate = w
             .evaluate
             .as_ref()
-            .map(|e| e.as_ref().map(|e| self.evaluate(e, models)));
+            .map(|e| e.as_ref().map(|e| self.evaluate(e, models, trains)));
         if self.errors.len() != errors_before {
             return None;
         }
@@ -1473,6 +1476,7 @@ impl Ctx<'_> {
         &mut self,
         w: &EvaluateWire,
         models: Option<&BTreeMap<String, ModelEntry>>,
+        trains: bool,
     ) -> EvaluateStage {
         if let Some(judge) = &w.judge {
             self.model_ref("rounds.evaluate.judge", judge, models);
@@ -1494,13 +1498,35 @@ impl Ctx<'_> {
                 ),
             }
         }
-        let mut compare = Vec::new();
-        for c in w.compare.clone().unwrap_or_else(|| {
+        if w.judge.is_some() && aspects.is_empty() && w.aspects.is_some() {
+            self.err(
+                "rounds.evaluate.aspects",
+                Anchor::Value,
+                "`aspects` is empty, so the judge would never be asked",
+                Some("list at least one: helpfulness, harmlessness, empathy, summary".into()),
+            );
+        }
+        // Without training every round's model is the upstream: only the Aligner comparison
+        // means anything.
+        let default_compare: Vec<String> = if trains {
             Comparison::ALL
                 .iter()
                 .map(|c| c.as_str().to_string())
                 .collect()
-        }) {
+        } else {
+            vec!["aligner".into()]
+        };
+        let mut compare = Vec::new();
+        for c in w.compare.clone().unwrap_or(default_compare) {
+            if !trains && (c == "initial" || c == "previous") {
+                self.err(
+                    "rounds.evaluate.compare",
+                    Anchor::Value,
+                    format!("`{c}` compares the models of different rounds, and these rounds do not train"),
+                    Some("add `rounds.train`, or compare only `aligner`".into()),
+                );
+                continue;
+            }
             match Comparison::ALL.iter().find(|x| x.as_str() == c) {
                 Some(x) if !compare.contains(x) => compare.push(*x),
                 Some(_) => {}
@@ -1582,6 +1608,15 @@ impl Ctx<'_> {
             );
             let action = match g.action.as_deref().unwrap_or("stop") {
                 "stop" => GateAction::Stop,
+                "rollback" if !trains => {
+                    self.err(
+                        "rounds.evaluate.gate.action",
+                        Anchor::Value,
+                        "`rollback` returns to an earlier round's model, and these rounds do not train",
+                        Some("use `action: stop`, or add `rounds.train`".into()),
+                    );
+                    return None;
+                }
                 "rollback" => GateAction::Rollback,
                 other => {
                     self.err(

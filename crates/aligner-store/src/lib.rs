@@ -1181,24 +1181,50 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes a run's failed held-out answers and judge calls, so a resumed evaluation
-    /// retries them.
-    pub async fn delete_failed_eval(&self, run_id: i64) -> Result<()> {
+    /// Deletes the failed judge calls of round `round` and the failed held-out answers of
+    /// `versions`, so a resumed evaluation retries them. Earlier rounds keep theirs.
+    pub async fn delete_failed_eval(
+        &self,
+        run_id: i64,
+        round: i64,
+        versions: &[i64],
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
+        let mut qb: QueryBuilder<Sqlite> =
+            QueryBuilder::new("SELECT id FROM eval_answers WHERE status = 'failed' AND run_id = ");
+        qb.push_bind(run_id).push(" AND version IN (");
+        let mut sep = qb.separated(", ");
+        for v in versions {
+            sep.push_bind(*v);
+        }
+        qb.push(")");
+        let ids: Vec<i64> = qb
+            .build()
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        for id in &ids {
+            // Judge calls on a failed answer (none are made, but a store edited by hand may have
+            // them) go first: they reference it.
+            sqlx::query("DELETE FROM eval_judgements WHERE candidate_id = ? OR baseline_id = ?")
+                .bind(id)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("DELETE FROM eval_answers WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
         sqlx::query(
-            "DELETE FROM eval_judgements WHERE run_id = ? AND (status = 'failed'
-             OR candidate_id IN (SELECT id FROM eval_answers WHERE run_id = ? AND status = 'failed')
-             OR baseline_id IN (SELECT id FROM eval_answers WHERE run_id = ? AND status = 'failed'))",
+            "DELETE FROM eval_judgements WHERE run_id = ? AND round = ? AND status = 'failed'",
         )
         .bind(run_id)
-        .bind(run_id)
-        .bind(run_id)
+        .bind(round)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM eval_answers WHERE run_id = ? AND status = 'failed'")
-            .bind(run_id)
-            .execute(&mut *tx)
-            .await?;
         tx.commit().await?;
         Ok(())
     }
