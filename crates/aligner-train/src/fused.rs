@@ -449,60 +449,83 @@ impl AttentionOp {
         let (qw, kw) = (nh * hd, nkv * hd);
         rotate(&self.rope, &mut q, qw, t, false);
         rotate(&self.rope, &mut k, kw, t, false);
-        let mut p = vec![0f32; b * nh * t * t];
-        let mut out = vec![0f32; b * t * qw];
+        // Neither buffer is zeroed first: every element is written below (the scores by
+        // gemm, the masked tail of each row with zeros, the output by each head's gemm).
+        let mut p: Vec<f32> = Vec::with_capacity(b * nh * t * t);
+        let mut out: Vec<f32> = Vec::with_capacity(b * t * qw);
         let o = Shared(out.as_mut_ptr());
         let scale = self.scale;
-        p.par_chunks_mut(t * t).enumerate().for_each(|(i, ph)| {
-            let (bi, h, kvh) = self.task(i);
-            ph.par_chunks_mut(ROWS * t)
-                .enumerate()
-                .for_each(|(blk, rows)| {
-                    let o = o;
-                    let (r0, m) = (blk * ROWS, rows.len() / t);
-                    let keys = r0 + m;
-                    // SAFETY: q/k/v rows of batch row bi, head columns in bounds; `rows` is
-                    // this task's; output rows r0..r0+m of head h are written by it only.
-                    unsafe {
-                        // S = q_h[r0..] k_kvh[..keys]ᵀ
-                        matmul(
-                            m,
-                            keys,
-                            hd,
-                            rows.as_mut_ptr(),
-                            t as isize,
-                            false,
-                            Mat(q.as_ptr().add((bi * t + r0) * qw + h * hd), qw as isize, 1),
-                            Mat(k.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
-                            Parallelism::None,
-                        );
-                    }
-                    for (j, row) in rows.chunks_mut(t).enumerate() {
-                        let n = r0 + j + 1;
-                        let max = vmath::max(&row[..n]);
-                        for v in &mut row[..n] {
-                            *v = vmath::exp((*v - max) * scale);
+        let len_p = b * nh * t * t;
+        p.spare_capacity_mut()[..len_p]
+            .par_chunks_mut(t * t)
+            .enumerate()
+            .for_each(|(i, ph)| {
+                let (bi, h, kvh) = self.task(i);
+                ph.par_chunks_mut(ROWS * t)
+                    .enumerate()
+                    .for_each(|(blk, rows)| {
+                        let o = o;
+                        let (r0, m) = (blk * ROWS, rows.len() / t);
+                        let keys = r0 + m;
+                        // Zero the masked tail of each row (columns keys..t) ...
+                        for row in rows.chunks_mut(t) {
+                            for x in &mut row[keys..] {
+                                x.write(0.0);
+                            }
                         }
-                        let inv = 1.0 / vmath::sum(&row[..n]);
-                        row[..n].iter_mut().for_each(|v| *v *= inv);
-                        row[n..].iter_mut().for_each(|v| *v = 0.0);
-                    }
-                    unsafe {
-                        // O_h[r0..] = P_h[r0.., ..keys] v_kvh[..keys]
-                        matmul(
-                            m,
-                            hd,
-                            keys,
-                            o.0.add((bi * t + r0) * qw + h * hd),
-                            qw as isize,
-                            false,
-                            Mat(rows.as_ptr(), t as isize, 1),
-                            Mat(v.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
-                            Parallelism::None,
-                        );
-                    }
-                });
-        });
+                        let rows_ptr = rows.as_mut_ptr() as *mut f32;
+                        // SAFETY: q/k/v rows of batch row bi, head columns in bounds; `rows` is
+                        // this task's; output rows r0..r0+m of head h are written by it only.
+                        unsafe {
+                            // S = q_h[r0..] k_kvh[..keys]ᵀ
+                            matmul(
+                                m,
+                                keys,
+                                hd,
+                                rows_ptr,
+                                t as isize,
+                                false,
+                                Mat(q.as_ptr().add((bi * t + r0) * qw + h * hd), qw as isize, 1),
+                                Mat(k.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
+                                Parallelism::None,
+                            );
+                        }
+                        // ... and gemm wrote columns 0..keys: every element is initialized now.
+                        // SAFETY: `rows` holds m * t floats, all written above.
+                        let rows: &mut [f32] =
+                            unsafe { std::slice::from_raw_parts_mut(rows_ptr, m * t) };
+                        for (j, row) in rows.chunks_mut(t).enumerate() {
+                            let n = r0 + j + 1;
+                            let max = vmath::max(&row[..n]);
+                            for v in &mut row[..n] {
+                                *v = vmath::exp((*v - max) * scale);
+                            }
+                            let inv = 1.0 / vmath::sum(&row[..n]);
+                            row[..n].iter_mut().for_each(|v| *v *= inv);
+                            row[n..].iter_mut().for_each(|v| *v = 0.0);
+                        }
+                        unsafe {
+                            // O_h[r0..] = P_h[r0.., ..keys] v_kvh[..keys]
+                            matmul(
+                                m,
+                                hd,
+                                keys,
+                                o.0.add((bi * t + r0) * qw + h * hd),
+                                qw as isize,
+                                false,
+                                Mat(rows.as_ptr(), t as isize, 1),
+                                Mat(v.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
+                                Parallelism::None,
+                            );
+                        }
+                    });
+            });
+        // SAFETY: every row block of every head wrote all of its rows (above); each head's
+        // output gemm wrote its hd columns of all b * t rows.
+        unsafe {
+            p.set_len(len_p);
+            out.set_len(b * t * qw);
+        }
         AttnOut { o: out, q, k, p }
     }
 
@@ -784,6 +807,28 @@ fn to_vec(t: &Tensor) -> Result<Vec<f32>> {
     t.flatten_all()?.to_vec1::<f32>()
 }
 
+/// `x[n, in] Wᵀ` for `W` `[out, in]` into a new buffer (not zeroed first: gemm writes it all).
+fn forward_new(x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) -> Vec<f32> {
+    let mut y: Vec<f32> = Vec::with_capacity(n * out);
+    // SAFETY: x is n × inp, w is out × inp (read as its transpose); gemm writes all n × out
+    // elements of y's capacity (`accumulate` is off, so none is read) before the length is set.
+    unsafe {
+        matmul(
+            n,
+            out,
+            inp,
+            y.as_mut_ptr(),
+            out as isize,
+            false,
+            Mat(x.as_ptr(), inp as isize, 1),
+            Mat(w.as_ptr(), 1, inp as isize),
+            threads(),
+        );
+        y.set_len(n * out);
+    }
+    y
+}
+
 /// `y[n, out] (+)= x[n, in] Wᵀ` for `W` `[out, in]`.
 fn forward_mm(x: &[f32], w: &[f32], y: &mut [f32], n: usize, inp: usize, out: usize, acc: bool) {
     // SAFETY: slices sized n × inp, out × inp and n × out.
@@ -989,18 +1034,9 @@ impl CustomOp1 for AttentionBlock {
         let norm = to_vec(&w.norm.value)?;
         let mut h = vec![0f32; n * d];
         let inv = norm_forward(x, &norm, self.eps, &mut h);
-        let mut q = vec![0f32; n * qw];
-        let mut k = vec![0f32; n * kw];
-        let mut v = vec![0f32; n * kw];
-        weight_slice(&w.q.value, |wq| {
-            Ok(forward_mm(&h, wq, &mut q, n, d, qw, false))
-        })?;
-        weight_slice(&w.k.value, |wk| {
-            Ok(forward_mm(&h, wk, &mut k, n, d, kw, false))
-        })?;
-        weight_slice(&w.v.value, |wv| {
-            Ok(forward_mm(&h, wv, &mut v, n, d, kw, false))
-        })?;
+        let mut q = weight_slice(&w.q.value, |m| Ok(forward_new(&h, m, n, d, qw)))?;
+        let mut k = weight_slice(&w.k.value, |m| Ok(forward_new(&h, m, n, d, kw)))?;
+        let mut v = weight_slice(&w.v.value, |m| Ok(forward_new(&h, m, n, d, kw)))?;
         if let Some([bq, bk, bv]) = &w.bias {
             add_bias(&mut q, &to_vec(&bq.value)?);
             add_bias(&mut k, &to_vec(&bk.value)?);
@@ -1101,14 +1137,8 @@ impl CustomOp1 for MlpBlock {
         let norm = to_vec(&w.norm.value)?;
         let mut h = vec![0f32; n * d];
         let inv = norm_forward(x, &norm, self.eps, &mut h);
-        let mut gate = vec![0f32; n * i];
-        let mut up = vec![0f32; n * i];
-        weight_slice(&w.gate.value, |m| {
-            Ok(forward_mm(&h, m, &mut gate, n, d, i, false))
-        })?;
-        weight_slice(&w.up.value, |m| {
-            Ok(forward_mm(&h, m, &mut up, n, d, i, false))
-        })?;
+        let gate = weight_slice(&w.gate.value, |m| Ok(forward_new(&h, m, n, d, i)))?;
+        let up = weight_slice(&w.up.value, |m| Ok(forward_new(&h, m, n, d, i)))?;
         const CHUNK: usize = 1 << 13;
         let mut act = vec![0f32; n * i];
         act.par_chunks_mut(CHUNK)
