@@ -472,6 +472,33 @@ fn sides(c: Comparison, k: i64) -> ((i64, &'static str), (i64, &'static str)) {
     }
 }
 
+/// The row an answer (or correction) call leaves for `(version, prompt, kind)`, with the
+/// judge-free checks on its text.
+fn answer_row(
+    run_id: i64,
+    (version, prompt_id, kind): (i64, i64, &'static str),
+    model: &str,
+    model_ref: &str,
+    result: &std::result::Result<aligner_backend::Completion, aligner_backend::Error>,
+) -> NewEvalAnswer {
+    let out = outcome(result);
+    let checks = out
+        .text
+        .as_deref()
+        .map(|t| (is_refusal(t), degenerate(t, out.finish_reason.as_deref())));
+    NewEvalAnswer {
+        run_id,
+        version,
+        prompt_id,
+        kind,
+        model: model.to_string(),
+        model_ref: model_ref.to_string(),
+        refusal: checks.map(|c| c.0),
+        degenerate: checks.and_then(|c| c.1).map(str::to_string),
+        out,
+    }
+}
+
 /// The version round `round` evaluates, and the versions its comparisons need.
 fn versions(ev: &EvaluateStage, trains: bool, round: i64) -> (i64, Vec<i64>) {
     let k = if trains { round } else { 0 };
@@ -560,6 +587,14 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
         Ok::<(), Error>(())
     };
 
+    let flush_answers = |rows: Vec<NewEvalAnswer>, ok: i64, failed: i64| {
+        let store = e.store.clone();
+        async move {
+            store.insert_eval_answers(&rows).await?;
+            progress(store, ok, failed).await
+        }
+    };
+
     // 1. Answers.
     let gen_model = e.spec.rounds.generate.model.clone();
     let mut by_version: BTreeMap<i64, Vec<&HoldoutPromptRow>> = BTreeMap::new();
@@ -597,33 +632,9 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                     model: model_override.clone(),
                 }
             },
-            |p, result| {
-                let out = outcome(result);
-                let text = out.text.clone().unwrap_or_default();
-                NewEvalAnswer {
-                    run_id,
-                    version: v,
-                    prompt_id: p.id,
-                    kind: "answer",
-                    model: gen_model.clone(),
-                    model_ref: model_ref.clone(),
-                    refusal: out.text.as_ref().map(|_| is_refusal(&text)),
-                    degenerate: out
-                        .text
-                        .as_ref()
-                        .and_then(|_| degenerate(&text, out.finish_reason.as_deref()))
-                        .map(str::to_string),
-                    out,
-                }
-            },
+            |p, result| answer_row(run_id, (v, p.id, "answer"), &gen_model, &model_ref, result),
             (base, base_failed),
-            |rows, ok, failed| {
-                let store = e.store.clone();
-                async move {
-                    store.insert_eval_answers(&rows).await?;
-                    progress(store, ok, failed).await
-                }
-            },
+            flush_answers,
         )
         .await?;
         base += r.0 as i64;
@@ -679,32 +690,16 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                     model: None,
                 },
                 |(_, a), result| {
-                    let out = outcome(result);
-                    let text = out.text.clone().unwrap_or_default();
-                    NewEvalAnswer {
+                    answer_row(
                         run_id,
-                        version: k,
-                        prompt_id: a.prompt_id,
-                        kind: "corrected",
-                        model: c.model.clone(),
-                        model_ref: model_ref.clone(),
-                        refusal: out.text.as_ref().map(|_| is_refusal(&text)),
-                        degenerate: out
-                            .text
-                            .as_ref()
-                            .and_then(|_| degenerate(&text, out.finish_reason.as_deref()))
-                            .map(str::to_string),
-                        out,
-                    }
+                        (k, a.prompt_id, "corrected"),
+                        &c.model,
+                        &model_ref,
+                        result,
+                    )
                 },
                 (base, base_failed),
-                |rows, ok, failed| {
-                    let store = e.store.clone();
-                    async move {
-                        store.insert_eval_answers(&rows).await?;
-                        progress(store, ok, failed).await
-                    }
-                },
+                flush_answers,
             )
             .await?;
             base += r.0 as i64;
@@ -838,17 +833,20 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
     // A kind of work with nothing to show (every answer of a version, every correction or
     // every judge call of the round failed: a broken model or judge) fails the stage; a few
     // failures leave the rest to measure.
-    let rows = e.store.eval_answers(run_id).await?;
+    // (The judge phase leaves the answers as they were loaded before it.)
     let any_ok = |v: i64, kind: &str| {
-        rows.iter()
+        answers
+            .iter()
             .any(|a| a.version == v && a.kind == kind && a.status == "ok")
     };
-    let mut broken = need.iter().any(|&v| !any_ok(v, "answer"))
-        || (correct && any_ok(k, "answer") && !any_ok(k, "corrected"));
-    if ev.judge.is_some() {
-        let j = e.store.eval_judgements(run_id, round).await?;
-        broken |= !j.is_empty() && j.iter().all(|j| j.status != "ok");
-    }
+    let judgements = if ev.judge.is_some() {
+        e.store.eval_judgements(run_id, round).await?
+    } else {
+        Vec::new()
+    };
+    let broken = need.iter().any(|&v| !any_ok(v, "answer"))
+        || (correct && any_ok(k, "answer") && !any_ok(k, "corrected"))
+        || (!judgements.is_empty() && judgements.iter().all(|j| j.status != "ok"));
     if broken {
         return ctx
             .finish(Stage::Evaluate, 0, failed.max(1), first_error)
@@ -858,9 +856,8 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
     // 4. Metrics.
     let mut metrics = answer_metrics(ev, &prompts, &by_key, k);
     if ev.judge.is_some() {
-        let rows = e.store.eval_judgements(run_id, round).await?;
         let mut verdicts: HashMap<(String, String, i64), [Option<String>; 2]> = HashMap::new();
-        for j in rows {
+        for j in judgements {
             let slot = verdicts
                 .entry((j.comparison, j.aspect, j.prompt_id))
                 .or_default();

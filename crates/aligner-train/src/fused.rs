@@ -90,6 +90,14 @@ unsafe fn matmul(
     }
 }
 
+/// What a forward pass left in `slot` for the backward pass.
+fn saved<T: Clone>(slot: &Mutex<Option<T>>, what: &str) -> Result<T> {
+    slot.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: no forward state")))
+}
+
 /// A raw pointer that tasks on other threads write disjoint parts through.
 #[derive(Clone, Copy)]
 struct Shared(*mut f32);
@@ -121,21 +129,7 @@ impl CustomOp2 for LinearOp {
         if inp != inp2 {
             candle_core::bail!("fused-linear: input has {inp} features, weight {inp2}");
         }
-        let mut y = vec![0f32; n * out];
-        // SAFETY: x is n × inp, w is out × inp (read as its transpose), y is n × out.
-        unsafe {
-            matmul(
-                n,
-                out,
-                inp,
-                y.as_mut_ptr(),
-                out as isize,
-                false,
-                Mat(x.as_ptr(), inp as isize, 1),
-                Mat(w.as_ptr(), 1, inp as isize),
-                threads(),
-            )
-        };
+        let y = forward_new(x, w, n, inp, out);
         Ok((CpuStorage::F32(y), Shape::from((n, out))))
     }
 
@@ -192,16 +186,8 @@ impl CustomOp2 for RmsNormOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = slice(s1, l1, self.name())?;
         let w = slice(s2, l2, self.name())?;
-        let d = w.len();
         let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(d)
-            .zip(x.par_chunks(d))
-            .for_each(|(yr, xr)| {
-                let inv = inv_rms(xr, self.eps);
-                for ((y, &x), &w) in yr.iter_mut().zip(xr).zip(w) {
-                    *y = x * inv * w;
-                }
-            });
+        norm_forward(x, w, self.eps, &mut y);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -219,48 +205,9 @@ impl CustomOp2 for RmsNormOp {
             read(w, "fused-rms-norm", |w| {
                 read(&g, "fused-rms-norm", |g| {
                     let d = w.len();
-                    let mut dx = vec![0f32; if want_dx { x.len() } else { 0 }];
-                    let rows = x.len() / d;
-                    // dx = inv·(g∘w) − x·inv³/d·Σ(g∘w∘x); dw = Σ_rows g∘x·inv.
-                    let row = |r: usize, dxr: Option<&mut [f32]>, dw: &mut [f32]| {
-                        let (xr, gr) = (&x[r * d..(r + 1) * d], &g[r * d..(r + 1) * d]);
-                        let inv = inv_rms(xr, eps);
-                        if let Some(dxr) = dxr {
-                            let dot: f32 = vmath::dot3(xr, gr, w);
-                            let c = dot * inv * inv * inv / d as f32;
-                            for (((o, &x), &g), &w) in dxr.iter_mut().zip(xr).zip(gr).zip(w) {
-                                *o = inv * g * w - x * c;
-                            }
-                        }
-                        if want_dw {
-                            for ((o, &x), &g) in dw.iter_mut().zip(xr).zip(gr) {
-                                *o += g * x * inv;
-                            }
-                        }
-                    };
-                    let dw = if want_dx {
-                        dx.par_chunks_mut(d)
-                            .enumerate()
-                            .fold(
-                                || vec![0f32; if want_dw { d } else { 0 }],
-                                |mut acc, (r, dxr)| {
-                                    row(r, Some(dxr), &mut acc);
-                                    acc
-                                },
-                            )
-                            .reduce(|| vec![0f32; if want_dw { d } else { 0 }], add_into)
-                    } else {
-                        (0..rows)
-                            .into_par_iter()
-                            .fold(
-                                || vec![0f32; d],
-                                |mut acc, r| {
-                                    row(r, None, &mut acc);
-                                    acc
-                                },
-                            )
-                            .reduce(|| vec![0f32; d], add_into)
-                    };
+                    let inv: Vec<f32> = x.par_chunks(d).map(|r| inv_rms(r, eps)).collect();
+                    let mut dx = vec![0f32; x.len()];
+                    let dw = norm_grads(x, &inv, w, g, &mut dx);
                     Ok((dx, dw))
                 })
             })
@@ -317,15 +264,7 @@ impl CustomOp2 for SwiGluOp {
         if a.len() != u.len() {
             candle_core::bail!("fused-swiglu: shapes differ");
         }
-        const CHUNK: usize = 1 << 13;
-        let mut y = vec![0f32; a.len()];
-        y.par_chunks_mut(CHUNK)
-            .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-            .for_each(|(y, (a, u))| {
-                for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
-                    *y = a * sigmoid(a) * u;
-                }
-            });
+        let y = swiglu_forward(a, u);
         Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 
@@ -339,30 +278,48 @@ impl CustomOp2 for SwiGluOp {
         let g = g.contiguous()?;
         let (da, du) = read(a, self.name(), |a| {
             read(u, "fused-swiglu", |u| {
-                read(&g, "fused-swiglu", |g| {
-                    const CHUNK: usize = 1 << 13;
-                    let mut da = vec![0f32; a.len()];
-                    let mut du = vec![0f32; a.len()];
-                    da.par_chunks_mut(CHUNK)
-                        .zip(du.par_chunks_mut(CHUNK))
-                        .zip(
-                            a.par_chunks(CHUNK)
-                                .zip(u.par_chunks(CHUNK))
-                                .zip(g.par_chunks(CHUNK)),
-                        )
-                        .for_each(|((da, du), ((a, u), g))| {
-                            for i in 0..a.len() {
-                                let s = sigmoid(a[i]);
-                                da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
-                                du[i] = g[i] * a[i] * s;
-                            }
-                        });
-                    Ok((da, du))
-                })
+                read(&g, "fused-swiglu", |g| Ok(swiglu_backward(g, a, u)))
             })
         })?;
         Ok((Some(cpu(da, a.shape())?), Some(cpu(du, u.shape())?)))
     }
+}
+
+/// Elements per SwiGLU task.
+const CHUNK: usize = 1 << 13;
+
+/// `silu(a) * u` elementwise.
+fn swiglu_forward(a: &[f32], u: &[f32]) -> Vec<f32> {
+    let mut y = vec![0f32; a.len()];
+    y.par_chunks_mut(CHUNK)
+        .zip(a.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(y, (a, u))| {
+            for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
+                *y = a * sigmoid(a) * u;
+            }
+        });
+    y
+}
+
+/// Gradients of `silu(a) * u` with respect to `a` and `u`, from the output's gradient `g`.
+fn swiglu_backward(g: &[f32], a: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut da = vec![0f32; a.len()];
+    let mut du = vec![0f32; a.len()];
+    da.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            a.par_chunks(CHUNK)
+                .zip(u.par_chunks(CHUNK))
+                .zip(g.par_chunks(CHUNK)),
+        )
+        .for_each(|((da, du), ((a, u), g))| {
+            for i in 0..a.len() {
+                let s = sigmoid(a[i]);
+                da[i] = g[i] * u[i] * s * (1.0 + a[i] * (1.0 - s));
+                du[i] = g[i] * a[i] * s;
+            }
+        });
+    (da, du)
 }
 
 /// `silu(a) * u` (CPU, f32).
@@ -710,12 +667,7 @@ impl CustomOp3 for AttentionOp {
         _out: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let saved = self
-            .saved
-            .lock()
-            .expect("attention state")
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("fused-attention: no forward state".into()))?;
+        let saved = saved(&self.saved, "fused-attention")?;
         let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
         let (qw, kw) = (nh * hd, nkv * hd);
         let g = g.contiguous()?;
@@ -920,20 +872,20 @@ fn norm_forward(x: &[f32], w: &[f32], eps: f32, h: &mut [f32]) -> Vec<f32> {
     inv
 }
 
-/// RMSNorm backward: `dx += …` from `dh`, and `dw` into the norm weight's sink.
-fn norm_backward(x: &[f32], inv: &[f32], w: &BlockWeight, wv: &[f32], dh: &[f32], dx: &mut [f32]) {
-    let d = wv.len();
-    let dw = dx
-        .par_chunks_mut(d)
+/// RMSNorm backward on rows of `x` with their `inv` (1 / rms): `dx += inv·(dh∘w) −
+/// x·inv³/d·Σ(dh∘w∘x)`; returns `dw = Σ_rows dh∘x·inv`.
+fn norm_grads(x: &[f32], inv: &[f32], w: &[f32], dh: &[f32], dx: &mut [f32]) -> Vec<f32> {
+    let d = w.len();
+    dx.par_chunks_mut(d)
         .zip(x.par_chunks(d).zip(dh.par_chunks(d)))
         .zip(inv.par_iter())
         .fold(
             || vec![0f32; d],
             |mut acc, ((dxr, (xr, gr)), &inv)| {
-                let dot: f32 = vmath::dot3(xr, gr, wv);
+                let dot: f32 = vmath::dot3(xr, gr, w);
                 let c = dot * inv * inv * inv / d as f32;
                 for ((((o, &x), &g), &w), a) in
-                    dxr.iter_mut().zip(xr).zip(gr).zip(wv).zip(acc.iter_mut())
+                    dxr.iter_mut().zip(xr).zip(gr).zip(w).zip(acc.iter_mut())
                 {
                     *o += inv * g * w - x * c;
                     *a += g * x * inv;
@@ -941,9 +893,14 @@ fn norm_backward(x: &[f32], inv: &[f32], w: &BlockWeight, wv: &[f32], dh: &[f32]
                 acc
             },
         )
-        .reduce(|| vec![0f32; d], add_into);
+        .reduce(|| vec![0f32; d], add_into)
+}
+
+/// [`norm_grads`] with `dw` added to the norm weight's sink.
+fn norm_backward(x: &[f32], inv: &[f32], w: &BlockWeight, wv: &[f32], dh: &[f32], dx: &mut [f32]) {
+    let dw = norm_grads(x, inv, wv, dh, dx);
     if let Some(sink) = &w.sink {
-        sink.with(d, |buf, _| {
+        sink.with(dw.len(), |buf, _| {
             for (b, v) in buf.iter_mut().zip(&dw) {
                 *b += v;
             }
@@ -990,6 +947,16 @@ struct BlockSaved {
     h: Vec<f32>,
     /// Attention: rotated q, k, then v, probabilities, output. MLP: gate, up, activation.
     a: Vec<Vec<f32>>,
+}
+
+/// The gradient `Σ g_j W_j` of an input `[n, d]` that several projections `W_j` (`[out_j, d]`)
+/// read, from their outputs' gradients `g_j`.
+fn input_grads(parts: &[(&[f32], &Tensor, usize)], n: usize, d: usize) -> Result<Vec<f32>> {
+    let mut dx = vec![0f32; n * d];
+    for (j, (g, w, out)) in parts.iter().enumerate() {
+        weight_slice(w, |m| Ok(input_grad(g, m, &mut dx, n, d, *out, j > 0)))?;
+    }
+    Ok(dx)
 }
 
 fn weight_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
@@ -1057,12 +1024,7 @@ impl CustomOp1 for AttentionBlock {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let saved = self
-            .saved
-            .lock()
-            .expect("block state")
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("fused block: no forward state".into()))?;
+        let saved = saved(&self.saved, self.name())?;
         let (n, qw, kw, _, _) = self.dims();
         let w = &self.w;
         let g = g.contiguous()?;
@@ -1088,16 +1050,15 @@ impl CustomOp1 for AttentionBlock {
                 weight_grad(&w.q, bq, &dq, h, n, d, qw);
                 weight_grad(&w.k, bk, &dk, h, n, d, kw);
                 weight_grad(&w.v, bv, &dv, h, n, d, kw);
-                let mut dh = vec![0f32; n * d];
-                weight_slice(&w.q.value, |m| {
-                    Ok(input_grad(&dq, m, &mut dh, n, d, qw, false))
-                })?;
-                weight_slice(&w.k.value, |m| {
-                    Ok(input_grad(&dk, m, &mut dh, n, d, kw, true))
-                })?;
-                weight_slice(&w.v.value, |m| {
-                    Ok(input_grad(&dv, m, &mut dh, n, d, kw, true))
-                })?;
+                let dh = input_grads(
+                    &[
+                        (&dq, &w.q.value, qw),
+                        (&dk, &w.k.value, kw),
+                        (&dv, &w.v.value, kw),
+                    ],
+                    n,
+                    d,
+                )?;
                 let norm = to_vec(&w.norm.value)?;
                 norm_backward(x, &saved.inv, &w.norm, &norm, &dh, &mut dx);
                 Ok(dx)
@@ -1139,15 +1100,7 @@ impl CustomOp1 for MlpBlock {
         let inv = norm_forward(x, &norm, self.eps, &mut h);
         let gate = weight_slice(&w.gate.value, |m| Ok(forward_new(&h, m, n, d, i)))?;
         let up = weight_slice(&w.up.value, |m| Ok(forward_new(&h, m, n, d, i)))?;
-        const CHUNK: usize = 1 << 13;
-        let mut act = vec![0f32; n * i];
-        act.par_chunks_mut(CHUNK)
-            .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-            .for_each(|(y, (a, u))| {
-                for ((y, &a), &u) in y.iter_mut().zip(a).zip(u) {
-                    *y = a * sigmoid(a) * u;
-                }
-            });
+        let act = swiglu_forward(&gate, &up);
         let mut y = x.to_vec();
         weight_slice(&w.down.value, |m| {
             Ok(forward_mm(&act, m, &mut y, n, i, d, true))
@@ -1161,12 +1114,7 @@ impl CustomOp1 for MlpBlock {
     }
 
     fn bwd(&self, x: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
-        let saved = self
-            .saved
-            .lock()
-            .expect("block state")
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("fused block: no forward state".into()))?;
+        let saved = saved(&self.saved, self.name())?;
         let w = &self.w;
         let i = self.inter;
         let g = g.contiguous()?;
@@ -1179,33 +1127,14 @@ impl CustomOp1 for MlpBlock {
                 let h = &saved.h;
                 let mut dx = g.to_vec();
                 weight_grad(&w.down, None, g, act, n, i, d);
-                // d(act), then in place: d(gate) into `da`, d(up) into `du`.
-                let mut da = vec![0f32; n * i];
+                let mut d_act = vec![0f32; n * i];
                 weight_slice(&w.down.value, |m| {
-                    Ok(input_grad(g, m, &mut da, n, i, d, false))
+                    Ok(input_grad(g, m, &mut d_act, n, i, d, false))
                 })?;
-                let mut du = vec![0f32; n * i];
-                const CHUNK: usize = 1 << 13;
-                da.par_chunks_mut(CHUNK)
-                    .zip(du.par_chunks_mut(CHUNK))
-                    .zip(gate.par_chunks(CHUNK).zip(up.par_chunks(CHUNK)))
-                    .for_each(|((da, du), (a, u))| {
-                        for j in 0..da.len() {
-                            let s = sigmoid(a[j]);
-                            let gy = da[j];
-                            da[j] = gy * u[j] * s * (1.0 + a[j] * (1.0 - s));
-                            du[j] = gy * a[j] * s;
-                        }
-                    });
+                let (da, du) = swiglu_backward(&d_act, gate, up);
                 weight_grad(&w.gate, None, &da, h, n, d, i);
                 weight_grad(&w.up, None, &du, h, n, d, i);
-                let mut dh = vec![0f32; n * d];
-                weight_slice(&w.gate.value, |m| {
-                    Ok(input_grad(&da, m, &mut dh, n, d, i, false))
-                })?;
-                weight_slice(&w.up.value, |m| {
-                    Ok(input_grad(&du, m, &mut dh, n, d, i, true))
-                })?;
+                let dh = input_grads(&[(&da, &w.gate.value, i), (&du, &w.up.value, i)], n, d)?;
                 let norm = to_vec(&w.norm.value)?;
                 norm_backward(x, &saved.inv, &w.norm, &norm, &dh, &mut dx);
                 Ok(dx)
