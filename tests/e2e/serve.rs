@@ -11,7 +11,7 @@ fn models_dir() -> PathBuf {
         .unwrap_or_else(|| repo().join("models"))
 }
 
-fn smollm2() -> PathBuf {
+pub(crate) fn smollm2() -> PathBuf {
     let path = models_dir().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.is_file(),

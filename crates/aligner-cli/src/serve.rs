@@ -37,8 +37,9 @@ const MAX_CHOICES: usize = 128;
 
 #[derive(clap::Args, Debug)]
 pub struct ServeArgs {
-    /// A `.gguf` file, a Hugging Face model folder, or a hub id `org/name`.
-    pub model: String,
+    /// A `.gguf` file, a Hugging Face model folder, or a hub id `org/name`. Not with
+    /// `--upstream`, where the Aligner is `--aligner MODEL`.
+    pub model: Option<String>,
     /// The address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     pub host: String,
@@ -51,11 +52,29 @@ pub struct ServeArgs {
     /// Most sequences generated together (default: the backend's).
     #[arg(long)]
     pub max_batch: Option<usize>,
+    #[command(flatten)]
+    pub proxy: proxy::ProxyArgs,
 }
 
-/// `aligner serve`: loads the model, listens, and serves until Ctrl-C or SIGTERM.
+/// `aligner serve`: loads the model, listens, and serves until Ctrl-C or SIGTERM. With
+/// `--upstream`, runs the correction proxy instead.
 pub async fn run(args: ServeArgs) -> Result<()> {
-    let (spec, default_name) = model_spec(&args.model)?;
+    if args.proxy.upstream.is_some() {
+        return proxy::run(args).await;
+    }
+    if let Some(flag) = args.proxy.first_set() {
+        return Err(Invalid::Message(format!(
+            "`--{flag}` needs `--upstream URL`\nhint: `aligner serve --upstream URL --aligner MODEL` runs the correction proxy; `aligner serve MODEL` serves one local model"
+        ))
+        .into());
+    }
+    let Some(model) = args.model else {
+        return Err(Invalid::Message(
+            "missing MODEL\nhint: `aligner serve MODEL` serves a local model (`.gguf` file, Hugging Face folder or hub id); `aligner serve --upstream URL --aligner MODEL` runs the correction proxy".into(),
+        )
+        .into());
+    };
+    let (spec, default_name) = model_spec(&model)?;
     let name = args.name.unwrap_or(default_name);
     let max_batch = args.max_batch;
     let generator = tokio::task::spawn_blocking(move || load(&spec, max_batch))
@@ -68,7 +87,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        writeln!(out, "serving {} as {name} on http://{addr}/v1", args.model)?;
+        writeln!(out, "serving {model} as {name} on http://{addr}/v1")?;
         out.flush()?;
     }
     serve(generator, name, listener, interrupted()).await
@@ -648,12 +667,16 @@ fn prompts(value: &Value) -> Result<Vec<String>, ApiError> {
 }
 
 fn plan(endpoint: Endpoint, body: &Bytes) -> Result<Plan, ApiError> {
-    let value = parse_body(body)?;
-    let common = parse_common(&value)?;
+    plan_value(endpoint, &parse_body(body)?)
+}
+
+/// [`plan`] of a body already parsed into a JSON object.
+fn plan_value(endpoint: Endpoint, value: &Value) -> Result<Plan, ApiError> {
+    let common = parse_common(value)?;
     let (sampling, n) = sampling(&common)?;
     let prompts: Vec<Prompt> = match endpoint {
-        Endpoint::Chat => vec![Prompt::Chat(messages(&value)?)],
-        Endpoint::Text => prompts(&value)?.into_iter().map(Prompt::Raw).collect(),
+        Endpoint::Chat => vec![Prompt::Chat(messages(value)?)],
+        Endpoint::Text => prompts(value)?.into_iter().map(Prompt::Raw).collect(),
     };
     if prompts.len() * n > MAX_CHOICES {
         return Err(ApiError::field(
@@ -999,5 +1022,6 @@ impl ChunkStream {
     }
 }
 
+mod proxy;
 #[cfg(test)]
 mod tests;
