@@ -32,7 +32,7 @@ pub fn holder_id() -> String {
 }
 
 /// The holder string names a process on this host that no longer exists.
-fn holder_is_dead(holder: &str) -> bool {
+pub fn holder_is_dead(holder: &str) -> bool {
     let Some((pid, host)) = holder
         .strip_prefix("pid ")
         .and_then(|r| r.split_once(" on "))

@@ -27,7 +27,7 @@ use aligner_backend::TextGenerator;
 use aligner_spec::{ModelSpec, Pipeline};
 use aligner_store::{NewEvent, Store};
 
-pub use lease::holder_id;
+pub use lease::{holder_id, holder_is_dead};
 pub use planner::{Finished, Plan, Stage, Step};
 
 #[derive(Debug, thiserror::Error)]
@@ -277,6 +277,22 @@ impl Engine {
         }
     }
 
+    /// Records a new run of this pipeline without starting it (a daemon queues it, then
+    /// drives it with `RunOptions { run_id: Some(id), .. }`).
+    pub async fn create_run(&self) -> Result<i64> {
+        let snapshot = self.spec.snapshot();
+        let hash = aligner_spec::hash_snapshot(&resume_relevant(&snapshot));
+        Ok(self
+            .store
+            .create_run(
+                &self.spec.name,
+                &self.pipeline_path.display().to_string(),
+                &snapshot.to_string(),
+                &hash,
+            )
+            .await?)
+    }
+
     /// Finds the run to continue (or creates one), takes its lease and drives it to the end.
     pub async fn run(&self, options: &RunOptions) -> Result<RunOutcome> {
         let snapshot = self.spec.snapshot();
@@ -309,20 +325,11 @@ impl Engine {
                         changes,
                     });
                 }
-                (run.id, true)
+                // A run created ahead of its start (a daemon's queued run) has no events yet.
+                let started = !self.store.events(run.id, 0, 1).await?.is_empty();
+                (run.id, started)
             }
-            None => {
-                let id = self
-                    .store
-                    .create_run(
-                        &self.spec.name,
-                        &self.pipeline_path.display().to_string(),
-                        &snapshot.to_string(),
-                        &hash,
-                    )
-                    .await?;
-                (id, false)
-            }
+            None => (self.create_run().await?, false),
         };
         let lease = lease::Lease::acquire(&self.store, run_id, self.interrupt.clone()).await?;
         if !resumed && !options.new_run {

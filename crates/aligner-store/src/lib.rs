@@ -5,6 +5,7 @@
 //! timeout and foreign keys on, and the embedded migrations (`migrations/` at the workspace
 //! root) are applied on open.
 
+mod daemon;
 mod proxy;
 mod readonly;
 mod rows;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
+pub use daemon::JobRow;
 pub use proxy::{NewProxyRecord, ProxyRecordRow};
 pub use readonly::{QueryResult, ReadOnlyError};
 pub use rows::*;

@@ -1,0 +1,593 @@
+//! The HTTP API. Every route but `GET /health` needs the bearer token.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/runs` | submit a pipeline (YAML body; `?base_dir=/abs/dir` for its relative paths); validated before it is queued: 201 with the run, or 422 with every error |
+//! | `GET /v1/runs` | every run the daemon knows, with its queue state and live progress |
+//! | `GET /v1/runs/{id}` | one run: rounds, stages, live progress, failures, evaluation metrics, gate decisions |
+//! | `POST /v1/runs/{id}/cancel` | stop it for good (in-flight items finish and are kept) |
+//! | `POST /v1/runs/{id}/pause`, `/resume` | stop it for now, queue it again |
+//! | `GET /v1/runs/{id}/events` | Server-Sent Events: the run's log events from the store, live progress and state changes, until it ends (`?after=ID` or `Last-Event-ID` to continue; `?follow=0` for the log so far) |
+//! | `GET /v1/runs/{id}/report` | the run's HTML report |
+//! | `POST /v1/sql` | one read-only SQL statement (body: the SQL, or `{"sql": ...}`) |
+//! | `GET /` | the dashboard page |
+//! | `GET /health` | `ok` |
+
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use aligner_spec::Pipeline;
+use axum::body::Body;
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::{Shared, Stop};
+
+/// The file name submitted pipelines are known by in messages (beside their `base_dir`).
+pub const SUBMITTED_FILE: &str = "submitted.yaml";
+
+const TERMINAL: [&str; 3] = ["done", "failed", "cancelled"];
+
+/// An API error: a status and a message that says what to do.
+pub struct ApiError(StatusCode, String, Option<Value>);
+
+impl ApiError {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        ApiError(status, message.into(), None)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": {"status": self.0.as_u16(), "message": self.1}});
+        if let Some(detail) = self.2 {
+            body["error"]["detail"] = detail;
+        }
+        (self.0, Json(body)).into_response()
+    }
+}
+
+impl From<aligner_store::Error> for ApiError {
+    fn from(e: aligner_store::Error) -> Self {
+        match e {
+            aligner_store::Error::NoSuchRun(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, e.to_string())
+            }
+            aligner_store::Error::ReadOnly(_) => {
+                ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            aligner_store::Error::Sql(sqlx_err) => {
+                tracing::warn!("store: {sqlx_err}");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("store query failed: {sqlx_err}"),
+                )
+            }
+            other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+        }
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+pub(crate) fn router(shared: Arc<Shared>) -> Router {
+    let api = Router::new()
+        .route("/", get(dashboard))
+        .route("/v1/runs", get(list_runs).post(submit))
+        .route("/v1/runs/{id}", get(run_detail))
+        .route("/v1/runs/{id}/cancel", post(cancel))
+        .route("/v1/runs/{id}/pause", post(pause))
+        .route("/v1/runs/{id}/resume", post(resume))
+        .route("/v1/runs/{id}/events", get(events))
+        .route("/v1/runs/{id}/report", get(report))
+        .route("/v1/sql", post(sql))
+        .fallback(not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            shared.clone(),
+            authorize,
+        ));
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .merge(api)
+        .with_state(shared)
+}
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!(
+            "no route {method} {}\nhint: the API lives under /v1/ (runs at /v1/runs)",
+            uri.path()
+        ),
+    )
+}
+
+/// Bearer token on every request; `?token=` also on GETs (pages, event streams, report links).
+async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
+    let header_token = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let query_token = if request.method() == Method::GET {
+        request.uri().query().and_then(|q| {
+            q.split('&')
+                .find_map(|kv| kv.strip_prefix("token="))
+                .map(str::to_string)
+        })
+    } else {
+        None
+    };
+    let given = header_token.map(str::to_string).or(query_token);
+    match given {
+        Some(t) if crate::auth::token_matches(&t, &shared.config.token) => next.run(request).await,
+        Some(_) => {
+            let mut r = ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "wrong token\nhint: use the token in the daemon's token file, or ALIGNER_TOKEN",
+            )
+            .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("static header"),
+            );
+            r
+        }
+        None => {
+            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "this API needs a token: send `Authorization: Bearer TOKEN`\nhint: the daemon prints where its token file is when it starts").into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                "Bearer".parse().expect("static header"),
+            );
+            r
+        }
+    }
+}
+
+/// Reads a request body up to the configured limit: 413 beyond it.
+async fn read_body(shared: &Shared, body: Body) -> ApiResult<String> {
+    let limit = shared.config.max_body_bytes;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body over {limit} bytes\nhint: a pipeline file is a few kilobytes; prompts belong in files it names"),
+        )
+    })?;
+    String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "request body is not UTF-8 text"))
+}
+
+fn query_param(uri: &axum::http::Uri, name: &str) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == name).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+async fn submit(
+    State(shared): State<Arc<Shared>>,
+    uri: axum::http::Uri,
+    body: Body,
+) -> ApiResult<Response> {
+    if shared.draining.load(Ordering::Relaxed) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down and takes no new runs",
+        ));
+    }
+    let text = read_body(&shared, body).await?;
+    if text.trim().is_empty() {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty request body\nhint: POST the pipeline YAML, e.g. `curl --data-binary @pipeline.yaml`"));
+    }
+    let base_dir = match query_param(&uri, "base_dir") {
+        Some(d) => {
+            let p = PathBuf::from(&d);
+            if !p.is_absolute() || !p.is_dir() {
+                return Err(ApiError::new(StatusCode::BAD_REQUEST, format!("base_dir `{d}` is not an absolute path to a folder on the daemon's machine")));
+            }
+            p
+        }
+        None => shared.config.base_dir.clone(),
+    };
+    let file = base_dir.join(SUBMITTED_FILE);
+    let spec = Pipeline::from_yaml(&text, &file, &base_dir).map_err(|errors| {
+        let detail: Vec<Value> = errors
+            .0
+            .iter()
+            .map(|e| json!({"line": e.line, "column": e.column, "path": e.yaml_path, "message": e.message, "hint": e.hint}))
+            .collect();
+        ApiError(StatusCode::UNPROCESSABLE_ENTITY, format!("the pipeline does not validate:\n{errors}"), Some(Value::Array(detail)))
+    })?;
+    let name = spec.name.clone();
+    let engine = aligner_engine::Engine::new(
+        shared.store.clone(),
+        spec,
+        &file,
+        shared.factory.clone(),
+        Arc::new(aligner_engine::Silent),
+    );
+    let run_id = engine
+        .create_run()
+        .await
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    shared
+        .store
+        .enqueue_job(run_id, &name, &text, &base_dir.display().to_string())
+        .await?;
+    shared.wake.notify_one();
+    let job = shared.store.job(run_id).await?;
+    Ok((
+        StatusCode::CREATED,
+        [(header::LOCATION, format!("/v1/runs/{run_id}"))],
+        Json(json!({"run_id": run_id, "name": name, "state": "queued", "job": job})),
+    )
+        .into_response())
+}
+
+fn run_id(raw: &str) -> ApiResult<i64> {
+    raw.parse().map_err(|_| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("`{raw}` is not a run id\nhint: run ids are integers; GET /v1/runs lists them"),
+        )
+    })
+}
+
+async fn job_or_404(shared: &Shared, id: i64) -> ApiResult<aligner_store::JobRow> {
+    shared.store.job(id).await?.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no run {id} in this daemon's queue\nhint: GET /v1/runs lists them"),
+        )
+    })
+}
+
+fn live(shared: &Shared, id: i64) -> Value {
+    shared
+        .active(id)
+        .map(|a| a.progress.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        .unwrap_or(Value::Null)
+}
+
+async fn list_runs(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Value>> {
+    let jobs = shared.store.jobs().await?;
+    let mut runs = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let run = shared.store.run(job.run_id).await?;
+        runs.push(json!({
+            "run_id": job.run_id,
+            "name": job.name,
+            "state": job.state,
+            "requested": job.requested,
+            "status": run.status,
+            "error": job.error.or(run.error),
+            "attempts": job.attempts,
+            "submitted_at": job.submitted_at,
+            "started_at": job.started_at,
+            "finished_at": job.finished_at,
+            "progress": live(&shared, job.run_id),
+        }));
+    }
+    Ok(Json(
+        json!({"runs": runs, "running": shared.active_count(), "max_running": shared.config.max_running}),
+    ))
+}
+
+async fn run_detail(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = run_id(&id)?;
+    let job = job_or_404(&shared, id).await?;
+    let store = &shared.store;
+    let run = store.run(id).await?;
+    let failures: Vec<_> = store
+        .events(id, 0, i64::MAX)
+        .await?
+        .into_iter()
+        .filter(|e| e.level == "error" || e.level == "warn")
+        .collect();
+    Ok(Json(json!({
+        "run_id": id,
+        "job": job,
+        "run": run,
+        "progress": live(&shared, id),
+        "rounds": store.round_summaries(id).await?,
+        "stages": store.stages(id).await?,
+        "failures": failures,
+        "evaluation": store.eval_metrics(id).await?,
+        "gate": store.gate_decisions(id).await?,
+        "aligner_eval": store.aligner_eval(id).await?,
+    })))
+}
+
+async fn cancel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = run_id(&id)?;
+    let job = job_or_404(&shared, id).await?;
+    match job.state.as_str() {
+        "queued" | "paused" => {
+            if shared
+                .store
+                .transition_job(id, &["queued", "paused"], "cancelled")
+                .await?
+            {
+                shared
+                    .store
+                    .set_run_status(id, "cancelled", Some("cancelled through the daemon API"))
+                    .await?;
+                return Ok(Json(json!({"run_id": id, "state": "cancelled"})).into_response());
+            }
+            Err(conflict(id, "changed state meanwhile; try again"))
+        }
+        "running" => {
+            shared.store.request_job(id, "cancel").await?;
+            if let Some(a) = shared.active(id) {
+                a.stop(Stop::Cancel);
+            }
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"run_id": id, "state": "running", "requested": "cancel"})),
+            )
+                .into_response())
+        }
+        s => Err(conflict(id, &format!("is already {s}"))),
+    }
+}
+
+async fn pause(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = run_id(&id)?;
+    let job = job_or_404(&shared, id).await?;
+    match job.state.as_str() {
+        "queued" => {
+            if shared
+                .store
+                .transition_job(id, &["queued"], "paused")
+                .await?
+            {
+                return Ok(Json(json!({"run_id": id, "state": "paused"})).into_response());
+            }
+            Err(conflict(id, "changed state meanwhile; try again"))
+        }
+        "running" => {
+            shared.store.request_job(id, "pause").await?;
+            if let Some(a) = shared.active(id) {
+                a.stop(Stop::Pause);
+            }
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"run_id": id, "state": "running", "requested": "pause"})),
+            )
+                .into_response())
+        }
+        s => Err(conflict(
+            id,
+            &format!("is {s}; only queued or running runs pause"),
+        )),
+    }
+}
+
+async fn resume(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> ApiResult<Json<Value>> {
+    let id = run_id(&id)?;
+    let job = job_or_404(&shared, id).await?;
+    if job.state != "paused"
+        || !shared
+            .store
+            .transition_job(id, &["paused"], "queued")
+            .await?
+    {
+        return Err(conflict(
+            id,
+            &format!("is {}; only paused runs resume", job.state),
+        ));
+    }
+    shared.wake.notify_one();
+    Ok(Json(json!({"run_id": id, "state": "queued"})))
+}
+
+fn conflict(id: i64, what: &str) -> ApiError {
+    ApiError::new(StatusCode::CONFLICT, format!("run {id} {what}"))
+}
+
+async fn events(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> ApiResult<Response> {
+    let id = run_id(&id)?;
+    job_or_404(&shared, id).await?;
+    let mut after: i64 = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .or_else(|| query_param(&uri, "after").and_then(|v| v.parse().ok()))
+        .unwrap_or(0);
+    let follow = query_param(&uri, "follow").is_none_or(|v| v != "0" && v != "false");
+    let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
+    tokio::spawn(async move {
+        let mut live: Option<tokio::sync::broadcast::Receiver<Value>> = None;
+        loop {
+            if live.is_none() {
+                live = shared.active(id).map(|a| a.events.subscribe());
+            }
+            // Stored events first (the log), then whatever the engine reports live.
+            let stored = match shared.store.events(id, after, 500).await {
+                Ok(rows) => rows,
+                Err(e) => {
+                    let _ = tx
+                        .send(Event::default().event("error").data(e.to_string()))
+                        .await;
+                    return;
+                }
+            };
+            for row in &stored {
+                after = row.id;
+                let data = serde_json::to_string(row).unwrap_or_default();
+                if tx
+                    .send(
+                        Event::default()
+                            .event("log")
+                            .id(row.id.to_string())
+                            .data(data),
+                    )
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if stored.len() == 500 {
+                continue;
+            }
+            let job = match shared.store.job(id).await {
+                Ok(Some(j)) => j,
+                _ => return,
+            };
+            if !follow || (TERMINAL.contains(&job.state.as_str()) && shared.active(id).is_none()) {
+                // One last look for log rows the run wrote as it ended.
+                if let Ok(rows) = shared.store.events(id, after, 500).await {
+                    for row in rows {
+                        let data = serde_json::to_string(&row).unwrap_or_default();
+                        let _ = tx
+                            .send(
+                                Event::default()
+                                    .event("log")
+                                    .id(row.id.to_string())
+                                    .data(data),
+                            )
+                            .await;
+                    }
+                }
+                let data =
+                    json!({"run_id": id, "state": job.state, "error": job.error}).to_string();
+                let _ = tx.send(Event::default().event("end").data(data)).await;
+                return;
+            }
+            let wait = tokio::time::sleep(Duration::from_millis(500));
+            match live.as_mut() {
+                Some(rx) => {
+                    tokio::select! {
+                        msg = rx.recv() => match msg {
+                            Ok(v) => {
+                                let kind = v["type"].as_str().unwrap_or("progress").to_string();
+                                if tx.send(Event::default().event(kind).data(v.to_string())).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(tokio::sync::broadcast::error::RecvError::Closed) => live = None,
+                        },
+                        _ = wait => {}
+                    }
+                }
+                None => wait.await,
+            }
+            if tx.is_closed() {
+                return;
+            }
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|e| (Ok::<_, Infallible>(e), rx))
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+async fn report(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult<Response> {
+    let id = run_id(&id)?;
+    shared.store.run(id).await?;
+    let Some(render) = shared.report.clone() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "this daemon was started without a report renderer",
+        ));
+    };
+    let html = render(shared.read_only.clone(), id).await.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot render the report: {e:#}"),
+        )
+    })?;
+    Ok(Html(html).into_response())
+}
+
+async fn sql(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult<Json<Value>> {
+    let text = read_body(&shared, body).await?;
+    let is_json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    let query = if is_json {
+        let v: Value = serde_json::from_str(&text)
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, format!("malformed JSON body: {e}\nhint: send {{\"sql\": \"SELECT ...\"}} or the SQL as plain text")))?;
+        v.get("sql")
+            .and_then(Value::as_str)
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "JSON body without a string `sql` field",
+                )
+            })?
+            .to_string()
+    } else {
+        text
+    };
+    let result = shared
+        .read_only
+        .query_read_only(&query)
+        .await
+        .map_err(|e| match e {
+            aligner_store::Error::Sql(err) => {
+                ApiError::new(StatusCode::BAD_REQUEST, format!("SQL error: {err}"))
+            }
+            other => ApiError::from(other),
+        })?;
+    Ok(Json(serde_json::to_value(result).unwrap_or(Value::Null)))
+}
+
+async fn dashboard() -> Html<&'static str> {
+    Html(include_str!("dashboard.html"))
+}

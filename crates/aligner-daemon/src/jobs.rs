@@ -1,0 +1,304 @@
+//! The scheduler: claims queued jobs up to the limit, drives each with the engine, and records
+//! how each ended.
+
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use aligner_engine::{Engine, Observer, RunOptions, Stage};
+use aligner_spec::Pipeline;
+use aligner_store::JobRow;
+use anyhow::Result;
+use serde_json::json;
+
+use crate::{Active, Shared, Stop};
+
+/// A job lease outlives this many milliseconds without renewal only if its daemon is gone.
+const JOB_TTL_MS: i64 = 30_000;
+const TICK: Duration = Duration::from_secs(2);
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Queues again the jobs a dead daemon (or one whose lease lapsed) was driving.
+pub(crate) async fn recover(shared: &Shared) -> Result<u64> {
+    let dead: Vec<String> = shared
+        .store
+        .job_lease_holders()
+        .await?
+        .into_iter()
+        .filter(|h| h != &shared.holder && aligner_engine::holder_is_dead(h))
+        .collect();
+    Ok(shared.store.requeue_orphaned_jobs(now_ms(), &dead).await?)
+}
+
+/// Claims and starts jobs until draining.
+pub(crate) async fn schedule(shared: Arc<Shared>) {
+    loop {
+        if shared.draining.load(Ordering::Relaxed) {
+            return;
+        }
+        if let Err(e) = tick(&shared).await {
+            tracing::warn!("scheduler: {e:#}");
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    }
+}
+
+async fn tick(shared: &Arc<Shared>) -> Result<()> {
+    let now = now_ms();
+    shared
+        .store
+        .renew_job_leases(&shared.holder, now, JOB_TTL_MS)
+        .await?;
+    recover(shared).await?;
+    while !shared.draining.load(Ordering::Relaxed)
+        && shared.active_count() < shared.config.max_running.max(1)
+    {
+        let Some(job) = shared
+            .store
+            .claim_job(&shared.holder, now_ms(), JOB_TTL_MS)
+            .await?
+        else {
+            break;
+        };
+        start(shared, job);
+    }
+    Ok(())
+}
+
+fn start(shared: &Arc<Shared>, job: JobRow) {
+    let run_id = job.run_id;
+    let (events, _) = tokio::sync::broadcast::channel(256);
+    let active = Arc::new(Active {
+        interrupt: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        stop: Mutex::new(None),
+        progress: Mutex::new(json!({})),
+        events,
+    });
+    match job.requested.as_deref() {
+        Some("cancel") => active.stop(Stop::Cancel),
+        Some("pause") => active.stop(Stop::Pause),
+        _ => {}
+    }
+    shared
+        .active
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(run_id, active.clone());
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        let outcome = drive(&shared, &job, &active).await;
+        let (state, error) = match outcome {
+            Ok(()) => ("done", None),
+            Err(Ended::Interrupted) => {
+                match *active.stop.lock().unwrap_or_else(|e| e.into_inner()) {
+                    Some(Stop::Cancel) => ("cancelled", None),
+                    Some(Stop::Pause) => ("paused", None),
+                    // Shutdown, or the lease went to another process: queue it again.
+                    _ => ("queued", None),
+                }
+            }
+            Err(Ended::Failed(e)) => ("failed", Some(e)),
+        };
+        if let Err(e) = finish(&shared, run_id, state, error.as_deref()).await {
+            tracing::error!("run {run_id}: cannot record its end ({state}): {e:#}");
+        }
+        let _ = active
+            .events
+            .send(json!({"type": "state", "run_id": run_id, "state": state, "error": error}));
+        shared
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&run_id);
+        shared.wake.notify_one();
+    });
+}
+
+async fn finish(shared: &Shared, run_id: i64, state: &str, error: Option<&str>) -> Result<()> {
+    shared.store.set_job_state(run_id, state, error).await?;
+    if state == "cancelled" {
+        shared
+            .store
+            .set_run_status(
+                run_id,
+                "cancelled",
+                Some("cancelled through the daemon API"),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+enum Ended {
+    Interrupted,
+    Failed(String),
+}
+
+async fn drive(shared: &Arc<Shared>, job: &JobRow, active: &Arc<Active>) -> Result<(), Ended> {
+    let yaml = shared
+        .store
+        .job_pipeline(job.run_id)
+        .await
+        .map_err(|e| Ended::Failed(e.to_string()))?
+        .ok_or_else(|| Ended::Failed("the job's pipeline text is missing".into()))?;
+    let base = std::path::PathBuf::from(&job.base_dir);
+    let file = base.join(crate::api::SUBMITTED_FILE);
+    // Validated on submit; checked again since `${VAR}`s and files may have changed since.
+    let spec =
+        Pipeline::from_yaml(&yaml, &file, &base).map_err(|e| Ended::Failed(e.to_string()))?;
+    let observer = Arc::new(JobObserver::new(job.run_id, active.clone()));
+    let engine = Engine::new(
+        shared.store.clone(),
+        spec,
+        &file,
+        shared.factory.clone(),
+        observer,
+    );
+    // Link the engine's interrupt flag to ours: a stop raised before the engine existed holds.
+    let flag = engine.interrupt_flag();
+    let watch = {
+        let (ours, flag) = (active.interrupt.clone(), flag.clone());
+        tokio::spawn(async move {
+            loop {
+                if ours.load(Ordering::Relaxed) {
+                    flag.store(true, Ordering::Relaxed);
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+    };
+    let result = engine
+        .run(&RunOptions {
+            run_id: Some(job.run_id),
+            ..Default::default()
+        })
+        .await;
+    watch.abort();
+    match result {
+        Ok(_) => Ok(()),
+        Err(aligner_engine::Error::Interrupted { .. })
+        | Err(aligner_engine::Error::LeaseLost { .. }) => Err(Ended::Interrupted),
+        Err(e) => Err(Ended::Failed(e.to_string())),
+    }
+}
+
+/// Interrupts every run and waits up to `grace` for them to commit and stop. True when all did.
+pub(crate) async fn drain(shared: &Arc<Shared>, grace: Duration) -> bool {
+    let actives: Vec<Arc<Active>> = shared
+        .active
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .values()
+        .cloned()
+        .collect();
+    for a in &actives {
+        a.stop(Stop::Shutdown);
+    }
+    let deadline = Instant::now() + grace;
+    while shared.active_count() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    shared.active_count() == 0
+}
+
+/// Forwards the engine's progress to the run's event stream and keeps the latest snapshot for
+/// the run detail.
+struct JobObserver {
+    run_id: i64,
+    active: Arc<Active>,
+    stage: Mutex<StageProgress>,
+}
+
+#[derive(Default)]
+struct StageProgress {
+    round: u32,
+    stage: &'static str,
+    total: u64,
+    done: u64,
+    failed: u64,
+    last_sent: Option<Instant>,
+}
+
+impl JobObserver {
+    fn new(run_id: i64, active: Arc<Active>) -> Self {
+        JobObserver {
+            run_id,
+            active,
+            stage: Mutex::new(StageProgress::default()),
+        }
+    }
+
+    fn publish(&self, kind: &str, p: &mut StageProgress, force: bool) {
+        let now = Instant::now();
+        if !force
+            && p.last_sent
+                .is_some_and(|t| now - t < Duration::from_millis(250))
+        {
+            return;
+        }
+        p.last_sent = Some(now);
+        let v = json!({
+            "type": kind,
+            "run_id": self.run_id,
+            "round": p.round,
+            "stage": p.stage,
+            "total": p.total,
+            "done": p.done,
+            "failed": p.failed,
+        });
+        *self
+            .active
+            .progress
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = v.clone();
+        let _ = self.active.events.send(v);
+    }
+}
+
+impl Observer for JobObserver {
+    fn stage_started(&self, round: u32, stage: Stage, total: u64, already_done: u64) {
+        let mut p = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        *p = StageProgress {
+            round,
+            stage: stage.as_str(),
+            total,
+            done: already_done,
+            failed: 0,
+            last_sent: None,
+        };
+        self.publish("stage_started", &mut p, true);
+    }
+
+    fn advanced(&self, ok: u64, failed: u64) {
+        let mut p = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        p.done += ok + failed;
+        p.failed += failed;
+        self.publish("progress", &mut p, false);
+    }
+
+    fn stage_finished(&self, round: u32, stage: Stage, ok: u64, failed: u64) {
+        let mut p = self.stage.lock().unwrap_or_else(|e| e.into_inner());
+        p.round = round;
+        p.stage = stage.as_str();
+        p.done = p.done.max(ok + failed);
+        p.failed = failed;
+        self.publish("stage_finished", &mut p, true);
+    }
+
+    fn note(&self, message: &str) {
+        let _ = self
+            .active
+            .events
+            .send(json!({"type": "note", "run_id": self.run_id, "message": message}));
+    }
+}

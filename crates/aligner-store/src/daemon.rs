@@ -1,0 +1,188 @@
+//! The daemon's queue (`daemon_jobs`): submitted pipelines waiting for, holding or done with a
+//! worker slot, with a lease naming the daemon process that claimed each.
+
+use serde::Serialize;
+
+use crate::{Result, Store};
+
+const JOB_COLUMNS: &str = "run_id, name, base_dir, state, requested, error, attempts, lease_holder, lease_expires_ms, submitted_at, started_at, finished_at, updated_at";
+
+/// One queued, running or finished job (the pipeline text is read separately).
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct JobRow {
+    pub run_id: i64,
+    pub name: String,
+    pub base_dir: String,
+    pub state: String,
+    pub requested: Option<String>,
+    pub error: Option<String>,
+    pub attempts: i64,
+    pub lease_holder: Option<String>,
+    pub lease_expires_ms: Option<i64>,
+    pub submitted_at: String,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    pub updated_at: String,
+}
+
+const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+
+impl Store {
+    /// Queues the run `run_id` (already created) for a daemon.
+    pub async fn enqueue_job(
+        &self,
+        run_id: i64,
+        name: &str,
+        pipeline_yaml: &str,
+        base_dir: &str,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO daemon_jobs (run_id, name, pipeline_yaml, base_dir) VALUES (?, ?, ?, ?)",
+        )
+        .bind(run_id)
+        .bind(name)
+        .bind(pipeline_yaml)
+        .bind(base_dir)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn jobs(&self) -> Result<Vec<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM daemon_jobs ORDER BY run_id"
+        ))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn job(&self, run_id: i64) -> Result<Option<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "SELECT {JOB_COLUMNS} FROM daemon_jobs WHERE run_id = ?"
+        ))
+        .bind(run_id)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// The submitted pipeline text of a job.
+    pub async fn job_pipeline(&self, run_id: i64) -> Result<Option<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT pipeline_yaml FROM daemon_jobs WHERE run_id = ?")
+                .bind(run_id)
+                .fetch_optional(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Claims the oldest queued job for `holder`: it becomes `running` with a lease until
+    /// `now_ms + ttl_ms`. None when nothing is queued.
+    pub async fn claim_job(
+        &self,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<Option<JobRow>> {
+        Ok(sqlx::query_as::<_, JobRow>(&format!(
+            "UPDATE daemon_jobs SET state = 'running', lease_holder = ?, lease_expires_ms = ?,
+                    attempts = attempts + 1, started_at = COALESCE(started_at, {NOW}), updated_at = {NOW}
+             WHERE run_id = (SELECT run_id FROM daemon_jobs WHERE state = 'queued' ORDER BY run_id LIMIT 1)
+             RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(holder)
+        .bind(now_ms + ttl_ms)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Extends `holder`'s leases on its running jobs.
+    pub async fn renew_job_leases(&self, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<()> {
+        sqlx::query(
+            "UPDATE daemon_jobs SET lease_expires_ms = ? WHERE lease_holder = ? AND state = 'running'",
+        )
+        .bind(now_ms + ttl_ms)
+        .bind(holder)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Running jobs whose lease another holder took and let lapse, or whose holder is one of
+    /// `dead_holders`, go back to the queue. Returns how many.
+    pub async fn requeue_orphaned_jobs(&self, now_ms: i64, dead_holders: &[String]) -> Result<u64> {
+        let mut n = sqlx::query(&format!(
+            "UPDATE daemon_jobs SET state = 'queued', lease_holder = NULL, lease_expires_ms = NULL, updated_at = {NOW}
+             WHERE state = 'running' AND (lease_holder IS NULL OR lease_expires_ms < ?)"
+        ))
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        for holder in dead_holders {
+            n += sqlx::query(&format!(
+                "UPDATE daemon_jobs SET state = 'queued', lease_holder = NULL, lease_expires_ms = NULL, updated_at = {NOW}
+                 WHERE state = 'running' AND lease_holder = ?"
+            ))
+            .bind(holder)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(n)
+    }
+
+    /// Holders of running jobs' leases (to check which of them are dead).
+    pub async fn job_lease_holders(&self) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT DISTINCT lease_holder FROM daemon_jobs WHERE state = 'running' AND lease_holder IS NOT NULL",
+        )
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Moves a job to `state`, releasing its lease and clearing the request it honoured.
+    pub async fn set_job_state(&self, run_id: i64, state: &str, error: Option<&str>) -> Result<()> {
+        sqlx::query(&format!(
+            "UPDATE daemon_jobs SET state = ?, error = ?, requested = NULL, lease_holder = NULL,
+                    lease_expires_ms = NULL, updated_at = {NOW},
+                    finished_at = CASE WHEN ? IN ('done', 'failed', 'cancelled') THEN {NOW} END
+             WHERE run_id = ?"
+        ))
+        .bind(state)
+        .bind(error)
+        .bind(state)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records a pause or cancel request on a running job; false when the job is not running.
+    pub async fn request_job(&self, run_id: i64, request: &str) -> Result<bool> {
+        Ok(sqlx::query(&format!(
+            "UPDATE daemon_jobs SET requested = ?, updated_at = {NOW} WHERE run_id = ? AND state = 'running'"
+        ))
+        .bind(request)
+        .bind(run_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+
+    /// Moves a job from one of `from` to `to` in one statement; false when it was in another
+    /// state (the caller reports the conflict).
+    pub async fn transition_job(&self, run_id: i64, from: &[&str], to: &str) -> Result<bool> {
+        let placeholders = vec!["?"; from.len()].join(", ");
+        let sql = format!(
+            "UPDATE daemon_jobs SET state = ?, requested = NULL, updated_at = {NOW},
+                    finished_at = CASE WHEN ? IN ('done', 'failed', 'cancelled') THEN {NOW} END
+             WHERE run_id = ? AND state IN ({placeholders})"
+        );
+        let mut q = sqlx::query(&sql).bind(to).bind(to).bind(run_id);
+        for f in from {
+            q = q.bind(*f);
+        }
+        Ok(q.execute(&self.pool).await?.rows_affected() == 1)
+    }
+}
