@@ -11,6 +11,7 @@ use serde_json::Value;
 mod evaluate;
 mod fetch;
 mod local;
+mod report;
 mod proxy;
 mod semantic;
 mod serve;

@@ -81,6 +81,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// A run as a self-contained HTML page and its Markdown twin (`reports/<run id>/`).
+    Report(crate::report::ReportArgs),
     /// Query the store read-only with SQL (the query, or stdin when omitted).
     Sql {
         query: Option<String>,
@@ -216,6 +218,10 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             .await
         }
         Command::Status { run, store, json } => status(run.as_deref(), &store, json).await,
+        Command::Report(args) => {
+            let path = store_path(&args.store, None);
+            crate::report::run(args, path).await
+        }
         Command::Sql {
             query,
             store,

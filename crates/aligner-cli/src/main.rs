@@ -10,6 +10,7 @@ mod embedder;
 mod fetch;
 mod output;
 mod progress;
+mod report;
 mod serve;
 mod trainer;
 

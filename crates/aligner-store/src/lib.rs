@@ -8,6 +8,7 @@
 mod daemon;
 mod proxy;
 mod readonly;
+mod report;
 mod rows;
 
 use std::path::{Path, PathBuf};
@@ -20,6 +21,7 @@ use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 pub use daemon::JobRow;
 pub use proxy::{NewProxyRecord, ProxyRecordRow};
 pub use readonly::{QueryResult, ReadOnlyError};
+pub use report::*;
 pub use rows::*;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");

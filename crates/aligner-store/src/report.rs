@@ -1,0 +1,193 @@
+//! Read-only queries for `aligner report`: training outcomes per round, and examples of the
+//! Aligner's corrections (training pairs, held-out answers) to show beside their originals.
+
+use serde::Serialize;
+
+use crate::{Result, Store};
+
+/// A round's training job as the report shows it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct TrainingJobReport {
+    pub round: i64,
+    pub method: String,
+    pub backend: String,
+    pub status: String,
+    pub pairs: i64,
+    pub attempts: i64,
+    pub exit_code: Option<i64>,
+    pub reference_policy: String,
+    pub reference_model: String,
+    pub base_model: String,
+    pub error: Option<String>,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+}
+
+/// One training metric of one round's job: its first and last logged values, and its range.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct TrainingMetricSummary {
+    pub round: i64,
+    pub name: String,
+    pub steps: i64,
+    pub first_step: i64,
+    pub first_value: f64,
+    pub last_step: i64,
+    pub last_value: f64,
+    pub min_value: f64,
+    pub max_value: f64,
+}
+
+/// One logged value of a training metric.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct TrainingMetricPoint {
+    pub round: i64,
+    pub step: i64,
+    pub value: f64,
+}
+
+/// A pair of a round: the prompt, the original answer (`rejected`) and the Aligner's
+/// correction (`chosen`), with the synthesize stage's verdict.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct PairExample {
+    pub id: i64,
+    pub round: i64,
+    pub prompt_id: i64,
+    pub prompt: String,
+    /// The prompt's metadata (JSON object text).
+    pub metadata: Option<String>,
+    pub rejected: Option<String>,
+    pub chosen: Option<String>,
+    pub verdict: String,
+    pub reason: Option<String>,
+    pub edit_distance: Option<f64>,
+}
+
+/// A held-out prompt with one model version's answer and the Aligner's correction of it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct EvalExample {
+    pub version: i64,
+    pub prompt_id: i64,
+    pub prompt: String,
+    pub metadata: Option<String>,
+    pub answer_status: String,
+    pub answer: Option<String>,
+    pub answer_refusal: Option<i64>,
+    pub answer_degenerate: Option<String>,
+    pub corrected_status: Option<String>,
+    pub corrected: Option<String>,
+    pub corrected_refusal: Option<i64>,
+    pub corrected_degenerate: Option<String>,
+}
+
+impl Store {
+    /// Every training job of a run (round 0 is the pipeline's own Aligner), by round.
+    pub async fn report_training_jobs(&self, run_id: i64) -> Result<Vec<TrainingJobReport>> {
+        Ok(sqlx::query_as::<_, TrainingJobReport>(
+            "SELECT round, method, backend, status, pairs, attempts, exit_code, reference_policy,
+                    reference_model, base_model, error, started_at, finished_at
+             FROM training_jobs WHERE run_id = ? ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Per round and metric name, the first and last logged value (`training_metrics`).
+    pub async fn report_training_metrics(&self, run_id: i64) -> Result<Vec<TrainingMetricSummary>> {
+        Ok(sqlx::query_as::<_, TrainingMetricSummary>(
+            "SELECT j.round, m.name, count(*) AS steps,
+                    min(m.step) AS first_step,
+                    (SELECT f.value FROM training_metrics f
+                      WHERE f.training_job_id = m.training_job_id AND f.name = m.name
+                      ORDER BY f.step ASC LIMIT 1) AS first_value,
+                    max(m.step) AS last_step,
+                    (SELECT l.value FROM training_metrics l
+                      WHERE l.training_job_id = m.training_job_id AND l.name = m.name
+                      ORDER BY l.step DESC LIMIT 1) AS last_value,
+                    min(m.value) AS min_value, max(m.value) AS max_value
+             FROM training_metrics m JOIN training_jobs j ON j.id = m.training_job_id
+             WHERE j.run_id = ?
+             GROUP BY j.round, m.training_job_id, m.name
+             ORDER BY j.round, m.name",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Every logged value of one training metric of a run, by round and step.
+    pub async fn training_metric_series(
+        &self,
+        run_id: i64,
+        name: &str,
+    ) -> Result<Vec<TrainingMetricPoint>> {
+        Ok(sqlx::query_as::<_, TrainingMetricPoint>(
+            "SELECT j.round, m.step, m.value
+             FROM training_metrics m JOIN training_jobs j ON j.id = m.training_job_id
+             WHERE j.run_id = ? AND m.name = ? ORDER BY j.round, m.step",
+        )
+        .bind(run_id)
+        .bind(name)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Up to `limit` pairs of a round, kept ones first, in the order they were made.
+    pub async fn pair_examples(
+        &self,
+        run_id: i64,
+        round: i64,
+        limit: i64,
+    ) -> Result<Vec<PairExample>> {
+        Ok(sqlx::query_as::<_, PairExample>(
+            "SELECT x.id, x.round, x.prompt_id, p.prompt, p.metadata, x.rejected, x.chosen,
+                    x.verdict, x.reason, x.edit_distance
+             FROM pairs x JOIN prompts p ON p.id = x.prompt_id
+             WHERE x.run_id = ? AND x.round = ?
+             ORDER BY x.verdict = 'kept' DESC, x.id
+             LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Up to `limit` held-out prompts with version `version`'s answer and its correction, in
+    /// prompt order; and how many held-out answers that version has in all.
+    pub async fn eval_examples(
+        &self,
+        run_id: i64,
+        version: i64,
+        limit: i64,
+    ) -> Result<(Vec<EvalExample>, i64)> {
+        let rows = sqlx::query_as::<_, EvalExample>(
+            "SELECT a.version, a.prompt_id, p.prompt, p.metadata,
+                    a.status AS answer_status, a.text AS answer, a.refusal AS answer_refusal,
+                    a.degenerate AS answer_degenerate,
+                    c.status AS corrected_status, c.text AS corrected,
+                    c.refusal AS corrected_refusal, c.degenerate AS corrected_degenerate
+             FROM eval_answers a JOIN prompts p ON p.id = a.prompt_id
+             LEFT JOIN eval_answers c
+               ON c.run_id = a.run_id AND c.version = a.version AND c.prompt_id = a.prompt_id
+              AND c.kind = 'corrected'
+             WHERE a.run_id = ? AND a.version = ? AND a.kind = 'answer'
+             ORDER BY p.idx
+             LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(version)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        let total: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM eval_answers WHERE run_id = ? AND version = ? AND kind = 'answer'",
+        )
+        .bind(run_id)
+        .bind(version)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok((rows, total))
+    }
+}
