@@ -13,6 +13,14 @@ need() { # import name, pip requirement
 need datasets datasets
 need openai "openai>=1.40"
 
+# Headless Chromium renders `aligner report`'s page in the report tests (Debian's package).
+if ! command -v chromium >/dev/null 2>&1; then
+    sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+fi
+
 cargo fmt --all -- --check
 
 # Build the suite (and the `aligner` binary it runs) first, then fetch the real models the
