@@ -514,12 +514,16 @@ fn gate_row(g: &GateDecisionRow) -> Row {
     .data("round", g.round.to_string())
 }
 
+/// The metrics drawn in one chart: a series per metric name, a point per round.
+struct Family<'a> {
+    title: String,
+    y_desc: &'static str,
+    series: BTreeMap<String, Vec<&'a EvalMetricRow>>,
+}
+
 fn evaluation_charts(d: &Data, out: &mut Vec<Block>) -> Result<()> {
     // Families in a fixed order: omega per aspect, refusals, lengths, degenerate outputs.
-    let mut families: BTreeMap<
-        (u8, String),
-        (String, &'static str, BTreeMap<String, Vec<&EvalMetricRow>>),
-    > = BTreeMap::new();
+    let mut families: BTreeMap<(u8, String), Family> = BTreeMap::new();
     for m in &d.metrics {
         let (slug, title, y) = family(&m.name);
         let order = match slug.as_str() {
@@ -533,15 +537,21 @@ fn evaluation_charts(d: &Data, out: &mut Vec<Block>) -> Result<()> {
         };
         families
             .entry((order, slug))
-            .or_insert_with(|| (title, y, BTreeMap::new()))
-            .2
+            .or_insert_with(|| Family {
+                title,
+                y_desc: y,
+                series: BTreeMap::new(),
+            })
+            .series
             .entry(m.name.clone())
             .or_default()
             .push(m);
     }
-    for ((_, slug), (title, y, series)) in &families {
+    for ((_, slug), f) in &families {
+        let (title, y) = (&f.title, f.y_desc);
         let omega = slug.starts_with("omega-");
-        let series: Vec<charts::Series> = series
+        let series: Vec<charts::Series> = f
+            .series
             .iter()
             .filter(|(_, rows)| rows.iter().any(|m| m.value.is_some()))
             .map(|(name, rows)| charts::Series {
@@ -1149,13 +1159,174 @@ fn pair_example(p: &PairExample, labels: Option<&LabelRule>) -> Example {
 mod tests {
     use super::*;
 
+    /// A run with the pipeline's own Aligner (round 0, trained with per-step metrics) and one
+    /// round whose train stage failed; evaluation configured but never reached.
+    fn failed_run() -> Data {
+        let run = RunRow {
+            id: 7,
+            name: "p".into(),
+            pipeline_path: "p.yaml".into(),
+            spec_json: r#"{"rounds": {"count": 2, "train": {}, "evaluate": {"judge": "j"}}}"#
+                .into(),
+            spec_hash: "abc".into(),
+            status: "failed".into(),
+            error: Some("round 1: train failed".into()),
+            lease_holder: None,
+            lease_expires_ms: None,
+            created_at: "t0".into(),
+            updated_at: "t1".into(),
+            finished_at: None,
+        };
+        let stage = |round: i64, stage: &str, status: &str, error: Option<&str>| StageRow {
+            run_id: 7,
+            round,
+            stage: stage.into(),
+            status: status.into(),
+            total: Some(2),
+            done: 2,
+            failed: 0,
+            executions: 1,
+            error: error.map(String::from),
+            started_at: "t".into(),
+            finished_at: None,
+        };
+        let metric = |round: i64, name: &str, first: f64, last: f64| TrainingMetricSummary {
+            round,
+            name: name.into(),
+            steps: 2,
+            first_step: 1,
+            first_value: first,
+            last_step: 2,
+            last_value: last,
+            min_value: first.min(last),
+            max_value: first.max(last),
+        };
+        let job = |round: i64, status: &str| TrainingJobReport {
+            round,
+            method: if round == 0 { "aligner_sft" } else { "dpo" }.into(),
+            backend: "builtin".into(),
+            status: status.into(),
+            pairs: 2,
+            attempts: 1,
+            exit_code: None,
+            reference_policy: "initial".into(),
+            reference_model: "base".into(),
+            base_model: "base".into(),
+            error: (status == "failed").then(|| "out of memory".into()),
+            started_at: "t".into(),
+            finished_at: None,
+        };
+        Data {
+            spec: SpecFacts::parse(&run.spec_json),
+            run,
+            rounds: vec![RoundRow {
+                run_id: 7,
+                round: 1,
+                status: "failed".into(),
+                upstream_model: "up".into(),
+                upstream_ref: "up-ref".into(),
+                checkpoint_id: None,
+                started_at: "t".into(),
+                finished_at: None,
+            }],
+            summaries: Vec::new(),
+            stages: vec![
+                stage(0, "ingest", "done", None),
+                stage(0, "train_aligner", "done", None),
+                stage(1, "generate", "done", None),
+                stage(1, "train", "failed", Some("out of memory\nmore")),
+            ],
+            aligner_eval: vec![AlignerEvalRow {
+                label: "harmful".into(),
+                rows: 2,
+                refusal_rate_answer: Some(0.0),
+                refusal_rate_teacher: Some(1.0),
+                refusal_rate_aligner: Some(0.5),
+                copy_rate: Some(0.0),
+                mean_edit_distance: Some(0.75),
+            }],
+            aligner_holdout: vec![AlignerExampleRow {
+                id: 1,
+                idx: 3,
+                source_id: "h3".into(),
+                split: "holdout".into(),
+                label: Some("harmful".into()),
+                question: "how do I <pick> a lock?".into(),
+                answer: Some("Sure, here is how".into()),
+                answer_finish: Some("stop".into()),
+                correction: None,
+                output: Some("I can't help with that".into()),
+            }],
+            metrics: Vec::new(),
+            gates: Vec::new(),
+            jobs: vec![job(0, "done"), job(1, "failed")],
+            train_metrics: vec![
+                metric(0, "loss", 2.0, 1.25),
+                metric(1, "loss", 0.7, 0.69),
+                metric(1, "rewards/accuracies", 0.5, 0.75),
+            ],
+            loss: vec![
+                TrainingMetricPoint {
+                    round: 0,
+                    step: 1,
+                    value: 2.0,
+                },
+                TrainingMetricPoint {
+                    round: 0,
+                    step: 2,
+                    value: 1.25,
+                },
+            ],
+            pairs: BTreeMap::new(),
+            eval: BTreeMap::new(),
+            cap: 20,
+        }
+    }
+
+    #[test]
+    fn a_failed_run_with_its_own_aligner_reads_whole() {
+        let blocks = build(&failed_run()).unwrap();
+        let page = html::render("Run 7", &blocks);
+        let md = markdown::render("Run 7", &blocks);
+        // The failure, where it happened.
+        assert!(page.contains("<p class=\"error\">the run failed: round 1: train failed</p>"));
+        assert!(page.contains("stage `train` failed: out of memory\nmore"));
+        assert!(page.contains("<p class=\"error\">training failed: out of memory</p>"));
+        // Evaluation configured but never reached, said per round.
+        assert!(page.contains("no round has evaluation metrics yet"));
+        assert!(
+            page.contains("no evaluation metrics for this round: its evaluate stage has not run")
+        );
+        assert!(!page.contains("no evaluation configured"));
+        // Training metrics per round, exactly, and the loss curve.
+        assert!(page.contains("<tr data-round=\"1\" data-metric=\"rewards/accuracies\"><td>rewards/accuracies</td><td class=\"num\" data-value=\"2\">2</td><td class=\"num\" data-value=\"0.5\">0.5</td><td class=\"num\" data-value=\"0.75\">0.75</td>"));
+        assert!(md.contains("| loss | 2 | 2 | 1.25 | 1.25 | 2 | 2 |"));
+        assert!(page.contains("<figure id=\"chart-training-loss\"><svg"));
+        assert!(md.contains("![Training loss by step](chart-training-loss.svg)"));
+        // Round 0: its stages without ingest, its held-out check and rows, escaped.
+        assert!(page.contains("Round 0: the pipeline&#39;s own Aligner"));
+        assert!(
+            page.contains("data-stage=\"train_aligner\"")
+                && !page.contains("data-stage=\"ingest\"")
+        );
+        assert!(page.contains("<td class=\"num\" data-value=\"0.5\">50%</td>"));
+        assert!(page.contains("how do I &lt;pick&gt; a lock?"));
+        assert!(
+            page.contains("<del>Sure, here is how</del>")
+                && page.contains("<ins>I can&#39;t help with that</ins>")
+        );
+        assert!(md.contains("~~Sure, here is how~~ **I can't help with that**"));
+        assert!(page.contains("all 1 held-out rows"));
+        assert!(page.contains("no pairs (kept first)"));
+    }
+
     #[test]
     fn numbers_read_well() {
         assert_eq!(metric_num(100.0), "100");
         assert_eq!(metric_num(33.333333333333336), "33.33");
         assert_eq!(metric_num(-0.0001), "0");
         assert_eq!(metric_num(12.5), "12.5");
-        assert_eq!(train_num(0.693147), "0.6931");
+        assert_eq!(train_num(0.6912345), "0.6912");
         assert_eq!(train_num(12.34567), "12.35");
         assert_eq!(train_num(5e-5), "5.000e-5");
         assert_eq!(train_num(0.0), "0");

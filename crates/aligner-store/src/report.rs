@@ -191,3 +191,89 @@ impl Store {
         Ok((rows, total))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::NewTrainingJob;
+
+    #[tokio::test]
+    async fn training_metrics_read_first_and_last_values_per_round() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("s.db")).await.unwrap();
+        let run = store.create_run("p", "p.yaml", "{}", "h").await.unwrap();
+        let mut jobs = Vec::new();
+        for round in [0, 1] {
+            let job = store
+                .start_training_job(&NewTrainingJob {
+                    run_id: run,
+                    round,
+                    method: "dpo",
+                    backend: "builtin",
+                    hyperparameters: serde_json::json!({}),
+                    reference_policy: "initial",
+                    reference_model: "base",
+                    base_model: "base",
+                    data_path: "d.jsonl",
+                    pairs: 4,
+                    output_dir: "out",
+                    command: None,
+                })
+                .await
+                .unwrap();
+            jobs.push(job.id);
+        }
+        // Steps logged out of order: first and last go by step, not by insertion.
+        for (step, loss) in [(2, 0.5), (1, 0.7), (3, 0.6)] {
+            let values = [
+                ("loss".to_string(), loss),
+                ("rewards/accuracies".to_string(), step as f64 / 4.0),
+            ];
+            store
+                .record_training_metrics(jobs[1], step, &values)
+                .await
+                .unwrap();
+        }
+        store
+            .record_training_metrics(jobs[0], 1, &[("loss".to_string(), 2.0)])
+            .await
+            .unwrap();
+        store
+            .finish_training_job(jobs[1], "done", Some(0), None)
+            .await
+            .unwrap();
+
+        let m = store.report_training_metrics(run).await.unwrap();
+        let loss1 = m.iter().find(|m| m.round == 1 && m.name == "loss").unwrap();
+        assert_eq!(
+            (
+                loss1.steps,
+                loss1.first_step,
+                loss1.first_value,
+                loss1.last_step,
+                loss1.last_value
+            ),
+            (3, 1, 0.7, 3, 0.6)
+        );
+        assert_eq!((loss1.min_value, loss1.max_value), (0.5, 0.7));
+        assert_eq!(m.iter().filter(|m| m.round == 0).count(), 1);
+        assert_eq!(m.len(), 3);
+
+        let series = store.training_metric_series(run, "loss").await.unwrap();
+        let got: Vec<(i64, i64, f64)> = series.iter().map(|p| (p.round, p.step, p.value)).collect();
+        assert_eq!(got, [(0, 1, 2.0), (1, 1, 0.7), (1, 2, 0.5), (1, 3, 0.6)]);
+
+        let jobs = store.report_training_jobs(run).await.unwrap();
+        assert_eq!(jobs.len(), 2);
+        assert_eq!(
+            (jobs[1].status.as_str(), jobs[1].exit_code),
+            ("done", Some(0))
+        );
+        assert!(jobs[0].finished_at.is_none());
+
+        // Nothing evaluated: no examples, none counted.
+        let (rows, total) = store.eval_examples(run, 1, 20).await.unwrap();
+        assert!(rows.is_empty() && total == 0);
+        assert!(store.pair_examples(run, 1, 20).await.unwrap().is_empty());
+    }
+}
