@@ -296,7 +296,7 @@ fn the_report_holds_the_stored_numbers_charts_and_escaped_diffs() {
     let held = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'holdout'");
     assert!(
         html.contains(&format!(
-            "showing 3 of {held} held-out prompts ({} left out)",
+            "showing 3 of {held} held-out prompts ({} left out",
             held - 3
         )),
         "no cap note"

@@ -864,12 +864,13 @@ fn label_tone(label: &str) -> Tone {
 fn push_examples(out: &mut Vec<Block>, shown: Vec<Example>, total: i64, what: &str) {
     let n = shown.len() as i64;
     if n == 0 {
+        let what = what.split(',').next().unwrap_or(what);
         out.push(Block::Note(format!("no {what}")));
         return;
     }
     let left = total - n;
     out.push(Block::Note(if left > 0 {
-        format!("showing {n} of {total} {what} ({left} left out)")
+        format!("showing {n} of {total} {what} ({left} left out, `--examples N` shows more)")
     } else {
         format!("all {total} {what}")
     }));
@@ -1078,7 +1079,7 @@ fn round(d: &Data, r: &RoundRow, out: &mut Vec<Block>) {
                 .collect()
         })
         .unwrap_or_default();
-    push_examples(out, shown, total, "pairs (kept first)");
+    push_examples(out, shown, total, "pairs, kept ones first");
 }
 
 /// An `eval_metrics.detail` JSON object as `key value, ...`.
@@ -1317,7 +1318,7 @@ mod tests {
         );
         assert!(md.contains("~~Sure, here is how~~ **I can't help with that**"));
         assert!(page.contains("all 1 held-out rows"));
-        assert!(page.contains("no pairs (kept first)"));
+        assert!(page.contains("<p class=\"note\">no pairs</p>"));
     }
 
     #[test]
