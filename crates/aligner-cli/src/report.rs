@@ -865,7 +865,11 @@ fn push_examples(out: &mut Vec<Block>, shown: Vec<Example>, total: i64, what: &s
     let n = shown.len() as i64;
     if n == 0 {
         let what = what.split(',').next().unwrap_or(what);
-        out.push(Block::Note(format!("no {what}")));
+        out.push(Block::Note(if total > 0 {
+            format!("{total} {what}, none shown (`--examples N` shows some)")
+        } else {
+            format!("no {what}")
+        }));
         return;
     }
     let left = total - n;
