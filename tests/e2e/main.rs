@@ -8,11 +8,12 @@ use std::time::{Duration, Instant};
 use aligner_mockserver::{MockConfig, MockServer};
 use serde_json::Value;
 
+mod daemon;
 mod evaluate;
 mod fetch;
 mod local;
-mod report;
 mod proxy;
+mod report;
 mod semantic;
 mod serve;
 

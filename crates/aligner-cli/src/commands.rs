@@ -109,6 +109,43 @@ pub enum Command {
         #[command(flatten)]
         store: StoreArg,
     },
+    /// The orchestrator daemon: a queue of runs in one store behind an authenticated HTTP API.
+    Daemon(crate::daemon::DaemonArgs),
+    /// Queue a pipeline on a daemon (`--daemon` or ALIGNER_DAEMON); without one, run it here.
+    Submit {
+        file: PathBuf,
+        #[command(flatten)]
+        daemon: crate::daemon::DaemonArg,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// The runs of a daemon, or of a store.
+    Runs {
+        #[command(flatten)]
+        daemon: crate::daemon::DaemonArg,
+        #[command(flatten)]
+        store: StoreArg,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a run: through its daemon, or in a store when no process drives it.
+    Cancel {
+        run: String,
+        #[command(flatten)]
+        daemon: crate::daemon::DaemonArg,
+        #[command(flatten)]
+        store: StoreArg,
+    },
+    /// A run's event log; `-f` follows it (with live progress from a daemon) until it ends.
+    Logs {
+        run: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        daemon: crate::daemon::DaemonArg,
+        #[command(flatten)]
+        store: StoreArg,
+    },
     /// Serve a local model over an OpenAI-compatible HTTP API.
     Serve(crate::serve::ServeArgs),
     /// Train an Aligner on question-answer-correction data with the built-in trainer.
@@ -142,7 +179,7 @@ pub enum ExportFormat {
 
 const DEFAULT_STORE: &str = "aligner.db";
 
-fn store_path(arg: &StoreArg, spec: Option<&Pipeline>) -> PathBuf {
+pub(crate) fn store_path(arg: &StoreArg, spec: Option<&Pipeline>) -> PathBuf {
     arg.store
         .clone()
         .or_else(|| spec.and_then(|s| s.store.clone()))
@@ -160,6 +197,26 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Validate { files, json } => validate(&files, json),
         Command::Serve(args) => crate::serve::run(args).await,
+        Command::Daemon(args) => crate::daemon::serve(args).await,
+        Command::Submit {
+            file,
+            daemon,
+            store,
+        } => crate::daemon::submit(&file, &daemon, &store).await,
+        Command::Runs {
+            daemon,
+            store,
+            json,
+        } => crate::daemon::runs(&daemon, &store, json).await,
+        Command::Cancel { run, daemon, store } => {
+            crate::daemon::cancel(&run, &daemon, &store).await
+        }
+        Command::Logs {
+            run,
+            follow,
+            daemon,
+            store,
+        } => crate::daemon::logs(&run, follow, &daemon, &store).await,
         Command::TrainAligner(args) => {
             tokio::task::spawn_blocking(move || crate::trainer::train_aligner(&args)).await?
         }
@@ -312,6 +369,12 @@ fn validate(files: &[PathBuf], json: bool) -> Result<()> {
         .into());
     }
     Ok(())
+}
+
+/// `aligner run FILE` with the default options (what `aligner submit` does without a daemon).
+pub(crate) async fn run_file(file: &Path, store: &StoreArg) -> Result<()> {
+    let spec = load(file)?;
+    run(file, spec, store, RunOptions::default(), false).await
 }
 
 async fn run(

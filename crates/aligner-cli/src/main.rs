@@ -6,6 +6,7 @@
 
 mod backends;
 mod commands;
+mod daemon;
 mod embedder;
 mod fetch;
 mod output;

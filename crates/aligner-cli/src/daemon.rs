@@ -1,0 +1,457 @@
+//! `aligner daemon` (the service) and the commands that talk to one: `submit`, `runs`,
+//! `cancel`, `logs`. Those four work against a daemon when one is configured (`--daemon URL`
+//! or `ALIGNER_DAEMON`), standalone on a store otherwise.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use aligner_store::Store;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::commands::{Invalid, StoreArg};
+
+#[derive(clap::Args, Debug)]
+pub struct DaemonArgs {
+    /// The address to listen on. Anything but loopback exposes the API to the network.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// The port to listen on (0 picks a free one; the chosen address is printed).
+    #[arg(long, default_value_t = 8765)]
+    pub port: u16,
+    /// The SQLite store the daemon owns (created if missing).
+    #[arg(long, env = "ALIGNER_STORE", default_value = "aligner.db")]
+    pub store: PathBuf,
+    /// Most runs driven at once.
+    #[arg(long, default_value_t = 1)]
+    pub max_running: usize,
+    /// Seconds SIGTERM waits for in-flight items to finish before exiting anyway.
+    #[arg(long, default_value_t = 30.0)]
+    pub grace_secs: f64,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub token: TokenArg,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct TokenArg {
+    /// The token file (default: $XDG_CONFIG_HOME/aligner/daemon-token). `ALIGNER_TOKEN`, when
+    /// set, is used instead.
+    #[arg(long, env = "ALIGNER_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl TokenArg {
+    fn path(&self) -> PathBuf {
+        self.token_file
+            .clone()
+            .unwrap_or_else(aligner_daemon::default_token_path)
+    }
+
+    /// `ALIGNER_TOKEN`, else the token file (created on a daemon's first start).
+    fn token(&self, create: bool) -> Result<String> {
+        if let Ok(t) = std::env::var("ALIGNER_TOKEN") {
+            let t = t.trim().to_string();
+            if t.len() < 16 {
+                bail!("ALIGNER_TOKEN is shorter than 16 characters\nhint: use a long random value, e.g. `openssl rand -hex 32`");
+            }
+            return Ok(t);
+        }
+        let path = self.path();
+        if !create && !path.exists() {
+            bail!(
+                "no daemon token: ALIGNER_TOKEN is not set and {} does not exist\nhint: start the daemon once on this machine, or set ALIGNER_TOKEN to its token",
+                path.display()
+            );
+        }
+        aligner_daemon::load_or_create_token(&path)
+    }
+}
+
+/// Where a daemon is, for the client commands.
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArg {
+    /// A running daemon's URL (e.g. http://127.0.0.1:8765). Without it the command works on
+    /// the store directly.
+    #[arg(long, env = "ALIGNER_DAEMON")]
+    pub daemon: Option<String>,
+    #[command(flatten)]
+    pub token: TokenArg,
+}
+
+/// `aligner daemon`.
+pub async fn serve(args: DaemonArgs) -> Result<()> {
+    let token = args.token.token(true)?;
+    let token_source = if std::env::var_os("ALIGNER_TOKEN").is_some() {
+        "ALIGNER_TOKEN".to_string()
+    } else {
+        args.token.path().display().to_string()
+    };
+    if !is_loopback(&args.host) {
+        eprintln!(
+            "warning: listening on {} exposes the API beyond this machine; every request still needs the token",
+            args.host
+        );
+    }
+    let base_dir = std::env::current_dir().context("cannot read the working directory")?;
+    let config = aligner_daemon::Config {
+        store: args.store.clone(),
+        host: args.host.clone(),
+        port: args.port,
+        max_running: args.max_running.max(1),
+        grace: Duration::from_secs_f64(args.grace_secs.max(0.0)),
+        token,
+        max_body_bytes: args.max_body_bytes,
+        base_dir,
+    };
+    let report: aligner_daemon::ReportFn =
+        Arc::new(|store: Store, run_id: i64| Box::pin(report_html(store, run_id)));
+    let store_display = std::fs::canonicalize(&args.store)
+        .unwrap_or_else(|_| args.store.clone())
+        .display()
+        .to_string();
+    aligner_daemon::run(
+        config,
+        Arc::new(crate::backends::Factory),
+        Some(report),
+        crate::commands::ctrl_c_or_sigterm(),
+        move |addr| {
+            println!("aligner daemon listening on http://{addr}");
+            println!("store: {store_display}");
+            println!("token: {token_source}");
+            let _ = std::io::stdout().flush();
+        },
+    )
+    .await?;
+    println!("aligner daemon stopped");
+    Ok(())
+}
+
+/// The run's report page, as `aligner report` writes it.
+async fn report_html(store: Store, run_id: i64) -> Result<String> {
+    let out = tempfile::tempdir()?;
+    let args = crate::report::ReportArgs {
+        run: Some(run_id.to_string()),
+        store: StoreArg {
+            store: Some(store.path().to_path_buf()),
+        },
+        out: Some(out.path().to_path_buf()),
+        examples: 20,
+    };
+    crate::report::run(args, store.path().to_path_buf()).await?;
+    Ok(std::fs::read_to_string(out.path().join("index.html"))?)
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// A small client for a daemon's API.
+struct Client {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(url: &str, token: &TokenArg) -> Result<Client> {
+        Ok(Client {
+            base: url.trim_end_matches('/').to_string(),
+            token: token.token(false)?,
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()?,
+        })
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
+        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
+            anyhow!(
+                "cannot reach the daemon at {}: {e}\nhint: is `aligner daemon` running there?",
+                self.base
+            )
+        })?;
+        if resp.status().is_success() {
+            return Ok(resp);
+        }
+        let status = resp.status();
+        let body: Value = resp.json().await.unwrap_or(Value::Null);
+        let message = body["error"]["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        Err(Invalid::Message(format!("daemon answered {status}: {message}")).into())
+    }
+
+    async fn get(&self, path: &str) -> Result<Value> {
+        Ok(self
+            .send(self.http.get(format!("{}{path}", self.base)))
+            .await?
+            .json()
+            .await?)
+    }
+
+    async fn post(&self, path: &str, body: String) -> Result<Value> {
+        Ok(self
+            .send(self.http.post(format!("{}{path}", self.base)).body(body))
+            .await?
+            .json()
+            .await?)
+    }
+}
+
+/// `aligner submit FILE`: queue on a daemon, or run here when none is configured.
+pub async fn submit(file: &Path, daemon: &DaemonArg, store: &StoreArg) -> Result<()> {
+    let Some(url) = &daemon.daemon else {
+        eprintln!("no daemon configured (--daemon or ALIGNER_DAEMON): running here");
+        return crate::commands::run_file(file, store).await;
+    };
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read the pipeline file {}", file.display()))?;
+    let dir = std::fs::canonicalize(file)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let client = Client::new(url, &daemon.token)?;
+    let path = format!(
+        "/v1/runs?base_dir={}",
+        percent_encode(&dir.display().to_string())
+    );
+    let v = client.post(&path, text).await?;
+    println!(
+        "queued run {} ({}) on {}\nfollow it: aligner logs -f {} --daemon {}",
+        v["run_id"],
+        v["name"].as_str().unwrap_or(""),
+        url,
+        v["run_id"],
+        url
+    );
+    Ok(())
+}
+
+fn percent_encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `aligner runs`.
+pub async fn runs(daemon: &DaemonArg, store: &StoreArg, json: bool) -> Result<()> {
+    let rows: Vec<[String; 5]> = match &daemon.daemon {
+        Some(url) => {
+            let v = Client::new(url, &daemon.token)?.get("/v1/runs").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
+            v["runs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    let p = &r["progress"];
+                    let progress = match p["stage"].as_str() {
+                        Some(stage) => {
+                            format!("round {} {stage} {}/{}", p["round"], p["done"], p["total"])
+                        }
+                        None => String::new(),
+                    };
+                    [
+                        r["run_id"].to_string(),
+                        r["name"].as_str().unwrap_or("").to_string(),
+                        r["state"].as_str().unwrap_or("").to_string(),
+                        progress,
+                        r["submitted_at"].as_str().unwrap_or("").to_string(),
+                    ]
+                })
+                .collect()
+        }
+        None => {
+            let store = Store::open_read_only(&crate::commands::store_path(store, None)).await?;
+            let runs = store.list_runs().await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&runs)?);
+                return Ok(());
+            }
+            runs.into_iter()
+                .map(|r| {
+                    [
+                        r.id.to_string(),
+                        r.name,
+                        r.status,
+                        r.lease_holder
+                            .map(|h| format!("driven by {h}"))
+                            .unwrap_or_default(),
+                        r.created_at,
+                    ]
+                })
+                .collect()
+        }
+    };
+    if rows.is_empty() {
+        println!("no runs yet");
+        return Ok(());
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::NOTHING);
+    table.set_header(["run", "pipeline", "state", "progress", "submitted"]);
+    for r in rows {
+        table.add_row(r);
+    }
+    println!("{table}");
+    Ok(())
+}
+
+/// `aligner cancel RUN`.
+pub async fn cancel(run: &str, daemon: &DaemonArg, store: &StoreArg) -> Result<()> {
+    match &daemon.daemon {
+        Some(url) => {
+            let v = Client::new(url, &daemon.token)?
+                .post(&format!("/v1/runs/{run}/cancel"), String::new())
+                .await?;
+            match v["requested"].as_str() {
+                Some(_) => println!("run {run}: cancel requested; in-flight items finish first"),
+                None => println!("run {run}: {}", v["state"].as_str().unwrap_or("cancelled")),
+            }
+        }
+        None => {
+            let path = crate::commands::store_path(store, None);
+            let store = Store::open(&path).await?;
+            let row = store.find_run(run).await?;
+            if row.status != "running" {
+                return Err(
+                    Invalid::Message(format!("run {} is already {}", row.id, row.status)).into(),
+                );
+            }
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)?
+                .as_millis() as i64;
+            let held = match (&row.lease_holder, row.lease_expires_ms) {
+                (Some(h), Some(exp)) => exp > now && !aligner_engine::holder_is_dead(h),
+                _ => false,
+            };
+            if held {
+                return Err(Invalid::Message(format!(
+                    "run {} is being driven by {}\nhint: stop that process (Ctrl-C) first, or cancel through its daemon with --daemon",
+                    row.id,
+                    row.lease_holder.unwrap_or_default()
+                ))
+                .into());
+            }
+            store
+                .set_run_status(row.id, "cancelled", Some("cancelled with `aligner cancel`"))
+                .await?;
+            println!("run {}: cancelled", row.id);
+        }
+    }
+    Ok(())
+}
+
+/// `aligner logs RUN [-f]`: the run's events (and, from a daemon, its live progress).
+pub async fn logs(run: &str, follow: bool, daemon: &DaemonArg, store: &StoreArg) -> Result<()> {
+    match &daemon.daemon {
+        Some(url) => {
+            let client = Client::new(url, &daemon.token)?;
+            let mut resp = client
+                .send(client.http.get(format!(
+                    "{}/v1/runs/{run}/events?follow={}",
+                    client.base,
+                    if follow { 1 } else { 0 }
+                )))
+                .await?;
+            let mut buf = String::new();
+            let (mut event, mut data) = (String::new(), String::new());
+            while let Some(chunk) = resp.chunk().await? {
+                buf.push_str(&String::from_utf8_lossy(&chunk));
+                while let Some(nl) = buf.find('\n') {
+                    let line = buf[..nl].trim_end_matches('\r').to_string();
+                    buf.drain(..=nl);
+                    if line.is_empty() {
+                        if !data.is_empty() {
+                            print_event(&event, &data);
+                        }
+                        event.clear();
+                        data.clear();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_string();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+            }
+        }
+        None => {
+            let store = Store::open_read_only(&crate::commands::store_path(store, None)).await?;
+            let row = store.find_run(run).await?;
+            let mut after = 0;
+            loop {
+                let events = store.events(row.id, after, 1000).await?;
+                for e in &events {
+                    after = e.id;
+                    print_event("log", &serde_json::to_string(e)?);
+                }
+                if !follow || store.run(row.id).await?.status != "running" {
+                    if events.is_empty() {
+                        break;
+                    }
+                    continue;
+                }
+                if events.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_event(event: &str, data: &str) {
+    let v: Value = serde_json::from_str(data).unwrap_or(Value::String(data.to_string()));
+    let line = match event {
+        "log" => format!(
+            "{} {:5} {}{}",
+            v["ts"].as_str().unwrap_or(""),
+            v["level"].as_str().unwrap_or(""),
+            match (v["round"].as_i64(), v["stage"].as_str()) {
+                (Some(r), Some(s)) => format!("[round {r} {s}] "),
+                (Some(r), None) => format!("[round {r}] "),
+                _ => String::new(),
+            },
+            v["message"].as_str().unwrap_or("")
+        ),
+        "stage_started" | "progress" | "stage_finished" => format!(
+            "{event}: round {} {} {}/{}{}",
+            v["round"],
+            v["stage"].as_str().unwrap_or(""),
+            v["done"],
+            v["total"],
+            match v["failed"].as_u64() {
+                Some(f) if f > 0 => format!(" ({f} failed)"),
+                _ => String::new(),
+            }
+        ),
+        "end" | "state" => format!(
+            "run {} {}{}",
+            v["run_id"],
+            v["state"].as_str().unwrap_or(""),
+            v["error"]
+                .as_str()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        ),
+        _ => format!("{event}: {data}"),
+    };
+    println!("{line}");
+}
