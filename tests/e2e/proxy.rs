@@ -461,6 +461,27 @@ fn proxy_corrects_streams_fails_clearly_and_records() {
         ),
         2
     );
+    // The Q-A-C export documented in docs/proxy.md: CSV from `aligner sql`, read the way
+    // `aligner train-aligner --data` reads it.
+    let o = run(
+        &[
+            "sql",
+            "--store",
+            "s.db",
+            "--format",
+            "csv",
+            "SELECT question, answer, correction FROM proxy_qac",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", super::text(&o));
+    std::fs::write(d.join("qac.csv"), &o.stdout).unwrap();
+    let (qac, _) =
+        aligner_dataset::read_qac(&d.join("qac.csv"), aligner_dataset::Format::Csv).unwrap();
+    assert_eq!(qac.len(), 4);
+    assert_eq!(qac[0].question, question);
+    assert_eq!(qac[0].answer, answer);
+    assert_eq!(qac[0].correction, correction);
 
     // The key reached the upstream (every call was authorized) but nothing else.
     assert_eq!(upstream.stats().faults.unauthorized, 0);

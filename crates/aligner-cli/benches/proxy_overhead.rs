@@ -239,6 +239,15 @@ fn start_proxy(upstream: &MockServer, aligner: &MockServer) -> (std::process::Ch
     (child, addr)
 }
 
+/// CPU seconds (user + system) a process has used so far, from `/proc/PID/stat` (Linux; in
+/// USER_HZ ticks, 100 per second).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 fn addr_of(server: &MockServer) -> String {
     server.addr.to_string()
 }
@@ -272,6 +281,7 @@ fn main() {
         let aligner = aligner_mockserver::spawn_in_thread(config);
         let (mut child, proxy) = start_proxy(&upstream, &aligner);
 
+        let cpu_before = cpu_secs(child.id());
         let start = Instant::now();
         let per_client: Vec<Vec<(f64, f64)>> = runtime.block_on(async {
             let tasks: Vec<_> = (0..clients)
@@ -284,6 +294,9 @@ fn main() {
                 .collect()
         });
         let proxy_secs = start.elapsed().as_secs_f64();
+        let proxy_cpu = cpu_secs(child.id())
+            .zip(cpu_before)
+            .map(|(after, before)| after - before);
         let (up, al) = (addr_of(&upstream), addr_of(&aligner));
         let start = Instant::now();
         let direct_runs: Vec<Vec<f64>> = runtime.block_on(async {
@@ -329,5 +342,12 @@ fn main() {
             (clients * (requests + warmup)) as f64 / proxy_secs,
             (clients * (requests + warmup)) as f64 / direct_secs,
         );
+        if let Some(cpu) = proxy_cpu {
+            println!(
+                "  proxy process CPU: {:.0} us per request ({:.2} cores busy on average)",
+                cpu * 1e6 / (clients * (requests + warmup)) as f64,
+                cpu / proxy_secs
+            );
+        }
     }
 }
