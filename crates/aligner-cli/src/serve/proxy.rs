@@ -467,7 +467,9 @@ struct Proxy {
 type Shared = Arc<Proxy>;
 
 impl Proxy {
+    /// A 502 naming the upstream, logged (the backend has already removed any key from it).
     fn upstream_failed(&self, e: &aligner_backend::Error) -> ApiError {
+        tracing::warn!(upstream = %self.upstream_url, error = %e, "upstream failed: answering 502");
         ApiError {
             status: StatusCode::BAD_GATEWAY,
             kind: "upstream_error",
@@ -477,7 +479,9 @@ impl Proxy {
         }
     }
 
+    /// The error naming the Aligner (a 502, or the note on a passed-through answer), logged.
     fn aligner_failed(&self, e: &aligner_backend::Error) -> ApiError {
+        tracing::warn!(aligner = %self.aligner_name, error = %e, "the Aligner failed");
         ApiError {
             status: StatusCode::BAD_GATEWAY,
             kind: "aligner_error",
@@ -791,33 +795,37 @@ async fn whole(
             return Err(p.aligner_failed(e));
         }
     }
-    let mut choices = Vec::with_capacity(results.len());
-    for (i, (answer, result)) in ex.answers.iter().zip(&results).enumerate() {
-        choices.push(match result {
+    // Passed-through choices carry the Aligner's error in place of a correction.
+    let outcomes: Vec<Result<Completion, String>> = results
+        .into_iter()
+        .map(|r| r.map_err(|e| p.aligner_failed(&e).message))
+        .collect();
+    let mut choices = Vec::with_capacity(outcomes.len());
+    for (i, (answer, outcome)) in ex.answers.iter().zip(&outcomes).enumerate() {
+        choices.push(match outcome {
             Ok(c) => json!({
                 "index": i,
                 "message": {"role": "assistant", "content": c.text, "aligner_original": answer.text},
                 "logprobs": null,
                 "finish_reason": c.finish_reason.as_str(),
             }),
-            Err(e) => json!({
+            Err(message) => json!({
                 "index": i,
                 "message": {
                     "role": "assistant",
                     "content": answer.text,
                     "aligner_original": answer.text,
                     "aligner_passthrough": true,
-                    "aligner_error": p.aligner_failed(e).message,
+                    "aligner_error": message,
                 },
                 "logprobs": null,
                 "finish_reason": answer.finish_reason.as_str(),
             }),
         });
     }
-    let corrections: Vec<Option<&Completion>> = results.iter().map(|r| r.as_ref().ok()).collect();
+    let corrections: Vec<Option<&Completion>> = outcomes.iter().map(|r| r.as_ref().ok()).collect();
     let mut summary = p.summary(&ex);
-    let passthrough = results.iter().any(Result::is_err);
-    summary["passthrough"] = json!(passthrough);
+    summary["passthrough"] = json!(outcomes.iter().any(Result::is_err));
     let body = json!({
         "id": ex.id,
         "object": "chat.completion",
@@ -828,11 +836,7 @@ async fn whole(
         "system_fingerprint": null,
         "aligner": summary,
     });
-    let records: Vec<Result<Completion, String>> = results
-        .into_iter()
-        .map(|r| r.map_err(|e| p.aligner_failed(&e).message))
-        .collect();
-    p.record(&ex, &records, aligner_time);
+    p.record(&ex, &outcomes, aligner_time);
     let timing = timing_header(&[
         ("upstream", ex.upstream_time),
         ("aligner", aligner_time),
