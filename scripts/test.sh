@@ -13,7 +13,8 @@ need() { # import name, pip requirement
 need datasets datasets
 need openai "openai>=1.40"
 
-# Headless Chromium renders `aligner report`'s page in the report tests (Debian's package).
+# Headless Chromium renders `aligner report`'s page and the daemon's dashboard in the tests
+# (Debian's package).
 if ! command -v chromium >/dev/null 2>&1; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

@@ -108,8 +108,9 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
         max_body_bytes: args.max_body_bytes,
         base_dir,
     };
-    let report: aligner_daemon::ReportFn =
-        Arc::new(|store: Store, run_id: i64| Box::pin(report_html(store, run_id)));
+    let report: aligner_daemon::ReportFn = Arc::new(|store: Store, run_id: i64| {
+        Box::pin(crate::report::html_for_run(store, run_id, 20))
+    });
     let store_display = std::fs::canonicalize(&args.store)
         .unwrap_or_else(|_| args.store.clone())
         .display()
@@ -129,21 +130,6 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
     .await?;
     println!("aligner daemon stopped");
     Ok(())
-}
-
-/// The run's report page, as `aligner report` writes it.
-async fn report_html(store: Store, run_id: i64) -> Result<String> {
-    let out = tempfile::tempdir()?;
-    let args = crate::report::ReportArgs {
-        run: Some(run_id.to_string()),
-        store: StoreArg {
-            store: Some(store.path().to_path_buf()),
-        },
-        out: Some(out.path().to_path_buf()),
-        examples: 20,
-    };
-    crate::report::run(args, store.path().to_path_buf()).await?;
-    Ok(std::fs::read_to_string(out.path().join("index.html"))?)
 }
 
 fn is_loopback(host: &str) -> bool {

@@ -77,6 +77,16 @@ pub async fn run(args: ReportArgs, store_path: PathBuf) -> Result<()> {
     Ok(())
 }
 
+/// The report page of run `run_id` as HTML (charts inline), for `aligner daemon`'s
+/// `GET /v1/runs/{id}/report`.
+pub async fn html_for_run(store: Store, run_id: i64, examples: usize) -> Result<String> {
+    let run = store.run(run_id).await?;
+    let data = Data::load(&store, run, examples).await?;
+    let blocks = build(&data)?;
+    let title = format!("Run {} `{}`", data.run.id, data.run.name);
+    Ok(html::render(&title, &blocks))
+}
+
 /// Which held-out prompts are harmful (`rounds.evaluate.labels` of the run's spec).
 #[derive(Debug, Clone, PartialEq)]
 struct LabelRule {

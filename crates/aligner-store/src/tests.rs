@@ -37,7 +37,9 @@ async fn migrations_apply_on_a_fresh_file() {
         vec![
             "initial".to_string(),
             "aligner training".to_string(),
-            "evaluation".to_string()
+            "evaluation".to_string(),
+            "proxy records".to_string(),
+            "daemon".to_string()
         ]
     );
     let tables = store
@@ -56,6 +58,7 @@ async fn migrations_apply_on_a_fresh_file() {
             "aligner_examples",
             "checkpoints",
             "corrections",
+            "daemon_jobs",
             "eval_answers",
             "eval_judgements",
             "eval_metrics",
@@ -68,6 +71,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "pairs",
             "pairs_latest",
             "prompts",
+            "proxy_qac",
+            "proxy_records",
             "round_summary",
             "rounds",
             "runs",
