@@ -508,3 +508,71 @@ fn dashboard_renders_in_headless_chromium() {
     assert!(dom.contains("wrong token"), "{dom}");
     assert!(!dom.contains("data-run="), "{dom}");
 }
+
+#[test]
+fn two_runs_of_one_pipeline_side_by_side_and_no_secret_from_the_environment() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig {
+        latency: Duration::from_millis(5),
+        ..Default::default()
+    });
+    let dir = setup(&server, 20, &[], 1, 2, false);
+    // The daemon's environment holds a secret; a submission must not be able to read it.
+    let mut child = bin()
+        .args([
+            "daemon",
+            "--port",
+            "0",
+            "--store",
+            "s.db",
+            "--max-running",
+            "2",
+        ])
+        .env("ALIGNER_TOKEN", TOKEN)
+        .env("E2E_SECRET_KEY", "sk-topsecret-value")
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("daemon output").unwrap();
+        if let Some(u) = line.strip_prefix("aligner daemon listening on ") {
+            break u.to_string();
+        }
+    };
+    let d = Daemon { child, url };
+
+    let a = submit(&d, dir.path(), "p.yaml");
+    let b = submit(&d, dir.path(), "p.yaml");
+    wait_state(&d, a, "done", Duration::from_secs(60));
+    wait_state(&d, b, "done", Duration::from_secs(60));
+    assert_exactly_once(dir.path(), 1);
+    assert_eq!(
+        scalar(dir.path(), "SELECT count(DISTINCT run_id) FROM generations"),
+        2
+    );
+
+    let leaky = std::fs::read_to_string(dir.path().join("p.yaml"))
+        .unwrap()
+        .replacen(
+            &format!("base_url: {}", server.base_url),
+            &format!("base_url: {}/${{E2E_SECRET_KEY}}", server.base_url),
+            1,
+        );
+    std::fs::write(dir.path().join("leaky.yaml"), leaky).unwrap();
+    let data = format!("@{}", dir.path().join("leaky.yaml").display());
+    let (code, v) = authed(&d, "POST", "/v1/runs", &["--data-binary", &data]);
+    assert_eq!(code, 422, "{v}");
+    assert!(!v.to_string().contains("topsecret"), "{v}");
+    assert!(v.to_string().contains("E2E_SECRET_KEY"), "{v}");
+
+    // One statement at a time through the SQL surface.
+    let (code, v) = authed(
+        &d,
+        "POST",
+        "/v1/sql",
+        &["--data-binary", "SELECT 1; ATTACH '/etc/passwd' AS x"],
+    );
+    assert_eq!(code, 400, "{v}");
+    assert!(v.to_string().contains("one statement"), "{v}");
+}

@@ -33,6 +33,10 @@ pub struct DaemonArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Environment variables submitted pipelines' `${VAR}`s may read (a name, or a prefix
+    /// ending in `*`; repeatable). Others read as unset.
+    #[arg(long = "allow-env", value_name = "VAR", default_values_t = ["ALIGNER_*".to_string()])]
+    pub allow_env: Vec<String>,
     #[command(flatten)]
     pub token: TokenArg,
 }
@@ -107,6 +111,7 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
         token,
         max_body_bytes: args.max_body_bytes,
         base_dir,
+        allow_env: args.allow_env.clone(),
     };
     let report: aligner_daemon::ReportFn = Arc::new(|store: Store, run_id: i64| {
         Box::pin(crate::report::html_for_run(store, run_id, 20))
@@ -119,7 +124,16 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
         config,
         Arc::new(crate::backends::Factory),
         Some(report),
-        crate::commands::ctrl_c_or_sigterm(),
+        async {
+            crate::commands::ctrl_c_or_sigterm().await;
+            eprintln!(
+                "stopping: in-flight items finish first (a second Ctrl-C or SIGTERM exits at once)"
+            );
+            tokio::spawn(async {
+                crate::commands::ctrl_c_or_sigterm().await;
+                std::process::exit(130);
+            });
+        },
         move |addr| {
             println!("aligner daemon listening on http://{addr}");
             println!("store: {store_display}");
@@ -300,10 +314,21 @@ pub async fn runs(daemon: &DaemonArg, store: &StoreArg, json: bool) -> Result<()
     Ok(())
 }
 
+/// A daemon addresses runs by id.
+fn numeric(run: &str) -> Result<i64> {
+    run.parse().map_err(|_| {
+        Invalid::Message(format!(
+            "`{run}` is not a run id\nhint: against a daemon, runs are named by id; `aligner runs` lists them"
+        ))
+        .into()
+    })
+}
+
 /// `aligner cancel RUN`.
 pub async fn cancel(run: &str, daemon: &DaemonArg, store: &StoreArg) -> Result<()> {
     match &daemon.daemon {
         Some(url) => {
+            let run = numeric(run)?;
             let v = Client::new(url, &daemon.token)?
                 .post(&format!("/v1/runs/{run}/cancel"), String::new())
                 .await?;
@@ -320,6 +345,23 @@ pub async fn cancel(run: &str, daemon: &DaemonArg, store: &StoreArg) -> Result<(
                 return Err(
                     Invalid::Message(format!("run {} is already {}", row.id, row.status)).into(),
                 );
+            }
+            // A daemon's queued or paused run is cancelled in its queue too; a running one only
+            // through its daemon.
+            if let Some(job) = store.job(row.id).await? {
+                match job.state.as_str() {
+                    "queued" | "paused" => {
+                        store.transition_job(row.id, &["queued", "paused"], "cancelled").await?;
+                    }
+                    "running" => {
+                        return Err(Invalid::Message(format!(
+                            "run {} is being driven by a daemon\nhint: cancel it through that daemon: --daemon URL",
+                            row.id
+                        ))
+                        .into())
+                    }
+                    _ => {}
+                }
             }
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)?
@@ -349,6 +391,7 @@ pub async fn cancel(run: &str, daemon: &DaemonArg, store: &StoreArg) -> Result<(
 pub async fn logs(run: &str, follow: bool, daemon: &DaemonArg, store: &StoreArg) -> Result<()> {
     match &daemon.daemon {
         Some(url) => {
+            let run = numeric(run)?;
             let client = Client::new(url, &daemon.token)?;
             let mut resp = client
                 .send(client.http.get(format!(
@@ -359,6 +402,7 @@ pub async fn logs(run: &str, follow: bool, daemon: &DaemonArg, store: &StoreArg)
                 .await?;
             let mut buf = String::new();
             let (mut event, mut data) = (String::new(), String::new());
+            let mut ended = false;
             while let Some(chunk) = resp.chunk().await? {
                 buf.push_str(&String::from_utf8_lossy(&chunk));
                 while let Some(nl) = buf.find('\n') {
@@ -367,6 +411,7 @@ pub async fn logs(run: &str, follow: bool, daemon: &DaemonArg, store: &StoreArg)
                     if line.is_empty() {
                         if !data.is_empty() {
                             print_event(&event, &data);
+                            ended |= event == "end";
                         }
                         event.clear();
                         data.clear();
@@ -376,6 +421,9 @@ pub async fn logs(run: &str, follow: bool, daemon: &DaemonArg, store: &StoreArg)
                         data.push_str(v.trim_start());
                     }
                 }
+            }
+            if !ended {
+                bail!("the daemon's event stream ended before the run did (the daemon stopped?)\nhint: run `aligner logs -f {run}` again once it is back");
             }
         }
         None => {

@@ -37,6 +37,12 @@ pub const SUBMITTED_FILE: &str = "submitted.yaml";
 
 const TERMINAL: [&str; 3] = ["done", "failed", "cancelled"];
 
+/// Event streams open at once.
+pub const MAX_STREAMS: usize = 32;
+/// Rows `/v1/sql` returns at most (`truncated: true` beyond).
+const SQL_MAX_ROWS: usize = 10_000;
+const SQL_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// An API error: a status and a message that says what to do.
 pub struct ApiError(StatusCode, String, Option<Value>);
 
@@ -117,20 +123,32 @@ async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Ne
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        .and_then(|v| {
+            let (scheme, token) = v.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+        });
     let query_token = if request.method() == Method::GET {
-        request.uri().query().and_then(|q| {
-            q.split('&')
-                .find_map(|kv| kv.strip_prefix("token="))
-                .map(str::to_string)
-        })
+        query_param(request.uri(), "token")
     } else {
         None
     };
     let given = header_token.map(str::to_string).or(query_token);
     match given {
-        Some(t) if crate::auth::token_matches(&t, &shared.config.token) => next.run(request).await,
+        Some(t) if crate::auth::token_matches(&t, &shared.config.token) => {
+            let mut r = next.run(request).await;
+            // Pages and streams may carry the token in their URL: keep it out of caches and
+            // out of the Referer of links they lead to.
+            let h = r.headers_mut();
+            h.insert(
+                header::CACHE_CONTROL,
+                "no-store".parse().expect("static header"),
+            );
+            h.insert(
+                header::REFERRER_POLICY,
+                "no-referrer".parse().expect("static header"),
+            );
+            r
+        }
         Some(_) => {
             let mut r = ApiError::new(
                 StatusCode::UNAUTHORIZED,
@@ -181,7 +199,10 @@ fn percent_decode(s: &str) -> String {
     while i < b.len() {
         match b[i] {
             b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
+            b'%' if i + 2 < b.len()
+                && b[i + 1].is_ascii_hexdigit()
+                && b[i + 2].is_ascii_hexdigit() =>
+            {
                 match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
                 {
                     Ok(v) => {
@@ -224,7 +245,7 @@ async fn submit(
         None => shared.config.base_dir.clone(),
     };
     let file = base_dir.join(SUBMITTED_FILE);
-    let spec = Pipeline::from_yaml(&text, &file, &base_dir).map_err(|errors| {
+    let spec = Pipeline::from_yaml_with_env(&text, &file, &base_dir, crate::env_lookup(&shared.config)).map_err(|errors| {
         let detail: Vec<Value> = errors
             .0
             .iter()
@@ -240,13 +261,17 @@ async fn submit(
         shared.factory.clone(),
         Arc::new(aligner_engine::Silent),
     );
-    let run_id = engine
-        .create_run()
-        .await
-        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    shared
+    let (spec_json, spec_hash) = engine.snapshot_and_hash();
+    let run_id = shared
         .store
-        .enqueue_job(run_id, &name, &text, &base_dir.display().to_string())
+        .create_queued_run(&aligner_store::QueuedRun {
+            name: &name,
+            pipeline_path: &file.display().to_string(),
+            spec_json: &spec_json,
+            spec_hash: &spec_hash,
+            pipeline_yaml: &text,
+            base_dir: &base_dir.display().to_string(),
+        })
         .await?;
     shared.wake.notify_one();
     let job = shared.store.job(run_id).await?;
@@ -284,10 +309,12 @@ fn live(shared: &Shared, id: i64) -> Value {
 }
 
 async fn list_runs(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Value>> {
-    let jobs = shared.store.jobs().await?;
+    let store = &shared.read_only;
+    let jobs = store.jobs().await?;
     let mut runs = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let run = shared.store.run(job.run_id).await?;
+        let run = store.run(job.run_id).await?;
+        let rounds = store.round_summaries(job.run_id).await?;
         runs.push(json!({
             "run_id": job.run_id,
             "name": job.name,
@@ -300,6 +327,7 @@ async fn list_runs(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Value>> 
             "started_at": job.started_at,
             "finished_at": job.finished_at,
             "progress": live(&shared, job.run_id),
+            "rounds": rounds,
         }));
     }
     Ok(Json(
@@ -313,14 +341,9 @@ async fn run_detail(
 ) -> ApiResult<Json<Value>> {
     let id = run_id(&id)?;
     let job = job_or_404(&shared, id).await?;
-    let store = &shared.store;
+    let store = &shared.read_only;
     let run = store.run(id).await?;
-    let failures: Vec<_> = store
-        .events(id, 0, i64::MAX)
-        .await?
-        .into_iter()
-        .filter(|e| e.level == "error" || e.level == "warn")
-        .collect();
+    let failures = store.recent_problems(id, 50).await?;
     Ok(Json(json!({
         "run_id": id,
         "job": job,
@@ -354,7 +377,9 @@ async fn cancel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Ap
             Err(conflict(id, "changed state meanwhile; try again"))
         }
         "running" => {
-            shared.store.request_job(id, "cancel").await?;
+            if !shared.store.request_job(id, "cancel").await? {
+                return Err(conflict(id, "stopped meanwhile; look again and retry"));
+            }
             if let Some(a) = shared.active(id) {
                 a.stop(Stop::Cancel);
             }
@@ -383,7 +408,9 @@ async fn pause(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Api
             Err(conflict(id, "changed state meanwhile; try again"))
         }
         "running" => {
-            shared.store.request_job(id, "pause").await?;
+            if !shared.store.request_job(id, "pause").await? {
+                return Err(conflict(id, "stopped meanwhile; look again and retry"));
+            }
             if let Some(a) = shared.active(id) {
                 a.stop(Stop::Pause);
             }
@@ -433,6 +460,9 @@ async fn events(
 ) -> ApiResult<Response> {
     let id = run_id(&id)?;
     job_or_404(&shared, id).await?;
+    let Ok(permit) = shared.streams.clone().try_acquire_owned() else {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("too many open event streams (at most {MAX_STREAMS})\nhint: close some, or poll GET /v1/runs/{id}")));
+    };
     let mut after: i64 = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -442,13 +472,15 @@ async fn events(
     let follow = query_param(&uri, "follow").is_none_or(|v| v != "0" && v != "false");
     let (tx, rx) = tokio::sync::mpsc::channel::<Event>(64);
     tokio::spawn(async move {
+        let _permit = permit;
+        let store = shared.read_only.clone();
         let mut live: Option<tokio::sync::broadcast::Receiver<Value>> = None;
         loop {
             if live.is_none() {
                 live = shared.active(id).map(|a| a.events.subscribe());
             }
             // Stored events first (the log), then whatever the engine reports live.
-            let stored = match shared.store.events(id, after, 500).await {
+            let stored = match store.events(id, after, 500).await {
                 Ok(rows) => rows,
                 Err(e) => {
                     let _ = tx
@@ -476,13 +508,13 @@ async fn events(
             if stored.len() == 500 {
                 continue;
             }
-            let job = match shared.store.job(id).await {
+            let job = match store.job(id).await {
                 Ok(Some(j)) => j,
                 _ => return,
             };
             if !follow || (TERMINAL.contains(&job.state.as_str()) && shared.active(id).is_none()) {
                 // One last look for log rows the run wrote as it ended.
-                if let Ok(rows) = shared.store.events(id, after, 500).await {
+                if let Ok(rows) = store.events(id, after, 500).await {
                     for row in rows {
                         let data = serde_json::to_string(&row).unwrap_or_default();
                         let _ = tx
@@ -575,10 +607,9 @@ async fn sql(
     } else {
         text
     };
-    let result = shared
-        .read_only
-        .query_read_only(&query)
+    let result = tokio::time::timeout(SQL_TIMEOUT, shared.read_only.query_read_only_limited(&query, SQL_MAX_ROWS))
         .await
+        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, format!("the query ran over {} s\nhint: narrow it, or read the store file with `aligner sql` on the daemon's machine", SQL_TIMEOUT.as_secs())))?
         .map_err(|e| match e {
             aligner_store::Error::Sql(err) => {
                 ApiError::new(StatusCode::BAD_REQUEST, format!("SQL error: {err}"))

@@ -53,14 +53,31 @@ pub fn load_or_create_token(path: &Path) -> Result<String> {
             let mut bytes = [0u8; 32];
             rand::rngs::OsRng.fill_bytes(&mut bytes);
             let token = hex::encode(bytes);
+            // Written under a temporary name and renamed, so a reader never sees a half-written
+            // file; when another process created it first, theirs is used.
+            let tmp = path.with_extension(format!("tmp{}", std::process::id()));
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
-                .open(path)
-                .with_context(|| format!("cannot create token file {}", path.display()))?;
+                .open(&tmp)
+                .with_context(|| format!("cannot create token file {}", tmp.display()))?;
             writeln!(f, "{token}")?;
-            Ok(token)
+            drop(f);
+            match std::fs::hard_link(&tmp, path) {
+                Ok(()) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Ok(token)
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let _ = std::fs::remove_file(&tmp);
+                    load_or_create_token(path)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e).with_context(|| format!("cannot create token file {}", path.display()))
+                }
+            }
         }
         Err(e) => Err(e).with_context(|| format!("cannot read token file {}", path.display())),
     }

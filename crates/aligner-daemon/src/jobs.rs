@@ -24,14 +24,22 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Queues again the jobs a dead daemon (or one whose lease lapsed) was driving.
-pub(crate) async fn recover(shared: &Shared) -> Result<u64> {
+/// Queues again the jobs a dead daemon (or one whose lease lapsed) was driving. At `startup`
+/// that includes jobs under our own holder name: a new process (say PID 1 in a container, on
+/// the same host name) can carry the name of the one that died, and it drives nothing yet.
+pub(crate) async fn recover(shared: &Shared, startup: bool) -> Result<u64> {
     let dead: Vec<String> = shared
         .store
         .job_lease_holders()
         .await?
         .into_iter()
-        .filter(|h| h != &shared.holder && aligner_engine::holder_is_dead(h))
+        .filter(|h| {
+            if h == &shared.holder {
+                startup
+            } else {
+                aligner_engine::holder_is_dead(h)
+            }
+        })
         .collect();
     Ok(shared.store.requeue_orphaned_jobs(now_ms(), &dead).await?)
 }
@@ -54,11 +62,30 @@ pub(crate) async fn schedule(shared: Arc<Shared>) {
 
 async fn tick(shared: &Arc<Shared>) -> Result<()> {
     let now = now_ms();
-    shared
-        .store
-        .renew_job_leases(&shared.holder, now, JOB_TTL_MS)
-        .await?;
-    recover(shared).await?;
+    let active: Vec<(i64, Arc<Active>)> = shared
+        .active
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(id, a)| (*id, a.clone()))
+        .collect();
+    for (id, _) in &active {
+        shared
+            .store
+            .renew_job_lease(*id, &shared.holder, now, JOB_TTL_MS)
+            .await?;
+    }
+    // Requests recorded while a job was being claimed (or by another process) reach it here.
+    for (id, request) in shared.store.job_requests(&shared.holder).await? {
+        if let Some((_, a)) = active.iter().find(|(a_id, _)| *a_id == id) {
+            match request.as_str() {
+                "cancel" => a.stop(Stop::Cancel),
+                "pause" => a.stop(Stop::Pause),
+                _ => {}
+            }
+        }
+    }
+    recover(shared, false).await?;
     while !shared.draining.load(Ordering::Relaxed)
         && shared.active_count() < shared.config.max_running.max(1)
     {
@@ -95,7 +122,17 @@ fn start(shared: &Arc<Shared>, job: JobRow) {
         .insert(run_id, active.clone());
     let shared = shared.clone();
     tokio::spawn(async move {
-        let outcome = drive(&shared, &job, &active).await;
+        // The run itself in a task of its own, so a panic ends it as failed instead of
+        // leaving its slot taken.
+        let outcome = {
+            let (shared, job, active) = (shared.clone(), job.clone(), active.clone());
+            match tokio::spawn(async move { drive(&shared, &job, &active).await }).await {
+                Ok(outcome) => outcome,
+                Err(e) => Err(Ended::Failed(format!(
+                    "the run's task ended abnormally: {e}"
+                ))),
+            }
+        };
         let (state, error) = match outcome {
             Ok(()) => ("done", None),
             Err(Ended::Interrupted) => {
@@ -108,32 +145,46 @@ fn start(shared: &Arc<Shared>, job: JobRow) {
             }
             Err(Ended::Failed(e)) => ("failed", Some(e)),
         };
-        if let Err(e) = finish(&shared, run_id, state, error.as_deref()).await {
-            tracing::error!("run {run_id}: cannot record its end ({state}): {e:#}");
+        // Leave the slot first: a resume of this run may claim it again at once.
+        {
+            let mut map = shared.active.lock().unwrap_or_else(|e| e.into_inner());
+            if map.get(&run_id).is_some_and(|a| Arc::ptr_eq(a, &active)) {
+                map.remove(&run_id);
+            }
+        }
+        let mut tries = 0;
+        while let Err(e) = finish(&shared, run_id, state, error.as_deref()).await {
+            tries += 1;
+            if tries >= 5 {
+                // The job stays `running` under our lease; the next start queues it again.
+                tracing::error!("run {run_id}: cannot record its end ({state}): {e:#}");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200 * tries)).await;
         }
         let _ = active
             .events
             .send(json!({"type": "state", "run_id": run_id, "state": state, "error": error}));
-        shared
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&run_id);
         shared.wake.notify_one();
     });
 }
 
 async fn finish(shared: &Shared, run_id: i64, state: &str, error: Option<&str>) -> Result<()> {
     shared.store.set_job_state(run_id, state, error).await?;
-    if state == "cancelled" {
-        shared
-            .store
-            .set_run_status(
-                run_id,
-                "cancelled",
-                Some("cancelled through the daemon API"),
-            )
-            .await?;
+    match state {
+        "cancelled" => {
+            shared
+                .store
+                .set_run_status(
+                    run_id,
+                    "cancelled",
+                    Some("cancelled through the daemon API"),
+                )
+                .await?
+        }
+        // The engine records most failures itself, not those before it starts driving.
+        "failed" => shared.store.set_run_status(run_id, "failed", error).await?,
+        _ => {}
     }
     Ok(())
 }
@@ -144,6 +195,21 @@ enum Ended {
 }
 
 async fn drive(shared: &Arc<Shared>, job: &JobRow, active: &Arc<Active>) -> Result<(), Ended> {
+    // Ended meanwhile by other means (`aligner cancel` on the store): honour that.
+    let status = shared
+        .store
+        .run(job.run_id)
+        .await
+        .map_err(|e| Ended::Failed(e.to_string()))?
+        .status;
+    if status == "cancelled" || status == "done" {
+        active.stop(Stop::Cancel);
+        return if status == "done" {
+            Ok(())
+        } else {
+            Err(Ended::Interrupted)
+        };
+    }
     let yaml = shared
         .store
         .job_pipeline(job.run_id)
@@ -153,8 +219,8 @@ async fn drive(shared: &Arc<Shared>, job: &JobRow, active: &Arc<Active>) -> Resu
     let base = std::path::PathBuf::from(&job.base_dir);
     let file = base.join(crate::api::SUBMITTED_FILE);
     // Validated on submit; checked again since `${VAR}`s and files may have changed since.
-    let spec =
-        Pipeline::from_yaml(&yaml, &file, &base).map_err(|e| Ended::Failed(e.to_string()))?;
+    let spec = Pipeline::from_yaml_with_env(&yaml, &file, &base, crate::env_lookup(&shared.config))
+        .map_err(|e| Ended::Failed(e.to_string()))?;
     let observer = Arc::new(JobObserver::new(job.run_id, active.clone()));
     let engine = Engine::new(
         shared.store.clone(),
@@ -206,6 +272,22 @@ pub(crate) async fn drain(shared: &Arc<Shared>, grace: Duration) -> bool {
     }
     let deadline = Instant::now() + grace;
     while shared.active_count() > 0 && Instant::now() < deadline {
+        // Keep the leases of what is still finishing, and stop anything claimed meanwhile.
+        let now = now_ms();
+        let ids: Vec<(i64, Arc<Active>)> = shared
+            .active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, a)| (*id, a.clone()))
+            .collect();
+        for (id, a) in ids {
+            a.stop(Stop::Shutdown);
+            let _ = shared
+                .store
+                .renew_job_lease(id, &shared.holder, now, JOB_TTL_MS)
+                .await;
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     shared.active_count() == 0

@@ -53,6 +53,25 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// Where submitted pipelines' relative paths resolve unless the request names a folder.
     pub base_dir: PathBuf,
+    /// Environment variables a submitted pipeline's `${VAR}`s may read: names, or prefixes
+    /// ending in `*`. Anything else reads as unset, so a submission cannot read the daemon's
+    /// secrets back through an error message or a URL.
+    pub allow_env: Vec<String>,
+}
+
+/// The `${VAR}` lookup for submitted pipelines (see [`Config::allow_env`]).
+pub fn env_lookup(config: &Config) -> impl Fn(&str) -> Option<String> + '_ {
+    move |name: &str| {
+        let allowed = config.allow_env.iter().any(|a| match a.strip_suffix('*') {
+            Some(prefix) => name.starts_with(prefix),
+            None => a == name,
+        });
+        if allowed {
+            std::env::var(name).ok()
+        } else {
+            None
+        }
+    }
 }
 
 impl std::fmt::Debug for Config {
@@ -106,6 +125,8 @@ pub(crate) struct Shared {
     pub wake: Notify,
     pub draining: AtomicBool,
     pub report: Option<ReportFn>,
+    /// Permits for open event streams.
+    pub streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -133,7 +154,7 @@ pub async fn run(
     let store = Store::open(&config.store).await?;
     let read_only = Store::open_read_only(&config.store).await?;
     let addr = format!("{}:{}", config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let listener = tokio::net::TcpListener::bind((config.host.as_str(), config.port))
         .await
         .with_context(|| {
             format!("cannot listen on {addr}\nhint: pick another --port, or stop what holds it")
@@ -150,8 +171,9 @@ pub async fn run(
         wake: Notify::new(),
         draining: AtomicBool::new(false),
         report,
+        streams: Arc::new(tokio::sync::Semaphore::new(api::MAX_STREAMS)),
     });
-    let requeued = jobs::recover(&shared).await?;
+    let requeued = jobs::recover(&shared, true).await?;
     if requeued > 0 {
         tracing::info!("queued {requeued} run(s) again that a stopped daemon was driving");
     }
@@ -172,10 +194,11 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down: no new work; waiting up to {grace:?} for in-flight items");
     shared.draining.store(true, Ordering::Relaxed);
-    shared.wake.notify_waiters();
+    // No claim may complete after the drain looked at the running jobs.
+    scheduler.abort();
+    let _ = scheduler.await;
     let drained = jobs::drain(&shared, grace).await;
     let _ = stop_tx.send(true);
-    scheduler.abort();
     // Event streams may stay open; give the server a moment, then go regardless.
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     drop(stop_rx);

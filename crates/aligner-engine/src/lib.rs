@@ -280,17 +280,23 @@ impl Engine {
     /// Records a new run of this pipeline without starting it (a daemon queues it, then
     /// drives it with `RunOptions { run_id: Some(id), .. }`).
     pub async fn create_run(&self) -> Result<i64> {
-        let snapshot = self.spec.snapshot();
-        let hash = aligner_spec::hash_snapshot(&resume_relevant(&snapshot));
+        let (snapshot, hash) = self.snapshot_and_hash();
         Ok(self
             .store
             .create_run(
                 &self.spec.name,
                 &self.pipeline_path.display().to_string(),
-                &snapshot.to_string(),
+                &snapshot,
                 &hash,
             )
             .await?)
+    }
+
+    /// The spec snapshot a run of this pipeline records, and the hash a resume must match.
+    pub fn snapshot_and_hash(&self) -> (String, String) {
+        let snapshot = self.spec.snapshot();
+        let hash = aligner_spec::hash_snapshot(&resume_relevant(&snapshot));
+        (snapshot.to_string(), hash)
     }
 
     /// Finds the run to continue (or creates one), takes its lease and drives it to the end.
@@ -332,7 +338,7 @@ impl Engine {
             None => (self.create_run().await?, false),
         };
         let lease = lease::Lease::acquire(&self.store, run_id, self.interrupt.clone()).await?;
-        if !resumed && !options.new_run {
+        if !resumed && !options.new_run && options.run_id.is_none() {
             // We created a run because none was unfinished. If an older unfinished one exists
             // now, another `aligner run` of this pipeline created it at the same moment: the
             // younger run steps back, so one pipeline is never driven twice.

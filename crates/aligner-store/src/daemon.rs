@@ -25,6 +25,16 @@ pub struct JobRow {
     pub updated_at: String,
 }
 
+/// What [`Store::create_queued_run`] records.
+pub struct QueuedRun<'a> {
+    pub name: &'a str,
+    pub pipeline_path: &'a str,
+    pub spec_json: &'a str,
+    pub spec_hash: &'a str,
+    pub pipeline_yaml: &'a str,
+    pub base_dir: &'a str,
+}
+
 const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
 
 impl Store {
@@ -46,6 +56,57 @@ impl Store {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records a new run and queues it, in one transaction (no run without its queue entry).
+    pub async fn create_queued_run(&self, run: &QueuedRun<'_>) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        let id = sqlx::query(
+            "INSERT INTO runs (name, pipeline_path, spec_json, spec_hash) VALUES (?, ?, ?, ?)",
+        )
+        .bind(run.name)
+        .bind(run.pipeline_path)
+        .bind(run.spec_json)
+        .bind(run.spec_hash)
+        .execute(&mut *tx)
+        .await?
+        .last_insert_rowid();
+        sqlx::query(
+            "INSERT INTO daemon_jobs (run_id, name, pipeline_yaml, base_dir) VALUES (?, ?, ?, ?)",
+        )
+        .bind(id)
+        .bind(run.name)
+        .bind(run.pipeline_yaml)
+        .bind(run.base_dir)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Pause or cancel requests recorded on jobs `holder` is driving.
+    pub async fn job_requests(&self, holder: &str) -> Result<Vec<(i64, String)>> {
+        Ok(sqlx::query_as(
+            "SELECT run_id, requested FROM daemon_jobs
+             WHERE state = 'running' AND requested IS NOT NULL AND lease_holder = ?",
+        )
+        .bind(holder)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The run's latest warnings and errors, newest last.
+    pub async fn recent_problems(&self, run_id: i64, limit: i64) -> Result<Vec<crate::EventRow>> {
+        let mut rows = sqlx::query_as::<_, crate::EventRow>(
+            "SELECT id, run_id, round, stage, level, kind, message, data, ts FROM events
+             WHERE run_id = ? AND level IN ('warn', 'error') ORDER BY id DESC LIMIT ?",
+        )
+        .bind(run_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.reverse();
+        Ok(rows)
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobRow>> {
@@ -95,12 +156,20 @@ impl Store {
         .await?)
     }
 
-    /// Extends `holder`'s leases on its running jobs.
-    pub async fn renew_job_leases(&self, holder: &str, now_ms: i64, ttl_ms: i64) -> Result<()> {
+    /// Extends `holder`'s lease on a job it is driving.
+    pub async fn renew_job_lease(
+        &self,
+        run_id: i64,
+        holder: &str,
+        now_ms: i64,
+        ttl_ms: i64,
+    ) -> Result<()> {
         sqlx::query(
-            "UPDATE daemon_jobs SET lease_expires_ms = ? WHERE lease_holder = ? AND state = 'running'",
+            "UPDATE daemon_jobs SET lease_expires_ms = ?
+             WHERE run_id = ? AND lease_holder = ? AND state = 'running'",
         )
         .bind(now_ms + ttl_ms)
+        .bind(run_id)
         .bind(holder)
         .execute(&self.pool)
         .await?;
@@ -157,10 +226,13 @@ impl Store {
         Ok(())
     }
 
-    /// Records a pause or cancel request on a running job; false when the job is not running.
+    /// Records a pause or cancel request on a running job (a cancel is never downgraded to a
+    /// pause); false when the job is not running.
     pub async fn request_job(&self, run_id: i64, request: &str) -> Result<bool> {
         Ok(sqlx::query(&format!(
-            "UPDATE daemon_jobs SET requested = ?, updated_at = {NOW} WHERE run_id = ? AND state = 'running'"
+            "UPDATE daemon_jobs SET requested = CASE WHEN requested = 'cancel' THEN 'cancel' ELSE ? END,
+                    updated_at = {NOW}
+             WHERE run_id = ? AND state = 'running'"
         ))
         .bind(request)
         .bind(run_id)

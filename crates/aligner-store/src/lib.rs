@@ -18,7 +18,7 @@ use std::time::Duration;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{QueryBuilder, Row, Sqlite, SqlitePool};
 
-pub use daemon::JobRow;
+pub use daemon::{JobRow, QueuedRun};
 pub use proxy::{NewProxyRecord, ProxyRecordRow};
 pub use readonly::{QueryResult, ReadOnlyError};
 pub use report::*;
@@ -59,6 +59,10 @@ pub struct Store {
     pool: SqlitePool,
     path: PathBuf,
 }
+
+/// Runs a daemon queues or drives are not continued by a standalone `aligner run`.
+const NOT_DAEMON_JOB: &str =
+    "id NOT IN (SELECT run_id FROM daemon_jobs WHERE state NOT IN ('done', 'failed', 'cancelled'))";
 
 /// Rows per multi-row INSERT statement (keeps well under SQLite's bound-variable limit).
 const INSERT_CHUNK: usize = 400;
@@ -176,7 +180,13 @@ impl Store {
 
     /// Runs one read-only statement and returns every row (see [`readonly`]).
     pub async fn query_read_only(&self, sql: &str) -> Result<QueryResult> {
-        readonly::query(&self.pool, sql).await
+        readonly::query(&self.pool, sql, None).await
+    }
+
+    /// As [`query_read_only`](Store::query_read_only), stopping after `max_rows` rows
+    /// (`truncated` says so).
+    pub async fn query_read_only_limited(&self, sql: &str, max_rows: usize) -> Result<QueryResult> {
+        readonly::query(&self.pool, sql, Some(max_rows)).await
     }
 
     // ---------------------------------------------------------------- runs
@@ -204,7 +214,7 @@ impl Store {
     /// The newest run of this pipeline name that has not finished.
     pub async fn latest_unfinished_run(&self, name: &str) -> Result<Option<RunRow>> {
         Ok(sqlx::query_as::<_, RunRow>(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND status IN ('running', 'failed') ORDER BY id DESC LIMIT 1"
+            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND status IN ('running', 'failed') AND {NOT_DAEMON_JOB} ORDER BY id DESC LIMIT 1"
         ))
         .bind(name)
         .fetch_optional(&self.pool)
@@ -237,7 +247,7 @@ impl Store {
     /// the same moment as us).
     pub async fn older_unfinished_run(&self, name: &str, run_id: i64) -> Result<Option<RunRow>> {
         Ok(sqlx::query_as::<_, RunRow>(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND id < ? AND status IN ('running', 'failed') ORDER BY id DESC LIMIT 1"
+            "SELECT {RUN_COLUMNS} FROM runs WHERE name = ? AND id < ? AND status IN ('running', 'failed') AND {NOT_DAEMON_JOB} ORDER BY id DESC LIMIT 1"
         ))
         .bind(name)
         .bind(run_id)

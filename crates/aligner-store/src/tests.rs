@@ -335,3 +335,34 @@ async fn a_store_from_before_the_aligner_migration_upgrades_in_place() {
     assert_eq!(progress.rows.len(), 2);
     assert_eq!(progress.rows[0][0], serde_json::json!("teach"));
 }
+
+#[tokio::test]
+async fn a_row_limit_ends_an_endless_query_and_daemon_runs_are_not_continued_standalone() {
+    let (_dir, store) = fresh().await;
+    let ro = Store::open_read_only(store.path()).await.unwrap();
+    let r = ro
+        .query_read_only_limited(
+            "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT x FROM c",
+            5,
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.rows.len(), 5);
+    assert!(r.truncated);
+    let r = ro.query_read_only_limited("SELECT 1", 5).await.unwrap();
+    assert!(!r.truncated);
+
+    // A queued daemon run is invisible to a standalone run's lookup until it is over.
+    let id = store.create_run("p", "p.yaml", "{}", "h").await.unwrap();
+    store.enqueue_job(id, "p", "version: 1", "/").await.unwrap();
+    assert!(store.latest_unfinished_run("p").await.unwrap().is_none());
+    store.set_job_state(id, "failed", Some("x")).await.unwrap();
+    assert_eq!(
+        store
+            .latest_unfinished_run("p")
+            .await
+            .unwrap()
+            .map(|r| r.id),
+        Some(id)
+    );
+}
