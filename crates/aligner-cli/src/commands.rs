@@ -150,6 +150,8 @@ pub enum Command {
     Serve(crate::serve::ServeArgs),
     /// Train an Aligner on question-answer-correction data with the built-in trainer.
     TrainAligner(crate::trainer::TrainAlignerArgs),
+    /// A checkpoint as a re-quantized GGUF (default Q8_0) for fast local inference.
+    ExportGguf(crate::trainer::ExportGgufArgs),
     /// The offline default models.
     #[command(subcommand)]
     Models(crate::fetch::ModelsCommand),
@@ -217,6 +219,9 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             daemon,
             store,
         } => crate::daemon::logs(&run, follow, &daemon, &store).await,
+        Command::ExportGguf(args) => {
+            tokio::task::spawn_blocking(move || crate::trainer::export_gguf(&args)).await?
+        }
         Command::TrainAligner(args) => {
             tokio::task::spawn_blocking(move || crate::trainer::train_aligner(&args)).await?
         }

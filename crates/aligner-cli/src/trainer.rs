@@ -587,3 +587,75 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
     )));
     Ok(())
 }
+
+/// `aligner export-gguf`: a checkpoint (or any GGUF) as a re-quantized GGUF for fast local
+/// inference (`kind: local`, `aligner serve`, llama.cpp).
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExportGgufArgs {
+    /// A checkpoint folder (Hugging Face layout, as training writes it) or a GGUF file.
+    pub model: PathBuf,
+    /// The GGUF whose metadata (tokenizer, chat template, model constants) the file takes:
+    /// a GGUF of the same architecture and shape. Default: the checkpoint's base model when
+    /// that is a GGUF file (recorded in its `aligner.json`), or MODEL itself when it is one.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// Where the GGUF goes.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Matrix type: q8_0, q4_0, q4_1, f16 or f32 (norms stay f32).
+    #[arg(long = "type", default_value = "q8_0")]
+    pub dtype: String,
+}
+
+pub fn export_gguf(args: &ExportGgufArgs) -> Result<()> {
+    use aligner_train::gguf_export;
+    use aligner_train::model::{gguf_weights, hf_weights};
+    let dtype = gguf_export::parse_type(&args.dtype)
+        .map_err(|e| crate::commands::Invalid::Message(e.to_string()))?;
+    let is_gguf = args.model.is_file();
+    let base = match (&args.base, is_gguf) {
+        (Some(b), _) => b.clone(),
+        (None, true) => args.model.clone(),
+        (None, false) => {
+            // Follow the checkpoints' bases (round 2 trained from round 1's checkpoint, ...) to
+            // the GGUF the first one started from.
+            let mut at = args.model.clone();
+            let mut found = None;
+            for _ in 0..64 {
+                let Some(meta) = aligner_train::checkpoint::read_meta(&at)? else {
+                    break;
+                };
+                let p = PathBuf::from(meta.base_model);
+                if p.is_file() && p.extension().is_some_and(|e| e == "gguf") {
+                    found = Some(p);
+                    break;
+                }
+                if !p.is_dir() {
+                    break;
+                }
+                at = p;
+            }
+            found.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: no GGUF to take the tokenizer and metadata from\nhint: pass --base FILE.gguf (the GGUF the checkpoint was trained from)",
+                    args.model.display()
+                )
+            })?
+        }
+    };
+    let (config, weights) = if is_gguf {
+        gguf_weights(&args.model)?
+    } else {
+        hf_weights(&args.model)?
+    };
+    let info = gguf_export::export_gguf(&config, &weights, &base, &args.out, dtype)?;
+    println!(
+        "{}: {} tensors, {:.1} MB ({}; metadata from {})",
+        args.out.display(),
+        info.tensors,
+        info.bytes as f64 / 1e6,
+        args.dtype.to_ascii_lowercase(),
+        base.display()
+    );
+    Ok(())
+}

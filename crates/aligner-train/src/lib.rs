@@ -10,6 +10,7 @@
 pub mod checkpoint;
 pub mod data;
 pub mod fused;
+pub mod gguf_export;
 pub mod kernels;
 pub mod loss;
 pub mod model;

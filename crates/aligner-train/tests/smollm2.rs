@@ -143,3 +143,89 @@ fn checkpoint_round_trips_through_the_inference_engine() {
     assert_eq!(tok.chat_template(), tok2.chat_template());
     assert_eq!(tok.eos_ids(), tok2.eos_ids());
 }
+
+/// `aligner export-gguf`: the weights written back as GGUF with the source's metadata load in
+/// the inference engine with the tokenizer intact. Written as f32, the model is the source's
+/// (same next token; logits within the noise of the source's Q4_1 kernel, which quantizes
+/// activations to 8 bits: 0.66 of a 31.6 range here); as Q8_0 its logits stay within
+/// quantization noise too. (This prompt's top two tokens are 0.02 apart in the source, so
+/// Q8_0 may swap them: the check is that each model's choice is in the other's top three.)
+#[test]
+fn a_re_quantized_gguf_loads_and_answers_like_the_source() {
+    use aligner_train::gguf_export::{export_gguf, parse_type};
+    let path = gguf_path();
+    let (config, weights) = gguf_weights(&path).unwrap();
+    let source = GgufFile::open(&path).unwrap();
+    let tok = TextTokenizer::from_gguf(&source.content).unwrap();
+    let prompt = "<|im_start|>user\nName three prime numbers.<|im_end|>\n<|im_start|>assistant\n";
+    let ids = tok.encode(prompt, true).unwrap();
+    let run = |file: &GgufFile| {
+        let m = Model::from_gguf(file).unwrap();
+        let mut cache = KvCache::new(m.config.layers);
+        m.forward(&mut [Chunk {
+            cache: &mut cache,
+            tokens: &ids,
+            logits: true,
+        }])
+        .remove(0)
+    };
+    let top = |v: &[f32], k: usize| {
+        let mut i: Vec<usize> = (0..v.len()).collect();
+        i.sort_by(|x, y| v[*y].total_cmp(&v[*x]));
+        i.truncate(k);
+        i
+    };
+    let a = run(&source);
+    let range =
+        a.iter().cloned().fold(f32::MIN, f32::max) - a.iter().cloned().fold(f32::MAX, f32::min);
+    let dir = tempfile::tempdir().unwrap();
+    for ty in ["f32", "q8_0"] {
+        let out = dir.path().join(format!("model.{ty}.gguf"));
+        let info = export_gguf(&config, &weights, &path, &out, parse_type(ty).unwrap()).unwrap();
+        assert_eq!(info.tensors, 2 + 9 * config.layers);
+        assert!(!dir.path().join(format!("model.{ty}.gguf.partial")).exists());
+        let exported = GgufFile::open(&out).unwrap();
+        let (dtype, dims, _) = exported.raw("blk.0.attn_q.weight").unwrap();
+        assert_eq!(dims, vec![config.hidden, config.hidden]);
+        assert_eq!(dtype, parse_type(ty).unwrap());
+        let tok2 = TextTokenizer::from_gguf(&exported.content).unwrap();
+        assert_eq!(ids, tok2.encode(prompt, true).unwrap());
+        let b = run(&exported);
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        if ty == "f32" {
+            assert_eq!(top(&a, 1), top(&b, 1));
+            assert!(
+                diff < 0.05 * range,
+                "{ty}: logits differ by {diff} (range {range})"
+            );
+        } else {
+            assert_eq!(exported.usize("general.file_type").unwrap(), 7);
+            assert!(top(&a, 3).contains(&top(&b, 1)[0]) && top(&b, 3).contains(&top(&a, 1)[0]));
+            assert!(
+                diff < 0.05 * range,
+                "{ty}: logits differ by {diff} (range {range})"
+            );
+            // The weights read back (q/k un-permuted) within Q8_0's rounding of the originals.
+            let (_, back) = gguf_weights(&out).unwrap();
+            for name in [
+                "model.layers.0.self_attn.q_proj.weight",
+                "model.layers.29.self_attn.k_proj.weight",
+                "model.embed_tokens.weight",
+            ] {
+                let (x, y) = (&weights[name].1, &back[name].1);
+                let err: f32 = x
+                    .iter()
+                    .zip(y)
+                    .map(|(p, q)| (p - q) * (p - q))
+                    .sum::<f32>()
+                    .sqrt();
+                let norm: f32 = x.iter().map(|p| p * p).sum::<f32>().sqrt();
+                assert!(err / norm < 0.01, "{name}: relative error {}", err / norm);
+            }
+        }
+    }
+}
