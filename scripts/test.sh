@@ -13,13 +13,17 @@ need() { # import name, pip requirement
 need datasets datasets
 need openai "openai>=1.40"
 
-# Headless Chromium renders `aligner report`'s page and the daemon's dashboard in the tests
-# (Debian's package).
-if ! command -v chromium >/dev/null 2>&1; then
+# Debian packages the tests drive: headless Chromium renders `aligner report`'s page and the
+# daemon's dashboard; curl is the daemon API's client; kill (procps) stops daemons mid-run.
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v kill >/dev/null 2>&1 || missing+=(procps)
+if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
     $sudo apt-get update -qq
-    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 fi
 
 cargo fmt --all -- --check
