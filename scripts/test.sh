@@ -18,7 +18,7 @@ need openai "openai>=1.40"
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
-command -v kill >/dev/null 2>&1 || missing+=(procps)
+{ [ -x /usr/bin/kill ] || [ -x /bin/kill ]; } || missing+=(procps)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
