@@ -86,9 +86,9 @@ pub fn load_or_create_token(path: &Path) -> Result<String> {
 /// Compares in time independent of where the strings differ.
 pub fn token_matches(given: &str, expected: &str) -> bool {
     let (a, b) = (given.as_bytes(), expected.as_bytes());
-    let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
-    for i in 0..b.len() {
-        diff |= a.get(i).copied().unwrap_or(0) ^ b[i];
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, &expected) in b.iter().enumerate() {
+        diff |= a.get(i).copied().unwrap_or(0) ^ expected;
     }
     diff == 0
 }
