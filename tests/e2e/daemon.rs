@@ -2,7 +2,6 @@
 //! kill -9 mid-run and a restart that finishes the run with exact counts, SIGTERM, and the
 //! dashboard in headless Chromium.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::Duration;
@@ -22,35 +21,34 @@ struct Daemon {
 impl Daemon {
     /// Starts `aligner daemon` on a free port in `dir` (store `s.db`) and waits for its address.
     fn start(dir: &Path, extra: &[&str]) -> Daemon {
-        let mut child = bin()
-            .args([
-                "daemon",
-                "--port",
-                "0",
-                "--store",
-                "s.db",
-                "--grace-secs",
-                "20",
-            ])
-            .args(extra)
-            .env("ALIGNER_TOKEN", TOKEN)
-            .current_dir(dir)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("daemon starts");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(url) = line.strip_prefix("aligner daemon listening on ") {
-                    let _ = tx.send(url.to_string());
-                }
-            }
-        });
-        let url = rx
-            .recv_timeout(Duration::from_secs(60))
+        Daemon::start_with(dir, extra, |_| {})
+    }
+
+    /// As [`Daemon::start`], with `env` adjusting the command's environment.
+    fn start_with(dir: &Path, extra: &[&str], env: impl FnOnce(&mut Command)) -> Daemon {
+        let mut cmd = bin();
+        cmd.args([
+            "daemon",
+            "--port",
+            "0",
+            "--store",
+            "s.db",
+            "--grace-secs",
+            "20",
+        ])
+        .args(extra)
+        .env("ALIGNER_TOKEN", TOKEN)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+        env(&mut cmd);
+        let mut child = cmd.spawn().expect("daemon starts");
+        let line = first_stdout_line(&mut child, Duration::from_secs(60))
             .expect("the daemon prints its address");
+        let url = line
+            .strip_prefix("aligner daemon listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line: {line:?}"))
+            .to_string();
         Daemon { child, url }
     }
 
@@ -432,22 +430,14 @@ fn pause_resume_cancel_and_sigterm_requeue() {
 fn token_file_is_generated_private() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("cfg").join("token");
-    let mut child = bin()
-        .args(["daemon", "--port", "0", "--store", "s.db", "--token-file"])
-        .arg(&token_file)
-        .env_remove("ALIGNER_TOKEN")
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let url = loop {
-        let line = lines.next().expect("daemon output").unwrap();
-        if let Some(u) = line.strip_prefix("aligner daemon listening on ") {
-            break u.to_string();
-        }
-    };
+    let d = Daemon::start_with(
+        dir.path(),
+        &["--token-file", token_file.to_str().unwrap()],
+        |c| {
+            c.env_remove("ALIGNER_TOKEN");
+        },
+    );
+    let url = d.url.clone();
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
@@ -471,8 +461,7 @@ fn token_file_is_generated_private() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     assert!(text(&o).contains("no runs yet"), "{}", text(&o));
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(d);
 }
 
 #[test]
@@ -517,30 +506,9 @@ fn two_runs_of_one_pipeline_side_by_side_and_no_secret_from_the_environment() {
     });
     let dir = setup(&server, 20, &[], 1, 2, false);
     // The daemon's environment holds a secret; a submission must not be able to read it.
-    let mut child = bin()
-        .args([
-            "daemon",
-            "--port",
-            "0",
-            "--store",
-            "s.db",
-            "--max-running",
-            "2",
-        ])
-        .env("ALIGNER_TOKEN", TOKEN)
-        .env("E2E_SECRET_KEY", "sk-topsecret-value")
-        .current_dir(dir.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines.next().expect("daemon output").unwrap();
-        if let Some(u) = line.strip_prefix("aligner daemon listening on ") {
-            break u.to_string();
-        }
-    };
-    let d = Daemon { child, url };
+    let d = Daemon::start_with(dir.path(), &["--max-running", "2"], |c| {
+        c.env("E2E_SECRET_KEY", "sk-topsecret-value");
+    });
 
     let a = submit(&d, dir.path(), "p.yaml");
     let b = submit(&d, dir.path(), "p.yaml");

@@ -64,6 +64,23 @@ fn scalar(dir: &Path, query: &str) -> i64 {
         .unwrap_or_else(|| panic!("no integer from {query}: {rows:?}"))
 }
 
+/// The first line `child` prints on stdout, waiting up to `within` for it (None on time-out or
+/// end of output). The rest of its stdout is read and dropped, so the child never blocks or
+/// fails writing.
+fn first_stdout_line(child: &mut Child, within: Duration) -> Option<String> {
+    use std::io::BufRead;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines.map_while(Result::ok) {}
+    });
+    rx.recv_timeout(within).ok()
+}
+
 /// Waits for a condition with a deadline instead of sleeping a fixed time.
 fn wait_until(what: &str, deadline: Duration, mut cond: impl FnMut() -> bool) {
     let start = Instant::now();

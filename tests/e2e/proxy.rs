@@ -3,9 +3,8 @@
 //! in-process Aligner: corrections with the original beside them, streaming, error statuses,
 //! records in SQLite, and the official `openai` Python client.
 
-use std::io::{BufRead, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::sync::mpsc;
 
 use aligner_mockserver::answers;
 use serde_json::json;
@@ -43,15 +42,7 @@ fn proxy(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Proxy {
         cmd.env(k, v);
     }
     let mut child = cmd.spawn().expect("aligner serve starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(120))
+    let line = first_stdout_line(&mut child, Duration::from_secs(120))
         .expect("the proxy prints its address within 120 s");
     assert!(
         line.starts_with("correcting http://127.0.0.1:"),

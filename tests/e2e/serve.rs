@@ -1,8 +1,5 @@
 //! `aligner serve` on the real SmolLM2 GGUF, driven by the official `openai` Python client.
 
-use std::io::BufRead;
-use std::sync::mpsc;
-
 use super::*;
 
 fn models_dir() -> PathBuf {
@@ -48,15 +45,7 @@ fn serve(model: &Path, name: &str) -> Serving {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("aligner serve starts");
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(120))
+    let line = first_stdout_line(&mut child, Duration::from_secs(120))
         .expect("`aligner serve` prints its address within 120 s");
     assert!(
         line.starts_with(&format!(

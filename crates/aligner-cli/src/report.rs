@@ -642,22 +642,7 @@ fn training(d: &Data, out: &mut Vec<Block>) -> Result<()> {
         }));
         return Ok(());
     }
-    let mut t = Table::new(
-        "training-jobs",
-        &[
-            "round",
-            "method",
-            "backend",
-            "status",
-            "pairs",
-            "attempts",
-            "exit code",
-            "reference",
-            "base model",
-            "started",
-            "finished",
-        ],
-    );
+    let mut t = Table::new("training-jobs", JOB_HEADERS);
     for j in &d.jobs {
         t.push(job_row(j));
     }
@@ -695,6 +680,21 @@ fn training(d: &Data, out: &mut Vec<Block>) -> Result<()> {
     }
     Ok(())
 }
+
+/// The columns of [`job_row`].
+const JOB_HEADERS: &[&str] = &[
+    "round",
+    "method",
+    "backend",
+    "status",
+    "pairs",
+    "attempts",
+    "exit code",
+    "reference",
+    "base model",
+    "started",
+    "finished",
+];
 
 fn job_row(j: &TrainingJobReport) -> Row {
     Row::new(vec![
@@ -953,22 +953,7 @@ fn round(d: &Data, r: &RoundRow, out: &mut Vec<Block>) {
     match d.jobs.iter().find(|j| j.round == k) {
         None => out.push(Block::Note("no training job in this round".into())),
         Some(j) => {
-            let mut t = Table::new(
-                "training-jobs",
-                &[
-                    "round",
-                    "method",
-                    "backend",
-                    "status",
-                    "pairs",
-                    "attempts",
-                    "exit code",
-                    "reference",
-                    "base model",
-                    "started",
-                    "finished",
-                ],
-            );
+            let mut t = Table::new("training-jobs", JOB_HEADERS);
             t.push(job_row(j));
             out.push(Block::Table(t));
             if let Some(e) = &j.error {

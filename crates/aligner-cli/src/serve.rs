@@ -294,11 +294,20 @@ impl IntoResponse for ApiError {
 const ROUTES: &str = "`GET /v1/models`, `POST /v1/chat/completions` and `POST /v1/completions`";
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
+    unknown_route(&method, &uri, "this server", ROUTES)
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    wrong_method(&method, &uri, "this server", ROUTES)
+}
+
+/// 404 for a path `server` does not route; `routes` lists the ones it does.
+fn unknown_route(method: &Method, uri: &Uri, server: &str, routes: &str) -> ApiError {
     ApiError {
         status: StatusCode::NOT_FOUND,
         kind: "invalid_request_error",
         message: format!(
-            "unknown path `{method} {}`; this server serves {ROUTES}",
+            "unknown path `{method} {}`; {server} serves {routes}",
             uri.path()
         ),
         param: None,
@@ -306,12 +315,13 @@ async fn not_found(method: Method, uri: Uri) -> ApiError {
     }
 }
 
-async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+/// 405 for a routed path asked with the wrong method.
+fn wrong_method(method: &Method, uri: &Uri, server: &str, routes: &str) -> ApiError {
     ApiError {
         status: StatusCode::METHOD_NOT_ALLOWED,
         kind: "invalid_request_error",
         message: format!(
-            "method `{method}` is not allowed on `{}`; this server serves {ROUTES}",
+            "method `{method}` is not allowed on `{}`; {server} serves {routes}",
             uri.path()
         ),
         param: None,
@@ -322,31 +332,40 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 // ---------------------------------------------------------------------------------------------
 // Models
 
-fn model_object(state: &AppState) -> Value {
-    json!({"id": state.model, "object": "model", "created": state.created, "owned_by": "aligner"})
+/// The one model a server exposes, as `/v1/models` lists it.
+fn model_object(id: &str, created: u64) -> Value {
+    json!({"id": id, "object": "model", "created": created, "owned_by": "aligner"})
+}
+
+/// `/v1/models`: the list of that one model.
+fn model_list(id: &str, created: u64) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_object(id, created)]}))
+}
+
+/// `/v1/models/{name}`: the model when `name` is its id, else 404 (`serves` says what the
+/// server offers instead, e.g. "this server serves").
+fn model_lookup(name: &str, id: &str, created: u64, serves: &str) -> Result<Json<Value>, ApiError> {
+    if name == id {
+        return Ok(Json(model_object(id, created)));
+    }
+    Err(ApiError {
+        status: StatusCode::NOT_FOUND,
+        kind: "invalid_request_error",
+        message: format!("model `{name}` does not exist; {serves} `{id}`"),
+        param: Some("model".into()),
+        code: Some("model_not_found"),
+    })
 }
 
 async fn models(State(state): State<Shared>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_object(&state)]}))
+    model_list(&state.model, state.created)
 }
 
 async fn model(
     State(state): State<Shared>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if name == state.model {
-        return Ok(Json(model_object(&state)));
-    }
-    Err(ApiError {
-        status: StatusCode::NOT_FOUND,
-        kind: "invalid_request_error",
-        message: format!(
-            "model `{name}` does not exist; this server serves `{}`",
-            state.model
-        ),
-        param: Some("model".into()),
-        code: Some("model_not_found"),
-    })
+    model_lookup(&name, &state.model, state.created, "this server serves")
 }
 
 // ---------------------------------------------------------------------------------------------

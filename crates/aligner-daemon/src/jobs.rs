@@ -62,13 +62,7 @@ pub(crate) async fn schedule(shared: Arc<Shared>) {
 
 async fn tick(shared: &Arc<Shared>) -> Result<()> {
     let now = now_ms();
-    let active: Vec<(i64, Arc<Active>)> = shared
-        .active
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .iter()
-        .map(|(id, a)| (*id, a.clone()))
-        .collect();
+    let active = shared.actives();
     for (id, _) in &active {
         shared
             .store
@@ -228,28 +222,15 @@ async fn drive(shared: &Arc<Shared>, job: &JobRow, active: &Arc<Active>) -> Resu
         &file,
         shared.factory.clone(),
         observer,
-    );
-    // Link the engine's interrupt flag to ours: a stop raised before the engine existed holds.
-    let flag = engine.interrupt_flag();
-    let watch = {
-        let (ours, flag) = (active.interrupt.clone(), flag.clone());
-        tokio::spawn(async move {
-            loop {
-                if ours.load(Ordering::Relaxed) {
-                    flag.store(true, Ordering::Relaxed);
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        })
-    };
+    )
+    // Our flag is the engine's: a stop raised before the engine existed holds.
+    .with_interrupt(active.interrupt.clone());
     let result = engine
         .run(&RunOptions {
             run_id: Some(job.run_id),
             ..Default::default()
         })
         .await;
-    watch.abort();
     match result {
         Ok(_) => Ok(()),
         Err(aligner_engine::Error::Interrupted { .. })
@@ -260,28 +241,12 @@ async fn drive(shared: &Arc<Shared>, job: &JobRow, active: &Arc<Active>) -> Resu
 
 /// Interrupts every run and waits up to `grace` for them to commit and stop. True when all did.
 pub(crate) async fn drain(shared: &Arc<Shared>, grace: Duration) -> bool {
-    let actives: Vec<Arc<Active>> = shared
-        .active
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .values()
-        .cloned()
-        .collect();
-    for a in &actives {
-        a.stop(Stop::Shutdown);
-    }
     let deadline = Instant::now() + grace;
     while shared.active_count() > 0 && Instant::now() < deadline {
-        // Keep the leases of what is still finishing, and stop anything claimed meanwhile.
+        // Stop every run (also one claimed as the drain began) and keep the leases of what is
+        // still finishing.
         let now = now_ms();
-        let ids: Vec<(i64, Arc<Active>)> = shared
-            .active
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(id, a)| (*id, a.clone()))
-            .collect();
-        for (id, a) in ids {
+        for (id, a) in shared.actives() {
             a.stop(Stop::Shutdown);
             let _ = shared
                 .store

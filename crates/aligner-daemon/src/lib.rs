@@ -137,6 +137,16 @@ impl Shared {
             .get(&run_id)
             .cloned()
     }
+    /// The runs this process drives, with their ids.
+    pub fn actives(&self) -> Vec<(i64, Arc<Active>)> {
+        self.active
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(id, a)| (*id, a.clone()))
+            .collect()
+    }
+
     pub fn active_count(&self) -> usize {
         self.active.lock().unwrap_or_else(|e| e.into_inner()).len()
     }

@@ -252,6 +252,13 @@ impl Engine {
         }
     }
 
+    /// Uses `flag` as the interrupt flag (see [`Engine::interrupt_flag`]), for a caller that
+    /// holds it before the engine exists.
+    pub fn with_interrupt(mut self, flag: Arc<AtomicBool>) -> Self {
+        self.interrupt = flag;
+        self
+    }
+
     /// Set this flag (e.g. on Ctrl-C) to stop feeding new items; in-flight ones finish and are
     /// committed, then `run` returns [`Error::Interrupted`].
     pub fn interrupt_flag(&self) -> Arc<AtomicBool> {

@@ -556,56 +556,22 @@ fn router(state: Shared, max_body: usize) -> Router {
 const ROUTES: &str = "`GET /v1/models`, `POST /v1/chat/completions` and `GET /health`";
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        kind: "invalid_request_error",
-        message: format!(
-            "unknown path `{method} {}`; this correction proxy serves {ROUTES}",
-            uri.path()
-        ),
-        param: None,
-        code: Some("unknown_url"),
-    }
+    super::unknown_route(&method, &uri, "this correction proxy", ROUTES)
 }
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
-    ApiError {
-        status: StatusCode::METHOD_NOT_ALLOWED,
-        kind: "invalid_request_error",
-        message: format!(
-            "method `{method}` is not allowed on `{}`; this correction proxy serves {ROUTES}",
-            uri.path()
-        ),
-        param: None,
-        code: Some("method_not_allowed"),
-    }
-}
-
-fn model_object(p: &Proxy) -> Value {
-    json!({"id": p.name, "object": "model", "created": p.created, "owned_by": "aligner"})
+    super::wrong_method(&method, &uri, "this correction proxy", ROUTES)
 }
 
 async fn models(State(p): State<Shared>) -> Json<Value> {
-    Json(json!({"object": "list", "data": [model_object(&p)]}))
+    super::model_list(&p.name, p.created)
 }
 
 async fn model(
     State(p): State<Shared>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    if name == p.name {
-        return Ok(Json(model_object(&p)));
-    }
-    Err(ApiError {
-        status: StatusCode::NOT_FOUND,
-        kind: "invalid_request_error",
-        message: format!(
-            "model `{name}` does not exist; this proxy lists `{}`",
-            p.name
-        ),
-        param: Some("model".into()),
-        code: Some("model_not_found"),
-    })
+    super::model_lookup(&name, &p.name, p.created, "this proxy lists")
 }
 
 fn unix_ms() -> i64 {
