@@ -222,7 +222,7 @@ pub async fn submit(file: &Path, daemon: &DaemonArg, store: &StoreArg) -> Result
     let client = Client::new(url, &daemon.token)?;
     let path = format!(
         "/v1/runs?base_dir={}",
-        percent_encode(&dir.display().to_string())
+        form_urlencoded::byte_serialize(dir.display().to_string().as_bytes()).collect::<String>()
     );
     let v = client.post(&path, text).await?;
     println!(
@@ -234,17 +234,6 @@ pub async fn submit(file: &Path, daemon: &DaemonArg, store: &StoreArg) -> Result
         url
     );
     Ok(())
-}
-
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// `aligner runs`.
