@@ -133,76 +133,8 @@ pub fn export_gguf(
         tensors.push((gguf, q));
         Ok(())
     };
-    add(
-        "token_embd.weight".into(),
-        "model.embed_tokens.weight",
-        None,
-    )?;
-    for i in 0..config.layers {
-        let g = |n: &str| format!("blk.{i}.{n}");
-        let p = format!("model.layers.{i}");
-        add(
-            g("attn_norm.weight"),
-            &format!("{p}.input_layernorm.weight"),
-            None,
-        )?;
-        add(
-            g("attn_q.weight"),
-            &format!("{p}.self_attn.q_proj.weight"),
-            Some(config.heads),
-        )?;
-        add(
-            g("attn_k.weight"),
-            &format!("{p}.self_attn.k_proj.weight"),
-            Some(config.kv_heads),
-        )?;
-        add(
-            g("attn_v.weight"),
-            &format!("{p}.self_attn.v_proj.weight"),
-            None,
-        )?;
-        if config.qkv_bias {
-            add(
-                g("attn_q.bias"),
-                &format!("{p}.self_attn.q_proj.bias"),
-                Some(config.heads),
-            )?;
-            add(
-                g("attn_k.bias"),
-                &format!("{p}.self_attn.k_proj.bias"),
-                Some(config.kv_heads),
-            )?;
-            add(
-                g("attn_v.bias"),
-                &format!("{p}.self_attn.v_proj.bias"),
-                None,
-            )?;
-        }
-        add(
-            g("attn_output.weight"),
-            &format!("{p}.self_attn.o_proj.weight"),
-            None,
-        )?;
-        add(
-            g("ffn_norm.weight"),
-            &format!("{p}.post_attention_layernorm.weight"),
-            None,
-        )?;
-        add(
-            g("ffn_gate.weight"),
-            &format!("{p}.mlp.gate_proj.weight"),
-            None,
-        )?;
-        add(g("ffn_up.weight"), &format!("{p}.mlp.up_proj.weight"), None)?;
-        add(
-            g("ffn_down.weight"),
-            &format!("{p}.mlp.down_proj.weight"),
-            None,
-        )?;
-    }
-    add("output_norm.weight".into(), "model.norm.weight", None)?;
-    if !config.tie_embeddings {
-        add("output.weight".into(), "lm_head.weight", None)?;
+    for (gguf, hf, permute) in crate::model::gguf_tensor_names(config) {
+        add(gguf, &hf, permute)?;
     }
 
     let mut metadata: Vec<(String, Value)> = file

@@ -805,6 +805,45 @@ pub fn unpermute_rows(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<
     out
 }
 
+/// Every tensor of a model as (GGUF name, Hugging Face name, heads whose q/k rows llama.cpp
+/// permutes). Reading a GGUF and writing one both go through this list.
+pub fn gguf_tensor_names(c: &Config) -> Vec<(String, String, Option<usize>)> {
+    let mut names = vec![(
+        "token_embd.weight".to_string(),
+        "model.embed_tokens.weight".to_string(),
+        None,
+    )];
+    for i in 0..c.layers {
+        let p = format!("model.layers.{i}");
+        let mut add = |gguf: &str, hf: &str, permute: Option<usize>| {
+            names.push((format!("blk.{i}.{gguf}"), format!("{p}.{hf}"), permute));
+        };
+        add("attn_norm.weight", "input_layernorm.weight", None);
+        add("attn_q.weight", "self_attn.q_proj.weight", Some(c.heads));
+        add("attn_k.weight", "self_attn.k_proj.weight", Some(c.kv_heads));
+        add("attn_v.weight", "self_attn.v_proj.weight", None);
+        if c.qkv_bias {
+            add("attn_q.bias", "self_attn.q_proj.bias", Some(c.heads));
+            add("attn_k.bias", "self_attn.k_proj.bias", Some(c.kv_heads));
+            add("attn_v.bias", "self_attn.v_proj.bias", None);
+        }
+        add("attn_output.weight", "self_attn.o_proj.weight", None);
+        add("ffn_norm.weight", "post_attention_layernorm.weight", None);
+        add("ffn_gate.weight", "mlp.gate_proj.weight", None);
+        add("ffn_up.weight", "mlp.up_proj.weight", None);
+        add("ffn_down.weight", "mlp.down_proj.weight", None);
+    }
+    names.push((
+        "output_norm.weight".into(),
+        "model.norm.weight".into(),
+        None,
+    ));
+    if !c.tie_embeddings {
+        names.push(("output.weight".into(), "lm_head.weight".into(), None));
+    }
+    names
+}
+
 /// A GGUF's configuration and weights (dequantized, Hugging Face names and layout).
 pub fn gguf_weights(path: &Path) -> Result<(Config, Weights)> {
     let file = GgufFile::open(path)?;
@@ -858,76 +897,8 @@ pub fn gguf_weights(path: &Path) -> Result<(Config, Weights)> {
         w.insert(hf, (dims, v));
         Ok(())
     };
-    put(
-        "token_embd.weight",
-        "model.embed_tokens.weight".into(),
-        None,
-    )?;
-    for i in 0..config.layers {
-        let g = |n: &str| format!("blk.{i}.{n}");
-        let p = format!("model.layers.{i}");
-        put(
-            &g("attn_norm.weight"),
-            format!("{p}.input_layernorm.weight"),
-            None,
-        )?;
-        put(
-            &g("attn_q.weight"),
-            format!("{p}.self_attn.q_proj.weight"),
-            Some(heads),
-        )?;
-        put(
-            &g("attn_k.weight"),
-            format!("{p}.self_attn.k_proj.weight"),
-            Some(kv_heads),
-        )?;
-        put(
-            &g("attn_v.weight"),
-            format!("{p}.self_attn.v_proj.weight"),
-            None,
-        )?;
-        if config.qkv_bias {
-            put(
-                &g("attn_q.bias"),
-                format!("{p}.self_attn.q_proj.bias"),
-                Some(heads),
-            )?;
-            put(
-                &g("attn_k.bias"),
-                format!("{p}.self_attn.k_proj.bias"),
-                Some(kv_heads),
-            )?;
-            put(
-                &g("attn_v.bias"),
-                format!("{p}.self_attn.v_proj.bias"),
-                None,
-            )?;
-        }
-        put(
-            &g("attn_output.weight"),
-            format!("{p}.self_attn.o_proj.weight"),
-            None,
-        )?;
-        put(
-            &g("ffn_norm.weight"),
-            format!("{p}.post_attention_layernorm.weight"),
-            None,
-        )?;
-        put(
-            &g("ffn_gate.weight"),
-            format!("{p}.mlp.gate_proj.weight"),
-            None,
-        )?;
-        put(&g("ffn_up.weight"), format!("{p}.mlp.up_proj.weight"), None)?;
-        put(
-            &g("ffn_down.weight"),
-            format!("{p}.mlp.down_proj.weight"),
-            None,
-        )?;
-    }
-    put("output_norm.weight", "model.norm.weight".into(), None)?;
-    if !tie {
-        put("output.weight", "lm_head.weight".into(), None)?;
+    for (gguf, hf, permute) in gguf_tensor_names(&config) {
+        put(&gguf, hf, permute)?;
     }
     Ok((config, w))
 }
