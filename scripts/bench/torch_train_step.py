@@ -19,7 +19,7 @@ also records how many cores other processes used meanwhile ("other_load_cores");
 thread pool filling the machine, even a light competing load slows steps down many times over,
 so a run with "contended": true is not representative.
 
-    ~/.cache/aligner/torch-venv/bin/python scripts/bench/torch_train_step.py [--threads 2] [--seq 512] [--steps 3]
+    ~/.cache/aligner/torch-venv/bin/python scripts/bench/torch_train_step.py [--threads 2] [--seq 512] [--steps 3] [--only sft|dpo]
 
 Needs: pip install torch numpy gguf safetensors transformers
 Run it on an otherwise idle machine (check `uptime`): it uses --threads cores flat out.
@@ -156,6 +156,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512, help="sequence length in tokens (default %(default)s)")
     ap.add_argument("--steps", type=int, default=3, help="timed steps per measurement (default %(default)s)")
     ap.add_argument("--model", type=Path, default=None, help="GGUF file (default: models dir)")
+    ap.add_argument("--only", choices=["sft", "dpo"], default=None, help="run one measurement only")
     a = ap.parse_args()
 
     torch.set_num_threads(a.threads)
@@ -178,7 +179,7 @@ def main() -> None:
         "optimizer": f"AdamW(lr={LR})",
     }
 
-    for batch in (1, 2):
+    for batch in (1, 2) if a.only in (None, "sft") else ():
         ids = torch.randint(0, vocab, (batch, a.seq))
         phases, other = measure(lambda: sft_step(model, opt, ids), a.steps)
         tok_s = batch * a.seq / phases["total"]
@@ -196,6 +197,9 @@ def main() -> None:
         )
 
     # DPO on one pair: a shared prompt and two different completions, each row --seq tokens.
+    if a.only == "sft":
+        finish(results)
+        return
     reference = copy.deepcopy(model).eval().requires_grad_(False)
     prompt_len = a.seq // 4
     prompt = torch.randint(0, vocab, (prompt_len,))
@@ -217,6 +221,10 @@ def main() -> None:
         file=sys.stderr,
     )
 
+    finish(results)
+
+
+def finish(results: dict) -> None:
     loads = [r["other_load_cores"] for r in results.values() if isinstance(r, dict) and "other_load_cores" in r]
     results["contended"] = any(x is not None and x > OtherLoad.CONTENDED_CORES for x in loads)
     results["peak_rss_mib"] = peak_rss_mib()

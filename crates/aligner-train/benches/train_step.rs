@@ -1,10 +1,12 @@
 //! Training throughput of the built-in trainer on SmolLM2-135M (f32, full fine-tuning), in
 //! the shape of `scripts/bench/torch_train_step.py`: an SFT step (forward, backward, AdamW)
 //! at batch 1 and 2, and a DPO step on one pair (policy on chosen and rejected, frozen
-//! reference forward), sequence length 512, random token ids.
+//! reference forward), sequence length 512, random token ids. The DPO pair shares a 128-token
+//! prompt, as in the PyTorch script; on the CPU it is packed as the trainer packs it (one row,
+//! the prompt computed once), `--separate` packs chosen and rejected as two rows instead.
 //!
 //! `cargo bench -p aligner-train --bench train_step -- [--seq N] [--steps N] [--only sft|dpo]
-//!  [--batches 1,2] [--random] [--device cpu|cuda] [--tf32]`
+//!  [--batches 1,2] [--random] [--device cpu|cuda] [--tf32] [--separate]`
 //!
 //! `--random` uses SmolLM2-135M's shapes with random weights (no model file needed);
 //! `--device cuda` (built with `--features cuda`) runs the step on the GPU, where the model is
@@ -16,7 +18,7 @@ use std::time::Instant;
 
 use candle_core::Device;
 
-use aligner_train::data::{pack, sequence_logps, token_logps, Pair};
+use aligner_train::data::{pack, pack_pairs, sequence_logps, token_logps, Pair, PairSeqs};
 use aligner_train::loss::{dpo_loss, sft_loss, DpoOptions};
 use aligner_train::model::{gguf_weights, Config, TrainModel, Trainable, Weights};
 use aligner_train::optim::{AdamW, OptimConfig};
@@ -123,14 +125,35 @@ fn main() -> anyhow::Result<()> {
                 ..Default::default()
             },
         )?;
+        // As the PyTorch script: each sequence `seq` tokens, a `seq / 4`-token shared prompt.
+        let prompt_len = seq / 4;
         let pair = Pair {
-            prompt: ids(1, 0),
-            chosen: ids(seq - 1, 1),
-            rejected: ids(seq - 1, 2),
+            prompt: ids(prompt_len, 0),
+            chosen: ids(seq - prompt_len, 1),
+            rejected: ids(seq - prompt_len, 2),
         };
-        let refs: Vec<(&[u32], &[u32])> =
-            vec![(&pair.prompt, &pair.chosen), (&pair.prompt, &pair.rejected)];
-        let data = pack(&refs, 0, &dev)?;
+        // The trainer's layout on the CPU: one row, the prompt computed once
+        // (`--separate`: chosen and rejected as two rows, the prompt computed twice).
+        let separate = args.iter().any(|a| a == "--separate") || !model.takes_layouts();
+        let data = if separate {
+            let refs: Vec<(&[u32], &[u32])> =
+                vec![(&pair.prompt, &pair.chosen), (&pair.prompt, &pair.rejected)];
+            pack(&refs, 0, &dev)?
+        } else {
+            let row = PairSeqs {
+                chosen: (&pair.prompt, &pair.chosen),
+                rejected: (&pair.prompt, &pair.rejected),
+            };
+            pack_pairs(&[row], 0, &dev)?
+        };
+        println!(
+            "dpo layout: {}",
+            if separate {
+                "two rows"
+            } else {
+                "one row, shared prompt"
+            }
+        );
         let (mut times, mut refs, mut fwd) = (Vec::new(), Vec::new(), Vec::new());
         for i in 0..=steps {
             let t = Instant::now();

@@ -3,6 +3,9 @@
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, D};
 
+use std::sync::Arc;
+
+use crate::fused::{AttnPlan, RowShape};
 use crate::model::TrainModel;
 
 /// A prompt and a completion (ending with the end-of-sequence token when it should be
@@ -52,6 +55,8 @@ pub struct Packed {
     pub owner: Tensor,
     /// Completion tokens per sequence.
     pub counts: Vec<usize>,
+    /// The attention layout when rows are not plain causal sequences ([`pack_pairs`]).
+    pub plan: Option<Arc<AttnPlan>>,
 }
 
 /// Packs (prompt, completion) pairs, each already within the length budget.
@@ -98,6 +103,92 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Pack
         target_ids: targets,
         owner: Tensor::from_vec(owner, (b, n), device)?,
         counts,
+        plan: None,
+    })
+}
+
+/// One preference pair after truncation: the prompt and answer of its chosen and of its
+/// rejected sequence.
+pub struct PairSeqs<'a> {
+    pub chosen: (&'a [u32], &'a [u32]),
+    pub rejected: (&'a [u32], &'a [u32]),
+}
+
+/// Packs preference pairs one row each: the prompt once, then the chosen and the rejected
+/// answer as two branches that both see the prompt but not each other (see
+/// [`RowShape`]), so the prompt's layers run once instead of twice. Where truncation left the
+/// two sequences different prompts, the row holds both sequences whole as branches. Sequence
+/// `i` of the result is pair `i`'s chosen answer, sequence `b + i` its rejected one, as
+/// [`pack`] numbers `[chosen..., rejected...]`. Needs a model that
+/// [`TrainModel::takes_layouts`].
+pub fn pack_pairs(pairs: &[PairSeqs], pad: u32, device: &Device) -> Result<Packed> {
+    let b = pairs.len();
+    // (row tokens, shape, per branch: (start, own prompt length, completion)).
+    type Branch<'a> = (usize, usize, &'a [u32]);
+    let mut rows: Vec<(Vec<u32>, RowShape, [Branch; 2])> = Vec::with_capacity(b);
+    for p in pairs {
+        let ((pc, cc), (pr, rc)) = (p.chosen, p.rejected);
+        if pc == pr {
+            let tokens: Vec<u32> = pc.iter().chain(cc).chain(rc).copied().collect();
+            let shape = RowShape {
+                prefix: pc.len(),
+                branches: vec![cc.len(), rc.len()],
+            };
+            let s = pc.len();
+            rows.push((tokens, shape, [(s, 0, cc), (s + cc.len(), 0, rc)]));
+        } else {
+            let tokens: Vec<u32> = pc.iter().chain(cc).chain(pr).chain(rc).copied().collect();
+            let (lc, lr) = (pc.len() + cc.len(), pr.len() + rc.len());
+            let shape = RowShape {
+                prefix: 0,
+                branches: vec![lc, lr],
+            };
+            rows.push((tokens, shape, [(0, pc.len(), cc), (lc, pr.len(), rc)]));
+        }
+    }
+    let t = rows.iter().map(|r| r.0.len()).max().unwrap_or(1).max(2);
+    let mut ids = vec![pad; b * t];
+    let mut mask = vec![0f32; b * t];
+    // Per sequence (chosen 0..b, then rejected 0..b): predicting rows and targets.
+    let mut per_seq: Vec<Vec<(u32, u32)>> = vec![Vec::new(); 2 * b];
+    for (i, (tokens, shape, branches)) in rows.iter().enumerate() {
+        ids[i * t..i * t + tokens.len()].copy_from_slice(tokens);
+        mask[i * t..i * t + tokens.len()].fill(1.0);
+        let prefix = shape.prefix;
+        for (which, &(start, own, completion)) in branches.iter().enumerate() {
+            // The branch sees prefix ++ its own tokens; visible index v is row index v below
+            // the prefix, start + (v - prefix) above it.
+            let row_of = |v: usize| if v < prefix { v } else { start + v - prefix };
+            for (k, &tok) in completion.iter().enumerate() {
+                let v = prefix + own + k;
+                if v == 0 {
+                    continue; // nothing before it to predict it from
+                }
+                per_seq[which * b + i].push(((i * t + row_of(v - 1)) as u32, tok));
+            }
+        }
+    }
+    let plan = AttnPlan::new(t, &rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>())?;
+    let counts: Vec<usize> = per_seq.iter().map(Vec::len).collect();
+    let n: usize = counts.iter().sum();
+    let (mut positions, mut targets) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut owner = vec![0f32; 2 * b * n];
+    for (seq, items) in per_seq.iter().enumerate() {
+        for &(pos, tok) in items {
+            owner[seq * n + positions.len()] = 1.0;
+            positions.push(pos);
+            targets.push(tok);
+        }
+    }
+    Ok(Packed {
+        ids: Tensor::from_vec(ids, (b, t), device)?,
+        mask: Tensor::from_vec(mask, (b, t), device)?,
+        positions: Tensor::from_vec(positions, n, device)?,
+        targets: Tensor::from_slice(&targets, n, device)?,
+        target_ids: targets,
+        owner: Tensor::from_vec(owner, (2 * b, n), device)?,
+        counts,
+        plan: Some(Arc::new(plan)),
     })
 }
 
@@ -105,7 +196,7 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Pack
 pub fn token_logps(model: &TrainModel, batch: &Packed, train: bool) -> Result<Tensor> {
     let (b, t) = batch.ids.dims2()?;
     let hidden = model
-        .hidden(&batch.ids, Some(&batch.mask), train)?
+        .hidden_planned(&batch.ids, Some(&batch.mask), batch.plan.as_ref(), train)?
         .reshape((b * t, model.config.hidden))?;
     let rows = hidden.index_select(&batch.positions, 0)?;
     let logits = model.head(&rows)?;

@@ -337,14 +337,15 @@ pub struct RopeTables {
     pub head_dim: usize,
 }
 
-/// Rotates every head of rows `[b * t, heads * hd]` in place (`inverse`: the transpose).
-fn rotate(rope: &RopeTables, x: &mut [f32], row_width: usize, t: usize, inverse: bool) {
+/// Rotates every head of rows `[b * t, heads * hd]` in place, row `r` at rotary position
+/// `positions[r]` (`inverse`: the transpose).
+fn rotate(rope: &RopeTables, x: &mut [f32], row_width: usize, positions: &[u32], inverse: bool) {
     let hd = rope.head_dim;
     let half = hd / 2;
     x.par_chunks_mut(row_width)
-        .enumerate()
-        .for_each(|(r, row)| {
-            let p = r % t;
+        .zip(positions.par_iter())
+        .for_each(|(row, &p)| {
+            let p = p as usize;
             let c = &rope.cos[p * hd..(p + 1) * hd];
             let s = &rope.sin[p * hd..(p + 1) * hd];
             for head in row.chunks_mut(hd) {
@@ -365,6 +366,173 @@ fn rotate(rope: &RopeTables, x: &mut [f32], row_width: usize, t: usize, inverse:
 /// Query rows per attention task: a block of rows attends to the keys up to its last row.
 const ROWS: usize = 128;
 
+/// How one row of a batch is laid out: a causal `prefix`, then `branches` (lengths) that each
+/// see the prefix and their own earlier tokens but not one another. A prompt with its chosen
+/// and rejected answers fits in one row this way, the prompt computed once. A plain sequence
+/// is a prefix with no branches. Rows past the layout (padding) continue the last part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowShape {
+    pub prefix: usize,
+    pub branches: Vec<usize>,
+}
+
+impl RowShape {
+    /// A causal sequence of `len` tokens.
+    pub fn causal(len: usize) -> Self {
+        RowShape {
+            prefix: len,
+            branches: Vec::new(),
+        }
+    }
+
+    /// Tokens the layout covers (before padding).
+    pub fn len(&self) -> usize {
+        self.prefix + self.branches.iter().sum::<usize>()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One attention task's query rows and the keys they see. Its score rows are `w` wide:
+/// columns `0..pre` are keys `0..pre`, columns `pre..w` keys `br..br + (w - pre)`; query row
+/// `r0 + j` sees the first `w - (m - 1 - j)` columns.
+#[derive(Debug, Clone, Copy)]
+struct Block {
+    r0: usize,
+    m: usize,
+    pre: usize,
+    br: usize,
+    w: usize,
+    /// Offset of its `m × w` probabilities in its (batch row, head) region.
+    poff: usize,
+    /// Offset of its `w` key rows in its (batch row, head) key-gradient region.
+    koff: usize,
+}
+
+impl Block {
+    /// (first score column, first key, count) of each key range.
+    fn ranges(&self) -> impl Iterator<Item = (usize, usize, usize)> {
+        [(0, 0, self.pre), (self.pre, self.br, self.w - self.pre)]
+            .into_iter()
+            .filter(|r| r.2 > 0)
+    }
+
+    /// The score column of key `j`, if this block's queries see it.
+    fn column(&self, j: usize) -> Option<usize> {
+        if j < self.pre {
+            Some(j)
+        } else if j >= self.br && j < self.br + (self.w - self.pre) {
+            Some(self.pre + j - self.br)
+        } else {
+            None
+        }
+    }
+}
+
+/// The attention layout of a batch: every row's blocks and every token's rotary position.
+#[derive(Debug)]
+pub struct AttnPlan {
+    b: usize,
+    t: usize,
+    positions: Vec<u32>,
+    rows: Vec<Vec<Block>>,
+    /// Per batch row: probabilities and key rows of one head.
+    psize: Vec<usize>,
+    ksize: Vec<usize>,
+}
+
+impl AttnPlan {
+    /// `b` causal sequences of `t` tokens (right-padded).
+    pub fn causal(b: usize, t: usize) -> Self {
+        Self::new(t, &vec![RowShape::causal(t); b]).expect("a causal layout is valid")
+    }
+
+    /// Rows of `t` tokens laid out as `shapes` says.
+    pub fn new(t: usize, shapes: &[RowShape]) -> Result<Self> {
+        let mut positions = Vec::with_capacity(shapes.len() * t);
+        let mut rows = Vec::with_capacity(shapes.len());
+        let (mut psize, mut ksize) = (Vec::new(), Vec::new());
+        for s in shapes {
+            if s.len() > t {
+                candle_core::bail!("attention layout {s:?} does not fit rows of {t} tokens");
+            }
+            // Padding extends the last part.
+            let mut parts = vec![s.prefix.min(t)];
+            parts.extend(s.branches.iter().copied());
+            let pad = t - s.len();
+            *parts.last_mut().expect("a prefix") += pad;
+            let pre_len = parts[0];
+            let mut blocks = Vec::new();
+            let (mut start, mut poff, mut koff) = (0, 0, 0);
+            for (i, &len) in parts.iter().enumerate() {
+                for r in start..start + len {
+                    positions.push(if i == 0 {
+                        r as u32
+                    } else {
+                        (pre_len + r - start) as u32
+                    });
+                }
+                let mut r0 = start;
+                while r0 < start + len {
+                    let m = ROWS.min(start + len - r0);
+                    let (pre, br) = if i == 0 {
+                        (r0 + m, r0 + m)
+                    } else {
+                        (pre_len, start)
+                    };
+                    let w = pre + (r0 + m - br);
+                    blocks.push(Block {
+                        r0,
+                        m,
+                        pre,
+                        br,
+                        w,
+                        poff,
+                        koff,
+                    });
+                    poff += m * w;
+                    koff += w;
+                    r0 += m;
+                }
+                start += len;
+            }
+            psize.push(poff);
+            ksize.push(koff);
+            rows.push(blocks);
+        }
+        Ok(AttnPlan {
+            b: shapes.len(),
+            t,
+            positions,
+            rows,
+            psize,
+            ksize,
+        })
+    }
+
+    fn max_position(&self) -> usize {
+        self.positions.iter().copied().max().unwrap_or(0) as usize
+    }
+
+    /// Every (batch row, head, block) task.
+    fn tasks(&self, heads: usize) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        for (bi, blocks) in self.rows.iter().enumerate() {
+            for h in 0..heads {
+                out.extend((0..blocks.len()).map(|k| (bi, h, k)));
+            }
+        }
+        out
+    }
+
+    /// Start of (batch row `bi`, head `h`)'s region in a per-head buffer of `size`s.
+    fn region(size: &[usize], bi: usize, h: usize, heads: usize) -> usize {
+        heads * size[..bi].iter().sum::<usize>() + h * size[bi]
+    }
+}
+
 /// The attention's output and what its backward pass needs.
 struct AttnOut {
     o: Vec<f32>,
@@ -378,13 +546,12 @@ struct Saved {
     /// Rotated q `[b * t, heads * hd]` and k `[b * t, kv_heads * hd]`.
     q: Vec<f32>,
     k: Vec<f32>,
-    /// Probabilities `[b, heads, t, t]`.
+    /// Probabilities, each task's `m × w` rows (see [`Block`]).
     p: Vec<f32>,
 }
 
 struct AttentionOp {
-    b: usize,
-    t: usize,
+    plan: Arc<AttnPlan>,
     heads: usize,
     kv_heads: usize,
     scale: f32,
@@ -399,86 +566,89 @@ impl AttentionOp {
 
     /// Rotates `q`, `k` and attends; keeps what the backward pass needs.
     ///
-    /// Work is split by (batch row, head, block of query rows); a block of rows `r0..r1`
-    /// only computes scores against keys `0..r1`, skipping most of the masked half.
+    /// Work is split by (batch row, head, block of query rows); a block only computes scores
+    /// against the keys its rows can see (for a causal block `r0..r1`, keys `0..r1`).
     fn run(&self, mut q: Vec<f32>, mut k: Vec<f32>, v: &[f32]) -> AttnOut {
-        let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
+        let plan = &*self.plan;
+        let (b, t, nh, nkv, hd) = (plan.b, plan.t, self.heads, self.kv_heads, self.hd());
         let (qw, kw) = (nh * hd, nkv * hd);
-        rotate(&self.rope, &mut q, qw, t, false);
-        rotate(&self.rope, &mut k, kw, t, false);
+        let group = nh / nkv;
+        rotate(&self.rope, &mut q, qw, &plan.positions, false);
+        rotate(&self.rope, &mut k, kw, &plan.positions, false);
         // Neither buffer is zeroed first: every element is written below (the scores by
-        // gemm, the masked tail of each row with zeros, the output by each head's gemm).
-        let mut p: Vec<f32> = Vec::with_capacity(b * nh * t * t);
+        // gemm, then overwritten by the probabilities; the output by each head's gemms).
+        let len_p = nh * plan.psize.iter().sum::<usize>();
+        let mut p: Vec<f32> = Vec::with_capacity(len_p);
         let mut out: Vec<f32> = Vec::with_capacity(b * t * qw);
-        let o = Shared(out.as_mut_ptr());
+        let (pp, o) = (Shared(p.as_mut_ptr()), Shared(out.as_mut_ptr()));
         let scale = self.scale;
-        let len_p = b * nh * t * t;
-        p.spare_capacity_mut()[..len_p]
-            .par_chunks_mut(t * t)
-            .enumerate()
-            .for_each(|(i, ph)| {
-                let (bi, h, kvh) = self.task(i);
-                ph.par_chunks_mut(ROWS * t)
-                    .enumerate()
-                    .for_each(|(blk, rows)| {
-                        let o = o;
-                        let (r0, m) = (blk * ROWS, rows.len() / t);
-                        let keys = r0 + m;
-                        // Zero the masked tail of each row (columns keys..t) ...
-                        for row in rows.chunks_mut(t) {
-                            for x in &mut row[keys..] {
-                                x.write(0.0);
-                            }
-                        }
-                        let rows_ptr = rows.as_mut_ptr() as *mut f32;
-                        // SAFETY: q/k/v rows of batch row bi, head columns in bounds; `rows` is
-                        // this task's; output rows r0..r0+m of head h are written by it only.
-                        unsafe {
-                            // S = q_h[r0..] k_kvh[..keys]ᵀ
-                            matmul(
-                                m,
-                                keys,
-                                hd,
-                                rows_ptr,
-                                t as isize,
-                                false,
-                                Mat(q.as_ptr().add((bi * t + r0) * qw + h * hd), qw as isize, 1),
-                                Mat(k.as_ptr().add(bi * t * kw + kvh * hd), 1, kw as isize),
-                                Parallelism::None,
-                            );
-                        }
-                        // ... and gemm wrote columns 0..keys: every element is initialized now.
-                        // SAFETY: `rows` holds m * t floats, all written above.
-                        let rows: &mut [f32] =
-                            unsafe { std::slice::from_raw_parts_mut(rows_ptr, m * t) };
-                        for (j, row) in rows.chunks_mut(t).enumerate() {
-                            let n = r0 + j + 1;
-                            let max = vmath::max(&row[..n]);
-                            for v in &mut row[..n] {
-                                *v = vmath::exp((*v - max) * scale);
-                            }
-                            let inv = 1.0 / vmath::sum(&row[..n]);
-                            row[..n].iter_mut().for_each(|v| *v *= inv);
-                            row[n..].iter_mut().for_each(|v| *v = 0.0);
-                        }
-                        unsafe {
-                            // O_h[r0..] = P_h[r0.., ..keys] v_kvh[..keys]
-                            matmul(
-                                m,
-                                hd,
-                                keys,
-                                o.0.add((bi * t + r0) * qw + h * hd),
-                                qw as isize,
-                                false,
-                                Mat(rows.as_ptr(), t as isize, 1),
-                                Mat(v.as_ptr().add(bi * t * kw + kvh * hd), kw as isize, 1),
-                                Parallelism::None,
-                            );
-                        }
-                    });
-            });
-        // SAFETY: every row block of every head wrote all of its rows (above); each head's
-        // output gemm wrote its hd columns of all b * t rows.
+        plan.tasks(nh).into_par_iter().for_each(|(bi, h, k_blk)| {
+            let (pp, o) = (pp, o);
+            let bl = plan.rows[bi][k_blk];
+            let (r0, m, w) = (bl.r0, bl.m, bl.w);
+            let kvh = h / group;
+            let qb = Mat(
+                q.as_ptr().wrapping_add((bi * t + r0) * qw + h * hd),
+                qw as isize,
+                1,
+            );
+            // SAFETY: this task's m × w probabilities lie inside p's capacity (the plan's
+            // regions tile it); q/k/v reads stay inside batch row bi; output rows r0..r0+m of
+            // head h are written by this task only.
+            unsafe {
+                let ph = pp.0.add(AttnPlan::region(&plan.psize, bi, h, nh) + bl.poff);
+                for (col, key, n) in bl.ranges() {
+                    // S[:, col..col + n] = q_h[r0..] k_kvh[key..key + n]ᵀ
+                    matmul(
+                        m,
+                        n,
+                        hd,
+                        ph.add(col),
+                        w as isize,
+                        false,
+                        qb,
+                        Mat(
+                            k.as_ptr().add((bi * t + key) * kw + kvh * hd),
+                            1,
+                            kw as isize,
+                        ),
+                        Parallelism::None,
+                    );
+                }
+                // gemm wrote all m × w scores.
+                let rows = std::slice::from_raw_parts_mut(ph, m * w);
+                for (j, row) in rows.chunks_mut(w).enumerate() {
+                    let n = w - (m - 1 - j);
+                    let max = vmath::max(&row[..n]);
+                    for v in &mut row[..n] {
+                        *v = vmath::exp((*v - max) * scale);
+                    }
+                    let inv = 1.0 / vmath::sum(&row[..n]);
+                    row[..n].iter_mut().for_each(|v| *v *= inv);
+                    row[n..].iter_mut().for_each(|v| *v = 0.0);
+                }
+                for (i, (col, key, n)) in bl.ranges().enumerate() {
+                    // O_h[r0..] (+)= P[:, col..col + n] v_kvh[key..key + n]
+                    matmul(
+                        m,
+                        hd,
+                        n,
+                        o.0.add((bi * t + r0) * qw + h * hd),
+                        qw as isize,
+                        i > 0,
+                        Mat(ph.add(col), w as isize, 1),
+                        Mat(
+                            v.as_ptr().add((bi * t + key) * kw + kvh * hd),
+                            kw as isize,
+                            1,
+                        ),
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+        // SAFETY: the tasks' probability regions tile p; every (batch row, row, head) of the
+        // output was written by the task whose block holds the row (blocks tile each row).
         unsafe {
             p.set_len(len_p);
             out.set_len(b * t * qw);
@@ -495,116 +665,119 @@ impl AttentionOp {
         p: &[f32],
         g: &[f32],
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-        let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
+        let plan = &*self.plan;
+        let (b, t, nh, nkv, hd) = (plan.b, plan.t, self.heads, self.kv_heads, self.hd());
         let (qw, kw) = (nh * hd, nkv * hd);
         let group = nh / nkv;
-        let blocks = t.div_ceil(ROWS);
         let scale = self.scale;
         let mut dq = vec![0f32; b * t * qw];
-        // Per (batch row, query head, row block), summed per kv head afterwards.
-        let mut dkh = vec![0f32; b * nh * blocks * t * hd];
-        let mut dvh = vec![0f32; b * nh * blocks * t * hd];
-        let dqp = Shared(dq.as_mut_ptr());
-        dkh.par_chunks_mut(t * hd)
-            .zip(dvh.par_chunks_mut(t * hd))
-            .enumerate()
-            .for_each(|(task, (dk_h, dv_h))| {
-                let (i, blk) = (task / blocks, task % blocks);
-                let (bi, h, kvh) = self.task(i);
-                let dqp = dqp;
-                let r0 = blk * ROWS;
-                let m = ROWS.min(t - r0);
-                let keys = r0 + m;
-                let ph = &p[i * t * t + r0 * t..][..m * t];
-                let go = Mat(
-                    g.as_ptr().wrapping_add((bi * t + r0) * qw + h * hd),
-                    qw as isize,
-                    1,
-                );
-                let vk = Mat(
-                    v.as_ptr().wrapping_add(bi * t * kw + kvh * hd),
-                    kw as isize,
-                    1,
-                );
-                let kk = Mat(
-                    k.as_ptr().wrapping_add(bi * t * kw + kvh * hd),
-                    kw as isize,
-                    1,
-                );
-                let mut ds = vec![0f32; m * keys];
-                // SAFETY: operands in bounds as in the forward pass; ds, dk_h, dv_h are
-                // this task's; dq rows r0..r0+m of head h are written by this task only.
-                unsafe {
-                    // dP = dO vᵀ
+        // Per task, the gradients of the keys and values it saw (its w key rows), summed per
+        // key and kv head afterwards.
+        let len_k = nh * plan.ksize.iter().sum::<usize>() * hd;
+        let mut dkh = vec![0f32; len_k];
+        let mut dvh = vec![0f32; len_k];
+        let (dqp, dkp, dvp) = (
+            Shared(dq.as_mut_ptr()),
+            Shared(dkh.as_mut_ptr()),
+            Shared(dvh.as_mut_ptr()),
+        );
+        plan.tasks(nh).into_par_iter().for_each(|(bi, h, k_blk)| {
+            let (dqp, dkp, dvp) = (dqp, dkp, dvp);
+            let bl = plan.rows[bi][k_blk];
+            let (r0, m, w) = (bl.r0, bl.m, bl.w);
+            let kvh = h / group;
+            let ph = &p[AttnPlan::region(&plan.psize, bi, h, nh) + bl.poff..][..m * w];
+            let kreg = (AttnPlan::region(&plan.ksize, bi, h, nh) + bl.koff) * hd;
+            let go = Mat(
+                g.as_ptr().wrapping_add((bi * t + r0) * qw + h * hd),
+                qw as isize,
+                1,
+            );
+            let qb = Mat(
+                q.as_ptr().wrapping_add((bi * t + r0) * qw + h * hd),
+                qw as isize,
+                1,
+            );
+            let key =
+                |buf: &[f32], j: usize| buf.as_ptr().wrapping_add((bi * t + j) * kw + kvh * hd);
+            let mut ds = vec![0f32; m * w];
+            // SAFETY: operands in bounds as in the forward pass; ds is this task's, and so are
+            // its w key rows of dkh/dvh; dq rows r0..r0+m of head h are written by it only.
+            unsafe {
+                for (col, j, n) in bl.ranges() {
+                    // dP[:, col..] = dO v[j..j + n]ᵀ
                     matmul(
                         m,
-                        keys,
+                        n,
                         hd,
-                        ds.as_mut_ptr(),
-                        keys as isize,
+                        ds.as_mut_ptr().add(col),
+                        w as isize,
                         false,
                         go,
-                        Mat(vk.0, 1, vk.1),
+                        Mat(key(v, j), 1, kw as isize),
                         Parallelism::None,
                     );
-                    // dV_h[..keys] = Pᵀ dO
+                    // dV rows = P[:, col..]ᵀ dO
                     matmul(
-                        keys,
+                        n,
                         hd,
                         m,
-                        dv_h.as_mut_ptr(),
+                        dvp.0.add(kreg + col * hd),
                         hd as isize,
                         false,
-                        Mat(ph.as_ptr(), 1, t as isize),
+                        Mat(ph.as_ptr().add(col), 1, w as isize),
                         go,
                         Parallelism::None,
                     );
                 }
-                // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
-                for (dr, pr) in ds.chunks_mut(keys).zip(ph.chunks(t)) {
-                    let pr = &pr[..keys];
-                    let dot = vmath::dot(dr, pr);
-                    for (d, &p) in dr.iter_mut().zip(pr) {
-                        *d = scale * p * (*d - dot);
-                    }
+            }
+            // dS = scale · P ∘ (dP − rowsum(dP ∘ P))
+            for (dr, pr) in ds.chunks_mut(w).zip(ph.chunks(w)) {
+                let dot = vmath::dot(dr, pr);
+                for (d, &p) in dr.iter_mut().zip(pr) {
+                    *d = scale * p * (*d - dot);
                 }
-                unsafe {
-                    // dQ_h[r0..] = dS k[..keys]
+            }
+            unsafe {
+                for (i, (col, j, n)) in bl.ranges().enumerate() {
+                    // dQ_h[r0..] (+)= dS[:, col..] k[j..j + n]
                     matmul(
                         m,
                         hd,
-                        keys,
+                        n,
                         dqp.0.add((bi * t + r0) * qw + h * hd),
                         qw as isize,
-                        false,
-                        Mat(ds.as_ptr(), keys as isize, 1),
-                        kk,
+                        i > 0,
+                        Mat(ds.as_ptr().add(col), w as isize, 1),
+                        Mat(key(k, j), kw as isize, 1),
                         Parallelism::None,
                     );
-                    // dK_h[..keys] = dSᵀ q_h[r0..]
+                    // dK rows = dS[:, col..]ᵀ q_h[r0..]
                     matmul(
-                        keys,
+                        n,
                         hd,
                         m,
-                        dk_h.as_mut_ptr(),
+                        dkp.0.add(kreg + col * hd),
                         hd as isize,
                         false,
-                        Mat(ds.as_ptr(), 1, keys as isize),
-                        Mat(q.as_ptr().add((bi * t + r0) * qw + h * hd), qw as isize, 1),
+                        Mat(ds.as_ptr().add(col), 1, w as isize),
+                        qb,
                         Parallelism::None,
                     );
                 }
-            });
-        // Sum each kv group's heads and row blocks into [b * t, kv_heads * hd] rows.
+            }
+        });
+        // Sum each kv group's heads and the blocks that saw each key into [b * t, kv_heads * hd].
         let gather = |part: &[f32]| -> Vec<f32> {
             let mut out = vec![0f32; b * t * kw];
             out.par_chunks_mut(kw).enumerate().for_each(|(r, row)| {
                 let (bi, j) = (r / t, r % t);
                 for (kvh, dst) in row.chunks_mut(hd).enumerate() {
                     for h in kvh * group..(kvh + 1) * group {
-                        // Block `blk` wrote keys 0..(blk + 1) * ROWS.
-                        for blk in j / ROWS..blocks {
-                            let src = &part[(((bi * nh + h) * blocks + blk) * t + j) * hd..][..hd];
+                        let base = AttnPlan::region(&plan.ksize, bi, h, nh);
+                        for bl in &plan.rows[bi] {
+                            let Some(c) = bl.column(j) else { continue };
+                            let src = &part[(base + bl.koff + c) * hd..][..hd];
                             for (d, s) in dst.iter_mut().zip(src) {
                                 *d += s;
                             }
@@ -616,15 +789,9 @@ impl AttentionOp {
         };
         let mut dk = gather(&dkh);
         let dv = gather(&dvh);
-        rotate(&self.rope, &mut dq, qw, t, true);
-        rotate(&self.rope, &mut dk, kw, t, true);
+        rotate(&self.rope, &mut dq, qw, &plan.positions, true);
+        rotate(&self.rope, &mut dk, kw, &plan.positions, true);
         (dq, dk, dv)
-    }
-
-    /// (batch row, head, kv head) of task `i` (one per batch row and query head).
-    fn task(&self, i: usize) -> (usize, usize, usize) {
-        let (bi, h) = (i / self.heads, i % self.heads);
-        (bi, h, h / (self.heads / self.kv_heads))
     }
 }
 
@@ -642,7 +809,8 @@ impl CustomOp3 for AttentionOp {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
+        let (b, t) = (self.plan.b, self.plan.t);
+        let (nh, nkv, hd) = (self.heads, self.kv_heads, self.hd());
         let (qw, kw) = (nh * hd, nkv * hd);
         let q = slice(s1, l1, self.name())?;
         let k = slice(s2, l2, self.name())?;
@@ -668,8 +836,8 @@ impl CustomOp3 for AttentionOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = saved(&self.saved, "fused-attention")?;
-        let (b, t, nh, nkv, hd) = (self.b, self.t, self.heads, self.kv_heads, self.hd());
-        let (qw, kw) = (nh * hd, nkv * hd);
+        let (b, t) = (self.plan.b, self.plan.t);
+        let (qw, kw) = (self.heads * self.hd(), self.kv_heads * self.hd());
         let g = g.contiguous()?;
         let (dq, dk, dv) = read(v, self.name(), |v| {
             read(&g, "fused-attention", |g| {
@@ -684,30 +852,37 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
-/// Causal attention of `q` `[b * t, heads * hd]` over `k`, `v` `[b * t, kv_heads * hd]`
-/// with the rotary embedding applied to q and k first; returns `[b * t, heads * hd]`
-/// (CPU, f32). Every sequence starts at position 0; padding must follow a sequence's tokens.
+/// Checks that a plan and head shapes suit the fused attention.
+fn check_shapes(plan: &AttnPlan, heads: usize, kv_heads: usize, rope: &RopeTables) -> Result<()> {
+    if heads % kv_heads != 0
+        || rope.head_dim % 2 != 0
+        || rope.cos.len() < (plan.max_position() + 1) * rope.head_dim
+    {
+        candle_core::bail!("fused-attention: unsupported shape");
+    }
+    Ok(())
+}
+
+/// Attention of `q` `[b * t, heads * hd]` over `k`, `v` `[b * t, kv_heads * hd]` laid out as
+/// `plan` says (causal sequences, or shared prefixes with branches), with the rotary embedding
+/// applied to q and k first; returns `[b * t, heads * hd]` (CPU, f32).
 #[allow(clippy::too_many_arguments)]
 pub fn attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    b: usize,
-    t: usize,
+    plan: &Arc<AttnPlan>,
     heads: usize,
     kv_heads: usize,
     scale: f64,
     rope: &Arc<RopeTables>,
 ) -> Result<Tensor> {
-    if heads % kv_heads != 0 || rope.head_dim % 2 != 0 || rope.cos.len() < t * rope.head_dim {
-        candle_core::bail!("fused-attention: unsupported shape");
-    }
+    check_shapes(plan, heads, kv_heads, rope)?;
     q.contiguous()?.apply_op3(
         &k.contiguous()?,
         &v.contiguous()?,
         AttentionOp {
-            b,
-            t,
+            plan: plan.clone(),
             heads,
             kv_heads,
             scale: scale as f32,
@@ -932,8 +1107,7 @@ pub struct AttentionWeights {
 /// layer as one graph node.
 struct AttentionBlock {
     w: AttentionWeights,
-    b: usize,
-    t: usize,
+    plan: Arc<AttnPlan>,
     heads: usize,
     kv_heads: usize,
     eps: f32,
@@ -967,7 +1141,7 @@ impl AttentionBlock {
     fn dims(&self) -> (usize, usize, usize, usize, usize) {
         let hd = self.rope.head_dim;
         (
-            self.b * self.t,
+            self.plan.b * self.plan.t,
             self.heads * hd,
             self.kv_heads * hd,
             hd,
@@ -977,8 +1151,7 @@ impl AttentionBlock {
 
     fn core(&self) -> AttentionOp {
         AttentionOp {
-            b: self.b,
-            t: self.t,
+            plan: self.plan.clone(),
             heads: self.heads,
             kv_heads: self.kv_heads,
             scale: 1.0 / (self.rope.head_dim as f32).sqrt(),
@@ -1149,20 +1322,19 @@ impl CustomOp1 for MlpBlock {
 pub fn attention_block(
     x: &Tensor,
     w: &AttentionWeights,
-    b: usize,
-    t: usize,
+    plan: &Arc<AttnPlan>,
     heads: usize,
     kv_heads: usize,
     eps: f64,
     rope: &Arc<RopeTables>,
 ) -> Result<Tensor> {
+    check_shapes(plan, heads, kv_heads, rope)?;
     block(
         x,
         w.sink_count() > 0,
         AttentionBlock {
             w: w.clone(),
-            b,
-            t,
+            plan: plan.clone(),
             heads,
             kv_heads,
             eps: eps as f32,
@@ -1270,8 +1442,7 @@ mod tests {
             q.as_tensor(),
             k.as_tensor(),
             v.as_tensor(),
-            b,
-            t,
+            &Arc::new(AttnPlan::causal(b, t)),
             nh,
             nkv,
             scale,

@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Tensor, Var, D};
 
 use aligner_local::gguf::GgufFile;
 
-use crate::fused::{AttentionWeights, BlockWeight, GradSink, MlpWeights, RopeTables};
+use crate::fused::{AttentionWeights, AttnPlan, BlockWeight, GradSink, MlpWeights, RopeTables};
 
 /// Shapes and constants of the model.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -516,6 +516,24 @@ impl TrainModel {
     /// `mask` (`[b, t]`, 1 for tokens, 0 for padding) masks padded keys; causal masking is
     /// always on. `train` turns on LoRA dropout.
     pub fn hidden(&self, ids: &Tensor, mask: Option<&Tensor>, train: bool) -> Result<Tensor> {
+        self.hidden_planned(ids, mask, None, train)
+    }
+
+    /// Whether [`Self::hidden_planned`] takes attention layouts other than causal rows (the
+    /// fused CPU layers do; candle's composed ops do not).
+    pub fn takes_layouts(&self) -> bool {
+        self.fused
+    }
+
+    /// [`Self::hidden`] with the rows laid out as `plan` says (e.g. a prompt shared by its
+    /// chosen and rejected answers); `None` is causal rows. Needs [`Self::takes_layouts`].
+    pub fn hidden_planned(
+        &self,
+        ids: &Tensor,
+        mask: Option<&Tensor>,
+        plan: Option<&Arc<AttnPlan>>,
+        train: bool,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
         if t > c.max_positions {
@@ -543,8 +561,14 @@ impl TrainModel {
                 .iter()
                 .all(|row| row.windows(2).all(|w| !(w[0] == 0.0 && w[1] != 0.0))),
         };
+        if let Some(plan) = plan {
+            if !self.fused {
+                bail!("shared-prefix rows need the fused CPU layers (f32 on the CPU)");
+            }
+            return self.hidden_fused(x, plan, b, t, train);
+        }
         if self.fused && right_padded {
-            return self.hidden_fused(x, b, t, train);
+            return self.hidden_fused(x, &Arc::new(AttnPlan::causal(b, t)), b, t, train);
         }
         let fused = self.device.is_cpu() && right_padded;
         let bias = if fused {
@@ -604,7 +628,14 @@ impl TrainModel {
 
     /// [`Self::hidden`] from the fused CPU layers, for embeddings `x` `[b * t, hidden]` of
     /// right-padded (or unpadded) sequences.
-    fn hidden_fused(&self, mut x: Tensor, b: usize, t: usize, train: bool) -> Result<Tensor> {
+    fn hidden_fused(
+        &self,
+        mut x: Tensor,
+        plan: &Arc<AttnPlan>,
+        b: usize,
+        t: usize,
+        train: bool,
+    ) -> Result<Tensor> {
         use crate::fused;
         let c = &self.config;
         let scale = 1.0 / (c.head_dim as f64).sqrt();
@@ -612,7 +643,7 @@ impl TrainModel {
             if !l.has_lora() {
                 let w = l.attention_weights();
                 x = fused::attention_block(
-                    &x, &w, b, t, c.heads, c.kv_heads, c.rms_eps, &self.rope,
+                    &x, &w, plan, c.heads, c.kv_heads, c.rms_eps, &self.rope,
                 )?;
                 x = fused::mlp_block(&x, &l.mlp_weights(), c.intermediate, c.rms_eps)?;
                 continue;
@@ -621,7 +652,7 @@ impl TrainModel {
             let q = l.q.forward(&h, train, true)?;
             let k = l.k.forward(&h, train, true)?;
             let v = l.v.forward(&h, train, true)?;
-            let o = fused::attention(&q, &k, &v, b, t, c.heads, c.kv_heads, scale, &self.rope)?;
+            let o = fused::attention(&q, &k, &v, plan, c.heads, c.kv_heads, scale, &self.rope)?;
             x = (x + l.o.forward(&o, train, true)?)?;
             let h = fused::rms_norm(&x, l.post_norm.tensor(), c.rms_eps)?;
             let g = l.gate.forward(&h, train, true)?;

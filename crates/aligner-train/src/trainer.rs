@@ -8,7 +8,9 @@ use anyhow::{Context, Result};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
-use crate::data::{pack, sequence_logps, to_vec, token_logps, truncate, Example, Pair};
+use crate::data::{
+    pack, pack_pairs, sequence_logps, to_vec, token_logps, truncate, Example, Pair, PairSeqs,
+};
 use crate::loss::{dpo_loss, sft_loss, DpoKind, DpoMetrics, DpoOptions};
 use crate::model::TrainModel;
 use crate::optim::{AdamW, OptimConfig};
@@ -258,10 +260,21 @@ fn pair_logps(
                 .map(|p| truncate(&p.prompt, &p.rejected, cfg.max_length)),
         )
         .collect();
-    let refs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, c)| (&p[..], &c[..])).collect();
-    let batch = pack(&refs, cfg.pad, model.device())?;
-    let all = sequence_logps(model, &batch, train)?;
     let b = pairs.len();
+    let batch = if model.takes_layouts() {
+        // One row per pair, the prompt computed once for both answers.
+        let rows: Vec<PairSeqs> = (0..b)
+            .map(|i| PairSeqs {
+                chosen: (&seqs[i].0, &seqs[i].1),
+                rejected: (&seqs[b + i].0, &seqs[b + i].1),
+            })
+            .collect();
+        pack_pairs(&rows, cfg.pad, model.device())?
+    } else {
+        let refs: Vec<(&[u32], &[u32])> = seqs.iter().map(|(p, c)| (&p[..], &c[..])).collect();
+        pack(&refs, cfg.pad, model.device())?
+    };
+    let all = sequence_logps(model, &batch, train)?;
     Ok((all.narrow(0, 0, b)?, all.narrow(0, b, b)?, batch.counts))
 }
 

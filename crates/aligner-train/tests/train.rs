@@ -4,7 +4,7 @@
 
 use candle_core::{Device, Tensor};
 
-use aligner_train::data::{pack, sequence_logps, token_logps, Example, Pair};
+use aligner_train::data::{pack, pack_pairs, sequence_logps, token_logps, Example, Pair, PairSeqs};
 use aligner_train::loss::{dpo_loss, sft_loss, DpoKind, DpoOptions};
 use aligner_train::model::{Config, LoraConfig, TrainModel, Trainable, Weights};
 use aligner_train::optim::OptimConfig;
@@ -503,5 +503,118 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
             .to_scalar::<f32>()
             .unwrap();
         assert!(d < 1e-6, "{name} differs by {d}");
+    }
+}
+
+/// A pair packed as one row (the prompt once, chosen and rejected as branches that do not see
+/// each other) gives the log-probs and gradients of the two sequences packed apart: prompts
+/// and answers longer than one attention block, a pair whose truncated prompts differ, and an
+/// empty prompt; full fine-tuning and LoRA.
+#[test]
+fn pairs_sharing_their_prompt_match_separate_sequences() {
+    let mut c = tiny_config();
+    c.max_positions = 512;
+    let seq = |n: usize, salt: u32| -> Vec<u32> {
+        (0..n as u32).map(|i| (i * 7 + salt) % 20 + 3).collect()
+    };
+    let (p1, p2, p3) = (seq(130, 1), seq(3, 2), seq(9, 3));
+    let (c1, r1) = (seq(140, 4), seq(5, 5));
+    let (c2, r2) = (seq(1, 6), seq(200, 7));
+    let (c3, r3) = (seq(12, 8), seq(4, 9));
+    let p3b = seq(7, 10);
+    let (c4, r4) = (seq(6, 11), seq(8, 12));
+    let pairs = [
+        PairSeqs {
+            chosen: (&p1, &c1),
+            rejected: (&p1, &r1),
+        },
+        PairSeqs {
+            chosen: (&p2, &c2),
+            rejected: (&p2, &r2),
+        },
+        PairSeqs {
+            chosen: (&p3, &c3),
+            rejected: (&p3b, &r3),
+        },
+        PairSeqs {
+            chosen: (&[], &c4),
+            rejected: (&[], &r4),
+        },
+    ];
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        dropout: 0.0,
+        targets: vec!["q_proj".into(), "k_proj".into(), "o_proj".into()],
+    };
+    for trainable in [Trainable::Full, Trainable::Lora(lora)] {
+        let shared =
+            TrainModel::from_weights(c.clone(), tiny_weights(&c, 3), &trainable, &Device::Cpu)
+                .unwrap();
+        let apart =
+            TrainModel::from_weights(c.clone(), tiny_weights(&c, 3), &trainable, &Device::Cpu)
+                .unwrap();
+        assert!(shared.takes_layouts());
+        if let Trainable::Lora(_) = trainable {
+            for ((_, a), (_, b)) in shared.vars().iter().zip(apart.vars().iter()) {
+                let t = a.as_tensor().affine(1.0, 0.05).unwrap();
+                a.set(&t).unwrap();
+                b.set(&t).unwrap();
+            }
+        }
+        let one_row = pack_pairs(&pairs, 0, &Device::Cpu).unwrap();
+        let seqs: Vec<(&[u32], &[u32])> = pairs
+            .iter()
+            .map(|p| p.chosen)
+            .chain(pairs.iter().map(|p| p.rejected))
+            .collect();
+        let two_rows = pack(&seqs, 0, &Device::Cpu).unwrap();
+        assert_eq!(one_row.counts, two_rows.counts);
+        assert!(one_row.ids.dims2().unwrap().0 == 4 && two_rows.ids.dims2().unwrap().0 == 8);
+        let ls = sequence_logps(&shared, &one_row, true).unwrap();
+        let la = sequence_logps(&apart, &two_rows, true).unwrap();
+        let (vs, va) = (ls.to_vec1::<f32>().unwrap(), la.to_vec1::<f32>().unwrap());
+        for (a, b) in vs.iter().zip(&va) {
+            assert!(
+                (a - b).abs() < 2e-3 + 1e-5 * b.abs(),
+                "{trainable:?}: logps {vs:?} vs {va:?}"
+            );
+        }
+        let w = Tensor::new(
+            &[0.7f32, -1.3, 0.4, 1.1, -0.6, 0.9, -0.2, 1.5],
+            &Device::Cpu,
+        )
+        .unwrap();
+        let gs = shared
+            .backward(&(&ls * &w).unwrap().sum_all().unwrap())
+            .unwrap();
+        let ga = apart
+            .backward(&(&la * &w).unwrap().sum_all().unwrap())
+            .unwrap();
+        for ((name, a), (_, b)) in shared.vars().iter().zip(apart.vars().iter()) {
+            let a = gs
+                .get(a.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"));
+            let b = ga.get(b.as_tensor()).unwrap();
+            let scale = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                scale > 0.0 && diff <= 1e-4 * scale.max(1.0),
+                "{trainable:?} {name}: gradients differ by {diff} (largest {scale})"
+            );
+        }
     }
 }
