@@ -464,11 +464,17 @@ impl AttnPlan {
             let pad = t - s.len();
             *parts.last_mut().expect("a prefix") += pad;
             let pre_len = parts[0];
+            let real = s.len();
+            let row_positions = positions.len();
             let mut blocks = Vec::new();
             let (mut start, mut poff, mut koff) = (0, 0, 0);
             for (i, &len) in parts.iter().enumerate() {
                 for r in start..start + len {
-                    positions.push(if i == 0 {
+                    positions.push(if r >= real && real > 0 {
+                        // Padding repeats the last token's position: its rows are never
+                        // read, and it stays inside the rotary table.
+                        positions[row_positions + real - 1]
+                    } else if i == 0 {
                         r as u32
                     } else {
                         (pre_len + r - start) as u32
@@ -512,7 +518,8 @@ impl AttnPlan {
         })
     }
 
-    fn max_position(&self) -> usize {
+    /// The largest rotary position any row uses.
+    pub fn max_position(&self) -> usize {
         self.positions.iter().copied().max().unwrap_or(0) as usize
     }
 

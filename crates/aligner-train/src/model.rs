@@ -536,9 +536,11 @@ impl TrainModel {
     ) -> Result<Tensor> {
         let c = &self.config;
         let (b, t) = ids.dims2()?;
-        if t > c.max_positions {
+        // A planned row holds several sequences; its longest one must fit.
+        let longest = plan.map_or(t, |p| p.max_position() + 1);
+        if longest > c.max_positions {
             bail!(
-                "sequence of {t} tokens is longer than the model's {} positions",
+                "sequence of {longest} tokens is longer than the model's {} positions",
                 c.max_positions
             );
         }
@@ -548,6 +550,12 @@ impl TrainModel {
             .tensor()
             .index_select(&ids.flatten_all()?, 0)?
             .reshape((b * t, c.hidden))?;
+        if let Some(plan) = plan {
+            if !self.fused {
+                bail!("shared-prefix rows need the fused CPU layers (f32 on the CPU)");
+            }
+            return self.hidden_fused(x, plan, b, t, train);
+        }
         let cos = self.cos.narrow(0, 0, t)?;
         let sin = self.sin.narrow(0, 0, t)?;
         // On the CPU with right padding (every `pack`ed batch) the fused causal softmax needs
@@ -561,12 +569,6 @@ impl TrainModel {
                 .iter()
                 .all(|row| row.windows(2).all(|w| !(w[0] == 0.0 && w[1] != 0.0))),
         };
-        if let Some(plan) = plan {
-            if !self.fused {
-                bail!("shared-prefix rows need the fused CPU layers (f32 on the CPU)");
-            }
-            return self.hidden_fused(x, plan, b, t, train);
-        }
         if self.fused && right_padded {
             return self.hidden_fused(x, &Arc::new(AttnPlan::causal(b, t)), b, t, train);
         }

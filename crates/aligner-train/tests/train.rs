@@ -522,6 +522,8 @@ fn pairs_sharing_their_prompt_match_separate_sequences() {
     let (c2, r2) = (seq(1, 6), seq(200, 7));
     let (c3, r3) = (seq(12, 8), seq(4, 9));
     let p3b = seq(7, 10);
+    // Its row (610 tokens) is longer than the model's 512 positions; each sequence fits.
+    let (p5, c5, r5) = (seq(10, 13), seq(300, 14), seq(300, 15));
     let (c4, r4) = (seq(6, 11), seq(8, 12));
     let pairs = [
         PairSeqs {
@@ -539,6 +541,10 @@ fn pairs_sharing_their_prompt_match_separate_sequences() {
         PairSeqs {
             chosen: (&[], &c4),
             rejected: (&[], &r4),
+        },
+        PairSeqs {
+            chosen: (&p5, &c5),
+            rejected: (&p5, &r5),
         },
     ];
     let lora = LoraConfig {
@@ -570,7 +576,8 @@ fn pairs_sharing_their_prompt_match_separate_sequences() {
             .collect();
         let two_rows = pack(&seqs, 0, &Device::Cpu).unwrap();
         assert_eq!(one_row.counts, two_rows.counts);
-        assert!(one_row.ids.dims2().unwrap().0 == 4 && two_rows.ids.dims2().unwrap().0 == 8);
+        assert_eq!(one_row.ids.dims2().unwrap(), (5, 610));
+        assert_eq!(two_rows.ids.dims2().unwrap().0, 10);
         let ls = sequence_logps(&shared, &one_row, true).unwrap();
         let la = sequence_logps(&apart, &two_rows, true).unwrap();
         let (vs, va) = (ls.to_vec1::<f32>().unwrap(), la.to_vec1::<f32>().unwrap());
@@ -581,7 +588,7 @@ fn pairs_sharing_their_prompt_match_separate_sequences() {
             );
         }
         let w = Tensor::new(
-            &[0.7f32, -1.3, 0.4, 1.1, -0.6, 0.9, -0.2, 1.5],
+            &[0.7f32, -1.3, 0.4, 1.1, 0.3, -0.6, 0.9, -0.2, 1.5, -0.8],
             &Device::Cpu,
         )
         .unwrap();
