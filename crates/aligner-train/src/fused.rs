@@ -861,8 +861,8 @@ impl CustomOp3 for AttentionOp {
 
 /// Checks that a plan and head shapes suit the fused attention.
 fn check_shapes(plan: &AttnPlan, heads: usize, kv_heads: usize, rope: &RopeTables) -> Result<()> {
-    if heads % kv_heads != 0
-        || rope.head_dim % 2 != 0
+    if !heads.is_multiple_of(kv_heads)
+        || !rope.head_dim.is_multiple_of(2)
         || rope.cos.len() < (plan.max_position() + 1) * rope.head_dim
     {
         candle_core::bail!("fused-attention: unsupported shape");
