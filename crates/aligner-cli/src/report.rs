@@ -487,24 +487,29 @@ fn evaluation(d: &Data, out: &mut Vec<Block>) -> Result<()> {
             "no gate decisions (no `gate` configured, or no round evaluated yet)".into(),
         ));
     } else {
-        let mut t = Table::new(
-            "gates",
-            &[
-                "after round",
-                "metric",
-                "value",
-                "best round",
-                "best value",
-                "decision",
-                "reason",
-            ],
-        );
-        for g in &d.gates {
-            t.push(gate_row(g));
-        }
-        out.push(Block::Table(t));
+        out.push(Block::Table(gate_table(&d.gates)));
     }
     Ok(())
+}
+
+/// The gate-decisions table of `gates`, one row each.
+fn gate_table(gates: &[GateDecisionRow]) -> Table {
+    let mut t = Table::new(
+        "gates",
+        &[
+            "after round",
+            "metric",
+            "value",
+            "best round",
+            "best value",
+            "decision",
+            "reason",
+        ],
+    );
+    for g in gates {
+        t.push(gate_row(g));
+    }
+    t
 }
 
 fn gate_row(g: &GateDecisionRow) -> Row {
@@ -1014,20 +1019,7 @@ fn round(d: &Data, r: &RoundRow, out: &mut Vec<Block>) {
             out.push(Block::Table(t));
         }
         if let Some(g) = d.gates.iter().find(|g| g.round == k) {
-            let mut t = Table::new(
-                "gates",
-                &[
-                    "after round",
-                    "metric",
-                    "value",
-                    "best round",
-                    "best value",
-                    "decision",
-                    "reason",
-                ],
-            );
-            t.push(gate_row(g));
-            out.push(Block::Table(t));
+            out.push(Block::Table(gate_table(std::slice::from_ref(g))));
         }
     }
 

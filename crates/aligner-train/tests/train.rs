@@ -2,6 +2,7 @@
 //! finite differences, a copy task is learned, DPO separates a toy preference set, LoRA merges,
 //! and an interrupted run resumes to the same weights.
 
+use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 
 use aligner_train::data::{pack, pack_pairs, sequence_logps, token_logps, Example, Pair, PairSeqs};
@@ -106,6 +107,45 @@ fn tiny_weights(c: &Config, seed: u64) -> Weights {
     w
 }
 
+/// B starts at zero; gives both models' variables the same shifted values so adapter
+/// gradients are not trivial.
+fn give_adapters_values(a: &TrainModel, b: &TrainModel) {
+    for ((_, x), (_, y)) in a.vars().iter().zip(b.vars().iter()) {
+        let t = x.as_tensor().affine(1.0, 0.05).unwrap();
+        x.set(&t).unwrap();
+        y.set(&t).unwrap();
+    }
+}
+
+/// Every trainable variable of `a` has a gradient in `ga` within 1e-4 (relative to the largest
+/// element, at least 1) of `b`'s in `gb`, and `b`'s are not all zero.
+fn assert_same_gradients(
+    what: &str,
+    (a, ga): (&TrainModel, &GradStore),
+    (b, gb): (&TrainModel, &GradStore),
+) {
+    let max_abs = |t: &Tensor| {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
+    for ((name, x), (_, y)) in a.vars().iter().zip(b.vars().iter()) {
+        let gx = ga
+            .get(x.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
+        let gy = gb.get(y.as_tensor()).unwrap();
+        let scale = max_abs(gy);
+        let diff = max_abs(&(gx - gy).unwrap());
+        assert!(
+            scale > 0.0 && diff <= 1e-4 * scale.max(1.0),
+            "{what} {name}: gradients differ by {diff} (largest {scale})"
+        );
+    }
+}
+
 fn tiny(trainable: &Trainable) -> TrainModel {
     let c = tiny_config();
     TrainModel::from_weights(c.clone(), tiny_weights(&c, 1), trainable, &Device::Cpu).unwrap()
@@ -170,12 +210,7 @@ fn fused_layers_match_the_composed_model() {
         let mut plain = tiny(&trainable);
         plain.set_fused(false);
         if let Trainable::Lora(_) = trainable {
-            // B starts at zero; give the adapters values so their gradients are not trivial.
-            for ((_, a), (_, b)) in fused.vars().iter().zip(plain.vars().iter()) {
-                let t = a.as_tensor().affine(1.0, 0.05).unwrap();
-                a.set(&t).unwrap();
-                b.set(&t).unwrap();
-            }
+            give_adapters_values(&fused, &plain);
         }
         let seqs: Vec<(&[u32], &[u32])> = vec![(&[1, 5, 6], &[7, 8, 9, 2]), (&[1, 11], &[12, 2])];
         let batch = pack(&seqs, 0, &Device::Cpu).unwrap();
@@ -195,33 +230,8 @@ fn fused_layers_match_the_composed_model() {
         let gp = plain
             .backward(&(&lp * &w).unwrap().sum_all().unwrap())
             .unwrap();
-        let (vars_f, vars_p) = (fused.vars(), plain.vars());
-        assert!(!vars_f.is_empty());
-        for ((name, a), (_, b)) in vars_f.iter().zip(vars_p.iter()) {
-            let a = gf
-                .get(a.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let b = gp.get(b.as_tensor()).unwrap();
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                scale > 0.0 && diff <= 1e-4 * scale.max(1.0),
-                "{trainable:?} {name}: gradients differ by {diff} (largest {scale})"
-            );
-        }
+        assert!(!fused.vars().is_empty());
+        assert_same_gradients(&format!("{trainable:?}"), (&fused, &gf), (&plain, &gp));
     }
 }
 
@@ -562,11 +572,7 @@ fn pairs_sharing_their_prompt_match_separate_sequences() {
                 .unwrap();
         assert!(shared.takes_layouts());
         if let Trainable::Lora(_) = trainable {
-            for ((_, a), (_, b)) in shared.vars().iter().zip(apart.vars().iter()) {
-                let t = a.as_tensor().affine(1.0, 0.05).unwrap();
-                a.set(&t).unwrap();
-                b.set(&t).unwrap();
-            }
+            give_adapters_values(&shared, &apart);
         }
         let one_row = pack_pairs(&pairs, 0, &Device::Cpu).unwrap();
         let seqs: Vec<(&[u32], &[u32])> = pairs
@@ -598,30 +604,6 @@ fn pairs_sharing_their_prompt_match_separate_sequences() {
         let ga = apart
             .backward(&(&la * &w).unwrap().sum_all().unwrap())
             .unwrap();
-        for ((name, a), (_, b)) in shared.vars().iter().zip(apart.vars().iter()) {
-            let a = gs
-                .get(a.as_tensor())
-                .unwrap_or_else(|| panic!("{name}: no gradient"));
-            let b = ga.get(b.as_tensor()).unwrap();
-            let scale = b
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                scale > 0.0 && diff <= 1e-4 * scale.max(1.0),
-                "{trainable:?} {name}: gradients differ by {diff} (largest {scale})"
-            );
-        }
+        assert_same_gradients(&format!("{trainable:?}"), (&shared, &gs), (&apart, &ga));
     }
 }
