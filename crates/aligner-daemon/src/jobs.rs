@@ -163,8 +163,10 @@ fn start(shared: &Arc<Shared>, job: JobRow) {
     });
 }
 
+/// Records how a run's job ended. The run's own status is written first, so whoever reads a
+/// finished job state also reads the run's final status (both writes are idempotent, and the
+/// caller retries the pair).
 async fn finish(shared: &Shared, run_id: i64, state: &str, error: Option<&str>) -> Result<()> {
-    shared.store.set_job_state(run_id, state, error).await?;
     match state {
         "cancelled" => {
             shared
@@ -180,6 +182,7 @@ async fn finish(shared: &Shared, run_id: i64, state: &str, error: Option<&str>) 
         "failed" => shared.store.set_run_status(run_id, "failed", error).await?,
         _ => {}
     }
+    shared.store.set_job_state(run_id, state, error).await?;
     Ok(())
 }
 
