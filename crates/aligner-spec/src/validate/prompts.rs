@@ -1,0 +1,118 @@
+//! `prompts:` and `aligner.teach.prompts:` ([`PromptsWire`], [`FieldsWire`]).
+
+use super::Ctx;
+use crate::position::{join, Anchor};
+use crate::types::*;
+use crate::wire::*;
+
+impl Ctx<'_> {
+    pub(super) fn prompts(&mut self, path: &str, w: &PromptsWire) -> Option<PromptsSpec> {
+        let p = |f: &str| join(path, f);
+        let errors_before = self.errors.len();
+        let source = self
+            .path_value(&p("source"), &w.source)
+            .and_then(|(shown, resolved)| {
+                if resolved.is_file() {
+                    Some(resolved)
+                } else {
+                    let what = if resolved.is_dir() {
+                        "is a folder, not a file"
+                    } else {
+                        "does not exist"
+                    };
+                    self.err(
+                        &p("source"),
+                        Anchor::Value,
+                        format!("prompts file `{shown}` {what}"),
+                        Some(format!("resolved to `{}`", resolved.display())),
+                    );
+                    None
+                }
+            });
+        let format = match (w.format, &source) {
+            (Some(f), _) => Some(match f {
+                PromptFormatWire::Jsonl => PromptFormat::Jsonl,
+                PromptFormatWire::Csv => PromptFormat::Csv,
+                PromptFormatWire::Parquet => PromptFormat::Parquet,
+            }),
+            (None, Some(src)) => {
+                let ext = src
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .unwrap_or_default()
+                    .to_ascii_lowercase();
+                match ext.as_str() {
+                    "jsonl" | "json" | "ndjson" => Some(PromptFormat::Jsonl),
+                    "csv" => Some(PromptFormat::Csv),
+                    "parquet" | "pq" => Some(PromptFormat::Parquet),
+                    // `format` is there, misspelled: reported already.
+                    _ if self.is_misspelled(path, "format") => None,
+                    _ => {
+                        self.err(
+                            &p("source"),
+                            Anchor::Value,
+                            format!(
+                                "cannot tell the format of `{}` from its extension",
+                                w.source
+                            ),
+                            Some("add `format: jsonl`, `format: csv` or `format: parquet`".into()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        };
+        let column = |cx: &mut Self, field: &str, value: &Option<String>| -> Option<String> {
+            let v = value.clone()?;
+            if v.trim().is_empty() {
+                cx.err(
+                    &p(&format!("fields.{field}")),
+                    Anchor::Value,
+                    format!("`{field}` is empty"),
+                    Some("give a column name or remove the line".into()),
+                );
+            }
+            Some(v)
+        };
+        let prompt_field =
+            column(self, "prompt", &w.fields.prompt).unwrap_or_else(|| "prompt".into());
+        let id_field = column(self, "id", &w.fields.id);
+        let system_field = column(self, "system", &w.fields.system);
+        for (i, m) in w.fields.metadata.iter().enumerate() {
+            if m.trim().is_empty() {
+                self.err(
+                    &p(&format!("fields.metadata[{i}]")),
+                    Anchor::Value,
+                    "metadata column name is empty",
+                    None,
+                );
+            }
+        }
+        if let Some(sample) = w.sample {
+            self.expect(&p("sample"), sample >= 1, "at least 1", sample);
+        }
+        let holdout = w.holdout.unwrap_or(0.0);
+        self.expect(
+            &p("holdout"),
+            (0.0..1.0).contains(&holdout),
+            "at least 0 and less than 1",
+            holdout,
+        );
+        if self.errors.len() != errors_before {
+            return None;
+        }
+        Some(PromptsSpec {
+            source: source?,
+            format: format?,
+            prompt_field,
+            id_field,
+            system_field,
+            metadata_fields: w.fields.metadata.clone(),
+            system_prompt: w.system_prompt.clone(),
+            sample: w.sample,
+            seed: w.seed.unwrap_or(0),
+            holdout,
+        })
+    }
+}

@@ -1,0 +1,303 @@
+//! `rounds.train:` ([`TrainWire`], [`BackendWire`]) and the built-in trainer's options
+//! ([`LoraWire`] and the rest), which `aligner.train` shares.
+
+use super::Ctx;
+use crate::position::{join, Anchor};
+use crate::types::*;
+use crate::wire::*;
+
+/// The built-in trainer's options as written, wherever they appear.
+pub(super) struct BuiltinWire<'a> {
+    pub(super) lora: Option<&'a LoraWire>,
+    pub(super) train_layers: Option<u32>,
+    pub(super) seed: Option<u64>,
+    pub(super) weight_decay: Option<f64>,
+    pub(super) max_grad_norm: Option<f64>,
+    pub(super) save_every: Option<u32>,
+}
+
+impl Ctx<'_> {
+    /// The built-in trainer's options (`rounds.train.backend` and `aligner.train` share them).
+    pub(super) fn builtin_options(
+        &mut self,
+        path: &str,
+        w: BuiltinWire<'_>,
+        default_save_every: u32,
+    ) -> crate::types::BuiltinTrainer {
+        let q = |f: &str| join(path, f);
+        let lora = w.lora.map(|l| {
+            let rank = l.rank.unwrap_or(16);
+            self.expect(&q("lora.rank"), rank >= 1, "at least 1", rank);
+            let alpha = l.alpha.unwrap_or(2.0 * rank as f64);
+            self.expect(&q("lora.alpha"), alpha > 0.0, "more than 0", alpha);
+            let dropout = l.dropout.unwrap_or(0.0);
+            self.expect(
+                &q("lora.dropout"),
+                (0.0..1.0).contains(&dropout),
+                "at least 0 and less than 1",
+                dropout,
+            );
+            const TARGETS: [&str; 7] = [
+                "q_proj",
+                "k_proj",
+                "v_proj",
+                "o_proj",
+                "gate_proj",
+                "up_proj",
+                "down_proj",
+            ];
+            let targets = l
+                .targets
+                .clone()
+                .unwrap_or_else(|| TARGETS.iter().map(|t| t.to_string()).collect());
+            for t in &targets {
+                if !TARGETS.contains(&t.as_str()) {
+                    self.err(
+                        &q("lora.targets"),
+                        Anchor::Value,
+                        format!("`{t}` is not a linear layer of a llama-family model"),
+                        Some(format!("targets are {}", TARGETS.join(", "))),
+                    );
+                }
+            }
+            crate::types::LoraSpec {
+                rank,
+                alpha,
+                dropout,
+                targets,
+            }
+        });
+        if let Some(n) = w.train_layers {
+            self.expect(&q("train_layers"), n >= 1, "at least 1", n);
+            if lora.is_some() {
+                self.err(
+                    &q("train_layers"),
+                    Anchor::Key,
+                    "`train_layers` and `lora` exclude each other",
+                    Some("LoRA adapts every layer's named projections; `train_layers` trains the last N layers fully".into()),
+                );
+            }
+        }
+        let max_grad_norm = w.max_grad_norm.unwrap_or(1.0);
+        self.expect(
+            &q("max_grad_norm"),
+            max_grad_norm >= 0.0,
+            "at least 0",
+            max_grad_norm,
+        );
+        let weight_decay = w.weight_decay.unwrap_or(0.0);
+        self.expect(
+            &q("weight_decay"),
+            (0.0..1.0).contains(&weight_decay),
+            "at least 0 and less than 1",
+            weight_decay,
+        );
+        let save_every = w.save_every.unwrap_or(default_save_every);
+        self.expect(&q("save_every"), save_every >= 1, "at least 1", save_every);
+        crate::types::BuiltinTrainer {
+            lora,
+            train_layers: w.train_layers,
+            seed: w.seed.unwrap_or(42),
+            weight_decay,
+            max_grad_norm,
+            save_every,
+        }
+    }
+
+    pub(super) fn train(
+        &mut self,
+        w: &TrainWire,
+        generate_is_openai: bool,
+        generate_model: &str,
+    ) -> Option<TrainStage> {
+        let p = |f: &str| join("rounds.train", f);
+        let beta = w.beta.unwrap_or(0.1);
+        self.expect(
+            &p("beta"),
+            beta.is_finite() && beta > 0.0,
+            "more than 0",
+            beta,
+        );
+        let learning_rate = w.learning_rate.unwrap_or(1e-6);
+        self.expect(
+            &p("learning_rate"),
+            learning_rate > 0.0 && learning_rate < 1.0,
+            "more than 0 and less than 1",
+            learning_rate,
+        );
+        let epochs = w.epochs.unwrap_or(3);
+        self.expect(&p("epochs"), epochs >= 1, "at least 1", epochs);
+        let batch_size = w.batch_size.unwrap_or(8);
+        self.expect(&p("batch_size"), batch_size >= 1, "at least 1", batch_size);
+        let gradient_accumulation = w.gradient_accumulation.unwrap_or(1);
+        self.expect(
+            &p("gradient_accumulation"),
+            gradient_accumulation >= 1,
+            "at least 1",
+            gradient_accumulation,
+        );
+        let max_length = w.max_length.unwrap_or(1024);
+        self.expect(&p("max_length"), max_length >= 1, "at least 1", max_length);
+        let warmup_ratio = w.warmup_ratio.unwrap_or(0.03);
+        self.expect(
+            &p("warmup_ratio"),
+            (0.0..1.0).contains(&warmup_ratio),
+            "at least 0 and less than 1",
+            warmup_ratio,
+        );
+
+        let b = &w.backend;
+        let backend = match b.kind {
+            BackendKind::Builtin => {
+                let set = [
+                    ("command", b.command.is_some()),
+                    ("format", b.format.is_some()),
+                    ("conversational", b.conversational.is_some()),
+                    ("serve_model", b.serve_model.is_some()),
+                ];
+                for (field, _) in set.iter().filter(|(_, is_set)| *is_set) {
+                    self.err(
+                        &p(&format!("backend.{field}")),
+                        Anchor::Key,
+                        format!("field `{field}` does not apply to `kind: builtin`"),
+                        None,
+                    );
+                }
+                if generate_is_openai {
+                    self.err(
+                        &p("backend.kind"),
+                        Anchor::Value,
+                        format!("the built-in trainer trains local models; the generate model `{generate_model}` is `kind: openai`"),
+                        Some("make the generate model `kind: local` (a GGUF file or a Hugging Face folder), or use `kind: command` with your own trainer and `serve_model`".into()),
+                    );
+                }
+                if let Some(loss) = &w.loss {
+                    use crate::wire::DpoLossWire as L;
+                    if !matches!(loss, L::Sigmoid | L::Ipo | L::SigmoidNll) {
+                        self.err(
+                            &p("loss"),
+                            Anchor::Value,
+                            "the built-in trainer implements the `sigmoid`, `ipo` and `sigmoid_nll` losses",
+                            Some("use one of those, or `kind: command` with TRL for the others".into()),
+                        );
+                    }
+                }
+                Some(TrainBackend::Builtin(self.builtin_options(
+                    &p("backend"),
+                    BuiltinWire {
+                        lora: b.lora.as_ref(),
+                        train_layers: b.train_layers,
+                        seed: b.seed,
+                        weight_decay: b.weight_decay,
+                        max_grad_norm: b.max_grad_norm,
+                        save_every: b.save_every,
+                    },
+                    50,
+                )))
+            }
+            BackendKind::Command => {
+                let set = [
+                    ("lora", b.lora.is_some()),
+                    ("train_layers", b.train_layers.is_some()),
+                    ("seed", b.seed.is_some()),
+                    ("weight_decay", b.weight_decay.is_some()),
+                    ("max_grad_norm", b.max_grad_norm.is_some()),
+                    ("save_every", b.save_every.is_some()),
+                ];
+                for (field, _) in set.iter().filter(|(_, is_set)| *is_set) {
+                    self.err(
+                        &p(&format!("backend.{field}")),
+                        Anchor::Key,
+                        format!("field `{field}` applies to `kind: builtin` only"),
+                        Some(
+                            "your train command takes its own options; pass them in `command`"
+                                .into(),
+                        ),
+                    );
+                }
+                let cmd_path = p("backend.command");
+                let command = match &b.command {
+                    None => {
+                        self.missing(
+                            &p("backend"),
+                            "command",
+                            "missing field `command` for `kind: command`",
+                            Some("e.g. `command: \"python train.py --data {data} --model {base_model} --out {output_dir}\"`".into()),
+                        );
+                        None
+                    }
+                    Some(c) => self.interpolate(&cmd_path, c).filter(|c| {
+                        if c.trim().is_empty() {
+                            self.err(&cmd_path, Anchor::Value, "`command` is empty", None);
+                            false
+                        } else if !c.contains("{output_dir}") {
+                            self.err(
+                                &cmd_path,
+                                Anchor::Value,
+                                "`command` does not use `{output_dir}`",
+                                Some("the trainer must write the new checkpoint to `{output_dir}`; also available: `{data}`, `{base_model}`, `{round}`".into()),
+                            );
+                            false
+                        } else {
+                            true
+                        }
+                    }),
+                };
+                if b.serve_model.is_none() && generate_is_openai {
+                    self.missing(
+                        &p("backend"),
+                        "serve_model",
+                        format!("`serve_model` is required: the generate model `{generate_model}` is `kind: openai`"),
+                        Some("the name under which your server will serve the new checkpoint, e.g. `serve_model: \"ckpt-round-{round}\"` (`{round}` and `{output_dir}` are filled in)".into()),
+                    );
+                }
+                if let Some(s) = &b.serve_model {
+                    if s.trim().is_empty() {
+                        self.err(
+                            &p("backend.serve_model"),
+                            Anchor::Value,
+                            "`serve_model` is empty",
+                            None,
+                        );
+                    }
+                }
+                command.map(|command| TrainBackend::Command {
+                    command,
+                    format: match b.format.unwrap_or(ExportFormatWire::Jsonl) {
+                        ExportFormatWire::Jsonl => ExportFormat::Jsonl,
+                        ExportFormatWire::Parquet => ExportFormat::Parquet,
+                    },
+                    conversational: b.conversational.unwrap_or(false),
+                    serve_model: b.serve_model.clone(),
+                })
+            }
+        };
+        Some(TrainStage {
+            method: match w.method.unwrap_or(TrainMethodWire::Dpo) {
+                TrainMethodWire::Dpo => TrainMethod::Dpo,
+                TrainMethodWire::Sft => TrainMethod::Sft,
+            },
+            beta,
+            loss: match w.loss.unwrap_or(DpoLossWire::Sigmoid) {
+                DpoLossWire::Sigmoid => DpoLoss::Sigmoid,
+                DpoLossWire::Ipo => DpoLoss::Ipo,
+                DpoLossWire::Hinge => DpoLoss::Hinge,
+                DpoLossWire::Robust => DpoLoss::Robust,
+                DpoLossWire::ApoZero => DpoLoss::ApoZero,
+                DpoLossWire::ApoDown => DpoLoss::ApoDown,
+                DpoLossWire::SigmoidNll => DpoLoss::SigmoidNll,
+            },
+            learning_rate,
+            epochs,
+            batch_size,
+            gradient_accumulation,
+            max_length,
+            warmup_ratio,
+            reference: match w.reference.unwrap_or(ReferenceWire::Initial) {
+                ReferenceWire::Initial => ReferencePolicy::Initial,
+                ReferenceWire::Previous => ReferencePolicy::Previous,
+            },
+            backend: backend?,
+        })
+    }
+}
