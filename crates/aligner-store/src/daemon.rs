@@ -2,7 +2,9 @@
 //! worker slot, with a lease naming the daemon process that claimed each.
 
 use serde::Serialize;
+use sqlx::{Executor, Sqlite};
 
+use crate::runs::insert_run;
 use crate::{Result, Store};
 
 const JOB_COLUMNS: &str = "run_id, name, base_dir, state, requested, error, attempts, lease_holder, lease_expires_ms, submitted_at, started_at, finished_at, updated_at";
@@ -46,40 +48,21 @@ impl Store {
         pipeline_yaml: &str,
         base_dir: &str,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO daemon_jobs (run_id, name, pipeline_yaml, base_dir) VALUES (?, ?, ?, ?)",
-        )
-        .bind(run_id)
-        .bind(name)
-        .bind(pipeline_yaml)
-        .bind(base_dir)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        insert_job(&self.pool, run_id, name, pipeline_yaml, base_dir).await
     }
 
     /// Records a new run and queues it, in one transaction (no run without its queue entry).
     pub async fn create_queued_run(&self, run: &QueuedRun<'_>) -> Result<i64> {
         let mut tx = self.pool.begin().await?;
-        let id = sqlx::query(
-            "INSERT INTO runs (name, pipeline_path, spec_json, spec_hash) VALUES (?, ?, ?, ?)",
+        let id = insert_run(
+            &mut *tx,
+            run.name,
+            run.pipeline_path,
+            run.spec_json,
+            run.spec_hash,
         )
-        .bind(run.name)
-        .bind(run.pipeline_path)
-        .bind(run.spec_json)
-        .bind(run.spec_hash)
-        .execute(&mut *tx)
-        .await?
-        .last_insert_rowid();
-        sqlx::query(
-            "INSERT INTO daemon_jobs (run_id, name, pipeline_yaml, base_dir) VALUES (?, ?, ?, ?)",
-        )
-        .bind(id)
-        .bind(run.name)
-        .bind(run.pipeline_yaml)
-        .bind(run.base_dir)
-        .execute(&mut *tx)
         .await?;
+        insert_job(&mut *tx, id, run.name, run.pipeline_yaml, run.base_dir).await?;
         tx.commit().await?;
         Ok(id)
     }
@@ -93,20 +76,6 @@ impl Store {
         .bind(holder)
         .fetch_all(&self.pool)
         .await?)
-    }
-
-    /// The run's latest warnings and errors, newest last.
-    pub async fn recent_problems(&self, run_id: i64, limit: i64) -> Result<Vec<crate::EventRow>> {
-        let mut rows = sqlx::query_as::<_, crate::EventRow>(
-            "SELECT id, run_id, round, stage, level, kind, message, data, ts FROM events
-             WHERE run_id = ? AND level IN ('warn', 'error') ORDER BY id DESC LIMIT ?",
-        )
-        .bind(run_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.reverse();
-        Ok(rows)
     }
 
     pub async fn jobs(&self) -> Result<Vec<JobRow>> {
@@ -257,4 +226,23 @@ impl Store {
         }
         Ok(q.execute(&self.pool).await?.rows_affected() == 1)
     }
+}
+
+async fn insert_job<'c>(
+    conn: impl Executor<'c, Database = Sqlite>,
+    run_id: i64,
+    name: &str,
+    pipeline_yaml: &str,
+    base_dir: &str,
+) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO daemon_jobs (run_id, name, pipeline_yaml, base_dir) VALUES (?, ?, ?, ?)",
+    )
+    .bind(run_id)
+    .bind(name)
+    .bind(pipeline_yaml)
+    .bind(base_dir)
+    .execute(conn)
+    .await?;
+    Ok(())
 }

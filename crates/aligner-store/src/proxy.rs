@@ -1,10 +1,9 @@
 //! The correction proxy's records (`aligner serve --upstream ... --record STORE`): one row per
 //! corrected choice, question-answer-correction data for a later Aligner. Not tied to a run.
 
+use crate::batch::{BatchInsert, INSERT_CHUNK};
+use crate::{Result, Store};
 use serde::Serialize;
-use sqlx::{QueryBuilder, Sqlite};
-
-use crate::{Result, Store, INSERT_CHUNK};
 
 /// One choice the proxy answered. Times are Unix milliseconds; the store keeps them as
 /// ISO-8601 text like its other tables.
@@ -73,57 +72,50 @@ impl Store {
     /// Inserts the records in one transaction; a record already there (same request id and
     /// choice) is left as it is.
     pub async fn insert_proxy_records(&self, items: &[NewProxyRecord]) -> Result<()> {
-        if items.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for chunk in items.chunks(INSERT_CHUNK / 2) {
-            let mut qb: QueryBuilder<Sqlite> = QueryBuilder::new(
-                "INSERT INTO proxy_records (request_id, choice, question, messages, answer, correction,
-                 status, aligner_error, upstream_url, upstream_model, aligner_model, template_id,
-                 template_hash, answer_finish_reason, correction_finish_reason, upstream_prompt_tokens,
-                 upstream_completion_tokens, aligner_prompt_tokens, aligner_completion_tokens,
-                 upstream_ms, aligner_ms, stream, requested_at, answered_at, corrected_at) ",
-            );
-            qb.push_values(chunk, |mut b, r| {
-                b.push_bind(&r.request_id)
-                    .push_bind(r.choice)
-                    .push_bind(&r.question)
-                    .push_bind(&r.messages)
-                    .push_bind(&r.answer)
-                    .push_bind(&r.correction)
-                    .push_bind(r.status())
-                    .push_bind(&r.aligner_error)
-                    .push_bind(&r.upstream_url)
-                    .push_bind(&r.upstream_model)
-                    .push_bind(&r.aligner_model)
-                    .push_bind(&r.template_id)
-                    .push_bind(&r.template_hash)
-                    .push_bind(&r.answer_finish_reason)
-                    .push_bind(&r.correction_finish_reason)
-                    .push_bind(r.upstream_prompt_tokens)
-                    .push_bind(r.upstream_completion_tokens)
-                    .push_bind(r.aligner_prompt_tokens)
-                    .push_bind(r.aligner_completion_tokens)
-                    .push_bind(r.upstream_ms)
-                    .push_bind(r.aligner_ms)
-                    .push_bind(r.stream);
-                for ms in [
-                    Some(r.requested_at_ms),
-                    Some(r.answered_at_ms),
-                    r.corrected_at_ms,
-                ] {
-                    b.push_unseparated(", ")
-                        .push_unseparated(ISO_MS)
-                        .push_bind_unseparated(ms.map(|ms| ms as f64 / 1000.0))
-                        .push_unseparated(", 'unixepoch')");
-                }
-            });
-            qb.push(" ON CONFLICT (request_id, choice) DO NOTHING");
-            qb.build().execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        const INSERT: BatchInsert = BatchInsert::new(
+            "INSERT INTO proxy_records (request_id, choice, question, messages, answer, correction,
+             status, aligner_error, upstream_url, upstream_model, aligner_model, template_id,
+             template_hash, answer_finish_reason, correction_finish_reason, upstream_prompt_tokens,
+             upstream_completion_tokens, aligner_prompt_tokens, aligner_completion_tokens,
+             upstream_ms, aligner_ms, stream, requested_at, answered_at, corrected_at) ",
+        )
+        .tail(" ON CONFLICT (request_id, choice) DO NOTHING")
+        .chunk(INSERT_CHUNK / 2);
+        self.insert_batch(INSERT, items, |mut b, r| {
+            b.push_bind(&r.request_id)
+                .push_bind(r.choice)
+                .push_bind(&r.question)
+                .push_bind(&r.messages)
+                .push_bind(&r.answer)
+                .push_bind(&r.correction)
+                .push_bind(r.status())
+                .push_bind(&r.aligner_error)
+                .push_bind(&r.upstream_url)
+                .push_bind(&r.upstream_model)
+                .push_bind(&r.aligner_model)
+                .push_bind(&r.template_id)
+                .push_bind(&r.template_hash)
+                .push_bind(&r.answer_finish_reason)
+                .push_bind(&r.correction_finish_reason)
+                .push_bind(r.upstream_prompt_tokens)
+                .push_bind(r.upstream_completion_tokens)
+                .push_bind(r.aligner_prompt_tokens)
+                .push_bind(r.aligner_completion_tokens)
+                .push_bind(r.upstream_ms)
+                .push_bind(r.aligner_ms)
+                .push_bind(r.stream);
+            for ms in [
+                Some(r.requested_at_ms),
+                Some(r.answered_at_ms),
+                r.corrected_at_ms,
+            ] {
+                b.push_unseparated(", ")
+                    .push_unseparated(ISO_MS)
+                    .push_bind_unseparated(ms.map(|ms| ms as f64 / 1000.0))
+                    .push_unseparated(", 'unixepoch')");
+            }
+        })
+        .await
     }
 
     /// The records, oldest first.

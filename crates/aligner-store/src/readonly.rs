@@ -3,7 +3,7 @@
 use serde::Serialize;
 use sqlx::{Column, Executor, Row, SqlitePool, TypeInfo, ValueRef};
 
-use crate::Error;
+use crate::{Error, Result, Store};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReadOnlyError {
@@ -130,7 +130,20 @@ pub(crate) fn check(sql: &str) -> Result<(), ReadOnlyError> {
     Ok(())
 }
 
-pub(crate) async fn query(
+impl Store {
+    /// Runs one read-only statement and returns every row.
+    pub async fn query_read_only(&self, sql: &str) -> Result<QueryResult> {
+        query(&self.pool, sql, None).await
+    }
+
+    /// As [`query_read_only`](Store::query_read_only), stopping after `max_rows` rows
+    /// (`truncated` says so).
+    pub async fn query_read_only_limited(&self, sql: &str, max_rows: usize) -> Result<QueryResult> {
+        query(&self.pool, sql, Some(max_rows)).await
+    }
+}
+
+async fn query(
     pool: &SqlitePool,
     sql: &str,
     max_rows: Option<usize>,

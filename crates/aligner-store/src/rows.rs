@@ -2,13 +2,6 @@
 
 use serde::Serialize;
 
-pub(crate) const RUN_COLUMNS: &str =
-    "id, name, pipeline_path, spec_json, spec_hash, status, error, lease_holder, \
-     lease_expires_ms, created_at, updated_at, finished_at";
-
-pub(crate) const STAGE_COLUMNS: &str =
-    "run_id, round, stage, status, total, done, failed, executions, error, started_at, finished_at";
-
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct RunRow {
     pub id: i64,

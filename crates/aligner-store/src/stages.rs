@@ -1,0 +1,162 @@
+//! Rounds and stage executions: which stage of which round started, how far it got, how it
+//! ended; and the per-round summary view.
+
+use crate::{Result, RoundRow, RoundSummary, StageRow, Store};
+
+pub(crate) const STAGE_COLUMNS: &str =
+    "run_id, round, stage, status, total, done, failed, executions, error, started_at, finished_at";
+
+impl Store {
+    /// Records the round's start once; a resumed round keeps its first row.
+    pub async fn ensure_round(
+        &self,
+        run_id: i64,
+        round: i64,
+        upstream_model: &str,
+        upstream_ref: &str,
+        checkpoint_id: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO rounds (run_id, round, upstream_model, upstream_ref, checkpoint_id) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (run_id, round) DO NOTHING",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(upstream_model)
+        .bind(upstream_ref)
+        .bind(checkpoint_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn finish_round(&self, run_id: i64, round: i64, status: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE rounds SET status = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND round = ?",
+        )
+        .bind(status)
+        .bind(run_id)
+        .bind(round)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn rounds(&self, run_id: i64) -> Result<Vec<RoundRow>> {
+        Ok(sqlx::query_as::<_, RoundRow>(
+            "SELECT run_id, round, status, upstream_model, upstream_ref, checkpoint_id, started_at, finished_at
+             FROM rounds WHERE run_id = ? ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn round_summaries(&self, run_id: i64) -> Result<Vec<RoundSummary>> {
+        Ok(sqlx::query_as::<_, RoundSummary>(
+            "SELECT run_id, round, status, upstream_ref, generations_ok, generations_failed, corrections_ok,
+                    corrections_failed, pairs_kept, pairs_dropped, copy_rate, mean_len_original,
+                    mean_len_correction, drop_reasons
+             FROM round_summary WHERE run_id = ? ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    pub async fn stage(&self, run_id: i64, round: i64, stage: &str) -> Result<Option<StageRow>> {
+        Ok(sqlx::query_as::<_, StageRow>(&format!(
+            "SELECT {STAGE_COLUMNS} FROM stage_executions WHERE run_id = ? AND round = ? AND stage = ?"
+        ))
+        .bind(run_id)
+        .bind(round)
+        .bind(stage)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn stages(&self, run_id: i64) -> Result<Vec<StageRow>> {
+        Ok(sqlx::query_as::<_, StageRow>(&format!(
+            "SELECT {STAGE_COLUMNS} FROM stage_executions WHERE run_id = ? ORDER BY round, id"
+        ))
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Marks a stage running (first time, or again after a crash: `executions` counts them).
+    pub async fn start_stage(
+        &self,
+        run_id: i64,
+        round: i64,
+        stage: &str,
+        total: Option<i64>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO stage_executions (run_id, round, stage, total) VALUES (?, ?, ?, ?)
+             ON CONFLICT (run_id, round, stage) DO UPDATE SET
+                status = 'running', executions = executions + 1, total = excluded.total, error = NULL, finished_at = NULL",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(stage)
+        .bind(total)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn update_stage_progress(
+        &self,
+        run_id: i64,
+        round: i64,
+        stage: &str,
+        done: i64,
+        failed: i64,
+    ) -> Result<()> {
+        sqlx::query("UPDATE stage_executions SET done = ?, failed = ? WHERE run_id = ? AND round = ? AND stage = ?")
+            .bind(done)
+            .bind(failed)
+            .bind(run_id)
+            .bind(round)
+            .bind(stage)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn finish_stage(
+        &self,
+        run_id: i64,
+        round: i64,
+        stage: &str,
+        status: &str,
+        done: i64,
+        failed: i64,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE stage_executions SET status = ?, done = ?, failed = ?, error = ?,
+                    finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE run_id = ? AND round = ? AND stage = ?",
+        )
+        .bind(status)
+        .bind(done)
+        .bind(failed)
+        .bind(error)
+        .bind(run_id)
+        .bind(round)
+        .bind(stage)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Whether a stage of a round has finished.
+    pub async fn stage_done(&self, run_id: i64, round: i64, stage: &str) -> Result<bool> {
+        Ok(self
+            .stage(run_id, round, stage)
+            .await?
+            .is_some_and(|s| s.status == "done"))
+    }
+}

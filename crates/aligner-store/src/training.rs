@@ -1,0 +1,165 @@
+//! Training: a round's training job, its logs and per-step metrics, and the checkpoint it
+//! leaves.
+
+use crate::batch::BatchInsert;
+use crate::{CheckpointRow, Error, NewTrainingJob, Result, Store, TrainingJobRow};
+
+impl Store {
+    /// Creates the round's training job, or re-opens it after a crash (attempts + 1).
+    pub async fn start_training_job(&self, job: &NewTrainingJob<'_>) -> Result<TrainingJobRow> {
+        sqlx::query(
+            "INSERT INTO training_jobs (run_id, round, method, backend, hyperparameters, reference_policy, reference_model,
+                 base_model, data_path, pairs, output_dir, command)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+             ON CONFLICT (run_id, round) DO UPDATE SET attempts = attempts + 1, status = 'running', error = NULL,
+                 exit_code = NULL, finished_at = NULL, data_path = excluded.data_path, pairs = excluded.pairs,
+                 command = excluded.command",
+        )
+        .bind(job.run_id)
+        .bind(job.round)
+        .bind(job.method)
+        .bind(job.backend)
+        .bind(job.hyperparameters.to_string())
+        .bind(job.reference_policy)
+        .bind(job.reference_model)
+        .bind(job.base_model)
+        .bind(job.data_path)
+        .bind(job.pairs)
+        .bind(job.output_dir)
+        .bind(job.command)
+        .execute(&self.pool)
+        .await?;
+        self.training_job(job.run_id, job.round)
+            .await?
+            .ok_or_else(|| Error::Sql(sqlx::Error::RowNotFound))
+    }
+
+    pub async fn training_job(&self, run_id: i64, round: i64) -> Result<Option<TrainingJobRow>> {
+        Ok(sqlx::query_as::<_, TrainingJobRow>(
+            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, pgid FROM training_jobs WHERE run_id = ? AND round = ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Records the process group of the running train command, so a resumed run can stop a
+    /// trainer that outlived a killed `aligner`.
+    pub async fn set_training_pgid(&self, job_id: i64, pgid: Option<i64>) -> Result<()> {
+        sqlx::query("UPDATE training_jobs SET pgid = ? WHERE id = ?")
+            .bind(pgid)
+            .bind(job_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn append_training_logs(
+        &self,
+        job_id: i64,
+        attempt: i64,
+        lines: &[(String, String)],
+    ) -> Result<()> {
+        const INSERT: BatchInsert =
+            BatchInsert::new("INSERT INTO training_logs (training_job_id, attempt, stream, line) ");
+        self.insert_batch(INSERT, lines, |mut b, (stream, line)| {
+            b.push_bind(job_id)
+                .push_bind(attempt)
+                .push_bind(stream)
+                .push_bind(line);
+        })
+        .await
+    }
+
+    /// One optimizer step's metrics (TRL's names), replacing a step recorded before (a
+    /// resumed training repeats no step, but a retried one may).
+    pub async fn record_training_metrics(
+        &self,
+        job_id: i64,
+        step: i64,
+        values: &[(String, f64)],
+    ) -> Result<()> {
+        const INSERT: BatchInsert = BatchInsert::new(
+            "INSERT OR REPLACE INTO training_metrics (training_job_id, step, name, value) ",
+        );
+        self.insert_batch(INSERT, values, |mut b, (name, value)| {
+            b.push_bind(job_id)
+                .push_bind(step)
+                .push_bind(name)
+                .push_bind(value);
+        })
+        .await
+    }
+
+    pub async fn finish_training_job(
+        &self,
+        job_id: i64,
+        status: &str,
+        exit_code: Option<i64>,
+        error: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query(
+            "UPDATE training_jobs SET status = ?, exit_code = ?, error = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE id = ?",
+        )
+        .bind(status)
+        .bind(exit_code)
+        .bind(error)
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Registers a finished training job's checkpoint and marks the job done, atomically.
+    pub async fn register_checkpoint(
+        &self,
+        run_id: i64,
+        round: i64,
+        job_id: i64,
+        exit_code: i64,
+        path: &str,
+        serve_model: Option<&str>,
+    ) -> Result<i64> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(
+            "UPDATE training_jobs SET status = 'done', exit_code = ?, error = NULL,
+                    finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE id = ?",
+        )
+        .bind(exit_code)
+        .bind(job_id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO checkpoints (run_id, round, training_job_id, path, serve_model) VALUES (?, ?, ?, ?, ?)
+             ON CONFLICT (run_id, round) DO UPDATE SET path = excluded.path, serve_model = excluded.serve_model,
+                 training_job_id = excluded.training_job_id",
+        )
+        .bind(run_id)
+        .bind(round)
+        .bind(job_id)
+        .bind(path)
+        .bind(serve_model)
+        .execute(&mut *tx)
+        .await?;
+        let id: i64 =
+            sqlx::query_scalar("SELECT id FROM checkpoints WHERE run_id = ? AND round = ?")
+                .bind(run_id)
+                .bind(round)
+                .fetch_one(&mut *tx)
+                .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    pub async fn checkpoint(&self, run_id: i64, round: i64) -> Result<Option<CheckpointRow>> {
+        Ok(sqlx::query_as::<_, CheckpointRow>(
+            "SELECT id, run_id, round, path, serve_model FROM checkpoints WHERE run_id = ? AND round = ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}
