@@ -636,14 +636,16 @@ fn ticked(names: &[&str]) -> String {
 
 #[test]
 fn wire_field_lists_match_serde() {
-    // The block-by-block checker lists the fields itself; they must match the structs.
+    // The block-by-block checker reads the fields from the derives; they must be the ones
+    // serde names in its own message.
+    use crate::validate::fields::fields_of;
     let err = serde_yaml::from_str::<crate::wire::PipelineWire>("bogus: 1")
         .unwrap_err()
         .to_string();
     assert!(
         err.contains(&format!(
             "expected one of {}",
-            ticked(crate::wire::ROOT_FIELDS)
+            ticked(fields_of::<crate::wire::PipelineWire>())
         )),
         "{err}"
     );
@@ -653,7 +655,7 @@ fn wire_field_lists_match_serde() {
     assert!(
         err.contains(&format!(
             "expected one of {}",
-            ticked(crate::wire::ROUNDS_FIELDS)
+            ticked(fields_of::<crate::wire::RoundsWire>())
         )),
         "{err}"
     );
@@ -678,10 +680,13 @@ fn serde_fields<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<Strin
 
 #[test]
 fn known_fields_table_matches_serde() {
+    // The generated table has a row for every wire struct at every place it is used, with
+    // the fields serde's own message names.
+    use crate::validate::fields::{child_pattern, fields_of, KNOWN_FIELDS};
     use crate::wire::*;
     let table: Vec<(&str, Vec<String>)> = KNOWN_FIELDS
         .iter()
-        .map(|(p, f)| (*p, f.iter().map(|s| s.to_string()).collect()))
+        .map(|(p, f)| (p.as_str(), f.iter().map(|s| s.to_string()).collect()))
         .collect();
     let from_serde = vec![
         ("", serde_fields::<PipelineWire>()),
@@ -727,11 +732,12 @@ fn known_fields_table_matches_serde() {
     ];
     assert_eq!(table, from_serde);
 
-    // The per-kind model lists of validation cover `ModelWire` exactly.
+    // The per-kind model lists of validation cover `ModelWire` exactly, under serde's names.
+    let model: ModelWire = serde_yaml::from_str("kind: local").unwrap();
     let mut by_kind: Vec<&str> = vec!["kind"];
-    by_kind.extend(crate::wire::OPENAI_FIELDS);
-    by_kind.extend(crate::wire::LOCAL_FIELDS);
-    assert_eq!(by_kind, MODEL_FIELDS);
+    by_kind.extend(model.fields_for(ModelKind::Openai));
+    by_kind.extend(model.fields_for(ModelKind::Local));
+    assert_eq!(by_kind, fields_of::<ModelWire>());
 
     // Patterns: model names match `*`, everything else by name.
     assert_eq!(child_pattern("models", "up"), "models.*");

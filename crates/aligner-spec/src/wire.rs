@@ -1,12 +1,11 @@
 //! The pipeline file as written: serde structs that mirror the YAML one to one.
 //!
 //! Every block denies unknown fields, so a typo is an error rather than a silently ignored
-//! setting. The
-//! allowed keys of each block are also listed in [`KNOWN_FIELDS`], so that validation can
-//! report every unknown key of a file in one pass; a test keeps the two in step. Values are
-//! still raw here: paths are not resolved, `${VAR}`s are not expanded, ranges are not
-//! checked, model names are not cross-referenced. `validate.rs` turns these into the types
-//! of `types.rs`.
+//! setting. Validation reads the allowed keys of each block from these derives
+//! ([`KNOWN_FIELDS`](crate::validate::fields::KNOWN_FIELDS)), so that it can report every
+//! unknown key of a file in one pass. Values are still raw here: paths are not resolved,
+//! `${VAR}`s are not expanded, ranges are not checked, model names are not
+//! cross-referenced. `validate/` turns these into the types of `types.rs`.
 //!
 //! Enums whose variants carry different fields (`models.*.kind`, `train.backend.kind`) are
 //! flat structs with a `kind` field rather than tagged serde enums: serde buffers tagged
@@ -19,258 +18,10 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
-/// Keys allowed at the top level, in the order of [`PipelineWire`].
-pub(crate) const ROOT_FIELDS: &[&str] = &[
-    "version", "name", "store", "workdir", "models", "prompts", "rounds", "aligner",
-];
-
-/// Keys allowed under `aligner:`, in the order of [`AlignerWire`].
-pub(crate) const ALIGNER_FIELDS: &[&str] = &[
-    "name", "base", "template", "data", "teach", "labels", "holdout", "seed", "train", "sampling",
-];
-
-/// Keys allowed under `aligner.teach:`, in the order of [`TeachWire`].
-pub(crate) const TEACH_FIELDS: &[&str] = &["prompts", "answer", "teacher"];
-
-/// Keys allowed under `aligner.teach.answer:`, in the order of [`AnswerWire`].
-pub(crate) const ANSWER_FIELDS: &[&str] = &["model", "sampling"];
-
-/// Keys allowed under `aligner.teach.teacher:`, in the order of [`TeacherWire`].
-pub(crate) const TEACHER_FIELDS: &[&str] = &["kind", "model", "prompt", "sampling", "texts"];
-
-/// Keys allowed under `aligner.labels:`, in the order of [`LabelsWire`].
-pub(crate) const LABELS_FIELDS: &[&str] = &["field", "harmful"];
-
-/// Keys allowed under `aligner.train:`, in the order of [`AlignerTrainWire`].
-pub(crate) const ALIGNER_TRAIN_FIELDS: &[&str] = &[
-    "epochs",
-    "learning_rate",
-    "batch_size",
-    "gradient_accumulation",
-    "max_length",
-    "warmup_ratio",
-    "warmup_fraction",
-    "warmup_epochs",
-    "lora",
-    "train_layers",
-    "seed",
-    "weight_decay",
-    "max_grad_norm",
-    "save_every",
-];
-
-/// Keys allowed under `rounds:`, in the order of [`RoundsWire`].
-pub(crate) const ROUNDS_FIELDS: &[&str] = &[
-    "count",
-    "generate",
-    "correct",
-    "synthesize",
-    "train",
-    "evaluate",
-];
-
-/// Keys allowed in each `models.<name>:` entry, in the order of [`ModelWire`].
-pub(crate) const MODEL_FIELDS: &[&str] = &[
-    "kind",
-    "base_url",
-    "model",
-    "api_key_env",
-    "max_concurrency",
-    "requests_per_minute",
-    "tokens_per_minute",
-    "timeout",
-    "max_retries",
-    "path",
-    "hub",
-    "revision",
-    "dtype",
-];
-
-/// The keys of `MODEL_FIELDS` that apply to `kind: openai`.
-pub(crate) const OPENAI_FIELDS: &[&str] = &[
-    "base_url",
-    "model",
-    "api_key_env",
-    "max_concurrency",
-    "requests_per_minute",
-    "tokens_per_minute",
-    "timeout",
-    "max_retries",
-];
-/// The keys of `MODEL_FIELDS` that apply to `kind: local`.
-pub(crate) const LOCAL_FIELDS: &[&str] = &["path", "hub", "revision", "dtype"];
-
-/// Keys allowed under `prompts:`, in the order of [`PromptsWire`].
-pub(crate) const PROMPTS_FIELDS: &[&str] = &[
-    "source",
-    "format",
-    "fields",
-    "system_prompt",
-    "sample",
-    "seed",
-    "holdout",
-];
-
-/// Keys allowed under `prompts.fields:`, in the order of [`FieldsWire`].
-pub(crate) const PROMPT_COLUMNS_FIELDS: &[&str] = &["prompt", "id", "system", "metadata"];
-
-/// Keys allowed under `sampling:`, in the order of [`SamplingWire`].
-pub(crate) const SAMPLING_FIELDS: &[&str] = &[
-    "temperature",
-    "top_p",
-    "top_k",
-    "max_tokens",
-    "frequency_penalty",
-    "presence_penalty",
-    "repetition_penalty",
-    "seed",
-    "stop",
-];
-
-/// Keys allowed under `rounds.generate:`, in the order of [`GenerateWire`].
-pub(crate) const GENERATE_FIELDS: &[&str] = &["model", "n", "sampling"];
-
-/// Keys allowed under `rounds.correct:`, in the order of [`CorrectWire`].
-pub(crate) const CORRECT_FIELDS: &[&str] = &["model", "template", "sampling"];
-
-/// Keys allowed under `rounds.synthesize:`, in the order of [`SynthesizeWire`].
-pub(crate) const SYNTHESIZE_FIELDS: &[&str] = &[
-    "drop_identical",
-    "min_edit_distance",
-    "length_ratio",
-    "drop_empty",
-    "drop_truncated",
-    "dedupe_prompts",
-    "max_pairs",
-    "semantic",
-];
-
-/// Keys allowed under `rounds.synthesize.semantic:`, in the order of [`SemanticWire`].
-pub(crate) const SEMANTIC_FIELDS: &[&str] =
-    &["embedder", "max_copy_similarity", "dedupe_prompts_above"];
-
-/// Keys allowed under `rounds.train:`, in the order of [`TrainWire`].
-pub(crate) const TRAIN_FIELDS: &[&str] = &[
-    "method",
-    "beta",
-    "loss",
-    "learning_rate",
-    "epochs",
-    "batch_size",
-    "gradient_accumulation",
-    "max_length",
-    "warmup_ratio",
-    "reference",
-    "backend",
-];
-
-/// Keys allowed under `rounds.train.backend:`, in the order of [`BackendWire`].
-pub(crate) const BACKEND_FIELDS: &[&str] = &[
-    "kind",
-    "command",
-    "format",
-    "conversational",
-    "serve_model",
-    "lora",
-    "train_layers",
-    "seed",
-    "weight_decay",
-    "max_grad_norm",
-    "save_every",
-];
-
-/// Keys allowed under `rounds.train.backend.lora:`, in the order of [`LoraWire`].
-pub(crate) const LORA_FIELDS: &[&str] = &["rank", "alpha", "dropout", "targets"];
-
-/// Keys allowed in `rounds.evaluate:`, in the order of [`EvaluateWire`].
-pub(crate) const EVALUATE_FIELDS: &[&str] = &[
-    "judge",
-    "aspects",
-    "compare",
-    "sampling",
-    "judge_sampling",
-    "labels",
-    "bootstrap",
-    "seed",
-    "gate",
-];
-
-/// Keys allowed in `rounds.evaluate.gate:`.
-pub(crate) const GATE_FIELDS: &[&str] = &["metric", "max_drop", "action"];
-
-/// The one table of allowed keys: for each YAML path pattern (`*` stands for any key, e.g.
-/// a model name), the keys its mapping may have. Validation reports and drops every other
-/// key before deserializing, so that all unknown keys of a file are reported at once and
-/// the rest of each block is still checked. A unit test checks each list against what serde
-/// accepts.
-pub(crate) const KNOWN_FIELDS: &[(&str, &[&str])] = &[
-    ("", ROOT_FIELDS),
-    ("models.*", MODEL_FIELDS),
-    ("prompts", PROMPTS_FIELDS),
-    ("prompts.fields", PROMPT_COLUMNS_FIELDS),
-    ("rounds", ROUNDS_FIELDS),
-    ("rounds.generate", GENERATE_FIELDS),
-    ("rounds.generate.sampling", SAMPLING_FIELDS),
-    ("rounds.correct", CORRECT_FIELDS),
-    ("rounds.correct.sampling", SAMPLING_FIELDS),
-    ("rounds.synthesize", SYNTHESIZE_FIELDS),
-    ("rounds.synthesize.semantic", SEMANTIC_FIELDS),
-    ("rounds.train", TRAIN_FIELDS),
-    ("rounds.train.backend", BACKEND_FIELDS),
-    ("rounds.train.backend.lora", LORA_FIELDS),
-    ("rounds.evaluate", EVALUATE_FIELDS),
-    ("rounds.evaluate.sampling", SAMPLING_FIELDS),
-    ("rounds.evaluate.judge_sampling", SAMPLING_FIELDS),
-    ("rounds.evaluate.labels", LABELS_FIELDS),
-    ("rounds.evaluate.gate", GATE_FIELDS),
-    ("aligner", ALIGNER_FIELDS),
-    ("aligner.teach", TEACH_FIELDS),
-    ("aligner.teach.prompts", PROMPTS_FIELDS),
-    ("aligner.teach.prompts.fields", PROMPT_COLUMNS_FIELDS),
-    ("aligner.teach.answer", ANSWER_FIELDS),
-    ("aligner.teach.answer.sampling", SAMPLING_FIELDS),
-    ("aligner.teach.teacher", TEACHER_FIELDS),
-    ("aligner.teach.teacher.sampling", SAMPLING_FIELDS),
-    ("aligner.labels", LABELS_FIELDS),
-    ("aligner.train", ALIGNER_TRAIN_FIELDS),
-    ("aligner.train.lora", LORA_FIELDS),
-    ("aligner.sampling", SAMPLING_FIELDS),
-];
-
-/// The allowed keys of the mapping at path pattern `pattern`, if it is checked.
-pub(crate) fn known_fields(pattern: &str) -> Option<&'static [&'static str]> {
-    KNOWN_FIELDS
-        .iter()
-        .find(|(p, _)| *p == pattern)
-        .map(|(_, fields)| *fields)
-}
-
-/// The pattern of the child `key` of the node at pattern `parent`: `models` + `up` ->
-/// `models.*`, `rounds` + `train` -> `rounds.train`.
-pub(crate) fn child_pattern(parent: &str, key: &str) -> String {
-    let join = |k: &str| {
-        if parent.is_empty() {
-            k.to_string()
-        } else {
-            format!("{parent}.{k}")
-        }
-    };
-    let wildcard = join("*");
-    let is_wildcard = KNOWN_FIELDS.iter().any(|(p, _)| {
-        *p == wildcard
-            || p.strip_prefix(wildcard.as_str())
-                .is_some_and(|rest| rest.starts_with('.'))
-    });
-    if is_wildcard {
-        wildcard
-    } else {
-        join(key)
-    }
-}
-
 /// The whole file. Validation deserializes it block by block (each field on its own), so
 /// the fields are not read: the struct gives the message for a file that is not a mapping
-/// and is the reference that [`ROOT_FIELDS`] is tested against.
+/// and is where the walk that builds
+/// [`KNOWN_FIELDS`](crate::validate::fields::KNOWN_FIELDS) starts.
 #[allow(dead_code)]
 #[derive(Debug, Clone, Deserialize)]
 #[serde(
@@ -320,36 +71,63 @@ pub struct ModelWire {
 }
 
 impl ModelWire {
+    /// Every field but `kind`: its name, the kind it applies to, and whether it is set, in
+    /// the order of the struct. The destructuring names each field, so a field added to the
+    /// struct does not compile until it is given its kind here.
+    pub(crate) fn fields(&self) -> Vec<(&'static str, ModelKind, bool)> {
+        use ModelKind::{Local, Openai};
+        let ModelWire {
+            kind: _,
+            base_url,
+            model,
+            api_key_env,
+            max_concurrency,
+            requests_per_minute,
+            tokens_per_minute,
+            timeout,
+            max_retries,
+            path,
+            hub,
+            revision,
+            dtype,
+        } = self;
+        macro_rules! field {
+            ($name:ident, $kind:expr) => {
+                (stringify!($name), $kind, $name.is_some())
+            };
+        }
+        vec![
+            field!(base_url, Openai),
+            field!(model, Openai),
+            field!(api_key_env, Openai),
+            field!(max_concurrency, Openai),
+            field!(requests_per_minute, Openai),
+            field!(tokens_per_minute, Openai),
+            field!(timeout, Openai),
+            field!(max_retries, Openai),
+            field!(path, Local),
+            field!(hub, Local),
+            field!(revision, Local),
+            field!(dtype, Local),
+        ]
+    }
+
     /// The fields that are set, with the kinds they belong to (for "does not apply" checks).
     pub(crate) fn set_fields(&self) -> Vec<(&'static str, ModelKind)> {
-        use ModelKind::{Local, Openai};
-        let mut out = Vec::new();
-        let mut push = |set: bool, name: &'static str, kind: ModelKind| {
-            if set {
-                out.push((name, kind));
-            }
-        };
-        push(self.base_url.is_some(), "base_url", Openai);
-        push(self.model.is_some(), "model", Openai);
-        push(self.api_key_env.is_some(), "api_key_env", Openai);
-        push(self.max_concurrency.is_some(), "max_concurrency", Openai);
-        push(
-            self.requests_per_minute.is_some(),
-            "requests_per_minute",
-            Openai,
-        );
-        push(
-            self.tokens_per_minute.is_some(),
-            "tokens_per_minute",
-            Openai,
-        );
-        push(self.timeout.is_some(), "timeout", Openai);
-        push(self.max_retries.is_some(), "max_retries", Openai);
-        push(self.path.is_some(), "path", Local);
-        push(self.hub.is_some(), "hub", Local);
-        push(self.revision.is_some(), "revision", Local);
-        push(self.dtype.is_some(), "dtype", Local);
-        out
+        self.fields()
+            .into_iter()
+            .filter(|(_, _, set)| *set)
+            .map(|(name, kind, _)| (name, kind))
+            .collect()
+    }
+
+    /// The fields that apply to `kind`, in the order of the struct.
+    pub(crate) fn fields_for(&self, kind: ModelKind) -> Vec<&'static str> {
+        self.fields()
+            .into_iter()
+            .filter(|(_, k, _)| *k == kind)
+            .map(|(name, _, _)| name)
+            .collect()
     }
 }
 

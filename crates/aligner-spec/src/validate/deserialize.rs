@@ -5,9 +5,9 @@ use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
 use serde_yaml::Value;
 
+use super::fields::{child_pattern, known_fields};
 use super::{backticked, did_you_mean, field_name, list, Ctx};
 use crate::position::{join, Anchor};
-use crate::wire::*;
 
 /// The field named by a serde "missing field `x`" message.
 fn missing_field(msg: &str) -> Option<&str> {
@@ -103,9 +103,9 @@ impl Ctx<'_> {
         meant
     }
 
-    /// Reports every key that [`KNOWN_FIELDS`] does not allow at its place and removes it
-    /// from `value` (the node at `path`, whose pattern is `pattern`), so that the rest of
-    /// its block still deserializes and gets checked.
+    /// Reports every key that [`KNOWN_FIELDS`](super::fields::KNOWN_FIELDS) does not allow at
+    /// its place and removes it from `value` (the node at `path`, whose pattern is
+    /// `pattern`), so that the rest of its block still deserializes and gets checked.
     pub(super) fn strip_unknown_fields(&mut self, value: &mut Value, path: &str, pattern: &str) {
         let Some(map) = value.as_mapping_mut() else {
             return;

@@ -3,8 +3,8 @@
 //! Steps:
 //! 1. index node positions with yaml-rust2 (also catches syntax errors and duplicate keys);
 //! 2. parse into a `serde_yaml::Value`;
-//! 3. report every key that [`KNOWN_FIELDS`] does not allow where it is (with a
-//!    did-you-mean) and remove it, so the rest of its block still deserializes;
+//! 3. report every key that [`KNOWN_FIELDS`](fields::KNOWN_FIELDS) does not allow where it
+//!    is (with a did-you-mean) and remove it, so the rest of its block still deserializes;
 //! 4. deserialize each block on its own (`models.<name>`, `prompts`, each stage of
 //!    `rounds`), so that an error in one does not hide those in the others; inside a
 //!    block, after each error the broken field is dropped and the block is read again,
@@ -20,10 +20,10 @@
 //! line and column.
 //!
 //! This module holds the entry point, the context that collects errors, and the helpers
-//! every block uses (values, `${VAR}`s, paths); step 4's machinery is in `deserialize`; the
-//! other modules mirror the wire types of `wire.rs`, one per block: `pipeline` (the top
-//! level), `models`, `prompts`, `sampling`, `rounds` (with `generate` and `correct`),
-//! `synthesize`, `train`, `evaluate` and `aligner`.
+//! every block uses (values, `${VAR}`s, paths). Step 3's table is built in `fields`, step
+//! 4's machinery is in `deserialize`; the other modules mirror the wire types of `wire.rs`,
+//! one per block: `pipeline` (the top level), `models`, `prompts`, `sampling`, `rounds`
+//! (with `generate` and `correct`), `synthesize`, `train`, `evaluate` and `aligner`.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -37,6 +37,7 @@ use crate::types::Pipeline;
 mod aligner;
 mod deserialize;
 mod evaluate;
+pub(crate) mod fields;
 mod models;
 mod pipeline;
 mod prompts;

@@ -115,10 +115,11 @@ impl Ctx<'_> {
 
     pub(super) fn model(&mut self, name: &str, w: &ModelWire) -> Option<ModelSpec> {
         let path = join("models", name);
-        let (kind_name, allowed) = match w.kind {
-            ModelKind::Openai => ("openai", OPENAI_FIELDS),
-            ModelKind::Local => ("local", LOCAL_FIELDS),
+        let kind_name = match w.kind {
+            ModelKind::Openai => "openai",
+            ModelKind::Local => "local",
         };
+        let allowed = w.fields_for(w.kind);
         let errors_before = self.errors.len();
         for (field, kind) in w.set_fields() {
             if kind != w.kind {
@@ -126,7 +127,7 @@ impl Ctx<'_> {
                     &join(&path, field),
                     Anchor::Key,
                     format!("field `{field}` does not apply to `kind: {kind_name}`"),
-                    Some(format!("`kind: {kind_name}` takes {}", list(allowed))),
+                    Some(format!("`kind: {kind_name}` takes {}", list(&allowed))),
                 );
             }
         }

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 
 use serde_yaml::Value;
 
+use super::fields::fields_of;
 use super::models::ModelEntry;
 use super::{did_you_mean, list, Ctx};
 use crate::position::{join, Anchor};
@@ -49,7 +50,7 @@ impl Ctx<'_> {
                 "train" => parts.train = self.parse(v, &path),
                 "evaluate" => parts.evaluate = self.parse(v, &path),
                 _ => {
-                    self.unknown_field(&path, key, ROUNDS_FIELDS);
+                    self.unknown_field(&path, key, fields_of::<RoundsWire>());
                 }
             }
         }
