@@ -24,6 +24,7 @@
 
 mod error;
 mod gguf;
+mod invalid;
 mod position;
 mod snapshot;
 mod template;
@@ -34,6 +35,7 @@ mod wire;
 use std::path::Path;
 
 pub use error::{Errors, SpecError};
+pub use invalid::Invalid;
 pub use snapshot::{diff_snapshots, hash_snapshot, Change};
 pub use template::{fill, EDITOR_PROMPT, REFUSAL_TEXTS};
 pub use types::*;

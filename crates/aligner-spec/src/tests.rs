@@ -639,7 +639,7 @@ fn wire_field_lists_match_serde() {
     // The block-by-block checker reads the fields from the derives; they must be the ones
     // serde names in its own message.
     use crate::validate::fields::fields_of;
-    let err = serde_yaml::from_str::<crate::wire::PipelineWire>("bogus: 1")
+    let err = serde_yaml_ng::from_str::<crate::wire::PipelineWire>("bogus: 1")
         .unwrap_err()
         .to_string();
     assert!(
@@ -649,7 +649,7 @@ fn wire_field_lists_match_serde() {
         )),
         "{err}"
     );
-    let err = serde_yaml::from_str::<crate::wire::RoundsWire>("bogus: 1")
+    let err = serde_yaml_ng::from_str::<crate::wire::RoundsWire>("bogus: 1")
         .unwrap_err()
         .to_string();
     assert!(
@@ -663,7 +663,7 @@ fn wire_field_lists_match_serde() {
 
 /// The fields serde accepts for `T`, from its unknown-field message, in its order.
 fn serde_fields<T: serde::de::DeserializeOwned + std::fmt::Debug>() -> Vec<String> {
-    let err = serde_yaml::from_str::<T>("bogus_field: 1")
+    let err = serde_yaml_ng::from_str::<T>("bogus_field: 1")
         .unwrap_err()
         .to_string();
     let expected = err
@@ -733,7 +733,7 @@ fn known_fields_table_matches_serde() {
     assert_eq!(table, from_serde);
 
     // The per-kind model lists of validation cover `ModelWire` exactly, under serde's names.
-    let model: ModelWire = serde_yaml::from_str("kind: local").unwrap();
+    let model: ModelWire = serde_yaml_ng::from_str("kind: local").unwrap();
     let mut by_kind: Vec<&str> = vec!["kind"];
     by_kind.extend(model.fields_for(ModelKind::Openai));
     by_kind.extend(model.fields_for(ModelKind::Local));

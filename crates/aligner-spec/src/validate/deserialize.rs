@@ -3,7 +3,7 @@
 
 use serde::de::DeserializeOwned;
 use serde_path_to_error::Segment;
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use super::fields::{child_pattern, known_fields};
 use super::{backticked, did_you_mean, field_name, list, Ctx};

@@ -2,7 +2,7 @@
 //!
 //! Steps:
 //! 1. index node positions with yaml-rust2 (also catches syntax errors and duplicate keys);
-//! 2. parse into a `serde_yaml::Value`;
+//! 2. parse into a `serde_yaml_ng::Value`;
 //! 3. report every key that [`KNOWN_FIELDS`](fields::KNOWN_FIELDS) does not allow where it
 //!    is (with a did-you-mean) and remove it, so the rest of its block still deserializes;
 //! 4. deserialize each block on its own (`models.<name>`, `prompts`, each stage of
@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use crate::error::{Errors, SpecError};
 use crate::position::{Anchor, PositionIndex};
@@ -91,7 +91,7 @@ pub(crate) fn load(
         return Err(cx.finish());
     }
 
-    let value: Value = match serde_yaml::from_str(text) {
+    let value: Value = match serde_yaml_ng::from_str(text) {
         Ok(v) => v,
         Err(e) => {
             let at = e.location().map(|l| (l.line(), l.column()));

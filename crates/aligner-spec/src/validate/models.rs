@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use super::{did_you_mean, list, Ctx};
 use crate::position::{join, Anchor};
@@ -46,7 +46,7 @@ impl Ctx<'_> {
         for (k, v) in map {
             let kind = v
                 .get("kind")
-                .and_then(|k| serde_yaml::from_value::<ModelKind>(k.clone()).ok());
+                .and_then(|k| serde_yaml_ng::from_value::<ModelKind>(k.clone()).ok());
             match k.as_str() {
                 Some(name) => {
                     let wire = self.parse::<ModelWire>(v, &join("models", name));
@@ -54,7 +54,7 @@ impl Ctx<'_> {
                 }
                 None => {
                     // Let serde say what it thinks of the key.
-                    let mut single = serde_yaml::Mapping::new();
+                    let mut single = serde_yaml_ng::Mapping::new();
                     single.insert(k.clone(), v.clone());
                     let parsed = self
                         .parse::<BTreeMap<String, ModelWire>>(&Value::Mapping(single), "models");
@@ -75,7 +75,12 @@ impl Ctx<'_> {
 
     /// Checks that `name` is defined in `models` (`None` when `models` is broken: then
     /// nothing is checked).
-    pub(super) fn model_ref(&mut self, path: &str, name: &str, models: Option<&BTreeMap<String, ModelEntry>>) {
+    pub(super) fn model_ref(
+        &mut self,
+        path: &str,
+        name: &str,
+        models: Option<&BTreeMap<String, ModelEntry>>,
+    ) {
         let Some(models) = models else {
             return;
         };

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use super::models::ModelEntry;
 use super::rounds::RoundsParts;

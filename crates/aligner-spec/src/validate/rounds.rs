@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use serde_yaml::Value;
+use serde_yaml_ng::Value;
 
 use super::fields::fields_of;
 use super::models::ModelEntry;
