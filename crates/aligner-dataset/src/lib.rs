@@ -3,6 +3,10 @@
 //! Reading maps user columns onto prompt records; writing produces the files TRL, OpenRLHF and
 //! LLaMA-Factory load as they are: `prompt`/`chosen`/`rejected` for DPO, `prompt`/`completion`
 //! for SFT, either plain strings or conversational `[{role, content}]` lists.
+//!
+//! [`prompt_sets`] fetches the public prompt sets the quickstart and the tests read.
+
+pub mod prompt_sets;
 
 use std::fs::File;
 use std::io::{BufWriter, Cursor, Write};

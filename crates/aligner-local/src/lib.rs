@@ -3,19 +3,23 @@
 //! GPU, with tokenizers built from GGUF metadata or `tokenizer.json`, the model's own chat
 //! template, and MiniLM sentence embeddings.
 //!
-//! `unsafe` in this crate is confined to the SIMD kernels (`quant`), the disjoint parallel
-//! writes of the matrix products and attention (`quant`, `model`), and memory-mapping
-//! safetensors files (`safetensors`).
+//! The crate takes the workspace's `unsafe_code = "deny"`. It is allowed, each time with the
+//! reason, only in the modules that need it: the SIMD kernels (`quant`, `tiled`), the shared
+//! output pointer their parallel writes go through (`sync_ptr`), memory-mapping safetensors
+//! files (`safetensors`), and in `model` on the attention function alone (its disjoint writes).
 
 pub mod backend;
 pub mod chat;
 pub mod device;
 pub mod embed;
 pub mod engine;
+pub mod fetch;
 pub mod gguf;
 pub mod model;
 pub mod quant;
 pub mod safetensors;
 pub mod sampling;
+pub mod shared;
+pub mod sync_ptr;
 pub mod tiled;
 pub mod tokenizer;

@@ -11,6 +11,7 @@ use rayon::prelude::*;
 
 use crate::gguf::GgufFile;
 use crate::quant::{dot_f32, Weight};
+use crate::sync_ptr::SyncPtr;
 
 /// How rotary embeddings pair up dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -541,6 +542,9 @@ impl Model {
     ///
     /// Keys and values are stored in f16 (as llama.cpp's default cache); queries, scores,
     /// probabilities and sums stay in f32.
+    // `unsafe` here only: tasks write their query heads' columns of the output, strided
+    // slices of one buffer that `chunks_mut` cannot hand out (see `sync_ptr`).
+    #[allow(unsafe_code)]
     fn attention(
         &self,
         chunks: &[Chunk<'_>],
@@ -573,7 +577,7 @@ impl Model {
                 })
             })
             .collect();
-        let ptr = SendPtr(out.as_mut_ptr());
+        let ptr = SyncPtr::new(out);
         let run = |(i, kvh, heads): &(usize, usize, std::ops::Range<usize>)| {
             let (i, kvh) = (*i, *kvh);
             let p = ptr;
@@ -632,10 +636,10 @@ impl Model {
                             }
                         }
                         for (d, a) in acc.iter().enumerate() {
-                            // SAFETY: (row, hh, d) is inside `out` (rows * qd) and only this
-                            // task writes the query heads of kv head `kvh` for this chunk's
-                            // rows.
-                            unsafe { *p.0.add(row * qd + hh * hd + d) = *a };
+                            // SAFETY: row < rows and hh * hd + d < qd, so the index is
+                            // inside `out` (rows * qd); only this task writes query head hh
+                            // of this chunk's rows (the tasks split (chunk, head) pairs).
+                            unsafe { p.write(row * qd + hh * hd + d, *a) };
                         }
                     }
                 }
@@ -765,12 +769,6 @@ fn push_f16(dst: &mut Vec<f16>, src: &[f32]) {
     dst.resize(start + src.len(), f16::ZERO);
     dst[start..].convert_from_f32_slice(src);
 }
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint elements.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
 
 fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     let h = w.len();

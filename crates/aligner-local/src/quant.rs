@@ -10,9 +10,16 @@
 //! independently of how many rows are in the batch: a prompt's greedy output is bit-identical
 //! batched and alone.
 
+// `unsafe` here: the x86 SIMD kernels (`simd`: intrinsics with raw-pointer loads, called only
+// after run-time CPU feature checks) and the column-parallel writes of the products (through
+// `SyncPtr`).
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::sync_ptr::SyncPtr;
 use crate::tiled::{self, Q4_1x16, Q8_0x16};
 
 pub const QK: usize = 32;
@@ -483,13 +490,6 @@ fn quantize_block_scalar(xb: &[f32], qb: &mut [i8]) -> (f32, i32) {
     (dd, sum)
 }
 
-/// Raw pointer to the output, for writing disjoint columns from several threads.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a disjoint set of columns.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
 /// Columns per task: a weight chunk stays in cache while every input row uses it.
 const COLS_PER_TASK: usize = 32;
 
@@ -515,7 +515,7 @@ where
     F: Fn(usize, usize) -> f32 + Sync,
     G: Fn(usize, usize) -> Option<[f32; 4]> + Sync,
 {
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = SyncPtr::new(out);
     let tasks = n.div_ceil(COLS_PER_TASK);
     let run = |t: usize| {
         let p = ptr;
@@ -528,15 +528,16 @@ where
                     match f4(c, r) {
                         Some(v) => {
                             for (i, x) in v.iter().enumerate() {
-                                // SAFETY: r + i < m and c < n: inside `out` (len m * n); no
-                                // other task writes column c.
-                                unsafe { *p.0.add((r + i) * n + c) = *x };
+                                // SAFETY: r + i < m and c < n: inside `out` (len m * n, as
+                                // `Weight::matmul` asserts); no other task writes column c.
+                                unsafe { p.write((r + i) * n + c, *x) };
                             }
                         }
                         None => {
                             for i in 0..4 {
-                                // SAFETY: as above.
-                                unsafe { *p.0.add((r + i) * n + c) = f(c, r + i) };
+                                // SAFETY: r + i < m and c < n: inside `out` (len m * n); no
+                                // other task writes column c.
+                                unsafe { p.write((r + i) * n + c, f(c, r + i)) };
                             }
                         }
                     }
@@ -549,7 +550,7 @@ where
                 let v = f(c, r);
                 // SAFETY: r < m and c < n, so the index is inside `out` (len m * n), and no
                 // other task writes column c.
-                unsafe { *p.0.add(r * n + c) = v };
+                unsafe { p.write(r * n + c, v) };
             }
         }
     };
@@ -1024,13 +1025,14 @@ pub(crate) mod tests {
         let nb = cols / QK;
         let want = dot_q4_1_q8_1_scalar(&qs[..nb * 16], &d[..nb], &m[..nb], &a1.row(0));
         if simd::has_avx2() {
-            // SAFETY: checked above.
+            // SAFETY: `has_avx2` just found AVX2 and FMA; the slices hold nb blocks.
             let got =
                 unsafe { simd::dot_q4_1_q8_1_avx2(&qs[..nb * 16], &d[..nb], &m[..nb], &a1.row(0)) };
             assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
         }
         if simd::has_avx_vnni() {
-            // SAFETY: checked above.
+            // SAFETY: `has_avx_vnni` just found AVX2, FMA and AVX-VNNI; the slices hold nb
+            // blocks.
             let got =
                 unsafe { simd::dot_q4_1_q8_1_vnni(&qs[..nb * 16], &d[..nb], &m[..nb], &a1.row(0)) };
             assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
@@ -1040,12 +1042,13 @@ pub(crate) mod tests {
         let a0 = ActQ8::quantize(&x, 1, cols, false);
         let want = dot_q8_0_q8_0_scalar(&q8, &d8, &a0.row(0));
         if simd::has_avx2() {
-            // SAFETY: checked above.
+            // SAFETY: `has_avx2` just found AVX2 and FMA; q8, d8 and the row hold nb blocks.
             let got = unsafe { simd::dot_q8_0_q8_0_avx2(&q8, &d8, &a0.row(0)) };
             assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
         }
         if simd::has_avx_vnni() {
-            // SAFETY: checked above.
+            // SAFETY: `has_avx_vnni` just found AVX2, FMA and AVX-VNNI; q8, d8 and the row
+            // hold nb blocks.
             let got = unsafe { simd::dot_q8_0_q8_0_vnni(&q8, &d8, &a0.row(0)) };
             assert!((got - want).abs() < 1e-4 * (1.0 + want.abs()));
         }

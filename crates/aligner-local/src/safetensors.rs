@@ -1,5 +1,8 @@
 //! Hugging Face safetensors checkpoints (one file or shards) into [`Weight`]s.
 
+// `unsafe` here: only to memory-map the checkpoint files (candle's `MmapedSafetensors`).
+#![allow(unsafe_code)]
+
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Result};

@@ -18,9 +18,16 @@
 //! `Q8_0` weights are stored with 128 added (as unsigned bytes, which `vpdpbusd` needs); the
 //! product subtracts `128 * sum(a)` per block, which keeps the integer sum exact.
 
+// `unsafe` here: the AVX-512 kernels (`avx512`: intrinsics with raw-pointer loads and stores,
+// called only after the run-time CPU feature check) and the per-group output pointers they
+// store through (from `SyncPtr`).
+#![allow(unsafe_code)]
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use rayon::prelude::*;
 
 use crate::quant::{ActQ8, ActRow, QK};
+use crate::sync_ptr::SyncPtr;
 
 /// Weight rows per group.
 pub const LANES: usize = 16;
@@ -276,16 +283,11 @@ fn tile(w: &Group<'_>, act: &[ActRow<'_>], out_rows: [*mut f32; 4], kind: Kind) 
     }
     for (row, &o) in act.iter().zip(&out_rows) {
         let v = scalar::dot(w, row, kind);
-        // SAFETY: as above, o points at 16 floats owned by this task.
+        // SAFETY: o points at 16 writable floats of `out` that only this task writes (see
+        // `par_groups`), and `v` is a local array, so the two cannot overlap.
         unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), o, LANES) };
     }
 }
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: tasks write disjoint groups of columns.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
 
 /// Runs `f(group, r0, rn, out_rows)` for every group and every tile of up to four activation
 /// rows, groups split across threads.
@@ -294,7 +296,7 @@ where
     F: Fn(usize, usize, usize, [*mut f32; 4]) + Sync,
 {
     assert_eq!(out.len(), m * n, "matmul output shape");
-    let ptr = OutPtr(out.as_mut_ptr());
+    let ptr = SyncPtr::new(out);
     let groups = n / LANES;
     let run = |g: usize| {
         let p = ptr;
@@ -304,7 +306,7 @@ where
             // SAFETY: (r0 + i) < m and 16 g + 16 <= n: inside `out`; only this task writes
             // the columns of group g. Rows past rn are never written.
             let rows =
-                std::array::from_fn(|i| unsafe { p.0.add((r0 + i.min(rn - 1)) * n + g * LANES) });
+                std::array::from_fn(|i| unsafe { p.add((r0 + i.min(rn - 1)) * n + g * LANES) });
             f(g, r0, rn, rows);
             r0 += rn;
         }

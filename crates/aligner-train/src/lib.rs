@@ -15,6 +15,7 @@ pub mod kernels;
 pub mod loss;
 pub mod model;
 pub mod optim;
+pub mod pipeline;
 pub mod trainer;
 pub mod vmath;
 
@@ -24,10 +25,13 @@ pub mod vmath;
 /// large allocation is a fresh `mmap` whose pages the kernel faults in and zeroes again. With
 /// no `mmap` allocations and no trimming, freed blocks are reused. Call once at startup,
 /// before threads start.
+// `unsafe` only for the libc call, so it is allowed on this function alone.
+#[allow(unsafe_code)]
 pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: mallopt only changes allocator thresholds; it is called before other
+        // SAFETY: mallopt takes plain integers (no pointer, no memory is touched) and only
+        // changes glibc's allocator thresholds; it is called once at startup, before other
         // threads allocate.
         unsafe {
             libc::mallopt(libc::M_MMAP_MAX, 0);
