@@ -536,21 +536,20 @@ async fn events(
         .into_response())
 }
 
+/// Examples of corrections on the report page, per round and kind.
+const REPORT_EXAMPLES: usize = 20;
+
 async fn report(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = run_id(&id)?;
     shared.store.run(id).await?;
-    let Some(render) = shared.report.clone() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "this daemon was started without a report renderer",
-        ));
-    };
-    let html = render(shared.read_only.clone(), id).await.map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot render the report: {e:#}"),
-        )
-    })?;
+    let html = aligner_report::html_for_run(shared.read_only.clone(), id, REPORT_EXAMPLES)
+        .await
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("cannot render the report: {e:#}"),
+            )
+        })?;
     Ok(Html(html).into_response())
 }
 

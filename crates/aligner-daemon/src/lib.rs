@@ -11,10 +11,11 @@
 //! - **Shutdown.** On SIGTERM the daemon stops claiming work, interrupts its runs, waits up to
 //!   the grace period for them to commit, queues them again for the next start and exits.
 //! - **API.** Under `/v1/`, every request needs the bearer token (see [`auth`]); `GET /` is a
-//!   small dashboard. Routes are listed in [`api`].
+//!   small dashboard. Routes are listed in [`api`]; [`client`] is the other side.
 
 pub mod api;
 pub mod auth;
+pub mod client;
 mod jobs;
 
 use std::collections::HashMap;
@@ -28,13 +29,9 @@ use std::time::Duration;
 use aligner_engine::BackendFactory;
 use aligner_store::Store;
 use anyhow::{Context, Result};
-use futures::future::BoxFuture;
 use tokio::sync::Notify;
 
 pub use auth::{default_token_path, load_or_create_token};
-
-/// Renders a run's report page (the CLI passes `aligner report`'s renderer in).
-pub type ReportFn = Arc<dyn Fn(Store, i64) -> BoxFuture<'static, Result<String>> + Send + Sync>;
 
 /// How the daemon runs.
 #[derive(Clone)]
@@ -124,7 +121,6 @@ pub(crate) struct Shared {
     pub active: Mutex<HashMap<i64, Arc<Active>>>,
     pub wake: Notify,
     pub draining: AtomicBool,
-    pub report: Option<ReportFn>,
     /// Permits for open event streams.
     pub streams: Arc<tokio::sync::Semaphore>,
 }
@@ -157,7 +153,6 @@ impl Shared {
 pub async fn run(
     config: Config,
     factory: Arc<dyn BackendFactory>,
-    report: Option<ReportFn>,
     shutdown: impl Future<Output = ()> + Send + 'static,
     listening: impl FnOnce(SocketAddr),
 ) -> Result<()> {
@@ -180,7 +175,6 @@ pub async fn run(
         active: Mutex::new(HashMap::new()),
         wake: Notify::new(),
         draining: AtomicBool::new(false),
-        report,
         streams: Arc::new(tokio::sync::Semaphore::new(api::MAX_STREAMS)),
     });
     let requeued = jobs::recover(&shared, true).await?;

@@ -15,21 +15,25 @@
 //!    (before and after the Aligner), answer lengths, the Aligner's copy rate, degenerate
 //!    outputs;
 //! 5. applies the gate (`gate_decisions`).
+//!
+//! Steps 1-3 are item stages run by the [`executor`](crate::executor) ([`VersionAnswers`],
+//! [`AnswerCorrections`], [`Judgements`]); each step is a method of [`Evaluation`].
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
-
-use aligner_backend::{CompletionRequest, Message, Prompt, TextGenerator};
-use aligner_spec::{Comparison, EvaluateStage, GateAction, JudgeAspect, ModelSpec};
+use aligner_backend::{CompletionRequest, Message, Prompt, Sampling, TextGenerator};
+use aligner_spec::{
+    Comparison, CorrectStage, EvaluateStage, Gate, GateAction, JudgeAspect, ModelSpec,
+};
 use aligner_store::{
-    EvalAnswerRow, EvalMetricRow, GateDecisionRow, HoldoutPromptRow, NewEvalAnswer,
-    NewEvalJudgement,
+    EvalAnswerRow, EvalJudgementRow, EvalMetricRow, GateDecisionRow, HoldoutPromptRow,
+    NewEvalAnswer, NewEvalJudgement, Store,
 };
 
+use crate::executor::{self, outcome, CallResult, ItemStage, Model, Progress, Tally};
 use crate::refusal::is_refusal;
-use crate::stages::{call_all, outcome, to_sampling, Ctx};
+use crate::stages::{to_sampling, Ctx};
 use crate::{Error, Result, Stage};
 
 fn spec<'a>(ctx: &'a Ctx<'_>) -> &'a EvaluateStage {
@@ -479,7 +483,7 @@ fn answer_row(
     (version, prompt_id, kind): (i64, i64, &'static str),
     model: &str,
     model_ref: &str,
-    result: &std::result::Result<aligner_backend::Completion, aligner_backend::Error>,
+    result: &CallResult,
 ) -> NewEvalAnswer {
     let out = outcome(result);
     let checks = out
@@ -517,137 +521,327 @@ fn versions(ev: &EvaluateStage, trains: bool, round: i64) -> (i64, Vec<i64>) {
     (k, need)
 }
 
-pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
-    let e = ctx.engine;
-    let ev = spec(ctx);
-    let (run_id, round) = (ctx.run_id, ctx.round());
-    let trains = e.spec.rounds.train.is_some();
-    let prompts = e.store.holdout_prompts(run_id).await?;
-    if prompts.is_empty() {
-        return Err(Error::Stage {
-            round: ctx.round,
-            stage: "evaluate",
-            message: "the run has no held-out prompts to evaluate on\nhint: set `prompts.holdout` (e.g. 0.2) in a new run".into(),
-        });
-    }
-    let (k, need) = versions(ev, trains, round);
-    e.store.delete_failed_eval(run_id, round, &need).await?;
-    let correct = ev.compare.contains(&Comparison::Aligner);
-    let judged: Vec<Comparison> = ev
-        .compare
-        .iter()
-        .copied()
-        .filter(|c| *c == Comparison::Aligner || k > 0)
-        .collect();
+/// Evaluate's answers: one version of the model answers a held-out prompt; the answer lands in
+/// `eval_answers` (`kind = answer`) with the judge-free checks on its text.
+struct VersionAnswers<'a> {
+    run_id: i64,
+    version: i64,
+    /// `rounds.generate.model`, recorded as the answering model.
+    model: &'a str,
+    model_ref: String,
+    model_override: Option<String>,
+    sampling: Sampling,
+}
 
-    // Work left, for progress: answers, corrections, judge calls.
-    let existing = e.store.eval_answers(run_id).await?;
-    let have: HashSet<(i64, i64, String)> = existing
-        .iter()
-        .map(|a| (a.version, a.prompt_id, a.kind.clone()))
-        .collect();
-    let missing_answers: Vec<(i64, &HoldoutPromptRow)> = need
-        .iter()
-        .flat_map(|&v| prompts.iter().map(move |p| (v, p)))
-        .filter(|(v, p)| !have.contains(&(*v, p.id, "answer".into())))
-        .collect();
-    let judge_calls = if ev.judge.is_some() {
-        prompts.len() * judged.len() * ev.aspects.len() * 2
-    } else {
-        0
-    };
-    let total =
-        (need.len() * prompts.len() + if correct { prompts.len() } else { 0 } + judge_calls) as i64;
-    let done_before = (existing
-        .iter()
-        .filter(|a| {
-            a.status == "ok"
-                && ((a.kind == "answer" && need.contains(&a.version))
-                    || (correct && a.kind == "corrected" && a.version == k))
+impl ItemStage for VersionAnswers<'_> {
+    type Unit = HoldoutPromptRow;
+    type Row = NewEvalAnswer;
+
+    fn request(&self, p: &HoldoutPromptRow) -> CompletionRequest {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = &p.system {
+            messages.push(Message::new("system", system.clone()));
+        }
+        messages.push(Message::new("user", p.prompt.clone()));
+        CompletionRequest {
+            prompt: Prompt::Chat(messages),
+            sampling: self.sampling.clone(),
+            model: self.model_override.clone(),
+        }
+    }
+
+    fn record(&self, p: HoldoutPromptRow, result: &CallResult) -> NewEvalAnswer {
+        answer_row(
+            self.run_id,
+            (self.version, p.id, "answer"),
+            self.model,
+            &self.model_ref,
+            result,
+        )
+    }
+
+    async fn flush(&self, store: &Store, rows: &[NewEvalAnswer]) -> Result<()> {
+        Ok(store.insert_eval_answers(rows).await?)
+    }
+}
+
+/// Evaluate's corrections: the Aligner (`rounds.correct`) corrects one of the evaluated
+/// version's answers, given its question; the correction lands in `eval_answers`
+/// (`kind = corrected`).
+struct AnswerCorrections<'a> {
+    run_id: i64,
+    version: i64,
+    spec: &'a CorrectStage,
+    model_ref: String,
+    sampling: Sampling,
+}
+
+impl ItemStage for AnswerCorrections<'_> {
+    /// (question, answer)
+    type Unit = (String, EvalAnswerRow);
+    type Row = NewEvalAnswer;
+
+    fn request(&self, (q, a): &(String, EvalAnswerRow)) -> CompletionRequest {
+        CompletionRequest {
+            prompt: Prompt::Raw(
+                self.spec
+                    .template
+                    .render(q, a.text.as_deref().unwrap_or("")),
+            ),
+            sampling: self.sampling.clone(),
+            model: None,
+        }
+    }
+
+    fn record(&self, (_, a): (String, EvalAnswerRow), result: &CallResult) -> NewEvalAnswer {
+        answer_row(
+            self.run_id,
+            (self.version, a.prompt_id, "corrected"),
+            &self.spec.model,
+            &self.model_ref,
+            result,
+        )
+    }
+
+    async fn flush(&self, store: &Store, rows: &[NewEvalAnswer]) -> Result<()> {
+        Ok(store.insert_eval_answers(rows).await?)
+    }
+}
+
+/// One judge call: a comparison's candidate and baseline answers to a prompt, on one aspect,
+/// in one order.
+struct JudgeCall {
+    comparison: Comparison,
+    aspect: JudgeAspect,
+    prompt: HoldoutPromptRow,
+    /// The baseline is shown as response A.
+    swapped: bool,
+    candidate: EvalAnswerRow,
+    baseline: EvalAnswerRow,
+}
+
+/// Evaluate's judgements: the judge says which of two answers is better; its raw output and
+/// the parsed verdict land in `eval_judgements`.
+struct Judgements<'a> {
+    run_id: i64,
+    round: i64,
+    judge: &'a str,
+    sampling: Sampling,
+}
+
+impl ItemStage for Judgements<'_> {
+    type Unit = JudgeCall;
+    type Row = NewEvalJudgement;
+
+    fn request(&self, c: &JudgeCall) -> CompletionRequest {
+        let cand = c.candidate.text.as_deref().unwrap_or("");
+        let base = c.baseline.text.as_deref().unwrap_or("");
+        let (a, b) = if c.swapped {
+            (base, cand)
+        } else {
+            (cand, base)
+        };
+        CompletionRequest {
+            prompt: Prompt::Chat(judge_messages(c.aspect, &c.prompt.prompt, a, b)),
+            sampling: self.sampling.clone(),
+            model: None,
+        }
+    }
+
+    fn record(&self, c: JudgeCall, result: &CallResult) -> NewEvalJudgement {
+        let out = outcome(result);
+        NewEvalJudgement {
+            run_id: self.run_id,
+            round: self.round,
+            comparison: c.comparison.as_str(),
+            aspect: c.aspect.as_str(),
+            prompt_id: c.prompt.id,
+            order: if c.swapped { "swapped" } else { "forward" },
+            candidate_id: c.candidate.id,
+            baseline_id: c.baseline.id,
+            verdict: out.text.as_deref().and_then(parse_verdict),
+            judge: self.judge.to_string(),
+            out,
+        }
+    }
+
+    async fn flush(&self, store: &Store, rows: &[NewEvalJudgement]) -> Result<()> {
+        Ok(store.insert_eval_judgements(rows).await?)
+    }
+}
+
+/// Answers keyed by (version, prompt, kind).
+type AnswersByKey<'a> = HashMap<(i64, i64, &'a str), &'a EvalAnswerRow>;
+
+/// One evaluate stage: what round k measures, and what its calls have done so far. Each phase
+/// is a method; every call goes through the item-stage executor, so each phase resumes where
+/// a crash left it.
+struct Evaluation<'c, 'e> {
+    ctx: &'c Ctx<'e>,
+    ev: &'c EvaluateStage,
+    prompts: Vec<HoldoutPromptRow>,
+    /// The version evaluated.
+    k: i64,
+    /// Every version that answers (k, and the versions the comparisons need).
+    need: Vec<i64>,
+    /// Whether the Aligner corrects version k's answers (`compare` holds `aligner`).
+    correct: bool,
+    /// The comparisons the judge makes this round.
+    judged: Vec<Comparison>,
+    /// Units committed by earlier executions of the stage; progress counts on from them.
+    done_before: i64,
+    /// This execution's finished calls.
+    ok: i64,
+    failed: i64,
+    first_error: Option<String>,
+}
+
+impl<'c, 'e> Evaluation<'c, 'e> {
+    /// Reads the held-out prompts, decides the versions and comparisons of round k, and deletes
+    /// the failed units of an earlier execution so that they are retried.
+    async fn plan(ctx: &'c Ctx<'e>) -> Result<Self> {
+        let e = ctx.engine;
+        let ev = spec(ctx);
+        let (run_id, round) = (ctx.run_id, ctx.round());
+        let trains = e.spec.rounds.train.is_some();
+        let prompts = e.store.holdout_prompts(run_id).await?;
+        if prompts.is_empty() {
+            return Err(Error::Stage {
+                round: ctx.round,
+                stage: "evaluate",
+                message: "the run has no held-out prompts to evaluate on\nhint: set `prompts.holdout` (e.g. 0.2) in a new run".into(),
+            });
+        }
+        let (k, need) = versions(ev, trains, round);
+        e.store.delete_failed_eval(run_id, round, &need).await?;
+        let correct = ev.compare.contains(&Comparison::Aligner);
+        let judged: Vec<Comparison> = ev
+            .compare
+            .iter()
+            .copied()
+            .filter(|c| *c == Comparison::Aligner || k > 0)
+            .collect();
+        Ok(Evaluation {
+            ctx,
+            ev,
+            prompts,
+            k,
+            need,
+            correct,
+            judged,
+            done_before: 0,
+            ok: 0,
+            failed: 0,
+            first_error: None,
         })
-        .count()
-        + e.store.eval_judgements(run_id, round).await?.len()) as i64;
-    e.store
-        .start_stage(run_id, round, "evaluate", Some(total))
-        .await?;
-    e.observer
-        .stage_started(ctx.round, Stage::Evaluate, total as u64, done_before as u64);
-    let (mut ok, mut failed, mut first_error) = (0i64, 0i64, None::<String>);
-    let mut note = |r: (u64, u64, Option<String>)| {
-        ok += r.0 as i64;
-        failed += r.1 as i64;
-        if first_error.is_none() {
-            first_error = r.2;
-        }
-    };
-    let progress = move |store: aligner_store::Store, ok: i64, failed: i64| async move {
-        store
-            .update_stage_progress(run_id, round, "evaluate", done_before + ok, failed)
-            .await?;
-        Ok::<(), Error>(())
-    };
-
-    let flush_answers = |rows: Vec<NewEvalAnswer>, ok: i64, failed: i64| {
-        let store = e.store.clone();
-        async move {
-            store.insert_eval_answers(&rows).await?;
-            progress(store, ok, failed).await
-        }
-    };
-
-    // 1. Answers.
-    let gen_model = e.spec.rounds.generate.model.clone();
-    let mut by_version: BTreeMap<i64, Vec<&HoldoutPromptRow>> = BTreeMap::new();
-    for (v, p) in &missing_answers {
-        by_version.entry(*v).or_default().push(p);
     }
-    let (mut base, mut base_failed) = (0i64, 0i64);
-    for (v, ps) in by_version {
-        let (backend, model_override, model_ref) = version_backend(ctx, v).await?;
-        let (tx, rx) = mpsc::channel(ps.len().max(1));
-        for p in ps {
-            let _ = tx.send((*p).clone()).await;
+
+    /// Marks the stage started with its work (answers, corrections, judge calls) and what of
+    /// it is already committed (`existing` answers, recorded judgements).
+    async fn start(&mut self, existing: &[EvalAnswerRow]) -> Result<()> {
+        let (e, ev) = (self.ctx.engine, self.ev);
+        let (run_id, round) = (self.ctx.run_id, self.ctx.round());
+        let n = self.prompts.len();
+        let judge_calls = if ev.judge.is_some() {
+            n * self.judged.len() * ev.aspects.len() * 2
+        } else {
+            0
+        };
+        let total = (self.need.len() * n + if self.correct { n } else { 0 } + judge_calls) as i64;
+        self.done_before = (existing
+            .iter()
+            .filter(|a| {
+                a.status == "ok"
+                    && ((a.kind == "answer" && self.need.contains(&a.version))
+                        || (self.correct && a.kind == "corrected" && a.version == self.k))
+            })
+            .count()
+            + e.store.eval_judgements(run_id, round).await?.len())
+            as i64;
+        e.store
+            .start_stage(run_id, round, "evaluate", Some(total))
+            .await?;
+        e.observer.stage_started(
+            self.ctx.round,
+            Stage::Evaluate,
+            total as u64,
+            self.done_before as u64,
+        );
+        Ok(())
+    }
+
+    /// The stage's progress row, counted on from what earlier executions and phases committed.
+    fn progress(&self) -> Progress {
+        Progress {
+            stage: Stage::Evaluate,
+            ok: self.done_before + self.ok,
+            failed: self.failed,
         }
-        drop(tx);
+    }
+
+    /// Adds a phase's calls to the stage's counts.
+    fn note(&mut self, t: Tally) {
+        self.ok += t.ok as i64;
+        self.failed += t.failed as i64;
+        if self.first_error.is_none() {
+            self.first_error = t.first_error;
+        }
+    }
+
+    /// Phase 1: every needed version answers the held-out prompts it has no answer to yet
+    /// (`existing` holds the answers recorded before), one version at a time.
+    async fn answer(&mut self, existing: &[EvalAnswerRow]) -> Result<()> {
+        let (ctx, e) = (self.ctx, self.ctx.engine);
+        let have: HashSet<(i64, i64, &str)> = existing
+            .iter()
+            .map(|a| (a.version, a.prompt_id, a.kind.as_str()))
+            .collect();
+        let mut by_version: BTreeMap<i64, Vec<HoldoutPromptRow>> = BTreeMap::new();
+        for &v in &self.need {
+            for p in &self.prompts {
+                if !have.contains(&(v, p.id, "answer")) {
+                    by_version.entry(v).or_default().push(p.clone());
+                }
+            }
+        }
+        let gen_model = &e.spec.rounds.generate.model;
         let sampling = to_sampling(
-            ev.sampling
+            self.ev
+                .sampling
                 .as_ref()
                 .unwrap_or(&e.spec.rounds.generate.sampling),
             0,
         );
-        let r = call_all(
-            ctx,
-            backend,
-            e.concurrency(&gen_model),
-            rx,
-            |p: &HoldoutPromptRow| {
-                let mut messages = Vec::with_capacity(2);
-                if let Some(system) = &p.system {
-                    messages.push(Message::new("system", system.clone()));
-                }
-                messages.push(Message::new("user", p.prompt.clone()));
-                CompletionRequest {
-                    prompt: Prompt::Chat(messages),
-                    sampling: sampling.clone(),
-                    model: model_override.clone(),
-                }
-            },
-            |p, result| answer_row(run_id, (v, p.id, "answer"), &gen_model, &model_ref, result),
-            (base, base_failed),
-            flush_answers,
-        )
-        .await?;
-        base += r.0 as i64;
-        base_failed += r.1 as i64;
-        note(r);
-        if e.interrupted() {
-            return Err(e.interrupted_error(run_id));
+        for (v, ps) in by_version {
+            let (backend, model_override, model_ref) = version_backend(ctx, v).await?;
+            let stage = VersionAnswers {
+                run_id: ctx.run_id,
+                version: v,
+                model: gen_model,
+                model_ref,
+                model_override,
+                sampling: sampling.clone(),
+            };
+            let model = Model {
+                backend,
+                concurrency: e.concurrency(gen_model),
+            };
+            let tally = executor::execute(ctx, &stage, ps, model, Some(self.progress())).await?;
+            self.note(tally);
+            if e.interrupted() {
+                return Err(e.interrupted_error(ctx.run_id));
+            }
         }
+        Ok(())
     }
 
-    // 2. The Aligner's corrections of version k's answers.
-    let answers = e.store.eval_answers(run_id).await?;
-    if correct {
+    /// Phase 2: the Aligner corrects version k's successful answers that have no correction
+    /// yet (`answers`: everything recorded after phase 1).
+    async fn correct_answers(&mut self, answers: &[EvalAnswerRow]) -> Result<()> {
+        if !self.correct {
+            return Ok(());
+        }
+        let (ctx, e, k) = (self.ctx, self.ctx.engine, self.k);
         let c = &e.spec.rounds.correct;
         let corrected: HashSet<i64> = answers
             .iter()
@@ -655,7 +849,7 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
             .map(|a| a.prompt_id)
             .collect();
         let questions: HashMap<i64, &HoldoutPromptRow> =
-            prompts.iter().map(|p| (p.id, p)).collect();
+            self.prompts.iter().map(|p| (p.id, p)).collect();
         let todo: Vec<(String, EvalAnswerRow)> = answers
             .iter()
             .filter(|a| {
@@ -670,54 +864,37 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                     .map(|p| (p.prompt.clone(), a.clone()))
             })
             .collect();
-        if !todo.is_empty() {
-            let backend = e.backend_for(run_id, &c.model).await?;
-            let model_ref = backend.id();
-            let (tx, rx) = mpsc::channel(todo.len());
-            for t in todo {
-                let _ = tx.send(t).await;
-            }
-            drop(tx);
-            let sampling = to_sampling(&c.sampling, 0);
-            let r = call_all(
-                ctx,
-                backend,
-                e.concurrency(&c.model),
-                rx,
-                |(q, a): &(String, EvalAnswerRow)| CompletionRequest {
-                    prompt: Prompt::Raw(c.template.render(q, a.text.as_deref().unwrap_or(""))),
-                    sampling: sampling.clone(),
-                    model: None,
-                },
-                |(_, a), result| {
-                    answer_row(
-                        run_id,
-                        (k, a.prompt_id, "corrected"),
-                        &c.model,
-                        &model_ref,
-                        result,
-                    )
-                },
-                (base, base_failed),
-                flush_answers,
-            )
-            .await?;
-            base += r.0 as i64;
-            base_failed += r.1 as i64;
-            note(r);
-            if e.interrupted() {
-                return Err(e.interrupted_error(run_id));
-            }
+        if todo.is_empty() {
+            return Ok(());
         }
+        let backend = e.backend_for(ctx.run_id, &c.model).await?;
+        let stage = AnswerCorrections {
+            run_id: ctx.run_id,
+            version: k,
+            spec: c,
+            model_ref: backend.id(),
+            sampling: to_sampling(&c.sampling, 0),
+        };
+        let model = Model {
+            backend,
+            concurrency: e.concurrency(&c.model),
+        };
+        let tally = executor::execute(ctx, &stage, todo, model, Some(self.progress())).await?;
+        self.note(tally);
+        if e.interrupted() {
+            return Err(e.interrupted_error(ctx.run_id));
+        }
+        Ok(())
     }
 
-    // 3. The judge.
-    let answers = e.store.eval_answers(run_id).await?;
-    let by_key: HashMap<(i64, i64, &str), &EvalAnswerRow> = answers
-        .iter()
-        .map(|a| ((a.version, a.prompt_id, a.kind.as_str()), a))
-        .collect();
-    if let Some(judge) = &ev.judge {
+    /// Phase 3: with a judge, every comparison, aspect and prompt whose two answers exist is
+    /// judged in both orders; calls recorded before are not repeated.
+    async fn judge(&mut self, by_key: &AnswersByKey<'_>) -> Result<()> {
+        let Some(judge) = &self.ev.judge else {
+            return Ok(());
+        };
+        let (ctx, e) = (self.ctx, self.ctx.engine);
+        let (run_id, round) = (ctx.run_id, ctx.round());
         let done: HashSet<(String, String, i64, String)> = e
             .store
             .eval_judgements(run_id, round)
@@ -725,18 +902,10 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
             .into_iter()
             .map(|j| (j.comparison, j.aspect, j.prompt_id, j.order))
             .collect();
-        struct Call {
-            comparison: Comparison,
-            aspect: JudgeAspect,
-            prompt: HoldoutPromptRow,
-            swapped: bool,
-            candidate: EvalAnswerRow,
-            baseline: EvalAnswerRow,
-        }
         let mut calls = Vec::new();
-        for &c in &judged {
-            let (cand, base_side) = sides(c, k);
-            for p in &prompts {
+        for &c in &self.judged {
+            let (cand, base_side) = sides(c, self.k);
+            for p in &self.prompts {
                 let (Some(ca), Some(ba)) = (
                     by_key
                         .get(&(cand.0, p.id, cand.1))
@@ -747,7 +916,7 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                 ) else {
                     continue;
                 };
-                for &aspect in &ev.aspects {
+                for &aspect in &self.ev.aspects {
                     for swapped in [false, true] {
                         let order = if swapped { "swapped" } else { "forward" };
                         if done.contains(&(
@@ -758,7 +927,7 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                         )) {
                             continue;
                         }
-                        calls.push(Call {
+                        calls.push(JudgeCall {
                             comparison: c,
                             aspect,
                             prompt: p.clone(),
@@ -770,197 +939,221 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
                 }
             }
         }
-        if !calls.is_empty() {
-            let backend = e.backend_for(run_id, judge).await?;
-            let (tx, rx) = mpsc::channel(calls.len());
-            for c in calls {
-                let _ = tx.send(c).await;
-            }
-            drop(tx);
-            let sampling = to_sampling(&ev.judge_sampling, 0);
-            let r = call_all(
-                ctx,
-                backend,
-                e.concurrency(judge),
-                rx,
-                |c: &Call| {
-                    let cand = c.candidate.text.as_deref().unwrap_or("");
-                    let base = c.baseline.text.as_deref().unwrap_or("");
-                    let (a, b) = if c.swapped {
-                        (base, cand)
-                    } else {
-                        (cand, base)
-                    };
-                    CompletionRequest {
-                        prompt: Prompt::Chat(judge_messages(c.aspect, &c.prompt.prompt, a, b)),
-                        sampling: sampling.clone(),
-                        model: None,
-                    }
-                },
-                |c, result| {
-                    let out = outcome(result);
-                    NewEvalJudgement {
-                        run_id,
-                        round,
-                        comparison: c.comparison.as_str(),
-                        aspect: c.aspect.as_str(),
-                        prompt_id: c.prompt.id,
-                        order: if c.swapped { "swapped" } else { "forward" },
-                        candidate_id: c.candidate.id,
-                        baseline_id: c.baseline.id,
-                        verdict: out.text.as_deref().and_then(parse_verdict),
-                        judge: judge.clone(),
-                        out,
-                    }
-                },
-                (base, base_failed),
-                |rows, ok, failed| {
-                    let store = e.store.clone();
-                    async move {
-                        store.insert_eval_judgements(&rows).await?;
-                        progress(store, ok, failed).await
-                    }
-                },
-            )
-            .await?;
-            note(r);
+        if calls.is_empty() {
+            return Ok(());
         }
+        let stage = Judgements {
+            run_id,
+            round,
+            judge,
+            sampling: to_sampling(&self.ev.judge_sampling, 0),
+        };
+        let model = Model {
+            backend: e.backend_for(run_id, judge).await?,
+            concurrency: e.concurrency(judge),
+        };
+        let tally = executor::execute(ctx, &stage, calls, model, Some(self.progress())).await?;
+        self.note(tally);
+        Ok(())
     }
 
+    /// Whether a kind of work has nothing to show: every answer of a version, every correction
+    /// or every judge call of the round failed (a broken model or judge). A few failures leave
+    /// the rest to measure.
+    fn broken(&self, answers: &[EvalAnswerRow], judgements: &[EvalJudgementRow]) -> bool {
+        let any_ok = |v: i64, kind: &str| {
+            answers
+                .iter()
+                .any(|a| a.version == v && a.kind == kind && a.status == "ok")
+        };
+        self.need.iter().any(|&v| !any_ok(v, "answer"))
+            || (self.correct && any_ok(self.k, "answer") && !any_ok(self.k, "corrected"))
+            || (!judgements.is_empty() && judgements.iter().all(|j| j.status != "ok"))
+    }
+
+    /// Phase 4: the round's metrics, the judge-free ones of version k's answers and
+    /// corrections, then (with a judge) omega per comparison and aspect.
+    fn metrics(
+        &self,
+        by_key: &AnswersByKey<'_>,
+        judgements: Vec<EvalJudgementRow>,
+    ) -> Vec<EvalMetricRow> {
+        let mut metrics = answer_metrics(self.ev, &self.prompts, by_key, self.k);
+        if self.ev.judge.is_some() {
+            metrics.extend(judge_metrics(
+                self.ev,
+                &self.prompts,
+                by_key,
+                &self.judged,
+                self.k,
+                judgements,
+            ));
+        }
+        for m in &mut metrics {
+            m.round = self.ctx.round();
+        }
+        metrics
+    }
+}
+
+/// Omega per comparison and aspect, from both orders' verdicts on each prompt: a win when the
+/// candidate wins in both orders, a loss when the baseline does, equal otherwise; with its
+/// bootstrap interval and, in `detail`, the counts, order disagreements, prompts without a
+/// verdict and the two sides' mean lengths.
+fn judge_metrics(
+    ev: &EvaluateStage,
+    prompts: &[HoldoutPromptRow],
+    by_key: &AnswersByKey<'_>,
+    judged: &[Comparison],
+    k: i64,
+    judgements: Vec<EvalJudgementRow>,
+) -> Vec<EvalMetricRow> {
+    let mut out = Vec::new();
+    let mut verdicts: HashMap<(String, String, i64), [Option<String>; 2]> = HashMap::new();
+    for j in judgements {
+        let slot = verdicts
+            .entry((j.comparison, j.aspect, j.prompt_id))
+            .or_default();
+        slot[usize::from(j.order == "swapped")] = j.verdict;
+    }
+    for &c in judged {
+        for &a in &ev.aspects {
+            let mut outcomes = Vec::new();
+            let (mut unparsed, mut disagree) = (0usize, 0usize);
+            for p in prompts {
+                let Some([f, s]) = verdicts.get(&(c.as_str().into(), a.as_str().into(), p.id))
+                else {
+                    continue;
+                };
+                match (f.as_deref(), s.as_deref()) {
+                    (Some("A"), Some("B")) => outcomes.push(1i8),
+                    (Some("B"), Some("A")) => outcomes.push(-1),
+                    (Some(x), Some(y)) => {
+                        if x != y || x != "Equal" {
+                            disagree += 1;
+                        }
+                        outcomes.push(0)
+                    }
+                    _ => unparsed += 1,
+                }
+            }
+            let wins = outcomes.iter().filter(|&&o| o == 1).count();
+            let losses = outcomes.iter().filter(|&&o| o == -1).count();
+            let equals = outcomes.len() - wins - losses;
+            let ci = omega_interval(&outcomes, ev.bootstrap, ev.seed);
+            let mut m = metric(
+                format!("omega.{}.{}", a.as_str(), c.as_str()),
+                omega(wins, losses, equals),
+                outcomes.len(),
+            );
+            m.ci_low = ci.map(|c| c.0);
+            m.ci_high = ci.map(|c| c.1);
+            // The two sides' mean lengths (characters), to read beside the win rate.
+            let (cand, base_side) = sides(c, k);
+            let mean_len = |(v, kind): (i64, &str)| -> Option<f64> {
+                let l: Vec<f64> = prompts
+                    .iter()
+                    .filter_map(|p| by_key.get(&(v, p.id, kind)))
+                    .filter(|a| a.status == "ok")
+                    .map(|a| a.text.as_deref().unwrap_or("").chars().count() as f64)
+                    .collect();
+                (!l.is_empty()).then(|| l.iter().sum::<f64>() / l.len() as f64)
+            };
+            m.detail = Some(
+                serde_json::json!({
+                    "wins": wins, "losses": losses, "equals": equals,
+                    "order_disagreements": disagree, "no_verdict": unparsed,
+                    "candidate_mean_length": mean_len(cand),
+                    "baseline_mean_length": mean_len(base_side),
+                })
+                .to_string(),
+            );
+            out.push(m);
+        }
+    }
+    out
+}
+
+/// Phase 5: the gate's decision on the round's `metrics` against the metric's earlier rounds,
+/// recorded in `gate_decisions` and logged as an event.
+async fn apply_gate(ctx: &Ctx<'_>, g: &Gate, metrics: &[EvalMetricRow]) -> Result<()> {
+    let e = ctx.engine;
+    let (run_id, round) = (ctx.run_id, ctx.round());
+    let all = e.store.eval_metrics(run_id).await?;
+    let history: Vec<(i64, f64)> = all
+        .iter()
+        .filter(|m| m.name == g.metric && m.round < round)
+        .filter_map(|m| m.value.map(|v| (m.round, v)))
+        .collect();
+    let value = metrics
+        .iter()
+        .find(|m| m.name == g.metric)
+        .and_then(|m| m.value);
+    let d = gate_decision(&g.metric, g.max_drop, g.action, round, value, &history);
+    e.store.record_gate_decision(run_id, &d).await?;
+    let level = if d.decision == "continue" {
+        "info"
+    } else {
+        "warn"
+    };
+    e.event(
+        run_id,
+        Some(ctx.round),
+        Some("evaluate"),
+        level,
+        "gate",
+        &format!(
+            "gate after round {}: {} ({})",
+            ctx.round, d.decision, d.reason
+        ),
+        None,
+    )
+    .await;
+    Ok(())
+}
+
+/// The evaluate stage: answers, corrections and judgements (each phase resumable at every
+/// call), then, unless a kind of work failed entirely, the metrics and the gate.
+pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
+    let e = ctx.engine;
+    let (run_id, round) = (ctx.run_id, ctx.round());
+    let mut eval = Evaluation::plan(ctx).await?;
+    let existing = e.store.eval_answers(run_id).await?;
+    eval.start(&existing).await?;
+
+    eval.answer(&existing).await?;
+    let answers = e.store.eval_answers(run_id).await?;
+    eval.correct_answers(&answers).await?;
+    let answers = e.store.eval_answers(run_id).await?;
+    let by_key: AnswersByKey = answers
+        .iter()
+        .map(|a| ((a.version, a.prompt_id, a.kind.as_str()), a))
+        .collect();
+    eval.judge(&by_key).await?;
     if e.interrupted() {
         return Err(e.interrupted_error(run_id));
     }
-    // A kind of work with nothing to show (every answer of a version, every correction or
-    // every judge call of the round failed: a broken model or judge) fails the stage; a few
-    // failures leave the rest to measure.
+
     // (The judge phase leaves the answers as they were loaded before it.)
-    let any_ok = |v: i64, kind: &str| {
-        answers
-            .iter()
-            .any(|a| a.version == v && a.kind == kind && a.status == "ok")
-    };
-    let judgements = if ev.judge.is_some() {
+    let judgements = if eval.ev.judge.is_some() {
         e.store.eval_judgements(run_id, round).await?
     } else {
         Vec::new()
     };
-    let broken = need.iter().any(|&v| !any_ok(v, "answer"))
-        || (correct && any_ok(k, "answer") && !any_ok(k, "corrected"))
-        || (!judgements.is_empty() && judgements.iter().all(|j| j.status != "ok"));
-    if broken {
+    if eval.broken(&answers, &judgements) {
         return ctx
-            .finish(Stage::Evaluate, 0, failed.max(1), first_error)
+            .finish(Stage::Evaluate, 0, eval.failed.max(1), eval.first_error)
             .await;
     }
-
-    // 4. Metrics.
-    let mut metrics = answer_metrics(ev, &prompts, &by_key, k);
-    if ev.judge.is_some() {
-        let mut verdicts: HashMap<(String, String, i64), [Option<String>; 2]> = HashMap::new();
-        for j in judgements {
-            let slot = verdicts
-                .entry((j.comparison, j.aspect, j.prompt_id))
-                .or_default();
-            slot[usize::from(j.order == "swapped")] = j.verdict;
-        }
-        for &c in &judged {
-            for &a in &ev.aspects {
-                let mut outcomes = Vec::new();
-                let (mut unparsed, mut disagree) = (0usize, 0usize);
-                for p in &prompts {
-                    let Some([f, s]) = verdicts.get(&(c.as_str().into(), a.as_str().into(), p.id))
-                    else {
-                        continue;
-                    };
-                    match (f.as_deref(), s.as_deref()) {
-                        (Some("A"), Some("B")) => outcomes.push(1i8),
-                        (Some("B"), Some("A")) => outcomes.push(-1),
-                        (Some(x), Some(y)) => {
-                            if x != y || x != "Equal" {
-                                disagree += 1;
-                            }
-                            outcomes.push(0)
-                        }
-                        _ => unparsed += 1,
-                    }
-                }
-                let wins = outcomes.iter().filter(|&&o| o == 1).count();
-                let losses = outcomes.iter().filter(|&&o| o == -1).count();
-                let equals = outcomes.len() - wins - losses;
-                let ci = omega_interval(&outcomes, ev.bootstrap, ev.seed);
-                let mut m = metric(
-                    format!("omega.{}.{}", a.as_str(), c.as_str()),
-                    omega(wins, losses, equals),
-                    outcomes.len(),
-                );
-                m.ci_low = ci.map(|c| c.0);
-                m.ci_high = ci.map(|c| c.1);
-                // The two sides' mean lengths (characters), to read beside the win rate.
-                let (cand, base_side) = sides(c, k);
-                let mean_len = |(v, kind): (i64, &str)| -> Option<f64> {
-                    let l: Vec<f64> = prompts
-                        .iter()
-                        .filter_map(|p| by_key.get(&(v, p.id, kind)))
-                        .filter(|a| a.status == "ok")
-                        .map(|a| a.text.as_deref().unwrap_or("").chars().count() as f64)
-                        .collect();
-                    (!l.is_empty()).then(|| l.iter().sum::<f64>() / l.len() as f64)
-                };
-                m.detail = Some(
-                    serde_json::json!({
-                        "wins": wins, "losses": losses, "equals": equals,
-                        "order_disagreements": disagree, "no_verdict": unparsed,
-                        "candidate_mean_length": mean_len(cand),
-                        "baseline_mean_length": mean_len(base_side),
-                    })
-                    .to_string(),
-                );
-                metrics.push(m);
-            }
-        }
-    }
-    for m in &mut metrics {
-        m.round = round;
-    }
+    let metrics = eval.metrics(&by_key, judgements);
     e.store
         .replace_eval_metrics(run_id, round, &metrics)
         .await?;
-
-    // 5. The gate.
-    if let Some(g) = &ev.gate {
-        let all = e.store.eval_metrics(run_id).await?;
-        let history: Vec<(i64, f64)> = all
-            .iter()
-            .filter(|m| m.name == g.metric && m.round < round)
-            .filter_map(|m| m.value.map(|v| (m.round, v)))
-            .collect();
-        let value = metrics
-            .iter()
-            .find(|m| m.name == g.metric)
-            .and_then(|m| m.value);
-        let d = gate_decision(&g.metric, g.max_drop, g.action, round, value, &history);
-        e.store.record_gate_decision(run_id, &d).await?;
-        let level = if d.decision == "continue" {
-            "info"
-        } else {
-            "warn"
-        };
-        e.event(
-            run_id,
-            Some(ctx.round),
-            Some("evaluate"),
-            level,
-            "gate",
-            &format!(
-                "gate after round {}: {} ({})",
-                ctx.round, d.decision, d.reason
-            ),
-            None,
-        )
-        .await;
+    if let Some(g) = &eval.ev.gate {
+        apply_gate(ctx, g, &metrics).await?;
     }
-    let (ok_all, failed_all) = (done_before + ok, failed);
-    ctx.finish(Stage::Evaluate, ok_all, failed_all, first_error)
+    let (ok_all, failed_all) = (eval.done_before + eval.ok, eval.failed);
+    ctx.finish(Stage::Evaluate, ok_all, failed_all, eval.first_error)
         .await
 }
 

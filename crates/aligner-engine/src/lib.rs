@@ -8,6 +8,7 @@
 //! skips what is committed, and retries what was in flight.
 
 mod evaluate;
+mod executor;
 pub mod filters;
 mod ingest;
 mod lease;

@@ -1,29 +1,26 @@
-//! The item stages of a round: generate, correct (model calls, bounded concurrency, results
-//! committed in small batches as they complete) and synthesize (pair verdicts, pure CPU, plus
-//! sentence embeddings when the semantic filter is on).
+//! The item stages of a round: generate, correct (model calls through the [`executor`], bounded
+//! concurrency, results committed in small batches as they complete) and synthesize (pair
+//! verdicts, pure CPU, plus sentence embeddings when the semantic filter is on).
+//!
+//! [`executor`]: crate::executor
 
-use std::future::Future;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::collections::HashSet;
 
-use futures::StreamExt;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
-use aligner_backend::{Completion, CompletionRequest, Message, Prompt, Sampling, TextGenerator};
-use aligner_spec::{ModelSpec, SamplingSpec};
-use aligner_store::{ItemOutcome, NewCorrection, NewGeneration, NewPair};
+use aligner_backend::{CompletionRequest, Message, Prompt, Sampling};
+use aligner_spec::{CorrectStage, GenerateStage, ModelSpec, SamplingSpec};
+use aligner_store::{NewCorrection, NewGeneration, NewPair, Store, UncorrectedRow};
 
+use crate::executor::{self, outcome, CallResult, ItemStage, Model, Pending, Progress};
 use crate::filters::{self, Candidate, FilterState};
 use crate::semantic::{Measured, Scorer};
 use crate::{Engine, Error, Result, Stage};
 
-/// Longest time a finished item waits in memory before it is committed.
-const FLUSH_EVERY: Duration = Duration::from_millis(50);
 /// Units read from the store per page.
 const PAGE: i64 = 512;
 
+/// What every stage runs with: the engine, the run, the round and the commit batch size.
 pub(crate) struct Ctx<'a> {
     pub engine: &'a Engine,
     pub run_id: i64,
@@ -114,106 +111,6 @@ pub(crate) fn to_sampling(s: &SamplingSpec, seed_offset: u64) -> Sampling {
     }
 }
 
-pub(crate) fn outcome(result: &Result<Completion, aligner_backend::Error>) -> ItemOutcome {
-    match result {
-        Ok(c) => ItemOutcome {
-            text: Some(c.text.clone()),
-            finish_reason: Some(c.finish_reason.as_str().to_string()),
-            served_model: Some(c.model.clone()),
-            prompt_tokens: c.prompt_tokens.map(i64::from),
-            completion_tokens: c.completion_tokens.map(i64::from),
-            latency_ms: Some(c.latency.as_secs_f64() * 1000.0),
-            attempts: c.attempts as i64,
-            error: None,
-        },
-        Err(e) => ItemOutcome {
-            attempts: e.attempts as i64,
-            error: Some(format!("{}: {}", e.kind.as_str(), e.message)),
-            ..Default::default()
-        },
-    }
-}
-
-/// Runs model calls for every unit the producer sends, `concurrency` at a time, and commits
-/// results through `flush` in batches of `batch` (or every [`FLUSH_EVERY`]). Returns the
-/// (ok, failed) counts of this execution and the first error seen.
-#[allow(clippy::too_many_arguments)]
-pub(crate) async fn call_all<U, R, F, Fut>(
-    ctx: &Ctx<'_>,
-    backend: Arc<dyn TextGenerator>,
-    concurrency: usize,
-    rx: mpsc::Receiver<U>,
-    request: impl Fn(&U) -> CompletionRequest,
-    record: impl Fn(U, &Result<Completion, aligner_backend::Error>) -> R,
-    base: (i64, i64),
-    flush: F,
-) -> Result<(u64, u64, Option<String>)>
-where
-    F: Fn(Vec<R>, i64, i64) -> Fut,
-    Fut: Future<Output = Result<()>>,
-{
-    // Stop taking queued units as soon as the run is interrupted; in-flight calls finish.
-    let flag = ctx.engine.interrupt.clone();
-    let units = futures::stream::unfold((rx, flag), |(mut rx, flag)| async move {
-        if flag.load(Ordering::Relaxed) {
-            return None;
-        }
-        rx.recv().await.map(|u| (u, (rx, flag)))
-    });
-    let results = units
-        .map(|unit| {
-            let req = request(&unit);
-            let backend = backend.clone();
-            async move {
-                let result = backend.complete(req).await;
-                (unit, result)
-            }
-        })
-        .buffer_unordered(concurrency.max(1));
-    let mut results = std::pin::pin!(results);
-    let (mut ok, mut failed, mut first_error) = (0u64, 0u64, None);
-    let mut buf = Vec::with_capacity(ctx.batch);
-    let (mut buf_ok, mut buf_failed) = (0u64, 0u64);
-    let mut last_flush = Instant::now();
-    loop {
-        let wait = FLUSH_EVERY.saturating_sub(last_flush.elapsed());
-        let next = tokio::time::timeout(wait, results.next()).await;
-        let done = matches!(next, Ok(None));
-        if let Ok(Some((unit, result))) = next {
-            match &result {
-                Ok(_) => buf_ok += 1,
-                Err(e) => {
-                    buf_failed += 1;
-                    if first_error.is_none() {
-                        first_error = Some(e.to_string());
-                    }
-                }
-            }
-            buf.push(record(unit, &result));
-        }
-        if !buf.is_empty()
-            && (done || buf.len() >= ctx.batch || last_flush.elapsed() >= FLUSH_EVERY)
-        {
-            ok += buf_ok;
-            failed += buf_failed;
-            flush(
-                std::mem::take(&mut buf),
-                base.0 + ok as i64,
-                base.1 + failed as i64,
-            )
-            .await?;
-            ctx.engine.observer.advanced(buf_ok, buf_failed);
-            (buf_ok, buf_failed) = (0, 0);
-            last_flush = Instant::now();
-        } else if buf.is_empty() {
-            last_flush = Instant::now();
-        }
-        if done {
-            return Ok((ok, failed, first_error));
-        }
-    }
-}
-
 /// Who answers in this round: the configured upstream, or the previous round's checkpoint.
 struct Upstream {
     /// Model name sent instead of the configured one (a served checkpoint).
@@ -271,6 +168,109 @@ async fn upstream(ctx: &Ctx<'_>) -> Result<Upstream> {
     })
 }
 
+/// Generate's pending units: `n` samples of every training prompt, a page of prompts at a time,
+/// less the samples already recorded.
+struct Unanswered {
+    store: Store,
+    run_id: i64,
+    round: i64,
+    n: i64,
+    /// The last prompt index read (keyset pagination).
+    after: i64,
+}
+
+/// One sample to draw for one training prompt.
+struct Sample {
+    prompt_id: i64,
+    sample_idx: i64,
+    system: Option<String>,
+    prompt: String,
+}
+
+impl Pending for Unanswered {
+    type Unit = Sample;
+
+    async fn next_page(&mut self) -> Result<Option<Vec<Sample>>> {
+        let (run_id, round) = (self.run_id, self.round);
+        let page = self
+            .store
+            .train_prompts_page(run_id, self.after, PAGE)
+            .await?;
+        let (Some(first), Some(last)) = (page.first(), page.last()) else {
+            return Ok(None);
+        };
+        self.after = last.idx;
+        let have: HashSet<(i64, i64)> = self
+            .store
+            .generation_keys(run_id, round, first.id, last.id)
+            .await?
+            .into_iter()
+            .collect();
+        let mut units = Vec::new();
+        for p in &page {
+            for k in 0..self.n {
+                if !have.contains(&(p.id, k)) {
+                    units.push(Sample {
+                        prompt_id: p.id,
+                        sample_idx: k,
+                        system: p.system.clone(),
+                        prompt: p.prompt.clone(),
+                    });
+                }
+            }
+        }
+        Ok(Some(units))
+    }
+}
+
+/// Generate as an item stage: the upstream (or the previous round's checkpoint) answers a
+/// prompt; the answer lands in `generations`.
+struct Generate<'a> {
+    run_id: i64,
+    round: i64,
+    spec: &'a GenerateStage,
+    up: Upstream,
+    backend_id: String,
+    /// The sampling of each sample index, as stored.
+    sampling_json: Vec<String>,
+}
+
+impl ItemStage for Generate<'_> {
+    type Unit = Sample;
+    type Row = NewGeneration;
+
+    fn request(&self, u: &Sample) -> CompletionRequest {
+        let mut messages = Vec::with_capacity(2);
+        if let Some(system) = &u.system {
+            messages.push(Message::new("system", system.clone()));
+        }
+        messages.push(Message::new("user", u.prompt.clone()));
+        CompletionRequest {
+            prompt: Prompt::Chat(messages),
+            sampling: to_sampling(&self.spec.sampling, u.sample_idx as u64),
+            model: self.up.model_override.clone(),
+        }
+    }
+
+    fn record(&self, u: Sample, result: &CallResult) -> NewGeneration {
+        NewGeneration {
+            run_id: self.run_id,
+            round: self.round,
+            prompt_id: u.prompt_id,
+            sample_idx: u.sample_idx,
+            model: self.spec.model.clone(),
+            backend: self.backend_id.clone(),
+            checkpoint_id: self.up.checkpoint_id,
+            sampling: self.sampling_json[u.sample_idx as usize].clone(),
+            out: outcome(result),
+        }
+    }
+
+    async fn flush(&self, store: &Store, rows: &[NewGeneration]) -> Result<()> {
+        Ok(store.insert_generations(rows).await?)
+    }
+}
+
 pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
     let e = ctx.engine;
     let (run_id, round) = (ctx.run_id, ctx.round());
@@ -304,100 +304,36 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
         }
         None => e.backend(&spec.model)?,
     };
-    let backend_id = backend.id();
-    let sampling_json: Vec<String> = (0..spec.n as u64)
-        .map(|k| serde_json::to_string(&to_sampling(&spec.sampling, k)).unwrap_or_default())
-        .collect();
-
-    struct Unit {
-        prompt_id: i64,
-        sample_idx: i64,
-        system: Option<String>,
-        prompt: String,
-    }
-    let (tx, rx) = mpsc::channel::<Unit>(1024);
-    let store = e.store.clone();
-    let interrupt = e.interrupt.clone();
-    let producer = async move {
-        let mut after = -1i64;
-        loop {
-            let page = store.train_prompts_page(run_id, after, PAGE).await?;
-            let (Some(first), Some(last)) = (page.first(), page.last()) else {
-                break;
-            };
-            after = last.idx;
-            let have: std::collections::HashSet<(i64, i64)> = store
-                .generation_keys(run_id, round, first.id, last.id)
-                .await?
-                .into_iter()
-                .collect();
-            for p in page {
-                for k in 0..n {
-                    if have.contains(&(p.id, k)) {
-                        continue;
-                    }
-                    if interrupt.load(Ordering::Relaxed) {
-                        return Ok(());
-                    }
-                    let unit = Unit {
-                        prompt_id: p.id,
-                        sample_idx: k,
-                        system: p.system.clone(),
-                        prompt: p.prompt.clone(),
-                    };
-                    if tx.send(unit).await.is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-        }
-        Ok::<(), Error>(())
+    let stage = Generate {
+        run_id,
+        round,
+        spec,
+        backend_id: backend.id(),
+        sampling_json: (0..spec.n as u64)
+            .map(|k| serde_json::to_string(&to_sampling(&spec.sampling, k)).unwrap_or_default())
+            .collect(),
+        up,
     };
-    let consumer = call_all(
-        ctx,
+    let pending = Unanswered {
+        store: e.store.clone(),
+        run_id,
+        round,
+        n,
+        after: -1,
+    };
+    let model = Model {
         backend,
-        e.concurrency(&spec.model),
-        rx,
-        |u| {
-            let mut messages = Vec::with_capacity(2);
-            if let Some(system) = &u.system {
-                messages.push(Message::new("system", system.clone()));
-            }
-            messages.push(Message::new("user", u.prompt.clone()));
-            CompletionRequest {
-                prompt: Prompt::Chat(messages),
-                sampling: to_sampling(&spec.sampling, u.sample_idx as u64),
-                model: up.model_override.clone(),
-            }
-        },
-        |u, result| NewGeneration {
-            run_id,
-            round,
-            prompt_id: u.prompt_id,
-            sample_idx: u.sample_idx,
-            model: spec.model.clone(),
-            backend: backend_id.clone(),
-            checkpoint_id: up.checkpoint_id,
-            sampling: sampling_json[u.sample_idx as usize].clone(),
-            out: outcome(result),
-        },
-        base,
-        |rows, ok, failed| {
-            let store = e.store.clone();
-            async move {
-                store.insert_generations(&rows).await?;
-                store
-                    .update_stage_progress(run_id, round, "generate", ok, failed)
-                    .await?;
-                Ok(())
-            }
-        },
-    );
-    let (produced, consumed) = tokio::join!(producer, consumer);
-    produced?;
-    let (_, _, first_error) = consumed?;
+        concurrency: e.concurrency(&spec.model),
+    };
+    let progress = Progress {
+        stage: Stage::Generate,
+        ok: base.0,
+        failed: base.1,
+    };
+    let tally = executor::execute(ctx, &stage, pending, model, Some(progress)).await?;
     let (ok, failed) = e.store.generation_counts(run_id, round).await?;
-    ctx.finish(Stage::Generate, ok, failed, first_error).await
+    ctx.finish(Stage::Generate, ok, failed, tally.first_error)
+        .await
 }
 
 /// An Aligner trained here records its prompt template (`aligner.json` in its folder); using
@@ -428,6 +364,76 @@ fn template_mismatch(
     ))
 }
 
+/// Correct's pending units: the round's successful answers without a correction, a page at a
+/// time.
+struct Uncorrected {
+    store: Store,
+    run_id: i64,
+    round: i64,
+    /// The last generation id read (keyset pagination).
+    after: i64,
+}
+
+impl Pending for Uncorrected {
+    type Unit = UncorrectedRow;
+
+    async fn next_page(&mut self) -> Result<Option<Vec<UncorrectedRow>>> {
+        let page = self
+            .store
+            .uncorrected_page(self.run_id, self.round, self.after, PAGE)
+            .await?;
+        let Some(last) = page.last() else {
+            return Ok(None);
+        };
+        self.after = last.generation_id;
+        Ok(Some(page))
+    }
+}
+
+/// Correct as an item stage: the Aligner rewrites an answer through the correction template;
+/// the correction lands in `corrections`.
+struct Correct<'a> {
+    run_id: i64,
+    round: i64,
+    spec: &'a CorrectStage,
+    backend_id: String,
+    template_id: String,
+    template_hash: String,
+    sampling: Sampling,
+    sampling_json: String,
+}
+
+impl ItemStage for Correct<'_> {
+    type Unit = UncorrectedRow;
+    type Row = NewCorrection;
+
+    fn request(&self, u: &UncorrectedRow) -> CompletionRequest {
+        CompletionRequest {
+            prompt: Prompt::Raw(self.spec.template.render(&u.prompt, &u.answer)),
+            sampling: self.sampling.clone(),
+            model: None,
+        }
+    }
+
+    fn record(&self, u: UncorrectedRow, result: &CallResult) -> NewCorrection {
+        NewCorrection {
+            run_id: self.run_id,
+            round: self.round,
+            generation_id: u.generation_id,
+            model: self.spec.model.clone(),
+            backend: self.backend_id.clone(),
+            template_id: self.template_id.clone(),
+            template_hash: self.template_hash.clone(),
+            sampling: self.sampling_json.clone(),
+            out: outcome(result),
+        }
+    }
+
+    async fn flush(&self, store: &Store, rows: &[NewCorrection]) -> Result<()> {
+        Ok(store.insert_corrections(rows).await?)
+    }
+}
+
 pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
     let e = ctx.engine;
     let (run_id, round) = (ctx.run_id, ctx.round());
@@ -449,67 +455,36 @@ pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
     e.observer
         .stage_started(ctx.round, Stage::Correct, gen_ok as u64, done_ok as u64);
     let backend = e.backend_for(run_id, &spec.model).await?;
-    let backend_id = backend.id();
-    let template_id = spec.template.id().to_string();
-    let template_hash = hex::encode(Sha256::digest(spec.template.text().as_bytes()));
     let sampling = to_sampling(&spec.sampling, 0);
-    let sampling_json = serde_json::to_string(&sampling).unwrap_or_default();
-
-    let (tx, rx) = mpsc::channel::<aligner_store::UncorrectedRow>(1024);
-    let store = e.store.clone();
-    let interrupt = e.interrupt.clone();
-    let producer = async move {
-        let mut after = 0i64;
-        loop {
-            let page = store.uncorrected_page(run_id, round, after, PAGE).await?;
-            let Some(last) = page.last() else { break };
-            after = last.generation_id;
-            for row in page {
-                if interrupt.load(Ordering::Relaxed) || tx.send(row).await.is_err() {
-                    return Ok(());
-                }
-            }
-        }
-        Ok::<(), Error>(())
+    let stage = Correct {
+        run_id,
+        round,
+        spec,
+        backend_id: backend.id(),
+        template_id: spec.template.id().to_string(),
+        template_hash: hex::encode(Sha256::digest(spec.template.text().as_bytes())),
+        sampling_json: serde_json::to_string(&sampling).unwrap_or_default(),
+        sampling,
     };
-    let consumer = call_all(
-        ctx,
+    let pending = Uncorrected {
+        store: e.store.clone(),
+        run_id,
+        round,
+        after: 0,
+    };
+    let model = Model {
         backend,
-        e.concurrency(&spec.model),
-        rx,
-        |u| CompletionRequest {
-            prompt: Prompt::Raw(spec.template.render(&u.prompt, &u.answer)),
-            sampling: sampling.clone(),
-            model: None,
-        },
-        |u, result| NewCorrection {
-            run_id,
-            round,
-            generation_id: u.generation_id,
-            model: spec.model.clone(),
-            backend: backend_id.clone(),
-            template_id: template_id.clone(),
-            template_hash: template_hash.clone(),
-            sampling: sampling_json.clone(),
-            out: outcome(result),
-        },
-        base,
-        |rows, ok, failed| {
-            let store = e.store.clone();
-            async move {
-                store.insert_corrections(&rows).await?;
-                store
-                    .update_stage_progress(run_id, round, "correct", ok, failed)
-                    .await?;
-                Ok(())
-            }
-        },
-    );
-    let (produced, consumed) = tokio::join!(producer, consumer);
-    produced?;
-    let (_, _, first_error) = consumed?;
+        concurrency: e.concurrency(&spec.model),
+    };
+    let progress = Progress {
+        stage: Stage::Correct,
+        ok: base.0,
+        failed: base.1,
+    };
+    let tally = executor::execute(ctx, &stage, pending, model, Some(progress)).await?;
     let (ok, failed) = e.store.correction_counts(run_id, round).await?;
-    ctx.finish(Stage::Correct, ok, failed, first_error).await
+    ctx.finish(Stage::Correct, ok, failed, tally.first_error)
+        .await
 }
 
 pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {

@@ -13,15 +13,15 @@
 use std::path::PathBuf;
 
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 
 use aligner_backend::{CompletionRequest, Message, Prompt};
-use aligner_spec::{AlignerData, AlignerSpec, LabelRule, PromptFormat, Teacher};
-use aligner_store::{AlignerExampleRow, AlignerUpdate, NewAlignerExample, NewTrainingJob};
+use aligner_spec::{AlignerData, AlignerSpec, LabelRule, PromptFormat, SamplingSpec, Teacher};
+use aligner_store::{AlignerExampleRow, AlignerUpdate, NewAlignerExample, NewTrainingJob, Store};
 
+use crate::executor::{self, CallResult, ItemStage, Model, Progress};
 use crate::filters::normalized_edit_distance;
 use crate::refusal::is_refusal;
-use crate::stages::{call_all, to_sampling, Ctx};
+use crate::stages::{to_sampling, Ctx};
 use crate::{Error, Result, Stage};
 
 fn spec<'a>(ctx: &'a Ctx<'_>) -> &'a AlignerSpec {
@@ -178,54 +178,161 @@ fn correction_update(r: &AlignerExampleRow, text: String, teacher: &str) -> Alig
     }
 }
 
-/// One model call per row through [`call_all`], each result committed as a row update (and,
-/// with `progress`, counted into that round-0 stage's progress). Returns the first error.
-async fn call_rows(
+/// Runs `stage`'s model call (through `model`) for every row of `rows` with the item-stage
+/// [`executor`], each result committed as a row update (and, with `progress`, counted into
+/// that round-0 stage's progress). Returns the first error.
+async fn call_rows<S>(
     ctx: &Ctx<'_>,
     model: &str,
+    stage: &S,
     rows: Vec<AlignerExampleRow>,
-    request: impl Fn(&AlignerExampleRow) -> CompletionRequest,
-    record: impl Fn(
-        AlignerExampleRow,
-        &Result<aligner_backend::Completion, aligner_backend::Error>,
-    ) -> AlignerUpdate,
-    progress: Option<(Stage, i64)>,
-) -> Result<Option<String>> {
+    progress: Option<Progress>,
+) -> Result<Option<String>>
+where
+    S: ItemStage<Unit = AlignerExampleRow, Row = AlignerUpdate>,
+{
     let e = ctx.engine;
     if rows.is_empty() {
         return Ok(None);
     }
-    let backend = e.backend_for(ctx.run_id, model).await?;
-    let (tx, rx) = mpsc::channel::<AlignerExampleRow>(rows.len());
-    for r in rows {
-        let _ = tx.send(r).await;
+    let model = Model {
+        backend: e.backend_for(ctx.run_id, model).await?,
+        concurrency: e.concurrency(model),
+    };
+    let tally = executor::execute(ctx, stage, rows, model, progress).await?;
+    Ok(tally.first_error)
+}
+
+/// Teach's answers: the answer model answers a row's question (an answer cut off by the token
+/// limit is trimmed back to its last full sentence).
+struct Answers<'a> {
+    model: &'a str,
+    sampling: &'a SamplingSpec,
+}
+
+impl ItemStage for Answers<'_> {
+    type Unit = AlignerExampleRow;
+    type Row = AlignerUpdate;
+
+    fn request(&self, r: &AlignerExampleRow) -> CompletionRequest {
+        CompletionRequest {
+            prompt: Prompt::Chat(vec![Message::new("user", r.question.clone())]),
+            sampling: to_sampling(self.sampling, r.idx as u64),
+            model: None,
+        }
     }
-    drop(tx);
-    let base = (progress.map_or(0, |(_, done)| done), 0);
-    let (_, _, first_error) = call_all(
-        ctx,
-        backend,
-        e.concurrency(model),
-        rx,
-        request,
-        record,
-        base,
-        |updates, ok, failed| {
-            let store = e.store.clone();
-            let run_id = ctx.run_id;
-            async move {
-                store.update_aligner_examples(&updates).await?;
-                if let Some((stage, _)) = progress {
-                    store
-                        .update_stage_progress(run_id, 0, stage.as_str(), ok, failed)
-                        .await?;
+
+    fn record(&self, r: AlignerExampleRow, result: &CallResult) -> AlignerUpdate {
+        match result {
+            Ok(c) => AlignerUpdate::Answer {
+                id: r.id,
+                text: match c.finish_reason {
+                    aligner_backend::FinishReason::Length => trim_truncated(&c.text),
+                    _ => c.text.trim().to_string(),
+                },
+                finish: c.finish_reason.as_str().to_string(),
+                model: self.model.to_string(),
+            },
+            Err(err) => AlignerUpdate::Failed {
+                id: r.id,
+                error: format!("answer: {err}"),
+            },
+        }
+    }
+
+    async fn flush(&self, store: &Store, rows: &[AlignerUpdate]) -> Result<()> {
+        Ok(store.update_aligner_examples(rows).await?)
+    }
+}
+
+/// Teach's corrections by a teacher model: the model is given the editor prompt filled with
+/// a row's question and answer.
+struct TeacherCorrections<'a> {
+    model: &'a str,
+    prompt: &'a str,
+    sampling: &'a SamplingSpec,
+}
+
+impl ItemStage for TeacherCorrections<'_> {
+    type Unit = AlignerExampleRow;
+    type Row = AlignerUpdate;
+
+    fn request(&self, r: &AlignerExampleRow) -> CompletionRequest {
+        CompletionRequest {
+            prompt: Prompt::Chat(vec![Message::new(
+                "user",
+                aligner_spec::fill(
+                    self.prompt,
+                    &r.question,
+                    r.answer.as_deref().unwrap_or_default(),
+                ),
+            )]),
+            sampling: to_sampling(self.sampling, r.idx as u64),
+            model: None,
+        }
+    }
+
+    fn record(&self, r: AlignerExampleRow, result: &CallResult) -> AlignerUpdate {
+        match result {
+            Ok(c) => correction_update(&r, c.text.trim().to_string(), self.model),
+            Err(err) => AlignerUpdate::Failed {
+                id: r.id,
+                error: format!("teacher: {err}"),
+            },
+        }
+    }
+
+    async fn flush(&self, store: &Store, rows: &[AlignerUpdate]) -> Result<()> {
+        Ok(store.update_aligner_examples(rows).await?)
+    }
+}
+
+/// `evaluate_aligner`'s calls: the trained Aligner corrects a held-out row's answer; its
+/// output is scored by the refusal detector and its edit distance from the answer.
+struct AlignerOutputs<'a> {
+    aligner: &'a AlignerSpec,
+}
+
+impl ItemStage for AlignerOutputs<'_> {
+    type Unit = AlignerExampleRow;
+    type Row = AlignerUpdate;
+
+    fn request(&self, r: &AlignerExampleRow) -> CompletionRequest {
+        let a = self.aligner;
+        CompletionRequest {
+            prompt: Prompt::Raw(
+                a.template
+                    .render(&r.question, r.answer.as_deref().unwrap_or_default()),
+            ),
+            sampling: to_sampling(&a.sampling, 0),
+            model: None,
+        }
+    }
+
+    fn record(&self, r: AlignerExampleRow, result: &CallResult) -> AlignerUpdate {
+        match result {
+            Ok(c) => {
+                let answer = r.answer.clone().unwrap_or_default();
+                let text = c.text.trim().to_string();
+                AlignerUpdate::Output {
+                    id: r.id,
+                    refusal: is_refusal(&text),
+                    answer_refusal: is_refusal(&answer),
+                    edit_distance: normalized_edit_distance(answer.trim(), &text),
+                    text,
+                    finish: c.finish_reason.as_str().to_string(),
                 }
-                Ok(())
             }
-        },
-    )
-    .await?;
-    Ok(first_error)
+            Err(err) => AlignerUpdate::Failed {
+                id: r.id,
+                error: format!("aligner: {err}"),
+            },
+        }
+    }
+
+    async fn flush(&self, store: &Store, rows: &[AlignerUpdate]) -> Result<()> {
+        Ok(store.update_aligner_examples(rows).await?)
+    }
 }
 
 pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
@@ -258,34 +365,11 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
             .filter(|r| r.answer.is_none())
             .cloned()
             .collect();
-        let model = t.answer_model.clone();
-        let err = call_rows(
-            ctx,
-            &t.answer_model,
-            todo,
-            |r| CompletionRequest {
-                prompt: Prompt::Chat(vec![Message::new("user", r.question.clone())]),
-                sampling: to_sampling(&t.answer_sampling, r.idx as u64),
-                model: None,
-            },
-            |r, result| match result {
-                Ok(c) => AlignerUpdate::Answer {
-                    id: r.id,
-                    text: match c.finish_reason {
-                        aligner_backend::FinishReason::Length => trim_truncated(&c.text),
-                        _ => c.text.trim().to_string(),
-                    },
-                    finish: c.finish_reason.as_str().to_string(),
-                    model: model.clone(),
-                },
-                Err(err) => AlignerUpdate::Failed {
-                    id: r.id,
-                    error: format!("answer: {err}"),
-                },
-            },
-            None,
-        )
-        .await?;
+        let answers = Answers {
+            model: &t.answer_model,
+            sampling: &t.answer_sampling,
+        };
+        let err = call_rows(ctx, &t.answer_model, &answers, todo, None).await?;
         first_error = first_error.or(err);
         // Then the teacher.
         let rows = e.store.aligner_examples(run_id).await?;
@@ -313,32 +397,12 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
                 prompt,
                 sampling,
             } => {
-                let err = call_rows(
-                    ctx,
+                let teacher = TeacherCorrections {
                     model,
-                    todo,
-                    |r| CompletionRequest {
-                        prompt: Prompt::Chat(vec![Message::new(
-                            "user",
-                            aligner_spec::fill(
-                                prompt,
-                                &r.question,
-                                r.answer.as_deref().unwrap_or_default(),
-                            ),
-                        )]),
-                        sampling: to_sampling(sampling, r.idx as u64),
-                        model: None,
-                    },
-                    |r, result| match result {
-                        Ok(c) => correction_update(&r, c.text.trim().to_string(), model),
-                        Err(err) => AlignerUpdate::Failed {
-                            id: r.id,
-                            error: format!("teacher: {err}"),
-                        },
-                    },
-                    None,
-                )
-                .await?;
+                    prompt,
+                    sampling,
+                };
+                let err = call_rows(ctx, model, &teacher, todo, None).await?;
                 first_error = first_error.or(err);
             }
         }
@@ -503,39 +567,13 @@ pub(crate) async fn evaluate_aligner(ctx: &Ctx<'_>) -> Result<()> {
         .filter(|r| r.output.is_none())
         .map(|r| (*r).clone())
         .collect();
-    let first_error = call_rows(
-        ctx,
-        &a.name,
-        todo,
-        |r| CompletionRequest {
-            prompt: Prompt::Raw(
-                a.template
-                    .render(&r.question, r.answer.as_deref().unwrap_or_default()),
-            ),
-            sampling: to_sampling(&a.sampling, 0),
-            model: None,
-        },
-        |r, result| match result {
-            Ok(c) => {
-                let answer = r.answer.clone().unwrap_or_default();
-                let text = c.text.trim().to_string();
-                AlignerUpdate::Output {
-                    id: r.id,
-                    refusal: is_refusal(&text),
-                    answer_refusal: is_refusal(&answer),
-                    edit_distance: normalized_edit_distance(answer.trim(), &text),
-                    text,
-                    finish: c.finish_reason.as_str().to_string(),
-                }
-            }
-            Err(err) => AlignerUpdate::Failed {
-                id: r.id,
-                error: format!("aligner: {err}"),
-            },
-        },
-        Some((stage, done)),
-    )
-    .await?;
+    let outputs = AlignerOutputs { aligner: a };
+    let progress = Progress {
+        stage,
+        ok: done,
+        failed: 0,
+    };
+    let first_error = call_rows(ctx, &a.name, &outputs, todo, Some(progress)).await?;
     let rows = e.store.aligner_examples(run_id).await?;
     let ok = rows
         .iter()

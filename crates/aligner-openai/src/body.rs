@@ -2,7 +2,9 @@
 //! the tokens-per-minute limiter.
 
 use aligner_backend::{CompletionRequest, Prompt};
-use serde_json::{Map, Value};
+use serde_json::Value;
+
+use crate::wire::{ChatMessage, RequestBody, RequestParams};
 
 /// Which OpenAI endpoint a request goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,48 +41,43 @@ pub fn effective_model<'a>(request: &'a CompletionRequest, default_model: &'a st
 /// (including the non-standard `top_k` and `repetition_penalty` that vLLM, SGLang and
 /// llama.cpp accept), `n = 1` and `stream = false`.
 pub fn build_body(request: &CompletionRequest, default_model: &str) -> (Endpoint, Value) {
-    let mut body = Map::new();
-    body.insert(
-        "model".into(),
-        Value::from(effective_model(request, default_model)),
-    );
-    match &request.prompt {
-        Prompt::Chat(messages) => {
-            let msgs = messages
-                .iter()
-                .map(|m| {
-                    let mut o = Map::new();
-                    o.insert("role".into(), Value::from(m.role.as_str()));
-                    o.insert("content".into(), Value::from(m.content.as_str()));
-                    Value::Object(o)
-                })
-                .collect();
-            body.insert("messages".into(), Value::Array(msgs));
-        }
-        Prompt::Raw(prompt) => {
-            body.insert("prompt".into(), Value::from(prompt.as_str()));
-        }
-    }
-    let s = &request.sampling;
-    let mut put = |k: &str, v: Option<Value>| {
-        if let Some(v) = v {
-            body.insert(k.into(), v);
-        }
+    let (messages, prompt) = match &request.prompt {
+        Prompt::Chat(messages) => (
+            Some(
+                messages
+                    .iter()
+                    .map(|m| ChatMessage {
+                        role: m.role.clone(),
+                        content: m.content.clone(),
+                    })
+                    .collect(),
+            ),
+            None,
+        ),
+        Prompt::Raw(prompt) => (None, Some(prompt.clone())),
     };
-    put("temperature", s.temperature.map(Value::from));
-    put("top_p", s.top_p.map(Value::from));
-    put("top_k", s.top_k.map(Value::from));
-    put("max_tokens", s.max_tokens.map(Value::from));
-    put("frequency_penalty", s.frequency_penalty.map(Value::from));
-    put("presence_penalty", s.presence_penalty.map(Value::from));
-    put("repetition_penalty", s.repetition_penalty.map(Value::from));
-    put("seed", s.seed.map(Value::from));
-    if !s.stop.is_empty() {
-        put("stop", Some(Value::from(s.stop.clone())));
-    }
-    body.insert("n".into(), Value::from(1));
-    body.insert("stream".into(), Value::from(false));
-    (Endpoint::for_prompt(&request.prompt), Value::Object(body))
+    let s = &request.sampling;
+    let body = RequestBody {
+        model: effective_model(request, default_model).to_string(),
+        messages,
+        prompt,
+        params: RequestParams {
+            temperature: s.temperature,
+            top_p: s.top_p,
+            top_k: s.top_k.map(i64::from),
+            max_tokens: s.max_tokens,
+            frequency_penalty: s.frequency_penalty,
+            presence_penalty: s.presence_penalty,
+            repetition_penalty: s.repetition_penalty,
+            seed: s.seed,
+            stop: (!s.stop.is_empty()).then(|| Value::from(s.stop.clone())),
+            n: Some(1),
+            stream: Some(false),
+            ..Default::default()
+        },
+    };
+    let value = serde_json::to_value(body).expect("a request body serializes");
+    (Endpoint::for_prompt(&request.prompt), value)
 }
 
 /// Completion tokens assumed when `max_tokens` is unset.

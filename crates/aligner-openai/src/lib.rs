@@ -10,6 +10,7 @@ mod body;
 mod limiter;
 mod response;
 mod retry;
+pub mod wire;
 
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
