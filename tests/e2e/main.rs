@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use aligner_mockserver::{MockConfig, MockServer};
 use serde_json::Value;
 
+mod architecture;
 mod daemon;
 mod evaluate;
 mod fetch;

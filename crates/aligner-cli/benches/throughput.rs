@@ -5,7 +5,8 @@
 //!     ALIGNER_BENCH_PROMPTS=100000 ALIGNER_BENCH_CONCURRENCY=64 cargo bench -p aligner-cli --bench throughput
 //!
 //! Prints prompts/s through all three stages, per-stage times from the store, and the
-//! `aligner` process's peak RSS (VmHWM, reported by the process itself).
+//! `aligner` process's peak RSS (VmHWM, reported by the process itself). `ALIGNER_BIN` runs
+//! another `aligner` binary (an earlier build, for a side-by-side comparison).
 
 use std::process::Command;
 use std::time::Instant;
@@ -46,8 +47,9 @@ rounds:
         url = server.base_url
     );
     std::fs::write(d.join("bench.yaml"), yaml).unwrap();
+    let bin = std::env::var("ALIGNER_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_aligner").into());
     let start = Instant::now();
-    let out = Command::new(env!("CARGO_BIN_EXE_aligner"))
+    let out = Command::new(&bin)
         .args(["run", "bench.yaml", "--store", "bench.db", "--json"])
         .current_dir(d)
         .output()
@@ -58,7 +60,7 @@ rounds:
         std::process::exit(1);
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json outcome");
-    let stages = Command::new(env!("CARGO_BIN_EXE_aligner"))
+    let stages = Command::new(&bin)
         .args([
             "sql",
             "--store",

@@ -1,9 +1,7 @@
-//! Wires the spec's models to real backends: the OpenAI-compatible HTTP client and local
-//! models (`aligner-local`). A local model named by several roles (the quickstart's upstream
-//! and Aligner) is loaded once and shared.
+//! Wires the spec's models to real backends: the OpenAI-compatible HTTP client, local models
+//! and embedders (`aligner_local::shared`, loaded once per process), the built-in trainer.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use aligner_backend::TextGenerator;
@@ -41,7 +39,7 @@ impl aligner_engine::BackendFactory for Factory {
                 let backend = aligner_openai::OpenAiBackend::new(config).map_err(|e| e.message)?;
                 Ok(Arc::new(backend))
             }
-            ModelSpec::Local(m) => local_backend(name, m),
+            ModelSpec::Local(m) => Ok(aligner_local::shared::backend(name, m)?),
         }
     }
 
@@ -49,40 +47,10 @@ impl aligner_engine::BackendFactory for Factory {
         &self,
         spec: &aligner_spec::SemanticFilter,
     ) -> Result<Arc<dyn aligner_backend::Embedder>, String> {
-        crate::embedder::load(spec)
+        aligner_local::shared::embedder(spec)
     }
 
     fn trainer(&self) -> Result<Arc<dyn aligner_engine::Trainer>, String> {
-        Ok(Arc::new(crate::trainer::BuiltinTrainer))
+        Ok(Arc::new(aligner_train::pipeline::BuiltinTrainer))
     }
-}
-
-/// Loaded local models, by their spec.
-fn loaded() -> &'static Mutex<HashMap<String, Arc<aligner_local::backend::LocalBackend>>> {
-    static LOADED: OnceLock<Mutex<HashMap<String, Arc<aligner_local::backend::LocalBackend>>>> =
-        OnceLock::new();
-    LOADED.get_or_init(Default::default)
-}
-
-fn local_backend(
-    name: &str,
-    m: &aligner_spec::LocalModel,
-) -> Result<Arc<dyn TextGenerator>, String> {
-    let key = serde_json::to_string(m).unwrap_or_default();
-    let mut cache = loaded().lock().expect("model cache lock");
-    if let Some(b) = cache.get(&key) {
-        return Ok(b.clone());
-    }
-    let mut opts = aligner_local::backend::LoadOptions::default();
-    if let Some(n) = std::env::var("ALIGNER_LOCAL_MAX_BATCH")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        opts.max_batch = n.max(1);
-    }
-    let backend = aligner_local::backend::LocalBackend::load(m, opts)
-        .map_err(|e| format!("models.{name}: {e:#}"))?;
-    let backend = Arc::new(backend);
-    cache.insert(key, backend.clone());
-    Ok(backend)
 }

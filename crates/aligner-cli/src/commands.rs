@@ -14,23 +14,7 @@ use aligner_store::Store;
 use crate::output::{self, SqlFormat};
 use crate::progress::Bars;
 
-/// Errors that mean "your input is wrong" (exit code 2).
-#[derive(Debug)]
-pub enum Invalid {
-    /// Already printed (validation reports).
-    Silent,
-    Message(String),
-}
-
-impl std::fmt::Display for Invalid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Invalid::Silent => write!(f, "invalid input"),
-            Invalid::Message(m) => write!(f, "{m}"),
-        }
-    }
-}
-impl std::error::Error for Invalid {}
+pub use aligner_spec::Invalid;
 
 #[derive(Parser, Debug)]
 #[command(name = "aligner", version, about = "Iterative Aligner bootstrapping: generate, correct, pair, train, repeat", long_about = None)]
@@ -82,7 +66,18 @@ pub enum Command {
         json: bool,
     },
     /// A run as a self-contained HTML page and its Markdown twin (`reports/<run id>/`).
-    Report(crate::report::ReportArgs),
+    Report {
+        /// A run id or pipeline name (its latest run); the store's latest run when omitted.
+        run: Option<String>,
+        #[command(flatten)]
+        store: StoreArg,
+        /// Where to write `index.html`, `index.md` and the charts (default `reports/<run id>/`).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Examples of corrections shown per round and kind (held-out answers, training pairs).
+        #[arg(long, default_value_t = 20)]
+        examples: usize,
+    },
     /// Query the store read-only with SQL (the query, or stdin when omitted).
     Sql {
         query: Option<String>,
@@ -149,9 +144,9 @@ pub enum Command {
     /// Serve a local model over an OpenAI-compatible HTTP API.
     Serve(crate::serve::ServeArgs),
     /// Train an Aligner on question-answer-correction data with the built-in trainer.
-    TrainAligner(crate::trainer::TrainAlignerArgs),
+    TrainAligner(crate::train::TrainAlignerArgs),
     /// A checkpoint as a re-quantized GGUF (default Q8_0) for fast local inference.
-    ExportGguf(crate::trainer::ExportGgufArgs),
+    ExportGguf(crate::train::ExportGgufArgs),
     /// The offline default models.
     #[command(subcommand)]
     Models(crate::fetch::ModelsCommand),
@@ -220,10 +215,10 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             store,
         } => crate::daemon::logs(&run, follow, &daemon, &store).await,
         Command::ExportGguf(args) => {
-            tokio::task::spawn_blocking(move || crate::trainer::export_gguf(&args)).await?
+            tokio::task::spawn_blocking(move || crate::train::export_gguf(args)).await?
         }
         Command::TrainAligner(args) => {
-            tokio::task::spawn_blocking(move || crate::trainer::train_aligner(&args)).await?
+            tokio::task::spawn_blocking(move || crate::train::train_aligner(args)).await?
         }
         Command::Models(c) => crate::fetch::models(c),
         Command::Prompts(c) => crate::fetch::prompts(c),
@@ -280,9 +275,17 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             .await
         }
         Command::Status { run, store, json } => status(run.as_deref(), &store, json).await,
-        Command::Report(args) => {
-            let path = store_path(&args.store, None);
-            crate::report::run(args, path).await
+        Command::Report {
+            run,
+            store,
+            out,
+            examples,
+        } => {
+            let path = store_path(&store, None);
+            let written = aligner_report::write(&path, run.as_deref(), out, examples).await?;
+            println!("{}", written.html.display());
+            println!("{}", written.markdown.display());
+            Ok(())
         }
         Command::Sql {
             query,
@@ -423,9 +426,10 @@ async fn run(
         let v = serde_json::json!({"run": outcome, "store": abs, "rounds": summaries, "aligner_eval": aligner, "evaluation": metrics, "gate": gates, "peak_rss_kb": peak_rss_kb()});
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
-        output::print_aligner_eval(&aligner);
-        output::print_summaries(&summaries);
-        output::print_evaluation(&metrics, &gates);
+        use aligner_report::terminal;
+        print!("{}", terminal::aligner_eval(&aligner));
+        print!("{}", terminal::summaries(&summaries));
+        print!("{}", terminal::evaluation(&metrics, &gates));
         println!(
             "\nrun {} {}: {} round(s)\nstore: {}\nlook at the pairs:\n  aligner sql --store {} \"SELECT round, prompt, rejected, chosen FROM pairs_latest LIMIT 5\"",
             outcome.run_id,
@@ -445,27 +449,16 @@ async fn status(which: Option<&str>, store: &StoreArg, json: bool) -> Result<()>
         None => store.list_runs().await?,
     };
     let mut detail = Vec::new();
-    for run in &runs {
-        let rounds = store.round_summaries(run.id).await?;
-        let stages = store.stages(run.id).await?;
-        let aligner = store.aligner_eval(run.id).await?;
-        let metrics = store.eval_metrics(run.id).await?;
-        let gates = store.gate_decisions(run.id).await?;
-        detail.push((run.clone(), rounds, stages, aligner, metrics, gates));
+    for run in runs {
+        detail.push(aligner_report::terminal::Status::load(&store, run).await?);
     }
     if json {
-        let v: Vec<_> = detail
-            .iter()
-            .map(|(run, rounds, stages, aligner, metrics, gates)| serde_json::json!({"run": run, "rounds": rounds, "stages": stages, "aligner_eval": aligner, "evaluation": metrics, "gate": gates}))
-            .collect();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        println!("{}", serde_json::to_string_pretty(&detail)?);
     } else if detail.is_empty() {
         println!("no runs yet");
     } else {
-        for (run, rounds, stages, aligner, metrics, gates) in &detail {
-            output::print_run(run, rounds, stages);
-            output::print_aligner_eval(aligner);
-            output::print_evaluation(metrics, gates);
+        for status in &detail {
+            print!("{}", status.text());
         }
     }
     Ok(())

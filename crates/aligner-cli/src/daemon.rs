@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use aligner_daemon::client::Client;
 use aligner_store::Store;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
+use futures::StreamExt;
 use serde_json::Value;
 
 use crate::commands::{Invalid, StoreArg};
@@ -51,28 +53,22 @@ pub struct TokenArg {
 
 impl TokenArg {
     fn path(&self) -> PathBuf {
-        self.token_file
-            .clone()
-            .unwrap_or_else(aligner_daemon::default_token_path)
+        aligner_daemon::client::token_path(self.token_file.as_deref())
     }
 
     /// `ALIGNER_TOKEN`, else the token file (created on a daemon's first start).
     fn token(&self, create: bool) -> Result<String> {
-        if let Ok(t) = std::env::var("ALIGNER_TOKEN") {
-            let t = t.trim().to_string();
-            if t.len() < 16 {
-                bail!("ALIGNER_TOKEN is shorter than 16 characters\nhint: use a long random value, e.g. `openssl rand -hex 32`");
-            }
-            return Ok(t);
+        aligner_daemon::client::resolve_token(self.token_file.as_deref(), create)
+    }
+}
+
+impl DaemonArg {
+    /// A client of the configured daemon, if there is one.
+    fn client(&self) -> Result<Option<(Client, &str)>> {
+        match &self.daemon {
+            Some(url) => Ok(Some((Client::new(url, self.token.token(false)?)?, url))),
+            None => Ok(None),
         }
-        let path = self.path();
-        if !create && !path.exists() {
-            bail!(
-                "no daemon token: ALIGNER_TOKEN is not set and {} does not exist\nhint: start the daemon once on this machine, or set ALIGNER_TOKEN to its token",
-                path.display()
-            );
-        }
-        aligner_daemon::load_or_create_token(&path)
     }
 }
 
@@ -113,9 +109,6 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
         base_dir,
         allow_env: args.allow_env.clone(),
     };
-    let report: aligner_daemon::ReportFn = Arc::new(|store: Store, run_id: i64| {
-        Box::pin(crate::report::html_for_run(store, run_id, 20))
-    });
     let store_display = std::fs::canonicalize(&args.store)
         .unwrap_or_else(|_| args.store.clone())
         .display()
@@ -123,7 +116,6 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
     aligner_daemon::run(
         config,
         Arc::new(crate::backends::Factory),
-        Some(report),
         async {
             crate::commands::ctrl_c_or_sigterm().await;
             eprintln!(
@@ -153,63 +145,9 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// A small client for a daemon's API.
-struct Client {
-    base: String,
-    token: String,
-    http: reqwest::Client,
-}
-
-impl Client {
-    fn new(url: &str, token: &TokenArg) -> Result<Client> {
-        Ok(Client {
-            base: url.trim_end_matches('/').to_string(),
-            token: token.token(false)?,
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .build()?,
-        })
-    }
-
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req.bearer_auth(&self.token).send().await.map_err(|e| {
-            anyhow!(
-                "cannot reach the daemon at {}: {e}\nhint: is `aligner daemon` running there?",
-                self.base
-            )
-        })?;
-        if resp.status().is_success() {
-            return Ok(resp);
-        }
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        let message = body["error"]["message"]
-            .as_str()
-            .map(str::to_string)
-            .unwrap_or_else(|| format!("HTTP {status}"));
-        Err(Invalid::Message(format!("daemon answered {status}: {message}")).into())
-    }
-
-    async fn get(&self, path: &str) -> Result<Value> {
-        Ok(self
-            .send(self.http.get(format!("{}{path}", self.base)))
-            .await?
-            .json()
-            .await?)
-    }
-
-    async fn post(&self, path: &str, body: String) -> Result<Value> {
-        Ok(self
-            .send(self.http.post(format!("{}{path}", self.base)).body(body))
-            .await?
-            .json()
-            .await?)
-    }
-}
-
 /// `aligner submit FILE`: queue on a daemon, or run here when none is configured.
 pub async fn submit(file: &Path, daemon: &DaemonArg, store: &StoreArg) -> Result<()> {
-    let Some(url) = &daemon.daemon else {
+    let Some((client, url)) = daemon.client()? else {
         eprintln!("no daemon configured (--daemon or ALIGNER_DAEMON): running here");
         return crate::commands::run_file(file, store).await;
     };
@@ -219,12 +157,7 @@ pub async fn submit(file: &Path, daemon: &DaemonArg, store: &StoreArg) -> Result
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let client = Client::new(url, &daemon.token)?;
-    let path = format!(
-        "/v1/runs?base_dir={}",
-        form_urlencoded::byte_serialize(dir.display().to_string().as_bytes()).collect::<String>()
-    );
-    let v = client.post(&path, text).await?;
+    let v = client.submit(text, &dir).await?;
     println!(
         "queued run {} ({}) on {}\nfollow it: aligner logs -f {} --daemon {}",
         v["run_id"],
@@ -238,9 +171,9 @@ pub async fn submit(file: &Path, daemon: &DaemonArg, store: &StoreArg) -> Result
 
 /// `aligner runs`.
 pub async fn runs(daemon: &DaemonArg, store: &StoreArg, json: bool) -> Result<()> {
-    let rows: Vec<[String; 5]> = match &daemon.daemon {
-        Some(url) => {
-            let v = Client::new(url, &daemon.token)?.get("/v1/runs").await?;
+    let rows: Vec<[String; 5]> = match daemon.client()? {
+        Some((client, _)) => {
+            let v = client.runs().await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
@@ -315,62 +248,19 @@ fn numeric(run: &str) -> Result<i64> {
 
 /// `aligner cancel RUN`.
 pub async fn cancel(run: &str, daemon: &DaemonArg, store: &StoreArg) -> Result<()> {
-    match &daemon.daemon {
-        Some(url) => {
+    match daemon.client()? {
+        Some((client, _)) => {
             let run = numeric(run)?;
-            let v = Client::new(url, &daemon.token)?
-                .post(&format!("/v1/runs/{run}/cancel"), String::new())
-                .await?;
+            let v = client.cancel(run).await?;
             match v["requested"].as_str() {
                 Some(_) => println!("run {run}: cancel requested; in-flight items finish first"),
                 None => println!("run {run}: {}", v["state"].as_str().unwrap_or("cancelled")),
             }
         }
         None => {
-            let path = crate::commands::store_path(store, None);
-            let store = Store::open(&path).await?;
-            let row = store.find_run(run).await?;
-            if row.status != "running" {
-                return Err(
-                    Invalid::Message(format!("run {} is already {}", row.id, row.status)).into(),
-                );
-            }
-            // A daemon's queued or paused run is cancelled in its queue too; a running one only
-            // through its daemon.
-            if let Some(job) = store.job(row.id).await? {
-                match job.state.as_str() {
-                    "queued" | "paused" => {
-                        store.transition_job(row.id, &["queued", "paused"], "cancelled").await?;
-                    }
-                    "running" => {
-                        return Err(Invalid::Message(format!(
-                            "run {} is being driven by a daemon\nhint: cancel it through that daemon: --daemon URL",
-                            row.id
-                        ))
-                        .into())
-                    }
-                    _ => {}
-                }
-            }
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)?
-                .as_millis() as i64;
-            let held = match (&row.lease_holder, row.lease_expires_ms) {
-                (Some(h), Some(exp)) => exp > now && !aligner_engine::holder_is_dead(h),
-                _ => false,
-            };
-            if held {
-                return Err(Invalid::Message(format!(
-                    "run {} is being driven by {}\nhint: stop that process (Ctrl-C) first, or cancel through its daemon with --daemon",
-                    row.id,
-                    row.lease_holder.unwrap_or_default()
-                ))
-                .into());
-            }
-            store
-                .set_run_status(row.id, "cancelled", Some("cancelled with `aligner cancel`"))
-                .await?;
-            println!("run {}: cancelled", row.id);
+            let store = Store::open(&crate::commands::store_path(store, None)).await?;
+            let id = aligner_daemon::client::cancel_in_store(&store, run).await?;
+            println!("run {id}: cancelled");
         }
     }
     Ok(())
@@ -378,64 +268,29 @@ pub async fn cancel(run: &str, daemon: &DaemonArg, store: &StoreArg) -> Result<(
 
 /// `aligner logs RUN [-f]`: the run's events (and, from a daemon, its live progress).
 pub async fn logs(run: &str, follow: bool, daemon: &DaemonArg, store: &StoreArg) -> Result<()> {
-    match &daemon.daemon {
-        Some(url) => {
-            let run = numeric(run)?;
-            let client = Client::new(url, &daemon.token)?;
-            let mut resp = client
-                .send(client.http.get(format!(
-                    "{}/v1/runs/{run}/events?follow={}",
-                    client.base,
-                    if follow { 1 } else { 0 }
-                )))
-                .await?;
-            let mut buf = String::new();
-            let (mut event, mut data) = (String::new(), String::new());
-            let mut ended = false;
-            while let Some(chunk) = resp.chunk().await? {
-                buf.push_str(&String::from_utf8_lossy(&chunk));
-                while let Some(nl) = buf.find('\n') {
-                    let line = buf[..nl].trim_end_matches('\r').to_string();
-                    buf.drain(..=nl);
-                    if line.is_empty() {
-                        if !data.is_empty() {
-                            print_event(&event, &data);
-                            ended |= event == "end";
-                        }
-                        event.clear();
-                        data.clear();
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        event = v.trim().to_string();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.trim_start());
-                    }
-                }
-            }
-            if !ended {
-                bail!("the daemon's event stream ended before the run did (the daemon stopped?)\nhint: run `aligner logs -f {run}` again once it is back");
+    if let Some((client, _)) = daemon.client()? {
+        let run = numeric(run)?;
+        let events = client.events(run, follow).await?;
+        futures::pin_mut!(events);
+        let mut ended = false;
+        while let Some(e) = events.next().await {
+            let e = e?;
+            if !e.data.is_empty() {
+                print_event(&e.event, &e.data);
+                ended |= e.event == "end";
             }
         }
-        None => {
-            let store = Store::open_read_only(&crate::commands::store_path(store, None)).await?;
-            let row = store.find_run(run).await?;
-            let mut after = 0;
-            loop {
-                let events = store.events(row.id, after, 1000).await?;
-                for e in &events {
-                    after = e.id;
-                    print_event("log", &serde_json::to_string(e)?);
-                }
-                if !follow || store.run(row.id).await?.status != "running" {
-                    if events.is_empty() {
-                        break;
-                    }
-                    continue;
-                }
-                if events.is_empty() {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
+        if !ended {
+            bail!("the daemon's event stream ended before the run did (the daemon stopped?)\nhint: run `aligner logs -f {run}` again once it is back");
         }
+        return Ok(());
+    }
+    let store = Store::open_read_only(&crate::commands::store_path(store, None)).await?;
+    let events = aligner_daemon::client::store_events(store, run, follow).await?;
+    futures::pin_mut!(events);
+    while let Some(e) = events.next().await {
+        let e = e?;
+        print_event(&e.event, &e.data);
     }
     Ok(())
 }

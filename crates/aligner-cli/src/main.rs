@@ -7,13 +7,11 @@
 mod backends;
 mod commands;
 mod daemon;
-mod embedder;
 mod fetch;
 mod output;
 mod progress;
-mod report;
 mod serve;
-mod trainer;
+mod train;
 
 use clap::Parser;
 
