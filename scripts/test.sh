@@ -27,6 +27,9 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 cargo fmt --all -- --check
+# Lints: every crate under the workspace lints, no warning allowed, and every `unsafe` block
+# carries its `// SAFETY:` argument.
+cargo clippy --workspace --all-targets -- -D warnings -W clippy::undocumented_unsafe_blocks
 
 # Build the suite (and the `aligner` binary it runs) first, then fetch the real models the
 # local-model tests load (models/, or $ALIGNER_MODELS_DIR) and the prompt sets the example

@@ -504,7 +504,14 @@ mod tests {
             rejected: "r".into(),
         };
         let path = dir.path().join("d.jsonl");
-        write_pairs(&path, Format::Jsonl, Kind::Dpo, true, &[pair.clone()]).unwrap();
+        write_pairs(
+            &path,
+            Format::Jsonl,
+            Kind::Dpo,
+            true,
+            std::slice::from_ref(&pair),
+        )
+        .unwrap();
         let line = std::fs::read_to_string(&path).unwrap();
         assert!(
             line.starts_with(r#"{"prompt":[{"role":"system","content":"be nice"}"#),

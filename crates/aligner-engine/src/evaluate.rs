@@ -158,7 +158,7 @@ pub fn parse_verdict(output: &str) -> Option<&'static str> {
         for key in KEYS {
             if let Some(pos) = lower.find(key) {
                 let tail = &line[pos + key.len()..];
-                let tail = tail.trim_start_matches(|c: char| c == ':' || c == '*' || c == ' ');
+                let tail = tail.trim_start_matches([':', '*', ' ']);
                 // "A", "**B**", "Response A." or "assistant B, because ...".
                 let mut words = tail.split(|c: char| c.is_whitespace() || c == ',' || c == ';');
                 let mut word = words.next().unwrap_or("").to_string();
@@ -247,7 +247,7 @@ fn median(v: &mut [f64]) -> Option<f64> {
     }
     v.sort_by(f64::total_cmp);
     let m = v.len() / 2;
-    Some(if v.len() % 2 == 0 {
+    Some(if v.len().is_multiple_of(2) {
         (v[m - 1] + v[m]) / 2.0
     } else {
         v[m]

@@ -142,7 +142,7 @@ pub fn needs_semantic(spec: &SynthesizeStage, state: &FilterState, c: &Candidate
     spec.semantic.is_some()
         && precheck(spec, c).is_ok()
         && !(spec.dedupe_prompts && state.kept_prompts.contains(c.prompt_hash))
-        && !spec.max_pairs.is_some_and(|cap| state.kept >= cap)
+        && spec.max_pairs.is_none_or(|cap| state.kept < cap)
 }
 
 /// The checks of one pair on its own; `Ok` holds its edit distance and length ratio.

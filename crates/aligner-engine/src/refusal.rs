@@ -74,8 +74,9 @@ pub fn is_refusal(text: &str) -> bool {
             let sorry = *p == "i'm sorry" || *p == "i am sorry";
             let cant = *p == "i can't" || *p == "i cannot" || *p == "i can not";
             let after = &head[at + p.len()..];
-            !(sorry && SYMPATHY_AFTER_SORRY.iter().any(|s| after.starts_with(s)))
-                && !(cant && IDIOM_AFTER_CANT.iter().any(|s| after.starts_with(s)))
+            let sympathy = sorry && SYMPATHY_AFTER_SORRY.iter().any(|s| after.starts_with(s));
+            let idiom = cant && IDIOM_AFTER_CANT.iter().any(|s| after.starts_with(s));
+            !(sympathy || idiom)
         })
     })
 }

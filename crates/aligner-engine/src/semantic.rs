@@ -32,6 +32,10 @@ impl Measured {
     }
 }
 
+/// Where one candidate's vectors sit in the batch to embed: its original's (when copies are
+/// checked) and its prompt's hash and slot (when prompts are deduplicated).
+type Slots = (Option<usize>, Option<(String, usize)>);
+
 pub(crate) struct Scorer {
     embedder: Arc<dyn Embedder>,
     filter: SemanticFilter,
@@ -115,7 +119,7 @@ impl Scorer {
         let check_prompts = self.filter.dedupe_prompts_above.is_some();
         let mut texts: Vec<String> = Vec::new();
         // Per candidate: where its original's, correction's and prompt's vectors will be.
-        let mut slots: Vec<Option<(Option<usize>, Option<(String, usize)>)>> = Vec::new();
+        let mut slots: Vec<Option<Slots>> = Vec::new();
         let mut prompt_slot: HashMap<String, usize> = HashMap::new();
         for (c, prompt) in candidates.iter().zip(prompts) {
             if !filters::needs_semantic(spec, state, c) {

@@ -58,7 +58,7 @@ fn label_of(rule: &LabelRule, metadata: Option<&serde_json::Value>) -> String {
             other => other.to_string(),
         })
         .unwrap_or_default();
-    if rule.harmful.iter().any(|h| *h == value) {
+    if rule.harmful.contains(&value) {
         "harmful".into()
     } else {
         "benign".into()
@@ -152,7 +152,7 @@ pub(crate) fn trim_truncated(text: &str) -> String {
                     .is_some_and(char::is_whitespace)
         })
         .map(|(i, c)| i + c.len_utf8())
-        .last();
+        .next_back();
     match end {
         Some(end) if end * 2 >= t.len() => t[..end].to_string(),
         _ => t.to_string(),

@@ -172,7 +172,11 @@ impl Embedder {
                 dir.display()
             ),
         };
-        if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+        if config.num_attention_heads == 0
+            || !config
+                .hidden_size
+                .is_multiple_of(config.num_attention_heads)
+        {
             bail!(
                 "`{}`: hidden_size {} is not a multiple of num_attention_heads {}",
                 dir.display(),

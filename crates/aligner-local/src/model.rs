@@ -339,7 +339,10 @@ impl Model {
     ) -> Result<Self> {
         config.vocab = lm_head.as_ref().map(Weight::rows).unwrap_or(embed.rows());
         let c = &config;
-        if embed.cols() != c.hidden || c.heads % c.kv_heads != 0 || c.head_dim % 2 != 0 {
+        if embed.cols() != c.hidden
+            || !c.heads.is_multiple_of(c.kv_heads)
+            || !c.head_dim.is_multiple_of(2)
+        {
             bail!("inconsistent model shapes: {c:?}");
         }
         for (i, l) in layers.iter().enumerate() {

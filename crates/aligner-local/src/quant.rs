@@ -194,7 +194,7 @@ impl Weight {
     /// Repacks Q4_1 / Q8_0 weights for the tiled AVX-512 VNNI kernels where this CPU has
     /// them and the row count is a multiple of 16; anything else is returned as it is.
     pub fn into_fastest_layout(self) -> Self {
-        if !tiled::available() || self.rows() % tiled::LANES != 0 {
+        if !tiled::available() || !self.rows().is_multiple_of(tiled::LANES) {
             return self;
         }
         match self {
@@ -374,7 +374,7 @@ fn check_blocks(
     block_bytes: usize,
     what: &str,
 ) -> anyhow::Result<()> {
-    if cols % QK != 0 {
+    if !cols.is_multiple_of(QK) {
         anyhow::bail!("{what} weight with {cols} columns: not a multiple of the block size {QK}");
     }
     let want = rows * cols / QK * block_bytes;
@@ -402,6 +402,13 @@ pub struct ActRow<'a> {
     pub qsum: &'a [i32],
 }
 
+/// One row's slices as `ActQ8::quantize` zips them: input, codes, scales, then sums and
+/// integer sums.
+type RowParts<'a> = (
+    ((&'a [f32], &'a mut [i8]), &'a mut [f32]),
+    (&'a mut [f32], &'a mut [i32]),
+);
+
 impl ActQ8 {
     pub fn quantize(x: &[f32], m: usize, k: usize, with_sums: bool) -> Self {
         let nb = k / QK;
@@ -409,10 +416,7 @@ impl ActQ8 {
         let mut d = vec![0f32; m * nb];
         let mut s = vec![0f32; if with_sums { m * nb } else { 0 }];
         let mut qsum = vec![0i32; m * nb];
-        let row = |(((xr, qr), dr), (sr, ir)): (
-            ((&[f32], &mut [i8]), &mut [f32]),
-            (&mut [f32], &mut [i32]),
-        )| {
+        let row = |(((xr, qr), dr), (sr, ir)): RowParts<'_>| {
             for (b, (xb, qb)) in xr.chunks_exact(QK).zip(qr.chunks_exact_mut(QK)).enumerate() {
                 let (dd, sum) = quantize_block(xb, qb);
                 dr[b] = f16::from_f32(dd).to_f32();
@@ -861,6 +865,8 @@ mod simd {
     /// # Safety
     /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
     #[target_feature(enable = "avx2,fma,avxvnni")]
+    // `b` indexes the scales and both code arrays at once.
+    #[allow(clippy::needless_range_loop)]
     pub unsafe fn dot_q8_0_q8_0_vnni(qs: &[i8], d: &[f32], a: &ActRow<'_>) -> f32 {
         let nb = d.len();
         assert!(qs.len() >= nb * QK && a.qs.len() >= nb * QK && a.d.len() >= nb);
@@ -932,6 +938,8 @@ mod simd {
     /// # Safety
     /// The CPU must support AVX2 and FMA; slices hold `d.len()` blocks.
     #[target_feature(enable = "avx2,fma")]
+    // `b` indexes the scales and both code arrays at once.
+    #[allow(clippy::needless_range_loop)]
     pub unsafe fn dot_q8_0_q8_0_avx2(qs: &[i8], d: &[f32], a: &ActRow<'_>) -> f32 {
         let nb = d.len();
         assert!(qs.len() >= nb * QK && a.qs.len() >= nb * QK && a.d.len() >= nb);

@@ -76,7 +76,7 @@ pub struct Q8_0x16 {
 impl Q4_1x16 {
     /// From GGML's row-wise layout (16 packed bytes, one `d` and one `m` per block).
     pub fn from_rowwise(rows: usize, cols: usize, qs: &[u8], d: &[f32], m: &[f32]) -> Self {
-        assert!(rows % LANES == 0 && cols % QK == 0);
+        assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
         let nb = cols / QK;
         let groups = rows / LANES;
         let mut tq = vec![0u8; groups * nb * 256];
@@ -163,7 +163,7 @@ impl Q4_1x16 {
 impl Q8_0x16 {
     /// From GGML's row-wise layout (32 signed bytes and one `d` per block).
     pub fn from_rowwise(rows: usize, cols: usize, qs: &[i8], d: &[f32]) -> Self {
-        assert!(rows % LANES == 0 && cols % QK == 0);
+        assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
         let nb = cols / QK;
         let groups = rows / LANES;
         let mut tq = vec![0u8; groups * nb * 512];

@@ -102,7 +102,7 @@ impl TextTokenizer {
         let md = &content.metadata;
         let model = md
             .get("tokenizer.ggml.model")
-            .map(|v| v.to_string().map(|s| s.clone()))
+            .map(|v| v.to_string().cloned())
             .transpose()
             .map_err(|e| anyhow!("GGUF tokenizer.ggml.model: {e}"))?
             .unwrap_or_default();

@@ -327,7 +327,9 @@ fn candle_device_path_agrees_with_the_simd_path() {
         logits: true,
     }]);
     let mut dcache = DeviceCache::new(fast.config.layers);
-    let b = dev.forward(&[ids.clone()], &mut dcache).unwrap();
+    let b = dev
+        .forward(std::slice::from_ref(&ids), &mut dcache)
+        .unwrap();
     let (a, b) = (&a[0], &b[0]);
     let max_diff = a
         .iter()
@@ -350,7 +352,7 @@ fn candle_device_path_agrees_with_the_simd_path() {
         aligner_local::sampling::argmax(b)
     );
     // Greedy continuations agree on the first tokens.
-    let g = dev.greedy(&[ids.clone()], 8).unwrap();
+    let g = dev.greedy(std::slice::from_ref(&ids), 8).unwrap();
     let engine = Engine::start(Arc::new(fast), Arc::new(tok), EngineOptions::default());
     let ours = engine.generate_blocking(ids, greedy(8)).unwrap().tokens;
     assert_eq!(g[0], ours);

@@ -412,6 +412,8 @@ pub struct AlignerSpec {
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+// Built once per spec; boxing the larger variant would buy nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum AlignerData {
     /// Question-answer-correction rows (`question`, `answer`, `correction` columns).
     File { path: PathBuf, format: PromptFormat },

@@ -83,9 +83,9 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Pack
         // Position j predicts token j + 1; completion tokens start at p.len() (a completion
         // with no prompt cannot predict its first token).
         let start = p.len().max(1);
-        for j in start..full.len() {
+        for (j, &tok) in full.iter().enumerate().skip(start) {
             positions.push((i * t + j - 1) as u32);
-            targets.push(full[j]);
+            targets.push(tok);
             owners.push(i);
         }
         counts.push(full.len() - start);

@@ -1144,7 +1144,10 @@ struct BlockSaved {
 fn input_grads(parts: &[(&[f32], &Tensor, usize)], n: usize, d: usize) -> Result<Vec<f32>> {
     let mut dx = vec![0f32; n * d];
     for (j, (g, w, out)) in parts.iter().enumerate() {
-        weight_slice(w, |m| Ok(input_grad(g, m, &mut dx, n, d, *out, j > 0)))?;
+        weight_slice(w, |m| {
+            input_grad(g, m, &mut dx, n, d, *out, j > 0);
+            Ok(())
+        })?;
     }
     Ok(dx)
 }
@@ -1202,7 +1205,8 @@ impl CustomOp1 for AttentionBlock {
         let (qr, kr, p, o) = (r.q, r.k, r.p, r.o);
         let mut y = x.to_vec();
         weight_slice(&w.o.value, |wo| {
-            Ok(forward_mm(&o, wo, &mut y, n, qw, d, true))
+            forward_mm(&o, wo, &mut y, n, qw, d, true);
+            Ok(())
         })?;
         *self.saved.lock().expect("block state") = Some(Arc::new(BlockSaved {
             inv,
@@ -1229,7 +1233,8 @@ impl CustomOp1 for AttentionBlock {
                 weight_grad(&w.o, None, g, o, n, qw, d);
                 let mut d_o = vec![0f32; n * qw];
                 weight_slice(&w.o.value, |wo| {
-                    Ok(input_grad(g, wo, &mut d_o, n, qw, d, false))
+                    input_grad(g, wo, &mut d_o, n, qw, d, false);
+                    Ok(())
                 })?;
                 let (dq, dk, dv) = self.core().backward(qr, kr, v, p, &d_o);
                 let (bq, bk, bv) = match &w.bias {
@@ -1292,7 +1297,8 @@ impl CustomOp1 for MlpBlock {
         let act = swiglu_forward(&gate, &up);
         let mut y = x.to_vec();
         weight_slice(&w.down.value, |m| {
-            Ok(forward_mm(&act, m, &mut y, n, i, d, true))
+            forward_mm(&act, m, &mut y, n, i, d, true);
+            Ok(())
         })?;
         *self.saved.lock().expect("block state") = Some(Arc::new(BlockSaved {
             inv,
@@ -1318,7 +1324,8 @@ impl CustomOp1 for MlpBlock {
                 weight_grad(&w.down, None, g, act, n, i, d);
                 let mut d_act = vec![0f32; n * i];
                 weight_slice(&w.down.value, |m| {
-                    Ok(input_grad(g, m, &mut d_act, n, i, d, false))
+                    input_grad(g, m, &mut d_act, n, i, d, false);
+                    Ok(())
                 })?;
                 let (da, du) = swiglu_backward(&d_act, gate, up);
                 weight_grad(&w.gate, None, &da, h, n, d, i);

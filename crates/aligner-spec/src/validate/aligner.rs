@@ -20,19 +20,18 @@ impl Ctx<'_> {
     ) -> Option<AlignerSpec> {
         let errors_before = self.errors.len();
         let name = w.name.clone().unwrap_or_else(|| "aligner".into());
-        if w.name.is_some() {
-            if name.is_empty()
+        if w.name.is_some()
+            && (name.is_empty()
                 || !name
                     .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-            {
-                self.err(
-                    "aligner.name",
-                    Anchor::Value,
-                    format!("invalid model name `{name}`"),
-                    Some("use letters, digits, `_` and `-`".into()),
-                );
-            }
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'))
+        {
+            self.err(
+                "aligner.name",
+                Anchor::Value,
+                format!("invalid model name `{name}`"),
+                Some("use letters, digits, `_` and `-`".into()),
+            );
         }
         if models.is_some_and(|m| m.contains_key(&name)) {
             let path = if w.name.is_some() {

@@ -128,8 +128,8 @@ impl Ctx<'_> {
                 };
                 self.err("rounds.evaluate.gate.metric", Anchor::Value, format!("`{}` is not a metric this evaluation computes", g.metric), Some(hint));
             }
-            if g.metric.starts_with("refusal_rate") || g.metric.starts_with("over_refusal") {
-                if labels.is_none() {
+            if (g.metric.starts_with("refusal_rate") || g.metric.starts_with("over_refusal"))
+                && labels.is_none() {
                     self.err(
                         "rounds.evaluate.gate.metric",
                         Anchor::Value,
@@ -137,7 +137,6 @@ impl Ctx<'_> {
                         Some("say which held-out prompts are harmful: `labels: { field: source, harmful: [strongreject] }`".into()),
                     );
                 }
-            }
             self.expect(
                 "rounds.evaluate.gate.max_drop",
                 g.max_drop.is_finite() && g.max_drop >= 0.0,
