@@ -29,6 +29,7 @@ fi
 cargo fmt --all -- --check
 # Lints: every crate under the workspace lints, no warning allowed, and every `unsafe` block
 # carries its `// SAFETY:` argument.
+cargo clippy --version >/dev/null 2>&1 || rustup component add clippy
 cargo clippy --workspace --all-targets -- -D warnings -W clippy::undocumented_unsafe_blocks
 
 # Build the suite (and the `aligner` binary it runs) first, then fetch the real models the
