@@ -14,12 +14,12 @@ impl aligner_engine::BackendFactory for Factory {
         &self,
         name: &str,
         spec: &ModelSpec,
-    ) -> Result<Arc<dyn TextGenerator>, String> {
+    ) -> anyhow::Result<Arc<dyn TextGenerator>> {
         match spec {
             ModelSpec::Openai(m) => {
                 let api_key = match &m.api_key_env {
                     Some(var) => Some(std::env::var(var).map_err(|_| {
-                        format!("environment variable `{var}` (from `models.{name}.api_key_env`) is not set\nhint: export {var}=<your key>")
+                        anyhow::anyhow!("environment variable `{var}` (from `models.{name}.api_key_env`) is not set\nhint: export {var}=<your key>")
                     })?),
                     None => None,
                 };
@@ -36,7 +36,8 @@ impl aligner_engine::BackendFactory for Factory {
                 {
                     config.backoff_base = Duration::from_millis(ms);
                 }
-                let backend = aligner_openai::OpenAiBackend::new(config).map_err(|e| e.message)?;
+                let backend = aligner_openai::OpenAiBackend::new(config)
+                    .map_err(|e| anyhow::anyhow!(e.message))?;
                 Ok(Arc::new(backend))
             }
             ModelSpec::Local(m) => Ok(aligner_local::shared::backend(name, m)?),
@@ -46,11 +47,11 @@ impl aligner_engine::BackendFactory for Factory {
     fn embedder(
         &self,
         spec: &aligner_spec::SemanticFilter,
-    ) -> Result<Arc<dyn aligner_backend::Embedder>, String> {
+    ) -> anyhow::Result<Arc<dyn aligner_backend::Embedder>> {
         aligner_local::shared::embedder(spec)
     }
 
-    fn trainer(&self) -> Result<Arc<dyn aligner_engine::Trainer>, String> {
+    fn trainer(&self) -> anyhow::Result<Arc<dyn aligner_engine::Trainer>> {
         Ok(Arc::new(aligner_train::pipeline::BuiltinTrainer))
     }
 }

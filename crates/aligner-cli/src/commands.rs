@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use aligner_engine::{Engine, RunOptions};
 use aligner_spec::Pipeline;
-use aligner_store::Store;
+use aligner_store::{Stage, Store};
 
 use crate::output::{self, SqlFormat};
 use crate::progress::Bars;
@@ -317,7 +317,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         } => {
             let store = Store::open_read_only(&store_path(&store, None)).await?;
             let row = store.find_run(&run).await?;
-            if !store.stage_done(row.id, round, "synthesize").await? {
+            if !store.stage_done(row.id, round, Stage::Synthesize).await? {
                 return Err(Invalid::Message(format!(
                     "run `{}` round {round} has not finished its synthesize stage, so its pairs are not final\nhint: `aligner status {}` shows where the run is; `aligner resume {}` finishes it",
                     row.id, row.id, row.id

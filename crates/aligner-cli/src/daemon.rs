@@ -212,7 +212,7 @@ pub async fn runs(daemon: &DaemonArg, store: &StoreArg, json: bool) -> Result<()
                     [
                         r.id.to_string(),
                         r.name,
-                        r.status,
+                        r.status.to_string(),
                         r.lease_holder
                             .map(|h| format!("driven by {h}"))
                             .unwrap_or_default(),

@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aligner_spec::Pipeline;
+use aligner_store::{JobState, RunStatus};
 use axum::body::Body;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
@@ -34,8 +35,6 @@ use crate::{Shared, Stop};
 
 /// The file name submitted pipelines are known by in messages (beside their `base_dir`).
 pub const SUBMITTED_FILE: &str = "submitted.yaml";
-
-const TERMINAL: [&str; 3] = ["done", "failed", "cancelled"];
 
 /// Event streams open at once.
 pub const MAX_STREAMS: usize = 32;
@@ -333,22 +332,30 @@ async fn run_detail(
 async fn cancel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = run_id(&id)?;
     let job = job_or_404(&shared, id).await?;
-    match job.state.as_str() {
-        "queued" | "paused" => {
+    match job.state {
+        JobState::Queued | JobState::Paused => {
             if shared
                 .store
-                .transition_job(id, &["queued", "paused"], "cancelled")
+                .transition_job(
+                    id,
+                    &[JobState::Queued, JobState::Paused],
+                    JobState::Cancelled,
+                )
                 .await?
             {
                 shared
                     .store
-                    .set_run_status(id, "cancelled", Some("cancelled through the daemon API"))
+                    .set_run_status(
+                        id,
+                        RunStatus::Cancelled,
+                        Some("cancelled through the daemon API"),
+                    )
                     .await?;
                 return Ok(Json(json!({"run_id": id, "state": "cancelled"})).into_response());
             }
             Err(conflict(id, "changed state meanwhile; try again"))
         }
-        "running" => {
+        JobState::Running => {
             if !shared.store.request_job(id, "cancel").await? {
                 return Err(conflict(id, "stopped meanwhile; look again and retry"));
             }
@@ -368,18 +375,18 @@ async fn cancel(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> Ap
 async fn pause(State(shared): State<Arc<Shared>>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = run_id(&id)?;
     let job = job_or_404(&shared, id).await?;
-    match job.state.as_str() {
-        "queued" => {
+    match job.state {
+        JobState::Queued => {
             if shared
                 .store
-                .transition_job(id, &["queued"], "paused")
+                .transition_job(id, &[JobState::Queued], JobState::Paused)
                 .await?
             {
                 return Ok(Json(json!({"run_id": id, "state": "paused"})).into_response());
             }
             Err(conflict(id, "changed state meanwhile; try again"))
         }
-        "running" => {
+        JobState::Running => {
             if !shared.store.request_job(id, "pause").await? {
                 return Err(conflict(id, "stopped meanwhile; look again and retry"));
             }
@@ -405,10 +412,10 @@ async fn resume(
 ) -> ApiResult<Json<Value>> {
     let id = run_id(&id)?;
     let job = job_or_404(&shared, id).await?;
-    if job.state != "paused"
+    if job.state != JobState::Paused
         || !shared
             .store
-            .transition_job(id, &["paused"], "queued")
+            .transition_job(id, &[JobState::Paused], JobState::Queued)
             .await?
     {
         return Err(conflict(
@@ -484,7 +491,7 @@ async fn events(
                 Ok(Some(j)) => j,
                 _ => return,
             };
-            if !follow || (TERMINAL.contains(&job.state.as_str()) && shared.active(id).is_none()) {
+            if !follow || (job.state.is_terminal() && shared.active(id).is_none()) {
                 // One last look for log rows the run wrote as it ended.
                 if let Ok(rows) = store.events(id, after, 500).await {
                     for row in rows {

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aligner_spec::Invalid;
-use aligner_store::Store;
+use aligner_store::{JobState, RunStatus, Store};
 use anyhow::{anyhow, bail, Result};
 use eventsource_stream::Eventsource;
 use futures::{Stream, StreamExt};
@@ -173,7 +173,7 @@ pub async fn store_events(
                         data: serde_json::to_string(e)?,
                     });
                 }
-                if !follow || store.run(id).await?.status != "running" {
+                if !follow || store.run(id).await?.status != RunStatus::Running {
                     ended = events.is_empty();
                 } else if events.is_empty() {
                     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -187,17 +187,17 @@ pub async fn store_events(
 /// or a daemon is driving it; a daemon's queued or paused job is cancelled in its queue too.
 pub async fn cancel_in_store(store: &Store, run: &str) -> Result<i64> {
     let row = store.find_run(run).await?;
-    if row.status != "running" {
+    if row.status != RunStatus::Running {
         return Err(Invalid::Message(format!("run {} is already {}", row.id, row.status)).into());
     }
     if let Some(job) = store.job(row.id).await? {
-        match job.state.as_str() {
-            "queued" | "paused" => {
+        match job.state {
+            JobState::Queued | JobState::Paused => {
                 store
-                    .transition_job(row.id, &["queued", "paused"], "cancelled")
+                    .transition_job(row.id, &[JobState::Queued, JobState::Paused], JobState::Cancelled)
                     .await?;
             }
-            "running" => {
+            JobState::Running => {
                 return Err(Invalid::Message(format!(
                     "run {} is being driven by a daemon\nhint: cancel it through that daemon: --daemon URL",
                     row.id
@@ -223,7 +223,11 @@ pub async fn cancel_in_store(store: &Store, run: &str) -> Result<i64> {
         .into());
     }
     store
-        .set_run_status(row.id, "cancelled", Some("cancelled with `aligner cancel`"))
+        .set_run_status(
+            row.id,
+            RunStatus::Cancelled,
+            Some("cancelled with `aligner cancel`"),
+        )
         .await?;
     Ok(row.id)
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aligner_engine::{Engine, Observer, RunOptions, Stage};
 use aligner_spec::Pipeline;
-use aligner_store::JobRow;
+use aligner_store::{JobRow, JobState, RunStatus};
 use anyhow::Result;
 use serde_json::json;
 
@@ -128,16 +128,16 @@ fn start(shared: &Arc<Shared>, job: JobRow) {
             }
         };
         let (state, error) = match outcome {
-            Ok(()) => ("done", None),
+            Ok(()) => (JobState::Done, None),
             Err(Ended::Interrupted) => {
                 match *active.stop.lock().unwrap_or_else(|e| e.into_inner()) {
-                    Some(Stop::Cancel) => ("cancelled", None),
-                    Some(Stop::Pause) => ("paused", None),
+                    Some(Stop::Cancel) => (JobState::Cancelled, None),
+                    Some(Stop::Pause) => (JobState::Paused, None),
                     // Shutdown, or the lease went to another process: queue it again.
-                    _ => ("queued", None),
+                    _ => (JobState::Queued, None),
                 }
             }
-            Err(Ended::Failed(e)) => ("failed", Some(e)),
+            Err(Ended::Failed(e)) => (JobState::Failed, Some(e)),
         };
         // Leave the slot first: a resume of this run may claim it again at once.
         {
@@ -166,20 +166,25 @@ fn start(shared: &Arc<Shared>, job: JobRow) {
 /// Records how a run's job ended. The run's own status is written first, so whoever reads a
 /// finished job state also reads the run's final status (both writes are idempotent, and the
 /// caller retries the pair).
-async fn finish(shared: &Shared, run_id: i64, state: &str, error: Option<&str>) -> Result<()> {
+async fn finish(shared: &Shared, run_id: i64, state: JobState, error: Option<&str>) -> Result<()> {
     match state {
-        "cancelled" => {
+        JobState::Cancelled => {
             shared
                 .store
                 .set_run_status(
                     run_id,
-                    "cancelled",
+                    RunStatus::Cancelled,
                     Some("cancelled through the daemon API"),
                 )
                 .await?
         }
         // The engine records most failures itself, not those before it starts driving.
-        "failed" => shared.store.set_run_status(run_id, "failed", error).await?,
+        JobState::Failed => {
+            shared
+                .store
+                .set_run_status(run_id, RunStatus::Failed, error)
+                .await?
+        }
         _ => {}
     }
     shared.store.set_job_state(run_id, state, error).await?;
@@ -199,9 +204,9 @@ async fn drive(shared: &Arc<Shared>, job: &JobRow, active: &Arc<Active>) -> Resu
         .await
         .map_err(|e| Ended::Failed(e.to_string()))?
         .status;
-    if status == "cancelled" || status == "done" {
+    if status == RunStatus::Cancelled || status == RunStatus::Done {
         active.stop(Stop::Cancel);
-        return if status == "done" {
+        return if status == RunStatus::Done {
             Ok(())
         } else {
             Err(Ended::Interrupted)

@@ -27,8 +27,8 @@ use aligner_spec::{
     Comparison, CorrectStage, EvaluateStage, Gate, GateAction, JudgeAspect, ModelSpec,
 };
 use aligner_store::{
-    EvalAnswerRow, EvalJudgementRow, EvalMetricRow, GateDecisionRow, HoldoutPromptRow,
-    NewEvalAnswer, NewEvalJudgement, Store,
+    EvalAnswerRow, EvalJudgementRow, EvalMetricRow, GateDecision, GateDecisionRow,
+    HoldoutPromptRow, NewEvalAnswer, NewEvalJudgement, Outcome, Store,
 };
 
 use crate::executor::{self, outcome, CallResult, ItemStage, Model, Progress, Tally};
@@ -296,7 +296,7 @@ fn answer_metrics(
             .filter_map(|p| {
                 answers
                     .get(&(version, p.id, kind))
-                    .filter(|a| a.status == "ok")
+                    .filter(|a| a.status == Outcome::Ok)
                     .map(|a| (p, *a))
             })
             .collect();
@@ -395,7 +395,7 @@ pub fn gate_decision(
         value,
         best_round: best.map(|b| b.0),
         best_value: best.map(|b| b.1),
-        decision: "continue".into(),
+        decision: GateDecision::Continue,
         reason: String::new(),
     };
     let Some(v) = value else {
@@ -409,10 +409,9 @@ pub fn gate_decision(
     let drop = if lower_better { v - bv } else { bv - v };
     if drop > max_drop {
         row.decision = match action {
-            GateAction::Stop => "stop",
-            GateAction::Rollback => "rollback",
-        }
-        .into();
+            GateAction::Stop => GateDecision::Stop,
+            GateAction::Rollback => GateDecision::Rollback,
+        };
         row.reason = format!(
             "`{metric}` {} to {v:.1} in round {round}, {drop:.1} {} its best ({bv:.1} in round {br}), more than the allowed {max_drop}; {}",
             if lower_better { "rose" } else { "fell" },
@@ -456,7 +455,7 @@ async fn version_backend(
             let backend = e
                 .factory
                 .text_generator(&name, &ModelSpec::Local(m))
-                .map_err(|message| Error::Backend { name, message })?;
+                .map_err(|source| Error::Backend { name, source })?;
             Ok((backend, None, ckpt.path.clone()))
         }
         (_, served) => Ok((
@@ -751,7 +750,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
         self.done_before = (existing
             .iter()
             .filter(|a| {
-                a.status == "ok"
+                a.status == Outcome::Ok
                     && ((a.kind == "answer" && self.need.contains(&a.version))
                         || (self.correct && a.kind == "corrected" && a.version == self.k))
             })
@@ -759,7 +758,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             + e.store.eval_judgements(run_id, round).await?.len())
             as i64;
         e.store
-            .start_stage(run_id, round, "evaluate", Some(total))
+            .start_stage(run_id, round, Stage::Evaluate, Some(total))
             .await?;
         e.observer.stage_started(
             self.ctx.round,
@@ -855,7 +854,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             .filter(|a| {
                 a.version == k
                     && a.kind == "answer"
-                    && a.status == "ok"
+                    && a.status == Outcome::Ok
                     && !corrected.contains(&a.prompt_id)
             })
             .filter_map(|a| {
@@ -909,10 +908,10 @@ impl<'c, 'e> Evaluation<'c, 'e> {
                 let (Some(ca), Some(ba)) = (
                     by_key
                         .get(&(cand.0, p.id, cand.1))
-                        .filter(|a| a.status == "ok"),
+                        .filter(|a| a.status == Outcome::Ok),
                     by_key
                         .get(&(base_side.0, p.id, base_side.1))
-                        .filter(|a| a.status == "ok"),
+                        .filter(|a| a.status == Outcome::Ok),
                 ) else {
                     continue;
                 };
@@ -964,11 +963,11 @@ impl<'c, 'e> Evaluation<'c, 'e> {
         let any_ok = |v: i64, kind: &str| {
             answers
                 .iter()
-                .any(|a| a.version == v && a.kind == kind && a.status == "ok")
+                .any(|a| a.version == v && a.kind == kind && a.status == Outcome::Ok)
         };
         self.need.iter().any(|&v| !any_ok(v, "answer"))
             || (self.correct && any_ok(self.k, "answer") && !any_ok(self.k, "corrected"))
-            || (!judgements.is_empty() && judgements.iter().all(|j| j.status != "ok"))
+            || (!judgements.is_empty() && judgements.iter().all(|j| j.status != Outcome::Ok))
     }
 
     /// Phase 4: the round's metrics, the judge-free ones of version k's answers and
@@ -1054,7 +1053,7 @@ fn judge_metrics(
                 let l: Vec<f64> = prompts
                     .iter()
                     .filter_map(|p| by_key.get(&(v, p.id, kind)))
-                    .filter(|a| a.status == "ok")
+                    .filter(|a| a.status == Outcome::Ok)
                     .map(|a| a.text.as_deref().unwrap_or("").chars().count() as f64)
                     .collect();
                 (!l.is_empty()).then(|| l.iter().sum::<f64>() / l.len() as f64)
@@ -1091,7 +1090,7 @@ async fn apply_gate(ctx: &Ctx<'_>, g: &Gate, metrics: &[EvalMetricRow]) -> Resul
         .and_then(|m| m.value);
     let d = gate_decision(&g.metric, g.max_drop, g.action, round, value, &history);
     e.store.record_gate_decision(run_id, &d).await?;
-    let level = if d.decision == "continue" {
+    let level = if d.decision == GateDecision::Continue {
         "info"
     } else {
         "warn"
@@ -1216,7 +1215,7 @@ mod tests {
             Some(5.0),
             &[],
         );
-        assert_eq!(d.decision, "continue");
+        assert_eq!(d.decision, GateDecision::Continue);
         let h = [(1, 30.0), (2, 20.0)];
         let d = gate_decision(
             "omega.harmlessness.initial",
@@ -1235,7 +1234,7 @@ mod tests {
             Some(15.0),
             &h,
         );
-        assert_eq!(d.decision, "rollback");
+        assert_eq!(d.decision, GateDecision::Rollback);
         assert!(d.reason.contains("round 1's model"), "{}", d.reason);
         // Lower is better for over-refusal.
         let d = gate_decision(
@@ -1246,7 +1245,7 @@ mod tests {
             Some(12.0),
             &[(1, 4.0)],
         );
-        assert_eq!(d.decision, "stop");
+        assert_eq!(d.decision, GateDecision::Stop);
         assert!(d.reason.contains("rose"), "{}", d.reason);
         let d = gate_decision(
             "over_refusal",
@@ -1256,6 +1255,6 @@ mod tests {
             Some(1.0),
             &[(1, 4.0)],
         );
-        assert_eq!(d.decision, "continue");
+        assert_eq!(d.decision, GateDecision::Continue);
     }
 }

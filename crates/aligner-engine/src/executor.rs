@@ -187,7 +187,7 @@ async fn call_all<S: ItemStage>(
                     .update_stage_progress(
                         ctx.run_id,
                         ctx.round(),
-                        p.stage.as_str(),
+                        p.stage,
                         p.ok + tally.ok as i64,
                         p.failed + tally.failed as i64,
                     )

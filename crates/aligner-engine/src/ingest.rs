@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use aligner_dataset::{Format, Mapping};
 use aligner_spec::PromptFormat;
-use aligner_store::NewPrompt;
+use aligner_store::{NewPrompt, Stage, StageEnd};
 
 use crate::{Engine, Result};
 
@@ -47,7 +47,10 @@ pub(crate) fn sample_and_split(
 
 pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
     let p = &engine.spec.prompts;
-    engine.store.start_stage(run_id, 0, "ingest", None).await?;
+    engine
+        .store
+        .start_stage(run_id, 0, Stage::Ingest, None)
+        .await?;
     let format = match p.format {
         PromptFormat::Jsonl => Format::Jsonl,
         PromptFormat::Csv => Format::Csv,
@@ -91,7 +94,7 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
     let total = prompts.len() as i64;
     engine
         .store
-        .finish_stage(run_id, 0, "ingest", "done", total, 0, None)
+        .finish_stage(run_id, 0, Stage::Ingest, StageEnd::done(total, 0))
         .await?;
     let message = format!(
         "{} prompts from `{}` ({} rows, {} empty skipped): {} train, {} held out",

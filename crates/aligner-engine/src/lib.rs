@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use aligner_backend::TextGenerator;
 use aligner_spec::{ModelSpec, Pipeline};
-use aligner_store::{NewEvent, Store};
+use aligner_store::{GateDecision, NewEvent, RunStatus, StageStatus, Store};
 
 pub use lease::{holder_id, holder_is_dead};
 pub use planner::{Finished, Plan, Stage, Step};
@@ -39,13 +39,28 @@ pub enum Error {
     Dataset(#[from] aligner_dataset::Error),
     #[error("run `{run}` was started from a different pipeline spec; changed: {changes}\nhint: undo those edits to resume it, or start a new run with `aligner run --new`")]
     SpecChanged { run: i64, changes: String },
-    #[error("model `{name}`: {message}")]
-    Backend { name: String, message: String },
+    #[error("model `{name}`: {source:#}")]
+    Backend {
+        name: String,
+        #[source]
+        source: anyhow::Error,
+    },
     #[error("round {round} `{stage}`: {message}")]
     Stage {
         round: u32,
         stage: &'static str,
         message: String,
+    },
+    /// A stage failed inside a part the binary wired in (its embedder, its trainer); the
+    /// part's own error chain is kept, so exit codes can read it.
+    #[error("round {round} `{stage}`: {message}")]
+    Component {
+        round: u32,
+        stage: &'static str,
+        /// What the user reads: the chain, with a hint where there is one.
+        message: String,
+        #[source]
+        source: anyhow::Error,
     },
     #[error("interrupted; finished work is saved\nhint: `aligner resume {run} --store {}` continues it", store.display())]
     Interrupted { run: i64, store: PathBuf },
@@ -64,23 +79,23 @@ pub trait BackendFactory: Send + Sync {
         &self,
         name: &str,
         spec: &ModelSpec,
-    ) -> Result<Arc<dyn TextGenerator>, String>;
+    ) -> anyhow::Result<Arc<dyn TextGenerator>>;
 
     /// The sentence embedder of `rounds.synthesize.semantic`. Called once per synthesize
     /// stage; implementations may cache it.
     fn embedder(
         &self,
         spec: &aligner_spec::SemanticFilter,
-    ) -> Result<Arc<dyn aligner_backend::Embedder>, String> {
-        Err(format!(
+    ) -> anyhow::Result<Arc<dyn aligner_backend::Embedder>> {
+        Err(anyhow::anyhow!(
             "this build cannot run the embedder `{}` of `rounds.synthesize.semantic`\nhint: remove the `semantic` block, or use the `aligner` binary, which runs it locally",
             spec.embedder.display()
         ))
     }
 
     /// The built-in trainer of `rounds.train.backend: {kind: builtin}`.
-    fn trainer(&self) -> Result<Arc<dyn Trainer>, String> {
-        Err("this build has no built-in trainer\nhint: use the `aligner` binary, or `backend: { kind: command, command: ... }` with your own trainer".into())
+    fn trainer(&self) -> anyhow::Result<Arc<dyn Trainer>> {
+        Err(anyhow::anyhow!("this build has no built-in trainer\nhint: use the `aligner` binary, or `backend: {{ kind: command, command: ... }}` with your own trainer"))
     }
 }
 
@@ -138,15 +153,15 @@ pub trait Trainer: Send + Sync {
         &self,
         request: &TrainRequest,
         events: &mut dyn FnMut(TrainEvent),
-    ) -> std::result::Result<(), String>;
+    ) -> anyhow::Result<()>;
 
     /// Trains an Aligner: identity warm-up, then SFT on the corrections.
     fn train_aligner(
         &self,
         _request: &AlignerTrainRequest,
         _events: &mut dyn FnMut(TrainEvent),
-    ) -> std::result::Result<(), String> {
-        Err("this trainer cannot train an Aligner".into())
+    ) -> anyhow::Result<()> {
+        Err(anyhow::anyhow!("this trainer cannot train an Aligner"))
     }
 }
 
@@ -233,6 +248,18 @@ pub struct Engine {
     factory: Arc<dyn BackendFactory>,
     observer: Arc<dyn Observer>,
     interrupt: Arc<AtomicBool>,
+}
+
+impl Error {
+    /// A stage's failure inside a wired-in part, keeping the part's error chain.
+    pub(crate) fn component(round: u32, stage: &'static str, source: anyhow::Error) -> Error {
+        Error::Component {
+            round,
+            stage,
+            message: format!("{source:#}"),
+            source,
+        }
+    }
 }
 
 impl Engine {
@@ -373,11 +400,15 @@ impl Engine {
         // Release first: a failure to record the status must not leave the lease renewing.
         lease.release(&self.store).await;
         match &result {
-            Ok(_) => self.store.set_run_status(run_id, "done", None).await?,
+            Ok(_) => {
+                self.store
+                    .set_run_status(run_id, RunStatus::Done, None)
+                    .await?
+            }
             Err(Error::Interrupted { .. }) | Err(Error::LeaseLost { .. }) => {}
             Err(e) => {
                 self.store
-                    .set_run_status(run_id, "failed", Some(&e.to_string()))
+                    .set_run_status(run_id, RunStatus::Failed, Some(&e.to_string()))
                     .await?;
                 self.event(
                     run_id,
@@ -406,7 +437,9 @@ impl Engine {
         options: &RunOptions,
         lease: &lease::Lease,
     ) -> Result<()> {
-        self.store.set_run_status(run_id, "running", None).await?;
+        self.store
+            .set_run_status(run_id, RunStatus::Running, None)
+            .await?;
         let kind = if resumed {
             "run_resumed"
         } else {
@@ -450,11 +483,13 @@ impl Engine {
                         Stage::TrainAligner => teach::train_aligner(&ctx).await?,
                         Stage::EvaluateAligner => teach::evaluate_aligner(&ctx).await?,
                         Stage::Evaluate => evaluate::evaluate(&ctx).await?,
+                        // The planner returns ingest as `Step::Ingest`, never as a round's stage.
+                        Stage::Ingest => ingest::run(self, run_id).await?,
                     }
                 }
                 Step::FinishRound(round) => {
                     self.store
-                        .finish_round(run_id, round as i64, "done")
+                        .finish_round(run_id, round as i64, StageStatus::Done)
                         .await?;
                     self.event(
                         run_id,
@@ -493,7 +528,7 @@ impl Engine {
             .gate_decisions(run_id)
             .await?
             .iter()
-            .find(|g| g.round == prev && g.decision == "rollback")
+            .find(|g| g.round == prev && g.decision == GateDecision::Rollback)
             .and_then(|g| g.best_round)
             .unwrap_or(prev))
     }
@@ -502,17 +537,17 @@ impl Engine {
     async fn finished(&self, run_id: i64) -> Result<Finished> {
         let mut f = Finished::default();
         for s in self.store.stages(run_id).await? {
-            if s.status != "done" {
+            if s.status != StageStatus::Done {
                 continue;
             }
-            if s.stage == "ingest" {
+            if s.stage == Stage::Ingest {
                 f.ingested = true;
-            } else if let Some(stage) = Stage::parse(&s.stage) {
-                f.stages.insert((s.round as u32, stage));
+            } else {
+                f.stages.insert((s.round as u32, s.stage));
             }
         }
         for r in self.store.rounds(run_id).await? {
-            if r.status == "done" {
+            if r.status == StageStatus::Done {
                 f.rounds.insert(r.round as u32);
             }
         }
@@ -521,7 +556,7 @@ impl Engine {
             .gate_decisions(run_id)
             .await?
             .iter()
-            .find(|g| g.decision == "stop")
+            .find(|g| g.decision == GateDecision::Stop)
             .map(|g| g.round as u32);
         Ok(f)
     }
@@ -529,13 +564,13 @@ impl Engine {
     fn backend(&self, name: &str) -> Result<Arc<dyn TextGenerator>> {
         let spec = self.spec.models.get(name).ok_or_else(|| Error::Backend {
             name: name.into(),
-            message: "not defined in `models`".into(),
+            source: anyhow::anyhow!("not defined in `models`"),
         })?;
         self.factory
             .text_generator(name, spec)
-            .map_err(|message| Error::Backend {
+            .map_err(|source| Error::Backend {
                 name: name.into(),
-                message,
+                source,
             })
     }
 
@@ -555,15 +590,15 @@ impl Engine {
             .await?
             .ok_or_else(|| Error::Backend {
                 name: name.into(),
-                message:
+                source: anyhow::anyhow!(
                     "the trained Aligner has no checkpoint yet (stage `train_aligner` of round 0)"
-                        .into(),
+                ),
             })?;
         self.factory
             .text_generator(name, &ModelSpec::Local(train::checkpoint_model(&ckpt.path)))
-            .map_err(|message| Error::Backend {
+            .map_err(|source| Error::Backend {
                 name: name.into(),
-                message,
+                source,
             })
     }
 

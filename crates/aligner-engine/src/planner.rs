@@ -3,50 +3,9 @@
 
 use std::collections::BTreeSet;
 
-/// The stages of a round, in the order they run. The first three make the pipeline's own
-/// Aligner (`aligner:`) and run once, as round 0, before round 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Stage {
-    /// Question-answer-correction rows: answers from a model, corrections from a teacher.
-    Teach,
-    TrainAligner,
-    /// The trained Aligner on the held-out rows.
-    EvaluateAligner,
-    Generate,
-    Correct,
-    Synthesize,
-    Train,
-    Evaluate,
-}
-
-impl Stage {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Stage::Teach => "teach",
-            Stage::TrainAligner => "train_aligner",
-            Stage::EvaluateAligner => "evaluate_aligner",
-            Stage::Generate => "generate",
-            Stage::Correct => "correct",
-            Stage::Synthesize => "synthesize",
-            Stage::Train => "train",
-            Stage::Evaluate => "evaluate",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Stage> {
-        Some(match s {
-            "teach" => Stage::Teach,
-            "train_aligner" => Stage::TrainAligner,
-            "evaluate_aligner" => Stage::EvaluateAligner,
-            "generate" => Stage::Generate,
-            "correct" => Stage::Correct,
-            "synthesize" => Stage::Synthesize,
-            "train" => Stage::Train,
-            "evaluate" => Stage::Evaluate,
-            _ => return None,
-        })
-    }
-}
+/// The stages of a run: the store's vocabulary, which the planner orders (ingest, the
+/// Aligner's three stages in round 0, then each round's).
+pub use aligner_store::Stage;
 
 /// The shape of a run, as far as planning goes.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -248,12 +248,12 @@ mod tests {
             &self,
             _name: &str,
             _spec: &ModelSpec,
-        ) -> Result<Arc<dyn TextGenerator>, String> {
+        ) -> anyhow::Result<Arc<dyn TextGenerator>> {
             Ok(Arc::new(Doubles {
                 embedder: self.embedder.clone(),
             }))
         }
-        fn embedder(&self, _spec: &SemanticFilter) -> Result<Arc<dyn Embedder>, String> {
+        fn embedder(&self, _spec: &SemanticFilter) -> anyhow::Result<Arc<dyn Embedder>> {
             Ok(self.embedder.clone())
         }
     }
@@ -265,7 +265,7 @@ mod tests {
             &self,
             _name: &str,
             _spec: &ModelSpec,
-        ) -> Result<Arc<dyn TextGenerator>, String> {
+        ) -> anyhow::Result<Arc<dyn TextGenerator>> {
             Ok(Arc::new(Doubles {
                 embedder: Arc::new(BagOfWords {
                     texts: AtomicUsize::new(0),

@@ -10,7 +10,9 @@ use sha2::{Digest, Sha256};
 
 use aligner_backend::{CompletionRequest, Message, Prompt, Sampling};
 use aligner_spec::{CorrectStage, GenerateStage, ModelSpec, SamplingSpec};
-use aligner_store::{NewCorrection, NewGeneration, NewPair, Store, UncorrectedRow};
+use aligner_store::{
+    NewCorrection, NewGeneration, NewPair, Outcome, StageEnd, Store, UncorrectedRow,
+};
 
 use crate::executor::{self, outcome, CallResult, ItemStage, Model, Pending, Progress};
 use crate::filters::{self, Candidate, FilterState};
@@ -46,27 +48,18 @@ impl Ctx<'_> {
         }
         // A stage where every item failed is a broken backend, not bad luck: stop the run so the
         // user can fix it; a resume retries the failed items.
-        let status = if ok == 0 && failed > 0 {
-            "failed"
-        } else {
-            "done"
-        };
-        let error = (status == "failed").then(|| {
+        let error = (ok == 0 && failed > 0).then(|| {
             format!(
                 "all {failed} item(s) failed; first error: {}",
                 first_error.clone().unwrap_or_default()
             )
         });
+        let end = match &error {
+            Some(error) => StageEnd::failed(ok, failed, error),
+            None => StageEnd::done(ok, failed),
+        };
         e.store
-            .finish_stage(
-                self.run_id,
-                self.round(),
-                stage.as_str(),
-                status,
-                ok,
-                failed,
-                error.as_deref(),
-            )
+            .finish_stage(self.run_id, self.round(), stage, end)
             .await?;
         e.observer
             .stage_finished(self.round, stage, ok as u64, failed as u64);
@@ -291,7 +284,7 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
     let base = e.store.generation_counts(run_id, round).await?;
     let done_ok = base.0;
     e.store
-        .start_stage(run_id, round, "generate", Some(total))
+        .start_stage(run_id, round, Stage::Generate, Some(total))
         .await?;
     e.observer
         .stage_started(ctx.round, Stage::Generate, total as u64, done_ok as u64);
@@ -300,7 +293,7 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
             let name = format!("{}@round-{}", spec.model, ctx.round - 1);
             e.factory
                 .text_generator(&name, &ModelSpec::Local(m.clone()))
-                .map_err(|message| Error::Backend { name, message })?
+                .map_err(|source| Error::Backend { name, source })?
         }
         None => e.backend(&spec.model)?,
     };
@@ -450,7 +443,7 @@ pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
     let base = e.store.correction_counts(run_id, round).await?;
     let done_ok = base.0;
     e.store
-        .start_stage(run_id, round, "correct", Some(gen_ok))
+        .start_stage(run_id, round, Stage::Correct, Some(gen_ok))
         .await?;
     e.observer
         .stage_started(ctx.round, Stage::Correct, gen_ok as u64, done_ok as u64);
@@ -494,7 +487,7 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     let (gen_ok, gen_failed) = e.store.generation_counts(run_id, round).await?;
     let (kept0, dropped0) = e.store.pair_counts(run_id, round).await?;
     e.store
-        .start_stage(run_id, round, "synthesize", Some(gen_ok + gen_failed))
+        .start_stage(run_id, round, Stage::Synthesize, Some(gen_ok + gen_failed))
         .await?;
     e.observer.stage_started(
         ctx.round,
@@ -511,11 +504,10 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     };
     let scorer = match &spec.semantic {
         Some(filter) => {
-            let embedder = e.factory.embedder(filter).map_err(|message| Error::Stage {
-                round: ctx.round,
-                stage: "synthesize",
-                message,
-            })?;
+            let embedder = e
+                .factory
+                .embedder(filter)
+                .map_err(|source| Error::component(ctx.round, "synthesize", source))?;
             let scorer = Scorer::new(embedder, filter.clone(), ctx.round);
             if state.kept > 0 {
                 let kept = e.store.kept_pairs(run_id, round).await?;
@@ -542,8 +534,8 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
         let candidates: Vec<Candidate> = page
             .iter()
             .map(|u| {
-                let gen_ok = u.generation_status == "ok";
-                let corr_ok = u.correction_status.as_deref() == Some("ok");
+                let gen_ok = u.generation_status == Outcome::Ok;
+                let corr_ok = u.correction_status == Some(Outcome::Ok);
                 Candidate {
                     prompt_hash: &u.dedupe_key,
                     original: gen_ok.then_some(u.original.as_deref().unwrap_or("")),
@@ -598,13 +590,18 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
         total_kept += kept as i64;
         total_dropped += dropped as i64;
         e.store
-            .update_stage_progress(run_id, round, "synthesize", total_kept, total_dropped)
+            .update_stage_progress(run_id, round, Stage::Synthesize, total_kept, total_dropped)
             .await?;
         e.observer.advanced(kept, dropped);
     }
     let (kept, dropped) = e.store.pair_counts(run_id, round).await?;
     e.store
-        .finish_stage(run_id, round, "synthesize", "done", kept, dropped, None)
+        .finish_stage(
+            run_id,
+            round,
+            Stage::Synthesize,
+            StageEnd::done(kept, dropped),
+        )
         .await?;
     e.observer
         .stage_finished(ctx.round, Stage::Synthesize, kept as u64, dropped as u64);

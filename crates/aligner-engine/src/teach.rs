@@ -16,7 +16,9 @@ use sha2::{Digest, Sha256};
 
 use aligner_backend::{CompletionRequest, Message, Prompt};
 use aligner_spec::{AlignerData, AlignerSpec, LabelRule, PromptFormat, SamplingSpec, Teacher};
-use aligner_store::{AlignerExampleRow, AlignerUpdate, NewAlignerExample, NewTrainingJob, Store};
+use aligner_store::{
+    AlignerExampleRow, AlignerUpdate, NewAlignerExample, NewTrainingJob, StageEnd, Store,
+};
 
 use crate::executor::{self, CallResult, ItemStage, Model, Progress};
 use crate::filters::normalized_edit_distance;
@@ -353,7 +355,7 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
     let total = rows.len() as i64;
     let have = rows.iter().filter(|r| r.correction.is_some()).count() as i64;
     e.store
-        .start_stage(run_id, 0, Stage::Teach.as_str(), Some(total))
+        .start_stage(run_id, 0, Stage::Teach, Some(total))
         .await?;
     e.observer
         .stage_started(0, Stage::Teach, total as u64, have as u64);
@@ -437,7 +439,7 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
     // A checkpoint registered before a crash that came before the stage was marked done.
     if e.store.checkpoint(run_id, 0).await?.is_some() && out.is_dir() {
         e.store
-            .finish_stage(run_id, 0, stage.as_str(), "done", 1, 0, None)
+            .finish_stage(run_id, 0, stage, StageEnd::done(1, 0))
             .await?;
         return Ok(());
     }
@@ -453,19 +455,20 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
             ))
         })
         .collect();
-    e.store
-        .start_stage(run_id, 0, stage.as_str(), Some(1))
-        .await?;
+    e.store.start_stage(run_id, 0, stage, Some(1)).await?;
     e.observer.stage_started(0, stage, 1, 0);
     if examples.is_empty() {
         let message = "no training row has an answer and a correction\nhint: look at `SELECT error FROM aligner_examples` for the failed calls".to_string();
         e.store
-            .finish_stage(run_id, 0, stage.as_str(), "failed", 0, 1, Some(&message))
+            .finish_stage(run_id, 0, stage, StageEnd::failed(0, 1, &message))
             .await?;
         return Err(err(message));
     }
     let (attempt_dir, state_dir) = crate::train::attempt_dirs(ctx, &dir).await?;
-    let trainer = e.factory.trainer().map_err(err)?;
+    let trainer = e
+        .factory
+        .trainer()
+        .map_err(|source| Error::component(0, stage.as_str(), source))?;
     let base_desc = crate::train::describe_local(base);
     let job = e
         .store
@@ -523,7 +526,7 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
         .register_checkpoint(run_id, 0, job.id, 0, &out.display().to_string(), None)
         .await?;
     e.store
-        .finish_stage(run_id, 0, stage.as_str(), "done", 1, 0, None)
+        .finish_stage(run_id, 0, stage, StageEnd::done(1, 0))
         .await?;
     e.observer.stage_finished(0, stage, 1, 0);
     let message = format!(
@@ -557,9 +560,7 @@ pub(crate) async fn evaluate_aligner(ctx: &Ctx<'_>) -> Result<()> {
         .collect();
     let total = held.len() as i64;
     let done = held.iter().filter(|r| r.output.is_some()).count() as i64;
-    e.store
-        .start_stage(run_id, 0, stage.as_str(), Some(total))
-        .await?;
+    e.store.start_stage(run_id, 0, stage, Some(total)).await?;
     e.observer
         .stage_started(0, stage, total as u64, done as u64);
     let todo: Vec<AlignerExampleRow> = held

@@ -13,7 +13,7 @@ use aligner_dataset::{Format, Kind};
 use aligner_spec::{
     ExportFormat, ModelSpec, ReferencePolicy, TrainBackend, TrainMethod, TrainStage,
 };
-use aligner_store::NewTrainingJob;
+use aligner_store::{NewTrainingJob, StageEnd, StageStatus};
 
 use crate::stages::Ctx;
 use crate::{Error, Result, Stage};
@@ -105,7 +105,9 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
             serve_model,
         } => (command, format, conversational, serve_model),
     };
-    e.store.start_stage(run_id, round, "train", Some(1)).await?;
+    e.store
+        .start_stage(run_id, round, Stage::Train, Some(1))
+        .await?;
     e.observer.stage_started(ctx.round, Stage::Train, 1, 0);
 
     // The model this round trained from, and the DPO reference it resolves to.
@@ -149,7 +151,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     let previous = e.store.training_job(run_id, round).await?;
     if let Some(pgid) = previous
         .as_ref()
-        .filter(|j| j.status == "running")
+        .filter(|j| j.status == StageStatus::Running)
         .and_then(|j| j.pgid)
     {
         // A trainer that outlived a killed `aligner` must not race the new attempt.
@@ -165,7 +167,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     if pairs.is_empty() {
         let message = no_pairs(ctx.round);
         e.store
-            .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
+            .finish_stage(
+                run_id,
+                round,
+                Stage::Train,
+                StageEnd::failed(0, 1, &message),
+            )
             .await?;
         return Err(stage_err(message));
     }
@@ -290,7 +297,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     let tail_text = tail.iter().cloned().collect::<Vec<_>>().join("\n  ");
     if e.interrupted() {
         e.store
-            .finish_training_job(job.id, "failed", code, Some("interrupted"))
+            .finish_training_job(job.id, StageStatus::Failed, code, Some("interrupted"))
             .await?;
         return Err(e.interrupted_error(run_id));
     }
@@ -308,10 +315,15 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     };
     if let Some(message) = failure {
         e.store
-            .finish_training_job(job.id, "failed", code, Some(&message))
+            .finish_training_job(job.id, StageStatus::Failed, code, Some(&message))
             .await?;
         e.store
-            .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
+            .finish_stage(
+                run_id,
+                round,
+                Stage::Train,
+                StageEnd::failed(0, 1, &message),
+            )
             .await?;
         return Err(stage_err(message));
     }
@@ -359,7 +371,7 @@ async fn register(
         )
         .await?;
     e.store
-        .finish_stage(run_id, round, "train", "done", 1, 0, None)
+        .finish_stage(run_id, round, Stage::Train, StageEnd::done(1, 0))
         .await?;
     e.observer.stage_finished(ctx.round, Stage::Train, 1, 0);
     let message = format!(
@@ -408,7 +420,9 @@ async fn run_builtin(
             "the built-in trainer trains local models; `{gen_model}` is not `kind: local`"
         )));
     };
-    e.store.start_stage(run_id, round, "train", Some(1)).await?;
+    e.store
+        .start_stage(run_id, round, Stage::Train, Some(1))
+        .await?;
     e.observer.stage_started(ctx.round, Stage::Train, 1, 0);
     let base = if ctx.round == 1 {
         initial.clone()
@@ -437,11 +451,19 @@ async fn run_builtin(
     if pairs.is_empty() {
         let message = no_pairs(ctx.round);
         e.store
-            .finish_stage(run_id, round, "train", "failed", 0, 1, Some(&message))
+            .finish_stage(
+                run_id,
+                round,
+                Stage::Train,
+                StageEnd::failed(0, 1, &message),
+            )
             .await?;
         return Err(stage_err(message));
     }
-    let trainer = e.factory.trainer().map_err(stage_err)?;
+    let trainer = e
+        .factory
+        .trainer()
+        .map_err(|source| Error::component(ctx.round, "train", source))?;
     let job = e
         .store
         .start_training_job(&NewTrainingJob {
@@ -504,9 +526,7 @@ pub(crate) async fn run_in_thread(
     ctx: &Ctx<'_>,
     stage: Stage,
     job: &aligner_store::TrainingJobRow,
-    work: impl FnOnce(&mut dyn FnMut(crate::TrainEvent)) -> std::result::Result<(), String>
-        + Send
-        + 'static,
+    work: impl FnOnce(&mut dyn FnMut(crate::TrainEvent)) -> anyhow::Result<()> + Send + 'static,
 ) -> Result<()> {
     let e = ctx.engine;
     let (run_id, round) = (ctx.run_id, ctx.round as i64);
@@ -544,33 +564,26 @@ pub(crate) async fn run_in_thread(
     })?;
     if e.interrupted() {
         e.store
-            .finish_training_job(job.id, "failed", None, Some("interrupted"))
+            .finish_training_job(job.id, StageStatus::Failed, None, Some("interrupted"))
             .await?;
         return Err(e.interrupted_error(run_id));
     }
-    if let Err(message) = result {
+    if let Err(source) = result {
         let message = format!(
-            "built-in trainer: {message}\nhint: its log is in `training_logs` (job {})",
+            "built-in trainer: {source:#}\nhint: its log is in `training_logs` (job {})",
             job.id
         );
         e.store
-            .finish_training_job(job.id, "failed", None, Some(&message))
+            .finish_training_job(job.id, StageStatus::Failed, None, Some(&message))
             .await?;
         e.store
-            .finish_stage(
-                run_id,
-                round,
-                stage.as_str(),
-                "failed",
-                0,
-                1,
-                Some(&message),
-            )
+            .finish_stage(run_id, round, stage, StageEnd::failed(0, 1, &message))
             .await?;
-        return Err(Error::Stage {
+        return Err(Error::Component {
             round: ctx.round,
             stage: stage.as_str(),
             message,
+            source,
         });
     }
     Ok(())

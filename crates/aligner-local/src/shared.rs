@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use aligner_backend::{Embedder, Error, ErrorKind};
 use aligner_spec::{LocalModel, SemanticFilter};
+use anyhow::Context;
 
 use crate::backend::{LoadOptions, LocalBackend};
 
 /// The local model `models.{name}`, loaded on first use. `ALIGNER_LOCAL_MAX_BATCH` caps the
 /// sequences generated together.
-pub fn backend(name: &str, m: &LocalModel) -> Result<Arc<LocalBackend>, String> {
+pub fn backend(name: &str, m: &LocalModel) -> anyhow::Result<Arc<LocalBackend>> {
     static LOADED: OnceLock<Mutex<HashMap<String, Arc<LocalBackend>>>> = OnceLock::new();
     let key = serde_json::to_string(m).unwrap_or_default();
     let mut cache = LOADED
@@ -30,7 +31,7 @@ pub fn backend(name: &str, m: &LocalModel) -> Result<Arc<LocalBackend>, String> 
     {
         opts.max_batch = n.max(1);
     }
-    let backend = LocalBackend::load(m, opts).map_err(|e| format!("models.{name}: {e:#}"))?;
+    let backend = LocalBackend::load(m, opts).with_context(|| format!("models.{name}"))?;
     let backend = Arc::new(backend);
     cache.insert(key, backend.clone());
     Ok(backend)
@@ -51,7 +52,7 @@ impl Embedder for LocalEmbedder {
 }
 
 /// The embedder of `rounds.synthesize.semantic`, loaded on first use.
-pub fn embedder(spec: &SemanticFilter) -> Result<Arc<dyn Embedder>, String> {
+pub fn embedder(spec: &SemanticFilter) -> anyhow::Result<Arc<dyn Embedder>> {
     static LOADED: OnceLock<Mutex<HashMap<PathBuf, Arc<LocalEmbedder>>>> = OnceLock::new();
     let mut cache = LOADED
         .get_or_init(Default::default)
@@ -61,7 +62,7 @@ pub fn embedder(spec: &SemanticFilter) -> Result<Arc<dyn Embedder>, String> {
         return Ok(e.clone());
     }
     let embedder = crate::embed::Embedder::load_cpu(&spec.embedder)
-        .map_err(|e| format!("`rounds.synthesize.semantic.embedder`: {e:#}"))?;
+        .context("`rounds.synthesize.semantic.embedder`")?;
     let embedder = Arc::new(LocalEmbedder(embedder));
     cache.insert(spec.embedder.clone(), embedder.clone());
     Ok(embedder)

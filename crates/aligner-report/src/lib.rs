@@ -20,9 +20,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 
 use aligner_store::{
-    AlignerEvalRow, AlignerExampleRow, EvalExample, EvalMetricRow, GateDecisionRow, PairExample,
-    RoundRow, RoundSummary, RunRow, StageRow, Store, TrainingJobReport, TrainingMetricPoint,
-    TrainingMetricSummary,
+    AlignerEvalRow, AlignerExampleRow, EvalExample, EvalMetricRow, GateDecisionRow, Outcome,
+    PairExample, RoundRow, RoundSummary, RunRow, Stage, StageRow, StageStatus, Store,
+    TrainingJobReport, TrainingMetricPoint, TrainingMetricSummary,
 };
 
 use aligner_spec::Invalid;
@@ -298,8 +298,15 @@ fn run_header(d: &Data, out: &mut Vec<Block>) {
     let mut kv = |k: &str, v: Cell| t.push(Row::new(vec![Cell::text(k), v]));
     kv("pipeline", Cell::text(&r.name));
     kv("run id", Cell::int(r.id));
-    kv("status", Cell::text(&r.status).tone(status_tone(&r.status)));
-    let rounds_done = d.rounds.iter().filter(|x| x.status == "done").count();
+    kv(
+        "status",
+        Cell::text(r.status.as_str()).tone(status_tone(r.status.as_str())),
+    );
+    let rounds_done = d
+        .rounds
+        .iter()
+        .filter(|x| x.status == StageStatus::Done)
+        .count();
     kv(
         "rounds",
         Cell::text(match d.spec.rounds {
@@ -350,7 +357,7 @@ fn overview(d: &Data, out: &mut Vec<Block>) {
         t.push(
             Row::new(vec![
                 Cell::int(s.round),
-                Cell::text(&s.status).tone(status_tone(&s.status)),
+                Cell::text(s.status.as_str()).tone(status_tone(s.status.as_str())),
                 Cell::text(&s.upstream_ref),
                 Cell::int(s.generations_ok),
                 Cell::int(s.generations_failed),
@@ -521,7 +528,7 @@ fn gate_row(g: &GateDecisionRow) -> Row {
             tone: Tone::Num,
         },
         Cell::real(g.best_value, metric_num),
-        Cell::text(&g.decision).tone(status_tone(&g.decision)),
+        Cell::text(g.decision.as_str()).tone(status_tone(g.decision.as_str())),
         Cell::text(&g.reason),
     ])
     .data("round", g.round.to_string())
@@ -704,7 +711,7 @@ fn job_row(j: &TrainingJobReport) -> Row {
         Cell::int(j.round),
         Cell::text(&j.method),
         Cell::text(&j.backend),
-        Cell::text(&j.status).tone(status_tone(&j.status)),
+        Cell::text(j.status.as_str()).tone(status_tone(j.status.as_str())),
         Cell::int(j.pairs),
         Cell::int(j.attempts),
         Cell::text(j.exit_code.map(|c| c.to_string()).unwrap_or_default()),
@@ -765,8 +772,8 @@ fn stages_table(stages: &[&StageRow]) -> Table {
     for s in stages {
         t.push(
             Row::new(vec![
-                Cell::text(&s.stage),
-                Cell::text(&s.status).tone(status_tone(&s.status)),
+                Cell::text(s.stage.as_str()),
+                Cell::text(s.status.as_str()).tone(status_tone(s.status.as_str())),
                 Cell::int(s.done),
                 Cell::int(s.failed),
                 s.total.map(Cell::int).unwrap_or_else(|| Cell::text("")),
@@ -782,7 +789,7 @@ fn stages_table(stages: &[&StageRow]) -> Table {
                 .tone(Tone::Bad),
             ])
             .data("round", s.round.to_string())
-            .data("stage", s.stage.clone()),
+            .data("stage", s.stage.as_str()),
         );
     }
     t
@@ -793,7 +800,7 @@ fn own_aligner(d: &Data, out: &mut Vec<Block>) {
     let stages: Vec<&StageRow> = d
         .stages
         .iter()
-        .filter(|s| s.round == 0 && s.stage != "ingest")
+        .filter(|s| s.round == 0 && s.stage != Stage::Ingest)
         .collect();
     if stages.is_empty() && d.aligner_eval.is_empty() {
         return;
@@ -909,7 +916,7 @@ fn round(d: &Data, r: &RoundRow, out: &mut Vec<Block>) {
             .unwrap_or_default()
     )));
     let stages: Vec<&StageRow> = d.stages.iter().filter(|s| s.round == k).collect();
-    for s in stages.iter().filter(|s| s.status == "failed") {
+    for s in stages.iter().filter(|s| s.status == StageStatus::Failed) {
         out.push(Block::Error(format!(
             "stage `{}` failed: {}",
             s.stage,
@@ -980,7 +987,7 @@ fn round(d: &Data, r: &RoundRow, out: &mut Vec<Block>) {
     } else {
         let metrics: Vec<&EvalMetricRow> = d.metrics.iter().filter(|m| m.round == k).collect();
         if metrics.is_empty() {
-            let why = match stages.iter().find(|s| s.stage == "evaluate") {
+            let why = match stages.iter().find(|s| s.stage == Stage::Evaluate) {
                 Some(s) => format!(
                     "its evaluate stage is {}{}",
                     s.status,
@@ -1107,7 +1114,7 @@ fn eval_example(e: &EvalExample, labels: Option<&LabelRule>) -> Example {
     {
         badges.push((format!("degenerate: {d}"), Tone::Bad));
     }
-    if e.answer_status == "failed" || e.corrected_status.as_deref() == Some("failed") {
+    if e.answer_status == Outcome::Failed || e.corrected_status == Some(Outcome::Failed) {
         badges.push(("a call failed".into(), Tone::Bad));
     }
     Example {
@@ -1129,7 +1136,7 @@ fn pair_example(p: &PairExample, labels: Option<&LabelRule>) -> Example {
     }
     badges.push(match &p.reason {
         Some(reason) => (format!("dropped: {reason}"), Tone::Bad),
-        None => (p.verdict.clone(), status_tone(&p.verdict)),
+        None => (p.verdict.to_string(), status_tone(p.verdict.as_str())),
     });
     if let Some(e) = p.edit_distance {
         badges.push((format!("edit distance {}", metric_num(e)), Tone::Muted));
@@ -1148,6 +1155,7 @@ fn pair_example(p: &PairExample, labels: Option<&LabelRule>) -> Example {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use aligner_store::RunStatus;
 
     /// A run with the pipeline's own Aligner (round 0, trained with per-step metrics) and one
     /// round whose train stage failed; evaluation configured but never reached.
@@ -1159,7 +1167,7 @@ mod tests {
             spec_json: r#"{"rounds": {"count": 2, "train": {}, "evaluate": {"judge": "j"}}}"#
                 .into(),
             spec_hash: "abc".into(),
-            status: "failed".into(),
+            status: RunStatus::Failed,
             error: Some("round 1: train failed".into()),
             lease_holder: None,
             lease_expires_ms: None,
@@ -1170,8 +1178,8 @@ mod tests {
         let stage = |round: i64, stage: &str, status: &str, error: Option<&str>| StageRow {
             run_id: 7,
             round,
-            stage: stage.into(),
-            status: status.into(),
+            stage: stage.parse().unwrap(),
+            status: status.parse().unwrap(),
             total: Some(2),
             done: 2,
             failed: 0,
@@ -1195,7 +1203,7 @@ mod tests {
             round,
             method: if round == 0 { "aligner_sft" } else { "dpo" }.into(),
             backend: "builtin".into(),
-            status: status.into(),
+            status: status.parse().unwrap(),
             pairs: 2,
             attempts: 1,
             exit_code: None,
@@ -1212,7 +1220,7 @@ mod tests {
             rounds: vec![RoundRow {
                 run_id: 7,
                 round: 1,
-                status: "failed".into(),
+                status: StageStatus::Failed,
                 upstream_model: "up".into(),
                 upstream_ref: "up-ref".into(),
                 checkpoint_id: None,

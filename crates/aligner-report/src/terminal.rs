@@ -216,8 +216,8 @@ pub fn run(run: &RunRow, rounds: &[RoundSummary], stages: &[StageRow]) -> String
     for s in stages {
         t.add_row(vec![
             s.round.to_string(),
-            s.stage.clone(),
-            s.status.clone(),
+            s.stage.to_string(),
+            s.status.to_string(),
             s.done.to_string(),
             s.failed.to_string(),
             s.total.map(|t| t.to_string()).unwrap_or_default(),

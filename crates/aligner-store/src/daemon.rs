@@ -5,7 +5,7 @@ use serde::Serialize;
 use sqlx::{Executor, Sqlite};
 
 use crate::runs::insert_run;
-use crate::{Result, Store};
+use crate::{JobState, Result, Store};
 
 const JOB_COLUMNS: &str = "run_id, name, base_dir, state, requested, error, attempts, lease_holder, lease_expires_ms, submitted_at, started_at, finished_at, updated_at";
 
@@ -15,7 +15,7 @@ pub struct JobRow {
     pub run_id: i64,
     pub name: String,
     pub base_dir: String,
-    pub state: String,
+    pub state: JobState,
     pub requested: Option<String>,
     pub error: Option<String>,
     pub attempts: i64,
@@ -179,7 +179,12 @@ impl Store {
     }
 
     /// Moves a job to `state`, releasing its lease and clearing the request it honoured.
-    pub async fn set_job_state(&self, run_id: i64, state: &str, error: Option<&str>) -> Result<()> {
+    pub async fn set_job_state(
+        &self,
+        run_id: i64,
+        state: JobState,
+        error: Option<&str>,
+    ) -> Result<()> {
         sqlx::query(&format!(
             "UPDATE daemon_jobs SET state = ?, error = ?, requested = NULL, lease_holder = NULL,
                     lease_expires_ms = NULL, updated_at = {NOW},
@@ -213,7 +218,12 @@ impl Store {
 
     /// Moves a job from one of `from` to `to` in one statement; false when it was in another
     /// state (the caller reports the conflict).
-    pub async fn transition_job(&self, run_id: i64, from: &[&str], to: &str) -> Result<bool> {
+    pub async fn transition_job(
+        &self,
+        run_id: i64,
+        from: &[JobState],
+        to: JobState,
+    ) -> Result<bool> {
         let placeholders = vec!["?"; from.len()].join(", ");
         let sql = format!(
             "UPDATE daemon_jobs SET state = ?, requested = NULL, updated_at = {NOW},
@@ -222,7 +232,7 @@ impl Store {
         );
         let mut q = sqlx::query(&sql).bind(to).bind(to).bind(run_id);
         for f in from {
-            q = q.bind(*f);
+            q = q.bind(f.as_str());
         }
         Ok(q.execute(&self.pool).await?.rows_affected() == 1)
     }

@@ -199,7 +199,7 @@ impl Store {
         .bind(d.value)
         .bind(d.best_round)
         .bind(d.best_value)
-        .bind(&d.decision)
+        .bind(d.decision)
         .bind(&d.reason)
         .execute(&self.pool)
         .await?;

@@ -22,10 +22,12 @@
 //! - `readonly`: the read-only SQL surface behind `aligner sql`.
 //! - `rows`: the row types read and written.
 //! - `batch`: the one multi-row INSERT every batch write goes through.
+//! - `domain`: the closed vocabularies (stages, statuses, verdicts, gate decisions) as enums.
 
 mod aligner_data;
 mod batch;
 mod daemon;
+pub mod domain;
 mod eval;
 mod events;
 mod items;
@@ -46,10 +48,14 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{Row, SqlitePool};
 
 pub use daemon::{JobRow, QueuedRun};
+pub use domain::{
+    GateDecision, JobState, Outcome, RunStatus, Stage, StageStatus, UnknownValue, Verdict,
+};
 pub use proxy::{NewProxyRecord, ProxyRecordRow};
 pub use readonly::{QueryResult, ReadOnlyError};
 pub use report::*;
 pub use rows::*;
+pub use stages::StageEnd;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
 

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::{Result, Store};
+use crate::{Outcome, Result, StageStatus, Store, Verdict};
 
 /// A round's training job as the report shows it.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -11,7 +11,7 @@ pub struct TrainingJobReport {
     pub round: i64,
     pub method: String,
     pub backend: String,
-    pub status: String,
+    pub status: StageStatus,
     pub pairs: i64,
     pub attempts: i64,
     pub exit_code: Option<i64>,
@@ -57,7 +57,7 @@ pub struct PairExample {
     pub metadata: Option<String>,
     pub rejected: Option<String>,
     pub chosen: Option<String>,
-    pub verdict: String,
+    pub verdict: Verdict,
     pub reason: Option<String>,
     pub edit_distance: Option<f64>,
 }
@@ -69,11 +69,11 @@ pub struct EvalExample {
     pub prompt_id: i64,
     pub prompt: String,
     pub metadata: Option<String>,
-    pub answer_status: String,
+    pub answer_status: Outcome,
     pub answer: Option<String>,
     pub answer_refusal: Option<i64>,
     pub answer_degenerate: Option<String>,
-    pub corrected_status: Option<String>,
+    pub corrected_status: Option<Outcome>,
     pub corrected: Option<String>,
     pub corrected_refusal: Option<i64>,
     pub corrected_degenerate: Option<String>,
@@ -239,7 +239,7 @@ mod tests {
             .await
             .unwrap();
         store
-            .finish_training_job(jobs[1], "done", Some(0), None)
+            .finish_training_job(jobs[1], crate::StageStatus::Done, Some(0), None)
             .await
             .unwrap();
 
@@ -266,8 +266,8 @@ mod tests {
         let jobs = store.report_training_jobs(run).await.unwrap();
         assert_eq!(jobs.len(), 2);
         assert_eq!(
-            (jobs[1].status.as_str(), jobs[1].exit_code),
-            ("done", Some(0))
+            (jobs[1].status, jobs[1].exit_code),
+            (crate::StageStatus::Done, Some(0))
         );
         assert!(jobs[0].finished_at.is_none());
 

@@ -2,6 +2,8 @@
 
 use serde::Serialize;
 
+use crate::domain::{GateDecision, Outcome, RunStatus, Stage, StageStatus};
+
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct RunRow {
     pub id: i64,
@@ -10,7 +12,7 @@ pub struct RunRow {
     #[serde(skip)]
     pub spec_json: String,
     pub spec_hash: String,
-    pub status: String,
+    pub status: RunStatus,
     pub error: Option<String>,
     pub lease_holder: Option<String>,
     pub lease_expires_ms: Option<i64>,
@@ -23,7 +25,7 @@ pub struct RunRow {
 pub struct RoundRow {
     pub run_id: i64,
     pub round: i64,
-    pub status: String,
+    pub status: StageStatus,
     pub upstream_model: String,
     pub upstream_ref: String,
     pub checkpoint_id: Option<i64>,
@@ -35,7 +37,7 @@ pub struct RoundRow {
 pub struct RoundSummary {
     pub run_id: i64,
     pub round: i64,
-    pub status: String,
+    pub status: StageStatus,
     pub upstream_ref: String,
     pub generations_ok: i64,
     pub generations_failed: i64,
@@ -53,8 +55,8 @@ pub struct RoundSummary {
 pub struct StageRow {
     pub run_id: i64,
     pub round: i64,
-    pub stage: String,
-    pub status: String,
+    pub stage: Stage,
+    pub status: StageStatus,
     pub total: Option<i64>,
     pub done: i64,
     pub failed: i64,
@@ -124,11 +126,11 @@ pub struct ItemOutcome {
 }
 
 impl ItemOutcome {
-    pub fn status(&self) -> &'static str {
+    pub fn status(&self) -> Outcome {
         if self.error.is_some() {
-            "failed"
+            Outcome::Failed
         } else {
-            "ok"
+            Outcome::Ok
         }
     }
 }
@@ -176,11 +178,11 @@ pub struct UnpairedRow {
     pub prompt: String,
     /// Prompt hash and sample index: pairs with the same key are duplicates.
     pub dedupe_key: String,
-    pub generation_status: String,
+    pub generation_status: Outcome,
     pub original: Option<String>,
     pub original_finish: Option<String>,
     pub correction_id: Option<i64>,
-    pub correction_status: Option<String>,
+    pub correction_status: Option<Outcome>,
     pub correction: Option<String>,
     pub correction_finish: Option<String>,
 }
@@ -230,7 +232,7 @@ pub struct TrainingJobRow {
     pub id: i64,
     pub run_id: i64,
     pub round: i64,
-    pub status: String,
+    pub status: StageStatus,
     pub attempts: i64,
     pub exit_code: Option<i64>,
     pub output_dir: String,
@@ -349,7 +351,7 @@ pub struct EvalAnswerRow {
     pub version: i64,
     pub prompt_id: i64,
     pub kind: String,
-    pub status: String,
+    pub status: Outcome,
     pub text: Option<String>,
     pub finish_reason: Option<String>,
     pub completion_tokens: Option<i64>,
@@ -381,7 +383,7 @@ pub struct EvalJudgementRow {
     pub aspect: String,
     pub prompt_id: i64,
     pub order: String,
-    pub status: String,
+    pub status: Outcome,
     pub verdict: Option<String>,
 }
 
@@ -405,7 +407,6 @@ pub struct GateDecisionRow {
     pub value: Option<f64>,
     pub best_round: Option<i64>,
     pub best_value: Option<f64>,
-    /// `continue` | `stop` | `rollback`
-    pub decision: String,
+    pub decision: GateDecision,
     pub reason: String,
 }

@@ -3,7 +3,7 @@
 
 use sqlx::{Executor, Sqlite};
 
-use crate::{Error, Result, RunRow, Store};
+use crate::{Error, Result, RunRow, RunStatus, Store};
 
 pub(crate) const RUN_COLUMNS: &str =
     "id, name, pipeline_path, spec_json, spec_hash, status, error, lease_holder, \
@@ -106,7 +106,7 @@ impl Store {
     pub async fn set_run_status(
         &self,
         run_id: i64,
-        status: &str,
+        status: RunStatus,
         error: Option<&str>,
     ) -> Result<()> {
         sqlx::query(

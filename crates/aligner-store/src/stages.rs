@@ -1,7 +1,7 @@
 //! Rounds and stage executions: which stage of which round started, how far it got, how it
 //! ended; and the per-round summary view.
 
-use crate::{Result, RoundRow, RoundSummary, StageRow, Store};
+use crate::{Result, RoundRow, RoundSummary, Stage, StageRow, StageStatus, Store};
 
 pub(crate) const STAGE_COLUMNS: &str =
     "run_id, round, stage, status, total, done, failed, executions, error, started_at, finished_at";
@@ -30,7 +30,7 @@ impl Store {
         Ok(())
     }
 
-    pub async fn finish_round(&self, run_id: i64, round: i64, status: &str) -> Result<()> {
+    pub async fn finish_round(&self, run_id: i64, round: i64, status: StageStatus) -> Result<()> {
         sqlx::query(
             "UPDATE rounds SET status = ?, finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now') WHERE run_id = ? AND round = ?",
         )
@@ -64,7 +64,7 @@ impl Store {
         .await?)
     }
 
-    pub async fn stage(&self, run_id: i64, round: i64, stage: &str) -> Result<Option<StageRow>> {
+    pub async fn stage(&self, run_id: i64, round: i64, stage: Stage) -> Result<Option<StageRow>> {
         Ok(sqlx::query_as::<_, StageRow>(&format!(
             "SELECT {STAGE_COLUMNS} FROM stage_executions WHERE run_id = ? AND round = ? AND stage = ?"
         ))
@@ -89,7 +89,7 @@ impl Store {
         &self,
         run_id: i64,
         round: i64,
-        stage: &str,
+        stage: Stage,
         total: Option<i64>,
     ) -> Result<()> {
         sqlx::query(
@@ -110,7 +110,7 @@ impl Store {
         &self,
         run_id: i64,
         round: i64,
-        stage: &str,
+        stage: Stage,
         done: i64,
         failed: i64,
     ) -> Result<()> {
@@ -125,20 +125,20 @@ impl Store {
         Ok(())
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the public signature callers use; a typed stage outcome would take its place"
-    )]
+    /// Records how a stage execution ended.
     pub async fn finish_stage(
         &self,
         run_id: i64,
         round: i64,
-        stage: &str,
-        status: &str,
-        done: i64,
-        failed: i64,
-        error: Option<&str>,
+        stage: Stage,
+        end: StageEnd<'_>,
     ) -> Result<()> {
+        let StageEnd {
+            status,
+            done,
+            failed,
+            error,
+        } = end;
         sqlx::query(
             "UPDATE stage_executions SET status = ?, done = ?, failed = ?, error = ?,
                     finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
@@ -157,10 +157,41 @@ impl Store {
     }
 
     /// Whether a stage of a round has finished.
-    pub async fn stage_done(&self, run_id: i64, round: i64, stage: &str) -> Result<bool> {
+    pub async fn stage_done(&self, run_id: i64, round: i64, stage: Stage) -> Result<bool> {
         Ok(self
             .stage(run_id, round, stage)
             .await?
-            .is_some_and(|s| s.status == "done"))
+            .is_some_and(|s| s.status == StageStatus::Done))
+    }
+}
+
+/// How a stage execution ended: its status, its final counts and, for a failed one, why.
+#[derive(Debug, Clone, Copy)]
+pub struct StageEnd<'a> {
+    pub status: StageStatus,
+    pub done: i64,
+    pub failed: i64,
+    pub error: Option<&'a str>,
+}
+
+impl<'a> StageEnd<'a> {
+    /// Finished, with `done` units done and `failed` failed.
+    pub fn done(done: i64, failed: i64) -> Self {
+        StageEnd {
+            status: StageStatus::Done,
+            done,
+            failed,
+            error: None,
+        }
+    }
+
+    /// Failed with `error`, having `done` units done and `failed` failed.
+    pub fn failed(done: i64, failed: i64, error: &'a str) -> Self {
+        StageEnd {
+            status: StageStatus::Failed,
+            done,
+            failed,
+            error: Some(error),
+        }
     }
 }

@@ -212,11 +212,11 @@ async fn items_are_recorded_once_and_summarized() {
         "columns even without rows"
     );
     store
-        .start_stage(run, 1, "synthesize", Some(2))
+        .start_stage(run, 1, Stage::Synthesize, Some(2))
         .await
         .unwrap();
     store
-        .finish_stage(run, 1, "synthesize", "done", 1, 1, None)
+        .finish_stage(run, 1, Stage::Synthesize, StageEnd::done(1, 1))
         .await
         .unwrap();
     let latest = store
@@ -323,9 +323,12 @@ async fn a_store_from_before_the_aligner_migration_upgrades_in_place() {
     let stages = store.stages(1).await.unwrap();
     assert_eq!(stages.len(), 1);
     assert_eq!((stages[0].stage.as_str(), stages[0].done), ("generate", 3));
-    store.start_stage(1, 0, "teach", Some(2)).await.unwrap();
     store
-        .finish_stage(1, 0, "teach", "done", 2, 0, None)
+        .start_stage(1, 0, Stage::Teach, Some(2))
+        .await
+        .unwrap();
+    store
+        .finish_stage(1, 0, Stage::Teach, StageEnd::done(2, 0))
         .await
         .unwrap();
     let progress = store
@@ -356,7 +359,10 @@ async fn a_row_limit_ends_an_endless_query_and_daemon_runs_are_not_continued_sta
     let id = store.create_run("p", "p.yaml", "{}", "h").await.unwrap();
     store.enqueue_job(id, "p", "version: 1", "/").await.unwrap();
     assert!(store.latest_unfinished_run("p").await.unwrap().is_none());
-    store.set_job_state(id, "failed", Some("x")).await.unwrap();
+    store
+        .set_job_state(id, JobState::Failed, Some("x"))
+        .await
+        .unwrap();
     assert_eq!(
         store
             .latest_unfinished_run("p")

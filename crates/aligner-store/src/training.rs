@@ -2,7 +2,7 @@
 //! leaves.
 
 use crate::batch::BatchInsert;
-use crate::{CheckpointRow, Error, NewTrainingJob, Result, Store, TrainingJobRow};
+use crate::{CheckpointRow, Error, NewTrainingJob, Result, StageStatus, Store, TrainingJobRow};
 
 impl Store {
     /// Creates the round's training job, or re-opens it after a crash (attempts + 1).
@@ -95,7 +95,7 @@ impl Store {
     pub async fn finish_training_job(
         &self,
         job_id: i64,
-        status: &str,
+        status: StageStatus,
         exit_code: Option<i64>,
         error: Option<&str>,
     ) -> Result<()> {

@@ -31,17 +31,17 @@ impl Trainer for BuiltinTrainer {
         &self,
         request: &TrainRequest,
         events: &mut dyn FnMut(TrainEvent),
-    ) -> std::result::Result<(), String> {
-        run(request, events).map_err(|e| format!("{e:#}"))
+    ) -> anyhow::Result<()> {
+        run(request, events)
     }
 
     fn train_aligner(
         &self,
         request: &AlignerTrainRequest,
         events: &mut dyn FnMut(TrainEvent),
-    ) -> std::result::Result<(), String> {
+    ) -> anyhow::Result<()> {
         let job = AlignerJob {
-            base: model_path(&request.base).map_err(|e| format!("{e:#}"))?,
+            base: model_path(&request.base)?,
             template: request.template.clone(),
             examples: request.examples.clone(),
             settings: request.spec.clone(),
@@ -49,7 +49,7 @@ impl Trainer for BuiltinTrainer {
             state_dir: request.state_dir.clone(),
             interrupt: Some(request.interrupt.clone()),
         };
-        run_aligner_job(&job, events).map_err(|e| format!("{e:#}"))
+        run_aligner_job(&job, events)
     }
 }
 
