@@ -154,6 +154,21 @@ pub trait TextGenerator: Send + Sync {
 /// Where streamed text pieces go.
 pub type TextSink = tokio::sync::mpsc::UnboundedSender<String>;
 
+/// Cosine similarity in [-1, 1]; 0 when either vector is all zeros.
+pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
+    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
+    for (x, y) in a.iter().zip(b) {
+        let (x, y) = (f64::from(*x), f64::from(*y));
+        dot += x * y;
+        na += x * x;
+        nb += y * y;
+    }
+    if na == 0.0 || nb == 0.0 {
+        return 0.0;
+    }
+    (dot / (na.sqrt() * nb.sqrt())).clamp(-1.0, 1.0) as f32
+}
+
 /// Turns texts into vectors whose cosine similarity says how alike their meanings are (the
 /// synthesize stage's semantic filter). Synchronous and CPU-bound: callers run it on a
 /// blocking thread.

@@ -68,20 +68,8 @@ impl FilterState {
     }
 }
 
-/// Cosine similarity in [-1, 1]; 0 when either vector is all zeros.
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (f64::from(*x), f64::from(*y));
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
-    }
-    if na == 0.0 || nb == 0.0 {
-        return 0.0;
-    }
-    (dot / (na.sqrt() * nb.sqrt())).clamp(-1.0, 1.0) as f32
-}
+/// Cosine similarity in [-1, 1], as the embedders' vectors are compared.
+pub use aligner_backend::cosine;
 
 /// Normalized character edit distance in [0, 1]: 0 = identical, 1 = nothing in common.
 pub fn normalized_edit_distance(a: &str, b: &str) -> f64 {

@@ -440,19 +440,7 @@ impl Embedder {
 }
 
 /// Cosine similarity of two vectors, in [-1, 1]; 0 when either is all zeros.
-pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
-    let (mut dot, mut na, mut nb) = (0f64, 0f64, 0f64);
-    for (x, y) in a.iter().zip(b) {
-        let (x, y) = (*x as f64, *y as f64);
-        dot += x * y;
-        na += x * x;
-        nb += y * y;
-    }
-    if na == 0.0 || nb == 0.0 {
-        return 0.0;
-    }
-    (dot / (na.sqrt() * nb.sqrt())).clamp(-1.0, 1.0) as f32
-}
+pub use aligner_backend::cosine;
 
 #[cfg(test)]
 mod tests {

@@ -19,20 +19,27 @@ pub struct SafeTensors {
     dtype: String,
 }
 
+/// The `*.safetensors` files of a Hugging Face model folder, in name order (shards in
+/// sequence); an error with a hint when there are none.
+pub fn files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow!("cannot read model folder {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "{}: no *.safetensors file\nhint: a Hugging Face model folder holds config.json, tokenizer.json, tokenizer_config.json and model*.safetensors; for a .gguf file give its path",
+            dir.display()
+        );
+    }
+    Ok(files)
+}
+
 impl SafeTensors {
     pub fn open(dir: &Path, dtype: &str) -> Result<Self> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-            .map_err(|e| anyhow!("cannot read model folder {}: {e}", dir.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-            .collect();
-        files.sort();
-        if files.is_empty() {
-            bail!(
-                "{}: no *.safetensors file\nhint: a Hugging Face model folder holds config.json, tokenizer.json, tokenizer_config.json and model*.safetensors; for a .gguf file give its path",
-                dir.display()
-            );
-        }
+        let files = files(dir)?;
         if !matches!(dtype, "f32" | "bf16" | "auto" | "q8_0") {
             bail!("dtype `{dtype}` is not supported on the CPU path\nhint: use f32, bf16, q8_0 or auto");
         }

@@ -7,6 +7,9 @@ use std::collections::BTreeMap;
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
+/// Axis labels: at most two decimals, no trailing zeros, like the tables' numbers.
+use crate::metric_num as trim_number;
+
 /// Series colours (colour-blind-safe, Okabe and Ito).
 const COLORS: [RGBColor; 8] = [
     RGBColor(0, 114, 178),
@@ -347,16 +350,6 @@ pub fn over_steps(
     Ok(svg)
 }
 
-/// An axis label: at most two decimals, no trailing zeros.
-fn trim_number(v: f64) -> String {
-    let s = format!("{v:.2}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s == "-0" {
-        "0".into()
-    } else {
-        s.to_string()
-    }
-}
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,18 @@ use std::path::PathBuf;
 
 use serde::Serialize;
 
+/// Linear layers LoRA can adapt, by their Hugging Face names (what `lora.targets` may list
+/// and the built-in trainer adapts).
+pub const LORA_TARGETS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
 /// A whole pipeline, `version: 1`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Pipeline {

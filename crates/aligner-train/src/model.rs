@@ -39,15 +39,7 @@ pub struct Config {
 }
 
 /// Linear layers LoRA can adapt, by their Hugging Face names.
-pub const LORA_TARGETS: [&str; 7] = [
-    "q_proj",
-    "k_proj",
-    "v_proj",
-    "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
-];
+pub use aligner_spec::LORA_TARGETS;
 
 /// How to train: which parameters are variables.
 #[derive(Debug, Clone, PartialEq)]
@@ -984,17 +976,7 @@ pub fn hf_weights(dir: &Path) -> Result<(Config, Weights)> {
         tie_embeddings: j["tie_word_embeddings"].as_bool().unwrap_or(false),
         qkv_bias: arch == "qwen2" || j["attention_bias"].as_bool().unwrap_or(false),
     };
-    let mut files: Vec<_> = std::fs::read_dir(dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        bail!(
-            "{}: no *.safetensors file\nhint: a Hugging Face model folder holds config.json, tokenizer.json, tokenizer_config.json and model*.safetensors",
-            dir.display()
-        );
-    }
+    let files = aligner_local::safetensors::files(dir)?;
     let mut w = Weights::new();
     for f in files {
         let tensors = candle_core::safetensors::load(&f, &Device::Cpu)

@@ -37,15 +37,7 @@ impl Ctx<'_> {
                 "at least 0 and less than 1",
                 dropout,
             );
-            const TARGETS: [&str; 7] = [
-                "q_proj",
-                "k_proj",
-                "v_proj",
-                "o_proj",
-                "gate_proj",
-                "up_proj",
-                "down_proj",
-            ];
+            use crate::LORA_TARGETS as TARGETS;
             let targets = l
                 .targets
                 .clone()
