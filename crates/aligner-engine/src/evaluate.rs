@@ -27,8 +27,8 @@ use aligner_spec::{
     Comparison, CorrectStage, EvaluateStage, Gate, GateAction, JudgeAspect, ModelSpec,
 };
 use aligner_store::{
-    EvalAnswerRow, EvalJudgementRow, EvalMetricRow, GateDecision, GateDecisionRow,
-    HoldoutPromptRow, NewEvalAnswer, NewEvalJudgement, Outcome, Store,
+    EvalAnswerRow, EvalJudgementRow, EvalMetricRow, EventKind, GateDecision, GateDecisionRow,
+    HoldoutPromptRow, Level, NewEvalAnswer, NewEvalJudgement, Outcome, Store,
 };
 
 use crate::executor::{self, outcome, CallResult, ItemStage, Model, Progress, Tally};
@@ -1091,16 +1091,16 @@ async fn apply_gate(ctx: &Ctx<'_>, g: &Gate, metrics: &[EvalMetricRow]) -> Resul
     let d = gate_decision(&g.metric, g.max_drop, g.action, round, value, &history);
     e.store.record_gate_decision(run_id, &d).await?;
     let level = if d.decision == GateDecision::Continue {
-        "info"
+        Level::Info
     } else {
-        "warn"
+        Level::Warn
     };
     e.event(
         run_id,
         Some(ctx.round),
-        Some("evaluate"),
+        Some(Stage::Evaluate),
         level,
-        "gate",
+        EventKind::Gate,
         &format!(
             "gate after round {}: {} ({})",
             ctx.round, d.decision, d.reason

@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 use aligner_dataset::{Format, Mapping};
 use aligner_spec::PromptFormat;
-use aligner_store::{NewPrompt, Stage, StageEnd};
+use aligner_store::{EventKind, Level, NewPrompt, Stage, StageEnd};
 
 use crate::{Engine, Result};
 
@@ -107,7 +107,7 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
     );
     engine.observer.note(&message);
     engine
-        .event(run_id, None, Some("ingest"), "info", "prompts_loaded", &message, Some(serde_json::json!({"train": total - n_holdout, "holdout": n_holdout, "skipped_empty": report.skipped_empty})))
+        .event(run_id, None, Some(Stage::Ingest), Level::Info, EventKind::PromptsLoaded, &message, Some(serde_json::json!({"train": total - n_holdout, "holdout": n_holdout, "skipped_empty": report.skipped_empty})))
         .await;
     Ok(())
 }

@@ -26,7 +26,7 @@ use std::sync::Arc;
 
 use aligner_backend::TextGenerator;
 use aligner_spec::{ModelSpec, Pipeline};
-use aligner_store::{GateDecision, NewEvent, RunStatus, StageStatus, Store};
+use aligner_store::{EventKind, GateDecision, Level, NewEvent, RunStatus, StageStatus, Store};
 
 pub use lease::{holder_id, holder_is_dead};
 pub use planner::{Finished, Plan, Stage, Step};
@@ -414,8 +414,8 @@ impl Engine {
                     run_id,
                     None,
                     None,
-                    "error",
-                    "run_failed",
+                    Level::Error,
+                    EventKind::RunFailed,
                     &e.to_string(),
                     None,
                 )
@@ -441,15 +441,15 @@ impl Engine {
             .set_run_status(run_id, RunStatus::Running, None)
             .await?;
         let kind = if resumed {
-            "run_resumed"
+            EventKind::RunResumed
         } else {
-            "run_started"
+            EventKind::RunStarted
         };
         self.event(
             run_id,
             None,
             None,
-            "info",
+            Level::Info,
             kind,
             &format!("{kind} by {}", lease.holder()),
             None,
@@ -495,8 +495,8 @@ impl Engine {
                         run_id,
                         Some(round),
                         None,
-                        "info",
-                        "round_finished",
+                        Level::Info,
+                        EventKind::RoundFinished,
                         &format!("round {round} finished"),
                         None,
                     )
@@ -507,8 +507,8 @@ impl Engine {
                         run_id,
                         None,
                         None,
-                        "info",
-                        "run_finished",
+                        Level::Info,
+                        EventKind::RunFinished,
                         "run finished",
                         None,
                     )
@@ -621,9 +621,9 @@ impl Engine {
         &self,
         run_id: i64,
         round: Option<u32>,
-        stage: Option<&str>,
-        level: &str,
-        kind: &str,
+        stage: Option<Stage>,
+        level: Level,
+        kind: EventKind,
         message: &str,
         data: Option<serde_json::Value>,
     ) {

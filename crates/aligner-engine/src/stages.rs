@@ -11,7 +11,8 @@ use sha2::{Digest, Sha256};
 use aligner_backend::{CompletionRequest, Message, Prompt, Sampling};
 use aligner_spec::{CorrectStage, GenerateStage, ModelSpec, SamplingSpec};
 use aligner_store::{
-    NewCorrection, NewGeneration, NewPair, Outcome, StageEnd, Store, UncorrectedRow,
+    EventKind, Level, NewCorrection, NewGeneration, NewPair, Outcome, StageEnd, Store,
+    UncorrectedRow,
 };
 
 use crate::executor::{self, outcome, CallResult, ItemStage, Model, Pending, Progress};
@@ -68,13 +69,13 @@ impl Ctx<'_> {
             self.round,
             stage.as_str()
         );
-        let level = if failed > 0 { "warn" } else { "info" };
+        let level = if failed > 0 { Level::Warn } else { Level::Info };
         e.event(
             self.run_id,
             Some(self.round),
-            Some(stage.as_str()),
+            Some(stage),
             level,
-            "stage_finished",
+            EventKind::StageFinished,
             &message,
             Some(serde_json::json!({"ok": ok, "failed": failed, "first_error": first_error})),
         )
@@ -609,9 +610,9 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     e.event(
         run_id,
         Some(ctx.round),
-        Some("synthesize"),
-        "info",
-        "stage_finished",
+        Some(Stage::Synthesize),
+        Level::Info,
+        EventKind::StageFinished,
         &message,
         None,
     )

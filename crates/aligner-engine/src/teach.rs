@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 use aligner_backend::{CompletionRequest, Message, Prompt};
 use aligner_spec::{AlignerData, AlignerSpec, LabelRule, PromptFormat, SamplingSpec, Teacher};
 use aligner_store::{
-    AlignerExampleRow, AlignerUpdate, NewAlignerExample, NewTrainingJob, StageEnd, Store,
+    AlignerExampleRow, AlignerUpdate, EventKind, Level, NewAlignerExample, NewTrainingJob,
+    StageEnd, Store,
 };
 
 use crate::executor::{self, CallResult, ItemStage, Model, Progress};
@@ -500,9 +501,9 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
     e.event(
         run_id,
         Some(0),
-        Some(stage.as_str()),
-        "info",
-        "train_started",
+        Some(stage),
+        Level::Info,
+        EventKind::TrainStarted,
         &message,
         None,
     )
@@ -538,9 +539,9 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
     e.event(
         run_id,
         Some(0),
-        Some(stage.as_str()),
-        "info",
-        "checkpoint_registered",
+        Some(stage),
+        Level::Info,
+        EventKind::CheckpointRegistered,
         &message,
         None,
     )
@@ -597,9 +598,9 @@ pub(crate) async fn evaluate_aligner(ctx: &Ctx<'_>) -> Result<()> {
         e.event(
             run_id,
             Some(0),
-            Some(stage.as_str()),
-            "info",
-            "aligner_evaluated",
+            Some(stage),
+            Level::Info,
+            EventKind::AlignerEvaluated,
             &message,
             serde_json::to_value(&line).ok(),
         )

@@ -13,7 +13,7 @@ use aligner_dataset::{Format, Kind};
 use aligner_spec::{
     ExportFormat, ModelSpec, ReferencePolicy, TrainBackend, TrainMethod, TrainStage,
 };
-use aligner_store::{NewTrainingJob, StageEnd, StageStatus};
+use aligner_store::{EventKind, Level, NewTrainingJob, StageEnd, StageStatus};
 
 use crate::stages::Ctx;
 use crate::{Error, Result, Stage};
@@ -189,30 +189,27 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
 
     let values = placeholders(train, &data, &base, &reference, &attempt_dir, ctx.round);
     let rendered = render_command(command, &values);
-    let job = e
-        .store
-        .start_training_job(&NewTrainingJob {
-            run_id,
-            round,
-            method: &enum_str(&train.method),
+    let job = start_job(
+        ctx,
+        train,
+        RoundJob {
             backend: "command",
-            hyperparameters: serde_json::to_value(train).unwrap_or_default(),
-            reference_policy: &enum_str(&train.reference),
-            reference_model: &reference,
-            base_model: &base,
-            data_path: &data.display().to_string(),
-            pairs: pairs.len() as i64,
-            output_dir: &out.display().to_string(),
+            reference: &reference,
+            base: &base,
+            data: &data,
+            pairs: pairs.len(),
+            out: &out,
             command: Some(&rendered),
-        })
-        .await?;
+        },
+    )
+    .await?;
     e.observer.note(&format!(
         "round {} train: {} pairs -> `{}`",
         ctx.round,
         pairs.len(),
         rendered
     ));
-    e.event(run_id, Some(ctx.round), Some("train"), "info", "train_started", &rendered, Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len(), "reference": reference}))).await;
+    e.event(run_id, Some(ctx.round), Some(Stage::Train), Level::Info, EventKind::TrainStarted, &rendered, Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len(), "reference": reference}))).await;
 
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
@@ -334,6 +331,44 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     register(ctx, job.id, code.unwrap_or(0), &out, serve).await
 }
 
+/// What differs between a round's command and built-in training jobs.
+struct RoundJob<'a> {
+    backend: &'a str,
+    reference: &'a str,
+    base: &'a str,
+    /// The exported pairs (command) or the trainer's state folder (built-in).
+    data: &'a Path,
+    pairs: usize,
+    out: &'a Path,
+    command: Option<&'a str>,
+}
+
+/// Records (or re-attempts) a round's `training_jobs` row.
+async fn start_job(
+    ctx: &Ctx<'_>,
+    train: &TrainStage,
+    job: RoundJob<'_>,
+) -> Result<aligner_store::TrainingJobRow> {
+    Ok(ctx
+        .engine
+        .store
+        .start_training_job(&NewTrainingJob {
+            run_id: ctx.run_id,
+            round: ctx.round as i64,
+            method: &enum_str(&train.method),
+            backend: job.backend,
+            hyperparameters: serde_json::to_value(train).unwrap_or_default(),
+            reference_policy: &enum_str(&train.reference),
+            reference_model: job.reference,
+            base_model: job.base,
+            data_path: &job.data.display().to_string(),
+            pairs: job.pairs as i64,
+            output_dir: &job.out.display().to_string(),
+            command: job.command,
+        })
+        .await?)
+}
+
 fn no_pairs(round: u32) -> String {
     format!("round {round} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {round} GROUP BY reason\"` shows why; relax `rounds.synthesize`")
 }
@@ -387,9 +422,9 @@ async fn register(
     e.event(
         run_id,
         Some(ctx.round),
-        Some("train"),
-        "info",
-        "checkpoint_registered",
+        Some(Stage::Train),
+        Level::Info,
+        EventKind::CheckpointRegistered,
         &message,
         None,
     )
@@ -464,23 +499,20 @@ async fn run_builtin(
         .factory
         .trainer()
         .map_err(|source| Error::component(ctx.round, "train", source))?;
-    let job = e
-        .store
-        .start_training_job(&NewTrainingJob {
-            run_id,
-            round,
-            method: &enum_str(&train.method),
+    let job = start_job(
+        ctx,
+        train,
+        RoundJob {
             backend: "builtin",
-            hyperparameters: serde_json::to_value(train).unwrap_or_default(),
-            reference_policy: &enum_str(&train.reference),
-            reference_model: &describe(&reference),
-            base_model: &describe(&base),
-            data_path: &state_dir.display().to_string(),
-            pairs: pairs.len() as i64,
-            output_dir: &out.display().to_string(),
+            reference: &describe(&reference),
+            base: &describe(&base),
+            data: &state_dir,
+            pairs: pairs.len(),
+            out: &out,
             command: None,
-        })
-        .await?;
+        },
+    )
+    .await?;
     let message = format!(
         "round {} train (built-in {}): {} pairs, base `{}`, reference `{}`",
         ctx.round,
@@ -493,9 +525,9 @@ async fn run_builtin(
     e.event(
         run_id,
         Some(ctx.round),
-        Some("train"),
-        "info",
-        "train_started",
+        Some(Stage::Train),
+        Level::Info,
+        EventKind::TrainStarted,
         &message,
         Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len()})),
     )

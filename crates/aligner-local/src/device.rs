@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Result};
 use candle_core::quantized::QMatMul;
 use candle_core::{DType, Device, Module, Tensor};
 
+use crate::config::ModelConfig;
 use crate::gguf::GgufFile;
 
 struct DeviceLayer {
@@ -58,19 +59,16 @@ fn c(e: candle_core::Error) -> anyhow::Error {
 impl DeviceModel {
     /// Llama-architecture GGUF files (interleaved rotary pairs).
     pub fn from_gguf(file: &GgufFile, device: &Device) -> Result<Self> {
-        let arch = file.string("general.architecture")?;
-        if arch != "llama" {
-            bail!("the device path runs llama-architecture GGUF files; found `{arch}`");
+        let config = ModelConfig::from_gguf(file)?;
+        if config.architecture != "llama" {
+            bail!(
+                "the device path runs llama-architecture GGUF files; found `{}`",
+                config.architecture
+            );
         }
-        let hidden = file.usize("llama.embedding_length")?;
-        let heads = file.usize("llama.attention.head_count")?;
-        let kv_heads = file.usize("llama.attention.head_count_kv").unwrap_or(heads);
-        let head_dim = hidden / heads;
-        let layers_n = file.usize("llama.block_count")?;
-        let theta = file.f32("llama.rope.freq_base").unwrap_or(10_000.0) as f64;
-        let eps = file
-            .f32("llama.attention.layer_norm_rms_epsilon")
-            .unwrap_or(1e-5) as f64;
+        let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
+        let layers_n = config.layers;
+        let (theta, eps) = (config.rope_theta, config.rms_eps);
         let q = |n: &str| -> Result<QMatMul> {
             QMatMul::from_qtensor(file.qtensor(n, device)?).map_err(c)
         };
@@ -97,7 +95,7 @@ impl DeviceModel {
         } else {
             q("token_embd.weight")?
         };
-        let ctx = file.usize("llama.context_length").unwrap_or(4096).min(8192);
+        let ctx = config.context.min(8192);
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(ctx * half);
         let mut sin = Vec::with_capacity(ctx * half);

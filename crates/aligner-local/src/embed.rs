@@ -1,10 +1,11 @@
 //! Sentence embeddings with a sentence-transformers BERT folder (all-MiniLM-L6-v2 and its
 //! kin), run with candle: the synthesize stage's semantic filter compares texts with them.
 //!
-//! The encoder is the plain BERT forward pass (word + position + token-type embeddings and
-//! LayerNorm, then self-attention layers with a padding mask and an erf-GELU feed-forward),
-//! followed by the sentence-transformers head the folder names (mean pooling over real tokens
-//! by default) and L2 normalization, so that a dot product is a cosine.
+//! The encoder is candle-transformers' BERT (word + position + token-type embeddings and
+//! LayerNorm, then self-attention layers with a padding mask and a GELU feed-forward); this
+//! module adds what sentence-transformers puts around it: the folder's checks and tokenizer
+//! settings, the pooling head it names (mean pooling over real tokens by default) and L2
+//! normalization, so that a dot product is a cosine.
 //!
 //! Texts are embedded in batches of [`BATCH`]: sorted by token count first, so that each batch
 //! pads little, and returned in the caller's order. Checked against a float64 numpy reference
@@ -13,8 +14,9 @@
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{Embedding, LayerNorm, Linear};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
 use serde::Deserialize;
 use tokenizers::utils::padding::{pad_encodings, PaddingParams, PaddingStrategy};
 use tokenizers::utils::truncation::{TruncationParams, TruncationStrategy};
@@ -29,39 +31,6 @@ const DEFAULT_MAX_SEQ_LENGTH: usize = 256;
 
 /// The files an embedder folder must have.
 const REQUIRED_FILES: [&str; 3] = ["config.json", "model.safetensors", "tokenizer.json"];
-
-/// `config.json` of a BERT model: the fields the encoder needs.
-#[derive(Debug, Clone, Deserialize)]
-struct BertConfig {
-    #[serde(default)]
-    model_type: Option<String>,
-    vocab_size: usize,
-    hidden_size: usize,
-    num_hidden_layers: usize,
-    num_attention_heads: usize,
-    intermediate_size: usize,
-    #[serde(default = "default_hidden_act")]
-    hidden_act: String,
-    max_position_embeddings: usize,
-    #[serde(default = "default_type_vocab_size")]
-    type_vocab_size: usize,
-    #[serde(default = "default_layer_norm_eps")]
-    layer_norm_eps: f64,
-    #[serde(default)]
-    pad_token_id: Option<u32>,
-    #[serde(default)]
-    position_embedding_type: Option<String>,
-}
-
-fn default_hidden_act() -> String {
-    "gelu".into()
-}
-fn default_type_vocab_size() -> usize {
-    2
-}
-fn default_layer_norm_eps() -> f64 {
-    1e-12
-}
 
 /// `1_Pooling/config.json`: which pooling the sentence-transformers head uses.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -82,37 +51,13 @@ enum Pooling {
     Cls,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    /// The exact GELU, `x * Φ(x)` (BERT's `gelu`).
-    GeluErf,
-    /// The tanh approximation (`gelu_new`, `gelu_pytorch_tanh`).
-    GeluTanh,
-}
-
-struct Layer {
-    /// Query, key and value projections fused into one `[3 * hidden, hidden]` matmul.
-    qkv: Linear,
-    attention_out: Linear,
-    attention_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    output_norm: LayerNorm,
-}
-
 /// A sentence-transformers BERT encoder with its tokenizer.
 pub struct Embedder {
     tokenizer: Tokenizer,
     padding: PaddingParams,
     device: Device,
-    word: Embedding,
-    position: Tensor,
-    token_type: Embedding,
-    embeddings_norm: LayerNorm,
-    layers: Vec<Layer>,
-    heads: usize,
-    head_dim: usize,
-    activation: Activation,
+    model: BertModel,
+    dim: usize,
     pooling: Pooling,
     max_seq_length: usize,
 }
@@ -147,8 +92,9 @@ impl Embedder {
                 return Err(missing_file(dir, name));
             }
         }
-        let config: BertConfig = read_json(&dir.join("config.json"))?;
-        if let Some(t) = config.model_type.as_deref() {
+        let mut raw: serde_json::Value = read_json(&dir.join("config.json"))?;
+        let text = |k: &str| raw.get(k).and_then(|v| v.as_str()).map(String::from);
+        if let Some(t) = text("model_type").as_deref() {
             if t != "bert" {
                 bail!(
                     "`{}`: model_type `{t}` is not supported for embeddings; supported: `bert` (e.g. all-MiniLM-L6-v2)",
@@ -156,7 +102,7 @@ impl Embedder {
                 );
             }
         }
-        if let Some(p) = config.position_embedding_type.as_deref() {
+        if let Some(p) = text("position_embedding_type").as_deref() {
             if p != "absolute" {
                 bail!(
                     "`{}`: position_embedding_type `{p}` is not supported; supported: `absolute`",
@@ -164,14 +110,40 @@ impl Embedder {
                 );
             }
         }
-        let activation = match config.hidden_act.as_str() {
-            "gelu" => Activation::GeluErf,
-            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+        // Hugging Face's names for the two GELUs, as candle-transformers spells them: the
+        // exact `x * Φ(x)` (BERT's `gelu`) and the tanh approximation.
+        let activation = match text("hidden_act").as_deref().unwrap_or("gelu") {
+            "gelu" => "gelu",
+            "gelu_new" | "gelu_pytorch_tanh" => "geluapproximate",
             other => bail!(
                 "`{}`: hidden_act `{other}` is not supported; supported: `gelu`, `gelu_new`, `gelu_pytorch_tanh`",
                 dir.display()
             ),
         };
+        // Defaults of Hugging Face's `BertConfig` for what a folder may leave out.
+        let object = raw.as_object_mut().with_context(|| {
+            format!(
+                "`{}` is not a JSON object",
+                dir.join("config.json").display()
+            )
+        })?;
+        object.insert("hidden_act".into(), activation.into());
+        for (key, default) in [
+            ("type_vocab_size", serde_json::json!(2)),
+            ("layer_norm_eps", serde_json::json!(1e-12)),
+            ("hidden_dropout_prob", serde_json::json!(0.1)),
+            ("initializer_range", serde_json::json!(0.02)),
+            ("pad_token_id", serde_json::json!(0)),
+        ] {
+            object.entry(key).or_insert(default);
+        }
+        object.remove("position_embedding_type");
+        let config: BertConfig = serde_json::from_value(raw).with_context(|| {
+            format!(
+                "`{}` is not a BERT configuration",
+                dir.join("config.json").display()
+            )
+        })?;
         if config.num_attention_heads == 0
             || !config
                 .hidden_size
@@ -231,7 +203,7 @@ impl Embedder {
         padding.strategy = PaddingStrategy::BatchLongest;
         padding.pad_to_multiple_of = None;
         if tokenizer.get_padding().is_none() {
-            padding.pad_id = config.pad_token_id.unwrap_or(0);
+            padding.pad_id = config.pad_token_id as u32;
         }
         tokenizer.with_padding(None);
 
@@ -247,85 +219,27 @@ impl Embedder {
                     weights_path.display()
                 )
             })?;
-        let get = |name: &str, shape: &[usize]| -> Result<Tensor> {
-            let full = format!("{prefix}{name}");
-            let t = tensors
-                .get(&full)
-                .with_context(|| format!("`{}` has no tensor `{full}`", weights_path.display()))?;
-            if t.dims() != shape {
-                bail!(
-                    "`{}`: tensor `{full}` has shape {:?}, expected {shape:?}",
-                    weights_path.display(),
-                    t.dims()
-                );
-            }
-            Ok(t.to_dtype(DType::F32)?)
-        };
-        let h = config.hidden_size;
-        let linear = |name: &str, out_dim: usize, in_dim: usize| -> Result<Linear> {
-            Ok(Linear::new(
-                get(&format!("{name}.weight"), &[out_dim, in_dim])?,
-                Some(get(&format!("{name}.bias"), &[out_dim])?),
-            ))
-        };
-        let norm = |name: &str| -> Result<LayerNorm> {
-            Ok(LayerNorm::new(
-                get(&format!("{name}.weight"), &[h])?,
-                get(&format!("{name}.bias"), &[h])?,
-                config.layer_norm_eps,
-            ))
-        };
-
-        let mut layers = Vec::with_capacity(config.num_hidden_layers);
-        for i in 0..config.num_hidden_layers {
-            let p = format!("encoder.layer.{i}");
-            let parts =
-                ["query", "key", "value"].map(|n| linear(&format!("{p}.attention.self.{n}"), h, h));
-            let [q, k, v] = parts;
-            let (q, k, v) = (q?, k?, v?);
-            let bias = |l: &Linear| l.bias().cloned().context("missing bias");
-            let qkv = Linear::new(
-                Tensor::cat(&[q.weight(), k.weight(), v.weight()], 0)?,
-                Some(Tensor::cat(&[bias(&q)?, bias(&k)?, bias(&v)?], 0)?),
-            );
-            layers.push(Layer {
-                qkv,
-                attention_out: linear(&format!("{p}.attention.output.dense"), h, h)?,
-                attention_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
-                intermediate: linear(
-                    &format!("{p}.intermediate.dense"),
-                    config.intermediate_size,
-                    h,
-                )?,
-                output: linear(&format!("{p}.output.dense"), h, config.intermediate_size)?,
-                output_norm: norm(&format!("{p}.output.LayerNorm"))?,
-            });
-        }
-
+        // The encoder's tensors under their unprefixed names, whichever prefix the file uses.
+        let tensors = tensors
+            .into_iter()
+            .filter_map(|(name, t)| Some((name.strip_prefix(prefix)?.to_string(), t)))
+            .collect();
+        let model = BertModel::load(
+            VarBuilder::from_tensors(tensors, DType::F32, device),
+            &config,
+        )
+        .with_context(|| {
+            format!(
+                "`{}` is not the BERT its config.json describes",
+                weights_path.display()
+            )
+        })?;
         Ok(Embedder {
             tokenizer,
             padding,
             device: device.clone(),
-            word: Embedding::new(
-                get("embeddings.word_embeddings.weight", &[config.vocab_size, h])?,
-                h,
-            ),
-            position: get(
-                "embeddings.position_embeddings.weight",
-                &[config.max_position_embeddings, h],
-            )?,
-            token_type: Embedding::new(
-                get(
-                    "embeddings.token_type_embeddings.weight",
-                    &[config.type_vocab_size, h],
-                )?,
-                h,
-            ),
-            embeddings_norm: norm("embeddings.LayerNorm")?,
-            layers,
-            heads: config.num_attention_heads,
-            head_dim: h / config.num_attention_heads,
-            activation,
+            model,
+            dim: config.hidden_size,
             pooling,
             max_seq_length,
         })
@@ -338,7 +252,7 @@ impl Embedder {
 
     /// Length of each embedding (384 for all-MiniLM-L6-v2).
     pub fn dim(&self) -> usize {
-        self.heads * self.head_dim
+        self.dim
     }
 
     /// Tokens kept per text; longer texts are truncated.
@@ -380,46 +294,7 @@ impl Embedder {
         let mask = Tensor::from_vec(flat(Encoding::get_attention_mask), (b, t), dev)?
             .to_dtype(DType::F32)?;
 
-        let x = self
-            .word
-            .forward(&ids)?
-            .add(&self.token_type.forward(&type_ids)?)?
-            .broadcast_add(&self.position.narrow(0, 0, t)?.unsqueeze(0)?)?;
-        let mut x = self.embeddings_norm.forward(&x)?;
-
-        // 0 where a token is real, a large negative number where it is padding: added to the
-        // attention scores, it gives padding no weight.
-        let bias = ((mask.clone() - 1.0)? * 1e9)?.reshape((b, 1, 1, t))?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let (heads, hd) = (self.heads, self.head_dim);
-        for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x)?.reshape((b, t, 3, heads, hd))?;
-            let part = |i: usize| -> Result<Tensor> {
-                Ok(qkv
-                    .narrow(2, i, 1)?
-                    .squeeze(2)?
-                    .transpose(1, 2)?
-                    .contiguous()?)
-            };
-            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-            let ctx = probs
-                .matmul(&v)?
-                .transpose(1, 2)?
-                .reshape((b, t, heads * hd))?;
-            x = layer
-                .attention_norm
-                .forward(&(layer.attention_out.forward(&ctx)? + &x)?)?;
-            let hidden = layer.intermediate.forward(&x)?;
-            let hidden = match self.activation {
-                Activation::GeluErf => hidden.gelu_erf()?,
-                Activation::GeluTanh => hidden.gelu()?,
-            };
-            x = layer
-                .output_norm
-                .forward(&(layer.output.forward(&hidden)? + &x)?)?;
-        }
+        let x = self.model.forward(&ids, &type_ids, Some(&mask))?;
 
         let pooled = match self.pooling {
             Pooling::Mean => {

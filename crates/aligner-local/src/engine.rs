@@ -128,6 +128,29 @@ impl Engine {
         params: GenParams,
         stream: Option<tokio::sync::mpsc::UnboundedSender<String>>,
     ) -> Result<GenOutput, String> {
+        let rx = self.submit(prompt, params, stream)?;
+        rx.await
+            .map_err(|_| "the local model engine stopped during generation".to_string())?
+    }
+
+    /// Blocking variant for callers outside an async runtime (benchmarks).
+    pub fn generate_blocking(
+        &self,
+        prompt: Vec<u32>,
+        params: GenParams,
+    ) -> Result<GenOutput, String> {
+        let rx = self.submit(prompt, params, None)?;
+        rx.blocking_recv()
+            .map_err(|_| "the local model engine stopped during generation".to_string())?
+    }
+
+    /// Sends a job to the scheduler thread; returns the receiver its result will come on.
+    fn submit(
+        &self,
+        prompt: Vec<u32>,
+        params: GenParams,
+        stream: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+    ) -> Result<tokio::sync::oneshot::Receiver<Result<GenOutput, String>>, String> {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let job = Job {
             prompt,
@@ -139,29 +162,7 @@ impl Engine {
             .as_ref()
             .and_then(|tx| tx.send(job).ok())
             .ok_or_else(|| "the local model engine has stopped".to_string())?;
-        rx.await
-            .map_err(|_| "the local model engine stopped during generation".to_string())?
-    }
-
-    /// Blocking variant for callers outside an async runtime (benchmarks).
-    pub fn generate_blocking(
-        &self,
-        prompt: Vec<u32>,
-        params: GenParams,
-    ) -> Result<GenOutput, String> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let job = Job {
-            prompt,
-            params,
-            reply,
-            stream: None,
-        };
-        self.tx
-            .as_ref()
-            .and_then(|tx| tx.send(job).ok())
-            .ok_or_else(|| "the local model engine has stopped".to_string())?;
-        rx.blocking_recv()
-            .map_err(|_| "the local model engine stopped during generation".to_string())?
+        Ok(rx)
     }
 }
 

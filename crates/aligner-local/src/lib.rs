@@ -10,6 +10,7 @@
 
 pub mod backend;
 pub mod chat;
+pub mod config;
 pub mod device;
 pub mod embed;
 pub mod engine;

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
@@ -13,31 +13,7 @@ use crate::gguf::GgufFile;
 use crate::quant::{dot_f32, Weight};
 use crate::sync_ptr::SyncPtr;
 
-/// How rotary embeddings pair up dimensions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RopeStyle {
-    /// Adjacent pairs (x[2i], x[2i+1]): llama-architecture GGUF files, whose Q/K rows were
-    /// permuted by the converter.
-    Interleaved,
-    /// Halves (x[i], x[i + d/2]): Hugging Face checkpoints, and Qwen2 in GGUF.
-    Halves,
-}
-
-#[derive(Debug, Clone)]
-pub struct Config {
-    pub architecture: String,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub vocab: usize,
-    pub rope_theta: f32,
-    pub rms_eps: f32,
-    pub context: usize,
-    pub rope: RopeStyle,
-}
+pub use crate::config::{ModelConfig as Config, RopeStyle, SUPPORTED};
 
 /// One layer's weights as loaded.
 struct LayerWeights {
@@ -127,9 +103,6 @@ pub struct Model {
     sin: Vec<f32>,
 }
 
-/// Architectures this path runs.
-pub const SUPPORTED: &str = "llama (Llama, SmolLM), mistral, qwen2";
-
 /// One sequence's keys and values, per layer, position-major, in f16 (as llama.cpp's default
 /// cache: half the memory of f32, and the same rounding).
 #[derive(Default)]
@@ -193,40 +166,8 @@ pub struct Chunk<'a> {
 
 impl Model {
     pub fn from_gguf(file: &GgufFile) -> Result<Self> {
-        let arch = file.string("general.architecture")?;
-        let rope = match arch.as_str() {
-            "llama" | "mistral" => RopeStyle::Interleaved,
-            "qwen2" => RopeStyle::Halves,
-            other => bail!(
-                "{}: GGUF architecture `{other}` is not supported\nhint: supported architectures: {SUPPORTED}",
-                file.path.display()
-            ),
-        };
-        let key = |k: &str| format!("{arch}.{k}");
-        let hidden = file.usize(&key("embedding_length"))?;
-        let heads = file.usize(&key("attention.head_count"))?;
-        let kv_heads = file.usize(&key("attention.head_count_kv")).unwrap_or(heads);
-        let head_dim = file
-            .usize(&key("attention.key_length"))
-            .unwrap_or(hidden / heads);
+        let config = Config::from_gguf(file)?;
         let embed = file.weight("token_embd.weight")?;
-        let vocab = embed.rows();
-        let config = Config {
-            architecture: arch.clone(),
-            hidden,
-            intermediate: file.usize(&key("feed_forward_length"))?,
-            layers: file.usize(&key("block_count"))?,
-            heads,
-            kv_heads,
-            head_dim,
-            vocab,
-            rope_theta: file.f32(&key("rope.freq_base")).unwrap_or(10_000.0),
-            rms_eps: file
-                .f32(&key("attention.layer_norm_rms_epsilon"))
-                .unwrap_or(1e-5),
-            context: file.usize(&key("context_length")).unwrap_or(4096),
-            rope,
-        };
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
             let p = |n: &str| format!("blk.{i}.{n}");
@@ -255,52 +196,8 @@ impl Model {
     }
 
     pub fn from_hf_folder(dir: &Path, dtype: &str) -> Result<Self> {
-        let cfg_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .with_context(|| format!("reading {}", cfg_path.display()))?;
-        let cfg: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("parsing {}", cfg_path.display()))?;
-        let archs: Vec<String> = cfg["architectures"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x.as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let arch = match archs.first().map(String::as_str) {
-            Some("LlamaForCausalLM") => "llama",
-            Some("MistralForCausalLM") => "mistral",
-            Some("Qwen2ForCausalLM") => "qwen2",
-            other => bail!(
-                "{}: architecture {:?} is not supported\nhint: supported architectures: {SUPPORTED} (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)",
-                cfg_path.display(),
-                other.unwrap_or("(none)")
-            ),
-        };
-        let get = |k: &str| -> Result<usize> {
-            cfg[k]
-                .as_u64()
-                .map(|v| v as usize)
-                .with_context(|| format!("{}: missing `{k}`", cfg_path.display()))
-        };
-        let hidden = get("hidden_size")?;
-        let heads = get("num_attention_heads")?;
-        let config = Config {
-            architecture: arch.to_string(),
-            hidden,
-            intermediate: get("intermediate_size")?,
-            layers: get("num_hidden_layers")?,
-            heads,
-            kv_heads: get("num_key_value_heads").unwrap_or(heads),
-            head_dim: get("head_dim").unwrap_or(hidden / heads),
-            vocab: get("vocab_size")?,
-            rope_theta: cfg["rope_theta"].as_f64().unwrap_or(10_000.0) as f32,
-            rms_eps: cfg["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
-            context: get("max_position_embeddings").unwrap_or(4096),
-            rope: RopeStyle::Halves,
-        };
-        let tied = cfg["tie_word_embeddings"].as_bool().unwrap_or(false);
+        let config = Config::from_hf_folder(dir)?;
+        let tied = config.tie_embeddings;
         let st = crate::safetensors::SafeTensors::open(dir, dtype)?;
         let mut layers = Vec::with_capacity(config.layers);
         for i in 0..config.layers {
@@ -386,7 +283,7 @@ impl Model {
         let mut sin = vec![0f32; ctx * half];
         for p in 0..ctx {
             for i in 0..half {
-                let freq = (c.rope_theta as f64).powf(-(2.0 * i as f64) / c.head_dim as f64);
+                let freq = c.rope_theta.powf(-(2.0 * i as f64) / c.head_dim as f64);
                 let a = p as f64 * freq;
                 cos[p * half + i] = a.cos() as f32;
                 sin[p * half + i] = a.sin() as f32;
@@ -458,7 +355,7 @@ impl Model {
         let mut up = vec![0f32; rows * c.intermediate];
         let mut stacked = Vec::new();
         for (li, l) in self.layers.iter().enumerate() {
-            rms_norm(&x, &l.attn_norm, c.rms_eps, &mut xn);
+            rms_norm(&x, &l.attn_norm, c.rms_eps as f32, &mut xn);
             l.qkv
                 .matmul(&xn, rows, &mut [&mut q, &mut k, &mut v], &mut stacked);
             add_bias(&mut q, l.bq.as_deref());
@@ -481,7 +378,7 @@ impl Model {
             self.attention(chunks, &starts, li, &q, &mut att);
             l.wo.matmul(&att, rows, &mut proj);
             add_into(&mut x, &proj);
-            rms_norm(&x, &l.ffn_norm, c.rms_eps, &mut xn);
+            rms_norm(&x, &l.ffn_norm, c.rms_eps as f32, &mut xn);
             l.gate_up
                 .matmul(&xn, rows, &mut [&mut gate, &mut up], &mut stacked);
             for (g, u) in gate.iter_mut().zip(&up) {
@@ -508,7 +405,7 @@ impl Model {
             last[j * h..(j + 1) * h].copy_from_slice(&x[row * h..(row + 1) * h]);
         }
         let mut normed = vec![0f32; last.len()];
-        rms_norm(&last, &self.out_norm, c.rms_eps, &mut normed);
+        rms_norm(&last, &self.out_norm, c.rms_eps as f32, &mut normed);
         let head = self.lm_head.as_ref().unwrap_or(&self.embed);
         let vocab = head.rows();
         let mut logits = vec![0f32; wanted.len() * vocab];

@@ -862,30 +862,49 @@ mod simd {
         [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    // `b` indexes the scales and both code arrays at once.
-    #[allow(clippy::needless_range_loop)]
-    pub unsafe fn dot_q8_0_q8_0_vnni(qs: &[i8], d: &[f32], a: &ActRow<'_>) -> f32 {
-        let nb = d.len();
-        assert!(qs.len() >= nb * QK && a.qs.len() >= nb * QK && a.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..nb {
-            // SAFETY: bounds asserted above; unaligned loads.
-            let (qx, qy) = unsafe {
-                (
-                    _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i),
-                    _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
-                )
-            };
-            let ax = _mm256_sign_epi8(qx, qx);
-            let sy = _mm256_sign_epi8(qy, qx);
-            let xy = _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy));
-            acc = _mm256_fmadd_ps(_mm256_set1_ps(d[b] * a.d[b]), xy, acc);
-        }
-        hsum(acc)
+    /// Emits the `Q8_0 · Q8_0` row dot product `$name` with the attributes `$meta` (its
+    /// `#[target_feature]` among them; a macro, not a generic, for that reason). Per block:
+    /// `|x|` (unsigned) times `y` with the sign of `x`, reduced to eight `f32` partial sums by
+    /// `$step` (which names those two vectors `$ax` and `$sy`), then scaled by `d[b] * a.d[b]`
+    /// into a fused accumulator.
+    macro_rules! dot_q8_0_q8_0_kernel {
+        (
+            $(#[$meta:meta])*
+            $name:ident, |$ax:ident, $sy:ident| $step:expr
+        ) => {
+            $(#[$meta])*
+            // `b` indexes the scales and both code arrays at once.
+            #[allow(clippy::needless_range_loop)]
+            pub unsafe fn $name(qs: &[i8], d: &[f32], a: &ActRow<'_>) -> f32 {
+                let nb = d.len();
+                assert!(qs.len() >= nb * QK && a.qs.len() >= nb * QK && a.d.len() >= nb);
+                let mut acc = _mm256_setzero_ps();
+                for b in 0..nb {
+                    // SAFETY: bounds asserted above; unaligned loads.
+                    let (qx, qy) = unsafe {
+                        (
+                            _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i),
+                            _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
+                        )
+                    };
+                    let $ax = _mm256_sign_epi8(qx, qx);
+                    let $sy = _mm256_sign_epi8(qy, qx);
+                    let xy = $step;
+                    let scale = _mm256_set1_ps(d[b] * a.d[b]);
+                    acc = _mm256_fmadd_ps(scale, xy, acc);
+                }
+                hsum(acc)
+            }
+        };
     }
+
+    dot_q8_0_q8_0_kernel!(
+        /// # Safety
+        /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
+        #[target_feature(enable = "avx2,fma,avxvnni")]
+        dot_q8_0_q8_0_vnni,
+        |ax, sy| _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ax, sy))
+    );
 
     #[inline]
     #[target_feature(enable = "avx2,fma")]
@@ -935,31 +954,13 @@ mod simd {
         hsum(acc) + summs
     }
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; slices hold `d.len()` blocks.
-    #[target_feature(enable = "avx2,fma")]
-    // `b` indexes the scales and both code arrays at once.
-    #[allow(clippy::needless_range_loop)]
-    pub unsafe fn dot_q8_0_q8_0_avx2(qs: &[i8], d: &[f32], a: &ActRow<'_>) -> f32 {
-        let nb = d.len();
-        assert!(qs.len() >= nb * QK && a.qs.len() >= nb * QK && a.d.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        for b in 0..nb {
-            // SAFETY: bounds asserted above; unaligned loads.
-            let (qx, qy) = unsafe {
-                (
-                    _mm256_loadu_si256(qs.as_ptr().add(b * QK) as *const __m256i),
-                    _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
-                )
-            };
-            let ax = _mm256_sign_epi8(qx, qx);
-            let sy = _mm256_sign_epi8(qy, qx);
-            let xy = mul_sum_us8(ax, sy);
-            let scale = _mm256_set1_ps(d[b] * a.d[b]);
-            acc = _mm256_fmadd_ps(scale, xy, acc);
-        }
-        hsum(acc)
-    }
+    dot_q8_0_q8_0_kernel!(
+        /// # Safety
+        /// The CPU must support AVX2 and FMA; slices hold `d.len()` blocks.
+        #[target_feature(enable = "avx2,fma")]
+        dot_q8_0_q8_0_avx2,
+        |ax, sy| mul_sum_us8(ax, sy)
+    );
 }
 
 #[cfg(test)]

@@ -73,6 +73,36 @@ pub struct Q8_0x16 {
     d: Vec<f32>,
 }
 
+/// Emits `concat` for a tiled type whose per-group arrays are the fields listed: groups are
+/// independent, so stacking rows just appends each array.
+macro_rules! concat_fn {
+    ($($arr:ident),+) => {
+        /// The rows of `parts` stacked (groups are independent, so their arrays just append).
+        pub fn concat(parts: Vec<Self>) -> Self {
+            let cols = parts[0].cols;
+            let mut out = Self {
+                rows: 0,
+                cols,
+                $($arr: Vec::new(),)+
+            };
+            for p in parts {
+                assert_eq!(p.cols, cols);
+                out.rows += p.rows;
+                $(out.$arr.extend_from_slice(&p.$arr);)+
+            }
+            out
+        }
+    };
+}
+
+/// For row `r` of a tiled matrix with `cols` columns, per block `b` in order: `(b, gb, l)`,
+/// where `gb = g * nb + b` indexes the row's (group, block) and `l` is its lane.
+fn row_blocks(cols: usize, r: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    let nb = cols / QK;
+    let (g, l) = (r / LANES, r % LANES);
+    (0..nb).map(move |b| (b, g * nb + b, l))
+}
+
 impl Q4_1x16 {
     /// From GGML's row-wise layout (16 packed bytes, one `d` and one `m` per block).
     pub fn from_rowwise(rows: usize, cols: usize, qs: &[u8], d: &[f32], m: &[f32]) -> Self {
@@ -108,31 +138,10 @@ impl Q4_1x16 {
         self.qs.len() + 4 * (self.d.len() + self.m.len())
     }
 
-    /// The rows of `parts` stacked (groups are independent, so their arrays just append).
-    pub fn concat(parts: Vec<Self>) -> Self {
-        let cols = parts[0].cols;
-        let mut out = Q4_1x16 {
-            rows: 0,
-            cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-            m: Vec::new(),
-        };
-        for p in parts {
-            assert_eq!(p.cols, cols);
-            out.rows += p.rows;
-            out.qs.extend_from_slice(&p.qs);
-            out.d.extend_from_slice(&p.d);
-            out.m.extend_from_slice(&p.m);
-        }
-        out
-    }
+    concat_fn!(qs, d, m);
 
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        let (g, l) = (r / LANES, r % LANES);
-        for b in 0..nb {
-            let gb = g * nb + b;
+        for (b, gb, l) in row_blocks(self.cols, r) {
             let (d, m) = (self.d[gb * LANES + l], self.m[gb * LANES + l]);
             for c in 0..4 {
                 for j in 0..4 {
@@ -194,29 +203,10 @@ impl Q8_0x16 {
         self.qs.len() + 4 * self.d.len()
     }
 
-    /// The rows of `parts` stacked.
-    pub fn concat(parts: Vec<Self>) -> Self {
-        let cols = parts[0].cols;
-        let mut out = Q8_0x16 {
-            rows: 0,
-            cols,
-            qs: Vec::new(),
-            d: Vec::new(),
-        };
-        for p in parts {
-            assert_eq!(p.cols, cols);
-            out.rows += p.rows;
-            out.qs.extend_from_slice(&p.qs);
-            out.d.extend_from_slice(&p.d);
-        }
-        out
-    }
+    concat_fn!(qs, d);
 
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        let (g, l) = (r / LANES, r % LANES);
-        for b in 0..nb {
-            let gb = g * nb + b;
+        for (b, gb, l) in row_blocks(self.cols, r) {
             let d = self.d[gb * LANES + l];
             for c in 0..8 {
                 for j in 0..4 {

@@ -472,13 +472,7 @@ impl StreamDecoder {
     /// Adds one id; returns the text it completed, if any.
     pub fn push(&mut self, id: u32) -> Result<Option<String>> {
         self.ids.push(id);
-        let prefix = self.tokenizer.decode(
-            &self.ids[self.prefix_offset..self.read_offset],
-            self.skip_special,
-        )?;
-        let full = self
-            .tokenizer
-            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        let (prefix, full) = self.decode_window()?;
         if full.len() > prefix.len() && !full.ends_with('\u{FFFD}') && full.starts_with(&prefix) {
             let piece = full[prefix.len()..].to_string();
             self.prefix_offset = self.read_offset;
@@ -498,13 +492,7 @@ impl StreamDecoder {
             Some(rest) => rest.to_string(),
             // Cannot happen with the decoders we know; fall back to the unread window.
             None => {
-                let prefix = self.tokenizer.decode(
-                    &self.ids[self.prefix_offset..self.read_offset],
-                    self.skip_special,
-                )?;
-                let full = self
-                    .tokenizer
-                    .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+                let (prefix, full) = self.decode_window()?;
                 full.get(prefix.len()..).unwrap_or_default().to_string()
             }
         };
@@ -517,6 +505,19 @@ impl StreamDecoder {
     /// All ids pushed so far.
     pub fn ids(&self) -> &[u32] {
         &self.ids
+    }
+
+    /// The window's text before and after the unread ids: `(decode(ids[prefix..read]),
+    /// decode(ids[prefix..]))`.
+    fn decode_window(&self) -> Result<(String, String)> {
+        let prefix = self.tokenizer.decode(
+            &self.ids[self.prefix_offset..self.read_offset],
+            self.skip_special,
+        )?;
+        let full = self
+            .tokenizer
+            .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
+        Ok((prefix, full))
     }
 }
 

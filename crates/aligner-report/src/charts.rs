@@ -350,7 +350,6 @@ pub fn over_steps(
     Ok(svg)
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;

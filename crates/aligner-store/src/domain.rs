@@ -160,6 +160,32 @@ vocabulary! {
     }
 }
 
+vocabulary! {
+    /// What an `events` row records.
+    EventKind ("event kind") {
+        PromptsLoaded = "prompts_loaded",
+        RunStarted = "run_started",
+        RunResumed = "run_resumed",
+        StageFinished = "stage_finished",
+        TrainStarted = "train_started",
+        CheckpointRegistered = "checkpoint_registered",
+        AlignerEvaluated = "aligner_evaluated",
+        Gate = "gate",
+        RoundFinished = "round_finished",
+        RunFinished = "run_finished",
+        RunFailed = "run_failed",
+    }
+}
+
+vocabulary! {
+    /// How much an event matters (`events.level`).
+    Level ("event level") {
+        Info = "info",
+        Warn = "warn",
+        Error = "error",
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,7 +49,8 @@ use sqlx::{Row, SqlitePool};
 
 pub use daemon::{JobRow, QueuedRun};
 pub use domain::{
-    GateDecision, JobState, Outcome, RunStatus, Stage, StageStatus, UnknownValue, Verdict,
+    EventKind, GateDecision, JobState, Level, Outcome, RunStatus, Stage, StageStatus, UnknownValue,
+    Verdict,
 };
 pub use proxy::{NewProxyRecord, ProxyRecordRow};
 pub use readonly::{QueryResult, ReadOnlyError};

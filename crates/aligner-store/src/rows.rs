@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::domain::{GateDecision, Outcome, RunStatus, Stage, StageStatus};
+use crate::domain::{EventKind, GateDecision, Level, Outcome, RunStatus, Stage, StageStatus};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct RunRow {
@@ -70,10 +70,9 @@ pub struct StageRow {
 pub struct NewEvent<'a> {
     pub run_id: Option<i64>,
     pub round: Option<i64>,
-    pub stage: Option<&'a str>,
-    /// `info` | `warn` | `error`
-    pub level: &'a str,
-    pub kind: &'a str,
+    pub stage: Option<Stage>,
+    pub level: Level,
+    pub kind: EventKind,
     pub message: &'a str,
     pub data: Option<serde_json::Value>,
 }
@@ -83,9 +82,9 @@ pub struct EventRow {
     pub id: i64,
     pub run_id: Option<i64>,
     pub round: Option<i64>,
-    pub stage: Option<String>,
-    pub level: String,
-    pub kind: String,
+    pub stage: Option<Stage>,
+    pub level: Level,
+    pub kind: EventKind,
     pub message: String,
     pub data: Option<String>,
     pub ts: String,

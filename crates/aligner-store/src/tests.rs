@@ -237,8 +237,8 @@ async fn events_are_append_only() {
             run_id: None,
             round: None,
             stage: None,
-            level: "info",
-            kind: "k",
+            level: crate::Level::Info,
+            kind: crate::EventKind::RunStarted,
             message: "m",
             data: None,
         })

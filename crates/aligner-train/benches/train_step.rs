@@ -206,9 +206,10 @@ fn random_smollm2() -> (Config, Weights) {
         head_dim: 64,
         rope_theta: 100000.0,
         rms_eps: 1e-5,
-        max_positions: 8192,
+        context: 8192,
         tie_embeddings: true,
         qkv_bias: false,
+        rope: aligner_train::model::RopeStyle::Halves,
     };
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut normal = |n: usize| -> Vec<f32> {

@@ -65,7 +65,7 @@ pub fn save_hf(
         "num_key_value_heads": c.kv_heads,
         "head_dim": c.head_dim,
         "hidden_act": "silu",
-        "max_position_embeddings": c.max_positions,
+        "max_position_embeddings": c.context,
         "rms_norm_eps": c.rms_eps,
         "rope_theta": c.rope_theta,
         "vocab_size": c.vocab,
@@ -89,7 +89,7 @@ pub fn save_hf(
         "add_bos_token": tokenizer.add_bos(),
         "add_eos_token": false,
         "clean_up_tokenization_spaces": false,
-        "model_max_length": c.max_positions,
+        "model_max_length": c.context,
     });
     if let Some(b) = tokenizer.bos_token() {
         tc["bos_token"] = json!(b);

@@ -59,6 +59,36 @@ pub struct Packed {
     pub plan: Option<Arc<AttnPlan>>,
 }
 
+impl Packed {
+    /// The batch from its host buffers, tensors on `device`: `ids` and `mask` `[b, t]`,
+    /// `positions` and `targets` `[n]` (`n = positions.len()`), `owner` `[owner_rows, n]`.
+    #[allow(clippy::too_many_arguments)]
+    fn from_host(
+        ids: Vec<u32>,
+        mask: Vec<f32>,
+        (b, t): (usize, usize),
+        positions: Vec<u32>,
+        targets: Vec<u32>,
+        owner: Vec<f32>,
+        owner_rows: usize,
+        counts: Vec<usize>,
+        plan: Option<Arc<AttnPlan>>,
+        device: &Device,
+    ) -> Result<Self> {
+        let n = positions.len();
+        Ok(Packed {
+            ids: Tensor::from_vec(ids, (b, t), device)?,
+            mask: Tensor::from_vec(mask, (b, t), device)?,
+            positions: Tensor::from_vec(positions, n, device)?,
+            targets: Tensor::from_slice(&targets, n, device)?,
+            target_ids: targets,
+            owner: Tensor::from_vec(owner, (owner_rows, n), device)?,
+            counts,
+            plan,
+        })
+    }
+}
+
 /// Packs (prompt, completion) pairs, each already within the length budget.
 pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Packed> {
     let b = seqs.len();
@@ -95,16 +125,18 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Pack
     for (k, &i) in owners.iter().enumerate() {
         owner[i * n + k] = 1.0;
     }
-    Ok(Packed {
-        ids: Tensor::from_vec(ids, (b, t), device)?,
-        mask: Tensor::from_vec(mask, (b, t), device)?,
-        positions: Tensor::from_vec(positions, n, device)?,
-        targets: Tensor::from_slice(&targets, n, device)?,
-        target_ids: targets,
-        owner: Tensor::from_vec(owner, (b, n), device)?,
+    Packed::from_host(
+        ids,
+        mask,
+        (b, t),
+        positions,
+        targets,
+        owner,
+        b,
         counts,
-        plan: None,
-    })
+        None,
+        device,
+    )
 }
 
 /// One preference pair after truncation: the prompt and answer of its chosen and of its
@@ -180,16 +212,18 @@ pub fn pack_pairs(pairs: &[PairSeqs], pad: u32, device: &Device) -> Result<Packe
             targets.push(tok);
         }
     }
-    Ok(Packed {
-        ids: Tensor::from_vec(ids, (b, t), device)?,
-        mask: Tensor::from_vec(mask, (b, t), device)?,
-        positions: Tensor::from_vec(positions, n, device)?,
-        targets: Tensor::from_slice(&targets, n, device)?,
-        target_ids: targets,
-        owner: Tensor::from_vec(owner, (2 * b, n), device)?,
+    Packed::from_host(
+        ids,
+        mask,
+        (b, t),
+        positions,
+        targets,
+        owner,
+        2 * b,
         counts,
-        plan: Some(Arc::new(plan)),
-    })
+        Some(Arc::new(plan)),
+        device,
+    )
 }
 
 /// Log-probability of each completion token, `[n]`, through the model (differentiable).

@@ -956,17 +956,7 @@ fn forward_new(x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) -> Vec<f3
     // SAFETY: x is n × inp, w is out × inp (read as its transpose); gemm writes all n × out
     // elements of y's capacity (`accumulate` is off, so none is read) before the length is set.
     unsafe {
-        matmul(
-            n,
-            out,
-            inp,
-            y.as_mut_ptr(),
-            out as isize,
-            false,
-            Mat(x.as_ptr(), inp as isize, 1),
-            Mat(w.as_ptr(), 1, inp as isize),
-            threads(),
-        );
+        forward_raw(x, w, y.as_mut_ptr(), n, inp, out, false);
         y.set_len(n * out);
     }
     y
@@ -975,12 +965,31 @@ fn forward_new(x: &[f32], w: &[f32], n: usize, inp: usize, out: usize) -> Vec<f3
 /// `y[n, out] (+)= x[n, in] Wᵀ` for `W` `[out, in]`.
 fn forward_mm(x: &[f32], w: &[f32], y: &mut [f32], n: usize, inp: usize, out: usize, acc: bool) {
     // SAFETY: slices sized n × inp, out × inp and n × out.
+    unsafe { forward_raw(x, w, y.as_mut_ptr(), n, inp, out, acc) }
+}
+
+/// `y[n, out] (+)= x[n, in] Wᵀ` for `W` `[out, in]`, with `y` as a pointer (the matrix product
+/// shared by [`forward_new`] and [`forward_mm`]).
+///
+/// # Safety
+/// `x` holds n × inp values and `w` out × inp; `y` is valid for writing n × out values (and
+/// reading them when `acc`) and aliases neither operand.
+unsafe fn forward_raw(
+    x: &[f32],
+    w: &[f32],
+    y: *mut f32,
+    n: usize,
+    inp: usize,
+    out: usize,
+    acc: bool,
+) {
+    // SAFETY: the caller's promise above is what `matmul` needs for these strides.
     unsafe {
         matmul(
             n,
             out,
             inp,
-            y.as_mut_ptr(),
+            y,
             out as isize,
             acc,
             Mat(x.as_ptr(), inp as isize, 1),

@@ -41,19 +41,7 @@ fn file_type(dtype: GgmlDType) -> u32 {
 /// Applies llama.cpp's q/k row permutation (the inverse of [`crate::model::unpermute_rows`]):
 /// Hugging Face row `h*hd + j*hd/2 + i` becomes GGUF row `h*hd + 2i + j`.
 pub fn permute_rows(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
-    let hd = rows / heads;
-    let half = hd / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = h * hd + j * half + i;
-                let dst = h * hd + 2 * i + j;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
+    crate::model::reorder_qk_rows(w, heads, rows, cols, true)
 }
 
 /// What was written.

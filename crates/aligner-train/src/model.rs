@@ -18,25 +18,8 @@ use aligner_local::gguf::GgufFile;
 
 use crate::fused::{AttentionWeights, AttnPlan, BlockWeight, GradSink, MlpWeights, RopeTables};
 
-/// Shapes and constants of the model.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct Config {
-    /// `llama`, `mistral` or `qwen2`.
-    pub architecture: String,
-    pub vocab: usize,
-    pub hidden: usize,
-    pub intermediate: usize,
-    pub layers: usize,
-    pub heads: usize,
-    pub kv_heads: usize,
-    pub head_dim: usize,
-    pub rope_theta: f64,
-    pub rms_eps: f64,
-    pub max_positions: usize,
-    pub tie_embeddings: bool,
-    /// q/k/v projections with biases (Qwen2).
-    pub qkv_bias: bool,
-}
+/// Shapes and constants of the model: the one configuration inference reads too.
+pub use aligner_local::config::{ModelConfig as Config, RopeStyle};
 
 /// Linear layers LoRA can adapt, by their Hugging Face names.
 pub use aligner_spec::LORA_TARGETS;
@@ -403,7 +386,7 @@ impl TrainModel {
         };
         // Rotary tables (rotate-half layout), computed in f64 and rounded once.
         let half = c.head_dim / 2;
-        let n = c.max_positions;
+        let n = c.context;
         let mut cos = vec![0f32; n * c.head_dim];
         let mut sin = vec![0f32; n * c.head_dim];
         for p in 0..n {
@@ -530,10 +513,10 @@ impl TrainModel {
         let (b, t) = ids.dims2()?;
         // A planned row holds several sequences; its longest one must fit.
         let longest = plan.map_or(t, |p| p.max_position() + 1);
-        if longest > c.max_positions {
+        if longest > c.context {
             bail!(
                 "sequence of {longest} tokens is longer than the model's {} positions",
-                c.max_positions
+                c.context
             );
         }
         let (hd, nh, nkv) = (c.head_dim, c.heads, c.kv_heads);
@@ -815,14 +798,29 @@ fn uniform(seed: &mut u64) -> f32 {
 /// Undoes llama.cpp's q/k row permutation (its converter interleaves the two rotary halves of
 /// each head): GGUF row `h*hd + 2i + j` is Hugging Face row `h*hd + j*hd/2 + i`.
 pub fn unpermute_rows(w: &[f32], heads: usize, rows: usize, cols: usize) -> Vec<f32> {
+    reorder_qk_rows(w, heads, rows, cols, false)
+}
+
+/// Moves q/k rows between the two orders, `cols` values per row: Hugging Face row
+/// `h*hd + j*hd/2 + i` is GGUF row `h*hd + 2i + j`. `to_gguf` picks the direction (Hugging
+/// Face to GGUF, as [`crate::gguf_export::permute_rows`], when true; back, as
+/// [`unpermute_rows`], when false).
+pub(crate) fn reorder_qk_rows(
+    w: &[f32],
+    heads: usize,
+    rows: usize,
+    cols: usize,
+    to_gguf: bool,
+) -> Vec<f32> {
     let hd = rows / heads;
     let half = hd / 2;
     let mut out = vec![0f32; w.len()];
     for h in 0..heads {
         for i in 0..half {
             for j in 0..2 {
-                let src = h * hd + 2 * i + j;
-                let dst = h * hd + j * half + i;
+                let hf = h * hd + j * half + i;
+                let gguf = h * hd + 2 * i + j;
+                let (src, dst) = if to_gguf { (hf, gguf) } else { (gguf, hf) };
                 out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
             }
         }
@@ -872,43 +870,7 @@ pub fn gguf_tensor_names(c: &Config) -> Vec<(String, String, Option<usize>)> {
 /// A GGUF's configuration and weights (dequantized, Hugging Face names and layout).
 pub fn gguf_weights(path: &Path) -> Result<(Config, Weights)> {
     let file = GgufFile::open(path)?;
-    let arch = file
-        .string("general.architecture")
-        .unwrap_or_else(|_| "llama".into());
-    if !["llama", "mistral", "qwen2"].contains(&arch.as_str()) {
-        bail!(
-            "{}: architecture `{arch}` cannot be trained here\nhint: the built-in trainer supports llama, mistral and qwen2",
-            path.display()
-        );
-    }
-    let key = |k: &str| format!("{arch}.{k}");
-    let need = |k: &str| {
-        file.usize(&key(k))
-            .map_err(|_| anyhow!("{}: metadata `{}` is missing", path.display(), key(k)))
-    };
-    let hidden = need("embedding_length")?;
-    let heads = need("attention.head_count")?;
-    let kv_heads = file.usize(&key("attention.head_count_kv")).unwrap_or(heads);
-    let (_, embed_dims, _) = file.raw("token_embd.weight")?;
-    let vocab = embed_dims[0];
-    let tie = !file.has("output.weight");
-    let config = Config {
-        architecture: arch.clone(),
-        vocab,
-        hidden,
-        intermediate: need("feed_forward_length")?,
-        layers: need("block_count")?,
-        heads,
-        kv_heads,
-        head_dim: hidden / heads,
-        rope_theta: file.f32(&key("rope.freq_base")).unwrap_or(10_000.0) as f64,
-        rms_eps: file
-            .f32(&key("attention.layer_norm_rms_epsilon"))
-            .unwrap_or(1e-5) as f64,
-        max_positions: file.usize(&key("context_length")).unwrap_or(2048),
-        tie_embeddings: tie,
-        qkv_bias: file.has("blk.0.attn_q.bias"),
-    };
+    let config = Config::from_gguf(&file)?;
     let mut w = Weights::new();
     let mut put = |gguf: &str, hf: String, permute_heads: Option<usize>| -> Result<()> {
         let (_, dims, _) = file.raw(gguf)?;
@@ -930,52 +892,7 @@ pub fn gguf_weights(path: &Path) -> Result<(Config, Weights)> {
 
 /// A Hugging Face folder's configuration and weights (as f32).
 pub fn hf_weights(dir: &Path) -> Result<(Config, Weights)> {
-    let cfg_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&cfg_path).with_context(|| {
-        format!(
-            "reading {}\nhint: a Hugging Face model folder holds config.json, tokenizer.json, tokenizer_config.json and model*.safetensors",
-            cfg_path.display()
-        )
-    })?;
-    let j: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", cfg_path.display()))?;
-    let arch = match j["architectures"][0].as_str() {
-        Some("LlamaForCausalLM") => "llama",
-        Some("MistralForCausalLM") => "mistral",
-        Some("Qwen2ForCausalLM") => "qwen2",
-        other => bail!(
-            "{}: architecture {other:?} cannot be trained here\nhint: the built-in trainer supports LlamaForCausalLM, MistralForCausalLM and Qwen2ForCausalLM",
-            cfg_path.display()
-        ),
-    };
-    let get = |k: &str| {
-        j[k].as_u64()
-            .map(|v| v as usize)
-            .ok_or_else(|| anyhow!("{}: `{k}` is missing", cfg_path.display()))
-    };
-    let hidden = get("hidden_size")?;
-    let heads = get("num_attention_heads")?;
-    let config = Config {
-        architecture: arch.into(),
-        vocab: get("vocab_size")?,
-        hidden,
-        intermediate: get("intermediate_size")?,
-        layers: get("num_hidden_layers")?,
-        heads,
-        kv_heads: j["num_key_value_heads"]
-            .as_u64()
-            .map(|v| v as usize)
-            .unwrap_or(heads),
-        head_dim: j["head_dim"]
-            .as_u64()
-            .map(|v| v as usize)
-            .unwrap_or(hidden / heads),
-        rope_theta: j["rope_theta"].as_f64().unwrap_or(10_000.0),
-        rms_eps: j["rms_norm_eps"].as_f64().unwrap_or(1e-5),
-        max_positions: get("max_position_embeddings").unwrap_or(2048),
-        tie_embeddings: j["tie_word_embeddings"].as_bool().unwrap_or(false),
-        qkv_bias: arch == "qwen2" || j["attention_bias"].as_bool().unwrap_or(false),
-    };
+    let config = Config::from_hf_folder(dir)?;
     let files = aligner_local::safetensors::files(dir)?;
     let mut w = Weights::new();
     for f in files {

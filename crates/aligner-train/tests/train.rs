@@ -23,9 +23,10 @@ fn tiny_config() -> Config {
         head_dim: 8,
         rope_theta: 10_000.0,
         rms_eps: 1e-5,
-        max_positions: 64,
+        context: 64,
         tie_embeddings: true,
         qkv_bias: false,
+        rope: aligner_train::model::RopeStyle::Halves,
     }
 }
 
@@ -523,7 +524,7 @@ fn an_interrupted_run_resumes_to_the_same_weights() {
 #[test]
 fn pairs_sharing_their_prompt_match_separate_sequences() {
     let mut c = tiny_config();
-    c.max_positions = 512;
+    c.context = 512;
     let seq = |n: usize, salt: u32| -> Vec<u32> {
         (0..n as u32).map(|i| (i * 7 + salt) % 20 + 3).collect()
     };
