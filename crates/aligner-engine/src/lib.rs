@@ -616,6 +616,28 @@ impl Engine {
     }
 
     /// Appends to the event log; a failure to log never fails the run.
+    /// Tells the observer `message` and records it as an `info` event of `stage`.
+    pub(crate) async fn announce(
+        &self,
+        run_id: i64,
+        round: u32,
+        stage: Stage,
+        kind: EventKind,
+        message: &str,
+    ) {
+        self.observer.note(message);
+        self.event(
+            run_id,
+            Some(round),
+            Some(stage),
+            Level::Info,
+            kind,
+            message,
+            None,
+        )
+        .await;
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn event(
         &self,

@@ -236,15 +236,20 @@ impl ItemStage for Answers<'_> {
                 finish: c.finish_reason.as_str().to_string(),
                 model: self.model.to_string(),
             },
-            Err(err) => AlignerUpdate::Failed {
-                id: r.id,
-                error: format!("answer: {err}"),
-            },
+            Err(err) => failed_call(r.id, "answer", err),
         }
     }
 
     async fn flush(&self, store: &Store, rows: &[AlignerUpdate]) -> Result<()> {
         Ok(store.update_aligner_examples(rows).await?)
+    }
+}
+
+/// The row a failed call leaves: which call (`answer`, `teacher`, `aligner`) and its error.
+fn failed_call(id: i64, call: &str, err: &aligner_backend::Error) -> AlignerUpdate {
+    AlignerUpdate::Failed {
+        id,
+        error: format!("{call}: {err}"),
     }
 }
 
@@ -278,10 +283,7 @@ impl ItemStage for TeacherCorrections<'_> {
     fn record(&self, r: AlignerExampleRow, result: &CallResult) -> AlignerUpdate {
         match result {
             Ok(c) => correction_update(&r, c.text.trim().to_string(), self.model),
-            Err(err) => AlignerUpdate::Failed {
-                id: r.id,
-                error: format!("teacher: {err}"),
-            },
+            Err(err) => failed_call(r.id, "teacher", err),
         }
     }
 
@@ -326,10 +328,7 @@ impl ItemStage for AlignerOutputs<'_> {
                     finish: c.finish_reason.as_str().to_string(),
                 }
             }
-            Err(err) => AlignerUpdate::Failed {
-                id: r.id,
-                error: format!("aligner: {err}"),
-            },
+            Err(err) => failed_call(r.id, "aligner", err),
         }
     }
 
@@ -535,17 +534,8 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
         a.name,
         out.display()
     );
-    e.observer.note(&message);
-    e.event(
-        run_id,
-        Some(0),
-        Some(stage),
-        Level::Info,
-        EventKind::CheckpointRegistered,
-        &message,
-        None,
-    )
-    .await;
+    e.announce(run_id, 0, stage, EventKind::CheckpointRegistered, &message)
+        .await;
     Ok(())
 }
 

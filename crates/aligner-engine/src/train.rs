@@ -163,19 +163,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         std::fs::remove_dir_all(&attempt_dir)
             .map_err(|err| stage_err(format!("cannot clear `{}`: {err}", attempt_dir.display())))?;
     }
-    let pairs = crate::pair_records(&e.store, run_id, round).await?;
-    if pairs.is_empty() {
-        let message = no_pairs(ctx.round);
-        e.store
-            .finish_stage(
-                run_id,
-                round,
-                Stage::Train,
-                StageEnd::failed(0, 1, &message),
-            )
-            .await?;
-        return Err(stage_err(message));
-    }
+    let pairs = round_pairs(ctx).await?;
     let kind = match train.method {
         TrainMethod::Dpo => Kind::Dpo,
         TrainMethod::Sft => Kind::Sft,
@@ -369,6 +357,30 @@ async fn start_job(
         .await?)
 }
 
+/// The round's kept pairs; none fails the stage (there is nothing to train on).
+async fn round_pairs(ctx: &Ctx<'_>) -> Result<Vec<aligner_dataset::PairRecord>> {
+    let e = ctx.engine;
+    let (run_id, round) = (ctx.run_id, ctx.round as i64);
+    let pairs = crate::pair_records(&e.store, run_id, round).await?;
+    if pairs.is_empty() {
+        let message = no_pairs(ctx.round);
+        e.store
+            .finish_stage(
+                run_id,
+                round,
+                Stage::Train,
+                StageEnd::failed(0, 1, &message),
+            )
+            .await?;
+        return Err(Error::Stage {
+            round: ctx.round,
+            stage: "train",
+            message,
+        });
+    }
+    Ok(pairs)
+}
+
 fn no_pairs(round: u32) -> String {
     format!("round {round} kept no pairs to train on\nhint: `aligner sql \"SELECT reason, count(*) FROM pairs WHERE round = {round} GROUP BY reason\"` shows why; relax `rounds.synthesize`")
 }
@@ -418,15 +430,12 @@ async fn register(
             .map(|s| format!(" served as `{s}`"))
             .unwrap_or_default()
     );
-    e.observer.note(&message);
-    e.event(
+    e.announce(
         run_id,
-        Some(ctx.round),
-        Some(Stage::Train),
-        Level::Info,
+        ctx.round,
+        Stage::Train,
         EventKind::CheckpointRegistered,
         &message,
-        None,
     )
     .await;
     Ok(())
@@ -482,19 +491,7 @@ async fn run_builtin(
     let dir = run_dir(ctx);
     let out = dir.join("checkpoint");
     let (attempt_dir, state_dir) = attempt_dirs(ctx, &dir).await?;
-    let pairs = crate::pair_records(&e.store, run_id, round).await?;
-    if pairs.is_empty() {
-        let message = no_pairs(ctx.round);
-        e.store
-            .finish_stage(
-                run_id,
-                round,
-                Stage::Train,
-                StageEnd::failed(0, 1, &message),
-            )
-            .await?;
-        return Err(stage_err(message));
-    }
+    let pairs = round_pairs(ctx).await?;
     let trainer = e
         .factory
         .trainer()

@@ -778,24 +778,9 @@ mod simd {
         let mut summs = [0f32; 4];
         let low = _mm256_set1_epi8(0x0f);
         let (wq, wd, wm) = (qs.as_ptr(), d.as_ptr(), m.as_ptr());
-        let aq = [
-            a[0].qs.as_ptr(),
-            a[1].qs.as_ptr(),
-            a[2].qs.as_ptr(),
-            a[3].qs.as_ptr(),
-        ];
-        let ad = [
-            a[0].d.as_ptr(),
-            a[1].d.as_ptr(),
-            a[2].d.as_ptr(),
-            a[3].d.as_ptr(),
-        ];
-        let asum = [
-            a[0].s.as_ptr(),
-            a[1].s.as_ptr(),
-            a[2].s.as_ptr(),
-            a[3].s.as_ptr(),
-        ];
+        let aq = a.each_ref().map(|r| r.qs.as_ptr());
+        let ad = a.each_ref().map(|r| r.d.as_ptr());
+        let asum = a.each_ref().map(|r| r.s.as_ptr());
         for b in 0..nb {
             // SAFETY: every pointer is read at block b < nb, inside the lengths asserted
             // above; loads are unaligned.
@@ -831,18 +816,8 @@ mod simd {
         }
         let mut acc = [_mm256_setzero_ps(); 4];
         let (wq, wd) = (qs.as_ptr(), d.as_ptr());
-        let aq = [
-            a[0].qs.as_ptr(),
-            a[1].qs.as_ptr(),
-            a[2].qs.as_ptr(),
-            a[3].qs.as_ptr(),
-        ];
-        let ad = [
-            a[0].d.as_ptr(),
-            a[1].d.as_ptr(),
-            a[2].d.as_ptr(),
-            a[3].d.as_ptr(),
-        ];
+        let aq = a.each_ref().map(|r| r.qs.as_ptr());
+        let ad = a.each_ref().map(|r| r.d.as_ptr());
         for b in 0..nb {
             // SAFETY: every pointer is read at block b < nb, inside the lengths asserted
             // above; loads are unaligned.

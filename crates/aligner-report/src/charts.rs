@@ -238,29 +238,15 @@ pub fn tradeoff(title: &str, x_desc: &str, y_desc: &str, points: &[Tradeoff]) ->
                 .draw_series(LineSeries::new(line, c.mix(0.5).stroke_width(1)))
                 .map_err(draw_err)?;
             for p in pts {
+                // The intervals: horizontal for x, then vertical for y.
+                let style = c.mix(0.6).stroke_width(1);
                 if let Some((lo, hi)) = p.x_ci {
-                    chart
-                        .draw_series([ErrorBar::new_horizontal(
-                            p.y,
-                            lo,
-                            p.x,
-                            hi,
-                            c.mix(0.6).stroke_width(1),
-                            8,
-                        )])
-                        .map_err(draw_err)?;
+                    let bar = ErrorBar::new_horizontal(p.y, lo, p.x, hi, style, 8);
+                    chart.draw_series([bar]).map_err(draw_err)?;
                 }
                 if let Some((lo, hi)) = p.y_ci {
-                    chart
-                        .draw_series([ErrorBar::new_vertical(
-                            p.x,
-                            lo,
-                            p.y,
-                            hi,
-                            c.mix(0.6).stroke_width(1),
-                            8,
-                        )])
-                        .map_err(draw_err)?;
+                    let bar = ErrorBar::new_vertical(p.x, lo, p.y, hi, style, 8);
+                    chart.draw_series([bar]).map_err(draw_err)?;
                 }
                 let spot = at_spot
                     .entry(((p.x * 2.0).round() as i64, (p.y * 2.0).round() as i64))

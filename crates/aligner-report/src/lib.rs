@@ -754,20 +754,14 @@ fn train_metrics_table(rows: &[&TrainingMetricSummary]) -> Table {
     t
 }
 
+/// The columns of a stage's progress, in the page's table and the terminal's.
+pub(crate) const STAGE_PROGRESS: [&str; 6] =
+    ["stage", "status", "done", "failed", "total", "executions"];
+
 fn stages_table(stages: &[&StageRow]) -> Table {
     let mut t = Table::new(
         "stages",
-        &[
-            "stage",
-            "status",
-            "done",
-            "failed",
-            "total",
-            "executions",
-            "started",
-            "finished",
-            "error",
-        ],
+        &[&STAGE_PROGRESS[..], &["started", "finished", "error"]].concat(),
     );
     for s in stages {
         t.push(

@@ -200,18 +200,12 @@ pub fn run(run: &RunRow, rounds: &[RoundSummary], stages: &[StageRow]) -> String
         let _ = writeln!(out, "  error: {}", e.lines().next().unwrap_or(""));
     }
     let mut t = table(
-        [
-            "round",
-            "stage",
-            "status",
-            "done",
-            "failed",
-            "total",
-            "executions",
-            "error",
-        ]
-        .map(String::from)
-        .to_vec(),
+        ["round"]
+            .iter()
+            .chain(&crate::STAGE_PROGRESS)
+            .chain(&["error"])
+            .map(|c| c.to_string())
+            .collect(),
     );
     for s in stages {
         t.add_row(vec![

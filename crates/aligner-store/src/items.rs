@@ -139,19 +139,18 @@ impl Store {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<UncorrectedRow>> {
-        Ok(sqlx::query_as::<_, UncorrectedRow>(
+        self.round_page(
             "SELECT g.id AS generation_id, g.prompt_id, p.prompt, g.text AS answer
              FROM generations g JOIN prompts p ON p.id = g.prompt_id
              WHERE g.run_id = ? AND g.round = ? AND g.status = 'ok' AND g.id > ?
                AND NOT EXISTS (SELECT 1 FROM corrections c WHERE c.generation_id = g.id)
              ORDER BY g.id LIMIT ?",
+            run_id,
+            round,
+            after_id,
+            limit,
         )
-        .bind(run_id)
-        .bind(round)
-        .bind(after_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        .await
     }
 
     pub async fn count_uncorrected(&self, run_id: i64, round: i64) -> Result<i64> {

@@ -95,6 +95,28 @@ pub struct Store {
 }
 
 impl Store {
+    /// A keyset page of a round's rows: `sql` binds the run, the round, the last id already
+    /// read and the page size, in that order.
+    pub(crate) async fn round_page<T>(
+        &self,
+        sql: &str,
+        run_id: i64,
+        round: i64,
+        after_id: i64,
+        limit: i64,
+    ) -> Result<Vec<T>>
+    where
+        T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
+    {
+        Ok(sqlx::query_as::<_, T>(sql)
+            .bind(run_id)
+            .bind(round)
+            .bind(after_id)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?)
+    }
+
     /// Opens (creating if needed) a store for writing and applies pending migrations.
     pub async fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -13,7 +13,7 @@ impl Store {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<UnpairedRow>> {
-        Ok(sqlx::query_as::<_, UnpairedRow>(
+        self.round_page(
             "SELECT g.id AS generation_id, g.prompt_id, p.prompt, p.prompt_hash || ':' || g.sample_idx AS dedupe_key, g.status AS generation_status,
                     g.text AS original, g.finish_reason AS original_finish,
                     c.id AS correction_id, c.status AS correction_status, c.text AS correction,
@@ -24,13 +24,12 @@ impl Store {
              WHERE g.run_id = ? AND g.round = ? AND g.id > ?
                AND NOT EXISTS (SELECT 1 FROM pairs x WHERE x.generation_id = g.id)
              ORDER BY g.id LIMIT ?",
+            run_id,
+            round,
+            after_id,
+            limit,
         )
-        .bind(run_id)
-        .bind(round)
-        .bind(after_id)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?)
+        .await
     }
 
     pub async fn count_unpaired(&self, run_id: i64, round: i64) -> Result<i64> {

@@ -1161,6 +1161,25 @@ fn input_grads(parts: &[(&[f32], &Tensor, usize)], n: usize, d: usize) -> Result
     Ok(dx)
 }
 
+/// Backward of a block's last projection (`y = x · wᵀ`, no bias): accumulates the weight's
+/// gradient from `g` (n × out) and `x` (n × inp), and returns the input's gradient (n × inp).
+fn output_backward(
+    w: &BlockWeight,
+    g: &[f32],
+    x: &[f32],
+    n: usize,
+    inp: usize,
+    out: usize,
+) -> Result<Vec<f32>> {
+    weight_grad(w, None, g, x, n, inp, out);
+    let mut dx = vec![0f32; n * inp];
+    weight_slice(&w.value, |m| {
+        input_grad(g, m, &mut dx, n, inp, out, false);
+        Ok(())
+    })?;
+    Ok(dx)
+}
+
 fn weight_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
     read(t, "fused block weight", f)
 }
@@ -1239,12 +1258,7 @@ impl CustomOp1 for AttentionBlock {
                 let h = &saved.h;
                 // Residual: dx starts as dy.
                 let mut dx = g.to_vec();
-                weight_grad(&w.o, None, g, o, n, qw, d);
-                let mut d_o = vec![0f32; n * qw];
-                weight_slice(&w.o.value, |wo| {
-                    input_grad(g, wo, &mut d_o, n, qw, d, false);
-                    Ok(())
-                })?;
+                let d_o = output_backward(&w.o, g, o, n, qw, d)?;
                 let (dq, dk, dv) = self.core().backward(qr, kr, v, p, &d_o);
                 let (bq, bk, bv) = match &w.bias {
                     Some([a, b, c]) => (Some(a), Some(b), Some(c)),
@@ -1330,12 +1344,7 @@ impl CustomOp1 for MlpBlock {
                 };
                 let h = &saved.h;
                 let mut dx = g.to_vec();
-                weight_grad(&w.down, None, g, act, n, i, d);
-                let mut d_act = vec![0f32; n * i];
-                weight_slice(&w.down.value, |m| {
-                    input_grad(g, m, &mut d_act, n, i, d, false);
-                    Ok(())
-                })?;
+                let d_act = output_backward(&w.down, g, act, n, i, d)?;
                 let (da, du) = swiglu_backward(&d_act, gate, up);
                 weight_grad(&w.gate, None, &da, h, n, d, i);
                 weight_grad(&w.up, None, &du, h, n, d, i);
