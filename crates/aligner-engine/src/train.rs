@@ -302,21 +302,31 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         e.store
             .finish_training_job(job.id, StageStatus::Failed, code, Some(&message))
             .await?;
-        e.store
-            .finish_stage(
-                run_id,
-                round,
-                Stage::Train,
-                StageEnd::failed(0, 1, &message),
-            )
-            .await?;
-        return Err(stage_err(message));
+        return Err(train_failed(ctx, message).await?);
     }
     let serve = serve_model.as_ref().map(|s| {
         s.replace("{round}", &ctx.round.to_string())
             .replace("{output_dir}", &out.display().to_string())
     });
     register(ctx, job.id, code.unwrap_or(0), &out, serve).await
+}
+
+/// Marks the round's train stage failed with `message`; returns the error to stop with.
+async fn train_failed(ctx: &Ctx<'_>, message: String) -> Result<Error> {
+    ctx.engine
+        .store
+        .finish_stage(
+            ctx.run_id,
+            ctx.round as i64,
+            Stage::Train,
+            StageEnd::failed(0, 1, &message),
+        )
+        .await?;
+    Ok(Error::Stage {
+        round: ctx.round,
+        stage: "train",
+        message,
+    })
 }
 
 /// What differs between a round's command and built-in training jobs.
@@ -363,20 +373,7 @@ async fn round_pairs(ctx: &Ctx<'_>) -> Result<Vec<aligner_dataset::PairRecord>> 
     let (run_id, round) = (ctx.run_id, ctx.round as i64);
     let pairs = crate::pair_records(&e.store, run_id, round).await?;
     if pairs.is_empty() {
-        let message = no_pairs(ctx.round);
-        e.store
-            .finish_stage(
-                run_id,
-                round,
-                Stage::Train,
-                StageEnd::failed(0, 1, &message),
-            )
-            .await?;
-        return Err(Error::Stage {
-            round: ctx.round,
-            stage: "train",
-            message,
-        });
+        return Err(train_failed(ctx, no_pairs(ctx.round)).await?);
     }
     Ok(pairs)
 }

@@ -59,26 +59,24 @@ pub enum Weight {
 }
 
 impl Weight {
-    pub fn rows(&self) -> usize {
+    /// `(rows, cols)`: output and input dimensions.
+    pub fn shape(&self) -> (usize, usize) {
         match self {
-            Weight::Q4_1 { rows, .. }
-            | Weight::Q8_0 { rows, .. }
-            | Weight::F32 { rows, .. }
-            | Weight::Bf16 { rows, .. } => *rows,
-            Weight::Q4_1x16(w) => w.rows,
-            Weight::Q8_0x16(w) => w.rows,
+            Weight::Q4_1 { rows, cols, .. }
+            | Weight::Q8_0 { rows, cols, .. }
+            | Weight::F32 { rows, cols, .. }
+            | Weight::Bf16 { rows, cols, .. } => (*rows, *cols),
+            Weight::Q4_1x16(w) => (w.rows, w.cols),
+            Weight::Q8_0x16(w) => (w.rows, w.cols),
         }
     }
 
+    pub fn rows(&self) -> usize {
+        self.shape().0
+    }
+
     pub fn cols(&self) -> usize {
-        match self {
-            Weight::Q4_1 { cols, .. }
-            | Weight::Q8_0 { cols, .. }
-            | Weight::F32 { cols, .. }
-            | Weight::Bf16 { cols, .. } => *cols,
-            Weight::Q4_1x16(w) => w.cols,
-            Weight::Q8_0x16(w) => w.cols,
-        }
+        self.shape().1
     }
 
     pub fn kind(&self) -> &'static str {

@@ -1,5 +1,5 @@
 //! The validated pipeline: what the rest of the code takes. Built only by `Pipeline::from_yaml`
-//! (see `wire.rs` / `validate.rs`), so every value here has passed its checks.
+//! (see `wire.rs` / `validate/`), so every value here has passed its checks.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
