@@ -231,3 +231,51 @@ pub async fn cancel_in_store(store: &Store, run: &str) -> Result<i64> {
         .await?;
     Ok(row.id)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A character whose bytes arrive in two network chunks reaches the reader whole (the
+    /// hand-written reader this replaced decoded each chunk on its own).
+    #[tokio::test]
+    async fn a_character_split_across_chunks_arrives_whole() {
+        let chunks: Vec<Vec<u8>> = vec![
+            b"event: log\ndata: caf\xc3".to_vec(),
+            b"\xa9 \xe2\x9c".to_vec(),
+            b"\x93\n\nevent: end\ndata: {}\n\n".to_vec(),
+        ];
+        let app = axum::Router::new().route(
+            "/v1/runs/7/events",
+            axum::routing::get(move || {
+                let chunks = chunks.clone();
+                async move {
+                    // A pause between chunks, so each is its own read on the client.
+                    axum::body::Body::from_stream(futures::stream::iter(chunks).then(
+                        |c| async move {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                            Ok::<_, std::io::Error>(c)
+                        },
+                    ))
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let client = Client::new(&format!("http://{addr}"), "t".into()).unwrap();
+        let events: Vec<Event> = client
+            .events(7, false)
+            .await
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect()
+            .await;
+        assert_eq!(events.len(), 2, "{events:?}");
+        assert_eq!(
+            (events[0].event.as_str(), events[0].data.as_str()),
+            ("log", "café ✓")
+        );
+        assert_eq!(events[1].event, "end");
+    }
+}
