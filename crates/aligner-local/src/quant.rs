@@ -119,25 +119,23 @@ impl Weight {
         }
         let cols = parts[0].cols();
         let rows = parts.iter().map(Weight::rows).sum();
+        // The repacked parts of one variant, stacked by that type's own `concat`.
+        macro_rules! concat_repacked {
+            ($variant:ident) => {
+                Weight::$variant($variant::concat(
+                    parts
+                        .into_iter()
+                        .map(|p| match p {
+                            Weight::$variant(w) => w,
+                            _ => unreachable!("checked above"),
+                        })
+                        .collect(),
+                ))
+            };
+        }
         Ok(match &parts[0] {
-            Weight::Q4_1x16(_) => Weight::Q4_1x16(Q4_1x16::concat(
-                parts
-                    .into_iter()
-                    .map(|p| match p {
-                        Weight::Q4_1x16(w) => w,
-                        _ => unreachable!("checked above"),
-                    })
-                    .collect(),
-            )),
-            Weight::Q8_0x16(_) => Weight::Q8_0x16(Q8_0x16::concat(
-                parts
-                    .into_iter()
-                    .map(|p| match p {
-                        Weight::Q8_0x16(w) => w,
-                        _ => unreachable!("checked above"),
-                    })
-                    .collect(),
-            )),
+            Weight::Q4_1x16(_) => concat_repacked!(Q4_1x16),
+            Weight::Q8_0x16(_) => concat_repacked!(Q8_0x16),
             Weight::Q4_1 { .. } => {
                 let (mut qs, mut d, mut m) = (Vec::new(), Vec::new(), Vec::new());
                 for p in parts {

@@ -29,6 +29,44 @@ fn color(i: usize) -> RGBColor {
 const FONT: &str = "sans-serif";
 // plotters' SVG backend writes font sizes at about 0.8 of the size asked for.
 
+/// The coordinates every chart here plots in.
+type Plane =
+    Cartesian2d<plotters::coord::types::RangedCoordf64, plotters::coord::types::RangedCoordf64>;
+
+/// A chart on `area` with the report's caption, margin and label areas.
+fn chart_on<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, plotters::coord::Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<ChartContext<'a, DB, Plane>> {
+    ChartBuilder::on(area)
+        .caption(title, (FONT, 22))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(x, y)
+        .map_err(draw_err)
+}
+
+/// The grid and axis labels of a chart whose axes are plain numbers.
+fn draw_grid<DB: DrawingBackend>(
+    chart: &mut ChartContext<'_, DB, Plane>,
+    x_desc: &str,
+    y_desc: &str,
+) -> Result<()> {
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_desc(y_desc)
+        .x_label_formatter(&|x| trim_number(*x))
+        .y_label_formatter(&|y| trim_number(*y))
+        .label_style((FONT, 16))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(draw_err)
+}
+
 fn draw_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
     anyhow!("cannot draw a chart: {e}")
 }
@@ -100,13 +138,7 @@ pub fn over_rounds(title: &str, y_desc: &str, series: &[Series], range: YRange) 
         let legend_w = 230;
         let (plot, legend) = root.split_horizontally(width - legend_w);
         let x_range = (first - 0.5)..(last + 0.5);
-        let mut chart = ChartBuilder::on(&plot)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(x_range, y_lo..y_hi)
-            .map_err(draw_err)?;
+        let mut chart = chart_on(&plot, title, x_range, y_lo..y_hi)?;
         chart
             .configure_mesh()
             .x_desc("round")
@@ -205,23 +237,8 @@ pub fn tradeoff(title: &str, x_desc: &str, y_desc: &str, points: &[Tradeoff]) ->
         root.fill(&WHITE).map_err(draw_err)?;
         let legend_w = 200;
         let (plot, legend) = root.split_horizontally(width - legend_w);
-        let mut chart = ChartBuilder::on(&plot)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(-110.0f64..110.0, -110.0f64..110.0)
-            .map_err(draw_err)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc)
-            .y_desc(y_desc)
-            .x_label_formatter(&|x| trim_number(*x))
-            .y_label_formatter(&|y| trim_number(*y))
-            .label_style((FONT, 16))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(draw_err)?;
+        let mut chart = chart_on(&plot, title, -110.0f64..110.0, -110.0f64..110.0)?;
+        draw_grid(&mut chart, x_desc, y_desc)?;
         let axis = RGBColor(150, 150, 150).stroke_width(1);
         chart
             .draw_series([
@@ -303,23 +320,8 @@ pub fn over_steps(
         let root = SVGBackend::with_string(&mut svg, (width, height)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err)?;
         let (plot, legend) = root.split_horizontally(width - 200);
-        let mut chart = ChartBuilder::on(&plot)
-            .caption(title, (FONT, 22))
-            .margin(12)
-            .x_label_area_size(40)
-            .y_label_area_size(60)
-            .build_cartesian_2d(x_lo..x_hi, y_lo..y_hi)
-            .map_err(draw_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("step")
-            .y_desc(y_desc)
-            .x_label_formatter(&|x| trim_number(*x))
-            .y_label_formatter(&|y| trim_number(*y))
-            .label_style((FONT, 16))
-            .light_line_style(RGBColor(235, 235, 235))
-            .draw()
-            .map_err(draw_err)?;
+        let mut chart = chart_on(&plot, title, x_lo..x_hi, y_lo..y_hi)?;
+        draw_grid(&mut chart, "step", y_desc)?;
         for (i, (_, pts)) in series.iter().enumerate() {
             chart
                 .draw_series(LineSeries::new(pts.clone(), color(i).stroke_width(2)))

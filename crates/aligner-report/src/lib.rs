@@ -754,6 +754,17 @@ fn train_metrics_table(rows: &[&TrainingMetricSummary]) -> Table {
     t
 }
 
+/// The columns of the Aligner's held-out check after its label, in the page's table and the
+/// terminal's.
+pub(crate) const ALIGNER_EVAL: [&str; 6] = [
+    "rows",
+    "refused: answers",
+    "refused: teacher",
+    "refused: aligner",
+    "unchanged",
+    "edit distance",
+];
+
 /// The columns of a stage's progress, in the page's table and the terminal's.
 pub(crate) const STAGE_PROGRESS: [&str; 6] =
     ["stage", "status", "done", "failed", "total", "executions"];
@@ -809,18 +820,7 @@ fn own_aligner(d: &Data, out: &mut Vec<Block>) {
     }
     if !d.aligner_eval.is_empty() {
         out.push(heading(3, "Held-out check", "round-0-eval"));
-        let mut t = Table::new(
-            "aligner-eval",
-            &[
-                "label",
-                "rows",
-                "refused: answers",
-                "refused: teacher",
-                "refused: aligner",
-                "unchanged",
-                "edit distance",
-            ],
-        );
+        let mut t = Table::new("aligner-eval", &[&["label"], &ALIGNER_EVAL[..]].concat());
         for r in &d.aligner_eval {
             t.push(
                 Row::new(vec![

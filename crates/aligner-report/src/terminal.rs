@@ -109,17 +109,11 @@ pub fn aligner_eval(rows: &[AlignerEvalRow]) -> String {
     }
     let pct = |v: Option<f64>| v.map(|v| format!("{:.0}%", v * 100.0)).unwrap_or_default();
     let mut t = table(
-        [
-            "aligner (held out)",
-            "rows",
-            "refused: answers",
-            "refused: teacher",
-            "refused: aligner",
-            "unchanged",
-            "edit distance",
-        ]
-        .map(String::from)
-        .to_vec(),
+        ["aligner (held out)"]
+            .iter()
+            .chain(&crate::ALIGNER_EVAL)
+            .map(|c| c.to_string())
+            .collect(),
     );
     for r in rows {
         t.add_row(vec![

@@ -154,14 +154,13 @@ impl Store {
     }
 
     pub async fn count_uncorrected(&self, run_id: i64, round: i64) -> Result<i64> {
-        Ok(sqlx::query_scalar(
+        self.round_count(
             "SELECT count(*) FROM generations g WHERE g.run_id = ? AND g.round = ? AND g.status = 'ok'
                AND NOT EXISTS (SELECT 1 FROM corrections c WHERE c.generation_id = g.id)",
+            run_id,
+            round,
         )
-        .bind(run_id)
-        .bind(round)
-        .fetch_one(&self.pool)
-        .await?)
+        .await
     }
 
     pub async fn insert_corrections(&self, items: &[NewCorrection]) -> Result<()> {

@@ -95,6 +95,15 @@ pub struct Store {
 }
 
 impl Store {
+    /// A count over a round's rows: `sql` binds the run and the round, in that order.
+    pub(crate) async fn round_count(&self, sql: &str, run_id: i64, round: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(sql)
+            .bind(run_id)
+            .bind(round)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
     /// A keyset page of a round's rows: `sql` binds the run, the round, the last id already
     /// read and the page size, in that order.
     pub(crate) async fn round_page<T>(

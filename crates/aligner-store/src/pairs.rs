@@ -33,14 +33,13 @@ impl Store {
     }
 
     pub async fn count_unpaired(&self, run_id: i64, round: i64) -> Result<i64> {
-        Ok(sqlx::query_scalar(
+        self.round_count(
             "SELECT count(*) FROM generations g WHERE g.run_id = ? AND g.round = ?
                AND NOT EXISTS (SELECT 1 FROM pairs x WHERE x.generation_id = g.id)",
+            run_id,
+            round,
         )
-        .bind(run_id)
-        .bind(round)
-        .fetch_one(&self.pool)
-        .await?)
+        .await
     }
 
     /// Dedupe keys (prompt hash and sample index) of the round's kept pairs: the synthesize
