@@ -155,16 +155,12 @@ impl Q4_1x16 {
 
     /// `out[m, rows] = a · selfᵀ` for activations quantized as `Q8_1` (with sums).
     pub fn matmul(&self, a: &ActQ8, m: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        let act: Vec<ActRow<'_>> = (0..m).map(|r| a.row(r)).collect();
-        par_groups(out, m, self.rows, self.cols, |g, r0, rn, out_rows| {
-            let gb = g * nb;
-            let w = Group {
+        grouped_matmul(self.rows, self.cols, a, m, out, Kind::Q4_1, |gb, nb| {
+            Group {
                 qs: &self.qs[gb * 256..(gb + nb) * 256],
                 d: &self.d[gb * LANES..(gb + nb) * LANES],
                 m: &self.m[gb * LANES..(gb + nb) * LANES],
-            };
-            tile(&w, &act[r0..r0 + rn], out_rows, Kind::Q4_1);
+            }
         });
     }
 }
@@ -219,18 +215,32 @@ impl Q8_0x16 {
 
     /// `out[m, rows] = a · selfᵀ` for activations quantized as `Q8_0`.
     pub fn matmul(&self, a: &ActQ8, m: usize, out: &mut [f32]) {
-        let nb = self.cols / QK;
-        let act: Vec<ActRow<'_>> = (0..m).map(|r| a.row(r)).collect();
-        par_groups(out, m, self.rows, self.cols, |g, r0, rn, out_rows| {
-            let gb = g * nb;
-            let w = Group {
+        grouped_matmul(self.rows, self.cols, a, m, out, Kind::Q8_0, |gb, nb| {
+            Group {
                 qs: &self.qs[gb * 512..(gb + nb) * 512],
                 d: &self.d[gb * LANES..(gb + nb) * LANES],
                 m: &[],
-            };
-            tile(&w, &act[r0..r0 + rn], out_rows, Kind::Q8_0);
+            }
         });
     }
+}
+
+/// `out[m, rows] = a · wᵀ` for repacked weights whose group of sixteen rows starting at block
+/// `gb` (of `nb` per row) is `group(gb, nb)`.
+fn grouped_matmul<'w>(
+    rows: usize,
+    cols: usize,
+    a: &ActQ8,
+    m: usize,
+    out: &mut [f32],
+    kind: Kind,
+    group: impl Fn(usize, usize) -> Group<'w> + Sync,
+) {
+    let nb = cols / QK;
+    let act: Vec<ActRow<'_>> = (0..m).map(|r| a.row(r)).collect();
+    par_groups(out, m, rows, cols, |g, r0, rn, out_rows| {
+        tile(&group(g * nb, nb), &act[r0..r0 + rn], out_rows, kind);
+    });
 }
 
 /// One group's weights (all blocks of sixteen rows).
