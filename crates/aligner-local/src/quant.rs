@@ -133,6 +133,18 @@ impl Weight {
                 ))
             };
         }
+        // Unquantized parts of one variant: their rows appended in order.
+        macro_rules! concat_plain {
+            ($variant:ident) => {{
+                let mut w = Vec::new();
+                for p in parts {
+                    if let Weight::$variant { w: a, .. } = p {
+                        w.extend(a);
+                    }
+                }
+                Weight::$variant { rows, cols, w }
+            }};
+        }
         Ok(match &parts[0] {
             Weight::Q4_1x16(_) => concat_repacked!(Q4_1x16),
             Weight::Q8_0x16(_) => concat_repacked!(Q8_0x16),
@@ -166,24 +178,8 @@ impl Weight {
                 }
                 Weight::Q8_0 { rows, cols, qs, d }
             }
-            Weight::F32 { .. } => {
-                let mut w = Vec::new();
-                for p in parts {
-                    if let Weight::F32 { w: a, .. } = p {
-                        w.extend(a);
-                    }
-                }
-                Weight::F32 { rows, cols, w }
-            }
-            Weight::Bf16 { .. } => {
-                let mut w = Vec::new();
-                for p in parts {
-                    if let Weight::Bf16 { w: a, .. } = p {
-                        w.extend(a);
-                    }
-                }
-                Weight::Bf16 { rows, cols, w }
-            }
+            Weight::F32 { .. } => concat_plain!(F32),
+            Weight::Bf16 { .. } => concat_plain!(Bf16),
         })
     }
 
