@@ -1,5 +1,6 @@
 //! The invariants ARCHITECTURE.md states, checked: which crates may depend on the heavy
-//! dependencies (read from `cargo metadata`), and that every source file says what it is for.
+//! dependencies (read from `cargo metadata`), where `unsafe` may appear, and that every source
+//! file says what it is for.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -141,6 +142,55 @@ fn visit(dir: &Path, missing: &mut Vec<String>) {
             }
         }
     }
+}
+
+/// Where `unsafe` is allowed in a crate's `src` (`#![allow]` or `#[allow]` lines) and where a
+/// type is made `Send`/`Sync` by hand (`unsafe impl` lines), as sorted file names.
+fn unsafe_sites(krate: &str) -> (Vec<String>, Vec<String>) {
+    let src = repo().join("crates").join(krate).join("src");
+    let (mut allowing, mut impls) = (Vec::new(), Vec::new());
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|x| x != "rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let lines = || text.lines().map(str::trim_start);
+        if lines().any(|l| {
+            l.starts_with("#![allow(unsafe_code)]") || l.starts_with("#[allow(unsafe_code)]")
+        }) {
+            allowing.push(name.clone());
+        }
+        if lines().any(|l| l.starts_with("unsafe impl")) {
+            impls.push(name);
+        }
+    }
+    allowing.sort();
+    impls.sort();
+    (allowing, impls)
+}
+
+/// `unsafe` stays where it is audited: the local kernels and the one shared output pointer
+/// (`aligner_local::sync_ptr`, the only hand-made `Send`/`Sync`), the trainer's fused blocks
+/// and its allocator tuning.
+#[test]
+fn unsafe_code_is_allowed_only_in_the_audited_modules() {
+    let (allowing, impls) = unsafe_sites("aligner-local");
+    assert_eq!(
+        allowing,
+        [
+            "model.rs",
+            "quant.rs",
+            "safetensors.rs",
+            "sync_ptr.rs",
+            "tiled.rs"
+        ]
+    );
+    assert_eq!(impls, ["sync_ptr.rs"]);
+    let (allowing, impls) = unsafe_sites("aligner-train");
+    assert_eq!(allowing, ["fused.rs", "lib.rs"]);
+    assert!(impls.is_empty(), "{impls:?}");
 }
 
 #[test]

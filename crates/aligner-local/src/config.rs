@@ -68,7 +68,7 @@ impl ModelConfig {
         };
         let hidden = need("embedding_length")?;
         let heads = need("attention.head_count")?;
-        let (_, embed_dims, _) = file.raw("token_embd.weight")?;
+        let embed_dims = file.dims("token_embd.weight")?;
         Ok(ModelConfig {
             vocab: embed_dims[0],
             hidden,

@@ -76,13 +76,22 @@ impl GgufFile {
         self.content.tensor_infos.contains_key(tensor)
     }
 
-    pub fn raw(&self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
-        let info = self.content.tensor_infos.get(name).ok_or_else(|| {
+    fn info(&self, name: &str) -> Result<&candle_core::quantized::gguf_file::TensorInfo> {
+        self.content.tensor_infos.get(name).ok_or_else(|| {
             anyhow!(
                 "{}: tensor `{name}` is missing (is this a complete llama-family GGUF?)",
                 self.path.display()
             )
-        })?;
+        })
+    }
+
+    /// A tensor's dimensions, from the header (no data is read).
+    pub fn dims(&self, name: &str) -> Result<Vec<usize>> {
+        Ok(self.info(name)?.shape.dims().to_vec())
+    }
+
+    pub fn raw(&self, name: &str) -> Result<(GgmlDType, Vec<usize>, Vec<u8>)> {
+        let info = self.info(name)?;
         let dims = info.shape.dims().to_vec();
         let elems: usize = dims.iter().product();
         let bytes = elems / info.ggml_dtype.block_size() * info.ggml_dtype.type_size();

@@ -137,49 +137,6 @@ mod tests {
         }
     }
 
-    /// Where `unsafe` is allowed in `src` (`#![allow]` or `#[allow]` lines) and where a type
-    /// is made `Send`/`Sync` by hand (`unsafe impl` lines), as sorted file names.
-    fn unsafe_sites(src: &std::path::Path) -> (Vec<String>, Vec<String>) {
-        let (mut allowing, mut impls) = (Vec::new(), Vec::new());
-        for entry in std::fs::read_dir(src).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().is_none_or(|x| x != "rs") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            let name = path.file_name().unwrap().to_string_lossy().into_owned();
-            let lines = || text.lines().map(str::trim_start);
-            if lines().any(|l| {
-                l.starts_with("#![allow(unsafe_code)]") || l.starts_with("#[allow(unsafe_code)]")
-            }) {
-                allowing.push(name.clone());
-            }
-            if lines().any(|l| l.starts_with("unsafe impl")) {
-                impls.push(name);
-            }
-        }
-        allowing.sort();
-        impls.sort();
-        (allowing, impls)
-    }
-
-    #[test]
-    fn unsafe_code_is_allowed_only_in_the_audited_modules() {
-        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
-        let (allowing, impls) = unsafe_sites(&src);
-        assert_eq!(
-            allowing,
-            [
-                "model.rs",
-                "quant.rs",
-                "safetensors.rs",
-                "sync_ptr.rs",
-                "tiled.rs"
-            ]
-        );
-        assert_eq!(impls, ["sync_ptr.rs"]);
-    }
-
     #[test]
     fn spare_capacity_covers_the_allocation() {
         let mut v: Vec<f32> = Vec::with_capacity(64);

@@ -87,7 +87,7 @@ pub fn export_gguf(
             );
         }
     }
-    let (_, embed_dims, _) = file.raw("token_embd.weight")?;
+    let embed_dims = file.dims("token_embd.weight")?;
     if embed_dims[0] != config.vocab {
         bail!(
             "{}: a vocabulary of {} tokens, the checkpoint has {}\nhint: take the metadata from the GGUF the checkpoint was trained from",
