@@ -34,7 +34,9 @@ pub enum Prompt {
 }
 
 /// Sampling parameters. `None` means "the server's default"; backends send only what is set.
+/// Also the pipeline YAML's `sampling:` mapping (`aligner-spec` validates the ranges).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a mapping of sampling settings")]
 pub struct Sampling {
     pub temperature: Option<f64>,
     pub top_p: Option<f64>,
@@ -44,7 +46,7 @@ pub struct Sampling {
     pub presence_penalty: Option<f64>,
     pub repetition_penalty: Option<f64>,
     pub seed: Option<u64>,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub stop: Vec<String>,
 }
 

@@ -28,10 +28,10 @@ use aligner_spec::{
 };
 use aligner_store::{
     EvalAnswerRow, EvalJudgementRow, EvalMetricRow, EventKind, GateDecision, GateDecisionRow,
-    HoldoutPromptRow, Level, NewEvalAnswer, NewEvalJudgement, Outcome, Store,
+    HoldoutPromptRow, Level, NewEvalAnswer, NewEvalJudgement, Outcome,
 };
 
-use crate::executor::{self, outcome, CallResult, ItemStage, Model, Progress, Tally};
+use crate::executor::{self, outcome, CallResult, ItemStage, Progress, Tally};
 use crate::refusal::is_refusal;
 use crate::stages::{to_sampling, Ctx};
 use crate::{Error, Result, Stage};
@@ -558,10 +558,6 @@ impl ItemStage for VersionAnswers<'_> {
             result,
         )
     }
-
-    async fn flush(&self, store: &Store, rows: &[NewEvalAnswer]) -> Result<()> {
-        Ok(store.insert_eval_answers(rows).await?)
-    }
 }
 
 /// Evaluate's corrections: the Aligner (`rounds.correct`) corrects one of the evaluated
@@ -600,10 +596,6 @@ impl ItemStage for AnswerCorrections<'_> {
             &self.model_ref,
             result,
         )
-    }
-
-    async fn flush(&self, store: &Store, rows: &[NewEvalAnswer]) -> Result<()> {
-        Ok(store.insert_eval_answers(rows).await?)
     }
 }
 
@@ -662,10 +654,6 @@ impl ItemStage for Judgements<'_> {
             judge: self.judge.to_string(),
             out,
         }
-    }
-
-    async fn flush(&self, store: &Store, rows: &[NewEvalJudgement]) -> Result<()> {
-        Ok(store.insert_eval_judgements(rows).await?)
     }
 }
 
@@ -821,10 +809,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
                 model_override,
                 sampling: sampling.clone(),
             };
-            let model = Model {
-                backend,
-                concurrency: e.concurrency(gen_model),
-            };
+            let model = e.model(backend, gen_model);
             let tally = executor::execute(ctx, &stage, ps, model, Some(self.progress())).await?;
             self.note(tally);
             if e.interrupted() {
@@ -874,10 +859,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             model_ref: backend.id(),
             sampling: to_sampling(&c.sampling, 0),
         };
-        let model = Model {
-            backend,
-            concurrency: e.concurrency(&c.model),
-        };
+        let model = e.model(backend, &c.model);
         let tally = executor::execute(ctx, &stage, todo, model, Some(self.progress())).await?;
         self.note(tally);
         if e.interrupted() {
@@ -947,10 +929,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             judge,
             sampling: to_sampling(&self.ev.judge_sampling, 0),
         };
-        let model = Model {
-            backend: e.backend_for(run_id, judge).await?,
-            concurrency: e.concurrency(judge),
-        };
+        let model = e.model(e.backend_for(run_id, judge).await?, judge);
         let tally = executor::execute(ctx, &stage, calls, model, Some(self.progress())).await?;
         self.note(tally);
         Ok(())

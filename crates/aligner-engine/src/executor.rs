@@ -1,8 +1,8 @@
 //! The one loop every item stage runs: pending units -> model calls -> rows -> batched commits.
 //!
 //! An item stage is a parameterisation of [`execute`]: a [`Pending`] source says which units are
-//! left (a page at a time), and an [`ItemStage`] says what model call a unit makes, what row its
-//! result leaves and how a batch of rows is committed. The executor owns what they all share:
+//! left (a page at a time), an [`ItemStage`] says what model call a unit makes and what row its
+//! result leaves, and the row's type ([`StoreRow`]) says how a batch of them is committed. The executor owns what they all share:
 //! model calls at the model's concurrency (`buffer_unordered`), no new unit started once the run
 //! is interrupted (in-flight calls finish and are committed), commits every `batch` rows or
 //! [`FLUSH_EVERY`], the stage's progress row and the observer's counts.
@@ -20,7 +20,10 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use aligner_backend::{Completion, CompletionRequest, TextGenerator};
-use aligner_store::{ItemOutcome, Store};
+use aligner_store::{
+    AlignerUpdate, ItemOutcome, NewCorrection, NewEvalAnswer, NewEvalJudgement, NewGeneration,
+    Store,
+};
 
 use crate::stages::Ctx;
 use crate::{Error, Result, Stage};
@@ -57,17 +60,38 @@ pub(crate) trait ItemStage: Sync {
     type Unit: Send;
     /// What a call leaves in the store. A failed call leaves its row too, with its error;
     /// nothing is invented in its place.
-    type Row: Send;
+    type Row: StoreRow;
 
     /// The model call for a unit.
     fn request(&self, unit: &Self::Unit) -> CompletionRequest;
 
     /// The row a unit's call leaves.
     fn record(&self, unit: Self::Unit, result: &CallResult) -> Self::Row;
+}
 
-    /// Commits a batch of rows (one transaction; the store's unique keys make a retried unit
-    /// land once).
-    fn flush(&self, store: &Store, rows: &[Self::Row]) -> impl Future<Output = Result<()>> + Send;
+/// A row that an item stage leaves, and how the store commits a batch of them (one
+/// transaction; the store's unique keys make a retried unit land once).
+pub(crate) trait StoreRow: Send + Sized {
+    fn commit(store: &Store, rows: &[Self]) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// Each row type with the store method that commits it.
+macro_rules! store_rows {
+    ($($row:ty => $method:ident),* $(,)?) => {
+        $(impl StoreRow for $row {
+            async fn commit(store: &Store, rows: &[Self]) -> Result<()> {
+                Ok(store.$method(rows).await?)
+            }
+        })*
+    };
+}
+
+store_rows! {
+    NewGeneration => insert_generations,
+    NewCorrection => insert_corrections,
+    AlignerUpdate => update_aligner_examples,
+    NewEvalAnswer => insert_eval_answers,
+    NewEvalJudgement => insert_eval_judgements,
 }
 
 /// The stage row whose `ok`/`failed` counts the executor keeps up to date, and the counts it
@@ -77,6 +101,13 @@ pub(crate) struct Progress {
     pub stage: Stage,
     pub ok: i64,
     pub failed: i64,
+}
+
+impl Progress {
+    /// `stage`'s progress from the `(ok, failed)` counts already committed.
+    pub fn new(stage: Stage, (ok, failed): (i64, i64)) -> Self {
+        Progress { stage, ok, failed }
+    }
 }
 
 /// What one execution did.
@@ -181,7 +212,7 @@ async fn call_all<S: ItemStage>(
             tally.ok += buf_ok;
             tally.failed += buf_failed;
             let rows = std::mem::take(&mut buf);
-            stage.flush(&e.store, &rows).await?;
+            S::Row::commit(&e.store, &rows).await?;
             if let Some(p) = progress {
                 e.store
                     .update_stage_progress(

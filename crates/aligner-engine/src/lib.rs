@@ -602,6 +602,14 @@ impl Engine {
             })
     }
 
+    /// `backend` as the model `name` of the pipeline, with that model's concurrency.
+    pub(crate) fn model(&self, backend: Arc<dyn TextGenerator>, name: &str) -> executor::Model {
+        executor::Model {
+            backend,
+            concurrency: self.concurrency(name),
+        }
+    }
+
     fn concurrency(&self, name: &str) -> usize {
         if self.is_trained_aligner(name) {
             return 32;
@@ -615,15 +623,13 @@ impl Engine {
         }
     }
 
-    /// Appends to the event log; a failure to log never fails the run.
-    /// Tells the observer `message` and records it as an `info` event of `stage`.
+    /// Tells the observer `message` and records it, with `data`, as an `info` event of `stage`.
     pub(crate) async fn announce(
         &self,
-        run_id: i64,
-        round: u32,
-        stage: Stage,
+        (run_id, round, stage): (i64, u32, Stage),
         kind: EventKind,
         message: &str,
+        data: Option<serde_json::Value>,
     ) {
         self.observer.note(message);
         self.event(
@@ -633,11 +639,12 @@ impl Engine {
             Level::Info,
             kind,
             message,
-            None,
+            data,
         )
         .await;
     }
 
+    /// Appends to the event log; a failure to log never fails the run.
     #[allow(clippy::too_many_arguments)]
     async fn event(
         &self,

@@ -9,13 +9,13 @@ use std::collections::HashSet;
 use sha2::{Digest, Sha256};
 
 use aligner_backend::{CompletionRequest, Message, Prompt, Sampling};
-use aligner_spec::{CorrectStage, GenerateStage, ModelSpec, SamplingSpec};
+use aligner_spec::{CorrectStage, GenerateStage, ModelSpec};
 use aligner_store::{
     EventKind, Level, NewCorrection, NewGeneration, NewPair, Outcome, StageEnd, Store,
     UncorrectedRow,
 };
 
-use crate::executor::{self, outcome, CallResult, ItemStage, Model, Pending, Progress};
+use crate::executor::{self, outcome, CallResult, ItemStage, Pending, Progress};
 use crate::filters::{self, Candidate, FilterState};
 use crate::semantic::{Measured, Scorer};
 use crate::{Engine, Error, Result, Stage};
@@ -91,17 +91,10 @@ impl Ctx<'_> {
     }
 }
 
-pub(crate) fn to_sampling(s: &SamplingSpec, seed_offset: u64) -> Sampling {
+pub(crate) fn to_sampling(s: &Sampling, seed_offset: u64) -> Sampling {
     Sampling {
-        temperature: s.temperature,
-        top_p: s.top_p,
-        top_k: s.top_k,
-        max_tokens: s.max_tokens,
-        frequency_penalty: s.frequency_penalty,
-        presence_penalty: s.presence_penalty,
-        repetition_penalty: s.repetition_penalty,
         seed: s.seed.map(|seed| seed.wrapping_add(seed_offset)),
-        stop: s.stop.clone(),
+        ..s.clone()
     }
 }
 
@@ -259,10 +252,6 @@ impl ItemStage for Generate<'_> {
             out: outcome(result),
         }
     }
-
-    async fn flush(&self, store: &Store, rows: &[NewGeneration]) -> Result<()> {
-        Ok(store.insert_generations(rows).await?)
-    }
 }
 
 pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
@@ -315,15 +304,8 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
         n,
         after: -1,
     };
-    let model = Model {
-        backend,
-        concurrency: e.concurrency(&spec.model),
-    };
-    let progress = Progress {
-        stage: Stage::Generate,
-        ok: base.0,
-        failed: base.1,
-    };
+    let model = e.model(backend, &spec.model);
+    let progress = Progress::new(Stage::Generate, base);
     let tally = executor::execute(ctx, &stage, pending, model, Some(progress)).await?;
     let (ok, failed) = e.store.generation_counts(run_id, round).await?;
     ctx.finish(Stage::Generate, ok, failed, tally.first_error)
@@ -422,10 +404,6 @@ impl ItemStage for Correct<'_> {
             out: outcome(result),
         }
     }
-
-    async fn flush(&self, store: &Store, rows: &[NewCorrection]) -> Result<()> {
-        Ok(store.insert_corrections(rows).await?)
-    }
 }
 
 pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
@@ -466,15 +444,8 @@ pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
         round,
         after: 0,
     };
-    let model = Model {
-        backend,
-        concurrency: e.concurrency(&spec.model),
-    };
-    let progress = Progress {
-        stage: Stage::Correct,
-        ok: base.0,
-        failed: base.1,
-    };
+    let model = e.model(backend, &spec.model);
+    let progress = Progress::new(Stage::Correct, base);
     let tally = executor::execute(ctx, &stage, pending, model, Some(progress)).await?;
     let (ok, failed) = e.store.correction_counts(run_id, round).await?;
     ctx.finish(Stage::Correct, ok, failed, tally.first_error)

@@ -15,13 +15,12 @@ use std::path::PathBuf;
 use sha2::{Digest, Sha256};
 
 use aligner_backend::{CompletionRequest, Message, Prompt};
-use aligner_spec::{AlignerData, AlignerSpec, LabelRule, PromptFormat, SamplingSpec, Teacher};
+use aligner_spec::{AlignerData, AlignerSpec, LabelRule, PromptFormat, Sampling, Teacher};
 use aligner_store::{
-    AlignerExampleRow, AlignerUpdate, EventKind, Level, NewAlignerExample, NewTrainingJob,
-    StageEnd, Store,
+    AlignerExampleRow, AlignerUpdate, EventKind, NewAlignerExample, NewTrainingJob, StageEnd,
 };
 
-use crate::executor::{self, CallResult, ItemStage, Model, Progress};
+use crate::executor::{self, CallResult, ItemStage, Progress};
 use crate::filters::normalized_edit_distance;
 use crate::refusal::is_refusal;
 use crate::stages::{to_sampling, Ctx};
@@ -78,22 +77,26 @@ fn format_of(f: PromptFormat) -> aligner_dataset::Format {
 
 /// The rows of the Aligner's data, split into training and held-out rows.
 fn read_rows(a: &AlignerSpec) -> Result<Vec<NewAlignerExample>> {
-    let split = |n: usize, sample: Option<u64>, seed: u64| {
-        crate::ingest::sample_and_split(n, sample, a.holdout, seed)
+    // (example index, source row, split) of each row kept.
+    let split = |n: usize, sample: Option<u64>, seed: u64| -> Vec<(i64, usize, &'static str)> {
+        let (keep, holdout) = crate::ingest::sample_and_split(n, sample, a.holdout, seed);
+        keep.iter()
+            .zip(&holdout)
+            .enumerate()
+            .map(|(i, (&row, &held))| (i as i64, row, if held { "holdout" } else { "train" }))
+            .collect()
     };
     Ok(match &a.data {
         AlignerData::File { path, format } => {
             let (records, _) = aligner_dataset::read_qac(path, format_of(*format))?;
-            let (keep, holdout) = split(records.len(), None, a.seed);
-            keep.iter()
-                .zip(&holdout)
-                .enumerate()
-                .map(|(i, (&row, &held))| {
+            split(records.len(), None, a.seed)
+                .into_iter()
+                .map(|(idx, row, split)| {
                     let r = &records[row];
                     NewAlignerExample {
-                        idx: i as i64,
+                        idx,
                         source_id: row.to_string(),
-                        split: if held { "holdout" } else { "train" }.into(),
+                        split: split.into(),
                         label: None,
                         question: r.question.clone(),
                         metadata: None,
@@ -114,16 +117,14 @@ fn read_rows(a: &AlignerSpec) -> Result<Vec<NewAlignerExample>> {
             };
             let (records, _) =
                 aligner_dataset::read_prompts(&p.source, format_of(p.format), &mapping)?;
-            let (keep, holdout) = split(records.len(), p.sample, a.seed.wrapping_add(p.seed));
-            keep.iter()
-                .zip(&holdout)
-                .enumerate()
-                .map(|(i, (&row, &held))| {
+            split(records.len(), p.sample, a.seed.wrapping_add(p.seed))
+                .into_iter()
+                .map(|(idx, row, split)| {
                     let r = &records[row];
                     NewAlignerExample {
-                        idx: i as i64,
+                        idx,
                         source_id: r.source_id.clone(),
-                        split: if held { "holdout" } else { "train" }.into(),
+                        split: split.into(),
                         label: a.labels.as_ref().map(|l| label_of(l, r.metadata.as_ref())),
                         question: r.prompt.clone(),
                         metadata: r.metadata.clone(),
@@ -198,36 +199,42 @@ where
     if rows.is_empty() {
         return Ok(None);
     }
-    let model = Model {
-        backend: e.backend_for(ctx.run_id, model).await?,
-        concurrency: e.concurrency(model),
-    };
+    let model = e.model(e.backend_for(ctx.run_id, model).await?, model);
     let tally = executor::execute(ctx, stage, rows, model, progress).await?;
     Ok(tally.first_error)
 }
 
-/// Teach's answers: the answer model answers a row's question (an answer cut off by the token
-/// limit is trimmed back to its last full sentence).
-struct Answers<'a> {
+/// Teach's chat calls to a model, each on one stored row: the answer model answering the
+/// row's question (an answer cut off by the token limit is trimmed back to its last full
+/// sentence), or a teacher model given the editor prompt filled with the question and answer.
+struct ChatCalls<'a> {
     model: &'a str,
-    sampling: &'a SamplingSpec,
+    sampling: &'a Sampling,
+    /// `None`: answer the question; `Some(editor prompt)`: correct the answer.
+    teacher_prompt: Option<&'a str>,
 }
 
-impl ItemStage for Answers<'_> {
+impl ItemStage for ChatCalls<'_> {
     type Unit = AlignerExampleRow;
     type Row = AlignerUpdate;
 
     fn request(&self, r: &AlignerExampleRow) -> CompletionRequest {
+        let content = match self.teacher_prompt {
+            None => r.question.clone(),
+            Some(prompt) => {
+                aligner_spec::fill(prompt, &r.question, r.answer.as_deref().unwrap_or_default())
+            }
+        };
         CompletionRequest {
-            prompt: Prompt::Chat(vec![Message::new("user", r.question.clone())]),
+            prompt: Prompt::Chat(vec![Message::new("user", content)]),
             sampling: to_sampling(self.sampling, r.idx as u64),
             model: None,
         }
     }
 
     fn record(&self, r: AlignerExampleRow, result: &CallResult) -> AlignerUpdate {
-        match result {
-            Ok(c) => AlignerUpdate::Answer {
+        match (result, self.teacher_prompt) {
+            (Ok(c), None) => AlignerUpdate::Answer {
                 id: r.id,
                 text: match c.finish_reason {
                     aligner_backend::FinishReason::Length => trim_truncated(&c.text),
@@ -236,12 +243,10 @@ impl ItemStage for Answers<'_> {
                 finish: c.finish_reason.as_str().to_string(),
                 model: self.model.to_string(),
             },
-            Err(err) => failed_call(r.id, "answer", err),
+            (Ok(c), Some(_)) => correction_update(&r, c.text.trim().to_string(), self.model),
+            (Err(err), None) => failed_call(r.id, "answer", err),
+            (Err(err), Some(_)) => failed_call(r.id, "teacher", err),
         }
-    }
-
-    async fn flush(&self, store: &Store, rows: &[AlignerUpdate]) -> Result<()> {
-        Ok(store.update_aligner_examples(rows).await?)
     }
 }
 
@@ -250,45 +255,6 @@ fn failed_call(id: i64, call: &str, err: &aligner_backend::Error) -> AlignerUpda
     AlignerUpdate::Failed {
         id,
         error: format!("{call}: {err}"),
-    }
-}
-
-/// Teach's corrections by a teacher model: the model is given the editor prompt filled with
-/// a row's question and answer.
-struct TeacherCorrections<'a> {
-    model: &'a str,
-    prompt: &'a str,
-    sampling: &'a SamplingSpec,
-}
-
-impl ItemStage for TeacherCorrections<'_> {
-    type Unit = AlignerExampleRow;
-    type Row = AlignerUpdate;
-
-    fn request(&self, r: &AlignerExampleRow) -> CompletionRequest {
-        CompletionRequest {
-            prompt: Prompt::Chat(vec![Message::new(
-                "user",
-                aligner_spec::fill(
-                    self.prompt,
-                    &r.question,
-                    r.answer.as_deref().unwrap_or_default(),
-                ),
-            )]),
-            sampling: to_sampling(self.sampling, r.idx as u64),
-            model: None,
-        }
-    }
-
-    fn record(&self, r: AlignerExampleRow, result: &CallResult) -> AlignerUpdate {
-        match result {
-            Ok(c) => correction_update(&r, c.text.trim().to_string(), self.model),
-            Err(err) => failed_call(r.id, "teacher", err),
-        }
-    }
-
-    async fn flush(&self, store: &Store, rows: &[AlignerUpdate]) -> Result<()> {
-        Ok(store.update_aligner_examples(rows).await?)
     }
 }
 
@@ -331,10 +297,6 @@ impl ItemStage for AlignerOutputs<'_> {
             Err(err) => failed_call(r.id, "aligner", err),
         }
     }
-
-    async fn flush(&self, store: &Store, rows: &[AlignerUpdate]) -> Result<()> {
-        Ok(store.update_aligner_examples(rows).await?)
-    }
 }
 
 pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
@@ -367,9 +329,10 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
             .filter(|r| r.answer.is_none())
             .cloned()
             .collect();
-        let answers = Answers {
+        let answers = ChatCalls {
             model: &t.answer_model,
             sampling: &t.answer_sampling,
+            teacher_prompt: None,
         };
         let err = call_rows(ctx, &t.answer_model, &answers, todo, None).await?;
         first_error = first_error.or(err);
@@ -399,10 +362,10 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
                 prompt,
                 sampling,
             } => {
-                let teacher = TeacherCorrections {
+                let teacher = ChatCalls {
                     model,
-                    prompt,
                     sampling,
+                    teacher_prompt: Some(prompt),
                 };
                 let err = call_rows(ctx, model, &teacher, todo, None).await?;
                 first_error = first_error.or(err);
@@ -496,17 +459,8 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
         examples.len(),
         a.template.id()
     );
-    e.observer.note(&message);
-    e.event(
-        run_id,
-        Some(0),
-        Some(stage),
-        Level::Info,
-        EventKind::TrainStarted,
-        &message,
-        None,
-    )
-    .await;
+    e.announce((run_id, 0, stage), EventKind::TrainStarted, &message, None)
+        .await;
     let request = crate::AlignerTrainRequest {
         spec: a.train.clone(),
         template: a.template.clone(),
@@ -534,8 +488,13 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
         a.name,
         out.display()
     );
-    e.announce(run_id, 0, stage, EventKind::CheckpointRegistered, &message)
-        .await;
+    e.announce(
+        (run_id, 0, stage),
+        EventKind::CheckpointRegistered,
+        &message,
+        None,
+    )
+    .await;
     Ok(())
 }
 
@@ -584,12 +543,8 @@ pub(crate) async fn evaluate_aligner(ctx: &Ctx<'_>) -> Result<()> {
             pct(line.copy_rate),
             line.mean_edit_distance.map_or("-".into(), |v| format!("{v:.2}")),
         );
-        e.observer.note(&message);
-        e.event(
-            run_id,
-            Some(0),
-            Some(stage),
-            Level::Info,
+        e.announce(
+            (run_id, 0, stage),
             EventKind::AlignerEvaluated,
             &message,
             serde_json::to_value(&line).ok(),

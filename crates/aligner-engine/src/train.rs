@@ -428,11 +428,10 @@ async fn register(
             .unwrap_or_default()
     );
     e.announce(
-        run_id,
-        ctx.round,
-        Stage::Train,
+        (run_id, ctx.round, Stage::Train),
         EventKind::CheckpointRegistered,
         &message,
+        None,
     )
     .await;
     Ok(())
@@ -515,12 +514,8 @@ async fn run_builtin(
         describe(&base),
         describe(&reference)
     );
-    e.observer.note(&message);
-    e.event(
-        run_id,
-        Some(ctx.round),
-        Some(Stage::Train),
-        Level::Info,
+    e.announce(
+        (run_id, ctx.round, Stage::Train),
         EventKind::TrainStarted,
         &message,
         Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len()})),

@@ -723,34 +723,48 @@ mod simd {
         }
     }
 
-    /// # Safety
-    /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
-    #[target_feature(enable = "avx2,fma,avxvnni")]
-    pub unsafe fn dot_q4_1_q8_1_vnni(qs: &[u8], d: &[f32], m: &[f32], a: &ActRow<'_>) -> f32 {
-        let nb = d.len();
-        assert!(qs.len() >= nb * 16 && a.qs.len() >= nb * QK && a.d.len() >= nb);
-        assert!(m.len() >= nb && a.s.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        let low = _mm256_set1_epi8(0x0f);
-        let (wq, wd, wm) = (qs.as_ptr(), d.as_ptr(), m.as_ptr());
-        let (aq, ad, asum) = (a.qs.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
-        for b in 0..nb {
-            // SAFETY: every pointer is read at block b < nb, inside the lengths asserted
-            // above; loads are unaligned.
-            unsafe {
-                summs += *wm.add(b) * *asum.add(b);
-                let packed = _mm_loadu_si128(wq.add(b * 16) as *const __m128i);
-                let qy = _mm256_loadu_si256(aq.add(b * QK) as *const __m256i);
-                let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-                let qx = _mm256_and_si256(both, low);
-                let xy =
-                    _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), qx, qy));
-                acc = _mm256_fmadd_ps(_mm256_set1_ps(*wd.add(b) * *ad.add(b)), xy, acc);
+    /// A Q4_1 × Q8_1 row dot product; `$step` turns the unsigned weight nibbles `$ux` and the
+    /// signed activations `$sy` (32 bytes each) into eight f32 partial sums.
+    macro_rules! dot_q4_1_q8_1_kernel {
+        (
+            $(#[$meta:meta])*
+            $name:ident, |$ux:ident, $sy:ident| $step:expr
+        ) => {
+            $(#[$meta])*
+            pub unsafe fn $name(qs: &[u8], d: &[f32], m: &[f32], a: &ActRow<'_>) -> f32 {
+                let nb = d.len();
+                assert!(qs.len() >= nb * 16 && a.qs.len() >= nb * QK && a.d.len() >= nb);
+                assert!(m.len() >= nb && a.s.len() >= nb);
+                let mut acc = _mm256_setzero_ps();
+                let mut summs = 0f32;
+                let low = _mm256_set1_epi8(0x0f);
+                let (wq, wd, wm) = (qs.as_ptr(), d.as_ptr(), m.as_ptr());
+                let (aq, ad, asum) = (a.qs.as_ptr(), a.d.as_ptr(), a.s.as_ptr());
+                for b in 0..nb {
+                    // SAFETY: every pointer is read at block b < nb, inside the lengths
+                    // asserted above; loads are unaligned.
+                    unsafe {
+                        summs += *wm.add(b) * *asum.add(b);
+                        let packed = _mm_loadu_si128(wq.add(b * 16) as *const __m128i);
+                        let $sy = _mm256_loadu_si256(aq.add(b * QK) as *const __m256i);
+                        let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
+                        let $ux = _mm256_and_si256(both, low);
+                        let xy = $step;
+                        acc = _mm256_fmadd_ps(_mm256_set1_ps(*wd.add(b) * *ad.add(b)), xy, acc);
+                    }
+                }
+                hsum(acc) + summs
             }
-        }
-        hsum(acc) + summs
+        };
     }
+
+    dot_q4_1_q8_1_kernel!(
+        /// # Safety
+        /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
+        #[target_feature(enable = "avx2,fma,avxvnni")]
+        dot_q4_1_q8_1_vnni,
+        |ux, sy| _mm256_cvtepi32_ps(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ux, sy))
+    );
 
     /// # Safety
     /// The CPU must support AVX2, FMA and AVX-VNNI; slices hold `d.len()` blocks.
@@ -893,33 +907,13 @@ mod simd {
         _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, ones))
     }
 
-    /// # Safety
-    /// The CPU must support AVX2 and FMA; slices hold `d.len()` blocks.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_q4_1_q8_1_avx2(qs: &[u8], d: &[f32], m: &[f32], a: &ActRow<'_>) -> f32 {
-        let nb = d.len();
-        assert!(qs.len() >= nb * 16 && a.qs.len() >= nb * QK && a.d.len() >= nb);
-        assert!(m.len() >= nb && a.s.len() >= nb);
-        let mut acc = _mm256_setzero_ps();
-        let mut summs = 0f32;
-        let low = _mm256_set1_epi8(0x0f);
-        for b in 0..nb {
-            summs += m[b] * a.s[b];
-            // SAFETY: bounds asserted above; unaligned loads.
-            let (packed, qy) = unsafe {
-                (
-                    _mm_loadu_si128(qs.as_ptr().add(b * 16) as *const __m128i),
-                    _mm256_loadu_si256(a.qs.as_ptr().add(b * QK) as *const __m256i),
-                )
-            };
-            let both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-            let qx = _mm256_and_si256(both, low);
-            let xy = mul_sum_us8(qx, qy);
-            let scale = _mm256_set1_ps(d[b] * a.d[b]);
-            acc = _mm256_fmadd_ps(scale, xy, acc);
-        }
-        hsum(acc) + summs
-    }
+    dot_q4_1_q8_1_kernel!(
+        /// # Safety
+        /// The CPU must support AVX2 and FMA; slices hold `d.len()` blocks.
+        #[target_feature(enable = "avx2,fma")]
+        dot_q4_1_q8_1_avx2,
+        |ux, sy| mul_sum_us8(ux, sy)
+    );
 
     dot_q8_0_q8_0_kernel!(
         /// # Safety

@@ -172,7 +172,7 @@ fn full_example_parses() {
     assert_eq!(r.generate.n, 1);
     assert_eq!(
         r.generate.sampling,
-        SamplingSpec {
+        Sampling {
             temperature: Some(0.5),
             top_p: Some(0.95),
             top_k: Some(10),
@@ -359,7 +359,7 @@ rounds:
     );
     assert_eq!(p.rounds.count, 1);
     assert_eq!(p.rounds.generate.n, 1);
-    assert_eq!(p.rounds.generate.sampling, SamplingSpec::default());
+    assert_eq!(p.rounds.generate.sampling, Sampling::default());
     assert_eq!(p.rounds.correct.template, Template::AlignerV1);
     assert!(p.rounds.synthesize.drop_identical && p.rounds.synthesize.dedupe_prompts);
     assert_eq!(
@@ -695,20 +695,17 @@ fn known_fields_table_matches_serde() {
         ("prompts.fields", serde_fields::<FieldsWire>()),
         ("rounds", serde_fields::<RoundsWire>()),
         ("rounds.generate", serde_fields::<GenerateWire>()),
-        ("rounds.generate.sampling", serde_fields::<SamplingWire>()),
+        ("rounds.generate.sampling", serde_fields::<Sampling>()),
         ("rounds.correct", serde_fields::<CorrectWire>()),
-        ("rounds.correct.sampling", serde_fields::<SamplingWire>()),
+        ("rounds.correct.sampling", serde_fields::<Sampling>()),
         ("rounds.synthesize", serde_fields::<SynthesizeWire>()),
         ("rounds.synthesize.semantic", serde_fields::<SemanticWire>()),
         ("rounds.train", serde_fields::<TrainWire>()),
         ("rounds.train.backend", serde_fields::<BackendWire>()),
         ("rounds.train.backend.lora", serde_fields::<LoraWire>()),
         ("rounds.evaluate", serde_fields::<EvaluateWire>()),
-        ("rounds.evaluate.sampling", serde_fields::<SamplingWire>()),
-        (
-            "rounds.evaluate.judge_sampling",
-            serde_fields::<SamplingWire>(),
-        ),
+        ("rounds.evaluate.sampling", serde_fields::<Sampling>()),
+        ("rounds.evaluate.judge_sampling", serde_fields::<Sampling>()),
         ("rounds.evaluate.labels", serde_fields::<LabelsWire>()),
         ("rounds.evaluate.gate", serde_fields::<GateWire>()),
         ("aligner", serde_fields::<AlignerWire>()),
@@ -716,19 +713,13 @@ fn known_fields_table_matches_serde() {
         ("aligner.teach.prompts", serde_fields::<PromptsWire>()),
         ("aligner.teach.prompts.fields", serde_fields::<FieldsWire>()),
         ("aligner.teach.answer", serde_fields::<AnswerWire>()),
-        (
-            "aligner.teach.answer.sampling",
-            serde_fields::<SamplingWire>(),
-        ),
+        ("aligner.teach.answer.sampling", serde_fields::<Sampling>()),
         ("aligner.teach.teacher", serde_fields::<TeacherWire>()),
-        (
-            "aligner.teach.teacher.sampling",
-            serde_fields::<SamplingWire>(),
-        ),
+        ("aligner.teach.teacher.sampling", serde_fields::<Sampling>()),
         ("aligner.labels", serde_fields::<LabelsWire>()),
         ("aligner.train", serde_fields::<AlignerTrainWire>()),
         ("aligner.train.lora", serde_fields::<LoraWire>()),
-        ("aligner.sampling", serde_fields::<SamplingWire>()),
+        ("aligner.sampling", serde_fields::<Sampling>()),
     ];
     assert_eq!(table, from_serde);
 

@@ -4,7 +4,9 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+pub use aligner_backend::Sampling;
 
 /// Linear layers LoRA can adapt, by their Hugging Face names (what `lora.targets` may list
 /// and the built-in trainer adapts).
@@ -128,24 +130,11 @@ pub struct RoundsSpec {
     pub evaluate: Option<EvaluateStage>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
-pub struct SamplingSpec {
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<u32>,
-    pub max_tokens: Option<u32>,
-    pub frequency_penalty: Option<f64>,
-    pub presence_penalty: Option<f64>,
-    pub repetition_penalty: Option<f64>,
-    pub seed: Option<u64>,
-    pub stop: Vec<String>,
-}
-
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct GenerateStage {
     /// A key of `models`.
     pub model: String,
-    pub sampling: SamplingSpec,
+    pub sampling: Sampling,
     /// Answers per prompt. Default 1.
     pub n: u32,
 }
@@ -155,7 +144,7 @@ pub struct CorrectStage {
     /// A key of `models`.
     pub model: String,
     pub template: Template,
-    pub sampling: SamplingSpec,
+    pub sampling: Sampling,
 }
 
 /// A correction prompt template. Built-in texts are byte-exact copies of the Aligner
@@ -210,14 +199,16 @@ pub struct SemanticFilter {
     pub dedupe_prompts_above: Option<f64>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// `rounds.train.method:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrainMethod {
     Dpo,
     Sft,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// `rounds.train.loss:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum DpoLoss {
     Sigmoid,
@@ -312,9 +303,9 @@ pub struct EvaluateStage {
     /// Which comparisons to judge (default all three).
     pub compare: Vec<Comparison>,
     /// Sampling of the held-out answers (`None`: the generate stage's).
-    pub sampling: Option<SamplingSpec>,
+    pub sampling: Option<Sampling>,
     /// Sampling of the judge (default greedy, 512 tokens).
-    pub judge_sampling: SamplingSpec,
+    pub judge_sampling: Sampling,
     /// Which held-out prompts are harmful (refusal rate) and which benign (over-refusal).
     pub labels: Option<LabelRule>,
     /// Bootstrap resamples for omega's confidence interval (default 1000).
@@ -419,7 +410,7 @@ pub struct AlignerSpec {
     pub seed: u64,
     pub train: AlignerTrain,
     /// Sampling of the trained Aligner on the held-out rows (default: `rounds.correct.sampling`).
-    pub sampling: SamplingSpec,
+    pub sampling: Sampling,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -439,7 +430,7 @@ pub struct TeachSpec {
     pub prompts: PromptsSpec,
     /// Who writes the answers to correct (default: `rounds.generate.model`).
     pub answer_model: String,
-    pub answer_sampling: SamplingSpec,
+    pub answer_sampling: Sampling,
     pub teacher: Teacher,
 }
 
@@ -453,7 +444,7 @@ pub enum Teacher {
         /// The editor prompt, with `{question}` and `{answer}` (default: the built-in
         /// `EDITOR_PROMPT`).
         prompt: String,
-        sampling: SamplingSpec,
+        sampling: Sampling,
     },
     /// A fixed rule for offline use: a harmful row's answer becomes a refusal with a
     /// redirection (one of `texts`, picked by a hash of the row's id); a benign row keeps

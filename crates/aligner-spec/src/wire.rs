@@ -18,6 +18,10 @@ use std::fmt;
 use serde::de::{self, Deserializer, Visitor};
 use serde::Deserialize;
 
+use aligner_backend::Sampling;
+
+use crate::types::{DpoLoss, TrainMethod};
+
 /// The whole file. Validation deserializes it block by block (each field on its own), so
 /// the fields are not read: the struct gives the message for a file that is not a mapping
 /// and is where the walk that builds
@@ -263,23 +267,6 @@ pub struct RoundsWire {
     pub evaluate: Option<EvaluateWire>,
 }
 
-/// Sampling settings, shared by `generate` and `correct`. All optional: unset ones are
-/// left to the model's defaults.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a mapping of sampling settings")]
-pub struct SamplingWire {
-    pub temperature: Option<f64>,
-    pub top_p: Option<f64>,
-    pub top_k: Option<u32>,
-    pub max_tokens: Option<u32>,
-    pub frequency_penalty: Option<f64>,
-    pub presence_penalty: Option<f64>,
-    pub repetition_penalty: Option<f64>,
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stop: Vec<String>,
-}
-
 /// `rounds.generate:`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a generate mapping with a `model`")]
@@ -287,7 +274,7 @@ pub struct GenerateWire {
     pub model: String,
     pub n: Option<u32>,
     #[serde(default)]
-    pub sampling: SamplingWire,
+    pub sampling: Sampling,
 }
 
 /// `rounds.correct:`.
@@ -298,7 +285,7 @@ pub struct CorrectWire {
     /// A built-in id (`aligner-v1`, ...) or a custom text with `{question}` and `{answer}`.
     pub template: Option<String>,
     #[serde(default)]
-    pub sampling: SamplingWire,
+    pub sampling: Sampling,
 }
 
 /// `rounds.synthesize:`.
@@ -329,27 +316,6 @@ pub struct SemanticWire {
     pub dedupe_prompts_above: Option<f64>,
 }
 
-/// `rounds.train.method:`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TrainMethodWire {
-    Dpo,
-    Sft,
-}
-
-/// `rounds.train.loss:`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum DpoLossWire {
-    Sigmoid,
-    Ipo,
-    Hinge,
-    Robust,
-    ApoZero,
-    ApoDown,
-    SigmoidNll,
-}
-
 /// `rounds.train.reference:`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -362,9 +328,9 @@ pub enum ReferenceWire {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, expecting = "a train mapping with a `backend`")]
 pub struct TrainWire {
-    pub method: Option<TrainMethodWire>,
+    pub method: Option<TrainMethod>,
     pub beta: Option<f64>,
-    pub loss: Option<DpoLossWire>,
+    pub loss: Option<DpoLoss>,
     pub learning_rate: Option<f64>,
     pub epochs: Option<u32>,
     pub batch_size: Option<u32>,
@@ -391,22 +357,81 @@ pub enum ExportFormatWire {
     Parquet,
 }
 
-/// `rounds.train.backend:`. `command`, `format`, `conversational` and `serve_model` belong
-/// to `kind: command`; the rest to `kind: builtin`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a backend mapping with a `kind`")]
-pub struct BackendWire {
-    pub kind: BackendKind,
-    pub command: Option<String>,
-    pub format: Option<ExportFormatWire>,
-    pub conversational: Option<bool>,
-    pub serve_model: Option<String>,
-    pub lora: Option<LoraWire>,
-    pub train_layers: Option<u32>,
-    pub seed: Option<u64>,
-    pub weight_decay: Option<f64>,
-    pub max_grad_norm: Option<f64>,
-    pub save_every: Option<u32>,
+/// Declares a wire struct whose last fields are the built-in trainer's options (`lora`,
+/// `train_layers`, `seed`, `weight_decay`, `max_grad_norm`, `save_every`), written here once
+/// for the two mappings that take them, with [`builtin`](BackendWire::builtin) to borrow them.
+macro_rules! with_builtin_options {
+    (
+        $(#[$meta:meta])*
+        pub struct $name:ident { $($(#[$fmeta:meta])* pub $field:ident: $ty:ty,)* }
+    ) => {
+        $(#[$meta])*
+        pub struct $name {
+            $($(#[$fmeta])* pub $field: $ty,)*
+            pub lora: Option<LoraWire>,
+            pub train_layers: Option<u32>,
+            pub seed: Option<u64>,
+            pub weight_decay: Option<f64>,
+            pub max_grad_norm: Option<f64>,
+            pub save_every: Option<u32>,
+        }
+
+        impl $name {
+            /// The built-in trainer's options as written.
+            pub(crate) fn builtin(&self) -> BuiltinWire<'_> {
+                BuiltinWire {
+                    lora: self.lora.as_ref(),
+                    train_layers: self.train_layers,
+                    seed: self.seed,
+                    weight_decay: self.weight_decay,
+                    max_grad_norm: self.max_grad_norm,
+                    save_every: self.save_every,
+                }
+            }
+        }
+    };
+}
+
+/// The built-in trainer's options as written, wherever they appear (`rounds.train.backend`,
+/// `aligner.train`).
+pub(crate) struct BuiltinWire<'a> {
+    pub(crate) lora: Option<&'a LoraWire>,
+    pub(crate) train_layers: Option<u32>,
+    pub(crate) seed: Option<u64>,
+    pub(crate) weight_decay: Option<f64>,
+    pub(crate) max_grad_norm: Option<f64>,
+    pub(crate) save_every: Option<u32>,
+}
+
+impl BuiltinWire<'_> {
+    /// The options that are set, by name.
+    pub(crate) fn set(&self) -> Vec<&'static str> {
+        [
+            ("lora", self.lora.is_some()),
+            ("train_layers", self.train_layers.is_some()),
+            ("seed", self.seed.is_some()),
+            ("weight_decay", self.weight_decay.is_some()),
+            ("max_grad_norm", self.max_grad_norm.is_some()),
+            ("save_every", self.save_every.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(name, set)| set.then_some(name))
+        .collect()
+    }
+}
+
+with_builtin_options! {
+    /// `rounds.train.backend:`. `command`, `format`, `conversational` and `serve_model` belong
+    /// to `kind: command`; the rest to `kind: builtin`.
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields, expecting = "a backend mapping with a `kind`")]
+    pub struct BackendWire {
+        pub kind: BackendKind,
+        pub command: Option<String>,
+        pub format: Option<ExportFormatWire>,
+        pub conversational: Option<bool>,
+        pub serve_model: Option<String>,
+    }
 }
 
 /// `rounds.train.backend.lora:`.
@@ -426,8 +451,8 @@ pub struct EvaluateWire {
     pub judge: Option<String>,
     pub aspects: Option<Vec<String>>,
     pub compare: Option<Vec<String>>,
-    pub sampling: Option<SamplingWire>,
-    pub judge_sampling: Option<SamplingWire>,
+    pub sampling: Option<Sampling>,
+    pub judge_sampling: Option<Sampling>,
     pub labels: Option<LabelsWire>,
     pub bootstrap: Option<u32>,
     pub seed: Option<u64>,
@@ -464,7 +489,7 @@ pub struct AlignerWire {
     pub seed: Option<u64>,
     #[serde(default)]
     pub train: AlignerTrainWire,
-    pub sampling: Option<SamplingWire>,
+    pub sampling: Option<Sampling>,
 }
 
 /// `aligner.teach:`.
@@ -485,7 +510,7 @@ pub struct TeachWire {
 pub struct AnswerWire {
     pub model: String,
     #[serde(default)]
-    pub sampling: SamplingWire,
+    pub sampling: Sampling,
 }
 
 /// `aligner.teach.teacher.kind:`.
@@ -504,7 +529,7 @@ pub struct TeacherWire {
     pub kind: TeacherKind,
     pub model: Option<String>,
     pub prompt: Option<String>,
-    pub sampling: Option<SamplingWire>,
+    pub sampling: Option<Sampling>,
     pub texts: Option<Vec<String>>,
 }
 
@@ -519,22 +544,18 @@ pub struct LabelsWire {
     pub harmful: Vec<String>,
 }
 
-/// `aligner.train:`.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a train mapping")]
-pub struct AlignerTrainWire {
-    pub epochs: Option<u32>,
-    pub learning_rate: Option<f64>,
-    pub batch_size: Option<u32>,
-    pub gradient_accumulation: Option<u32>,
-    pub max_length: Option<u32>,
-    pub warmup_ratio: Option<f64>,
-    pub warmup_fraction: Option<f64>,
-    pub warmup_epochs: Option<u32>,
-    pub lora: Option<LoraWire>,
-    pub train_layers: Option<u32>,
-    pub seed: Option<u64>,
-    pub weight_decay: Option<f64>,
-    pub max_grad_norm: Option<f64>,
-    pub save_every: Option<u32>,
+with_builtin_options! {
+    /// `aligner.train:`.
+    #[derive(Debug, Clone, Default, Deserialize)]
+    #[serde(deny_unknown_fields, expecting = "a train mapping")]
+    pub struct AlignerTrainWire {
+        pub epochs: Option<u32>,
+        pub learning_rate: Option<f64>,
+        pub batch_size: Option<u32>,
+        pub gradient_accumulation: Option<u32>,
+        pub max_length: Option<u32>,
+        pub warmup_ratio: Option<f64>,
+        pub warmup_fraction: Option<f64>,
+        pub warmup_epochs: Option<u32>,
+    }
 }

@@ -139,16 +139,13 @@ impl Store {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<UncorrectedRow>> {
-        self.round_page(
+        self.generation_page(
             "SELECT g.id AS generation_id, g.prompt_id, p.prompt, g.text AS answer
              FROM generations g JOIN prompts p ON p.id = g.prompt_id
-             WHERE g.run_id = ? AND g.round = ? AND g.status = 'ok' AND g.id > ?
-               AND NOT EXISTS (SELECT 1 FROM corrections c WHERE c.generation_id = g.id)
-             ORDER BY g.id LIMIT ?",
-            run_id,
-            round,
-            after_id,
-            limit,
+             WHERE g.run_id = ? AND g.round = ? AND g.status = 'ok'
+               AND NOT EXISTS (SELECT 1 FROM corrections c WHERE c.generation_id = g.id)",
+            (run_id, round),
+            (after_id, limit),
         )
         .await
     }

@@ -104,20 +104,20 @@ impl Store {
             .await?)
     }
 
-    /// A keyset page of a round's rows: `sql` binds the run, the round, the last id already
-    /// read and the page size, in that order.
-    pub(crate) async fn round_page<T>(
+    /// A keyset page of a round's generations, in id order: `select` reads from `generations g`
+    /// and ends in a `WHERE` that binds the run and the round; the page is the rows after
+    /// `after_id`, at most `limit` of them.
+    pub(crate) async fn generation_page<T>(
         &self,
-        sql: &str,
-        run_id: i64,
-        round: i64,
-        after_id: i64,
-        limit: i64,
+        select: &str,
+        (run_id, round): (i64, i64),
+        (after_id, limit): (i64, i64),
     ) -> Result<Vec<T>>
     where
         T: for<'r> sqlx::FromRow<'r, sqlx::sqlite::SqliteRow> + Send + Unpin,
     {
-        Ok(sqlx::query_as::<_, T>(sql)
+        let sql = format!("{select} AND g.id > ? ORDER BY g.id LIMIT ?");
+        Ok(sqlx::query_as::<_, T>(&sql)
             .bind(run_id)
             .bind(round)
             .bind(after_id)

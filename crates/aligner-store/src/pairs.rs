@@ -13,7 +13,7 @@ impl Store {
         after_id: i64,
         limit: i64,
     ) -> Result<Vec<UnpairedRow>> {
-        self.round_page(
+        self.generation_page(
             "SELECT g.id AS generation_id, g.prompt_id, p.prompt, p.prompt_hash || ':' || g.sample_idx AS dedupe_key, g.status AS generation_status,
                     g.text AS original, g.finish_reason AS original_finish,
                     c.id AS correction_id, c.status AS correction_status, c.text AS correction,
@@ -21,13 +21,10 @@ impl Store {
              FROM generations g
              JOIN prompts p ON p.id = g.prompt_id
              LEFT JOIN corrections c ON c.generation_id = g.id
-             WHERE g.run_id = ? AND g.round = ? AND g.id > ?
-               AND NOT EXISTS (SELECT 1 FROM pairs x WHERE x.generation_id = g.id)
-             ORDER BY g.id LIMIT ?",
-            run_id,
-            round,
-            after_id,
-            limit,
+             WHERE g.run_id = ? AND g.round = ?
+               AND NOT EXISTS (SELECT 1 FROM pairs x WHERE x.generation_id = g.id)",
+            (run_id, round),
+            (after_id, limit),
         )
         .await
     }

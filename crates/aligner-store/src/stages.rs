@@ -3,6 +3,9 @@
 
 use crate::{Result, RoundRow, RoundSummary, Stage, StageRow, StageStatus, Store};
 
+/// A query on the store's database, before its values are bound.
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
 pub(crate) const STAGE_COLUMNS: &str =
     "run_id, round, stage, status, total, done, failed, executions, error, started_at, finished_at";
 
@@ -114,15 +117,12 @@ impl Store {
         done: i64,
         failed: i64,
     ) -> Result<()> {
-        sqlx::query("UPDATE stage_executions SET done = ?, failed = ? WHERE run_id = ? AND round = ? AND stage = ?")
-            .bind(done)
-            .bind(failed)
-            .bind(run_id)
-            .bind(round)
-            .bind(stage)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        self.update_stage(
+            (run_id, round, stage),
+            "UPDATE stage_executions SET done = ?, failed = ? WHERE run_id = ? AND round = ? AND stage = ?",
+            |q| q.bind(done).bind(failed),
+        )
+        .await
     }
 
     /// Records how a stage execution ended.
@@ -139,20 +139,30 @@ impl Store {
             failed,
             error,
         } = end;
-        sqlx::query(
+        self.update_stage(
+            (run_id, round, stage),
             "UPDATE stage_executions SET status = ?, done = ?, failed = ?, error = ?,
                     finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
              WHERE run_id = ? AND round = ? AND stage = ?",
+            |q| q.bind(status).bind(done).bind(failed).bind(error),
         )
-        .bind(status)
-        .bind(done)
-        .bind(failed)
-        .bind(error)
-        .bind(run_id)
-        .bind(round)
-        .bind(stage)
-        .execute(&self.pool)
-        .await?;
+        .await
+    }
+
+    /// Runs `update` (`UPDATE stage_executions SET ... WHERE run_id = ? AND round = ? AND
+    /// stage = ?`) on one stage execution, `bind` binding the values of its `SET`.
+    async fn update_stage<'q>(
+        &self,
+        (run_id, round, stage): (i64, i64, Stage),
+        update: &'q str,
+        bind: impl FnOnce(SqliteQuery<'q>) -> SqliteQuery<'q>,
+    ) -> Result<()> {
+        bind(sqlx::query(update))
+            .bind(run_id)
+            .bind(round)
+            .bind(stage)
+            .execute(&self.pool)
+            .await?;
         Ok(())
     }
 

@@ -60,29 +60,34 @@ pub struct Packed {
 }
 
 impl Packed {
-    /// The batch from its host buffers, tensors on `device`: `ids` and `mask` `[b, t]`,
-    /// `positions` and `targets` `[n]` (`n = positions.len()`), `owner` `[owner_rows, n]`.
-    #[allow(clippy::too_many_arguments)]
+    /// The batch from its host buffers, tensors on `device`: `ids` and `mask` `[b, t]`, and
+    /// per sequence the (flattened row, token) of each completion token it predicts, in order.
     fn from_host(
         ids: Vec<u32>,
         mask: Vec<f32>,
         (b, t): (usize, usize),
-        positions: Vec<u32>,
-        targets: Vec<u32>,
-        owner: Vec<f32>,
-        owner_rows: usize,
-        counts: Vec<usize>,
+        per_seq: &[Vec<(u32, u32)>],
         plan: Option<Arc<AttnPlan>>,
         device: &Device,
     ) -> Result<Self> {
-        let n = positions.len();
+        let counts: Vec<usize> = per_seq.iter().map(Vec::len).collect();
+        let n: usize = counts.iter().sum();
+        let (mut positions, mut targets) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut owner = vec![0f32; per_seq.len() * n];
+        for (seq, items) in per_seq.iter().enumerate() {
+            for &(pos, tok) in items {
+                owner[seq * n + positions.len()] = 1.0;
+                positions.push(pos);
+                targets.push(tok);
+            }
+        }
         Ok(Packed {
             ids: Tensor::from_vec(ids, (b, t), device)?,
             mask: Tensor::from_vec(mask, (b, t), device)?,
             positions: Tensor::from_vec(positions, n, device)?,
             targets: Tensor::from_slice(&targets, n, device)?,
             target_ids: targets,
-            owner: Tensor::from_vec(owner, (owner_rows, n), device)?,
+            owner: Tensor::from_vec(owner, (per_seq.len(), n), device)?,
             counts,
             plan,
         })
@@ -100,10 +105,7 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Pack
         .max(2);
     let mut ids = vec![pad; b * t];
     let mut mask = vec![0f32; b * t];
-    let mut positions = Vec::new();
-    let mut targets = Vec::new();
-    let mut owners = Vec::new();
-    let mut counts = Vec::with_capacity(b);
+    let mut per_seq: Vec<Vec<(u32, u32)>> = vec![Vec::new(); b];
     for (i, (p, c)) in seqs.iter().enumerate() {
         let full: Vec<u32> = p.iter().chain(c.iter()).copied().collect();
         for (j, &tok) in full.iter().enumerate() {
@@ -114,29 +116,10 @@ pub fn pack(seqs: &[(&[u32], &[u32])], pad: u32, device: &Device) -> Result<Pack
         // with no prompt cannot predict its first token).
         let start = p.len().max(1);
         for (j, &tok) in full.iter().enumerate().skip(start) {
-            positions.push((i * t + j - 1) as u32);
-            targets.push(tok);
-            owners.push(i);
+            per_seq[i].push(((i * t + j - 1) as u32, tok));
         }
-        counts.push(full.len() - start);
     }
-    let n = positions.len();
-    let mut owner = vec![0f32; b * n];
-    for (k, &i) in owners.iter().enumerate() {
-        owner[i * n + k] = 1.0;
-    }
-    Packed::from_host(
-        ids,
-        mask,
-        (b, t),
-        positions,
-        targets,
-        owner,
-        b,
-        counts,
-        None,
-        device,
-    )
+    Packed::from_host(ids, mask, (b, t), &per_seq, None, device)
 }
 
 /// One preference pair after truncation: the prompt and answer of its chosen and of its
@@ -201,29 +184,7 @@ pub fn pack_pairs(pairs: &[PairSeqs], pad: u32, device: &Device) -> Result<Packe
         }
     }
     let plan = AttnPlan::new(t, &rows.iter().map(|r| r.1.clone()).collect::<Vec<_>>())?;
-    let counts: Vec<usize> = per_seq.iter().map(Vec::len).collect();
-    let n: usize = counts.iter().sum();
-    let (mut positions, mut targets) = (Vec::with_capacity(n), Vec::with_capacity(n));
-    let mut owner = vec![0f32; 2 * b * n];
-    for (seq, items) in per_seq.iter().enumerate() {
-        for &(pos, tok) in items {
-            owner[seq * n + positions.len()] = 1.0;
-            positions.push(pos);
-            targets.push(tok);
-        }
-    }
-    Packed::from_host(
-        ids,
-        mask,
-        (b, t),
-        positions,
-        targets,
-        owner,
-        2 * b,
-        counts,
-        Some(Arc::new(plan)),
-        device,
-    )
+    Packed::from_host(ids, mask, (b, t), &per_seq, Some(Arc::new(plan)), device)
 }
 
 /// Log-probability of each completion token, `[n]`, through the model (differentiable).

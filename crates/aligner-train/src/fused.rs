@@ -71,17 +71,15 @@ fn threads() -> Parallelism {
 #[derive(Clone, Copy)]
 struct Mat(*const f32, isize, isize);
 
-/// `dst[m × n] = lhs[m × k] · rhs[k × n]` (or `+=` with `accumulate`), every matrix given by
-/// its pointer and strides.
+/// `dst[m × n] = lhs[m × k] · rhs[k × n]` (or `+=` with `accumulate`), the shape given as
+/// `[m, n, k]` and every matrix by its pointer and strides.
 ///
 /// # Safety
 /// Every pointer must be valid for the elements its strides reach, and `dst` must not alias
 /// the operands or memory another thread writes.
 #[allow(clippy::too_many_arguments)]
 unsafe fn matmul(
-    m: usize,
-    n: usize,
-    k: usize,
+    [m, n, k]: [usize; 3],
     dst: *mut f32,
     dst_rs: isize,
     accumulate: bool,
@@ -111,56 +109,70 @@ fn saved<T: Clone>(slot: &Mutex<Option<T>>, what: &str) -> Result<T> {
 // ---------------------------------------------------------------------------------------------
 // linear
 
-struct LinearOp;
+/// A two-input op of the fused path on CPU f32 tensors, run by candle as [`Op2`]: the forward
+/// pass gets the inputs' data with their layouts, the backward pass the inputs and the
+/// output's gradient (contiguous).
+trait SliceOp2: Send + Sync {
+    const NAME: &'static str;
+    fn forward(&self, a: &[f32], la: &Layout, b: &[f32], lb: &Layout) -> Result<(Vec<f32>, Shape)>;
+    fn backward(&self, a: &Tensor, b: &Tensor, g: &Tensor) -> Result<Grads2>;
+}
 
-impl CustomOp2 for LinearOp {
+/// The gradients of a two-input op's inputs (`None` where an input needs none).
+type Grads2 = (Option<Tensor>, Option<Tensor>);
+
+/// A [`SliceOp2`] as candle's [`CustomOp2`].
+struct Op2<T>(T);
+
+impl<T: SliceOp2> CustomOp2 for Op2<T> {
     fn name(&self) -> &'static str {
-        "fused-linear"
+        T::NAME
     }
 
     fn cpu_fwd(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
+        sa: &CpuStorage,
+        la: &Layout,
+        sb: &CpuStorage,
+        lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
-        let w = slice(s2, l2, self.name())?;
-        let (n, inp) = l1.shape().dims2()?;
-        let (out, inp2) = l2.shape().dims2()?;
+        let (a, b) = (slice(sa, la, T::NAME)?, slice(sb, lb, T::NAME)?);
+        let (y, shape) = self.0.forward(a, la, b, lb)?;
+        Ok((CpuStorage::F32(y), shape))
+    }
+
+    fn bwd(&self, a: &Tensor, b: &Tensor, _y: &Tensor, g: &Tensor) -> Result<Grads2> {
+        self.0.backward(a, b, &g.contiguous()?)
+    }
+}
+
+struct LinearOp;
+
+impl SliceOp2 for LinearOp {
+    const NAME: &'static str = "fused-linear";
+
+    fn forward(&self, x: &[f32], lx: &Layout, w: &[f32], lw: &Layout) -> Result<(Vec<f32>, Shape)> {
+        let (n, inp) = lx.shape().dims2()?;
+        let (out, inp2) = lw.shape().dims2()?;
         if inp != inp2 {
             candle_core::bail!("fused-linear: input has {inp} features, weight {inp2}");
         }
-        let y = forward_new(x, w, n, inp, out);
-        Ok((CpuStorage::F32(y), Shape::from((n, out))))
+        Ok((forward_new(x, w, n, inp, out), Shape::from((n, out))))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let dx = if x.track_op() {
-            Some(g.matmul(&w.detach())?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            Some(g.t()?.matmul(&x.detach())?)
-        } else {
-            None
-        };
+    fn backward(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<Grads2> {
+        let dx = x.track_op().then(|| g.matmul(&w.detach())).transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| g.t()?.matmul(&x.detach()))
+            .transpose()?;
         Ok((dx, dw))
     }
 }
 
 /// `x Wᵀ` for `x` `[n, in]` and `W` `[out, in]` (CPU, f32).
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    x.contiguous()?.apply_op2(&w.contiguous()?, LinearOp)
+    x.contiguous()?.apply_op2(&w.contiguous()?, Op2(LinearOp))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -175,38 +187,20 @@ fn inv_rms(row: &[f32], eps: f32) -> f32 {
     1.0 / (ms + eps).sqrt()
 }
 
-impl CustomOp2 for RmsNormOp {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm"
-    }
+impl SliceOp2 for RmsNormOp {
+    const NAME: &'static str = "fused-rms-norm";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let x = slice(s1, l1, self.name())?;
-        let w = slice(s2, l2, self.name())?;
+    fn forward(&self, x: &[f32], lx: &Layout, w: &[f32], _: &Layout) -> Result<(Vec<f32>, Shape)> {
         let mut y = vec![0f32; x.len()];
         norm_forward(x, w, self.eps, &mut y);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((y, lx.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let (want_dx, want_dw) = (x.track_op(), w.track_op());
+    fn backward(&self, x: &Tensor, w: &Tensor, g: &Tensor) -> Result<Grads2> {
         let eps = self.eps;
-        let (dx, dw) = read(x, self.name(), |x| {
-            read(w, "fused-rms-norm", |w| {
-                read(&g, "fused-rms-norm", |g| {
+        let (dx, dw) = read(x, Self::NAME, |x| {
+            read(w, Self::NAME, |w| {
+                read(g, Self::NAME, |g| {
                     let d = w.len();
                     let inv: Vec<f32> = x.par_chunks(d).map(|r| inv_rms(r, eps)).collect();
                     let mut dx = vec![0f32; x.len()];
@@ -215,16 +209,8 @@ impl CustomOp2 for RmsNormOp {
                 })
             })
         })?;
-        let dx = if want_dx {
-            Some(cpu(dx, x.shape())?)
-        } else {
-            None
-        };
-        let dw = if want_dw {
-            Some(cpu(dw, w.shape())?)
-        } else {
-            None
-        };
+        let dx = x.track_op().then(|| cpu(dx, x.shape())).transpose()?;
+        let dw = w.track_op().then(|| cpu(dw, w.shape())).transpose()?;
         Ok((dx, dw))
     }
 }
@@ -242,7 +228,7 @@ fn add_into(mut a: Vec<f32>, b: Vec<f32>) -> Vec<f32> {
 /// `x * rsqrt(mean(x²) + eps) * w` over the last dimension (CPU, f32).
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     x.contiguous()?
-        .apply_op2(&w.contiguous()?, RmsNormOp { eps: eps as f32 })
+        .apply_op2(&w.contiguous()?, Op2(RmsNormOp { eps: eps as f32 }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -250,38 +236,20 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 struct SwiGluOp;
 
-impl CustomOp2 for SwiGluOp {
-    fn name(&self) -> &'static str {
-        "fused-swiglu"
-    }
+impl SliceOp2 for SwiGluOp {
+    const NAME: &'static str = "fused-swiglu";
 
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let a = slice(s1, l1, self.name())?;
-        let u = slice(s2, l2, self.name())?;
+    fn forward(&self, a: &[f32], la: &Layout, u: &[f32], _: &Layout) -> Result<(Vec<f32>, Shape)> {
         if a.len() != u.len() {
             candle_core::bail!("fused-swiglu: shapes differ");
         }
-        let y = swiglu_forward(a, u);
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((swiglu_forward(a, u), la.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        a: &Tensor,
-        u: &Tensor,
-        _y: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = g.contiguous()?;
-        let (da, du) = read(a, self.name(), |a| {
-            read(u, "fused-swiglu", |u| {
-                read(&g, "fused-swiglu", |g| Ok(swiglu_backward(g, a, u)))
+    fn backward(&self, a: &Tensor, u: &Tensor, g: &Tensor) -> Result<Grads2> {
+        let (da, du) = read(a, Self::NAME, |a| {
+            read(u, Self::NAME, |u| {
+                read(g, Self::NAME, |g| Ok(swiglu_backward(g, a, u)))
             })
         })?;
         Ok((Some(cpu(da, a.shape())?), Some(cpu(du, u.shape())?)))
@@ -327,7 +295,7 @@ fn swiglu_backward(g: &[f32], a: &[f32], u: &[f32]) -> (Vec<f32>, Vec<f32>) {
 
 /// `silu(a) * u` (CPU, f32).
 pub fn swiglu(a: &Tensor, u: &Tensor) -> Result<Tensor> {
-    a.contiguous()?.apply_op2(&u.contiguous()?, SwiGluOp)
+    a.contiguous()?.apply_op2(&u.contiguous()?, Op2(SwiGluOp))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -613,9 +581,7 @@ impl AttentionOp {
                 for (col, key, n) in bl.ranges() {
                     // S[:, col..col + n] = q_h[r0..] k_kvh[key..key + n]ᵀ
                     matmul(
-                        m,
-                        n,
-                        hd,
+                        [m, n, hd],
                         ph.add(col),
                         w as isize,
                         false,
@@ -643,9 +609,7 @@ impl AttentionOp {
                 for (i, (col, key, n)) in bl.ranges().enumerate() {
                     // O_h[r0..] (+)= P[:, col..col + n] v_kvh[key..key + n]
                     matmul(
-                        m,
-                        hd,
-                        n,
+                        [m, hd, n],
                         o.add((bi * t + r0) * qw + h * hd),
                         qw as isize,
                         i > 0,
@@ -720,9 +684,7 @@ impl AttentionOp {
                 for (col, j, n) in bl.ranges() {
                     // dP[:, col..] = dO v[j..j + n]ᵀ
                     matmul(
-                        m,
-                        n,
-                        hd,
+                        [m, n, hd],
                         ds.as_mut_ptr().add(col),
                         w as isize,
                         false,
@@ -732,9 +694,7 @@ impl AttentionOp {
                     );
                     // dV rows = P[:, col..]ᵀ dO
                     matmul(
-                        n,
-                        hd,
-                        m,
+                        [n, hd, m],
                         dvp.add(kreg + col * hd),
                         hd as isize,
                         false,
@@ -758,9 +718,7 @@ impl AttentionOp {
                 for (i, (col, j, n)) in bl.ranges().enumerate() {
                     // dQ_h[r0..] (+)= dS[:, col..] k[j..j + n]
                     matmul(
-                        m,
-                        hd,
-                        n,
+                        [m, hd, n],
                         dqp.add((bi * t + r0) * qw + h * hd),
                         qw as isize,
                         i > 0,
@@ -770,9 +728,7 @@ impl AttentionOp {
                     );
                     // dK rows = dS[:, col..]ᵀ q_h[r0..]
                     matmul(
-                        n,
-                        hd,
-                        m,
+                        [n, hd, m],
                         dkp.add(kreg + col * hd),
                         hd as isize,
                         false,
@@ -986,9 +942,7 @@ unsafe fn forward_raw(
     // SAFETY: the caller's promise above is what `matmul` needs for these strides.
     unsafe {
         matmul(
-            n,
-            out,
-            inp,
+            [n, out, inp],
             y,
             out as isize,
             acc,
@@ -1004,9 +958,7 @@ fn input_grad(g: &[f32], w: &[f32], dx: &mut [f32], n: usize, inp: usize, out: u
     // SAFETY: slices sized n × out, out × inp and n × inp.
     unsafe {
         matmul(
-            n,
-            inp,
-            out,
+            [n, inp, out],
             dx.as_mut_ptr(),
             inp as isize,
             acc,
@@ -1032,9 +984,7 @@ fn weight_grad(
             // SAFETY: g is n × out (read transposed), x is n × inp, dw is out × inp.
             unsafe {
                 matmul(
-                    out,
-                    inp,
-                    n,
+                    [out, inp, n],
                     dw.as_mut_ptr(),
                     inp as isize,
                     acc,
@@ -1094,6 +1044,31 @@ fn norm_grads(x: &[f32], inv: &[f32], w: &[f32], dh: &[f32], dx: &mut [f32]) -> 
             },
         )
         .reduce(|| vec![0f32; d], add_into)
+}
+
+/// The backward pass of a pre-norm residual block `y = x + f(rms_norm(x))`: `inner` gets `x`
+/// and `dy` and returns the gradient at the norm's output; `dx = dy` plus that gradient
+/// carried back through the norm (whose weight gradient goes to its sink).
+fn residual_norm_backward(
+    op: &str,
+    x: &Tensor,
+    g: &Tensor,
+    inv: &[f32],
+    norm: &BlockWeight,
+    inner: impl FnOnce(&[f32], &[f32]) -> Result<Vec<f32>>,
+) -> Result<Option<Tensor>> {
+    let g = g.contiguous()?;
+    let dx = read(x, op, |x| {
+        read(&g, op, |g| {
+            let dh = inner(x, g)?;
+            // Residual: dx starts as dy.
+            let mut dx = g.to_vec();
+            let nv = to_vec(&norm.value)?;
+            norm_backward(x, inv, norm, &nv, &dh, &mut dx);
+            Ok(dx)
+        })
+    })?;
+    Ok(Some(cpu(dx, x.shape())?))
 }
 
 /// [`norm_grads`] with `dw` added to the norm weight's sink.
@@ -1248,40 +1223,31 @@ impl CustomOp1 for AttentionBlock {
         let saved = saved(&self.saved, self.name())?;
         let (n, qw, kw, _, _) = self.dims();
         let w = &self.w;
-        let g = g.contiguous()?;
-        let dx = read(x, self.name(), |x| {
-            read(&g, "fused-attention-block", |g| {
-                let d = x.len() / n;
-                let [qr, kr, v, p, o] = &saved.a[..] else {
-                    candle_core::bail!("fused block: bad state");
-                };
-                let h = &saved.h;
-                // Residual: dx starts as dy.
-                let mut dx = g.to_vec();
-                let d_o = output_backward(&w.o, g, o, n, qw, d)?;
-                let (dq, dk, dv) = self.core().backward(qr, kr, v, p, &d_o);
-                let (bq, bk, bv) = match &w.bias {
-                    Some([a, b, c]) => (Some(a), Some(b), Some(c)),
-                    None => (None, None, None),
-                };
-                weight_grad(&w.q, bq, &dq, h, n, d, qw);
-                weight_grad(&w.k, bk, &dk, h, n, d, kw);
-                weight_grad(&w.v, bv, &dv, h, n, d, kw);
-                let dh = input_grads(
-                    &[
-                        (&dq, &w.q.value, qw),
-                        (&dk, &w.k.value, kw),
-                        (&dv, &w.v.value, kw),
-                    ],
-                    n,
-                    d,
-                )?;
-                let norm = to_vec(&w.norm.value)?;
-                norm_backward(x, &saved.inv, &w.norm, &norm, &dh, &mut dx);
-                Ok(dx)
-            })
-        })?;
-        Ok(Some(cpu(dx, x.shape())?))
+        residual_norm_backward(self.name(), x, g, &saved.inv, &w.norm, |x, g| {
+            let d = x.len() / n;
+            let [qr, kr, v, p, o] = &saved.a[..] else {
+                candle_core::bail!("fused block: bad state");
+            };
+            let h = &saved.h;
+            let d_o = output_backward(&w.o, g, o, n, qw, d)?;
+            let (dq, dk, dv) = self.core().backward(qr, kr, v, p, &d_o);
+            let (bq, bk, bv) = match &w.bias {
+                Some([a, b, c]) => (Some(a), Some(b), Some(c)),
+                None => (None, None, None),
+            };
+            weight_grad(&w.q, bq, &dq, h, n, d, qw);
+            weight_grad(&w.k, bk, &dk, h, n, d, kw);
+            weight_grad(&w.v, bv, &dv, h, n, d, kw);
+            input_grads(
+                &[
+                    (&dq, &w.q.value, qw),
+                    (&dk, &w.k.value, kw),
+                    (&dv, &w.v.value, kw),
+                ],
+                n,
+                d,
+            )
+        })
     }
 }
 
@@ -1335,26 +1301,18 @@ impl CustomOp1 for MlpBlock {
         let saved = saved(&self.saved, self.name())?;
         let w = &self.w;
         let i = self.inter;
-        let g = g.contiguous()?;
         let (n, d) = x.dims2()?;
-        let dx = read(x, self.name(), |x| {
-            read(&g, "fused-mlp-block", |g| {
-                let [gate, up, act] = &saved.a[..] else {
-                    candle_core::bail!("fused block: bad state");
-                };
-                let h = &saved.h;
-                let mut dx = g.to_vec();
-                let d_act = output_backward(&w.down, g, act, n, i, d)?;
-                let (da, du) = swiglu_backward(&d_act, gate, up);
-                weight_grad(&w.gate, None, &da, h, n, d, i);
-                weight_grad(&w.up, None, &du, h, n, d, i);
-                let dh = input_grads(&[(&da, &w.gate.value, i), (&du, &w.up.value, i)], n, d)?;
-                let norm = to_vec(&w.norm.value)?;
-                norm_backward(x, &saved.inv, &w.norm, &norm, &dh, &mut dx);
-                Ok(dx)
-            })
-        })?;
-        Ok(Some(cpu(dx, x.shape())?))
+        residual_norm_backward(self.name(), x, g, &saved.inv, &w.norm, |_, g| {
+            let [gate, up, act] = &saved.a[..] else {
+                candle_core::bail!("fused block: bad state");
+            };
+            let h = &saved.h;
+            let d_act = output_backward(&w.down, g, act, n, i, d)?;
+            let (da, du) = swiglu_backward(&d_act, gate, up);
+            weight_grad(&w.gate, None, &da, h, n, d, i);
+            weight_grad(&w.up, None, &du, h, n, d, i);
+            input_grads(&[(&da, &w.gate.value, i), (&du, &w.up.value, i)], n, d)
+        })
     }
 }
 

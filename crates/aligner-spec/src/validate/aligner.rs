@@ -4,7 +4,6 @@
 use std::collections::BTreeMap;
 
 use super::models::ModelEntry;
-use super::train::BuiltinWire;
 use super::{list, Ctx};
 use crate::position::{join, Anchor};
 use crate::types::*;
@@ -161,18 +160,7 @@ impl Ctx<'_> {
             warmup_fraction,
         );
         let warmup_epochs = t.warmup_epochs.unwrap_or(1);
-        let options = self.builtin_options(
-            "aligner.train",
-            BuiltinWire {
-                lora: t.lora.as_ref(),
-                train_layers: t.train_layers,
-                seed: t.seed,
-                weight_decay: t.weight_decay,
-                max_grad_norm: t.max_grad_norm,
-                save_every: t.save_every,
-            },
-            20,
-        );
+        let options = self.builtin_options("aligner.train", t.builtin(), 20);
         let sampling = match &w.sampling {
             Some(s) => self.sampling("aligner.sampling", s),
             None => rounds

@@ -82,7 +82,7 @@ impl Ctx<'_> {
             .map(|s| self.sampling("rounds.evaluate.sampling", s));
         let judge_sampling = match &w.judge_sampling {
             Some(s) => self.sampling("rounds.evaluate.judge_sampling", s),
-            None => SamplingSpec {
+            None => Sampling {
                 temperature: Some(0.0),
                 max_tokens: Some(512),
                 ..Default::default()

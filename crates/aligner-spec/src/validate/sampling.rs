@@ -1,12 +1,11 @@
-//! Sampling settings ([`SamplingWire`]), wherever a block takes them.
+//! Sampling settings ([`Sampling`]), wherever a block takes them.
 
 use super::Ctx;
 use crate::position::{join, Anchor};
 use crate::types::*;
-use crate::wire::*;
 
 impl Ctx<'_> {
-    pub(super) fn sampling(&mut self, path: &str, w: &SamplingWire) -> SamplingSpec {
+    pub(super) fn sampling(&mut self, path: &str, w: &Sampling) -> Sampling {
         let p = |f: &str| join(path, f);
         if let Some(t) = w.temperature {
             self.expect(
@@ -56,16 +55,6 @@ impl Ctx<'_> {
                 );
             }
         }
-        SamplingSpec {
-            temperature: w.temperature,
-            top_p: w.top_p,
-            top_k: w.top_k,
-            max_tokens: w.max_tokens,
-            frequency_penalty: w.frequency_penalty,
-            presence_penalty: w.presence_penalty,
-            repetition_penalty: w.repetition_penalty,
-            seed: w.seed,
-            stop: w.stop.clone(),
-        }
+        w.clone()
     }
 }

@@ -6,16 +6,6 @@ use crate::position::{join, Anchor};
 use crate::types::*;
 use crate::wire::*;
 
-/// The built-in trainer's options as written, wherever they appear.
-pub(super) struct BuiltinWire<'a> {
-    pub(super) lora: Option<&'a LoraWire>,
-    pub(super) train_layers: Option<u32>,
-    pub(super) seed: Option<u64>,
-    pub(super) weight_decay: Option<f64>,
-    pub(super) max_grad_norm: Option<f64>,
-    pub(super) save_every: Option<u32>,
-}
-
 impl Ctx<'_> {
     /// The built-in trainer's options (`rounds.train.backend` and `aligner.train` share them).
     pub(super) fn builtin_options(
@@ -164,7 +154,7 @@ impl Ctx<'_> {
                     );
                 }
                 if let Some(loss) = &w.loss {
-                    use crate::wire::DpoLossWire as L;
+                    use DpoLoss as L;
                     if !matches!(loss, L::Sigmoid | L::Ipo | L::SigmoidNll) {
                         self.err(
                             &p("loss"),
@@ -176,27 +166,12 @@ impl Ctx<'_> {
                 }
                 Some(TrainBackend::Builtin(self.builtin_options(
                     &p("backend"),
-                    BuiltinWire {
-                        lora: b.lora.as_ref(),
-                        train_layers: b.train_layers,
-                        seed: b.seed,
-                        weight_decay: b.weight_decay,
-                        max_grad_norm: b.max_grad_norm,
-                        save_every: b.save_every,
-                    },
+                    b.builtin(),
                     50,
                 )))
             }
             BackendKind::Command => {
-                let set = [
-                    ("lora", b.lora.is_some()),
-                    ("train_layers", b.train_layers.is_some()),
-                    ("seed", b.seed.is_some()),
-                    ("weight_decay", b.weight_decay.is_some()),
-                    ("max_grad_norm", b.max_grad_norm.is_some()),
-                    ("save_every", b.save_every.is_some()),
-                ];
-                for (field, _) in set.iter().filter(|(_, is_set)| *is_set) {
+                for field in b.builtin().set() {
                     self.err(
                         &p(&format!("backend.{field}")),
                         Anchor::Key,
@@ -265,20 +240,9 @@ impl Ctx<'_> {
             }
         };
         Some(TrainStage {
-            method: match w.method.unwrap_or(TrainMethodWire::Dpo) {
-                TrainMethodWire::Dpo => TrainMethod::Dpo,
-                TrainMethodWire::Sft => TrainMethod::Sft,
-            },
+            method: w.method.unwrap_or(TrainMethod::Dpo),
             beta,
-            loss: match w.loss.unwrap_or(DpoLossWire::Sigmoid) {
-                DpoLossWire::Sigmoid => DpoLoss::Sigmoid,
-                DpoLossWire::Ipo => DpoLoss::Ipo,
-                DpoLossWire::Hinge => DpoLoss::Hinge,
-                DpoLossWire::Robust => DpoLoss::Robust,
-                DpoLossWire::ApoZero => DpoLoss::ApoZero,
-                DpoLossWire::ApoDown => DpoLoss::ApoDown,
-                DpoLossWire::SigmoidNll => DpoLoss::SigmoidNll,
-            },
+            loss: w.loss.unwrap_or(DpoLoss::Sigmoid),
             learning_rate,
             epochs,
             batch_size,
