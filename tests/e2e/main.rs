@@ -807,6 +807,84 @@ fn several_samples_per_prompt_and_repeated_prompts() {
 }
 
 #[test]
+fn a_fixed_held_out_file_is_held_out_and_a_leak_into_training_is_an_error() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let line = |id: &str, p: &str| serde_json::json!({"id": id, "prompt": p}).to_string() + "\n";
+    let train: String = (0..6)
+        .map(|i| line(&format!("t{i}"), &format!("Tell me about topic {i}.")))
+        .collect();
+    std::fs::write(d.join("train.jsonl"), &train).unwrap();
+    let held: String = (0..3)
+        .map(|i| line(&format!("h{i}"), &format!("Explain subject {i}.")))
+        .collect();
+    std::fs::write(d.join("held.jsonl"), &held).unwrap();
+    let yaml = |holdout: &str| {
+        format!(
+            "version: 1\nmodels:\n  m: {{kind: openai, base_url: \"{}\", model: m}}\nprompts: {{source: train.jsonl, fields: {{id: id}}, {holdout}}}\nrounds:\n  count: 1\n  generate: {{model: m, sampling: {{max_tokens: 32}}}}\n  correct: {{model: m}}\n",
+            server.base_url
+        )
+    };
+    // Both ways of holding out at once is a spec error.
+    std::fs::write(
+        d.join("both.yaml"),
+        yaml("holdout: 0.5, holdout_source: held.jsonl"),
+    )
+    .unwrap();
+    let o = run(&["validate", "both.yaml"], d);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("both `holdout` and `holdout_source` are set"),
+        "{}",
+        text(&o)
+    );
+
+    std::fs::write(d.join("p.yaml"), yaml("holdout_source: held.jsonl")).unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'"),
+        6
+    );
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM prompts WHERE split = 'holdout' AND source_id LIKE 'h%'"
+        ),
+        3
+    );
+    // Only the training prompts are answered.
+    assert_eq!(scalar(d, "SELECT count(*) FROM generations"), 6);
+
+    // A held-out prompt that is also a training prompt (up to case and spaces) stops the run
+    // before anything is answered, naming both ids.
+    std::fs::write(
+        d.join("held.jsonl"),
+        held + &line("h9", "  tell me about TOPIC 4."),
+    )
+    .unwrap();
+    let o = run(&["run", "p.yaml", "--store", "leak.db"], d);
+    assert!(!o.status.success(), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("`t4` is the held-out prompt `h9`"), "{out}");
+    assert!(out.contains("hint: remove one of the two"), "{out}");
+    let o = run(
+        &[
+            "sql",
+            "--store",
+            "leak.db",
+            "--format",
+            "json",
+            "SELECT count(*) AS n FROM generations",
+        ],
+        d,
+    );
+    let rows: Value = serde_json::from_slice(&o.stdout).expect("json rows");
+    assert_eq!(rows, serde_json::json!([{"n": 0}]), "{}", text(&o));
+}
+
+#[test]
 fn the_api_key_is_sent_but_never_stored_or_printed() {
     const KEY: &str = "sk-test-0123456789abcdef";
     let server = aligner_mockserver::spawn_in_thread(MockConfig {

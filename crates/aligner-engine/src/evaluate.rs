@@ -266,20 +266,51 @@ fn metric(name: impl Into<String>, value: Option<f64>, n: usize) -> EvalMetricRo
     }
 }
 
-/// Whether a held-out prompt is harmful by the labels rule (`None` without labels).
-fn harmful(ev: &EvaluateStage, p: &HoldoutPromptRow) -> Option<bool> {
+/// A rate in percent (`k` of `n`) with its 95% Wilson score interval; `detail` keeps `k`.
+fn rate(name: impl Into<String>, k: usize, n: usize) -> EvalMetricRow {
+    let mut m = metric(name, (n > 0).then(|| k as f64 / n as f64 * 100.0), n);
+    if let Some((low, high)) = wilson_interval(k, n) {
+        m.ci_low = Some(low * 100.0);
+        m.ci_high = Some(high * 100.0);
+    }
+    m.detail = Some(serde_json::json!({ "count": k }).to_string());
+    m
+}
+
+/// The 95% Wilson score interval of a proportion `k / n` (as fractions); `None` for `n = 0`.
+/// Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0 or `n`.
+pub fn wilson_interval(k: usize, n: usize) -> Option<(f64, f64)> {
+    if n == 0 {
+        return None;
+    }
+    const Z: f64 = 1.959_963_984_540_054;
+    let (n, p) = (n as f64, k as f64 / n as f64);
+    let z2 = Z * Z;
+    let denom = 1.0 + z2 / n;
+    let center = (p + z2 / (2.0 * n)) / denom;
+    let half = Z * (p * (1.0 - p) / n + z2 / (4.0 * n * n)).sqrt() / denom;
+    Some(((center - half).max(0.0), (center + half).min(1.0)))
+}
+
+/// A held-out prompt's value of the labels rule's field (`None` without labels).
+fn label_value(ev: &EvaluateStage, p: &HoldoutPromptRow) -> Option<String> {
     let rule = ev.labels.as_ref()?;
     let meta: serde_json::Value = p
         .metadata
         .as_deref()
         .and_then(|m| serde_json::from_str(m).ok())
         .unwrap_or_default();
-    let value = match &meta[&rule.field] {
+    Some(match &meta[&rule.field] {
         serde_json::Value::String(s) => s.clone(),
         serde_json::Value::Null => String::new(),
         other => other.to_string(),
-    };
-    Some(rule.harmful.contains(&value))
+    })
+}
+
+/// Whether a held-out prompt is harmful by the labels rule (`None` without labels).
+fn harmful(ev: &EvaluateStage, p: &HoldoutPromptRow) -> Option<bool> {
+    let rule = ev.labels.as_ref()?;
+    label_value(ev, p).map(|v| rule.harmful.contains(&v))
 }
 
 /// The judge-free metrics of one version's answers (and their corrections).
@@ -311,19 +342,28 @@ fn answer_metrics(
                     .filter(|(p, _)| harmful(ev, p) == Some(want_harmful))
                     .collect();
                 let refused = group.iter().filter(|(_, a)| a.refusal == Some(1)).count();
-                out.push(metric(
-                    format!("{name}{suffix}"),
-                    (!group.is_empty()).then(|| refused as f64 / group.len() as f64 * 100.0),
-                    group.len(),
-                ));
+                out.push(rate(format!("{name}{suffix}"), refused, group.len()));
+            }
+            // Refusals per value of the labels field (per source: each harmful set, the
+            // benign sets, the look-alikes), so no group hides behind another's average.
+            let mut by_value: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+            for (p, a) in &rows {
+                let value = label_value(ev, p).unwrap_or_default();
+                let slot = by_value.entry(value).or_default();
+                slot.0 += usize::from(a.refusal == Some(1));
+                slot.1 += 1;
+            }
+            for (value, (refused, n)) in by_value {
+                let value = if value.is_empty() {
+                    "unlabelled".into()
+                } else {
+                    value
+                };
+                out.push(rate(format!("refusals.{value}{suffix}"), refused, n));
             }
         } else {
             let refused = rows.iter().filter(|(_, a)| a.refusal == Some(1)).count();
-            out.push(metric(
-                format!("refusals{suffix}"),
-                Some(refused as f64 / rows.len() as f64 * 100.0),
-                rows.len(),
-            ));
+            out.push(rate(format!("refusals{suffix}"), refused, rows.len()));
         }
         let mut chars: Vec<f64> = rows
             .iter()
@@ -345,11 +385,7 @@ fn answer_metrics(
                 .iter()
                 .filter(|(_, a)| a.degenerate.as_deref() == Some(what))
                 .count();
-            out.push(metric(
-                format!("degenerate.{what}{suffix}"),
-                Some(k as f64 / rows.len() as f64 * 100.0),
-                rows.len(),
-            ));
+            out.push(rate(format!("degenerate.{what}{suffix}"), k, rows.len()));
         }
         if kind == "corrected" {
             let copies = rows
@@ -360,11 +396,7 @@ fn answer_metrics(
                     })
                 })
                 .count();
-            out.push(metric(
-                "copy_rate",
-                Some(copies as f64 / rows.len() as f64 * 100.0),
-                rows.len(),
-            ));
+            out.push(rate("copy_rate", copies, rows.len()));
         }
     }
     out
@@ -1154,6 +1186,22 @@ mod tests {
         assert_eq!(parse_verdict("I cannot decide between them."), None);
         assert_eq!(parse_verdict("[[maybe]]"), None);
         assert_eq!(parse_verdict(""), None);
+    }
+
+    #[test]
+    fn wilson_interval_matches_known_values() {
+        let close =
+            |a: (f64, f64), b: (f64, f64)| (a.0 - b.0).abs() < 1e-4 && (a.1 - b.1).abs() < 1e-4;
+        assert_eq!(wilson_interval(3, 0), None);
+        // Wilson (1927) score interval, z = 1.96: 0/10, 5/10, 10/10 and 1/3.
+        assert!(close(wilson_interval(0, 10).unwrap(), (0.0, 0.27753)));
+        assert!(close(wilson_interval(5, 10).unwrap(), (0.23659, 0.76341)));
+        assert!(close(wilson_interval(10, 10).unwrap(), (0.72247, 1.0)));
+        assert!(close(wilson_interval(1, 3).unwrap(), (0.06149, 0.79234)));
+        let m = rate("refusal_rate", 5, 10);
+        assert_eq!(m.value, Some(50.0));
+        assert!((m.ci_low.unwrap() - 23.659).abs() < 1e-2, "{m:?}");
+        assert_eq!(m.detail.as_deref(), Some(r#"{"count":5}"#));
     }
 
     #[test]

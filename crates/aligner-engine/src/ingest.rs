@@ -1,6 +1,8 @@
 //! The ingest step: read the prompt set once, sample it, split off the held-out part and store
 //! it, all in one transaction, so every later stage reads prompts from the store only.
 
+use std::collections::HashMap;
+
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use sha2::{Digest, Sha256};
@@ -9,7 +11,7 @@ use aligner_dataset::{Format, Mapping};
 use aligner_spec::PromptFormat;
 use aligner_store::{EventKind, Level, NewPrompt, Stage, StageEnd};
 
-use crate::{Engine, Result};
+use crate::{Engine, Error, Result};
 
 /// Hash of the prompt with case and whitespace normalized: the key for duplicate prompts.
 pub(crate) fn prompt_hash(text: &str) -> String {
@@ -45,6 +47,31 @@ pub(crate) fn sample_and_split(
     (idx, is_holdout)
 }
 
+/// No training prompt may be a held-out prompt (the same text after normalizing case and
+/// spaces): given `(id, text, held out)` rows, the first such pair is an error naming both ids.
+/// `what` says what the training side is.
+pub(crate) fn check_no_leak<'a>(
+    rows: impl IntoIterator<Item = (&'a str, &'a str, bool)>,
+    what: &str,
+) -> Result<()> {
+    let mut held: HashMap<String, &str> = HashMap::new();
+    let mut train: Vec<(&str, String)> = Vec::new();
+    for (id, text, is_held) in rows {
+        let hash = prompt_hash(text);
+        if is_held {
+            held.entry(hash).or_insert(id);
+        } else {
+            train.push((id, hash));
+        }
+    }
+    match train.iter().find_map(|(id, h)| held.get(h).map(|held_id| (id, held_id))) {
+        None => Ok(()),
+        Some((id, held_id)) => Err(Error::Other(format!(
+            "{what} `{id}` is the held-out prompt `{held_id}` (the same text after normalizing case and spaces): a round would train on what it is measured on\nhint: remove one of the two from its file, or hold both out"
+        ))),
+    }
+}
+
 pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
     let p = &engine.spec.prompts;
     engine
@@ -62,8 +89,17 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
         system: p.system_field.clone(),
         metadata: p.metadata_fields.clone(),
     };
-    let (records, report) = aligner_dataset::read_prompts(&p.source, format, &mapping)?;
-    let (keep, holdout) = sample_and_split(records.len(), p.sample, p.holdout, p.seed);
+    let (mut records, mut report) = aligner_dataset::read_prompts(&p.source, format, &mapping)?;
+    let (mut keep, mut holdout) = sample_and_split(records.len(), p.sample, p.holdout, p.seed);
+    if let Some(path) = &p.holdout_source {
+        // A fixed held-out file: its rows follow the (sampled) rows of `source`, all held out.
+        let (fixed, fixed_report) = aligner_dataset::read_prompts(path, format, &mapping)?;
+        report.rows += fixed_report.rows;
+        report.skipped_empty += fixed_report.skipped_empty;
+        keep.extend(records.len()..records.len() + fixed.len());
+        holdout.extend(std::iter::repeat_n(true, fixed.len()));
+        records.extend(fixed);
+    }
     let prompts: Vec<NewPrompt> = keep
         .iter()
         .zip(&holdout)
@@ -81,6 +117,16 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
             }
         })
         .collect();
+    check_no_leak(
+        prompts.iter().map(|p| {
+            (
+                p.source_id.as_str(),
+                p.prompt.as_str(),
+                p.split == "holdout",
+            )
+        }),
+        "a round's training prompt",
+    )?;
     let n_holdout = holdout.iter().filter(|h| **h).count() as i64;
     // Prompts and the stage's completion commit separately, but a crash between them only
     // re-runs ingest on prompts that are already there: `insert_prompts` is all-or-nothing and
@@ -115,6 +161,24 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_training_prompt_equal_to_a_held_out_one_is_an_error_naming_both() {
+        let rows = [
+            ("a", "How do I bake bread?", false),
+            ("h1", "What is rain?", true),
+            ("b", "  what IS   rain? ", false),
+        ];
+        let err = check_no_leak(rows, "the Aligner's teaching prompt").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("the Aligner's teaching prompt `b` is the held-out prompt `h1`"),
+            "{msg}"
+        );
+        assert!(check_no_leak(rows.into_iter().filter(|r| r.0 != "b"), "x").is_ok());
+        // Repeats within one side are not a leak.
+        assert!(check_no_leak([("a", "Hi", false), ("b", "hi", false)], "x").is_ok());
+    }
 
     #[test]
     fn sampling_is_seeded_and_ordered() {

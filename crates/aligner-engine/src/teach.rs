@@ -311,6 +311,18 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
                 "the Aligner's data has no rows\nhint: check `aligner.data` or `aligner.teach.prompts`".into(),
             ));
         }
+        // The Aligner must not learn from the rounds' held-out prompts: the evaluation of
+        // "version k + Aligner" would measure what it was taught.
+        let held = e.store.holdout_prompts(run_id).await?;
+        let teaching = rows
+            .iter()
+            .filter(|r| r.split == "train")
+            .map(|r| (r.source_id.as_str(), r.question.as_str(), false));
+        let held = held
+            .iter()
+            .map(|h| (h.source_id.as_str(), h.prompt.as_str(), true));
+        crate::ingest::check_no_leak(teaching.chain(held), "the Aligner's teaching prompt")
+            .map_err(|err| stage_err(Stage::Teach, err.to_string()))?;
         e.store.insert_aligner_examples(run_id, &rows).await?;
     }
     let rows = e.store.aligner_examples(run_id).await?;

@@ -118,6 +118,11 @@ pub struct PromptsSpec {
     pub seed: u64,
     /// Fraction in [0, 1) of the (sampled) prompts held out for evaluation.
     pub holdout: f64,
+    /// A fixed file of held-out prompts (same format and fields as `source`), instead of a
+    /// random `holdout` fraction: every row of `source` trains, every row of this file is held
+    /// out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub holdout_source: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -228,6 +228,8 @@ pub struct PromptsWire {
     pub sample: Option<u64>,
     pub seed: Option<u64>,
     pub holdout: Option<f64>,
+    /// A fixed file of held-out prompts (rounds' `prompts` only).
+    pub holdout_source: Option<String>,
 }
 
 /// `prompts.format:`.

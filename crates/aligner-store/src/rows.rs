@@ -324,6 +324,8 @@ pub struct AlignerEvalRow {
 pub struct HoldoutPromptRow {
     pub id: i64,
     pub idx: i64,
+    /// The prompt file's id for it.
+    pub source_id: String,
     pub system: Option<String>,
     pub prompt: String,
     pub metadata: Option<String>,

@@ -9,26 +9,11 @@ impl Ctx<'_> {
     pub(super) fn prompts(&mut self, path: &str, w: &PromptsWire) -> Option<PromptsSpec> {
         let p = |f: &str| join(path, f);
         let errors_before = self.errors.len();
-        let source = self
-            .path_value(&p("source"), &w.source)
-            .and_then(|(shown, resolved)| {
-                if resolved.is_file() {
-                    Some(resolved)
-                } else {
-                    let what = if resolved.is_dir() {
-                        "is a folder, not a file"
-                    } else {
-                        "does not exist"
-                    };
-                    self.err(
-                        &p("source"),
-                        Anchor::Value,
-                        format!("prompts file `{shown}` {what}"),
-                        Some(format!("resolved to `{}`", resolved.display())),
-                    );
-                    None
-                }
-            });
+        let source = self.prompts_file(&p("source"), &w.source);
+        let holdout_source = w
+            .holdout_source
+            .as_ref()
+            .map(|f| self.prompts_file(&p("holdout_source"), f));
         let format = match (w.format, &source) {
             (Some(f), _) => Some(match f {
                 PromptFormatWire::Jsonl => PromptFormat::Jsonl,
@@ -99,6 +84,26 @@ impl Ctx<'_> {
             "at least 0 and less than 1",
             holdout,
         );
+        if w.holdout_source.is_some() {
+            if path != "prompts" {
+                self.err(
+                    &p("holdout_source"),
+                    Anchor::Key,
+                    "a fixed held-out file belongs to the rounds' `prompts`",
+                    Some(
+                        "the Aligner's teaching prompts hold out rows with `aligner.holdout`"
+                            .into(),
+                    ),
+                );
+            } else if holdout > 0.0 {
+                self.err(
+                    &p("holdout_source"),
+                    Anchor::Key,
+                    "both `holdout` and `holdout_source` are set",
+                    Some("use one: `holdout` splits a fraction off `source` at random, `holdout_source` is a fixed file of held-out prompts".into()),
+                );
+            }
+        }
         if self.errors.len() != errors_before {
             return None;
         }
@@ -113,6 +118,27 @@ impl Ctx<'_> {
             sample: w.sample,
             seed: w.seed.unwrap_or(0),
             holdout,
+            holdout_source: holdout_source.flatten(),
         })
+    }
+
+    /// A prompts file at `path` in the YAML: resolved, and an error unless it is a file.
+    fn prompts_file(&mut self, path: &str, value: &str) -> Option<std::path::PathBuf> {
+        let (shown, resolved) = self.path_value(path, value)?;
+        if resolved.is_file() {
+            return Some(resolved);
+        }
+        let what = if resolved.is_dir() {
+            "is a folder, not a file"
+        } else {
+            "does not exist"
+        };
+        self.err(
+            path,
+            Anchor::Value,
+            format!("prompts file `{shown}` {what}"),
+            Some(format!("resolved to `{}`", resolved.display())),
+        );
+        None
     }
 }
