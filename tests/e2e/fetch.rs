@@ -124,6 +124,38 @@ fn prompts_fetch_writes_the_sets_and_the_quickstart_mix() {
         assert!(!quick_ids.contains(id.trim_end_matches("-2")), "{id}");
     }
 
+    // The bootstrap study's three parts: their sizes, the held-out set's make-up, and no
+    // prompt text (normalized) in two parts.
+    let part = |name: &str| lines(&format!("study/{name}.jsonl"));
+    let (teach_s, pool, held) = (part("teach"), part("pool"), part("heldout"));
+    assert_eq!((teach_s.len(), pool.len(), held.len()), (220, 363, 300));
+    let count = |rows: &[serde_json::Value], source: &str| {
+        rows.iter().filter(|r| r["source"] == source).count()
+    };
+    assert_eq!(
+        count(&held, "strongreject") + count(&held, "harmbench"),
+        150
+    );
+    assert_eq!(count(&held, "lookalike"), 70);
+    assert_eq!(held.len() - 150, 150);
+    let norm = |r: &serde_json::Value| {
+        r["prompt"]
+            .as_str()
+            .unwrap()
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .to_lowercase()
+    };
+    let mut seen = std::collections::HashMap::new();
+    for (name, rows) in [("teach", &teach_s), ("pool", &pool), ("heldout", &held)] {
+        for r in rows.iter() {
+            if let Some(other) = seen.insert(norm(r), name) {
+                panic!("{} is in both {other} and {name}", r["id"]);
+            }
+        }
+    }
+
     let o = fetch(&[]);
     let t = text(&o);
     assert!(

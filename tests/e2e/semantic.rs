@@ -107,3 +107,78 @@ rounds:
         1
     );
 }
+
+#[test]
+fn leak_check_stops_a_reworded_held_out_prompt_in_training() {
+    let models = models_dir();
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let write = |file: &str, rows: &[(&str, &str)]| {
+        let body: String = rows
+            .iter()
+            .map(|(id, p)| serde_json::json!({ "id": id, "prompt": p }).to_string() + "\n")
+            .collect();
+        std::fs::write(d.join(file), body).unwrap();
+    };
+    write(
+        "train.jsonl",
+        &[
+            ("t1", "What is the capital of France?"),
+            ("t2", "How can I bake sourdough bread at home?"),
+        ],
+    );
+    write(
+        "held.jsonl",
+        &[
+            ("h1", "Explain how vaccines train the immune system."),
+            ("h2", "How do I bake sourdough bread at home?"),
+        ],
+    );
+    let yaml = |limit: f64| {
+        format!(
+            r#"version: 1
+models:
+  m: {{ kind: openai, base_url: "{url}", model: m }}
+prompts:
+  source: train.jsonl
+  holdout_source: held.jsonl
+  fields: {{ id: id }}
+  leak_check: {{ embedder: "${{ALIGNER_MODELS_DIR:-models}}/all-MiniLM-L6-v2", max_similarity: {limit} }}
+rounds:
+  generate: {{ model: m }}
+  correct: {{ model: m }}
+"#,
+            url = server.base_url
+        )
+    };
+    let run_at = |limit: f64, store: &str| {
+        std::fs::write(d.join("p.yaml"), yaml(limit)).unwrap();
+        bin()
+            .env("ALIGNER_MODELS_DIR", &models)
+            .args(["run", "p.yaml", "--store", store])
+            .current_dir(d)
+            .output()
+            .unwrap()
+    };
+    // The reworded prompt is far above 0.9 from its held-out twin: the run stops at ingest,
+    // before any model call, naming both ids.
+    let o = run_at(0.9, "leak.db");
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(
+        t.contains(
+            "a round's training prompt `t2` is a near-duplicate of the held-out prompt `h2`"
+        ),
+        "{t}"
+    );
+    assert!(t.contains("all-MiniLM-L6-v2"), "{t}");
+    assert_eq!(server.stats().requests, 0, "{t}");
+    // With the check at 1 nothing is that close, and the run goes through.
+    let o = run_at(1.0, "s.db");
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM prompts WHERE split = 'holdout'"),
+        2
+    );
+}

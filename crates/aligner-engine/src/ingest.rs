@@ -72,6 +72,61 @@ pub(crate) fn check_no_leak<'a>(
     }
 }
 
+/// `prompts.leak_check`: the first `train` prompt whose embedding has a cosine above the
+/// limit with a `held` prompt's is an error naming both ids and the similarity. Texts are
+/// `(id, text)`; `what` says what the training side is.
+pub(crate) async fn check_no_near_leak(
+    engine: &Engine,
+    train: &[(&str, &str)],
+    held: &[(&str, &str)],
+    what: &str,
+) -> Result<()> {
+    let Some(check) = &engine.spec.prompts.leak_check else {
+        return Ok(());
+    };
+    if train.is_empty() || held.is_empty() {
+        return Ok(());
+    }
+    let component = |source: anyhow::Error| Error::Component {
+        round: 0,
+        stage: "ingest",
+        message: format!("`prompts.leak_check`: {source:#}"),
+        source,
+    };
+    let embedder = engine
+        .factory
+        .embedder(&check.embedder)
+        .map_err(component)?;
+    let embed = |side: &[(&str, &str)]| {
+        let texts: Vec<String> = side.iter().map(|(_, t)| t.to_string()).collect();
+        embedder.embed(&texts)
+    };
+    let (a, b) = embed(train)
+        .and_then(|a| Ok((a, embed(held)?)))
+        .map_err(|err| component(err.into()))?;
+    let mut worst: Option<(f32, usize, usize)> = None;
+    for (i, x) in a.iter().enumerate() {
+        for (j, y) in b.iter().enumerate() {
+            let sim = aligner_backend::cosine(x, y);
+            if f64::from(sim) > check.max_similarity && worst.is_none_or(|w| sim > w.0) {
+                worst = Some((sim, i, j));
+            }
+        }
+    }
+    match worst {
+        None => Ok(()),
+        Some((sim, i, j)) => Err(Error::Other(format!(
+            "{what} `{}` is a near-duplicate of the held-out prompt `{}` (cosine {sim:.3} by `{}`, above `prompts.leak_check.max_similarity` {}):\n  {:?}\n  {:?}\nhint: remove one of the two from its file, or hold both out",
+            train[i].0,
+            held[j].0,
+            check.embedder.display(),
+            check.max_similarity,
+            train[i].1,
+            held[j].1,
+        ))),
+    }
+}
+
 pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
     let p = &engine.spec.prompts;
     engine
@@ -127,6 +182,20 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
         }),
         "a round's training prompt",
     )?;
+    let side = |held: bool| -> Vec<(&str, &str)> {
+        prompts
+            .iter()
+            .filter(|p| (p.split == "holdout") == held)
+            .map(|p| (p.source_id.as_str(), p.prompt.as_str()))
+            .collect()
+    };
+    check_no_near_leak(
+        engine,
+        &side(false),
+        &side(true),
+        "a round's training prompt",
+    )
+    .await?;
     let n_holdout = holdout.iter().filter(|h| **h).count() as i64;
     // Prompts and the stage's completion commit separately, but a crash between them only
     // re-runs ingest on prompts that are already there: `insert_prompts` is all-or-nothing and

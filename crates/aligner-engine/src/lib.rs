@@ -81,15 +81,16 @@ pub trait BackendFactory: Send + Sync {
         spec: &ModelSpec,
     ) -> anyhow::Result<Arc<dyn TextGenerator>>;
 
-    /// The sentence embedder of `rounds.synthesize.semantic`. Called once per synthesize
-    /// stage; implementations may cache it.
+    /// The sentence embedder in folder `dir` (`rounds.synthesize.semantic.embedder`,
+    /// `prompts.leak_check.embedder`). Called once per stage that uses it; implementations may
+    /// cache it.
     fn embedder(
         &self,
-        spec: &aligner_spec::SemanticFilter,
+        dir: &std::path::Path,
     ) -> anyhow::Result<Arc<dyn aligner_backend::Embedder>> {
         Err(anyhow::anyhow!(
-            "this build cannot run the embedder `{}` of `rounds.synthesize.semantic`\nhint: remove the `semantic` block, or use the `aligner` binary, which runs it locally",
-            spec.embedder.display()
+            "this build cannot run the embedder `{}`\nhint: remove the blocks that name it (`rounds.synthesize.semantic`, `prompts.leak_check`), or use the `aligner` binary, which runs it locally",
+            dir.display()
         ))
     }
 

@@ -253,7 +253,7 @@ mod tests {
                 embedder: self.embedder.clone(),
             }))
         }
-        fn embedder(&self, _spec: &SemanticFilter) -> anyhow::Result<Arc<dyn Embedder>> {
+        fn embedder(&self, _dir: &std::path::Path) -> anyhow::Result<Arc<dyn Embedder>> {
             Ok(self.embedder.clone())
         }
     }

@@ -478,7 +478,7 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
         Some(filter) => {
             let embedder = e
                 .factory
-                .embedder(filter)
+                .embedder(&filter.embedder)
                 .map_err(|source| Error::component(ctx.round, "synthesize", source))?;
             let scorer = Scorer::new(embedder, filter.clone(), ctx.round);
             if state.kept > 0 {

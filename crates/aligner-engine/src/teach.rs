@@ -321,7 +321,15 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
         let held = held
             .iter()
             .map(|h| (h.source_id.as_str(), h.prompt.as_str(), true));
-        crate::ingest::check_no_leak(teaching.chain(held), "the Aligner's teaching prompt")
+        crate::ingest::check_no_leak(
+            teaching.clone().chain(held.clone()),
+            "the Aligner's teaching prompt",
+        )
+        .map_err(|err| stage_err(Stage::Teach, err.to_string()))?;
+        let teaching: Vec<(&str, &str)> = teaching.map(|(id, t, _)| (id, t)).collect();
+        let held: Vec<(&str, &str)> = held.map(|(id, t, _)| (id, t)).collect();
+        crate::ingest::check_no_near_leak(e, &teaching, &held, "the Aligner's teaching prompt")
+            .await
             .map_err(|err| stage_err(Stage::Teach, err.to_string()))?;
         e.store.insert_aligner_examples(run_id, &rows).await?;
     }

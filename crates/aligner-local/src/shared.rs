@@ -3,11 +3,11 @@
 //! backend factory hands the engine for `kind: local` models and `rounds.synthesize.semantic`.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use aligner_backend::{Embedder, Error, ErrorKind};
-use aligner_spec::{LocalModel, SemanticFilter};
+use aligner_spec::LocalModel;
 use anyhow::Context;
 
 use crate::backend::{LoadOptions, LocalBackend};
@@ -51,19 +51,19 @@ impl Embedder for LocalEmbedder {
     }
 }
 
-/// The embedder of `rounds.synthesize.semantic`, loaded on first use.
-pub fn embedder(spec: &SemanticFilter) -> anyhow::Result<Arc<dyn Embedder>> {
+/// The sentence embedder in folder `dir`, loaded on first use.
+pub fn embedder(dir: &Path) -> anyhow::Result<Arc<dyn Embedder>> {
     static LOADED: OnceLock<Mutex<HashMap<PathBuf, Arc<LocalEmbedder>>>> = OnceLock::new();
     let mut cache = LOADED
         .get_or_init(Default::default)
         .lock()
         .unwrap_or_else(|e| e.into_inner());
-    if let Some(e) = cache.get(&spec.embedder) {
+    if let Some(e) = cache.get(dir) {
         return Ok(e.clone());
     }
-    let embedder = crate::embed::Embedder::load_cpu(&spec.embedder)
-        .context("`rounds.synthesize.semantic.embedder`")?;
+    let embedder = crate::embed::Embedder::load_cpu(dir)
+        .with_context(|| format!("the embedder `{}`", dir.display()))?;
     let embedder = Arc::new(LocalEmbedder(embedder));
-    cache.insert(spec.embedder.clone(), embedder.clone());
+    cache.insert(dir.to_path_buf(), embedder.clone());
     Ok(embedder)
 }

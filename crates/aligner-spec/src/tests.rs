@@ -1337,3 +1337,55 @@ fn the_aligner_name_cannot_shadow_a_model() {
         "{out}"
     );
 }
+
+#[test]
+fn fixed_held_out_file_and_leak_check() {
+    let dir = setup();
+    let folder = embedder_folder(&dir);
+    std::fs::write(dir.path().join("data/held.jsonl"), "{\"prompt\": \"ho\"}\n").unwrap();
+    let text = full_with(
+        "  holdout: 0.1\n",
+        "  holdout_source: data/held.jsonl\n  leak_check: { embedder: models/minilm }\n",
+    );
+    let p = load(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.prompts.holdout_source,
+        Some(dir.path().join("data/held.jsonl"))
+    );
+    assert_eq!(
+        p.prompts.leak_check,
+        Some(LeakCheck {
+            embedder: folder,
+            max_similarity: 0.9
+        })
+    );
+    // Unset, neither is in the snapshot: the hashes of older specs stay the same.
+    let plain = load(&dir, FULL).unwrap().snapshot();
+    assert!(plain["prompts"].get("holdout_source").is_none());
+    assert!(plain["prompts"].get("leak_check").is_none());
+
+    let e = errors(
+        &dir,
+        &full_with(
+            "  holdout: 0.1\n",
+            "  holdout: 0.1\n  holdout_source: data/nope.jsonl\n  leak_check: { embedder: models/minilm, max_similarity: 0 }\n",
+        ),
+    );
+    assert!(
+        e.contains("prompts file `data/nope.jsonl` does not exist"),
+        "{e}"
+    );
+    assert!(e.contains("at: prompts.holdout_source"), "{e}");
+    assert!(e.contains("at: prompts.leak_check.max_similarity"), "{e}");
+    let e = errors(
+        &dir,
+        &full_with(
+            "  holdout: 0.1\n",
+            "  holdout: 0.1\n  holdout_source: data/held.jsonl\n",
+        ),
+    );
+    assert!(
+        e.contains("both `holdout` and `holdout_source` are set"),
+        "{e}"
+    );
+}

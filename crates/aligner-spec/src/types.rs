@@ -123,6 +123,20 @@ pub struct PromptsSpec {
     /// out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub holdout_source: Option<PathBuf>,
+    /// Near-duplicates of held-out prompts among the training prompts, by sentence embeddings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leak_check: Option<LeakCheck>,
+}
+
+/// `prompts.leak_check`: a training prompt of the rounds, or a teaching prompt of the Aligner,
+/// whose embedding has a cosine above `max_similarity` with a held-out prompt's stops the run
+/// (the exact-text check runs always).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeakCheck {
+    /// A sentence-transformers folder, e.g. all-MiniLM-L6-v2.
+    pub embedder: PathBuf,
+    /// In (0, 1]; default 0.9.
+    pub max_similarity: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

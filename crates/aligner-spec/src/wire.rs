@@ -230,6 +230,19 @@ pub struct PromptsWire {
     pub holdout: Option<f64>,
     /// A fixed file of held-out prompts (rounds' `prompts` only).
     pub holdout_source: Option<String>,
+    pub leak_check: Option<LeakCheckWire>,
+}
+
+/// `prompts.leak_check:`: held-out prompts checked against training prompts by embeddings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a leak_check mapping with an `embedder`"
+)]
+pub struct LeakCheckWire {
+    /// A sentence-transformers folder, as `rounds.synthesize.semantic.embedder`.
+    pub embedder: String,
+    pub max_similarity: Option<f64>,
 }
 
 /// `prompts.format:`.

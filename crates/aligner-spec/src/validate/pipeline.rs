@@ -180,13 +180,13 @@ impl Ctx<'_> {
         }
         let rounds = self.rounds(&w.rounds, w.models.as_ref());
         if let (Some(p), Some(Some(e))) = (&prompts, rounds.as_ref().map(|r| r.evaluate.as_ref())) {
-            if p.holdout <= 0.0 {
+            if p.holdout <= 0.0 && p.holdout_source.is_none() {
                 self.err(
                     "rounds.evaluate",
                     Anchor::Key,
                     "evaluation needs held-out prompts, and `prompts.holdout` is 0",
                     Some(
-                        "hold some prompts out of training, e.g. `prompts: { holdout: 0.2 }`"
+                        "hold some prompts out of training, e.g. `prompts: { holdout: 0.2 }`, or name a fixed held-out file in `prompts.holdout_source`"
                             .into(),
                     ),
                 );

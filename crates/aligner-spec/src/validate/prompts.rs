@@ -84,6 +84,28 @@ impl Ctx<'_> {
             "at least 0 and less than 1",
             holdout,
         );
+        let leak_check = w.leak_check.as_ref().and_then(|l| {
+            if path != "prompts" {
+                self.err(
+                    &p("leak_check"),
+                    Anchor::Key,
+                    "the leak check belongs to the rounds' `prompts`",
+                    Some("it checks the Aligner's teaching prompts against the rounds' held-out prompts from there".into()),
+                );
+            }
+            let max_similarity = l.max_similarity.unwrap_or(0.9);
+            self.expect(
+                &p("leak_check.max_similarity"),
+                max_similarity > 0.0 && max_similarity <= 1.0,
+                "more than 0 and at most 1",
+                max_similarity,
+            );
+            let embedder = self.embedder_path(&p("leak_check.embedder"), &l.embedder)?;
+            Some(LeakCheck {
+                embedder,
+                max_similarity,
+            })
+        });
         if w.holdout_source.is_some() {
             if path != "prompts" {
                 self.err(
@@ -119,6 +141,7 @@ impl Ctx<'_> {
             seed: w.seed.unwrap_or(0),
             holdout,
             holdout_source: holdout_source.flatten(),
+            leak_check,
         })
     }
 

@@ -89,7 +89,7 @@ impl Ctx<'_> {
     }
 
     /// Checks an embedder folder: `config.json`, `model.safetensors` and `tokenizer.json`.
-    fn embedder_path(&mut self, path: &str, text: &str) -> Option<PathBuf> {
+    pub(super) fn embedder_path(&mut self, path: &str, text: &str) -> Option<PathBuf> {
         let (shown, resolved) = self.path_value(path, text)?;
         let hint = Some(format!(
             "resolved to `{}`; `aligner models fetch` puts all-MiniLM-L6-v2 into `models/all-MiniLM-L6-v2`",
