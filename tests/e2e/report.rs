@@ -256,6 +256,7 @@ fn the_report_holds_the_stored_numbers_charts_and_escaped_diffs() {
         "chart-refusals",
         "chart-length",
         "chart-tradeoff",
+        "chart-refusal-tradeoff",
     ] {
         assert!(
             html.contains(&format!("<figure id=\"{chart}\"><svg")),
@@ -269,6 +270,11 @@ fn the_report_holds_the_stored_numbers_charts_and_escaped_diffs() {
         assert!(svg.starts_with("<svg") && svg.contains("<text"), "{chart}");
     }
     assert!(html.contains("Helpfulness vs harmlessness"));
+    let refusals = std::fs::read_to_string(d.join("reports/1/chart-refusal-tradeoff.svg")).unwrap();
+    assert!(
+        refusals.contains("upstream alone") && refusals.contains("upstream + Aligner"),
+        "{refusals}"
+    );
 
     // Side by side: the original and the correction, the edit marked, the planted markup
     // escaped on both sides; labels from the evaluation's rule.

@@ -211,10 +211,13 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
         .store
         .finish_stage(run_id, 0, Stage::Ingest, StageEnd::done(total, 0))
         .await?;
+    let files = match &p.holdout_source {
+        Some(held) => format!("`{}` and `{}`", p.source.display(), held.display()),
+        None => format!("`{}`", p.source.display()),
+    };
     let message = format!(
-        "{} prompts from `{}` ({} rows, {} empty skipped): {} train, {} held out",
+        "{} prompts from {files} ({} rows, {} empty skipped): {} train, {} held out",
         total,
-        p.source.display(),
         report.rows,
         report.skipped_empty,
         total - n_holdout,

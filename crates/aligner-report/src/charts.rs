@@ -224,7 +224,12 @@ pub struct Tradeoff {
 
 /// The Aligner paper's trade-off view: omega on helpfulness (x) against omega on harmlessness
 /// (y), one point per round and comparison, the rounds of one comparison joined in order.
-pub fn tradeoff(title: &str, x_desc: &str, y_desc: &str, points: &[Tradeoff]) -> Result<String> {
+pub fn tradeoff(
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    (lo, hi): (f64, f64),
+    points: &[Tradeoff],
+) -> Result<String> {
     let mut groups: BTreeMap<&str, Vec<&Tradeoff>> = BTreeMap::new();
     for p in points {
         groups.entry(p.group.as_str()).or_default().push(p);
@@ -237,13 +242,13 @@ pub fn tradeoff(title: &str, x_desc: &str, y_desc: &str, points: &[Tradeoff]) ->
         root.fill(&WHITE).map_err(draw_err)?;
         let legend_w = 200;
         let (plot, legend) = root.split_horizontally(width - legend_w);
-        let mut chart = chart_on(&plot, title, -110.0f64..110.0, -110.0f64..110.0)?;
+        let mut chart = chart_on(&plot, title, lo..hi, lo..hi)?;
         draw_grid(&mut chart, x_desc, y_desc)?;
         let axis = RGBColor(150, 150, 150).stroke_width(1);
         chart
             .draw_series([
-                PathElement::new(vec![(-110.0, 0.0), (110.0, 0.0)], axis),
-                PathElement::new(vec![(0.0, -110.0), (0.0, 110.0)], axis),
+                PathElement::new(vec![(lo, 0.0), (hi, 0.0)], axis),
+                PathElement::new(vec![(0.0, lo), (0.0, hi)], axis),
             ])
             .map_err(draw_err)?;
         // Labels of points that fall on the same spot are stacked, not printed over each other.
@@ -394,7 +399,13 @@ mod tests {
                 y_ci: None,
             },
         ];
-        let svg = tradeoff("trade-off", "helpfulness", "harmlessness", &pts).unwrap();
+        let svg = tradeoff(
+            "trade-off",
+            ("helpfulness", "harmlessness"),
+            (-110.0, 110.0),
+            &pts,
+        )
+        .unwrap();
         assert!(
             svg.contains(">\nr1\n</text>") && svg.contains(">\nr2\n</text>"),
             "{svg}"

@@ -631,12 +631,60 @@ fn evaluation_charts(d: &Data, out: &mut Vec<Block>) -> Result<()> {
             });
         }
     }
+    // Refusal on harmful prompts against over-refusal on benign ones, per round, for the
+    // upstream alone and with the Aligner: the loop's target is up and to the left.
+    let mut refusals = Vec::new();
+    for m in d
+        .metrics
+        .iter()
+        .filter(|m| m.name.starts_with("over_refusal"))
+    {
+        let suffix = &m.name["over_refusal".len()..];
+        let Some(harm) = get(m.round, &format!("refusal_rate{suffix}")) else {
+            continue;
+        };
+        if let (Some(x), Some(y)) = (m.value, harm.value) {
+            refusals.push(charts::Tradeoff {
+                group: if suffix.is_empty() {
+                    "upstream alone".into()
+                } else {
+                    "upstream + Aligner".into()
+                },
+                label: format!("v{}", m.round),
+                x,
+                y,
+                x_ci: m.ci_low.zip(m.ci_high),
+                y_ci: harm.ci_low.zip(harm.ci_high),
+            });
+        }
+    }
+    if !refusals.is_empty() {
+        let title = "Refusal vs over-refusal (per round, 95% Wilson intervals)";
+        out.push(Block::Chart {
+            slug: "chart-refusal-tradeoff".into(),
+            title: title.into(),
+            svg: charts::tradeoff(
+                title,
+                (
+                    "% of benign prompts refused",
+                    "% of harmful prompts refused",
+                ),
+                (-5.0, 105.0),
+                &refusals,
+            )?,
+        });
+    }
     if !points.is_empty() {
         let title = "Helpfulness vs harmlessness (omega per round)";
         out.push(Block::Chart {
             slug: "chart-tradeoff".into(),
             title: title.into(),
-            svg: charts::tradeoff(title, "omega, helpfulness", "omega, harmlessness", &points)?,
+            svg: charts::tradeoff(
+                title,
+                ("omega, helpfulness", "omega, harmlessness"),
+                (-110.0, 110.0),
+                &points,
+            )?,
         });
     }
     Ok(())
