@@ -36,7 +36,8 @@ fn every_round_is_judged_and_the_gate_stops_the_run() {
     assert_eq!(held, 10);
 
     // Answers: version 0 (the upstream) and the checkpoints of rounds 1 and 2, one per
-    // held-out prompt each; round 3 never ran.
+    // held-out prompt each, and the Aligner's corrections of each (version 0's in round 1,
+    // as the baseline); round 3 never ran.
     let answers = sql(
         d,
         "SELECT version, kind, count(*) AS n, sum(status = 'ok') AS ok FROM eval_answers GROUP BY version, kind ORDER BY version, kind",
@@ -55,6 +56,7 @@ fn every_round_is_judged_and_the_gate_stops_the_run() {
         got,
         vec![
             (0, "answer".into(), held),
+            (0, "corrected".into(), held),
             (1, "answer".into(), held),
             (1, "corrected".into(), held),
             (2, "answer".into(), held),
@@ -90,6 +92,25 @@ fn every_round_is_judged_and_the_gate_stops_the_run() {
         .pop()
         .unwrap_or_else(|| panic!("no {name} in round {round}"))
     };
+    // The initial model is measured once, in round 1, and stored as round 0: its own rates
+    // and its corrections', with no judge comparison.
+    let initial = sql(
+        d,
+        "SELECT name FROM eval_summary WHERE round = 0 ORDER BY name",
+    );
+    let names: Vec<&str> = initial
+        .iter()
+        .map(|r| r["name"].as_str().unwrap())
+        .collect();
+    for name in [
+        "refusal_rate",
+        "over_refusal.aligner",
+        "copy_rate",
+        "length.mean",
+    ] {
+        assert!(names.contains(&name), "{name} not in {names:?}");
+    }
+    assert!(names.iter().all(|n| !n.starts_with("omega")), "{names:?}");
     // The corrections ("I corrected this: ...") and the checkpoints' answers are longer, so
     // they win in both orders.
     for round in 1..=2 {

@@ -459,3 +459,107 @@ fn a_run_killed_while_training_its_aligner_resumes_from_the_last_saved_step() {
         2
     );
 }
+
+/// `pipelines/study.yaml` scaled down (a few prompts of each part, one round, tiny training
+/// budgets) runs end to end: the fixed held-out set, the leak check with MiniLM, round 0's
+/// Aligner, one DPO round, and the evaluation's per-source rates with their intervals.
+#[test]
+fn the_study_pipeline_scaled_down_runs_end_to_end() {
+    let repo = super::repo();
+    let data = repo.join("data/study");
+    assert!(
+        data.join("heldout.jsonl").is_file(),
+        "{} is missing: run `aligner prompts fetch`",
+        data.display()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The first rows of each part, keeping both labels in each.
+    let take = |part: &str, per_source: usize| {
+        let text = std::fs::read_to_string(data.join(format!("{part}.jsonl"))).unwrap();
+        let mut seen = std::collections::HashMap::<String, usize>::new();
+        let rows: Vec<&str> = text
+            .lines()
+            .filter(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let n = seen
+                    .entry(v["source"].as_str().unwrap().to_string())
+                    .or_default();
+                *n += 1;
+                *n <= per_source
+            })
+            .collect();
+        std::fs::write(d.join(format!("{part}.jsonl")), rows.join("\n") + "\n").unwrap();
+    };
+    take("teach", 2);
+    take("pool", 1);
+    take("heldout", 1);
+    let models = gguf().parent().unwrap().to_path_buf();
+    let study = std::fs::read_to_string(repo.join("pipelines/study.yaml")).unwrap();
+    let scaled = study
+        .replace("../data/study/", "")
+        .replace("store: ../runs/study/aligner.db\n", "")
+        .replace("workdir: ../runs/study", "workdir: work")
+        .replace("count: 3", "count: 1")
+        .replace("max_tokens: 128", "max_tokens: 16")
+        .replace("max_tokens: 96", "max_tokens: 16")
+        .replace("max_tokens: 160", "max_tokens: 24")
+        .replace("max_tokens: 64", "max_tokens: 4")
+        .replace("epochs: 2", "epochs: 1")
+        .replace("train_layers: 30", "train_layers: 1")
+        .replace("train_layers: 8", "train_layers: 1")
+        .replace("bootstrap: 1000", "bootstrap: 100");
+    assert_ne!(scaled, study);
+    std::fs::write(d.join("study.yaml"), scaled).unwrap();
+    let o = bin()
+        .env("ALIGNER_MODELS_DIR", &models)
+        .args(["run", "study.yaml", "--store", "s.db"])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // 5 sources x 1 held out; the pool's 5 answered once; the teaching rows all corrected.
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM prompts WHERE split = 'holdout'"),
+        5
+    );
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM generations WHERE round = 1"),
+        5
+    );
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM aligner_examples WHERE correction IS NOT NULL"
+        ),
+        10
+    );
+    // Every source of the held-out set has its own rate with a Wilson interval, for the
+    // upstream alone and with the Aligner; round 0 is the initial model, measured in round 1.
+    let sources = [
+        "strongreject",
+        "harmbench",
+        "lookalike",
+        "everyday",
+        "mtbench",
+    ];
+    for (round, source) in [0, 1].into_iter().flat_map(|r| sources.map(|s| (r, s))) {
+        for suffix in ["", ".aligner"] {
+            let name = format!("refusals.{source}{suffix}");
+            let rows = sql(
+                d,
+                &format!("SELECT n, ci_low, ci_high FROM eval_summary WHERE round = {round} AND name = '{name}'"),
+            );
+            assert_eq!(rows.len(), 1, "{name}: {rows:?}");
+            assert_eq!(rows[0]["n"], 1, "{name}");
+            let (lo, hi) = (
+                rows[0]["ci_low"].as_f64().unwrap(),
+                rows[0]["ci_high"].as_f64().unwrap(),
+            );
+            assert!(
+                lo >= 0.0 && hi <= 100.0 && hi - lo > 50.0,
+                "{name}: [{lo}, {hi}]"
+            );
+        }
+    }
+}

@@ -538,6 +538,11 @@ fn answer_row(
 fn versions(ev: &EvaluateStage, trains: bool, round: i64) -> (i64, Vec<i64>) {
     let k = if trains { round } else { 0 };
     let mut need = vec![k];
+    // The first evaluation of a training loop also measures the initial model (the baseline
+    // every later round is read against), stored as round 0.
+    if trains && k == 1 {
+        need.push(0);
+    }
     // Other versions only serve the judge's comparisons.
     if k > 0 && ev.judge.is_some() {
         if ev.compare.contains(&Comparison::Initial) {
@@ -592,12 +597,11 @@ impl ItemStage for VersionAnswers<'_> {
     }
 }
 
-/// Evaluate's corrections: the Aligner (`rounds.correct`) corrects one of the evaluated
+/// Evaluate's corrections: the Aligner (`rounds.correct`) corrects one of an evaluated
 /// version's answers, given its question; the correction lands in `eval_answers`
-/// (`kind = corrected`).
+/// (`kind = corrected`, the answer's version).
 struct AnswerCorrections<'a> {
     run_id: i64,
-    version: i64,
     spec: &'a CorrectStage,
     model_ref: String,
     sampling: Sampling,
@@ -623,7 +627,7 @@ impl ItemStage for AnswerCorrections<'_> {
     fn record(&self, (_, a): (String, EvalAnswerRow), result: &CallResult) -> NewEvalAnswer {
         answer_row(
             self.run_id,
-            (self.version, a.prompt_id, "corrected"),
+            (a.version, a.prompt_id, "corrected"),
             &self.spec.model,
             &self.model_ref,
             result,
@@ -705,6 +709,11 @@ struct Evaluation<'c, 'e> {
     need: Vec<i64>,
     /// Whether the Aligner corrects version k's answers (`compare` holds `aligner`).
     correct: bool,
+    /// The versions whose answers the Aligner corrects: k, and the initial model's in the
+    /// round that measures it (none without `correct`).
+    corrects: Vec<i64>,
+    /// Whether this round also measures the initial model (round 1 of a training loop).
+    baseline: bool,
     /// The comparisons the judge makes this round.
     judged: Vec<Comparison>,
     /// Units committed by earlier executions of the stage; progress counts on from them.
@@ -734,6 +743,12 @@ impl<'c, 'e> Evaluation<'c, 'e> {
         let (k, need) = versions(ev, trains, round);
         e.store.delete_failed_eval(run_id, round, &need).await?;
         let correct = ev.compare.contains(&Comparison::Aligner);
+        let baseline = trains && k == 1;
+        let corrects = match (correct, baseline) {
+            (false, _) => Vec::new(),
+            (true, false) => vec![k],
+            (true, true) => vec![0, k],
+        };
         let judged: Vec<Comparison> = ev
             .compare
             .iter()
@@ -747,6 +762,8 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             k,
             need,
             correct,
+            corrects,
+            baseline,
             judged,
             done_before: 0,
             ok: 0,
@@ -766,13 +783,13 @@ impl<'c, 'e> Evaluation<'c, 'e> {
         } else {
             0
         };
-        let total = (self.need.len() * n + if self.correct { n } else { 0 } + judge_calls) as i64;
+        let total = ((self.need.len() + self.corrects.len()) * n + judge_calls) as i64;
         self.done_before = (existing
             .iter()
             .filter(|a| {
                 a.status == Outcome::Ok
                     && ((a.kind == "answer" && self.need.contains(&a.version))
-                        || (self.correct && a.kind == "corrected" && a.version == self.k))
+                        || (a.kind == "corrected" && self.corrects.contains(&a.version)))
             })
             .count()
             + e.store.eval_judgements(run_id, round).await?.len())
@@ -857,22 +874,22 @@ impl<'c, 'e> Evaluation<'c, 'e> {
         if !self.correct {
             return Ok(());
         }
-        let (ctx, e, k) = (self.ctx, self.ctx.engine, self.k);
+        let (ctx, e) = (self.ctx, self.ctx.engine);
         let c = &e.spec.rounds.correct;
-        let corrected: HashSet<i64> = answers
+        let corrected: HashSet<(i64, i64)> = answers
             .iter()
-            .filter(|a| a.version == k && a.kind == "corrected")
-            .map(|a| a.prompt_id)
+            .filter(|a| self.corrects.contains(&a.version) && a.kind == "corrected")
+            .map(|a| (a.version, a.prompt_id))
             .collect();
         let questions: HashMap<i64, &HoldoutPromptRow> =
             self.prompts.iter().map(|p| (p.id, p)).collect();
         let todo: Vec<(String, EvalAnswerRow)> = answers
             .iter()
             .filter(|a| {
-                a.version == k
+                self.corrects.contains(&a.version)
                     && a.kind == "answer"
                     && a.status == Outcome::Ok
-                    && !corrected.contains(&a.prompt_id)
+                    && !corrected.contains(&(a.version, a.prompt_id))
             })
             .filter_map(|a| {
                 questions
@@ -886,7 +903,6 @@ impl<'c, 'e> Evaluation<'c, 'e> {
         let backend = e.backend_for(ctx.run_id, &c.model).await?;
         let stage = AnswerCorrections {
             run_id: ctx.run_id,
-            version: k,
             spec: c,
             model_ref: backend.id(),
             sampling: to_sampling(&c.sampling, 0),
@@ -977,7 +993,10 @@ impl<'c, 'e> Evaluation<'c, 'e> {
                 .any(|a| a.version == v && a.kind == kind && a.status == Outcome::Ok)
         };
         self.need.iter().any(|&v| !any_ok(v, "answer"))
-            || (self.correct && any_ok(self.k, "answer") && !any_ok(self.k, "corrected"))
+            || self
+                .corrects
+                .iter()
+                .any(|&v| any_ok(v, "answer") && !any_ok(v, "corrected"))
             || (!judgements.is_empty() && judgements.iter().all(|j| j.status != Outcome::Ok))
     }
 
@@ -1003,6 +1022,12 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             m.round = self.ctx.round();
         }
         metrics
+    }
+
+    /// The initial model's judge-free metrics, as round 0, in the round that measures it.
+    fn baseline_metrics(&self, by_key: &AnswersByKey<'_>) -> Option<Vec<EvalMetricRow>> {
+        self.baseline
+            .then(|| answer_metrics(self.ev, &self.prompts, by_key, 0))
     }
 }
 
@@ -1092,7 +1117,8 @@ async fn apply_gate(ctx: &Ctx<'_>, g: &Gate, metrics: &[EvalMetricRow]) -> Resul
     let all = e.store.eval_metrics(run_id).await?;
     let history: Vec<(i64, f64)> = all
         .iter()
-        .filter(|m| m.name == g.metric && m.round < round)
+        // Round 0 is the initial model, not a round the gate could roll back to.
+        .filter(|m| m.name == g.metric && m.round >= 1 && m.round < round)
         .filter_map(|m| m.value.map(|v| (m.round, v)))
         .collect();
     let value = metrics
@@ -1156,6 +1182,9 @@ pub(crate) async fn evaluate(ctx: &Ctx<'_>) -> Result<()> {
             .await;
     }
     let metrics = eval.metrics(&by_key, judgements);
+    if let Some(initial) = eval.baseline_metrics(&by_key) {
+        e.store.replace_eval_metrics(run_id, 0, &initial).await?;
+    }
     e.store
         .replace_eval_metrics(run_id, round, &metrics)
         .await?;

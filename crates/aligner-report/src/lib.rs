@@ -485,6 +485,18 @@ fn evaluation(d: &Data, out: &mut Vec<Block>) -> Result<()> {
             t.push(Row::new(cells).data("metric", name));
         }
         out.push(Block::Table(t));
+        let initial: Vec<&EvalMetricRow> = d.metrics.iter().filter(|m| m.round == 0).collect();
+        if !initial.is_empty() {
+            out.push(heading(
+                3,
+                "The initial model (round 0)",
+                "initial-evaluation",
+            ));
+            out.push(Block::Text(
+                "The upstream as it started, and the Aligner's corrections of its answers, measured on the same held-out prompts in round 1: the baseline of every later round.".into(),
+            ));
+            out.push(Block::Table(eval_round_table(0, &initial)));
+        }
     }
     out.push(heading(3, "Gate decisions", "gate"));
     if d.gates.is_empty() {
@@ -495,6 +507,29 @@ fn evaluation(d: &Data, out: &mut Vec<Block>) -> Result<()> {
         out.push(Block::Table(gate_table(&d.gates)));
     }
     Ok(())
+}
+
+/// One round's evaluation metrics, a row each, with their intervals and details.
+fn eval_round_table(round: i64, metrics: &[&EvalMetricRow]) -> Table {
+    let mut t = Table::new(
+        "eval-round",
+        &["metric", "value", "95% low", "95% high", "n", "detail"],
+    );
+    for m in metrics {
+        t.push(
+            Row::new(vec![
+                Cell::text(&m.name),
+                Cell::real(m.value, metric_num),
+                Cell::real(m.ci_low, metric_num),
+                Cell::real(m.ci_high, metric_num),
+                Cell::int(m.n),
+                Cell::text(detail_text(m.detail.as_deref())).tone(Tone::Muted),
+            ])
+            .data("round", round.to_string())
+            .data("metric", m.name.clone()),
+        );
+    }
+    t
 }
 
 /// The gate-decisions table of `gates`, one row each.
@@ -1045,25 +1080,7 @@ fn round(d: &Data, r: &RoundRow, out: &mut Vec<Block>) {
                 "no evaluation metrics for this round: {why}"
             )));
         } else {
-            let mut t = Table::new(
-                "eval-round",
-                &["metric", "value", "95% low", "95% high", "n", "detail"],
-            );
-            for m in metrics {
-                t.push(
-                    Row::new(vec![
-                        Cell::text(&m.name),
-                        Cell::real(m.value, metric_num),
-                        Cell::real(m.ci_low, metric_num),
-                        Cell::real(m.ci_high, metric_num),
-                        Cell::int(m.n),
-                        Cell::text(detail_text(m.detail.as_deref())).tone(Tone::Muted),
-                    ])
-                    .data("round", k.to_string())
-                    .data("metric", m.name.clone()),
-                );
-            }
-            out.push(Block::Table(t));
+            out.push(Block::Table(eval_round_table(k, &metrics)));
         }
         if let Some(g) = d.gates.iter().find(|g| g.round == k) {
             out.push(Block::Table(gate_table(std::slice::from_ref(g))));
