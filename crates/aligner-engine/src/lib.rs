@@ -89,7 +89,7 @@ pub trait BackendFactory: Send + Sync {
         dir: &std::path::Path,
     ) -> anyhow::Result<Arc<dyn aligner_backend::Embedder>> {
         Err(anyhow::anyhow!(
-            "this build cannot run the embedder `{}`\nhint: remove the blocks that name it (`rounds.synthesize.semantic`, `prompts.leak_check`), or use the `aligner` binary, which runs it locally",
+            "this build cannot run the embedder `{}`\nhint: remove the `semantic` block (or `prompts.leak_check`) that names it, or use the `aligner` binary, which runs it locally",
             dir.display()
         ))
     }
