@@ -713,7 +713,10 @@ fn known_fields_table_matches_serde() {
         ("aligner.teach", serde_fields::<TeachWire>()),
         ("aligner.teach.prompts", serde_fields::<PromptsWire>()),
         ("aligner.teach.prompts.fields", serde_fields::<FieldsWire>()),
-        ("aligner.teach.prompts.leak_check", serde_fields::<LeakCheckWire>()),
+        (
+            "aligner.teach.prompts.leak_check",
+            serde_fields::<LeakCheckWire>(),
+        ),
         ("aligner.teach.answer", serde_fields::<AnswerWire>()),
         ("aligner.teach.answer.sampling", serde_fields::<Sampling>()),
         ("aligner.teach.teacher", serde_fields::<TeacherWire>()),
