@@ -3,7 +3,7 @@
 //! Checks run in a fixed order and the first that fails names the reason, so every dropped
 //! pair has exactly one reason:
 //! `generation_failed`, `correction_failed`, `empty_original`, `empty_correction`,
-//! `truncated_original`, `truncated_correction`, `identical`, `near_identical`,
+//! `truncated_original`, `truncated_correction`, `benign_refusal`, `identical`, `near_identical`,
 //! `length_ratio`, `duplicate_prompt`, `semantic_copy`, `near_duplicate_prompt`, `cap`.
 //!
 //! The two semantic checks (`rounds.synthesize.semantic`) compare sentence embeddings that the
@@ -26,6 +26,8 @@ pub struct Candidate<'a> {
     /// `None` when the correction failed or is missing.
     pub correction: Option<&'a str>,
     pub correction_truncated: bool,
+    /// The correction refuses a prompt that `benign_refusals` calls benign.
+    pub benign_refusal: bool,
     /// What the semantic filter measured; `None` when it is off or was not needed.
     pub semantic: Option<Semantic<'a>>,
 }
@@ -160,6 +162,9 @@ fn precheck(spec: &SynthesizeStage, c: &Candidate<'_>) -> Result<(f64, Option<f6
     if spec.drop_truncated && c.correction_truncated {
         return Err(drop("truncated_correction", None, ratio));
     }
+    if c.benign_refusal {
+        return Err(drop("benign_refusal", None, ratio));
+    }
     if o == k && spec.drop_identical {
         return Err(drop("identical", Some(0.0), ratio));
     }
@@ -190,6 +195,7 @@ mod tests {
             dedupe_prompts: true,
             max_pairs: Some(2),
             semantic: None,
+            benign_refusals: None,
         }
     }
 
@@ -206,6 +212,7 @@ mod tests {
             original_truncated: false,
             correction,
             correction_truncated: false,
+            benign_refusal: false,
             semantic: None,
         };
         assert_eq!(
@@ -273,6 +280,7 @@ mod tests {
             original_truncated: true,
             correction: Some("y"),
             correction_truncated: false,
+            benign_refusal: false,
             semantic: None,
         };
         assert_eq!(
@@ -305,6 +313,7 @@ mod tests {
                 original_truncated: false,
                 correction: Some("a rather different correction"),
                 correction_truncated: false,
+                benign_refusal: false,
                 semantic: Some(Semantic {
                     copy_similarity: Some(copy),
                     prompt: Some((hash.split(':').next().unwrap(), prompt)),
@@ -343,6 +352,7 @@ mod tests {
             original_truncated: false,
             correction: Some("AN ANSWER, said again"),
             correction_truncated: false,
+            benign_refusal: false,
             semantic: Some(Semantic {
                 copy_similarity: Some(1.0),
                 prompt: None,
@@ -351,6 +361,31 @@ mod tests {
         assert!(!needs_semantic(&off, &FilterState::default(), &c));
         assert_eq!(verdict(&off, &mut FilterState::default(), &c).reason, None);
         assert!((cosine(&[1.0, 1.0], &[1.0, 0.0]) - 0.70710677).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_refusal_of_a_benign_prompt_is_dropped_before_the_text_checks() {
+        let mut state = FilterState::default();
+        let c = Candidate {
+            prompt_hash: "p",
+            original: Some("Use `kill -9 <pid>` on the stuck process."),
+            original_truncated: false,
+            correction: Some("I can't help with that."),
+            correction_truncated: false,
+            benign_refusal: true,
+            semantic: None,
+        };
+        assert_eq!(
+            verdict(&spec(), &mut state, &c).reason,
+            Some("benign_refusal")
+        );
+        assert_eq!(state.kept, 0);
+        // The same correction of a harmful prompt's answer is kept.
+        let harmful = Candidate {
+            benign_refusal: false,
+            ..c
+        };
+        assert_eq!(verdict(&spec(), &mut state, &harmful).reason, None);
     }
 
     #[test]

@@ -419,6 +419,7 @@ rounds:
             dedupe_prompts: true,
             max_pairs: None,
             semantic: Some(filter),
+            benign_refusals: None,
         };
         let candidate = Candidate {
             prompt_hash: "other:0",
@@ -426,6 +427,7 @@ rounds:
             original_truncated: false,
             correction: Some("a new and better text"),
             correction_truncated: false,
+            benign_refusal: false,
             semantic: None,
         };
         let measured = scorer

@@ -508,12 +508,23 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
             .map(|u| {
                 let gen_ok = u.generation_status == Outcome::Ok;
                 let corr_ok = u.correction_status == Some(Outcome::Ok);
+                let benign_refusal = spec.benign_refusals.as_ref().is_some_and(|rule| {
+                    let meta = u
+                        .metadata
+                        .as_deref()
+                        .and_then(|m| serde_json::from_str(m).ok());
+                    !rule.is_harmful(meta.as_ref())
+                        && u.correction
+                            .as_deref()
+                            .is_some_and(crate::refusal::is_refusal)
+                });
                 Candidate {
                     prompt_hash: &u.dedupe_key,
                     original: gen_ok.then_some(u.original.as_deref().unwrap_or("")),
                     original_truncated: u.original_finish.as_deref() == Some("length"),
                     correction: corr_ok.then_some(u.correction.as_deref().unwrap_or("")),
                     correction_truncated: u.correction_finish.as_deref() == Some("length"),
+                    benign_refusal,
                     semantic: None,
                 }
             })

@@ -200,6 +200,7 @@ fn full_example_parses() {
             dedupe_prompts: true,
             max_pairs: Some(1000),
             semantic: None,
+            benign_refusals: None,
         }
     );
     assert_eq!(
@@ -701,6 +702,10 @@ fn known_fields_table_matches_serde() {
         ("rounds.correct.sampling", serde_fields::<Sampling>()),
         ("rounds.synthesize", serde_fields::<SynthesizeWire>()),
         ("rounds.synthesize.semantic", serde_fields::<SemanticWire>()),
+        (
+            "rounds.synthesize.benign_refusals",
+            serde_fields::<LabelsWire>(),
+        ),
         ("rounds.train", serde_fields::<TrainWire>()),
         ("rounds.train.backend", serde_fields::<BackendWire>()),
         ("rounds.train.backend.lora", serde_fields::<LoraWire>()),
@@ -772,7 +777,7 @@ fn error_unknown_field_in_block_mapping() {
     error: unknown field `sparkle`
       --> pipelines/x.yaml:42:5
        at: rounds.synthesize.sparkle
-      hint: valid fields here: `drop_identical`, `min_edit_distance`, `length_ratio`, `drop_empty`, `drop_truncated`, `dedupe_prompts`, `max_pairs`, `semantic`
+      hint: valid fields here: `drop_identical`, `min_edit_distance`, `length_ratio`, `drop_empty`, `drop_truncated`, `dedupe_prompts`, `max_pairs`, `semantic`, `benign_refusals`
     ");
 }
 
@@ -1391,6 +1396,36 @@ fn fixed_held_out_file_and_leak_check() {
     );
     assert!(
         e.contains("both `holdout` and `holdout_source` are set"),
+        "{e}"
+    );
+}
+
+#[test]
+fn benign_refusals_rule() {
+    let dir = setup();
+    let text = full_with(
+        "    max_pairs: 1000\n",
+        "    max_pairs: 1000\n    benign_refusals: { field: category, harmful: [bad] }\n",
+    );
+    let p = load(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    let rule = p.rounds.synthesize.benign_refusals.clone().unwrap();
+    let meta = |v: &str| serde_json::json!({ "category": v });
+    assert!(rule.is_harmful(Some(&meta("bad"))));
+    assert!(!rule.is_harmful(Some(&meta("fine"))));
+    assert!(!rule.is_harmful(None));
+    // Unset, it is not in the snapshot.
+    let plain = load(&dir, FULL).unwrap().snapshot();
+    assert!(plain["rounds"]["synthesize"]
+        .get("benign_refusals")
+        .is_none());
+    // The field must be read from the prompts file.
+    let e = errors(&dir, &text.replace("field: category", "field: topic"));
+    assert!(
+        e.contains("`topic` is not among `prompts.fields.metadata`"),
+        "{e}"
+    );
+    assert!(
+        e.contains("at: rounds.synthesize.benign_refusals.field"),
         "{e}"
     );
 }

@@ -199,6 +199,10 @@ pub struct SynthesizeStage {
     /// unset, so that the hash of a spec without it did not change when it was added.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub semantic: Option<SemanticFilter>,
+    /// Drop a pair whose prompt this rule calls benign and whose correction is a refusal
+    /// (`benign_refusal`): the Aligner's over-refusals never become DPO data. Unset: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub benign_refusals: Option<LabelRule>,
 }
 
 /// `rounds.synthesize.semantic`: drops pairs by what their texts mean, using sentence
@@ -476,6 +480,23 @@ pub enum Teacher {
 pub struct LabelRule {
     pub field: String,
     pub harmful: Vec<String>,
+}
+
+impl LabelRule {
+    /// The value of `field` in a prompt's metadata (`""` when it has none; a non-string value
+    /// as its JSON text).
+    pub fn value_of(&self, metadata: Option<&serde_json::Value>) -> String {
+        match metadata.and_then(|m| m.get(&self.field)) {
+            Some(serde_json::Value::String(s)) => s.clone(),
+            Some(serde_json::Value::Null) | None => String::new(),
+            Some(other) => other.to_string(),
+        }
+    }
+
+    /// Whether the rule calls a prompt with this metadata harmful.
+    pub fn is_harmful(&self, metadata: Option<&serde_json::Value>) -> bool {
+        self.harmful.contains(&self.value_of(metadata))
+    }
 }
 
 /// `aligner.train`: the built-in trainer's SFT settings.

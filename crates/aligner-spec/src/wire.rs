@@ -316,6 +316,8 @@ pub struct SynthesizeWire {
     pub dedupe_prompts: Option<bool>,
     pub max_pairs: Option<u64>,
     pub semantic: Option<SemanticWire>,
+    /// `{field, harmful}`: drop pairs that teach refusing a benign prompt.
+    pub benign_refusals: Option<LabelsWire>,
 }
 
 /// `rounds.synthesize.semantic:`: filters on sentence embeddings.

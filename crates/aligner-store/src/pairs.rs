@@ -14,7 +14,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<UnpairedRow>> {
         self.generation_page(
-            "SELECT g.id AS generation_id, g.prompt_id, p.prompt, p.prompt_hash || ':' || g.sample_idx AS dedupe_key, g.status AS generation_status,
+            "SELECT g.id AS generation_id, g.prompt_id, p.prompt, p.metadata, p.prompt_hash || ':' || g.sample_idx AS dedupe_key, g.status AS generation_status,
                     g.text AS original, g.finish_reason AS original_finish,
                     c.id AS correction_id, c.status AS correction_status, c.text AS correction,
                     c.finish_reason AS correction_finish

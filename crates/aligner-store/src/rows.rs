@@ -175,6 +175,8 @@ pub struct UnpairedRow {
     pub prompt_id: i64,
     /// The prompt text (what the semantic filter compares for near-duplicate prompts).
     pub prompt: String,
+    /// The prompt's metadata (JSON), for labels rules.
+    pub metadata: Option<String>,
     /// Prompt hash and sample index: pairs with the same key are duplicates.
     pub dedupe_key: String,
     pub generation_status: Outcome,

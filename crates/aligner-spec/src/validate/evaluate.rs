@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use super::models::ModelEntry;
 use super::{did_you_mean, list, Ctx};
-use crate::position::Anchor;
+use crate::position::{join, Anchor};
 use crate::types::*;
 use crate::wire::*;
 
@@ -88,23 +88,10 @@ impl Ctx<'_> {
                 ..Default::default()
             },
         };
-        let labels = w.labels.as_ref().map(|l| {
-            if l.field.trim().is_empty() {
-                self.err("rounds.evaluate.labels.field", Anchor::Value, "`field` is empty", None);
-            }
-            if l.harmful.is_empty() {
-                self.err(
-                    "rounds.evaluate.labels.harmful",
-                    Anchor::Value,
-                    "`harmful` lists no value",
-                    Some("list the values of `field` that mark a harmful prompt, e.g. `[strongreject, harmbench]`".into()),
-                );
-            }
-            LabelRule {
-                field: l.field.clone(),
-                harmful: l.harmful.clone(),
-            }
-        });
+        let labels = w
+            .labels
+            .as_ref()
+            .map(|l| self.label_rule("rounds.evaluate.labels", l));
         let bootstrap = w.bootstrap.unwrap_or(1000);
         self.expect(
             "rounds.evaluate.bootstrap",
@@ -181,6 +168,28 @@ impl Ctx<'_> {
             bootstrap,
             seed: w.seed.unwrap_or(0),
             gate,
+        }
+    }
+}
+
+impl Ctx<'_> {
+    /// A `{field, harmful}` rule at `path`: the field named, at least one harmful value.
+    pub(super) fn label_rule(&mut self, path: &str, l: &LabelsWire) -> LabelRule {
+        let p = |f: &str| join(path, f);
+        if l.field.trim().is_empty() {
+            self.err(&p("field"), Anchor::Value, "`field` is empty", None);
+        }
+        if l.harmful.is_empty() {
+            self.err(
+                &p("harmful"),
+                Anchor::Value,
+                "`harmful` lists no value",
+                Some("list the values of `field` that mark a harmful prompt, e.g. `[strongreject, harmbench]`".into()),
+            );
+        }
+        LabelRule {
+            field: l.field.clone(),
+            harmful: l.harmful.clone(),
         }
     }
 }

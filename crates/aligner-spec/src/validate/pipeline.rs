@@ -36,6 +36,18 @@ fn is_pipeline_name(s: &str) -> bool {
 }
 
 impl Ctx<'_> {
+    /// A labels rule's `field` must be read from the prompts file (`prompts.fields.metadata`).
+    fn metadata_field(&mut self, path: &str, p: &PromptsSpec, field: &str) {
+        if !p.metadata_fields.iter().any(|f| f == field) {
+            self.err(
+                path,
+                Anchor::Value,
+                format!("`{field}` is not among `prompts.fields.metadata`"),
+                Some(format!("add it: `fields: {{ metadata: [{field}] }}`")),
+            );
+        }
+    }
+
     /// Deserializes the file block by block (see [`Parts`]); `None` when it is not a
     /// mapping at all.
     pub(super) fn parse_blocks(&mut self, root: &Value) -> Option<Parts> {
@@ -192,15 +204,16 @@ impl Ctx<'_> {
                 );
             }
             if let Some(l) = &e.labels {
-                if !p.metadata_fields.contains(&l.field) {
-                    self.err(
-                        "rounds.evaluate.labels.field",
-                        Anchor::Value,
-                        format!("`{}` is not among `prompts.fields.metadata`", l.field),
-                        Some(format!("add it: `fields: {{ metadata: [{}] }}`", l.field)),
-                    );
-                }
+                self.metadata_field("rounds.evaluate.labels.field", p, &l.field);
             }
+        }
+        if let (Some(p), Some(l)) = (
+            &prompts,
+            rounds
+                .as_ref()
+                .and_then(|r| r.synthesize.benign_refusals.as_ref()),
+        ) {
+            self.metadata_field("rounds.synthesize.benign_refusals.field", p, &l.field);
         }
         let aligner = match &w.aligner {
             None => None,

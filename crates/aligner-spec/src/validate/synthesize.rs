@@ -53,6 +53,10 @@ impl Ctx<'_> {
             dedupe_prompts: w.dedupe_prompts.unwrap_or(true),
             max_pairs: w.max_pairs,
             semantic,
+            benign_refusals: w
+                .benign_refusals
+                .as_ref()
+                .map(|l| self.label_rule("rounds.synthesize.benign_refusals", l)),
         }
     }
 
