@@ -295,16 +295,11 @@ pub fn wilson_interval(k: usize, n: usize) -> Option<(f64, f64)> {
 /// A held-out prompt's value of the labels rule's field (`None` without labels).
 fn label_value(ev: &EvaluateStage, p: &HoldoutPromptRow) -> Option<String> {
     let rule = ev.labels.as_ref()?;
-    let meta: serde_json::Value = p
+    let meta: Option<serde_json::Value> = p
         .metadata
         .as_deref()
-        .and_then(|m| serde_json::from_str(m).ok())
-        .unwrap_or_default();
-    Some(match &meta[&rule.field] {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => String::new(),
-        other => other.to_string(),
-    })
+        .and_then(|m| serde_json::from_str(m).ok());
+    Some(rule.value_of(meta.as_ref()))
 }
 
 /// Whether a held-out prompt is harmful by the labels rule (`None` without labels).

@@ -53,14 +53,7 @@ fn aligner_dir(ctx: &Ctx<'_>) -> PathBuf {
 
 /// `harmful` or `benign` by the rule, from a row's metadata.
 fn label_of(rule: &LabelRule, metadata: Option<&serde_json::Value>) -> String {
-    let value = metadata
-        .and_then(|m| m.get(&rule.field))
-        .map(|v| match v {
-            serde_json::Value::String(s) => s.clone(),
-            other => other.to_string(),
-        })
-        .unwrap_or_default();
-    if rule.harmful.contains(&value) {
+    if rule.is_harmful(metadata) {
         "harmful".into()
     } else {
         "benign".into()
