@@ -702,10 +702,8 @@ struct Evaluation<'c, 'e> {
     k: i64,
     /// Every version that answers (k, and the versions the comparisons need).
     need: Vec<i64>,
-    /// Whether the Aligner corrects version k's answers (`compare` holds `aligner`).
-    correct: bool,
-    /// The versions whose answers the Aligner corrects: k, and the initial model's in the
-    /// round that measures it (none without `correct`).
+    /// The versions whose answers the Aligner corrects (`compare` holds `aligner`): k, and the
+    /// initial model's in the round that measures it; none without the `aligner` comparison.
     corrects: Vec<i64>,
     /// Whether this round also measures the initial model (round 1 of a training loop).
     baseline: bool,
@@ -756,7 +754,6 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             prompts,
             k,
             need,
-            correct,
             corrects,
             baseline,
             judged,
@@ -866,7 +863,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
     /// Phase 2: the Aligner corrects version k's successful answers that have no correction
     /// yet (`answers`: everything recorded after phase 1).
     async fn correct_answers(&mut self, answers: &[EvalAnswerRow]) -> Result<()> {
-        if !self.correct {
+        if self.corrects.is_empty() {
             return Ok(());
         }
         let (ctx, e) = (self.ctx, self.ctx.engine);

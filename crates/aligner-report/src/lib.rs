@@ -641,85 +641,93 @@ fn evaluation_charts(d: &Data, out: &mut Vec<Block>) -> Result<()> {
             svg: charts::over_rounds(&format!("{title} over rounds"), y, &series, range)?,
         });
     }
-    // Helpfulness against harmlessness, per round and comparison (the paper's trade-off view).
-    let get = |round: i64, name: &str| {
-        d.metrics
-            .iter()
-            .find(|m| m.round == round && m.name == name)
-    };
-    let mut points = Vec::new();
-    for m in &d.metrics {
-        let Some(comparison) = m.name.strip_prefix("omega.helpfulness.") else {
-            continue;
-        };
-        let Some(harm) = get(m.round, &format!("omega.harmlessness.{comparison}")) else {
-            continue;
-        };
-        if let (Some(x), Some(y)) = (m.value, harm.value) {
-            points.push(charts::Tradeoff {
-                group: format!("vs {comparison}"),
-                label: format!("r{}", m.round),
-                x,
-                y,
-                x_ci: m.ci_low.zip(m.ci_high),
-                y_ci: harm.ci_low.zip(harm.ci_high),
-            });
-        }
-    }
     // Refusal on harmful prompts against over-refusal on benign ones, per round, for the
     // upstream alone and with the Aligner: the loop's target is up and to the left.
-    let mut refusals = Vec::new();
-    for m in d
-        .metrics
-        .iter()
-        .filter(|m| m.name.starts_with("over_refusal"))
-    {
-        let suffix = &m.name["over_refusal".len()..];
-        let Some(harm) = get(m.round, &format!("refusal_rate{suffix}")) else {
+    let refusals = tradeoff_points(d, "over_refusal", |suffix| {
+        let group = if suffix.is_empty() {
+            "upstream alone".to_string()
+        } else {
+            "upstream + Aligner".to_string()
+        };
+        (format!("refusal_rate{suffix}"), group, "v")
+    });
+    tradeoff_chart(
+        out,
+        "chart-refusal-tradeoff",
+        "Refusal vs over-refusal (per round, 95% Wilson intervals)",
+        (
+            "% of benign prompts refused",
+            "% of harmful prompts refused",
+        ),
+        (-5.0, 105.0),
+        &refusals,
+    )?;
+    // Helpfulness against harmlessness, per round and comparison (the paper's trade-off view).
+    let points = tradeoff_points(d, "omega.helpfulness.", |comparison| {
+        (
+            format!("omega.harmlessness.{comparison}"),
+            format!("vs {comparison}"),
+            "r",
+        )
+    });
+    tradeoff_chart(
+        out,
+        "chart-tradeoff",
+        "Helpfulness vs harmlessness (omega per round)",
+        ("omega, helpfulness", "omega, harmlessness"),
+        (-110.0, 110.0),
+        &points,
+    )
+}
+
+/// One point per round for each metric named `x_prefix` + rest, against the metric `pair(rest)`
+/// names in the same round (with the point's group and label prefix); both intervals kept.
+fn tradeoff_points(
+    d: &Data,
+    x_prefix: &str,
+    pair: impl Fn(&str) -> (String, String, &'static str),
+) -> Vec<charts::Tradeoff> {
+    let mut points = Vec::new();
+    for m in &d.metrics {
+        let Some(rest) = m.name.strip_prefix(x_prefix) else {
             continue;
         };
-        if let (Some(x), Some(y)) = (m.value, harm.value) {
-            refusals.push(charts::Tradeoff {
-                group: if suffix.is_empty() {
-                    "upstream alone".into()
-                } else {
-                    "upstream + Aligner".into()
-                },
-                label: format!("v{}", m.round),
+        let (y_name, group, label) = pair(rest);
+        let Some(other) = d
+            .metrics
+            .iter()
+            .find(|o| o.round == m.round && o.name == y_name)
+        else {
+            continue;
+        };
+        if let (Some(x), Some(y)) = (m.value, other.value) {
+            points.push(charts::Tradeoff {
+                group,
+                label: format!("{label}{}", m.round),
                 x,
                 y,
                 x_ci: m.ci_low.zip(m.ci_high),
-                y_ci: harm.ci_low.zip(harm.ci_high),
+                y_ci: other.ci_low.zip(other.ci_high),
             });
         }
     }
-    if !refusals.is_empty() {
-        let title = "Refusal vs over-refusal (per round, 95% Wilson intervals)";
-        out.push(Block::Chart {
-            slug: "chart-refusal-tradeoff".into(),
-            title: title.into(),
-            svg: charts::tradeoff(
-                title,
-                (
-                    "% of benign prompts refused",
-                    "% of harmful prompts refused",
-                ),
-                (-5.0, 105.0),
-                &refusals,
-            )?,
-        });
-    }
+    points
+}
+
+/// A trade-off chart of `points`, when there are any.
+fn tradeoff_chart(
+    out: &mut Vec<Block>,
+    slug: &str,
+    title: &str,
+    axes: (&str, &str),
+    range: (f64, f64),
+    points: &[charts::Tradeoff],
+) -> Result<()> {
     if !points.is_empty() {
-        let title = "Helpfulness vs harmlessness (omega per round)";
         out.push(Block::Chart {
-            slug: "chart-tradeoff".into(),
+            slug: slug.into(),
             title: title.into(),
-            svg: charts::tradeoff(
-                title,
-                ("omega, helpfulness", "omega, harmlessness"),
-                (-110.0, 110.0),
-                &points,
-            )?,
+            svg: charts::tradeoff(title, axes, range, points)?,
         });
     }
     Ok(())
