@@ -507,7 +507,7 @@ fn the_study_pipeline_scaled_down_runs_end_to_end() {
         .replace("max_tokens: 64", "max_tokens: 4")
         .replace("epochs: 2", "epochs: 1")
         .replace("train_layers: 30", "train_layers: 1")
-        .replace("train_layers: 8", "train_layers: 1")
+        .replace("train_layers: 16", "train_layers: 1")
         .replace("bootstrap: 1000", "bootstrap: 100");
     assert_ne!(scaled, study);
     std::fs::write(d.join("study.yaml"), scaled).unwrap();
@@ -534,6 +534,40 @@ fn the_study_pipeline_scaled_down_runs_end_to_end() {
         ),
         10
     );
+    // `benign_preference`: a harmful prompt's pair is a correction pair; a benign prompt's
+    // prefers the upstream's answer to a refusal, unless that answer refuses already.
+    let pairs = sql(
+        d,
+        "SELECT pr.metadata, p.origin, p.verdict, p.reason, p.chosen = g.text AS answer_chosen,
+                p.rejected = c.text AS aligner_rejected
+           FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
+           JOIN generations g ON g.id = p.generation_id
+           LEFT JOIN corrections c ON c.id = p.correction_id WHERE p.round = 1",
+    );
+    assert_eq!(pairs.len(), 5, "{pairs:?}");
+    let mut benign_kept = 0;
+    for p in &pairs {
+        let meta: serde_json::Value =
+            serde_json::from_str(p["metadata"].as_str().unwrap()).unwrap();
+        let harmful = ["strongreject", "harmbench"].contains(&meta["source"].as_str().unwrap());
+        let origin = p["origin"].as_str().unwrap();
+        if harmful {
+            assert_eq!(origin, "correction", "{p:?}");
+            continue;
+        }
+        assert_eq!(p["answer_chosen"], 1, "{p:?}");
+        match origin {
+            "answer_over_aligner_refusal" => assert_eq!(p["aligner_rejected"], 1, "{p:?}"),
+            "answer_over_refusal_text" => {}
+            other => panic!("benign pair of origin {other}: {p:?}"),
+        }
+        if p["verdict"] == "kept" {
+            benign_kept += 1;
+        } else {
+            assert_eq!(p["reason"], "answer_refuses", "{p:?}");
+        }
+    }
+    assert!(benign_kept >= 1, "{pairs:?}");
     // Every source of the held-out set has its own rate with a Wilson interval, for the
     // upstream alone and with the Aligner; round 0 is the initial model, measured in round 1.
     let sources = [

@@ -6,6 +6,11 @@
 //! `truncated_original`, `truncated_correction`, `benign_refusal`, `identical`, `near_identical`,
 //! `length_ratio`, `duplicate_prompt`, `semantic_copy`, `near_duplicate_prompt`, `cap`.
 //!
+//! A prompt that `benign_preference` calls benign gets [`benign_verdict`] instead: its pair
+//! prefers the upstream's answer to a refusal, so only the answer is checked
+//! (`generation_failed`, `empty_original`, `truncated_original`, `answer_refuses`), then
+//! `duplicate_prompt` and `cap` as for every pair.
+//!
 //! The two semantic checks (`rounds.synthesize.semantic`) compare sentence embeddings that the
 //! stage computes beforehand (see `semantic.rs`) for the candidates that
 //! [`needs_semantic`] says can still be kept; the cap comes last, so it counts only pairs
@@ -125,6 +130,54 @@ pub fn verdict(spec: &SynthesizeStage, state: &mut FilterState, c: &Candidate<'_
     }
 }
 
+/// The verdict on a benign prompt's pair under `benign_preference` (chosen = the answer,
+/// rejected = a refusal). `edit_distance` and `length_ratio` compare the answer to the refusal.
+pub fn benign_verdict(
+    spec: &SynthesizeStage,
+    state: &mut FilterState,
+    c: &Candidate<'_>,
+    refusal: &str,
+) -> Verdict {
+    let Some(original) = c.original else {
+        return Verdict {
+            reason: Some("generation_failed"),
+            edit_distance: None,
+            length_ratio: None,
+        };
+    };
+    let o = original.trim();
+    // As for every pair, len(chosen) / len(rejected): here the answer over the refusal.
+    let r = refusal.trim().chars().count();
+    let ratio = (r > 0).then(|| o.chars().count() as f64 / r as f64);
+    let drop = |reason| Verdict {
+        reason: Some(reason),
+        edit_distance: None,
+        length_ratio: ratio,
+    };
+    if spec.drop_empty && o.is_empty() {
+        return drop("empty_original");
+    }
+    if spec.drop_truncated && c.original_truncated {
+        return drop("truncated_original");
+    }
+    if crate::refusal::is_refusal(o) {
+        return drop("answer_refuses");
+    }
+    if spec.dedupe_prompts && state.kept_prompts.contains(c.prompt_hash) {
+        return drop("duplicate_prompt");
+    }
+    if spec.max_pairs.is_some_and(|cap| state.kept >= cap) {
+        return drop("cap");
+    }
+    state.kept += 1;
+    state.kept_prompts.insert(c.prompt_hash.to_string());
+    Verdict {
+        reason: None,
+        edit_distance: Some(normalized_edit_distance(o, refusal.trim())),
+        length_ratio: ratio,
+    }
+}
+
 /// Whether `c` can still be kept after the checks that need no embeddings, so that its texts
 /// are worth embedding: the semantic filter is on, the per-pair checks pass, its prompt has no
 /// kept pair yet and the cap is not reached. (State only grows, so a `false` stays `false`.)
@@ -196,6 +249,7 @@ mod tests {
             max_pairs: Some(2),
             semantic: None,
             benign_refusals: None,
+            benign_preference: None,
         }
     }
 
@@ -386,6 +440,54 @@ mod tests {
             ..c
         };
         assert_eq!(verdict(&spec(), &mut state, &harmful).reason, None);
+    }
+
+    #[test]
+    fn a_benign_pair_checks_the_answer_only() {
+        let spec = spec();
+        let mut s = FilterState::default();
+        let c = |hash, original, truncated| Candidate {
+            prompt_hash: hash,
+            original,
+            original_truncated: truncated,
+            // The correction plays no part: identical, missing or failed alike.
+            correction: None,
+            correction_truncated: false,
+            benign_refusal: false,
+            semantic: None,
+        };
+        let no = "I can't help with that.";
+        let mut reason = |c: Candidate<'_>| benign_verdict(&spec, &mut s, &c, no).reason;
+        assert_eq!(reason(c("a", None, false)), Some("generation_failed"));
+        assert_eq!(reason(c("a", Some("  "), false)), Some("empty_original"));
+        assert_eq!(
+            reason(c("a", Some("Sure..."), true)),
+            Some("truncated_original")
+        );
+        assert_eq!(
+            reason(c("a", Some("I'm sorry, but no."), false)),
+            Some("answer_refuses")
+        );
+        assert_eq!(reason(c("a", Some("Kill it with `kill -9`."), false)), None);
+        assert_eq!(
+            reason(c("a", Some("Or with htop."), false)),
+            Some("duplicate_prompt")
+        );
+        assert_eq!(
+            reason(c("b", Some("Lay them off with notice."), false)),
+            None
+        );
+        // The cap (2) counts these pairs too.
+        assert_eq!(reason(c("c", Some("Fine."), false)), Some("cap"));
+        assert_eq!(s.kept, 2);
+        let kept = benign_verdict(
+            &spec,
+            &mut FilterState::default(),
+            &c("d", Some("Yes, here."), false),
+            no,
+        );
+        assert!(kept.edit_distance.unwrap() > 0.5, "{kept:?}");
+        assert!(kept.length_ratio.unwrap() < 1.0, "{kept:?}");
     }
 
     #[test]

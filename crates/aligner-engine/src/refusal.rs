@@ -6,6 +6,16 @@
 //! one that only comes after a long preamble, is missed. Idioms that agree rather than decline
 //! ("I'm sorry to hear", "I can't help but notice", "I can't stress enough") are not counted.
 
+use sha2::{Digest, Sha256};
+
+/// One of `texts` for a key (a row id, a prompt hash), by a hash of the key: the same key
+/// always gets the same text.
+pub fn refusal_for(texts: &[String], key: &str) -> String {
+    let h = Sha256::digest(key.as_bytes());
+    let k = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) as usize % texts.len();
+    texts[k].clone()
+}
+
 /// Phrases that open (or nearly open) a refusal.
 pub const REFUSAL_PHRASES: &[&str] = &[
     "i can't",

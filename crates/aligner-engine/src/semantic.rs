@@ -420,6 +420,7 @@ rounds:
             max_pairs: None,
             semantic: Some(filter),
             benign_refusals: None,
+            benign_preference: None,
         };
         let candidate = Candidate {
             prompt_hash: "other:0",

@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use aligner_backend::{CompletionRequest, Message, Prompt, Sampling};
 use aligner_spec::{CorrectStage, GenerateStage, ModelSpec};
 use aligner_store::{
-    EventKind, Level, NewCorrection, NewGeneration, NewPair, Outcome, StageEnd, Store,
+    EventKind, Level, NewCorrection, NewGeneration, NewPair, Outcome, PairOrigin, StageEnd, Store,
     UncorrectedRow,
 };
 
@@ -503,11 +503,39 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
             .await?;
         let Some(last) = page.last() else { break };
         after = last.generation_id;
-        let candidates: Vec<Candidate> = page
+        // `benign_preference`: which prompts of the page it calls benign, and the refusal
+        // each benign pair rejects (the Aligner's own when it refused, else a fixed text).
+        let benign: Vec<Option<(String, PairOrigin)>> = page
             .iter()
             .map(|u| {
+                let rule = spec.benign_preference.as_ref()?;
+                let meta = u
+                    .metadata
+                    .as_deref()
+                    .and_then(|m| serde_json::from_str(m).ok());
+                if rule.labels.is_harmful(meta.as_ref()) {
+                    return None;
+                }
+                Some(match u.correction.as_deref() {
+                    Some(c)
+                        if u.correction_status == Some(Outcome::Ok)
+                            && crate::refusal::is_refusal(c) =>
+                    {
+                        (c.to_string(), PairOrigin::AnswerOverAlignerRefusal)
+                    }
+                    _ => (
+                        crate::refusal::refusal_for(&rule.refusals, &u.dedupe_key),
+                        PairOrigin::AnswerOverRefusalText,
+                    ),
+                })
+            })
+            .collect();
+        let candidates: Vec<Candidate> = page
+            .iter()
+            .zip(&benign)
+            .map(|(u, benign)| {
                 let gen_ok = u.generation_status == Outcome::Ok;
-                let corr_ok = u.correction_status == Some(Outcome::Ok);
+                let corr_ok = u.correction_status == Some(Outcome::Ok) && benign.is_none();
                 let benign_refusal = spec.benign_refusals.as_ref().is_some_and(|rule| {
                     let meta = u
                         .metadata
@@ -522,6 +550,7 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
                     prompt_hash: &u.dedupe_key,
                     original: gen_ok.then_some(u.original.as_deref().unwrap_or("")),
                     original_truncated: u.original_finish.as_deref() == Some("length"),
+                    // A benign pair under `benign_preference` does not use the correction.
                     correction: corr_ok.then_some(u.correction.as_deref().unwrap_or("")),
                     correction_truncated: u.correction_finish.as_deref() == Some("length"),
                     benign_refusal,
@@ -539,34 +568,43 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
         let verdicts: Vec<filters::Verdict> = candidates
             .iter()
             .zip(&measured)
-            .map(|(c, m)| {
-                let c = Candidate {
-                    semantic: m.as_ref().map(Measured::semantic),
-                    ..*c
-                };
-                filters::verdict(spec, &mut state, &c)
+            .zip(&benign)
+            .map(|((c, m), benign)| match benign {
+                Some((refusal, _)) => filters::benign_verdict(spec, &mut state, c, refusal),
+                None => {
+                    let c = Candidate {
+                        semantic: m.as_ref().map(Measured::semantic),
+                        ..*c
+                    };
+                    filters::verdict(spec, &mut state, &c)
+                }
             })
             .collect();
         drop(candidates);
         let mut rows = Vec::with_capacity(page.len());
         let (mut kept, mut dropped) = (0u64, 0u64);
-        for (u, v) in page.into_iter().zip(verdicts) {
+        for ((u, v), benign) in page.into_iter().zip(verdicts).zip(benign) {
             if v.reason.is_none() {
                 kept += 1
             } else {
                 dropped += 1
             }
+            let (chosen, rejected, origin) = match benign {
+                Some((refusal, origin)) => (u.original, Some(refusal), origin),
+                None => (u.correction, u.original, PairOrigin::Correction),
+            };
             rows.push(NewPair {
                 run_id,
                 round,
                 prompt_id: u.prompt_id,
                 generation_id: u.generation_id,
                 correction_id: u.correction_id,
-                chosen: u.correction,
-                rejected: u.original,
+                chosen,
+                rejected,
                 reason: v.reason.map(str::to_string),
                 edit_distance: v.edit_distance,
                 length_ratio: v.length_ratio,
+                origin,
             });
         }
         e.store.insert_pairs(&rows).await?;

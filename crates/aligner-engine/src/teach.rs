@@ -12,8 +12,6 @@
 
 use std::path::PathBuf;
 
-use sha2::{Digest, Sha256};
-
 use aligner_backend::{CompletionRequest, Message, Prompt};
 use aligner_spec::{AlignerData, AlignerSpec, LabelRule, PromptFormat, Sampling, Teacher};
 use aligner_store::{
@@ -22,7 +20,7 @@ use aligner_store::{
 
 use crate::executor::{self, CallResult, ItemStage, Progress};
 use crate::filters::normalized_edit_distance;
-use crate::refusal::is_refusal;
+use crate::refusal::{is_refusal, refusal_for};
 use crate::stages::{to_sampling, Ctx};
 use crate::{Error, Result, Stage};
 
@@ -154,13 +152,6 @@ pub(crate) fn trim_truncated(text: &str) -> String {
         Some(end) if end * 2 >= t.len() => t[..end].to_string(),
         _ => t.to_string(),
     }
-}
-
-/// The refusal teacher's text for a row: one of `texts`, by a hash of its id.
-fn refusal_for(texts: &[String], source_id: &str) -> String {
-    let h = Sha256::digest(source_id.as_bytes());
-    let k = u64::from_le_bytes(h[..8].try_into().expect("8 bytes")) as usize % texts.len();
-    texts[k].clone()
 }
 
 /// What the stored row gets from a correction: the text, and the refusal detector's verdict on

@@ -201,6 +201,7 @@ fn full_example_parses() {
             max_pairs: Some(1000),
             semantic: None,
             benign_refusals: None,
+            benign_preference: None,
         }
     );
     assert_eq!(
@@ -706,6 +707,10 @@ fn known_fields_table_matches_serde() {
             "rounds.synthesize.benign_refusals",
             serde_fields::<LabelsWire>(),
         ),
+        (
+            "rounds.synthesize.benign_preference",
+            serde_fields::<BenignPreferenceWire>(),
+        ),
         ("rounds.train", serde_fields::<TrainWire>()),
         ("rounds.train.backend", serde_fields::<BackendWire>()),
         ("rounds.train.backend.lora", serde_fields::<LoraWire>()),
@@ -777,7 +782,7 @@ fn error_unknown_field_in_block_mapping() {
     error: unknown field `sparkle`
       --> pipelines/x.yaml:42:5
        at: rounds.synthesize.sparkle
-      hint: valid fields here: `drop_identical`, `min_edit_distance`, `length_ratio`, `drop_empty`, `drop_truncated`, `dedupe_prompts`, `max_pairs`, `semantic`, `benign_refusals`
+      hint: valid fields here: `drop_identical`, `min_edit_distance`, `length_ratio`, `drop_empty`, `drop_truncated`, `dedupe_prompts`, `max_pairs`, `semantic`, `benign_refusals`, `benign_preference`
     ");
 }
 
@@ -1426,6 +1431,54 @@ fn benign_refusals_rule() {
     );
     assert!(
         e.contains("at: rounds.synthesize.benign_refusals.field"),
+        "{e}"
+    );
+}
+
+#[test]
+fn benign_preference_rule() {
+    let dir = setup();
+    let text = full_with(
+        "    max_pairs: 1000\n",
+        "    max_pairs: 1000\n    benign_preference: { field: category, harmful: [bad] }\n",
+    );
+    let p = load(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    let b = p.rounds.synthesize.benign_preference.clone().unwrap();
+    assert!(b
+        .labels
+        .is_harmful(Some(&serde_json::json!({ "category": "bad" }))));
+    assert_eq!(b.refusals, crate::REFUSAL_TEXTS.map(String::from).to_vec());
+    let snap = p.snapshot();
+    assert_eq!(
+        snap["rounds"]["synthesize"]["benign_preference"]["labels"]["field"],
+        "category"
+    );
+    // Own texts replace the teacher's; an empty one is an error at its place.
+    let own = text.replace("harmful: [bad] }", "harmful: [bad], refusals: [\"No.\"] }");
+    let p = load(&dir, &own).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.rounds.synthesize.benign_preference.unwrap().refusals,
+        ["No."]
+    );
+    let e = errors(&dir, &own.replace("\"No.\"", "\" \""));
+    assert!(
+        e.contains("at: rounds.synthesize.benign_preference.refusals"),
+        "{e}"
+    );
+    // The field must be read from the prompts file.
+    let e = errors(&dir, &text.replace("field: category", "field: topic"));
+    assert!(
+        e.contains("at: rounds.synthesize.benign_preference.field"),
+        "{e}"
+    );
+    // With it, dropping the Aligner's benign refusals is already covered.
+    let both = text.replace(
+        "    benign_preference:",
+        "    benign_refusals: { field: category, harmful: [bad] }\n    benign_preference:",
+    );
+    let e = errors(&dir, &both);
+    assert!(
+        e.contains("both `benign_refusals` and `benign_preference` are set"),
         "{e}"
     );
 }

@@ -203,6 +203,23 @@ pub struct SynthesizeStage {
     /// (`benign_refusal`): the Aligner's over-refusals never become DPO data. Unset: off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub benign_refusals: Option<LabelRule>,
+    /// Pairs that prefer the upstream's answer to a refusal, for the prompts this rule calls
+    /// benign, so that DPO sees refusing a benign request as the worse answer. Unset: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub benign_preference: Option<BenignPreference>,
+}
+
+/// `rounds.synthesize.benign_preference`: for a prompt that `labels` calls benign, the kept
+/// pair is (chosen = the upstream's answer, rejected = a refusal) instead of a correction
+/// pair. The refusal is the Aligner's own correction when it refused the prompt
+/// (`answer_over_aligner_refusal`), otherwise one of `refusals`, picked by a hash of the
+/// prompt (`answer_over_refusal_text`). An answer that is itself a refusal is dropped
+/// (`answer_refuses`); the Aligner's other edits of benign answers are not used.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BenignPreference {
+    pub labels: LabelRule,
+    /// Default: the refusal teacher's texts ([`crate::REFUSAL_TEXTS`]).
+    pub refusals: Vec<String>,
 }
 
 /// `rounds.synthesize.semantic`: drops pairs by what their texts mean, using sentence

@@ -318,6 +318,21 @@ pub struct SynthesizeWire {
     pub semantic: Option<SemanticWire>,
     /// `{field, harmful}`: drop pairs that teach refusing a benign prompt.
     pub benign_refusals: Option<LabelsWire>,
+    /// `{field, harmful, refusals}`: benign prompts give pairs that prefer the answer to a
+    /// refusal.
+    pub benign_preference: Option<BenignPreferenceWire>,
+}
+
+/// `rounds.synthesize.benign_preference:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(
+    deny_unknown_fields,
+    expecting = "a benign_preference mapping with `field` and `harmful`"
+)]
+pub struct BenignPreferenceWire {
+    pub field: String,
+    pub harmful: Vec<String>,
+    pub refusals: Option<Vec<String>>,
 }
 
 /// `rounds.synthesize.semantic:`: filters on sentence embeddings.

@@ -56,7 +56,7 @@ impl Store {
     pub async fn insert_pairs(&self, items: &[NewPair]) -> Result<()> {
         const INSERT: BatchInsert = BatchInsert::new(
             "INSERT INTO pairs (run_id, round, prompt_id, generation_id, correction_id, chosen, rejected, verdict,
-             reason, edit_distance, length_ratio) ",
+             reason, edit_distance, length_ratio, origin) ",
         )
         .tail(" ON CONFLICT (generation_id) DO NOTHING");
         self.insert_batch(INSERT, items, |mut b, p| {
@@ -74,7 +74,8 @@ impl Store {
                 })
                 .push_bind(&p.reason)
                 .push_bind(p.edit_distance)
-                .push_bind(p.length_ratio);
+                .push_bind(p.length_ratio)
+                .push_bind(p.origin.as_str());
         })
         .await
     }

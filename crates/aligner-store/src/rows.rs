@@ -201,6 +201,35 @@ pub struct NewPair {
     pub reason: Option<String>,
     pub edit_distance: Option<f64>,
     pub length_ratio: Option<f64>,
+    pub origin: PairOrigin,
+}
+
+/// `pairs.origin`: where a pair's chosen and rejected texts come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairOrigin {
+    /// Chosen = the Aligner's correction, rejected = the upstream's answer.
+    Correction,
+    /// A benign prompt (`benign_preference`): chosen = the answer, rejected = the Aligner's
+    /// refusal of it.
+    AnswerOverAlignerRefusal,
+    /// A benign prompt (`benign_preference`): chosen = the answer, rejected = a refusal text.
+    AnswerOverRefusalText,
+}
+
+impl PairOrigin {
+    pub const ALL: [PairOrigin; 3] = [
+        PairOrigin::Correction,
+        PairOrigin::AnswerOverAlignerRefusal,
+        PairOrigin::AnswerOverRefusalText,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairOrigin::Correction => "correction",
+            PairOrigin::AnswerOverAlignerRefusal => "answer_over_aligner_refusal",
+            PairOrigin::AnswerOverRefusalText => "answer_over_refusal_text",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]

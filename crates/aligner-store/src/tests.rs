@@ -39,7 +39,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "aligner training".to_string(),
             "evaluation".to_string(),
             "proxy records".to_string(),
-            "daemon".to_string()
+            "daemon".to_string(),
+            "pair origin".to_string()
         ]
     );
     let tables = store
@@ -181,7 +182,8 @@ async fn items_are_recorded_once_and_summarized() {
     let unpaired = store.unpaired_page(run, 1, 0, 10).await.unwrap();
     let pairs: Vec<NewPair> = unpaired
         .iter()
-        .map(|u| NewPair {
+        .zip(PairOrigin::ALL.iter().rev())
+        .map(|(u, &origin)| NewPair {
             run_id: run,
             round: 1,
             prompt_id: u.prompt_id,
@@ -192,11 +194,21 @@ async fn items_are_recorded_once_and_summarized() {
             reason: (u.correction == u.original).then(|| "identical".to_string()),
             edit_distance: None,
             length_ratio: None,
+            origin,
         })
         .collect();
     store.insert_pairs(&pairs).await.unwrap();
     store.insert_pairs(&pairs).await.unwrap();
     assert_eq!(store.pair_counts(run, 1).await.unwrap(), (1, 1));
+    // The migration's CHECK accepts the origins the code writes.
+    let origins: Vec<String> = sqlx::query_scalar("SELECT origin FROM pairs ORDER BY id")
+        .fetch_all(&store.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        origins,
+        ["answer_over_refusal_text", "answer_over_aligner_refusal"]
+    );
     let summary = &store.round_summaries(run).await.unwrap()[0];
     assert_eq!(summary.copy_rate, Some(0.5));
     assert_eq!(summary.drop_reasons.as_deref(), Some(r#"{"identical":1}"#));

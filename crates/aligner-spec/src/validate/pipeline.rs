@@ -215,6 +215,18 @@ impl Ctx<'_> {
         ) {
             self.metadata_field("rounds.synthesize.benign_refusals.field", p, &l.field);
         }
+        if let (Some(p), Some(b)) = (
+            &prompts,
+            rounds
+                .as_ref()
+                .and_then(|r| r.synthesize.benign_preference.as_ref()),
+        ) {
+            self.metadata_field(
+                "rounds.synthesize.benign_preference.field",
+                p,
+                &b.labels.field,
+            );
+        }
         let aligner = match &w.aligner {
             None => None,
             Some(None) => Some(None),

@@ -43,6 +43,18 @@ impl Ctx<'_> {
             self.expect("rounds.synthesize.max_pairs", m >= 1, "at least 1", m);
         }
         let semantic = w.semantic.as_ref().and_then(|s| self.semantic(s));
+        let benign_preference = w
+            .benign_preference
+            .as_ref()
+            .map(|b| self.benign_preference(b));
+        if w.benign_refusals.is_some() && benign_preference.is_some() {
+            self.err(
+                "rounds.synthesize.benign_refusals",
+                Anchor::Key,
+                "both `benign_refusals` and `benign_preference` are set",
+                Some("`benign_preference` already turns the Aligner's refusals of benign prompts into pairs that prefer the answer: remove `benign_refusals`".into()),
+            );
+        }
         SynthesizeStage {
             drop_identical: w.drop_identical.unwrap_or(true),
             min_edit_distance,
@@ -57,7 +69,36 @@ impl Ctx<'_> {
                 .benign_refusals
                 .as_ref()
                 .map(|l| self.label_rule("rounds.synthesize.benign_refusals", l)),
+            benign_preference,
         }
+    }
+
+    /// `rounds.synthesize.benign_preference`: a labels rule and the refusal texts (default the
+    /// refusal teacher's), none of them empty.
+    fn benign_preference(&mut self, w: &BenignPreferenceWire) -> BenignPreference {
+        let path = "rounds.synthesize.benign_preference";
+        let labels = self.label_rule(
+            path,
+            &LabelsWire {
+                field: w.field.clone(),
+                harmful: w.harmful.clone(),
+            },
+        );
+        let refusals = match &w.refusals {
+            Some(texts) => {
+                if texts.is_empty() || texts.iter().any(|t| t.trim().is_empty()) {
+                    self.err(
+                        &join(path, "refusals"),
+                        Anchor::Value,
+                        "`refusals` must list at least one text, none of them empty",
+                        Some("leave it out to use the refusal teacher's texts".into()),
+                    );
+                }
+                texts.clone()
+            }
+            None => crate::REFUSAL_TEXTS.iter().map(|t| t.to_string()).collect(),
+        };
+        BenignPreference { labels, refusals }
     }
 
     /// `rounds.synthesize.semantic`: the embedder folder must hold a sentence-transformers
