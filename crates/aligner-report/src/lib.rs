@@ -398,6 +398,11 @@ fn family(name: &str) -> (String, String, &'static str) {
             ("refusals".into(), "Refusals".into(), "% of prompts")
         }
         Some("length") => ("length".into(), "Answer length".into(), "characters"),
+        Some("changed") => (
+            "changed".into(),
+            "Benign answers changed from the initial model (95% interval)".into(),
+            "% of benign prompts",
+        ),
         Some("degenerate" | "copy_rate") => (
             "degenerate".into(),
             "Degenerate outputs and copies".into(),
@@ -1418,6 +1423,7 @@ mod tests {
         assert_eq!(family("omega.helpfulness.aligner").0, "omega-helpfulness");
         assert_eq!(family("omega.harmlessness.initial").0, "omega-harmlessness");
         assert_eq!(family("over_refusal.aligner").0, "refusals");
+        assert_eq!(family("changed.benign.refuses_now").0, "changed");
         assert_eq!(family("length.median").0, "length");
         assert_eq!(family("degenerate.truncated.aligner").0, "degenerate");
         assert_eq!(family("copy_rate").0, "degenerate");
