@@ -658,6 +658,26 @@ fn proxy_option_combinations_are_checked() {
             &["serve", "--upstream", up, "--aligner", "models/absent.gguf"],
             "`models/absent.gguf` does not exist",
         ),
+        // Beyond loopback, a server needs keys: it never lends the upstream's key to anyone.
+        (
+            &[
+                "serve",
+                "--upstream",
+                up,
+                "--aligner-url",
+                up,
+                "--aligner-model",
+                "a",
+                "--host",
+                "0.0.0.0",
+            ],
+            "`--host 0.0.0.0` puts the correction proxy on the network with no API key",
+        ),
+        (
+            &["serve", "m.gguf", "--host", "0.0.0.0"],
+            "`--host 0.0.0.0` puts this model server on the network",
+        ),
+        (&["serve", "m.gguf", "--api-key", ""], "an API key is empty"),
     ];
     for (args, want) in cases {
         let o = run(args, d);
@@ -683,11 +703,12 @@ fn proxy_answers_the_openai_python_client() {
             "--aligner-model",
             "mock-aligner",
         ],
-        &[],
+        &[("ALIGNER_API_KEYS", "first-key,e2e-proxy-key")],
     );
     let out = Command::new("python3")
         .arg(repo().join("tests/python/test_proxy_openai.py"))
         .env("ALIGNER_PROXY_BASE_URL", &p.url)
+        .env("ALIGNER_PROXY_API_KEY", "e2e-proxy-key")
         .output()
         .expect("python3 runs");
     assert!(

@@ -7,6 +7,8 @@ with the upstream's original answer in the `aligner_original` extension field.
 The Rust test runs it against a proxy whose upstream and Aligner are the loopback test server
 (upstream model `mock-upstream`, Aligner `mock-aligner`), whose answers are predictable:
 the upstream says "answer: <question>", the Aligner "I corrected this: <answer>".
+The proxy requires the key in ALIGNER_PROXY_API_KEY (it is started with ALIGNER_API_KEYS):
+the client sends it as a bearer token, and a client with another key gets a 401.
 Needs `python3 -m pip install openai`.
 """
 import os
@@ -17,7 +19,9 @@ import openai
 
 BASE_URL = os.environ.get("ALIGNER_PROXY_BASE_URL", "")
 
-client = openai.OpenAI(base_url=BASE_URL, api_key="not-checked", max_retries=0, timeout=60)
+API_KEY = os.environ.get("ALIGNER_PROXY_API_KEY", "")
+
+client = openai.OpenAI(base_url=BASE_URL, api_key=API_KEY or "not-checked", max_retries=0, timeout=60)
 
 QUESTION = "What is the boiling point of water?"
 ORIGINAL = "answer: " + QUESTION
@@ -29,6 +33,14 @@ MESSAGES = [
 
 
 class ProxyOpenAI(unittest.TestCase):
+    @unittest.skipUnless(API_KEY, "the proxy runs without keys")
+    def test_another_key_is_refused(self):
+        other = openai.OpenAI(base_url=BASE_URL, api_key="not-" + API_KEY, max_retries=0, timeout=60)
+        with self.assertRaises(openai.AuthenticationError) as caught:
+            other.chat.completions.create(model="m", messages=MESSAGES)
+        self.assertEqual(caught.exception.status_code, 401)
+        self.assertEqual(caught.exception.code, "invalid_api_key")
+
     def test_whole_answer(self):
         r = client.chat.completions.create(model="anything", messages=MESSAGES, temperature=0)
         self.assertTrue(r.id.startswith("chatcmpl-"), r.id)

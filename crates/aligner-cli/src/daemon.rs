@@ -91,7 +91,7 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
     } else {
         args.token.path().display().to_string()
     };
-    if !is_loopback(&args.host) {
+    if !aligner_server::auth::is_loopback(&args.host) {
         eprintln!(
             "warning: listening on {} exposes the API beyond this machine; every request still needs the token",
             args.host
@@ -136,13 +136,6 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
     .await?;
     println!("aligner daemon stopped");
     Ok(())
-}
-
-fn is_loopback(host: &str) -> bool {
-    host == "localhost"
-        || host
-            .parse::<std::net::IpAddr>()
-            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// `aligner submit FILE`: queue on a daemon, or run here when none is configured.

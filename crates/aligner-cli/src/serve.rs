@@ -23,6 +23,16 @@ pub struct ServeArgs {
     /// Most sequences generated together (default: the backend's).
     #[arg(long)]
     pub max_batch: Option<usize>,
+    /// A key clients must send as `Authorization: Bearer KEY` (repeatable; or
+    /// ALIGNER_API_KEYS=key1,key2). Required with a `--host` beyond loopback.
+    #[arg(
+        long = "api-key",
+        value_name = "KEY",
+        env = "ALIGNER_API_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub api_keys: Vec<String>,
     #[command(flatten)]
     pub proxy: ProxyArgs,
 }
@@ -137,6 +147,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         port: args.port,
         name: args.name,
         max_batch: args.max_batch,
+        api_keys: args.api_keys,
         proxy: args.proxy.into(),
     };
     let shutdown = async {

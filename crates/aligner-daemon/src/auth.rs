@@ -83,14 +83,10 @@ pub fn load_or_create_token(path: &Path) -> Result<String> {
     }
 }
 
-/// Compares in time independent of where the strings differ.
+/// Compares in time independent of where the strings differ (`subtle`).
 pub fn token_matches(given: &str, expected: &str) -> bool {
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    let mut diff = u8::from(a.len() != b.len());
-    for (i, &expected) in b.iter().enumerate() {
-        diff |= a.get(i).copied().unwrap_or(0) ^ expected;
-    }
-    diff == 0
+    use subtle::ConstantTimeEq;
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 #[cfg(test)]

@@ -30,6 +30,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value};
 
+use auth::ApiKeys;
 use sse::Progress;
 
 use aligner_spec::Invalid;
@@ -51,6 +52,8 @@ pub struct ServeOptions {
     pub name: Option<String>,
     /// Most sequences generated together (default: the backend's).
     pub max_batch: Option<usize>,
+    /// Keys clients must send (`Authorization: Bearer KEY`); required beyond loopback.
+    pub api_keys: Vec<String>,
     pub proxy: proxy::ProxyOptions,
 }
 
@@ -63,8 +66,10 @@ pub async fn run(
     listening: impl FnOnce(&str),
 ) -> Result<()> {
     if args.proxy.upstream.is_some() {
-        return proxy::run(args, shutdown, listening).await;
+        let keys = ApiKeys::new(args.api_keys.clone(), &args.host, "the correction proxy")?;
+        return proxy::run(args, keys, shutdown, listening).await;
     }
+    let keys = ApiKeys::new(args.api_keys.clone(), &args.host, "this model server")?;
     if let Some(flag) = args.proxy.first_set() {
         return Err(Invalid::Message(format!(
             "`--{flag}` needs `--upstream URL`\nhint: `aligner serve --upstream URL --aligner MODEL` runs the correction proxy; `aligner serve MODEL` serves one local model"
@@ -88,7 +93,7 @@ pub async fn run(
         .with_context(|| format!("cannot listen on `{}:{}`", args.host, args.port))?;
     let addr = listener.local_addr()?;
     listening(&format!("serving {model} as {name} on http://{addr}/v1"));
-    serve(generator, name, listener, shutdown).await
+    serve(generator, name, listener, keys, shutdown).await
 }
 
 /// Loads a local model with the local backend.
@@ -193,6 +198,7 @@ pub async fn serve(
     generator: Arc<dyn TextGenerator>,
     model_name: String,
     listener: tokio::net::TcpListener,
+    keys: ApiKeys,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let state = Arc::new(AppState {
@@ -200,13 +206,13 @@ pub async fn serve(
         model: model_name,
         created: unix_now(),
     });
-    axum::serve(listener, router(state))
+    axum::serve(listener, router(state, keys))
         .with_graceful_shutdown(shutdown)
         .await
         .context("serving HTTP")
 }
 
-fn router(state: Shared) -> Router {
+fn router(state: Shared, keys: ApiKeys) -> Router {
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{*name}", get(model))
@@ -215,6 +221,10 @@ fn router(state: Shared) -> Router {
         .route("/health", get(|| async { StatusCode::OK }))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            keys,
+            auth::require_key,
+        ))
         .with_state(state)
 }
 
@@ -925,6 +935,7 @@ impl sse::Handler for Chunks {
     }
 }
 
+pub mod auth;
 pub mod proxy;
 mod sse;
 #[cfg(test)]

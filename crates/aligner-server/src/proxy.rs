@@ -247,6 +247,7 @@ fn resolve_template(flag: Option<&str>, local: Option<&LocalModel>) -> Result<Te
 /// listens, and serves until Ctrl-C or SIGTERM; then writes the last records.
 pub async fn run(
     args: ServeOptions,
+    keys: super::ApiKeys,
     shutdown: impl Future<Output = ()> + Send + 'static,
     listening: impl FnOnce(&str),
 ) -> Result<()> {
@@ -387,7 +388,7 @@ pub async fn run(
         state.aligner_name,
         state.template.id()
     ));
-    let app = router(state, max_body);
+    let app = router(state, max_body, keys);
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -522,7 +523,7 @@ impl Proxy {
     }
 }
 
-fn router(state: Shared, max_body: usize) -> Router {
+fn router(state: Shared, max_body: usize, keys: super::ApiKeys) -> Router {
     Router::new()
         .route("/v1/models", get(models))
         .route("/v1/models/{*name}", get(model))
@@ -531,6 +532,10 @@ fn router(state: Shared, max_body: usize) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
+        .layer(axum::middleware::from_fn_with_state(
+            keys,
+            super::auth::require_key,
+        ))
         .with_state(state)
 }
 

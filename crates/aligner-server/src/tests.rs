@@ -170,13 +170,23 @@ struct Server {
 }
 
 async fn start() -> Server {
+    start_with(ApiKeys::default()).await
+}
+
+async fn start_with(keys: ApiKeys) -> Server {
     let double = Arc::new(Double::default());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(serve(double.clone(), "served".into(), listener, async {
-        let _ = stopped.await;
-    }));
+    let task = tokio::spawn(serve(
+        double.clone(),
+        "served".into(),
+        listener,
+        keys,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     Server {
         addr,
         double,
@@ -230,9 +240,20 @@ impl Answer {
 
 /// A minimal HTTP/1.1 client: one request per connection, chunked bodies decoded.
 async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> Answer {
+    http_with(addr, method, path, body, "").await
+}
+
+/// [`http`] with extra header lines (each ending in `\r\n`).
+async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &str,
+) -> Answer {
     let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
     let request = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     conn.write_all(request.as_bytes()).await.unwrap();
@@ -274,6 +295,39 @@ async fn post(s: &Server, path: &str, body: Value) -> Answer {
 
 fn chat_body(content: &str) -> Value {
     json!({"model": "whatever-the-client-says", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": content}]})
+}
+
+#[tokio::test]
+async fn with_keys_every_route_but_health_needs_one() {
+    let keys = ApiKeys::new(vec!["key-one".into(), "key-two".into()], "0.0.0.0", "x").unwrap();
+    let s = start_with(keys).await;
+    let body = chat_body("hi").to_string();
+    for (headers, status) in [
+        ("", 401),
+        ("Authorization: Bearer wrong\r\n", 401),
+        ("Authorization: Basic key-one\r\n", 401),
+        ("Authorization: Bearer key-one\r\n", 200),
+        ("authorization: bearer key-two\r\n", 200),
+    ] {
+        let a = http_with(s.addr, "POST", "/v1/chat/completions", &body, headers).await;
+        assert_eq!(a.status, status, "{headers:?}: {}", a.body);
+        if status == 401 {
+            let e = a.error();
+            assert_eq!(e["code"], "invalid_api_key", "{e:?}");
+            assert!(
+                a.headers.contains("www-authenticate: bearer"),
+                "{}",
+                a.headers
+            );
+        }
+        let m = http_with(s.addr, "GET", "/v1/models", "", headers).await;
+        assert_eq!(m.status, status, "{headers:?}");
+    }
+    // Unknown routes are not revealed without a key; health is open to probes.
+    assert_eq!(http(s.addr, "GET", "/v1/nothing", "").await.status, 401);
+    assert_eq!(http(s.addr, "GET", "/health", "").await.status, 200);
+    // Only the authorized requests reached the model.
+    assert_eq!(s.double.requests().len(), 2);
 }
 
 #[tokio::test]
