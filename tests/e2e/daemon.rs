@@ -156,7 +156,79 @@ fn daemon_api_security_and_kill_9_resume_with_exact_counts() {
     ]);
     assert_eq!(code, 401, "{body}");
     assert!(body.contains("wrong token"), "{body}");
-    let (code, body) = curl(&[&format!("{}/v1/runs?token=wrong", d.url)]);
+    // The token never goes in a URL, right or wrong.
+    for token in ["wrong", TOKEN] {
+        let (code, body) = curl(&[&format!("{}/v1/runs?token={token}", d.url)]);
+        assert_eq!(code, 400, "{body}");
+        assert!(body.contains("does not go in URLs"), "{body}");
+    }
+    // The browser's way in: the login form sets an HttpOnly session cookie derived from the
+    // token (not the token itself), which then opens the API; a cross-site change is refused.
+    let (code, body) = curl(&["-i", &format!("{}/", d.url)]);
+    assert_eq!(code, 303, "{body}");
+    assert!(
+        body.to_ascii_lowercase().contains("location: /login"),
+        "{body}"
+    );
+    let (code, body) = curl(&[&format!("{}/login", d.url)]);
+    assert_eq!(code, 200);
+    assert!(
+        body.contains("<form method=\"post\" action=\"/login\""),
+        "{body}"
+    );
+    let (code, body) = curl(&[
+        "--data-urlencode",
+        "token=wrong",
+        &format!("{}/login", d.url),
+    ]);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("wrong token"), "{body}");
+    let (code, head) = curl(&[
+        "-i",
+        "--data-urlencode",
+        &format!("token={TOKEN}"),
+        &format!("{}/login", d.url),
+    ]);
+    assert_eq!(code, 303, "{head}");
+    let set_cookie = head
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
+    assert!(!set_cookie.contains(TOKEN), "{set_cookie}");
+    let session = set_cookie
+        .split_once(':')
+        .unwrap()
+        .1
+        .split(';')
+        .next()
+        .unwrap()
+        .trim()
+        .to_string();
+    let (code, body) = curl(&["-b", &session, &format!("{}/v1/runs", d.url)]);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = curl(&["-b", &session, &format!("{}/", d.url)]);
+    assert_eq!(code, 200, "{body}");
+    assert!(!body.contains(TOKEN));
+    let (code, body) = curl(&[
+        "-X",
+        "POST",
+        "-b",
+        &session,
+        "-H",
+        "Origin: http://evil.example",
+        &format!("{}/v1/runs/1/cancel", d.url),
+    ]);
+    assert_eq!(code, 403, "{body}");
+    assert!(body.contains("cross-site"), "{body}");
+    let (code, body) = curl(&[
+        "-b",
+        "aligner_session=forged",
+        &format!("{}/v1/runs", d.url),
+    ]);
     assert_eq!(code, 401, "{body}");
     assert_eq!(curl(&[&format!("{}/health", d.url)]), (200, "ok".into()));
     let (code, v) = authed(&d, "GET", "/v2/things", &[]);
@@ -259,7 +331,9 @@ fn daemon_api_security_and_kill_9_resume_with_exact_counts() {
         "-N",
         "--max-time",
         "20",
-        &format!("{}/v1/runs/{run}/events?token={TOKEN}", d.url),
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        &format!("{}/v1/runs/{run}/events", d.url),
     ]);
     assert_eq!(code, 200);
     assert!(body.contains("event: log"), "{body}");
@@ -296,7 +370,11 @@ fn daemon_api_security_and_kill_9_resume_with_exact_counts() {
     );
 
     // The report renders through the API.
-    let (code, body) = curl(&[&format!("{}/v1/runs/{run}/report?token={TOKEN}", d.url)]);
+    let (code, body) = curl(&[
+        "-H",
+        &format!("Authorization: Bearer {TOKEN}"),
+        &format!("{}/v1/runs/{run}/report", d.url),
+    ]);
     assert_eq!(code, 200);
     assert!(
         body.contains("<html") && body.contains("e2e"),
@@ -474,8 +552,11 @@ fn dashboard_renders_in_headless_chromium() {
     let d = Daemon::start(dir.path(), &[]);
     let run = submit(&d, dir.path(), "p.yaml");
     wait_state(&d, run, "done", Duration::from_secs(60));
+    // A fresh profile per page: no cookie survives from one call (or test run) to the next.
     let chromium = |url: &str| -> String {
+        let profile = tempfile::tempdir().unwrap();
         let o = std::process::Command::new("chromium")
+            .arg(format!("--user-data-dir={}", profile.path().display()))
             .args([
                 "--headless",
                 "--no-sandbox",
@@ -488,12 +569,19 @@ fn dashboard_renders_in_headless_chromium() {
             .expect("chromium is installed (scripts/test.sh installs Debian's `chromium`)");
         String::from_utf8_lossy(&o.stdout).to_string()
     };
-    let dom = chromium(&format!("{}/?token={TOKEN}", d.url));
+    // Without a session the dashboard sends the browser to the login form.
+    let dom = chromium(&format!("{}/", d.url));
+    assert!(dom.contains("action=\"/login\""), "{dom}");
+    assert!(!dom.contains("data-run="), "{dom}");
+    // `/login#token=...` logs in through the form (the fragment never reaches the server);
+    // the cookie then carries the dashboard's own requests.
+    let dom = chromium(&format!("{}/login#token={TOKEN}", d.url));
     assert!(dom.contains(&format!("data-run=\"{run}\"")), "{dom}");
     assert!(dom.contains("class=\"state done\""), "{dom}");
     assert!(dom.contains("round 1: done"), "{dom}");
     assert!(dom.contains("1 run(s), 0 running"), "{dom}");
-    let dom = chromium(&format!("{}/?token=wrong", d.url));
+    assert!(!dom.contains(TOKEN), "{dom}");
+    let dom = chromium(&format!("{}/login#token=wrong", d.url));
     assert!(dom.contains("wrong token"), "{dom}");
     assert!(!dom.contains("data-run="), "{dom}");
 }

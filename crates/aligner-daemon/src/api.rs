@@ -1,4 +1,6 @@
-//! The HTTP API. Every route but `GET /health` needs the bearer token.
+//! The HTTP API. Every route but `GET /health` and the login form needs the token: as
+//! `Authorization: Bearer TOKEN` (clients, scripts), or as the HttpOnly session cookie that
+//! `POST /login` sets (the dashboard in a browser). The token never travels in a URL.
 //!
 //! | route | what |
 //! |---|---|
@@ -10,7 +12,9 @@
 //! | `GET /v1/runs/{id}/events` | Server-Sent Events: the run's log events from the store, live progress and state changes, until it ends (`?after=ID` or `Last-Event-ID` to continue; `?follow=0` for the log so far) |
 //! | `GET /v1/runs/{id}/report` | the run's HTML report |
 //! | `POST /v1/sql` | one read-only SQL statement (body: the SQL, or `{"sql": ...}`) |
-//! | `GET /` | the dashboard page |
+//! | `GET /` | the dashboard page (without a session: a redirect to `/login`) |
+//! | `GET /login`, `POST /login` | the login form; a right token sets the session cookie |
+//! | `POST /logout` | clears the session cookie |
 //! | `GET /health` | `ok` |
 
 use std::convert::Infallible;
@@ -102,8 +106,102 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         ));
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/login", get(login_page).post(login))
+        .route("/logout", post(logout))
         .merge(api)
         .with_state(shared)
+}
+
+/// The session cookie's name.
+const SESSION_COOKIE: &str = "aligner_session";
+
+/// The session cookie's value: derived from the token (so a new token ends every session), and
+/// not the token itself.
+fn session_value(token: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(
+        format!("aligner-daemon-session\0{token}").as_bytes(),
+    ))
+}
+
+/// The value of cookie `name` in a request's `Cookie` headers.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim())
+}
+
+fn login_html(message: &str) -> String {
+    let escaped = message
+        .replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;");
+    include_str!("login.html").replace("<!--MESSAGE-->", &escaped)
+}
+
+async fn login_page() -> Response {
+    no_store(Html(login_html("")).into_response())
+}
+
+#[derive(serde::Deserialize)]
+struct LoginForm {
+    token: String,
+}
+
+/// `POST /login` (a form): the right token sets the session cookie and goes to the dashboard.
+async fn login(
+    State(shared): State<Arc<Shared>>,
+    form: Result<axum::Form<LoginForm>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let token = form.map(|f| f.0.token).unwrap_or_default();
+    if !crate::auth::token_matches(token.trim(), &shared.config.token) {
+        let page = login_html(
+            "wrong token\nhint: use the token in the daemon's token file, or ALIGNER_TOKEN",
+        );
+        return no_store((StatusCode::UNAUTHORIZED, Html(page)).into_response());
+    }
+    let cookie = format!(
+        "{SESSION_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/",
+        session_value(&shared.config.token)
+    );
+    no_store(
+        (
+            StatusCode::SEE_OTHER,
+            [(header::SET_COOKIE, cookie), (header::LOCATION, "/".into())],
+        )
+            .into_response(),
+    )
+}
+
+async fn logout() -> Response {
+    let cookie = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0");
+    (
+        StatusCode::SEE_OTHER,
+        [
+            (header::SET_COOKIE, cookie),
+            (header::LOCATION, "/login".into()),
+        ],
+    )
+        .into_response()
+}
+
+/// Keeps a page out of caches and out of the Referer of the links it leads to.
+fn no_store(mut r: Response) -> Response {
+    let h = r.headers_mut();
+    h.insert(
+        header::CACHE_CONTROL,
+        "no-store".parse().expect("static header"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        "no-referrer".parse().expect("static header"),
+    );
+    r
 }
 
 async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
@@ -116,59 +214,86 @@ async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
     )
 }
 
-/// Bearer token on every request; `?token=` also on GETs (pages, event streams, report links).
+/// The token as a bearer header, or the session cookie; never in the URL. A browser without a
+/// session asking for the dashboard is sent to the login form.
 async fn authorize(State(shared): State<Arc<Shared>>, request: Request, next: Next) -> Response {
-    let header_token = request
-        .headers()
+    if query_param(request.uri(), "token").is_some() {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the token does not go in URLs (they end up in browser history, logs and referrers)\nhint: send `Authorization: Bearer TOKEN`, or log in at /login for the dashboard",
+        )
+        .into_response();
+    }
+    let headers = request.headers();
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             let (scheme, token) = v.trim().split_once(' ')?;
             scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
         });
-    let query_token = if request.method() == Method::GET {
-        query_param(request.uri(), "token")
-    } else {
-        None
+    let session = cookie(headers, SESSION_COOKIE);
+    let unauthorized = |message: &str| {
+        let mut r = ApiError::new(StatusCode::UNAUTHORIZED, message).into_response();
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer".parse().expect("static header"),
+        );
+        r
     };
-    let given = header_token.map(str::to_string).or(query_token);
-    match given {
-        Some(t) if crate::auth::token_matches(&t, &shared.config.token) => {
-            let mut r = next.run(request).await;
-            // Pages and streams may carry the token in their URL: keep it out of caches and
-            // out of the Referer of links they lead to.
-            let h = r.headers_mut();
-            h.insert(
-                header::CACHE_CONTROL,
-                "no-store".parse().expect("static header"),
-            );
-            h.insert(
-                header::REFERRER_POLICY,
-                "no-referrer".parse().expect("static header"),
-            );
-            r
+    let authorized = match (bearer, session) {
+        (Some(t), _) => {
+            if !crate::auth::token_matches(t, &shared.config.token) {
+                return unauthorized(
+                    "wrong token\nhint: use the token in the daemon's token file, or ALIGNER_TOKEN",
+                );
+            }
+            true
         }
-        Some(_) => {
-            let mut r = ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "wrong token\nhint: use the token in the daemon's token file, or ALIGNER_TOKEN",
-            )
-            .into_response();
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("static header"),
-            );
-            r
+        (None, Some(s)) => {
+            if !crate::auth::token_matches(s, &session_value(&shared.config.token)) {
+                false
+            } else if request.method() != Method::GET
+                && request.method() != Method::HEAD
+                && !same_origin(headers)
+            {
+                // A cookie rides along on cross-site requests too: changes need our own page.
+                return ApiError::new(
+                    StatusCode::FORBIDDEN,
+                    "a cross-site request cannot change runs\nhint: use the dashboard itself, or send `Authorization: Bearer TOKEN`",
+                )
+                .into_response();
+            } else {
+                true
+            }
         }
-        None => {
-            let mut r = ApiError::new(StatusCode::UNAUTHORIZED, "this API needs a token: send `Authorization: Bearer TOKEN`\nhint: the daemon prints where its token file is when it starts").into_response();
-            r.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                "Bearer".parse().expect("static header"),
-            );
-            r
+        (None, None) => false,
+    };
+    if !authorized {
+        if request.method() == Method::GET && request.uri().path() == "/" {
+            return (StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response();
         }
+        return unauthorized(if session.is_some() {
+            "the session has ended (the daemon's token changed)\nhint: log in again at /login"
+        } else {
+            "this API needs a token: send `Authorization: Bearer TOKEN`\nhint: the daemon prints where its token file is when it starts; in a browser, log in at /login"
+        });
     }
+    no_store(next.run(request).await)
+}
+
+/// Whether a request's `Origin` (when it has one) is the host it was sent to.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| !host.is_empty() && rest == host)
 }
 
 /// Reads a request body up to the configured limit: 413 beyond it.
