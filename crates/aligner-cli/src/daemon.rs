@@ -35,6 +35,10 @@ pub struct DaemonArgs {
     /// Largest request body accepted, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// A run the daemon died driving this many times (crash, kill -9, lost lease) is failed
+    /// with the reason instead of started again.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_crashes: u32,
     /// Environment variables submitted pipelines' `${VAR}`s may read (a name, or a prefix
     /// ending in `*`; repeatable). Others read as unset.
     #[arg(long = "allow-env", value_name = "VAR", default_values_t = ["ALIGNER_*".to_string()])]
@@ -106,6 +110,7 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
         grace: Duration::from_secs_f64(args.grace_secs.max(0.0)),
         token,
         max_body_bytes: args.max_body_bytes,
+        max_crashes: args.max_crashes,
         base_dir,
         allow_env: args.allow_env.clone(),
     };

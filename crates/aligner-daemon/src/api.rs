@@ -419,6 +419,7 @@ async fn list_runs(State(shared): State<Arc<Shared>>) -> ApiResult<Json<Value>> 
             "status": run.status,
             "error": job.error.or(run.error),
             "attempts": job.attempts,
+            "crashes": job.crashes,
             "submitted_at": job.submitted_at,
             "started_at": job.started_at,
             "finished_at": job.finished_at,

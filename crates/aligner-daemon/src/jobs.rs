@@ -24,10 +24,11 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// Queues again the jobs a dead daemon (or one whose lease lapsed) was driving. At `startup`
+/// Queues again the jobs a dead daemon (or one whose lease lapsed) was driving, or fails
+/// those it died driving `max_crashes` times; returns (queued, failed). At `startup`
 /// that includes jobs under our own holder name: a new process (say PID 1 in a container, on
 /// the same host name) can carry the name of the one that died, and it drives nothing yet.
-pub(crate) async fn recover(shared: &Shared, startup: bool) -> Result<u64> {
+pub(crate) async fn recover(shared: &Shared, startup: bool) -> Result<(u64, u64)> {
     let dead: Vec<String> = shared
         .store
         .job_lease_holders()
@@ -41,7 +42,10 @@ pub(crate) async fn recover(shared: &Shared, startup: bool) -> Result<u64> {
             }
         })
         .collect();
-    Ok(shared.store.requeue_orphaned_jobs(now_ms(), &dead).await?)
+    Ok(shared
+        .store
+        .requeue_orphaned_jobs(now_ms(), &dead, shared.config.max_crashes)
+        .await?)
 }
 
 /// Claims and starts jobs until draining.

@@ -48,6 +48,8 @@ pub struct Config {
     pub token: String,
     /// Largest request body accepted (a pipeline, a SQL query).
     pub max_body_bytes: usize,
+    /// A job whose daemon died this many times while driving it is failed, not queued again.
+    pub max_crashes: u32,
     /// Where submitted pipelines' relative paths resolve unless the request names a folder.
     pub base_dir: PathBuf,
     /// Environment variables a submitted pipeline's `${VAR}`s may read: names, or prefixes
@@ -177,9 +179,15 @@ pub async fn run(
         draining: AtomicBool::new(false),
         streams: Arc::new(tokio::sync::Semaphore::new(api::MAX_STREAMS)),
     });
-    let requeued = jobs::recover(&shared, true).await?;
+    let (requeued, failed) = jobs::recover(&shared, true).await?;
     if requeued > 0 {
         tracing::info!("queued {requeued} run(s) again that a stopped daemon was driving");
+    }
+    if failed > 0 {
+        tracing::warn!(
+            "failed {failed} run(s) that a daemon died driving {} times",
+            shared.config.max_crashes
+        );
     }
     let scheduler = tokio::spawn(jobs::schedule(shared.clone()));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

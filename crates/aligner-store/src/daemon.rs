@@ -7,7 +7,7 @@ use sqlx::{Executor, Sqlite};
 use crate::runs::insert_run;
 use crate::{JobState, Result, Store};
 
-const JOB_COLUMNS: &str = "run_id, name, base_dir, state, requested, error, attempts, lease_holder, lease_expires_ms, submitted_at, started_at, finished_at, updated_at";
+const JOB_COLUMNS: &str = "run_id, name, base_dir, state, requested, error, attempts, crashes, lease_holder, lease_expires_ms, submitted_at, started_at, finished_at, updated_at";
 
 /// One queued, running or finished job (the pipeline text is read separately).
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -19,6 +19,8 @@ pub struct JobRow {
     pub requested: Option<String>,
     pub error: Option<String>,
     pub attempts: i64,
+    /// How many times a daemon died while driving it.
+    pub crashes: i64,
     pub lease_holder: Option<String>,
     pub lease_expires_ms: Option<i64>,
     pub submitted_at: String,
@@ -145,28 +147,64 @@ impl Store {
         Ok(())
     }
 
-    /// Running jobs whose lease another holder took and let lapse, or whose holder is one of
-    /// `dead_holders`, go back to the queue. Returns how many.
-    pub async fn requeue_orphaned_jobs(&self, now_ms: i64, dead_holders: &[String]) -> Result<u64> {
-        let mut n = sqlx::query(&format!(
-            "UPDATE daemon_jobs SET state = 'queued', lease_holder = NULL, lease_expires_ms = NULL, updated_at = {NOW}
-             WHERE state = 'running' AND (lease_holder IS NULL OR lease_expires_ms < ?)"
-        ))
+    /// Running jobs whose lease lapsed, or whose holder is one of `dead_holders`: the daemon
+    /// driving them died. Each counts a crash; one with `max_crashes` crashes is failed (its
+    /// run too) with the reason, the others go back to the queue. Returns (queued, failed).
+    pub async fn requeue_orphaned_jobs(
+        &self,
+        now_ms: i64,
+        dead_holders: &[String],
+        max_crashes: u32,
+    ) -> Result<(u64, u64)> {
+        let mut orphans: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT run_id, crashes FROM daemon_jobs
+             WHERE state = 'running' AND (lease_holder IS NULL OR lease_expires_ms < ?)",
+        )
         .bind(now_ms)
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        .fetch_all(&self.pool)
+        .await?;
         for holder in dead_holders {
-            n += sqlx::query(&format!(
-                "UPDATE daemon_jobs SET state = 'queued', lease_holder = NULL, lease_expires_ms = NULL, updated_at = {NOW}
-                 WHERE state = 'running' AND lease_holder = ?"
-            ))
+            let more: Vec<(i64, i64)> = sqlx::query_as(
+                "SELECT run_id, crashes FROM daemon_jobs WHERE state = 'running' AND lease_holder = ?",
+            )
             .bind(holder)
-            .execute(&self.pool)
-            .await?
-            .rows_affected();
+            .fetch_all(&self.pool)
+            .await?;
+            for o in more {
+                if !orphans.contains(&o) {
+                    orphans.push(o);
+                }
+            }
         }
-        Ok(n)
+        let (mut queued, mut failed) = (0, 0);
+        for (run_id, crashes) in orphans {
+            let crashes = crashes + 1;
+            if crashes >= i64::from(max_crashes) {
+                let error = format!(
+                    "the daemon stopped {crashes} times while driving this run (a crash, kill -9 or a lost lease), so it is not started again\nhint: if the run itself brings the daemon down, its last events and the daemon's log say where; `aligner resume {run_id} --store STORE` continues it by hand, or `--max-crashes` allows more"
+                );
+                self.set_run_status(run_id, crate::RunStatus::Failed, Some(&error))
+                    .await?;
+                self.set_job_state(run_id, JobState::Failed, Some(&error))
+                    .await?;
+                failed += 1;
+            } else {
+                sqlx::query(&format!(
+                    "UPDATE daemon_jobs SET state = 'queued', lease_holder = NULL, lease_expires_ms = NULL, updated_at = {NOW}
+                     WHERE run_id = ? AND state = 'running'"
+                ))
+                .bind(run_id)
+                .execute(&self.pool)
+                .await?;
+                queued += 1;
+            }
+            sqlx::query("UPDATE daemon_jobs SET crashes = ? WHERE run_id = ?")
+                .bind(crashes)
+                .bind(run_id)
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok((queued, failed))
     }
 
     /// Holders of running jobs' leases (to check which of them are dead).

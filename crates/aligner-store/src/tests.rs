@@ -40,7 +40,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "evaluation".to_string(),
             "proxy records".to_string(),
             "daemon".to_string(),
-            "pair origin".to_string()
+            "pair origin".to_string(),
+            "daemon crashes".to_string()
         ]
     );
     let tables = store
@@ -382,5 +383,54 @@ async fn a_row_limit_ends_an_endless_query_and_daemon_runs_are_not_continued_sta
             .unwrap()
             .map(|r| r.id),
         Some(id)
+    );
+}
+
+#[tokio::test]
+async fn a_job_its_daemon_keeps_dying_on_is_failed_with_the_reason() {
+    let (_dir, store) = fresh().await;
+    let run = store
+        .create_queued_run(&QueuedRun {
+            name: "p",
+            pipeline_path: "p.yaml",
+            spec_json: "{}",
+            spec_hash: "h",
+            pipeline_yaml: "name: p",
+            base_dir: "/",
+        })
+        .await
+        .unwrap();
+    let holder = "host:1:boot".to_string();
+    // Two deaths: queued again each time, and counted.
+    for crash in 1..=2 {
+        let job = store.claim_job(&holder, 0, 1000).await.unwrap().unwrap();
+        assert_eq!(job.run_id, run);
+        let (queued, failed) = store
+            .requeue_orphaned_jobs(10, std::slice::from_ref(&holder), 3)
+            .await
+            .unwrap();
+        assert_eq!((queued, failed), (1, 0));
+        let job = store.job(run).await.unwrap().unwrap();
+        assert_eq!((job.state, job.crashes), (JobState::Queued, crash));
+    }
+    // A lapsed lease counts like a dead holder; the third death fails the job and its run.
+    store.claim_job(&holder, 0, 1000).await.unwrap().unwrap();
+    assert_eq!(
+        store.requeue_orphaned_jobs(5000, &[], 3).await.unwrap(),
+        (0, 1)
+    );
+    let job = store.job(run).await.unwrap().unwrap();
+    assert_eq!((job.state, job.crashes), (JobState::Failed, 3));
+    assert!(
+        job.error.as_deref().unwrap().contains("stopped 3 times"),
+        "{job:?}"
+    );
+    let r = store.run(run).await.unwrap();
+    assert_eq!(r.status, RunStatus::Failed);
+    assert!(r.error.unwrap().contains("--max-crashes"));
+    // A live job under another holder is left alone.
+    assert_eq!(
+        store.requeue_orphaned_jobs(5000, &[], 3).await.unwrap(),
+        (0, 0)
     );
 }
