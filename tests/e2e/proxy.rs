@@ -686,6 +686,63 @@ fn proxy_option_combinations_are_checked() {
     }
 }
 
+/// An Aligner behind a chat-only server (no `/v1/completions`, like most hosted APIs): the
+/// default raw endpoint fails with a hint, `--aligner-endpoint chat` sends the rendered template
+/// as the user message and the answer is corrected as before, with the template recorded.
+#[test]
+fn proxy_uses_a_chat_only_aligner_when_asked() {
+    let upstream = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let aligner = aligner_mockserver::spawn_in_thread(MockConfig {
+        chat_only: true,
+        ..Default::default()
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--upstream",
+        upstream.base_url.as_str(),
+        "--upstream-model",
+        "mock-upstream",
+        "--aligner-url",
+        aligner.base_url.as_str(),
+        "--aligner-model",
+        "mock-aligner",
+        "--record",
+        "s.db",
+    ];
+    let question = "Name a prime number.";
+    {
+        let p = proxy(dir.path(), &args, &[]);
+        let a = post(&p, &chat(question));
+        assert_eq!(a.status, 502, "{}", a.body);
+        let message = a.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains("404"), "{message}");
+        assert!(message.contains("--aligner-endpoint chat"), "{message}");
+    }
+    let mut with_chat = args.to_vec();
+    with_chat.extend(["--aligner-endpoint", "chat"]);
+    let p = proxy(dir.path(), &with_chat, &[]);
+    let a = post(&p, &chat(question));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let (answer, correction) = expected(question);
+    assert_eq!(a.json()["choices"][0]["message"]["content"], correction);
+    assert_eq!(a.json()["aligner"]["original"], answer);
+    // The Aligner server saw chat requests only: one failed raw call before, none now.
+    let stats = aligner.stats();
+    assert_eq!(stats.per_path["/v1/completions"], 0, "{stats:?}");
+    assert!(stats.per_path["/v1/chat/completions"] >= 1, "{stats:?}");
+    wait_until("the record", Duration::from_secs(30), || {
+        scalar(dir.path(), "SELECT count(*) FROM proxy_records") >= 1
+    });
+    drop(p);
+    let rows = sql(
+        dir.path(),
+        "SELECT template_id, length(template_hash) AS h FROM proxy_records WHERE status = 'corrected'",
+    );
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["template_id"], "aligner-v1");
+    assert_eq!(rows[0]["h"], 64);
+}
+
 #[test]
 fn proxy_answers_the_openai_python_client() {
     let upstream = aligner_mockserver::spawn_in_thread(MockConfig::default());

@@ -31,6 +31,7 @@ impl aligner_engine::BackendFactory for Factory {
                 config.tokens_per_minute = m.tokens_per_minute;
                 config.timeout = Duration::from_secs_f64(m.timeout_secs);
                 config.max_retries = m.max_retries;
+                config.raw_as_chat = m.raw_endpoint == aligner_spec::RawEndpoint::Chat;
                 if let Some(ms) = std::env::var("ALIGNER_BACKOFF_BASE_MS")
                     .ok()
                     .and_then(|v| v.parse::<u64>().ok())

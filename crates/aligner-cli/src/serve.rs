@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use aligner_server::proxy::{OnAlignerError, ProxyOptions};
+use aligner_server::proxy::{AlignerEndpoint, OnAlignerError, ProxyOptions};
 use aligner_server::ServeOptions;
 use anyhow::Result;
 
@@ -35,6 +35,15 @@ pub struct ServeArgs {
     pub api_keys: Vec<String>,
     #[command(flatten)]
     pub proxy: ProxyArgs,
+}
+
+/// How `--aligner-url` gets the rendered template.
+#[derive(clap::ValueEnum, Debug, Clone, Copy)]
+pub enum AlignerEndpointArg {
+    /// `POST /completions` with the template as the prompt.
+    Completions,
+    /// `POST /chat/completions` with the template as the one user message (chat-only servers).
+    Chat,
 }
 
 /// What to answer when the Aligner fails.
@@ -79,6 +88,11 @@ pub struct ProxyArgs {
     /// The environment variable holding the key of `--aligner-url`.
     #[arg(long, value_name = "VAR")]
     pub aligner_api_key_env: Option<String>,
+    /// How `--aligner-url` gets the rendered template: `completions` (raw `/completions`) or
+    /// `chat` (the user message of `/chat/completions`, for chat-only servers)
+    /// [default: completions].
+    #[arg(long, value_enum, value_name = "API")]
+    pub aligner_endpoint: Option<AlignerEndpointArg>,
     /// Seconds to wait for a correction from `--aligner-url`, per attempt [default: 120].
     #[arg(long, value_name = "SECS")]
     pub aligner_timeout: Option<f64>,
@@ -122,6 +136,10 @@ impl From<ProxyArgs> for ProxyOptions {
             aligner_url: a.aligner_url,
             aligner_model: a.aligner_model,
             aligner_api_key_env: a.aligner_api_key_env,
+            aligner_endpoint: a.aligner_endpoint.map(|e| match e {
+                AlignerEndpointArg::Completions => AlignerEndpoint::Completions,
+                AlignerEndpointArg::Chat => AlignerEndpoint::Chat,
+            }),
             aligner_timeout: a.aligner_timeout,
             aligner_retries: a.aligner_retries,
             template: a.template,

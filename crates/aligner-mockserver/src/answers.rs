@@ -42,6 +42,10 @@ pub fn chat_text(model: &str, last_user: &str) -> String {
     }
 }
 
+/// A chat whose last user message starts with this is an Aligner's rendered template (the
+/// built-in templates' opening), corrected like a raw completion.
+pub const ALIGNER_MARKER: &str = "BEGINNING OF CONVERSATION:";
+
 /// A chat request with this text in any message is a pairwise judge request.
 pub const JUDGE_MARKER: &str = "impartial judge";
 

@@ -16,9 +16,11 @@ use crate::answers;
 use crate::{bump, Fault, Shared, PATH_CHAT, PATH_COMPLETIONS, PATH_MODELS};
 
 pub(crate) fn router(shared: Arc<Shared>) -> Router {
-    Router::new()
-        .route(PATH_CHAT, post(chat))
-        .route(PATH_COMPLETIONS, post(completions))
+    let mut router = Router::new().route(PATH_CHAT, post(chat));
+    if !shared.config.chat_only {
+        router = router.route(PATH_COMPLETIONS, post(completions));
+    }
+    router
         .route(PATH_MODELS, get(models))
         .fallback(not_found)
         .with_state(shared)
@@ -245,6 +247,10 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
     });
     let reply = if judging {
         answers::judge_text(last_user)
+    } else if last_user.starts_with(answers::ALIGNER_MARKER) {
+        // An Aligner's rendered template sent as a chat message (`raw_endpoint: chat`):
+        // answered as `/v1/completions` answers it.
+        answers::correction_text(last_user)
     } else {
         answers::chat_text(model, last_user)
     };

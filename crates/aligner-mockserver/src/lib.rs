@@ -56,6 +56,8 @@ pub struct MockConfig {
     /// Faults for the first completion requests, in arrival order (one per request), before
     /// the probabilistic ones apply. Makes "fails twice, then succeeds" tests exact.
     pub script: Vec<Fault>,
+    /// Serve chat only, like most hosted APIs: `/v1/completions` is an unknown path (404).
+    pub chat_only: bool,
 }
 
 /// Injected faults and rejections, by kind.

@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aligner_backend::{Completion, CompletionRequest, Error, ErrorKind, TextGenerator};
+use aligner_backend::{
+    Completion, CompletionRequest, Error, ErrorKind, Message, Prompt, TextGenerator,
+};
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
 use tokio::sync::Semaphore;
@@ -54,6 +56,9 @@ pub struct Config {
     pub max_retries: u32,
     /// First backoff ceiling; attempt `n` waits up to `backoff_base * 2^n` (capped at 30 s).
     pub backoff_base: Duration,
+    /// Send raw prompts to `/chat/completions` as the one user message, for servers that
+    /// serve chat only. Default false: raw prompts go to `/completions`.
+    pub raw_as_chat: bool,
 }
 
 impl Config {
@@ -69,6 +74,7 @@ impl Config {
             timeout: Duration::from_secs(120),
             max_retries: 5,
             backoff_base: DEFAULT_BACKOFF_BASE,
+            raw_as_chat: false,
         }
     }
 }
@@ -85,6 +91,7 @@ impl fmt::Debug for Config {
             .field("timeout", &self.timeout)
             .field("max_retries", &self.max_retries)
             .field("backoff_base", &self.backoff_base)
+            .field("raw_as_chat", &self.raw_as_chat)
             .finish()
     }
 }
@@ -258,8 +265,14 @@ impl OpenAiBackend {
         format!("{}{}", self.inner.base_url, endpoint.path())
     }
 
-    async fn run(&self, request: CompletionRequest) -> Result<Completion, Error> {
+    async fn run(&self, mut request: CompletionRequest) -> Result<Completion, Error> {
         let inner = &*self.inner;
+        if inner.config.raw_as_chat {
+            if let Prompt::Raw(text) = &mut request.prompt {
+                let text = std::mem::take(text);
+                request.prompt = Prompt::Chat(vec![Message::new("user", text)]);
+            }
+        }
         let (endpoint, body) = build_body(&request, &inner.config.model);
         let model = effective_model(&request, &inner.config.model).to_string();
         let url = self.url(endpoint);
@@ -406,6 +419,18 @@ impl OpenAiBackend {
                 } else {
                     "; no key is set"
                 }
+            ))
+        } else if endpoint == Endpoint::Completions
+            && matches!(
+                status,
+                StatusCode::NOT_FOUND
+                    | StatusCode::METHOD_NOT_ALLOWED
+                    | StatusCode::NOT_IMPLEMENTED
+            )
+        {
+            Outcome::Fatal(format!(
+                "{what}; this server may not serve raw completions (many hosted APIs serve chat only)\nhint: set `raw_endpoint: chat` on the model (`--aligner-endpoint chat` for the proxy) to send the rendered prompt as the user message of `/chat/completions`; or check that base_url ends with /v1 (it is `{}`) and that the server serves model `{model}`",
+                inner.base_url
             ))
         } else if status == StatusCode::NOT_FOUND {
             Outcome::Fatal(format!(

@@ -90,6 +90,42 @@ async fn raw_completion_round_trip() {
 }
 
 #[tokio::test]
+async fn a_chat_only_server_gets_raw_prompts_as_chat_when_asked() {
+    let server = start_server(MockConfig {
+        chat_only: true,
+        ..Default::default()
+    })
+    .await;
+    // Raw completions: the server has none, and the error says what to set.
+    let e = make_backend(&server, |_| {})
+        .complete(raw(CORRECTION))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind, ErrorKind::Permanent);
+    assert_eq!(e.attempts, 1, "a missing endpoint is not retried");
+    assert!(e.message.contains("404"), "{}", e.message);
+    assert!(e.message.contains("raw_endpoint: chat"), "{}", e.message);
+    // `raw_as_chat`: the rendered template is the one user message of a chat request.
+    let backend = make_backend(&server, |c| c.raw_as_chat = true);
+    let c = backend.complete(raw(CORRECTION)).await.unwrap();
+    assert_eq!(c.text, "I corrected this: It is 4.");
+    let body = server.last_request_body().unwrap();
+    assert_eq!(
+        body["messages"],
+        serde_json::json!([{"role": "user", "content": CORRECTION}])
+    );
+    assert!(body.get("prompt").is_none(), "{body}");
+    // Chat prompts are unchanged.
+    assert_eq!(
+        backend.complete(chat("hello")).await.unwrap().text,
+        "answer: hello"
+    );
+    let s = server.stats();
+    assert_eq!(s.per_path["/v1/chat/completions"], 2);
+    assert_eq!(s.per_path["other"], 1);
+}
+
+#[tokio::test]
 async fn sampling_fields_reach_the_server() {
     let server = start_server(MockConfig::default()).await;
     let backend = make_backend(&server, |_| {});

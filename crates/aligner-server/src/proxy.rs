@@ -48,6 +48,15 @@ const RECORD_BATCH: usize = 256;
 
 static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
+/// Where `--aligner-url` gets the rendered template.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AlignerEndpoint {
+    /// `POST /completions` with the template as `prompt`.
+    Completions,
+    /// `POST /chat/completions` with the template as the one user message.
+    Chat,
+}
+
 /// What to answer when the Aligner fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnAlignerError {
@@ -81,6 +90,8 @@ pub struct ProxyOptions {
     pub aligner_model: Option<String>,
     /// The environment variable holding the key of `--aligner-url`.
     pub aligner_api_key_env: Option<String>,
+    /// How `--aligner-url` gets the rendered template (default `completions`).
+    pub aligner_endpoint: Option<AlignerEndpoint>,
     /// Seconds to wait for a correction from `--aligner-url`, per attempt [default: 120].
     pub aligner_timeout: Option<f64>,
     /// Retries of a failed call to `--aligner-url` [default: 2].
@@ -115,6 +126,7 @@ impl ProxyOptions {
             ("aligner-url", self.aligner_url.is_some()),
             ("aligner-model", self.aligner_model.is_some()),
             ("aligner-api-key-env", self.aligner_api_key_env.is_some()),
+            ("aligner-endpoint", self.aligner_endpoint.is_some()),
             ("aligner-timeout", self.aligner_timeout.is_some()),
             ("aligner-retries", self.aligner_retries.is_some()),
             ("template", self.template.is_some()),
@@ -177,21 +189,8 @@ fn seconds(flag: &str, v: Option<f64>) -> Result<Duration> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// An OpenAI-compatible backend with the proxy's limits.
-fn http_backend(
-    flag: &str,
-    url: &str,
-    model: &str,
-    key: Option<String>,
-    timeout: Duration,
-    retries: u32,
-    concurrency: u32,
-) -> Result<Arc<dyn TextGenerator>> {
-    let mut config = aligner_openai::Config::new(url, model);
-    config.api_key = key;
-    config.timeout = timeout;
-    config.max_retries = retries;
-    config.max_concurrency = concurrency;
+/// An OpenAI-compatible backend with the proxy's limits, for `--{flag}`.
+fn http_backend(flag: &str, mut config: aligner_openai::Config) -> Result<Arc<dyn TextGenerator>> {
     if let Some(ms) = std::env::var("ALIGNER_BACKOFF_BASE_MS")
         .ok()
         .and_then(|v| v.parse::<u64>().ok())
@@ -201,6 +200,21 @@ fn http_backend(
     let backend = aligner_openai::OpenAiBackend::new(config)
         .map_err(|e| invalid(format!("`--{flag}`: {}", e.message)))?;
     Ok(Arc::new(backend))
+}
+
+/// The base of a proxy backend's config: its URL, model, key and limits.
+fn http_config(
+    url: &str,
+    model: &str,
+    key: Option<String>,
+    (timeout, retries, concurrency): (Duration, u32, u32),
+) -> aligner_openai::Config {
+    let mut config = aligner_openai::Config::new(url, model);
+    config.api_key = key;
+    config.timeout = timeout;
+    config.max_retries = retries;
+    config.max_concurrency = concurrency;
+    config
 }
 
 /// The template an Aligner checkpoint folder records in its `aligner.json`: id, text, file.
@@ -285,12 +299,16 @@ pub async fn run(
     }
     let upstream = http_backend(
         "upstream",
-        &upstream_url,
-        p.upstream_model.as_deref().unwrap_or("default"),
-        api_key("upstream-api-key-env", p.upstream_api_key_env.as_deref())?,
-        seconds("upstream-timeout", p.upstream_timeout)?,
-        p.upstream_retries.unwrap_or(2),
-        concurrency,
+        http_config(
+            &upstream_url,
+            p.upstream_model.as_deref().unwrap_or("default"),
+            api_key("upstream-api-key-env", p.upstream_api_key_env.as_deref())?,
+            (
+                seconds("upstream-timeout", p.upstream_timeout)?,
+                p.upstream_retries.unwrap_or(2),
+                concurrency,
+            ),
+        ),
     )?;
 
     let (aligner, aligner_name, template) = match (&p.aligner, &p.aligner_url) {
@@ -308,6 +326,7 @@ pub async fn run(
             for (flag, set) in [
                 ("aligner-model", p.aligner_model.is_some()),
                 ("aligner-api-key-env", p.aligner_api_key_env.is_some()),
+                ("aligner-endpoint", p.aligner_endpoint.is_some()),
                 ("aligner-timeout", p.aligner_timeout.is_some()),
                 ("aligner-retries", p.aligner_retries.is_some()),
             ] {
@@ -333,15 +352,18 @@ pub async fn run(
                 ));
             };
             let template = resolve_template(p.template.as_deref(), None)?;
-            let generator = http_backend(
-                "aligner-url",
+            let mut config = http_config(
                 &url,
                 model,
                 api_key("aligner-api-key-env", p.aligner_api_key_env.as_deref())?,
-                seconds("aligner-timeout", p.aligner_timeout)?,
-                p.aligner_retries.unwrap_or(2),
-                concurrency,
-            )?;
+                (
+                    seconds("aligner-timeout", p.aligner_timeout)?,
+                    p.aligner_retries.unwrap_or(2),
+                    concurrency,
+                ),
+            );
+            config.raw_as_chat = p.aligner_endpoint == Some(AlignerEndpoint::Chat);
+            let generator = http_backend("aligner-url", config)?;
             (generator, model.to_string(), template)
         }
     };

@@ -142,6 +142,7 @@ fn full_example_parses() {
             tokens_per_minute: Some(200000),
             timeout_secs: 60.0,
             max_retries: 5,
+            raw_endpoint: RawEndpoint::Completions,
         })
     );
     assert_eq!(
@@ -1144,7 +1145,7 @@ fn error_every_unknown_field_at_once() {
     error: unknown field `colour`
       --> pipelines/x.yaml:21:5
        at: models.aligner.colour
-      hint: valid fields here: `kind`, `base_url`, `model`, `api_key_env`, `max_concurrency`, `requests_per_minute`, `tokens_per_minute`, `timeout`, `max_retries`, `path`, `hub`, `revision`, `dtype`
+      hint: valid fields here: `kind`, `base_url`, `model`, `api_key_env`, `max_concurrency`, `requests_per_minute`, `tokens_per_minute`, `timeout`, `max_retries`, `raw_endpoint`, `path`, `hub`, `revision`, `dtype`
 
     error: unknown field `sed`
       --> pipelines/x.yaml:27:3

@@ -62,6 +62,28 @@ pub struct OpenAiModel {
     pub timeout_secs: f64,
     /// Retries after the first attempt. Default 5.
     pub max_retries: u32,
+    /// Where raw prompts (an Aligner's rendered template, a raw judge prompt) go. Default
+    /// `completions`; left out of the snapshot then, so older runs resume unchanged.
+    #[serde(skip_serializing_if = "RawEndpoint::is_completions")]
+    pub raw_endpoint: RawEndpoint,
+}
+
+/// `raw_endpoint:` of an `openai` model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RawEndpoint {
+    /// `POST /v1/completions` with the text as `prompt`.
+    #[default]
+    Completions,
+    /// `POST /v1/chat/completions` with the text as the one user message, for servers that
+    /// serve chat only (most hosted APIs).
+    Chat,
+}
+
+impl RawEndpoint {
+    pub fn is_completions(&self) -> bool {
+        *self == RawEndpoint::Completions
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

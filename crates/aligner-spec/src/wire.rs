@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use aligner_backend::Sampling;
 
-use crate::types::{DpoLoss, TrainMethod};
+use crate::types::{DpoLoss, RawEndpoint, TrainMethod};
 
 /// The whole file. Validation deserializes it block by block (each field on its own), so
 /// the fields are not read: the struct gives the message for a file that is not a mapping
@@ -67,6 +67,7 @@ pub struct ModelWire {
     pub tokens_per_minute: Option<u32>,
     pub timeout: Option<DurationWire>,
     pub max_retries: Option<u32>,
+    pub raw_endpoint: Option<RawEndpoint>,
     // kind: local
     pub path: Option<String>,
     pub hub: Option<String>,
@@ -90,6 +91,7 @@ impl ModelWire {
             tokens_per_minute,
             timeout,
             max_retries,
+            raw_endpoint,
             path,
             hub,
             revision,
@@ -109,6 +111,7 @@ impl ModelWire {
             field!(tokens_per_minute, Openai),
             field!(timeout, Openai),
             field!(max_retries, Openai),
+            field!(raw_endpoint, Openai),
             field!(path, Local),
             field!(hub, Local),
             field!(revision, Local),

@@ -264,6 +264,7 @@ impl Ctx<'_> {
             tokens_per_minute: w.tokens_per_minute,
             timeout_secs,
             max_retries,
+            raw_endpoint: w.raw_endpoint.unwrap_or_default(),
         })
     }
 
