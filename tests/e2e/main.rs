@@ -141,6 +141,7 @@ models:
     kind: openai
     base_url: {url}
     model: mock-upstream
+    weights: /weights/upstream-base
     max_concurrency: {concurrency}
     timeout: 1s
     max_retries: 8
@@ -379,7 +380,10 @@ fn two_rounds_end_to_end_through_faults() {
         )
     );
     // Training ran twice, its output is in the store, checkpoints are registered.
-    assert_eq!(scalar(d, "SELECT count(*) FROM training_jobs WHERE status = 'done' AND reference_model = 'mock-upstream'"), 2);
+    // Round 1 trains the served model's weights (not its served name); round 2 the checkpoint
+    // round 1 wrote; the reference stays the initial weights.
+    assert_eq!(scalar(d, "SELECT count(*) FROM training_jobs WHERE status = 'done' AND reference_model = '/weights/upstream-base'"), 2);
+    assert_eq!(scalar(d, "SELECT count(*) FROM training_logs WHERE line LIKE 'training round 1 on % pairs from base /weights/upstream-base'"), 1);
     assert_eq!(scalar(d, "SELECT count(*) FROM checkpoints"), 2);
     assert!(scalar(d, "SELECT count(*) FROM training_logs WHERE line LIKE 'training round 2 on % pairs from base %round-1/checkpoint'") == 1);
     // Provenance on every row.

@@ -37,24 +37,6 @@ pub struct ServeArgs {
     pub proxy: ProxyArgs,
 }
 
-/// How `--aligner-url` gets the rendered template.
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-pub enum AlignerEndpointArg {
-    /// `POST /completions` with the template as the prompt.
-    Completions,
-    /// `POST /chat/completions` with the template as the one user message (chat-only servers).
-    Chat,
-}
-
-/// What to answer when the Aligner fails.
-#[derive(clap::ValueEnum, Debug, Clone, Copy)]
-pub enum OnAlignerErrorArg {
-    /// A 502 naming the Aligner.
-    Fail,
-    /// The upstream's answer as it is, flagged `aligner_passthrough`.
-    Passthrough,
-}
-
 /// The correction proxy's options (`--upstream` turns it on).
 #[derive(clap::Args, Debug, Default)]
 #[command(next_help_heading = "Correction proxy (with --upstream)")]
@@ -91,8 +73,8 @@ pub struct ProxyArgs {
     /// How `--aligner-url` gets the rendered template: `completions` (raw `/completions`) or
     /// `chat` (the user message of `/chat/completions`, for chat-only servers)
     /// [default: completions].
-    #[arg(long, value_enum, value_name = "API")]
-    pub aligner_endpoint: Option<AlignerEndpointArg>,
+    #[arg(long, value_name = "API", value_parser = ["completions", "chat"])]
+    pub aligner_endpoint: Option<String>,
     /// Seconds to wait for a correction from `--aligner-url`, per attempt [default: 120].
     #[arg(long, value_name = "SECS")]
     pub aligner_timeout: Option<f64>,
@@ -111,8 +93,8 @@ pub struct ProxyArgs {
     pub aligner_temperature: Option<f64>,
     /// When the Aligner fails: `fail` answers 502, `passthrough` returns the upstream's
     /// answer flagged `aligner_passthrough` [default: fail].
-    #[arg(long, value_enum, value_name = "WHAT")]
-    pub on_aligner_error: Option<OnAlignerErrorArg>,
+    #[arg(long, value_name = "WHAT", value_parser = ["fail", "passthrough"])]
+    pub on_aligner_error: Option<String>,
     /// Record every question, answer and correction in this SQLite store (`proxy_records`).
     #[arg(long, value_name = "STORE")]
     pub record: Option<PathBuf>,
@@ -136,18 +118,18 @@ impl From<ProxyArgs> for ProxyOptions {
             aligner_url: a.aligner_url,
             aligner_model: a.aligner_model,
             aligner_api_key_env: a.aligner_api_key_env,
-            aligner_endpoint: a.aligner_endpoint.map(|e| match e {
-                AlignerEndpointArg::Completions => AlignerEndpoint::Completions,
-                AlignerEndpointArg::Chat => AlignerEndpoint::Chat,
+            aligner_endpoint: a.aligner_endpoint.map(|e| match e.as_str() {
+                "chat" => AlignerEndpoint::Chat,
+                _ => AlignerEndpoint::Completions,
             }),
             aligner_timeout: a.aligner_timeout,
             aligner_retries: a.aligner_retries,
             template: a.template,
             aligner_max_tokens: a.aligner_max_tokens,
             aligner_temperature: a.aligner_temperature,
-            on_aligner_error: a.on_aligner_error.map(|w| match w {
-                OnAlignerErrorArg::Fail => OnAlignerError::Fail,
-                OnAlignerErrorArg::Passthrough => OnAlignerError::Passthrough,
+            on_aligner_error: a.on_aligner_error.map(|w| match w.as_str() {
+                "passthrough" => OnAlignerError::Passthrough,
+                _ => OnAlignerError::Fail,
             }),
             record: a.record,
             max_body_bytes: a.max_body_bytes,

@@ -112,7 +112,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
 
     // The model this round trained from, and the DPO reference it resolves to.
     let initial = match &e.spec.models[&e.spec.rounds.generate.model] {
-        ModelSpec::Openai(m) => m.model.clone(),
+        // Its weights, not the name its server gives them (validation requires `weights`).
+        ModelSpec::Openai(m) => m.weights.clone().unwrap_or_else(|| m.model.clone()),
         ModelSpec::Local(m) => match &m.source {
             aligner_spec::LocalSource::Gguf { path, .. }
             | aligner_spec::LocalSource::HfFolder { path, .. } => path.display().to_string(),

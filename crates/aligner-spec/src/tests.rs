@@ -23,6 +23,7 @@ models:
     tokens_per_minute: 200000
     timeout: 60
     max_retries: 5
+    weights: meta-llama/Llama-3.1-8B-Instruct
   aligner:
     kind: local
     path: models/tiny.gguf
@@ -143,6 +144,7 @@ fn full_example_parses() {
             timeout_secs: 60.0,
             max_retries: 5,
             raw_endpoint: RawEndpoint::Completions,
+            weights: Some("meta-llama/Llama-3.1-8B-Instruct".into()),
         })
     );
     assert_eq!(
@@ -432,7 +434,7 @@ fn hf_folder_model() {
     let text = full_with("path: models/tiny.gguf", "path: ./models/hf/");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: model folder `./models/hf/` is missing `tokenizer.json`, `*.safetensors`
-      --> pipelines/x.yaml:18:11
+      --> pipelines/x.yaml:19:11
        at: models.aligner.path
       hint: resolved to `[TMP]/models/hf`
     ");
@@ -526,22 +528,22 @@ fn error_semantic_filter_values() {
     );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: `max_copy_similarity` must be more than 0 and at most 1, got `0`
-      --> pipelines/x.yaml:47:28
+      --> pipelines/x.yaml:48:28
        at: rounds.synthesize.semantic.max_copy_similarity
 
     error: `dedupe_prompts_above` must be more than 0 and at most 1, got `1.5`
-      --> pipelines/x.yaml:48:29
+      --> pipelines/x.yaml:49:29
        at: rounds.synthesize.semantic.dedupe_prompts_above
 
     error: unknown field `dedupe_prompt_above`
-      --> pipelines/x.yaml:49:7
+      --> pipelines/x.yaml:50:7
        at: rounds.synthesize.semantic.dedupe_prompt_above
       hint: did you mean `dedupe_prompts_above`?
     ");
     let text = full_with_semantic("      embedder: models/nothing-here\n");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: embedder folder `models/nothing-here` does not exist
-      --> pipelines/x.yaml:46:17
+      --> pipelines/x.yaml:47:17
        at: rounds.synthesize.semantic.embedder
       hint: resolved to `[TMP]/models/nothing-here`; `aligner models fetch` puts all-MiniLM-L6-v2 into `models/all-MiniLM-L6-v2`
     ");
@@ -549,24 +551,24 @@ fn error_semantic_filter_values() {
     let text = full_with_semantic("      embedder: models/minilm\n");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: embedder folder `models/minilm` is missing `model.safetensors`
-      --> pipelines/x.yaml:46:17
+      --> pipelines/x.yaml:47:17
        at: rounds.synthesize.semantic.embedder
       hint: resolved to `[TMP]/models/minilm`; `aligner models fetch` puts all-MiniLM-L6-v2 into `models/all-MiniLM-L6-v2`
     ");
     let text = full_with_semantic("      max_copy_similarity: high\n");
     insta::assert_snapshot!(errors(&dir, &text), @r#"
     error: missing field `embedder`
-      --> pipelines/x.yaml:45:5
+      --> pipelines/x.yaml:46:5
        at: rounds.synthesize.semantic
 
     error: invalid type: string "high", expected a number
-      --> pipelines/x.yaml:46:28
+      --> pipelines/x.yaml:47:28
        at: rounds.synthesize.semantic.max_copy_similarity
     "#);
     let text = full_with_semantic("      embedder: ${NOPE}/minilm\n");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: environment variable `NOPE` is not set
-      --> pipelines/x.yaml:46:17
+      --> pipelines/x.yaml:47:17
        at: rounds.synthesize.semantic.embedder
       hint: `export NOPE=...`, or give a default: `${NOPE:-...}`
     ");
@@ -766,7 +768,7 @@ fn error_unknown_field_with_typo() {
     );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: unknown field `temprature`
-      --> pipelines/x.yaml:32:17
+      --> pipelines/x.yaml:33:17
        at: rounds.generate.sampling.temprature
       hint: did you mean `temperature`?
     ");
@@ -781,7 +783,7 @@ fn error_unknown_field_in_block_mapping() {
     );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: unknown field `sparkle`
-      --> pipelines/x.yaml:42:5
+      --> pipelines/x.yaml:43:5
        at: rounds.synthesize.sparkle
       hint: valid fields here: `drop_identical`, `min_edit_distance`, `length_ratio`, `drop_empty`, `drop_truncated`, `dedupe_prompts`, `max_pairs`, `semantic`, `benign_refusals`, `benign_preference`
     ");
@@ -793,7 +795,7 @@ fn error_wrong_type() {
     let text = full_with("    n: 1\n", "    n: many\n");
     insta::assert_snapshot!(errors(&dir, &text), @r#"
     error: invalid type: string "many", expected a whole number
-      --> pipelines/x.yaml:31:8
+      --> pipelines/x.yaml:32:8
        at: rounds.generate.n
     "#);
 }
@@ -805,17 +807,22 @@ fn error_several_blocks_at_once() {
         .replace("max_retries: 5", "max_retries: -1")
         .replace("count: 2", "count: two");
     insta::assert_snapshot!(errors(&dir, &text), @r#"
+    error: `weights` is required: the generate model `upstream` is `kind: openai` and round 1's trainer gets its weights as `{base_model}`, not the name a server gives them
+      --> pipelines/x.yaml:6:3
+       at: models.upstream
+      hint: the path or hub id of the served model's weights, e.g. `weights: Qwen/Qwen2.5-7B-Instruct` or `weights: /models/upstream`
+
     error: invalid value: integer `-1`, expected a whole number
       --> pipelines/x.yaml:15:18
        at: models.upstream.max_retries
 
     error: unknown field `seeds`
-      --> pipelines/x.yaml:25:3
+      --> pipelines/x.yaml:26:3
        at: prompts.seeds
       hint: did you mean `seed`?
 
     error: invalid type: string "two", expected a whole number
-      --> pipelines/x.yaml:28:10
+      --> pipelines/x.yaml:29:10
        at: rounds.count
     "#);
 }
@@ -826,7 +833,7 @@ fn error_missing_prompts_file() {
     let text = full_with("source: data/prompts.jsonl", "source: data/missing.jsonl");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: prompts file `data/missing.jsonl` does not exist
-      --> pipelines/x.yaml:21:11
+      --> pipelines/x.yaml:22:11
        at: prompts.source
       hint: resolved to `[TMP]/data/missing.jsonl`
     ");
@@ -839,12 +846,12 @@ fn error_undefined_model_names() {
         full_with("model: aligner", "model: alignr").replace("judge: upstream", "judge: gpt4");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: model `alignr` is not defined in `models`
-      --> pipelines/x.yaml:34:12
+      --> pipelines/x.yaml:35:12
        at: rounds.correct.model
       hint: did you mean `aligner`?
 
     error: model `gpt4` is not defined in `models`
-      --> pipelines/x.yaml:63:12
+      --> pipelines/x.yaml:64:12
        at: rounds.evaluate.judge
       hint: models defined: `aligner`, `upstream`
     ");
@@ -859,15 +866,15 @@ fn error_out_of_range() {
     );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: `temperature` must be between 0 and 2, got `3`
-      --> pipelines/x.yaml:32:30
+      --> pipelines/x.yaml:33:30
        at: rounds.generate.sampling.temperature
 
     error: `top_p` must be more than 0 and at most 1, got `0`
-      --> pipelines/x.yaml:36:42
+      --> pipelines/x.yaml:37:42
        at: rounds.correct.sampling.top_p
 
     error: `frequency_penalty` must be between -2 and 2, got `2.5`
-      --> pipelines/x.yaml:36:75
+      --> pipelines/x.yaml:37:75
        at: rounds.correct.sampling.frequency_penalty
     ");
 }
@@ -908,13 +915,13 @@ fn error_bad_enum_value() {
     let dir = setup();
     insta::assert_snapshot!(errors(&dir, &full_with("method: dpo", "method: dpoo")), @r"
     error: unknown variant `dpoo`, expected `dpo` or `sft`
-      --> pipelines/x.yaml:46:13
+      --> pipelines/x.yaml:47:13
        at: rounds.train.method
       hint: did you mean `dpo`?
     ");
     insta::assert_snapshot!(errors(&dir, &full_with("loss: sigmoid", "loss: squared")), @r"
     error: unknown variant `squared`, expected one of `sigmoid`, `ipo`, `hinge`, `robust`, `apo_zero`, `apo_down`, `sigmoid_nll`
-      --> pipelines/x.yaml:48:11
+      --> pipelines/x.yaml:49:11
        at: rounds.train.loss
     ");
 }
@@ -928,13 +935,13 @@ fn error_custom_template_without_answer() {
     );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: custom template is missing `{answer}`
-      --> pipelines/x.yaml:35:15
+      --> pipelines/x.yaml:36:15
        at: rounds.correct.template
       hint: write `{question}` and `{answer}` where the question and the answer go, or use a built-in template: `aligner-v1`, `aligner-general`, `aligner-empathy`
     ");
     insta::assert_snapshot!(errors(&dir, &full_with("template: aligner-v1", "template: aligner-v2")), @r"
     error: unknown template `aligner-v2`
-      --> pipelines/x.yaml:35:15
+      --> pipelines/x.yaml:36:15
        at: rounds.correct.template
       hint: did you mean `aligner-v1`?
     ");
@@ -963,11 +970,11 @@ fn error_yaml_syntax() {
     let text = full_with("  count: 2\n", "  count: [2\n");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: invalid yaml: while parsing a flow sequence, expected ',' or ']'
-      --> pipelines/x.yaml:30:10
+      --> pipelines/x.yaml:31:10
     ");
     insta::assert_snapshot!(errors(&dir, &full_with("  seed: 7\n", "  seed: 7\n  seed: 8\n")), @r"
     error: duplicate key `seed`
-      --> pipelines/x.yaml:26:3
+      --> pipelines/x.yaml:27:3
        at: prompts.seed
       hint: each key may appear only once in a mapping
     ");
@@ -980,12 +987,12 @@ fn error_serve_model_and_command() {
         .replace(" --out {output_dir}", "");
     insta::assert_snapshot!(errors(&dir, &text), @r#"
     error: `serve_model` is required: the generate model `upstream` is `kind: openai`
-      --> pipelines/x.yaml:56:5
+      --> pipelines/x.yaml:57:5
        at: rounds.train.backend
       hint: the name under which your server will serve the new checkpoint, e.g. `serve_model: "ckpt-round-{round}"` (`{round}` and `{output_dir}` are filled in)
 
     error: `command` does not use `{output_dir}`
-      --> pipelines/x.yaml:58:16
+      --> pipelines/x.yaml:59:16
        at: rounds.train.backend.command
       hint: the trainer must write the new checkpoint to `{output_dir}`; also available: `{data}`, `{base_model}`, `{round}`
     "#);
@@ -1003,17 +1010,22 @@ fn error_model_fields_and_files() {
     .replace("max_concurrency: 16", "max_concurrency: 0");
     // `upstream` has a type error, so its other checks wait; `aligner` is still checked.
     insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: `weights` is required: the generate model `upstream` is `kind: openai` and round 1's trainer gets its weights as `{base_model}`, not the name a server gives them
+      --> pipelines/x.yaml:6:3
+       at: models.upstream
+      hint: the path or hub id of the served model's weights, e.g. `weights: Qwen/Qwen2.5-7B-Instruct` or `weights: /models/upstream`
+
     error: invalid duration `soon`, expected a number of seconds or a string like `500ms`, `60s`, `2m`
       --> pipelines/x.yaml:14:14
        at: models.upstream.timeout
 
     error: `models/fake.gguf` is not a GGUF file
-      --> pipelines/x.yaml:18:11
+      --> pipelines/x.yaml:19:11
        at: models.aligner.path
       hint: its first bytes are not `GGUF`; give a `.gguf` file or a Hugging Face model folder
 
     error: field `base_url` does not apply to `kind: local`
-      --> pipelines/x.yaml:19:5
+      --> pipelines/x.yaml:20:5
        at: models.aligner.base_url
       hint: `kind: local` takes `path`, `hub`, `revision`, `dtype`
     ");
@@ -1028,12 +1040,12 @@ fn error_model_fields_and_files() {
        at: models.upstream.max_concurrency
 
     error: `models/fake.gguf` is not a GGUF file
-      --> pipelines/x.yaml:18:11
+      --> pipelines/x.yaml:19:11
        at: models.aligner.path
       hint: its first bytes are not `GGUF`; give a `.gguf` file or a Hugging Face model folder
 
     error: field `base_url` does not apply to `kind: local`
-      --> pipelines/x.yaml:19:5
+      --> pipelines/x.yaml:20:5
        at: models.aligner.base_url
       hint: `kind: local` takes `path`, `hub`, `revision`, `dtype`
     ");
@@ -1143,22 +1155,22 @@ fn error_every_unknown_field_at_once() {
       hint: valid fields here: `version`, `name`, `store`, `workdir`, `models`, `prompts`, `rounds`, `aligner`
 
     error: unknown field `colour`
-      --> pipelines/x.yaml:21:5
+      --> pipelines/x.yaml:22:5
        at: models.aligner.colour
-      hint: valid fields here: `kind`, `base_url`, `model`, `api_key_env`, `max_concurrency`, `requests_per_minute`, `tokens_per_minute`, `timeout`, `max_retries`, `raw_endpoint`, `path`, `hub`, `revision`, `dtype`
+      hint: valid fields here: `kind`, `base_url`, `model`, `api_key_env`, `max_concurrency`, `requests_per_minute`, `tokens_per_minute`, `timeout`, `max_retries`, `raw_endpoint`, `weights`, `path`, `hub`, `revision`, `dtype`
 
     error: unknown field `sed`
-      --> pipelines/x.yaml:27:3
+      --> pipelines/x.yaml:28:3
        at: prompts.sed
       hint: did you mean `seed`?
 
     error: unknown field `extra`
-      --> pipelines/x.yaml:31:3
+      --> pipelines/x.yaml:32:3
        at: rounds.extra
       hint: valid fields here: `count`, `generate`, `correct`, `synthesize`, `train`, `evaluate`
 
     error: unknown field `formt`
-      --> pipelines/x.yaml:62:7
+      --> pipelines/x.yaml:63:7
        at: rounds.train.backend.formt
       hint: did you mean `format`?
     ");
@@ -1178,27 +1190,27 @@ fn error_misspelled_required_fields_are_not_also_missing() {
     .replace("prompts:\n", "promts:\n");
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: unknown field `pth`
-      --> pipelines/x.yaml:18:5
+      --> pipelines/x.yaml:19:5
        at: models.aligner.pth
       hint: did you mean `path`?
 
     error: unknown field `promts`
-      --> pipelines/x.yaml:20:1
+      --> pipelines/x.yaml:21:1
        at: promts
       hint: did you mean `prompts`?
 
     error: unknown field `modle`
-      --> pipelines/x.yaml:30:5
+      --> pipelines/x.yaml:31:5
        at: rounds.generate.modle
       hint: did you mean `model`?
 
     error: unknown field `comand`
-      --> pipelines/x.yaml:58:7
+      --> pipelines/x.yaml:59:7
        at: rounds.train.backend.comand
       hint: did you mean `command`?
 
     error: unknown field `serve_modle`
-      --> pipelines/x.yaml:61:7
+      --> pipelines/x.yaml:62:7
        at: rounds.train.backend.serve_modle
       hint: did you mean `serve_model`?
     ");
@@ -1216,23 +1228,23 @@ fn error_several_type_errors_in_one_block() {
         .replace("beta: 0.1", "beta: high");
     insta::assert_snapshot!(errors(&dir, &text), @r#"
     error: invalid type: sequence, expected a string
-      --> pipelines/x.yaml:30:12
+      --> pipelines/x.yaml:31:12
        at: rounds.generate.model
 
     error: invalid type: string "many", expected a whole number
-      --> pipelines/x.yaml:31:8
+      --> pipelines/x.yaml:32:8
        at: rounds.generate.n
 
     error: invalid type: string "x", expected a whole number
-      --> pipelines/x.yaml:32:154
+      --> pipelines/x.yaml:33:154
        at: rounds.generate.sampling.seed
 
     error: invalid type: string "high", expected a number
-      --> pipelines/x.yaml:47:11
+      --> pipelines/x.yaml:48:11
        at: rounds.train.beta
 
     error: unknown variant `cmd`, expected `command` or `builtin`
-      --> pipelines/x.yaml:57:13
+      --> pipelines/x.yaml:58:13
        at: rounds.train.backend.kind
     "#);
 }
@@ -1250,6 +1262,11 @@ fn error_broken_models_block_skips_model_references() {
     // A broken entry still defines its name.
     let text = full_with("timeout: 60", "timeout: [60]");
     insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: `weights` is required: the generate model `upstream` is `kind: openai` and round 1's trainer gets its weights as `{base_model}`, not the name a server gives them
+      --> pipelines/x.yaml:6:3
+       at: models.upstream
+      hint: the path or hub id of the served model's weights, e.g. `weights: Qwen/Qwen2.5-7B-Instruct` or `weights: /models/upstream`
+
     error: invalid type: sequence, expected a number of seconds or a duration like `500ms`, `60s`, `2m`
       --> pipelines/x.yaml:14:14
        at: models.upstream.timeout
@@ -1327,17 +1344,17 @@ fn aligner_block_errors_name_the_place_and_the_fix() {
     );
     insta::assert_snapshot!(errors(&dir, &text), @r"
     error: the trained Aligner `trained` is trained with the template `aligner-v1`, but `rounds.correct.template` is `aligner-general`
-      --> pipelines/x.yaml:35:15
+      --> pipelines/x.yaml:36:15
        at: rounds.correct.template
       hint: use the same template in both places, so the Aligner reads the prompts it was trained on
 
     error: the refusal teacher needs `aligner.labels` to tell harmful prompts from benign ones
-      --> pipelines/x.yaml:69:1
+      --> pipelines/x.yaml:70:1
        at: aligner
       hint: e.g. `labels: { field: source, harmful: [strongreject, harmbench] }`
 
     error: `train_layers` and `lora` exclude each other
-      --> pipelines/x.yaml:76:46
+      --> pipelines/x.yaml:77:46
        at: aligner.train.train_layers
       hint: LoRA adapts every layer's named projections; `train_layers` trains the last N layers fully
     ");

@@ -66,6 +66,11 @@ pub struct OpenAiModel {
     /// `completions`; left out of the snapshot then, so older runs resume unchanged.
     #[serde(skip_serializing_if = "RawEndpoint::is_completions")]
     pub raw_endpoint: RawEndpoint,
+    /// Where the served model's weights are (a path or hub id): what a `command` trainer gets
+    /// as `{base_model}` in round 1 (and `{ref_model}` for `reference: initial`), as opposed to
+    /// the name the server gives them (`model`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
 }
 
 /// `raw_endpoint:` of an `openai` model.

@@ -68,6 +68,7 @@ pub struct ModelWire {
     pub timeout: Option<DurationWire>,
     pub max_retries: Option<u32>,
     pub raw_endpoint: Option<RawEndpoint>,
+    pub weights: Option<String>,
     // kind: local
     pub path: Option<String>,
     pub hub: Option<String>,
@@ -92,6 +93,7 @@ impl ModelWire {
             timeout,
             max_retries,
             raw_endpoint,
+            weights,
             path,
             hub,
             revision,
@@ -112,6 +114,7 @@ impl ModelWire {
             field!(timeout, Openai),
             field!(max_retries, Openai),
             field!(raw_endpoint, Openai),
+            field!(weights, Openai),
             field!(path, Local),
             field!(hub, Local),
             field!(revision, Local),

@@ -254,6 +254,20 @@ impl Ctx<'_> {
             "between 0 and 100",
             max_retries,
         );
+        let weights = w.weights.as_ref().and_then(|raw| {
+            let p = join(path, "weights");
+            let v = self.interpolate(&p, raw)?;
+            if v.trim().is_empty() {
+                self.err(
+                    &p,
+                    Anchor::Value,
+                    "`weights` is empty",
+                    Some("a path or hub id of the served model's weights".into()),
+                );
+                return None;
+            }
+            Some(v)
+        });
         let (base_url, model) = (base_url?, model?);
         ok.then(|| OpenAiModel {
             base_url,
@@ -265,6 +279,7 @@ impl Ctx<'_> {
             timeout_secs,
             max_retries,
             raw_endpoint: w.raw_endpoint.unwrap_or_default(),
+            weights,
         })
     }
 

@@ -123,9 +123,21 @@ impl Ctx<'_> {
                 .is_some_and(|m| m.kind == Some(ModelKind::Openai))
         });
         let generate_model = w.generate.as_ref().map_or("", |g| g.model.as_str());
+        // Whether an `openai` generate model says where its weights are (`weights:`).
+        let generate_has_weights = w.generate.as_ref().is_some_and(|g| {
+            models
+                .and_then(|m| m.get(&g.model))
+                .and_then(|m| m.wire.as_ref())
+                .is_some_and(|m| m.weights.is_some())
+        });
         let train = w.train.as_ref().map(|t| {
-            t.as_ref()
-                .map(|t| self.train(t, generate_is_openai, generate_model))
+            t.as_ref().map(|t| {
+                self.train(
+                    t,
+                    (generate_is_openai, generate_has_weights),
+                    generate_model,
+                )
+            })
         });
         // `Some(None)`: no train block. A broken one counts as present (its own error is
         // reported), so the evaluate block does not pile on.

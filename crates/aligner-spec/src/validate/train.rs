@@ -89,7 +89,7 @@ impl Ctx<'_> {
     pub(super) fn train(
         &mut self,
         w: &TrainWire,
-        generate_is_openai: bool,
+        (generate_is_openai, generate_has_weights): (bool, bool),
         generate_model: &str,
     ) -> Option<TrainStage> {
         let p = |f: &str| join("rounds.train", f);
@@ -210,6 +210,14 @@ impl Ctx<'_> {
                         }
                     }),
                 };
+                if generate_is_openai && !generate_has_weights {
+                    self.missing(
+                        &format!("models.{generate_model}"),
+                        "weights",
+                        format!("`weights` is required: the generate model `{generate_model}` is `kind: openai` and round 1's trainer gets its weights as `{{base_model}}`, not the name a server gives them"),
+                        Some("the path or hub id of the served model's weights, e.g. `weights: Qwen/Qwen2.5-7B-Instruct` or `weights: /models/upstream`".into()),
+                    );
+                }
                 if b.serve_model.is_none() && generate_is_openai {
                     self.missing(
                         &p("backend"),
