@@ -691,11 +691,141 @@ fn a_failing_train_command_fails_the_run_with_its_output() {
         scalar(d, "SELECT attempts FROM training_jobs WHERE round = 1"),
         2
     );
+    // The failed attempt's folder and output went when the next attempt started; the good
+    // one's folder became the checkpoint.
+    assert_eq!(attempt_files(d), Vec::<std::path::PathBuf>::new());
     let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'") as u64;
     assert_eq!(
         server.stats().ok - before,
         2 * train,
         "only round 2's calls were made"
+    );
+}
+
+/// A trainer that takes a while, counting its starts in `starts.log`.
+const SLOW_TRAIN_SCRIPT: &str = r#"#!/bin/sh
+set -e
+echo started >> starts.log
+echo "step 1"
+sleep 3
+echo "step 2" >&2
+mkdir -p "$2"
+echo '{"model_type": "llama"}' > "$2/config.json"
+echo "done"
+"#;
+
+/// Attempt folders and output files anywhere under `dir`.
+fn attempt_files(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let path = entry.path();
+            if entry
+                .file_name()
+                .to_string_lossy()
+                .starts_with("checkpoint.attempt-")
+            {
+                found.push(path.clone());
+            }
+            if path.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    found
+}
+
+/// `kill -9` of the orchestrator while a `command` trainer runs: the trainer keeps running,
+/// and the resumed run follows it again instead of starting another. One trainer start, no
+/// log line stored twice, its checkpoint registered, no attempt folder left behind.
+#[test]
+fn a_resumed_run_follows_the_trainer_a_killed_run_started() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = setup(&server, 10, &[], 1, 4, true);
+    let d = dir.path();
+    std::fs::write(d.join("train.sh"), SLOW_TRAIN_SCRIPT).unwrap();
+    let mut child = spawn_run(d);
+    wait_until("the trainer's first line", Duration::from_secs(60), || {
+        std::path::Path::new(&d.join("s.db")).exists()
+            && scalar(
+                d,
+                "SELECT count(*) FROM training_logs WHERE line = 'step 1'",
+            ) == 1
+    });
+    child.kill().unwrap(); // SIGKILL: no chance to stop the trainer
+    child.wait().unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("following its trainer again"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("starts.log")).unwrap(),
+        "started\n",
+        "the trainer was started once"
+    );
+    for (line, stream) in [
+        ("step 1", "stdout"),
+        ("step 2", "stderr"),
+        ("done", "stdout"),
+    ] {
+        assert_eq!(
+            scalar(d, &format!("SELECT count(*) FROM training_logs WHERE line = '{line}' AND stream = '{stream}'")),
+            1,
+            "{line}"
+        );
+    }
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM training_jobs WHERE status = 'done' AND attempts = 1 AND process IS NULL"),
+        1
+    );
+    assert_eq!(scalar(d, "SELECT count(*) FROM checkpoints"), 1);
+    assert_eq!(attempt_files(d), Vec::<std::path::PathBuf>::new());
+}
+
+/// `aligner cancel` of a run whose process was killed stops the trainer it left running.
+#[test]
+fn cancel_stops_the_trainer_a_killed_run_left_running() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = setup(&server, 10, &[], 1, 4, true);
+    let d = dir.path();
+    std::fs::write(
+        d.join("train.sh"),
+        SLOW_TRAIN_SCRIPT.replace("sleep 3", "sleep 30"),
+    )
+    .unwrap();
+    let mut child = spawn_run(d);
+    wait_until("the trainer's first line", Duration::from_secs(60), || {
+        d.join("s.db").exists()
+            && scalar(
+                d,
+                "SELECT count(*) FROM training_logs WHERE line = 'step 1'",
+            ) == 1
+    });
+    let pid = scalar(
+        d,
+        "SELECT json_extract(process, '$.pid') FROM training_jobs",
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the trainer outlives its orchestrator"
+    );
+    let o = run(&["cancel", "1", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_until("the trainer to stop", Duration::from_secs(10), || {
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM training_jobs WHERE status = 'failed' AND error = 'cancelled'"
+        ),
+        1
     );
 }
 

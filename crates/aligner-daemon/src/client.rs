@@ -229,6 +229,8 @@ pub async fn cancel_in_store(store: &Store, run: &str) -> Result<i64> {
             Some("cancelled with `aligner cancel`"),
         )
         .await?;
+    // A trainer the dead process started may still be running: it is ours, stop it.
+    aligner_engine::stop_orphaned_trainers(store, row.id).await?;
     Ok(row.id)
 }
 

@@ -19,6 +19,8 @@ mod semantic;
 mod stages;
 mod teach;
 mod train;
+mod trainer_process;
+pub use trainer_process::stop_orphaned_trainers;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};

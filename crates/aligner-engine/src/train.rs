@@ -3,11 +3,7 @@
 //! the checkpoint folder, and registers the checkpoint as the next round's upstream.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::{Duration, Instant};
-
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
+use std::time::Duration;
 
 use aligner_dataset::{Format, Kind};
 use aligner_spec::{
@@ -16,6 +12,7 @@ use aligner_spec::{
 use aligner_store::{EventKind, Level, NewTrainingJob, StageEnd, StageStatus};
 
 use crate::stages::Ctx;
+use crate::trainer_process::{self, Identity};
 use crate::{Error, Result, Stage};
 
 /// Quotes a value for `sh` (single quotes; embedded ones closed and escaped).
@@ -150,144 +147,109 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     // output folder work on resume.
     let out = dir.join("checkpoint");
     let previous = e.store.training_job(run_id, round).await?;
-    if let Some(pgid) = previous
+    // The trainer this round started last time, when the job never finished: still running
+    // (followed again), or ended while no orchestrator watched (its result is taken as it is).
+    let last = previous
         .as_ref()
         .filter(|j| j.status == StageStatus::Running)
-        .and_then(|j| j.pgid)
-    {
-        // A trainer that outlived a killed `aligner` must not race the new attempt.
-        kill_group(pgid, "KILL").await;
-    }
-    let attempt = previous.map_or(1, |j| j.attempts + 1);
-    let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
-    if attempt_dir.exists() {
-        std::fs::remove_dir_all(&attempt_dir)
-            .map_err(|err| stage_err(format!("cannot clear `{}`: {err}", attempt_dir.display())))?;
-    }
-    let pairs = round_pairs(ctx).await?;
-    let kind = match train.method {
-        TrainMethod::Dpo => Kind::Dpo,
-        TrainMethod::Sft => Kind::Sft,
-    };
-    let fmt = if matches!(format, ExportFormat::Parquet) {
-        Format::Parquet
-    } else {
-        Format::Jsonl
-    };
-    aligner_dataset::write_pairs(&data, fmt, kind, *conversational, &pairs)?;
-
-    let values = placeholders(train, &data, &base, &reference, &attempt_dir, ctx.round);
-    let rendered = render_command(command, &values);
-    let job = start_job(
-        ctx,
-        train,
-        RoundJob {
-            backend: "command",
-            reference: &reference,
-            base: &base,
-            data: &data,
-            pairs: pairs.len(),
-            out: &out,
-            command: Some(&rendered),
-        },
-    )
-    .await?;
-    e.observer.note(&format!(
-        "round {} train: {} pairs -> `{}`",
-        ctx.round,
-        pairs.len(),
-        rendered
-    ));
-    e.event(run_id, Some(ctx.round), Some(Stage::Train), Level::Info, EventKind::TrainStarted, &rendered, Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len(), "reference": reference}))).await;
-
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg(&rendered)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        // Its own process group, so stopping it stops the whole trainer, not just `sh`.
-        .process_group(0);
-    for (k, v) in &values {
-        cmd.env(format!("ALIGNER_{}", k.to_uppercase()), v);
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|err| stage_err(format!("cannot start `sh -c {rendered}`: {err}")))?;
-    let pgid = child.id().map(i64::from);
-    e.store.set_training_pgid(job.id, pgid).await?;
-    let mut stopping = false;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<(String, String)>(1024);
-    for (name, pipe) in [
-        (
-            "stdout",
-            child
-                .stdout
-                .take()
-                .map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
-        ),
-        ("stderr", child.stderr.take().map(|p| Box::new(p) as _)),
-    ] {
-        let Some(pipe) = pipe else { continue };
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(pipe).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if tx.send((name.to_string(), line)).await.is_err() {
-                    break;
-                }
-            }
-        });
-    }
-    drop(tx);
-    // Stream the log into the store in small batches; keep the tail for the error message.
-    let mut tail: std::collections::VecDeque<String> = Default::default();
-    let mut buf = Vec::new();
-    let mut last = Instant::now();
-    loop {
-        let next = tokio::time::timeout(Duration::from_millis(250), rx.recv()).await;
-        let closed = matches!(next, Ok(None));
-        if let Ok(Some((stream, line))) = next {
-            tracing::info!(target: "aligner::train", "{line}");
-            if tail.len() == 20 {
-                tail.pop_front();
-            }
-            tail.push_back(line.clone());
-            buf.push((stream, line));
+        .and_then(|j| j.process.as_deref())
+        .and_then(|p| serde_json::from_str::<Identity>(p).ok())
+        .filter(|id| id.is_alive() || id.exit_code().is_some());
+    let (job, id, child, offsets) = match (previous, last) {
+        (Some(job), Some(id)) => {
+            let how = if id.is_alive() {
+                format!(
+                    "following its trainer again (pid {}, still running)",
+                    id.pid
+                )
+            } else {
+                format!(
+                    "its trainer (pid {}) ended while no orchestrator watched; taking its result",
+                    id.pid
+                )
+            };
+            let message = format!("round {} train: attempt {} {how}", ctx.round, id.attempt);
+            e.observer.note(&message);
+            e.event(
+                run_id,
+                Some(ctx.round),
+                Some(Stage::Train),
+                Level::Info,
+                EventKind::TrainStarted,
+                &message,
+                Some(serde_json::json!({"attempt": id.attempt, "reattached": true, "pid": id.pid})),
+            )
+            .await;
+            let offsets = (job.stdout_offset, job.stderr_offset);
+            (job, id, None, offsets)
         }
-        if !buf.is_empty()
-            && (closed || buf.len() >= 64 || last.elapsed() >= Duration::from_millis(250))
-        {
+        (previous, _) => {
+            let attempt = previous.map_or(1, |j| j.attempts + 1);
+            // Earlier attempts' folders and output files go now: only the last failed
+            // attempt is kept (for a look) until the next one starts.
+            remove_attempts(&dir).map_err(stage_err)?;
+            let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
+            let pairs = round_pairs(ctx).await?;
+            let kind = match train.method {
+                TrainMethod::Dpo => Kind::Dpo,
+                TrainMethod::Sft => Kind::Sft,
+            };
+            let fmt = if matches!(format, ExportFormat::Parquet) {
+                Format::Parquet
+            } else {
+                Format::Jsonl
+            };
+            aligner_dataset::write_pairs(&data, fmt, kind, *conversational, &pairs)?;
+            let values = placeholders(train, &data, &base, &reference, &attempt_dir, ctx.round);
+            let rendered = render_command(command, &values);
+            let job = start_job(
+                ctx,
+                train,
+                RoundJob {
+                    backend: "command",
+                    reference: &reference,
+                    base: &base,
+                    data: &data,
+                    pairs: pairs.len(),
+                    out: &out,
+                    command: Some(&rendered),
+                },
+            )
+            .await?;
+            e.observer.note(&format!(
+                "round {} train: {} pairs -> `{}`",
+                ctx.round,
+                pairs.len(),
+                rendered
+            ));
+            e.event(run_id, Some(ctx.round), Some(Stage::Train), Level::Info, EventKind::TrainStarted, &rendered, Some(serde_json::json!({"attempt": job.attempts, "pairs": pairs.len(), "reference": reference}))).await;
+            let env: Vec<(String, String)> = values
+                .iter()
+                .map(|(k, v)| (format!("ALIGNER_{}", k.to_uppercase()), v.clone()))
+                .collect();
+            let (child, id) =
+                trainer_process::spawn(&rendered, &env, job.attempts, &attempt_dir)
+                    .map_err(|err| stage_err(format!("cannot start `sh -c {rendered}`: {err}")))?;
+            let identity = serde_json::to_string(&id).expect("an identity serializes");
             e.store
-                .append_training_logs(job.id, job.attempts, &std::mem::take(&mut buf))
+                .set_training_process(job.id, Some(&identity))
                 .await?;
-            last = Instant::now();
+            e.store.set_training_pgid(job.id, Some(id.pid)).await?;
+            (job, id, Some(child), (0, 0))
         }
-        if closed {
-            break;
-        }
-        if e.interrupted() && !stopping {
-            stopping = true;
-            if let Some(pgid) = pgid {
-                kill_group(pgid, "TERM").await;
-            }
-        }
-    }
-    let status = child
-        .wait()
-        .await
-        .map_err(|err| stage_err(format!("waiting for the train command: {err}")))?;
+    };
+    let attempt_dir = id.attempt_dir.clone();
+    let (code, tail) = follow(ctx, &job, &id, child, offsets).await?;
+    e.store.set_training_process(job.id, None).await?;
     e.store.set_training_pgid(job.id, None).await?;
-    let code = status.code().map(i64::from);
-    let tail_text = tail.iter().cloned().collect::<Vec<_>>().join("\n  ");
+    let tail_text = tail.join("\n  ");
     if e.interrupted() {
         e.store
             .finish_training_job(job.id, StageStatus::Failed, code, Some("interrupted"))
             .await?;
         return Err(e.interrupted_error(run_id));
     }
-    let failure = if !status.success() {
+    let failure = if code != Some(0) {
         Some(format!("train command exited with {}; last output:\n  {tail_text}\nhint: the full log is in `training_logs` (job {})", code.map_or("a signal".into(), |c| c.to_string()), job.id))
     } else if !attempt_dir.is_dir()
         || std::fs::read_dir(&attempt_dir)
@@ -297,6 +259,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         Some(format!("train command exited 0 but wrote no checkpoint into `{}`\nhint: the command must write the trained model into `{{output_dir}}`", attempt_dir.display()))
     } else {
         move_into_place(&attempt_dir, &out).map_err(stage_err)?;
+        // Its output is in `training_logs`: the files go with the folder.
+        remove_attempts(&dir).map_err(stage_err)?;
         None
     };
     if let Some(message) = failure {
@@ -310,6 +274,87 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
             .replace("{output_dir}", &out.display().to_string())
     });
     register(ctx, job.id, code.unwrap_or(0), &out, serve).await
+}
+
+/// Follows a trainer until it ends: its output files into `training_logs` (from the offsets
+/// already stored), SIGTERM to its group when the run is interrupted. Returns its exit status
+/// (`None`: killed by a signal) and the last lines of its output.
+async fn follow(
+    ctx: &Ctx<'_>,
+    job: &aligner_store::TrainingJobRow,
+    id: &Identity,
+    mut child: Option<tokio::process::Child>,
+    mut offsets: (i64, i64),
+) -> Result<(Option<i64>, Vec<String>)> {
+    let e = ctx.engine;
+    let mut tail: std::collections::VecDeque<String> = Default::default();
+    let mut stopping = false;
+    let mut status = None;
+    loop {
+        // Whether it has ended is asked before reading, so the last read sees everything.
+        let ended = match &mut child {
+            Some(c) => match c.try_wait() {
+                Ok(Some(s)) => {
+                    status = Some(s.code().map(i64::from));
+                    true
+                }
+                Ok(None) => false,
+                Err(_) => !id.is_alive(),
+            },
+            None => !id.is_alive(),
+        };
+        let (out, out_at) = trainer_process::read_lines(&id.stdout, offsets.0);
+        let (err, err_at) = trainer_process::read_lines(&id.stderr, offsets.1);
+        if (out_at, err_at) != offsets {
+            let lines: Vec<(String, String)> = out
+                .into_iter()
+                .map(|l| ("stdout".to_string(), l))
+                .chain(err.into_iter().map(|l| ("stderr".to_string(), l)))
+                .collect();
+            for (_, line) in &lines {
+                tracing::info!(target: "aligner::train", "{line}");
+                if tail.len() == 20 {
+                    tail.pop_front();
+                }
+                tail.push_back(line.clone());
+            }
+            offsets = (out_at, err_at);
+            e.store
+                .append_training_output(job.id, id.attempt, &lines, offsets)
+                .await?;
+        }
+        if ended {
+            break;
+        }
+        if e.interrupted() && !stopping {
+            stopping = true;
+            trainer_process::kill_group(id.pid, "TERM").await;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let code = status.unwrap_or_else(|| id.exit_code());
+    Ok((code, tail.into()))
+}
+
+/// Removes the round's earlier attempt folders and their output files.
+fn remove_attempts(dir: &Path) -> std::result::Result<(), String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("checkpoint.attempt-") {
+            continue;
+        }
+        let path = entry.path();
+        let removed = if path.is_dir() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.map_err(|err| format!("cannot clear `{}`: {err}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// Marks the round's train stage failed with `message`; returns the error to stop with.
@@ -657,16 +702,6 @@ pub(crate) fn checkpoint_model(path: &str) -> aligner_spec::LocalModel {
         },
         dtype: "q8_0".into(),
     }
-}
-
-/// Signals a process group (`kill -SIG -- -PGID`); a group that is already gone is fine.
-async fn kill_group(pgid: i64, signal: &str) {
-    let _ = Command::new("kill")
-        .args([format!("-{signal}"), "--".into(), format!("-{pgid}")])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .await;
 }
 
 #[cfg(test)]

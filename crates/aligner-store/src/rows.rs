@@ -268,6 +268,10 @@ pub struct TrainingJobRow {
     pub output_dir: String,
     pub error: Option<String>,
     pub pgid: Option<i64>,
+    /// JSON: who the running `command` trainer is and where its output goes.
+    pub process: Option<String>,
+    pub stdout_offset: i64,
+    pub stderr_offset: i64,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]

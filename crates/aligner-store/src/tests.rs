@@ -41,7 +41,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "proxy records".to_string(),
             "daemon".to_string(),
             "pair origin".to_string(),
-            "daemon crashes".to_string()
+            "daemon crashes".to_string(),
+            "training process".to_string()
         ]
     );
     let tables = store

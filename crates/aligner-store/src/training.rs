@@ -36,7 +36,7 @@ impl Store {
 
     pub async fn training_job(&self, run_id: i64, round: i64) -> Result<Option<TrainingJobRow>> {
         Ok(sqlx::query_as::<_, TrainingJobRow>(
-            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, pgid FROM training_jobs WHERE run_id = ? AND round = ?",
+            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, pgid, process, stdout_offset, stderr_offset FROM training_jobs WHERE run_id = ? AND round = ?",
         )
         .bind(run_id)
         .bind(round)
@@ -52,6 +52,67 @@ impl Store {
             .bind(job_id)
             .execute(&self.pool)
             .await?;
+        Ok(())
+    }
+
+    /// A run's training jobs still marked running.
+    pub async fn running_training_jobs(&self, run_id: i64) -> Result<Vec<TrainingJobRow>> {
+        Ok(sqlx::query_as::<_, TrainingJobRow>(
+            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, pgid, process, stdout_offset, stderr_offset FROM training_jobs WHERE run_id = ? AND status = 'running' ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Records who the running trainer of a job's current attempt is (`None` once it ended),
+    /// with its output not yet read: both offsets start again at 0.
+    pub async fn set_training_process(&self, job_id: i64, process: Option<&str>) -> Result<()> {
+        let reset = if process.is_some() {
+            ", stdout_offset = 0, stderr_offset = 0"
+        } else {
+            ""
+        };
+        sqlx::query(&format!(
+            "UPDATE training_jobs SET process = ?{reset} WHERE id = ?"
+        ))
+        .bind(process)
+        .bind(job_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Appends lines read from a trainer's output files and records how far each file has
+    /// been read, in one transaction: a follower that restarts reads on from there, so no line
+    /// is stored twice or lost.
+    pub async fn append_training_output(
+        &self,
+        job_id: i64,
+        attempt: i64,
+        lines: &[(String, String)],
+        (stdout_offset, stderr_offset): (i64, i64),
+    ) -> Result<()> {
+        const INSERT: BatchInsert =
+            BatchInsert::new("INSERT INTO training_logs (training_job_id, attempt, stream, line) ");
+        let mut tx = self.pool.begin().await?;
+        if !lines.is_empty() {
+            INSERT
+                .execute_on(&mut tx, lines, |mut b, (stream, line)| {
+                    b.push_bind(job_id)
+                        .push_bind(attempt)
+                        .push_bind(stream)
+                        .push_bind(line);
+                })
+                .await?;
+        }
+        sqlx::query("UPDATE training_jobs SET stdout_offset = ?, stderr_offset = ? WHERE id = ?")
+            .bind(stdout_offset)
+            .bind(stderr_offset)
+            .bind(job_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
         Ok(())
     }
 
