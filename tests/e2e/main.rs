@@ -702,6 +702,70 @@ fn a_failing_train_command_fails_the_run_with_its_output() {
     );
 }
 
+/// `prices:` turn every call's tokens into the `costs` view (checked against the raw rows), and
+/// `budget:` stops a run cleanly before the stage that would spend past it; raised, the same
+/// run goes on.
+#[test]
+fn costs_follow_the_tokens_and_a_budget_stops_the_run_resumably() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = setup(&server, 12, &[], 2, 4, false);
+    let d = dir.path();
+    let base = std::fs::read_to_string(d.join("p.yaml")).unwrap();
+    // One unit per upstream prompt token, two per completion token; the Aligner per hour.
+    let priced = |budget: f64| {
+        format!("{base}prices:\n  upstream: {{ input: 1000000, output: 2000000 }}\n  aligner: {{ input: 0.5, per_hour: 3600 }}\nbudget: {{ max_cost: {budget} }}\n")
+    };
+    std::fs::write(d.join("p.yaml"), priced(1.0)).unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("reached its budget"), "{}", text(&o));
+    assert!(text(&o).contains("raise `budget.max_cost`"), "{}", text(&o));
+    // It stopped after round 1's generate stage, before correcting anything.
+    assert_eq!(scalar(d, "SELECT count(*) FROM corrections"), 0);
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM runs WHERE status = 'running'"),
+        1
+    );
+    std::fs::write(d.join("p.yaml"), priced(1e12)).unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM runs"),
+        1,
+        "the same run went on"
+    );
+    // The view against a hand computation from the calls' own rows.
+    let rows = sql(
+        d,
+        "SELECT (SELECT sum(cost) FROM costs WHERE model = 'upstream') AS view,
+                (SELECT sum(prompt_tokens) + 2 * sum(completion_tokens) FROM generations) AS hand,
+                (SELECT sum(calls) FROM costs WHERE stage = 'correct') AS corrections,
+                (SELECT count(*) FROM corrections) AS corrected",
+    );
+    let r = &rows[0];
+    assert!(r["hand"].as_f64().unwrap() > 0.0, "{r:?}");
+    assert!(
+        (r["view"].as_f64().unwrap() - r["hand"].as_f64().unwrap()).abs() < 1e-6,
+        "{r:?}"
+    );
+    assert_eq!(r["corrections"], r["corrected"]);
+    // The Aligner: its prompt tokens at 0.5 per million plus one unit per second of its stages.
+    let rows = sql(
+        d,
+        "SELECT (SELECT sum(cost) FROM costs WHERE model = 'aligner') AS view,
+                (SELECT sum(prompt_tokens) * 0.5 / 1e6 FROM corrections)
+                  + (SELECT sum((julianday(finished_at) - julianday(started_at)) * 86400.0) FROM stage_executions WHERE stage = 'correct') AS hand",
+    );
+    let r = &rows[0];
+    assert!(
+        (r["view"].as_f64().unwrap() - r["hand"].as_f64().unwrap()).abs() < 1e-3,
+        "{r:?}"
+    );
+    // `aligner status` shows tokens and cost per round.
+    let o = run(&["status", "--store", "s.db"], d);
+    assert!(text(&o).contains("completion tokens"), "{}", text(&o));
+}
+
 /// A trainer that takes a while, counting its starts in `starts.log`.
 const SLOW_TRAIN_SCRIPT: &str = r#"#!/bin/sh
 set -e

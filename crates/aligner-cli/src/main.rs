@@ -57,6 +57,7 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         if let Some(e) = cause.downcast_ref::<aligner_engine::Error>() {
             return match e {
                 aligner_engine::Error::Interrupted { .. } => 130,
+                aligner_engine::Error::BudgetReached { .. } => 4,
                 aligner_engine::Error::SpecChanged { .. }
                 | aligner_engine::Error::LeaseLost { .. } => 3,
                 aligner_engine::Error::Store(aligner_store::Error::LeaseHeld { .. }) => 3,

@@ -141,6 +141,7 @@ fn start(shared: &Arc<Shared>, job: JobRow) {
                     _ => (JobState::Queued, None),
                 }
             }
+            Err(Ended::Budget(e)) => (JobState::Paused, Some(e)),
             Err(Ended::Failed(e)) => (JobState::Failed, Some(e)),
         };
         // Leave the slot first: a resume of this run may claim it again at once.
@@ -197,6 +198,8 @@ async fn finish(shared: &Shared, run_id: i64, state: JobState, error: Option<&st
 
 enum Ended {
     Interrupted,
+    /// Stopped at its budget: paused with the reason, resumable once the budget is raised.
+    Budget(String),
     Failed(String),
 }
 
@@ -247,6 +250,7 @@ async fn drive(shared: &Arc<Shared>, job: &JobRow, active: &Arc<Active>) -> Resu
         Ok(_) => Ok(()),
         Err(aligner_engine::Error::Interrupted { .. })
         | Err(aligner_engine::Error::LeaseLost { .. }) => Err(Ended::Interrupted),
+        Err(e @ aligner_engine::Error::BudgetReached { .. }) => Err(Ended::Budget(e.to_string())),
         Err(e) => Err(Ended::Failed(e.to_string())),
     }
 }

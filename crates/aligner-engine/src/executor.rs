@@ -236,6 +236,15 @@ async fn call_all<S: ItemStage>(
     }
 }
 
+/// What a finished call used (tokens, latency), as stored with round-0 rows.
+pub(crate) fn usage(c: &aligner_backend::Completion) -> aligner_store::CallUsage {
+    aligner_store::CallUsage {
+        prompt_tokens: c.prompt_tokens.map(i64::from),
+        completion_tokens: c.completion_tokens.map(i64::from),
+        latency_ms: Some(c.latency.as_secs_f64() * 1000.0),
+    }
+}
+
 /// The stored outcome of a call: its text and provenance, or its error.
 pub(crate) fn outcome(result: &CallResult) -> ItemOutcome {
     match result {

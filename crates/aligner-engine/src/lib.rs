@@ -68,6 +68,13 @@ pub enum Error {
     Interrupted { run: i64, store: PathBuf },
     #[error("lost the lease on run `{run}` to another process; stopped")]
     LeaseLost { run: i64 },
+    #[error("run `{run}` reached its budget: it has cost {spent:.4} of `budget.max_cost: {max}`, so it stopped before the next stage; finished work is saved\nhint: `aligner sql \"SELECT * FROM costs WHERE run_id = {run}\"` shows where it went; raise `budget.max_cost` and resume it (`aligner resume {run} --store {}`)", store.display())]
+    BudgetReached {
+        run: i64,
+        spent: f64,
+        max: f64,
+        store: PathBuf,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -225,6 +232,11 @@ pub async fn pair_records(
 /// so it may be adjusted between a crash and its resume.
 pub fn resume_relevant(snapshot: &serde_json::Value) -> serde_json::Value {
     let mut v = snapshot.clone();
+    // Prices and the budget may change for a resume (a budget raised to go on).
+    if let Some(top) = v.as_object_mut() {
+        top.remove("prices");
+        top.remove("budget");
+    }
     if let Some(models) = v.get_mut("models").and_then(|m| m.as_object_mut()) {
         for model in models.values_mut() {
             if let Some(m) = model.as_object_mut() {
@@ -408,7 +420,10 @@ impl Engine {
                     .set_run_status(run_id, RunStatus::Done, None)
                     .await?
             }
-            Err(Error::Interrupted { .. }) | Err(Error::LeaseLost { .. }) => {}
+            // Resumable as it is (a budget stop once the budget is raised).
+            Err(Error::Interrupted { .. })
+            | Err(Error::LeaseLost { .. })
+            | Err(Error::BudgetReached { .. }) => {}
             Err(e) => {
                 self.store
                     .set_run_status(run_id, RunStatus::Failed, Some(&e.to_string()))
@@ -458,6 +473,13 @@ impl Engine {
             None,
         )
         .await;
+        let prices: Vec<(String, f64, f64, f64)> = self
+            .spec
+            .prices
+            .iter()
+            .map(|(m, p)| (m.clone(), p.input, p.output, p.per_hour))
+            .collect();
+        self.store.set_model_prices(run_id, &prices).await?;
         let plan = self.plan();
         let batch = options.batch_size.unwrap_or(256).max(1);
         loop {
@@ -471,6 +493,19 @@ impl Engine {
             match planner::next_step(&plan, &finished) {
                 Step::Ingest => ingest::run(self, run_id).await?,
                 Step::Stage { round, stage } => {
+                    if let Some(budget) = &self.spec.budget {
+                        let spent = self.store.run_cost(run_id).await?;
+                        if spent >= budget.max_cost {
+                            let e = Error::BudgetReached {
+                                run: run_id,
+                                spent,
+                                max: budget.max_cost,
+                                store: self.store.path().to_path_buf(),
+                            };
+                            self.event(run_id, Some(round), Some(stage), Level::Warn, EventKind::RunFailed, &e.to_string(), Some(serde_json::json!({"spent": spent, "max_cost": budget.max_cost}))).await;
+                            return Err(e);
+                        }
+                    }
                     let ctx = stages::Ctx {
                         engine: self,
                         run_id,

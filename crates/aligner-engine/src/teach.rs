@@ -156,8 +156,14 @@ pub(crate) fn trim_truncated(text: &str) -> String {
 
 /// What the stored row gets from a correction: the text, and the refusal detector's verdict on
 /// it and on the answer it corrects.
-fn correction_update(r: &AlignerExampleRow, text: String, teacher: &str) -> AlignerUpdate {
+fn correction_update(
+    r: &AlignerExampleRow,
+    text: String,
+    teacher: &str,
+    usage: Option<aligner_store::CallUsage>,
+) -> AlignerUpdate {
     AlignerUpdate::Correction {
+        usage,
         id: r.id,
         answer_refusal: is_refusal(r.answer.as_deref().unwrap_or_default()),
         correction_refusal: is_refusal(&text),
@@ -226,8 +232,14 @@ impl ItemStage for ChatCalls<'_> {
                 },
                 finish: c.finish_reason.as_str().to_string(),
                 model: self.model.to_string(),
+                usage: executor::usage(c),
             },
-            (Ok(c), Some(_)) => correction_update(&r, c.text.trim().to_string(), self.model),
+            (Ok(c), Some(_)) => correction_update(
+                &r,
+                c.text.trim().to_string(),
+                self.model,
+                Some(executor::usage(c)),
+            ),
             (Err(err), None) => failed_call(r.id, "answer", err),
             (Err(err), Some(_)) => failed_call(r.id, "teacher", err),
         }
@@ -276,6 +288,8 @@ impl ItemStage for AlignerOutputs<'_> {
                     edit_distance: normalized_edit_distance(answer.trim(), &text),
                     text,
                     finish: c.finish_reason.as_str().to_string(),
+                    model: self.aligner.name.clone(),
+                    usage: executor::usage(c),
                 }
             }
             Err(err) => failed_call(r.id, "aligner", err),
@@ -356,7 +370,7 @@ pub(crate) async fn teach(ctx: &Ctx<'_>) -> Result<()> {
                         } else {
                             r.answer.clone().unwrap_or_default()
                         };
-                        correction_update(r, text, "refusal")
+                        correction_update(r, text, "refusal", None)
                     })
                     .collect();
                 e.store.update_aligner_examples(&updates).await?;
@@ -455,6 +469,7 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
             pairs: examples.len() as i64,
             output_dir: &out.display().to_string(),
             command: None,
+            model: &a.name,
         })
         .await?;
     let message = format!(

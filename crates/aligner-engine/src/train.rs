@@ -409,6 +409,7 @@ async fn start_job(
             pairs: job.pairs as i64,
             output_dir: &job.out.display().to_string(),
             command: job.command,
+            model: &ctx.engine.spec.rounds.generate.model,
         })
         .await?)
 }

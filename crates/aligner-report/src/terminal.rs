@@ -5,7 +5,8 @@
 use std::fmt::Write as _;
 
 use aligner_store::{
-    AlignerEvalRow, EvalMetricRow, GateDecisionRow, RoundSummary, RunRow, StageRow, Store,
+    AlignerEvalRow, EvalMetricRow, GateDecisionRow, RoundCost, RoundSummary, RunRow, StageRow,
+    Store,
 };
 use anyhow::Result;
 use comfy_table::{presets, Table};
@@ -31,6 +32,8 @@ pub struct Status {
     pub aligner_eval: Vec<AlignerEvalRow>,
     pub evaluation: Vec<EvalMetricRow>,
     pub gate: Vec<GateDecisionRow>,
+    /// Calls, tokens and cost per round (the `costs` view).
+    pub costs: Vec<RoundCost>,
 }
 
 impl Status {
@@ -42,6 +45,8 @@ impl Status {
             aligner_eval: store.aligner_eval(id).await?,
             evaluation: store.eval_metrics(id).await?,
             gate: store.gate_decisions(id).await?,
+            // A store written before the `costs` view opens read-only without it.
+            costs: store.round_costs(id).await.unwrap_or_default(),
             run,
         })
     }
@@ -51,8 +56,37 @@ impl Status {
         let mut out = run(&self.run, &self.rounds, &self.stages);
         out.push_str(&aligner_eval(&self.aligner_eval));
         out.push_str(&evaluation(&self.evaluation, &self.gate));
+        out.push_str(&costs(&self.costs));
         out
     }
+}
+
+/// Calls, tokens and cost per round (cost is 0 without `prices:`).
+pub fn costs(rounds: &[RoundCost]) -> String {
+    if rounds.iter().all(|r| r.calls == 0 && r.cost == 0.0) {
+        return String::new();
+    }
+    let mut t = table(
+        [
+            "round",
+            "model calls",
+            "prompt tokens",
+            "completion tokens",
+            "cost",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    for r in rounds {
+        t.add_row(vec![
+            r.round.to_string(),
+            r.calls.to_string(),
+            r.prompt_tokens.to_string(),
+            r.completion_tokens.to_string(),
+            format!("{:.4}", r.cost),
+        ]);
+    }
+    format!("{t}\n")
 }
 
 /// Each round: generations, corrections, pairs kept and dropped, copy rate, lengths.

@@ -738,6 +738,8 @@ fn known_fields_table_matches_serde() {
         ("aligner.train", serde_fields::<AlignerTrainWire>()),
         ("aligner.train.lora", serde_fields::<LoraWire>()),
         ("aligner.sampling", serde_fields::<Sampling>()),
+        ("prices.*", serde_fields::<PriceWire>()),
+        ("budget", serde_fields::<BudgetWire>()),
     ];
     assert_eq!(table, from_serde);
 
@@ -1152,7 +1154,7 @@ fn error_every_unknown_field_at_once() {
     error: unknown field `foo`
       --> pipelines/x.yaml:5:1
        at: foo
-      hint: valid fields here: `version`, `name`, `store`, `workdir`, `models`, `prompts`, `rounds`, `aligner`
+      hint: valid fields here: `version`, `name`, `store`, `workdir`, `models`, `prompts`, `rounds`, `aligner`, `prices`, `budget`
 
     error: unknown field `colour`
       --> pipelines/x.yaml:22:5
@@ -1499,4 +1501,37 @@ fn benign_preference_rule() {
         e.contains("both `benign_refusals` and `benign_preference` are set"),
         "{e}"
     );
+}
+
+#[test]
+fn prices_and_budget() {
+    let dir = setup();
+    let text = format!(
+        "{FULL}prices:\n  upstream: {{ input: 0.15, output: 0.6 }}\n  aligner: {{ per_hour: 2.5 }}\nbudget: {{ max_cost: 20 }}\n"
+    );
+    let p = load(&dir, &text).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        p.prices["upstream"],
+        Price {
+            input: 0.15,
+            output: 0.6,
+            per_hour: 0.0
+        }
+    );
+    assert_eq!(p.prices["aligner"].per_hour, 2.5);
+    assert_eq!(p.budget, Some(Budget { max_cost: 20.0 }));
+    // Unset, neither is in the snapshot (older runs' hashes stay the same).
+    let plain = load(&dir, FULL).unwrap().snapshot();
+    assert!(plain.get("prices").is_none() && plain.get("budget").is_none());
+    let bad = text
+        .replace("upstream: { input", "upstreem: { input")
+        .replace("per_hour: 2.5", "per_hour: -1")
+        .replace("max_cost: 20", "max_cost: 0");
+    let e = errors(&dir, &bad);
+    assert!(
+        e.contains("`upstreem` is not a model of this pipeline"),
+        "{e}"
+    );
+    assert!(e.contains("at: prices.aligner.per_hour"), "{e}");
+    assert!(e.contains("at: budget.max_cost"), "{e}");
 }

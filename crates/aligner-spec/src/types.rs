@@ -36,6 +36,28 @@ pub struct Pipeline {
     /// when unset, so the hash of a spec without it did not change when it was added.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub aligner: Option<AlignerSpec>,
+    /// `prices:` per model key (or the Aligner's name). May change between a run and its
+    /// resume (left out of the resume hash).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub prices: BTreeMap<String, Price>,
+    /// `budget:`: the run stops cleanly before a stage once its cost reaches this. May be
+    /// raised for a resume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget: Option<Budget>,
+}
+
+/// What a model costs: per million prompt and completion tokens, and per hour of the stages
+/// and training jobs that run it (a GPU's hour, for local models and trainers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Price {
+    pub input: f64,
+    pub output: f64,
+    pub per_hour: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Budget {
+    pub max_cost: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -43,6 +43,28 @@ pub struct PipelineWire {
     pub prompts: PromptsWire,
     pub rounds: RoundsWire,
     pub aligner: Option<AlignerWire>,
+    /// Prices per model key (or the Aligner's name): what the `costs` view charges.
+    pub prices: Option<BTreeMap<String, PriceWire>>,
+    pub budget: Option<BudgetWire>,
+}
+
+/// `prices.<model>:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a price mapping")]
+pub struct PriceWire {
+    /// Per million prompt tokens.
+    pub input: Option<f64>,
+    /// Per million completion tokens.
+    pub output: Option<f64>,
+    /// Per hour of the stages and training jobs that run the model.
+    pub per_hour: Option<f64>,
+}
+
+/// `budget:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a budget mapping with `max_cost`")]
+pub struct BudgetWire {
+    pub max_cost: f64,
 }
 
 /// `kind:` of a model.

@@ -51,12 +51,17 @@ impl Store {
                     text,
                     finish,
                     model,
+                    usage,
                 } => sqlx::query(
-                    "UPDATE aligner_examples SET answer = ?, answer_finish = ?, answer_model = ?, error = NULL WHERE id = ?",
+                    "UPDATE aligner_examples SET answer = ?, answer_finish = ?, answer_model = ?, error = NULL,
+                     answer_prompt_tokens = ?, answer_completion_tokens = ?, answer_latency_ms = ? WHERE id = ?",
                 )
                 .bind(text)
                 .bind(finish)
                 .bind(model)
+                .bind(usage.prompt_tokens)
+                .bind(usage.completion_tokens)
+                .bind(usage.latency_ms)
                 .bind(id),
                 AlignerUpdate::Correction {
                     id,
@@ -64,14 +69,22 @@ impl Store {
                     teacher,
                     answer_refusal,
                     correction_refusal,
-                } => sqlx::query(
-                    "UPDATE aligner_examples SET correction = ?, teacher = ?, answer_refusal = ?, correction_refusal = ?, error = NULL WHERE id = ?",
-                )
-                .bind(text)
-                .bind(teacher)
-                .bind(*answer_refusal as i64)
-                .bind(*correction_refusal as i64)
-                .bind(id),
+                    usage,
+                } => {
+                    let usage = usage.unwrap_or_default();
+                    sqlx::query(
+                        "UPDATE aligner_examples SET correction = ?, teacher = ?, answer_refusal = ?, correction_refusal = ?, error = NULL,
+                         teacher_prompt_tokens = ?, teacher_completion_tokens = ?, teacher_latency_ms = ? WHERE id = ?",
+                    )
+                    .bind(text)
+                    .bind(teacher)
+                    .bind(*answer_refusal as i64)
+                    .bind(*correction_refusal as i64)
+                    .bind(usage.prompt_tokens)
+                    .bind(usage.completion_tokens)
+                    .bind(usage.latency_ms)
+                    .bind(id)
+                }
                 AlignerUpdate::Output {
                     id,
                     text,
@@ -79,14 +92,21 @@ impl Store {
                     refusal,
                     answer_refusal,
                     edit_distance,
+                    model,
+                    usage,
                 } => sqlx::query(
-                    "UPDATE aligner_examples SET output = ?, output_finish = ?, output_refusal = ?, answer_refusal = ?, output_edit_distance = ?, error = NULL WHERE id = ?",
+                    "UPDATE aligner_examples SET output = ?, output_finish = ?, output_refusal = ?, answer_refusal = ?, output_edit_distance = ?, error = NULL,
+                     output_model = ?, output_prompt_tokens = ?, output_completion_tokens = ?, output_latency_ms = ? WHERE id = ?",
                 )
                 .bind(text)
                 .bind(finish)
                 .bind(*refusal as i64)
                 .bind(*answer_refusal as i64)
                 .bind(edit_distance)
+                .bind(model)
+                .bind(usage.prompt_tokens)
+                .bind(usage.completion_tokens)
+                .bind(usage.latency_ms)
                 .bind(id),
                 AlignerUpdate::Failed { id, error } => {
                     sqlx::query("UPDATE aligner_examples SET error = ? WHERE id = ?")

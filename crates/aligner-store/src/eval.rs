@@ -36,7 +36,7 @@ impl Store {
     pub async fn insert_eval_answers(&self, items: &[NewEvalAnswer]) -> Result<()> {
         const INSERT: BatchInsert = BatchInsert::new(
             "INSERT INTO eval_answers (run_id, version, prompt_id, kind, status, text, finish_reason, model,
-             model_ref, completion_tokens, latency_ms, refusal, degenerate, error) ",
+             model_ref, completion_tokens, latency_ms, refusal, degenerate, error, prompt_tokens) ",
         )
         .tail(" ON CONFLICT (run_id, version, prompt_id, kind) DO NOTHING");
         self.insert_batch(INSERT, items, |mut b, a| {
@@ -53,7 +53,8 @@ impl Store {
                 .push_bind(a.out.latency_ms)
                 .push_bind(a.refusal.map(i64::from))
                 .push_bind(&a.degenerate)
-                .push_bind(&a.out.error);
+                .push_bind(&a.out.error)
+                .push_bind(a.out.prompt_tokens);
         })
         .await
     }
@@ -122,7 +123,8 @@ impl Store {
     pub async fn insert_eval_judgements(&self, items: &[NewEvalJudgement]) -> Result<()> {
         const INSERT: BatchInsert = BatchInsert::new(
             "INSERT INTO eval_judgements (run_id, round, comparison, aspect, prompt_id, \"order\",
-             candidate_id, baseline_id, status, verdict, raw, judge, latency_ms, error) ",
+             candidate_id, baseline_id, status, verdict, raw, judge, latency_ms, error, prompt_tokens,
+             completion_tokens) ",
         )
         .tail(" ON CONFLICT (run_id, round, comparison, aspect, prompt_id, \"order\") DO NOTHING");
         self.insert_batch(INSERT, items, |mut b, j| {
@@ -139,7 +141,9 @@ impl Store {
                 .push_bind(&j.out.text)
                 .push_bind(&j.judge)
                 .push_bind(j.out.latency_ms)
-                .push_bind(&j.out.error);
+                .push_bind(&j.out.error)
+                .push_bind(j.out.prompt_tokens)
+                .push_bind(j.out.completion_tokens);
         })
         .await
     }

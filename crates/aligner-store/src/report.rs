@@ -218,6 +218,7 @@ mod tests {
                     pairs: 4,
                     output_dir: "out",
                     command: None,
+                    model: "upstream",
                 })
                 .await
                 .unwrap();

@@ -255,6 +255,8 @@ pub struct NewTrainingJob<'a> {
     pub pairs: i64,
     pub output_dir: &'a str,
     pub command: Option<&'a str>,
+    /// The model key it trains (the generate model; round 0: the Aligner's name).
+    pub model: &'a str,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -322,6 +324,7 @@ pub enum AlignerUpdate {
         text: String,
         finish: String,
         model: String,
+        usage: CallUsage,
     },
     Correction {
         id: i64,
@@ -329,6 +332,8 @@ pub enum AlignerUpdate {
         teacher: String,
         answer_refusal: bool,
         correction_refusal: bool,
+        /// `None`: no model call (the refusal teacher, or corrections from the data).
+        usage: Option<CallUsage>,
     },
     Output {
         id: i64,
@@ -337,9 +342,29 @@ pub enum AlignerUpdate {
         refusal: bool,
         answer_refusal: bool,
         edit_distance: f64,
+        model: String,
+        usage: CallUsage,
     },
     /// A failed call: the row keeps what it had, with the error.
     Failed { id: i64, error: String },
+}
+
+/// One round of the `costs` view, summed over stages and models.
+#[derive(Debug, Clone, PartialEq, Serialize, sqlx::FromRow)]
+pub struct RoundCost {
+    pub round: i64,
+    pub calls: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cost: f64,
+}
+
+/// What one model call used: tokens as the backend reported them, and its latency.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CallUsage {
+    pub prompt_tokens: Option<i64>,
+    pub completion_tokens: Option<i64>,
+    pub latency_ms: Option<f64>,
 }
 
 /// One line of `aligner_eval`.

@@ -2,15 +2,17 @@
 //! leaves.
 
 use crate::batch::BatchInsert;
-use crate::{CheckpointRow, Error, NewTrainingJob, Result, StageStatus, Store, TrainingJobRow};
+use crate::{
+    CheckpointRow, Error, NewTrainingJob, Result, RoundCost, StageStatus, Store, TrainingJobRow,
+};
 
 impl Store {
     /// Creates the round's training job, or re-opens it after a crash (attempts + 1).
     pub async fn start_training_job(&self, job: &NewTrainingJob<'_>) -> Result<TrainingJobRow> {
         sqlx::query(
             "INSERT INTO training_jobs (run_id, round, method, backend, hyperparameters, reference_policy, reference_model,
-                 base_model, data_path, pairs, output_dir, command)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+                 base_model, data_path, pairs, output_dir, command, model)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
              ON CONFLICT (run_id, round) DO UPDATE SET attempts = attempts + 1, status = 'running', error = NULL,
                  exit_code = NULL, finished_at = NULL, data_path = excluded.data_path, pairs = excluded.pairs,
                  command = excluded.command",
@@ -27,6 +29,7 @@ impl Store {
         .bind(job.pairs)
         .bind(job.output_dir)
         .bind(job.command)
+        .bind(job.model)
         .execute(&self.pool)
         .await?;
         self.training_job(job.run_id, job.round)
@@ -53,6 +56,55 @@ impl Store {
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Records the pipeline's `prices:` for a run (replacing what an earlier start recorded):
+    /// (model, input, output, per hour).
+    pub async fn set_model_prices(
+        &self,
+        run_id: i64,
+        prices: &[(String, f64, f64, f64)],
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM model_prices WHERE run_id = ?")
+            .bind(run_id)
+            .execute(&mut *tx)
+            .await?;
+        for (model, input, output, per_hour) in prices {
+            sqlx::query("INSERT INTO model_prices (run_id, model, input, output, per_hour) VALUES (?, ?, ?, ?, ?)")
+                .bind(run_id)
+                .bind(model)
+                .bind(input)
+                .bind(output)
+                .bind(per_hour)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// What a run has cost so far (the `costs` view's sum).
+    pub async fn run_cost(&self, run_id: i64) -> Result<f64> {
+        Ok(
+            sqlx::query_scalar("SELECT coalesce(sum(cost), 0.0) FROM costs WHERE run_id = ?")
+                .bind(run_id)
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// A run's calls, tokens and cost per round.
+    pub async fn round_costs(&self, run_id: i64) -> Result<Vec<RoundCost>> {
+        Ok(sqlx::query_as::<_, RoundCost>(
+            "SELECT round, sum(calls) AS calls, coalesce(sum(prompt_tokens), 0) AS prompt_tokens,
+                    coalesce(sum(completion_tokens), 0) AS completion_tokens,
+                    round(coalesce(sum(cost), 0), 6) AS cost
+             FROM costs WHERE run_id = ? GROUP BY round ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
+        .await?)
     }
 
     /// A run's training jobs still marked running.

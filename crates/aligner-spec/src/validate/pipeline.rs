@@ -8,7 +8,7 @@ use serde_yaml_ng::Value;
 use super::models::ModelEntry;
 use super::rounds::RoundsParts;
 use super::Ctx;
-use crate::position::Anchor;
+use crate::position::{join, Anchor};
 use crate::types::*;
 use crate::wire::*;
 
@@ -27,6 +27,9 @@ pub(super) struct Parts {
     rounds: RoundsParts,
     /// `Some(None)` when absent, `None` when broken.
     aligner: Option<Option<AlignerWire>>,
+    /// `None` when absent or broken (a broken one is reported where it is parsed).
+    prices: Option<BTreeMap<String, PriceWire>>,
+    budget: Option<BudgetWire>,
 }
 
 fn is_pipeline_name(s: &str) -> bool {
@@ -71,6 +74,8 @@ impl Ctx<'_> {
             prompts: None,
             rounds: RoundsParts::default(),
             aligner: Some(None),
+            prices: None,
+            budget: None,
         };
         let (mut has_prompts, mut has_rounds) = (false, false);
         for (k, v) in map {
@@ -93,6 +98,8 @@ impl Ctx<'_> {
                     parts.rounds = self.parse_rounds(v);
                 }
                 "aligner" => parts.aligner = self.parse(v, key),
+                "prices" => parts.prices = self.parse(v, key),
+                "budget" => parts.budget = self.parse(v, key),
                 // Reported and removed by `strip_unknown_fields`.
                 _ => {}
             }
@@ -235,6 +242,22 @@ impl Ctx<'_> {
                 .map(Some),
         };
 
+        let prices = self.prices(
+            w.prices.as_ref(),
+            w.models.as_ref(),
+            aligner.as_ref().and_then(|a| a.as_ref()),
+        );
+        let budget = w.budget.as_ref().map(|b| {
+            self.expect(
+                "budget.max_cost",
+                b.max_cost.is_finite() && b.max_cost > 0.0,
+                "more than 0",
+                b.max_cost,
+            );
+            Budget {
+                max_cost: b.max_cost,
+            }
+        });
         Some(Pipeline {
             name: name?,
             store: store?,
@@ -243,6 +266,48 @@ impl Ctx<'_> {
             prompts: prompts?,
             rounds: rounds?,
             aligner: aligner?,
+            prices,
+            budget,
         })
+    }
+
+    /// `prices:`: each key a model (or the Aligner's name), each price at least 0.
+    fn prices(
+        &mut self,
+        prices: Option<&BTreeMap<String, PriceWire>>,
+        models: Option<&BTreeMap<String, ModelEntry>>,
+        aligner: Option<&AlignerSpec>,
+    ) -> BTreeMap<String, Price> {
+        let mut out = BTreeMap::new();
+        for (key, p) in prices.into_iter().flatten() {
+            let path = join("prices", key);
+            let known = models.is_some_and(|m| m.contains_key(key))
+                || aligner.is_some_and(|a| &a.name == key);
+            if !known {
+                self.err(
+                    &path,
+                    Anchor::Key,
+                    format!("`{key}` is not a model of this pipeline"),
+                    Some("price the keys of `models` (or the Aligner's `name`)".into()),
+                );
+            }
+            let mut price = Price::default();
+            for (field, value, slot) in [
+                ("input", p.input, &mut price.input),
+                ("output", p.output, &mut price.output),
+                ("per_hour", p.per_hour, &mut price.per_hour),
+            ] {
+                let v = value.unwrap_or(0.0);
+                self.expect(
+                    &join(&path, field),
+                    v.is_finite() && v >= 0.0,
+                    "at least 0",
+                    v,
+                );
+                *slot = v;
+            }
+            out.insert(key.clone(), price);
+        }
+        out
     }
 }
