@@ -142,7 +142,7 @@ pub enum Command {
         store: StoreArg,
     },
     /// Serve a local model over an OpenAI-compatible HTTP API.
-    Serve(crate::serve::ServeArgs),
+    Serve(Box<crate::serve::ServeArgs>),
     /// Train an Aligner on question-answer-correction data with the built-in trainer.
     TrainAligner(crate::train::TrainAlignerArgs),
     /// A checkpoint as a re-quantized GGUF (default Q8_0) for fast local inference.
@@ -193,7 +193,7 @@ fn load(file: &Path) -> Result<Pipeline> {
 pub async fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Validate { files, json } => validate(&files, json),
-        Command::Serve(args) => crate::serve::run(args).await,
+        Command::Serve(args) => crate::serve::run(*args).await,
         Command::Daemon(args) => crate::daemon::serve(args).await,
         Command::Submit {
             file,

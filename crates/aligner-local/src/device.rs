@@ -68,7 +68,7 @@ impl DeviceModel {
         }
         let (heads, kv_heads, head_dim) = (config.heads, config.kv_heads, config.head_dim);
         let layers_n = config.layers;
-        let (theta, eps) = (config.rope_theta, config.rms_eps);
+        let eps = config.rms_eps;
         let q = |n: &str| -> Result<QMatMul> {
             QMatMul::from_qtensor(file.qtensor(n, device)?).map_err(c)
         };
@@ -99,9 +99,10 @@ impl DeviceModel {
         let half = head_dim / 2;
         let mut cos = Vec::with_capacity(ctx * half);
         let mut sin = Vec::with_capacity(ctx * half);
+        let inv = config.inv_freqs();
         for p in 0..ctx {
-            for i in 0..half {
-                let a = p as f64 * theta.powf(-(2.0 * i as f64) / head_dim as f64);
+            for freq in &inv {
+                let a = p as f64 * freq;
                 cos.push(a.cos() as f32);
                 sin.push(a.sin() as f32);
             }

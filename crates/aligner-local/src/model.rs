@@ -281,9 +281,9 @@ impl Model {
         let ctx = c.context.min(1 << 17);
         let mut cos = vec![0f32; ctx * half];
         let mut sin = vec![0f32; ctx * half];
+        let inv = c.inv_freqs();
         for p in 0..ctx {
-            for i in 0..half {
-                let freq = c.rope_theta.powf(-(2.0 * i as f64) / c.head_dim as f64);
+            for (i, freq) in inv.iter().enumerate() {
                 let a = p as f64 * freq;
                 cos[p * half + i] = a.cos() as f32;
                 sin[p * half + i] = a.sin() as f32;

@@ -68,6 +68,7 @@ pub fn save_hf(
         "max_position_embeddings": c.context,
         "rms_norm_eps": c.rms_eps,
         "rope_theta": c.rope_theta,
+        "rope_scaling": c.hf_rope_scaling()?,
         "vocab_size": c.vocab,
         "tie_word_embeddings": c.tie_embeddings,
         "attention_bias": c.qkv_bias && c.architecture != "qwen2",

@@ -389,9 +389,9 @@ impl TrainModel {
         let n = c.context;
         let mut cos = vec![0f32; n * c.head_dim];
         let mut sin = vec![0f32; n * c.head_dim];
+        let inv = c.inv_freqs();
         for p in 0..n {
-            for i in 0..half {
-                let freq = c.rope_theta.powf(-(2.0 * i as f64) / c.head_dim as f64);
+            for (i, freq) in inv.iter().enumerate() {
                 let a = p as f64 * freq;
                 for j in [i, i + half] {
                     cos[p * c.head_dim + j] = a.cos() as f32;

@@ -27,6 +27,7 @@ fn tiny_config() -> Config {
         tie_embeddings: true,
         qkv_bias: false,
         rope: aligner_train::model::RopeStyle::Halves,
+        rope_scaling: None,
     }
 }
 
