@@ -42,7 +42,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "daemon".to_string(),
             "pair origin".to_string(),
             "daemon crashes".to_string(),
-            "training process".to_string()
+            "training process".to_string(),
+            "costs".to_string()
         ]
     );
     let tables = store
@@ -61,6 +62,7 @@ async fn migrations_apply_on_a_fresh_file() {
             "aligner_examples",
             "checkpoints",
             "corrections",
+            "costs",
             "daemon_jobs",
             "eval_answers",
             "eval_judgements",
@@ -71,6 +73,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "failures",
             "gate_decisions",
             "generations",
+            "model_calls",
+            "model_prices",
             "pairs",
             "pairs_latest",
             "prompts",
