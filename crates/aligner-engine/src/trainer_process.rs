@@ -36,12 +36,16 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// A live process's start time (`None` when there is no such process).
+/// A live process's start time (`None` when there is no such process, or only its zombie: an
+/// ended process no parent has reaped, as under a container's init that reaps nothing).
 fn start_ticks(pid: i64) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    let mut rest = stat[stat.rfind(')')? + 1..].split_whitespace();
+    if rest.next()? == "Z" {
+        return None;
+    }
+    rest.nth(18)?.parse().ok()
 }
 
 impl Identity {
