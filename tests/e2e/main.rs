@@ -764,6 +764,11 @@ fn costs_follow_the_tokens_and_a_budget_stops_the_run_resumably() {
     // `aligner status` shows tokens and cost per round.
     let o = run(&["status", "--store", "s.db"], d);
     assert!(text(&o).contains("completion tokens"), "{}", text(&o));
+    // So does the report.
+    let o = run(&["report", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    let md = std::fs::read_to_string(d.join("reports/1/index.md")).unwrap();
+    assert!(md.contains("Tokens and cost"), "{md}");
 }
 
 /// A trainer that takes a while, counting its starts in `starts.log`.

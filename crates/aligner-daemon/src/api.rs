@@ -452,6 +452,7 @@ async fn run_detail(
         "evaluation": store.eval_metrics(id).await?,
         "gate": store.gate_decisions(id).await?,
         "aligner_eval": store.aligner_eval(id).await?,
+        "costs": store.round_costs(id).await?,
     })))
 }
 

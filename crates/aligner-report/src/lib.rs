@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 
 use aligner_store::{
     AlignerEvalRow, AlignerExampleRow, EvalExample, EvalMetricRow, GateDecisionRow, Outcome,
-    PairExample, RoundRow, RoundSummary, RunRow, Stage, StageRow, StageStatus, Store,
+    PairExample, RoundCost, RoundRow, RoundSummary, RunRow, Stage, StageRow, StageStatus, Store,
     TrainingJobReport, TrainingMetricPoint, TrainingMetricSummary,
 };
 
@@ -169,6 +169,8 @@ struct Data {
     pairs: BTreeMap<i64, Vec<PairExample>>,
     eval: BTreeMap<i64, EvalSample>,
     cap: usize,
+    /// Calls, tokens and cost per round (the `costs` view).
+    costs: Vec<RoundCost>,
 }
 
 impl Data {
@@ -215,6 +217,8 @@ impl Data {
             jobs: store.report_training_jobs(id).await?,
             train_metrics: store.report_training_metrics(id).await?,
             loss: store.training_metric_series(id, "loss").await?,
+            // A store written before the `costs` view opens read-only without it.
+            costs: store.round_costs(id).await.unwrap_or_default(),
             rounds,
             pairs,
             eval,
@@ -283,6 +287,7 @@ fn build(d: &Data) -> Result<Vec<Block>> {
     let mut out = Vec::new();
     run_header(d, &mut out);
     overview(d, &mut out);
+    costs(d, &mut out);
     evaluation(d, &mut out)?;
     training(d, &mut out)?;
     own_aligner(d, &mut out);
@@ -379,6 +384,37 @@ fn overview(d: &Data, out: &mut Vec<Block>) {
         );
     }
     out.push(Block::Table(t));
+}
+
+/// Model calls, tokens and cost per round (cost is 0 without the pipeline's `prices:`).
+fn costs(d: &Data, out: &mut Vec<Block>) {
+    if d.costs.iter().all(|c| c.calls == 0 && c.cost == 0.0) {
+        return;
+    }
+    out.push(heading(2, "Tokens and cost", "costs"));
+    let mut t = Table::new(
+        "costs",
+        &[
+            "round",
+            "model calls",
+            "prompt tokens",
+            "completion tokens",
+            "cost",
+        ],
+    );
+    for c in &d.costs {
+        t.push(Row::new(vec![
+            Cell::int(c.round),
+            Cell::int(c.calls),
+            Cell::int(c.prompt_tokens),
+            Cell::int(c.completion_tokens),
+            Cell::real(Some(c.cost), |v| format!("{v:.4}")),
+        ]));
+    }
+    out.push(Block::Table(t));
+    out.push(Block::Note(
+        "By stage and model: `aligner sql \"SELECT * FROM costs\"`. Prices come from the pipeline's `prices:`; per-hour prices are charged on stage and training wall time.".into(),
+    ));
 }
 
 /// The family chart a metric is drawn in: (slug, title, y axis).
@@ -1350,6 +1386,7 @@ mod tests {
             pairs: BTreeMap::new(),
             eval: BTreeMap::new(),
             cap: 20,
+            costs: Vec::new(),
         }
     }
 
