@@ -775,9 +775,12 @@ fn costs_follow_the_tokens_and_a_budget_stops_the_run_resumably() {
 const SLOW_TRAIN_SCRIPT: &str = r#"#!/bin/sh
 set -e
 echo started >> starts.log
+echo "{'loss': 0.6931, 'learning_rate': 1e-05, 'rewards/margins': 0.0, 'epoch': 0.5}"
 echo "step 1"
 sleep 3
 echo "step 2" >&2
+echo "{'loss': 0.5, 'learning_rate': 5e-06, 'rewards/margins': 0.8, 'epoch': 1.0}"
+echo "{'train_runtime': 3.2, 'train_loss': 0.6}"
 mkdir -p "$2"
 echo '{"model_type": "llama"}' > "$2/config.json"
 echo "done"
@@ -853,6 +856,27 @@ fn a_resumed_run_follows_the_trainer_a_killed_run_started() {
     );
     assert_eq!(scalar(d, "SELECT count(*) FROM checkpoints"), 1);
     assert_eq!(attempt_files(d), Vec::<std::path::PathBuf>::new());
+    // The trainer's logged dicts are metrics under TRL's names, counted across the restart.
+    let loss = sql(
+        d,
+        "SELECT step, value FROM training_metrics WHERE name = 'loss' ORDER BY step",
+    );
+    assert_eq!(loss.len(), 2, "{loss:?}");
+    assert_eq!(
+        (loss[0]["step"].as_i64(), loss[0]["value"].as_f64()),
+        (Some(1), Some(0.6931))
+    );
+    assert_eq!(
+        (loss[1]["step"].as_i64(), loss[1]["value"].as_f64()),
+        (Some(2), Some(0.5))
+    );
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM training_metrics WHERE name LIKE 'train_%'"
+        ),
+        0
+    );
 }
 
 /// `aligner cancel` of a run whose process was killed stops the trainer it left running.

@@ -290,6 +290,8 @@ async fn follow(
     let mut tail: std::collections::VecDeque<String> = Default::default();
     let mut stopping = false;
     let mut status = None;
+    // Logged dicts without a step of their own are counted on from the last one stored.
+    let mut step = e.store.last_metric_step(job.id).await?;
     loop {
         // Whether it has ended is asked before reading, so the last read sees everything.
         let ended = match &mut child {
@@ -322,6 +324,16 @@ async fn follow(
             e.store
                 .append_training_output(job.id, id.attempt, &lines, offsets)
                 .await?;
+            // A trainer's logged dicts (TRL's `{'loss': ...}` lines, or JSON objects) land in
+            // `training_metrics` under their own names.
+            for (_, line) in &lines {
+                if let Some((named, values)) = trainer_process::parse_metrics(line) {
+                    step = named.unwrap_or(step + 1);
+                    e.store
+                        .record_training_metrics(job.id, step, &values)
+                        .await?;
+                }
+            }
         }
         if ended {
             break;

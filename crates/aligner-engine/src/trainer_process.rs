@@ -136,6 +136,43 @@ pub(crate) fn read_lines(path: &Path, offset: i64) -> (Vec<String>, i64) {
     (lines, offset + last_newline as i64 + 1)
 }
 
+/// The metrics in one line of a trainer's output, when it is a logged dict: a JSON object, or
+/// the Python `dict` repr that Hugging Face's `Trainer` (so TRL) prints every `logging_steps`,
+/// e.g. `{'loss': 0.6931, 'grad_norm': 1.2, 'learning_rate': 5e-07, 'rewards/chosen': 0.01,
+/// 'epoch': 0.1}`. Returns the step it names (`step` or `global_step`), if any, and every
+/// numeric value under its own name (TRL's names pass through). Lines that are not a dict of
+/// numbers (a final `{'train_runtime': ...}` summary is one) are recognised by their keys:
+/// the summary's `train_*` entries are skipped.
+pub(crate) fn parse_metrics(line: &str) -> Option<(Option<i64>, Vec<(String, f64)>)> {
+    let t = line.trim();
+    let start = t.find('{')?;
+    if !t.ends_with('}') {
+        return None;
+    }
+    let body = &t[start..];
+    let value: serde_json::Value = serde_json::from_str(body).ok().or_else(|| {
+        // Python's repr: single-quoted keys, and nan / inf spelled its way.
+        let json = body
+            .replace('\'', "\"")
+            .replace(": nan", ": null")
+            .replace(": inf", ": null")
+            .replace(": -inf", ": null");
+        serde_json::from_str(&json).ok()
+    })?;
+    let map = value.as_object()?;
+    let mut step = None;
+    let mut values = Vec::new();
+    for (k, v) in map {
+        let Some(x) = v.as_f64() else { continue };
+        match k.as_str() {
+            "step" | "global_step" => step = Some(x as i64),
+            k if k.starts_with("train_") || k == "total_flos" => {}
+            k => values.push((k.to_string(), x)),
+        }
+    }
+    (!values.is_empty()).then_some((step, values))
+}
+
 /// Signals a process group (`kill -SIG -- -PGID`); a group that is already gone is fine.
 pub(crate) async fn kill_group(pgid: i64, signal: &str) {
     let _ = Command::new("kill")
@@ -212,6 +249,33 @@ mod tests {
         assert_eq!(lines, ["one", "three and more"]);
         assert_eq!(read_lines(&id.stdout, off), (vec![], off));
         assert_eq!(read_lines(&id.stderr, 0).0, ["two"]);
+    }
+
+    #[test]
+    fn logged_dicts_become_metrics_under_their_names() {
+        let (step, v) = parse_metrics(
+            "{'loss': 0.6931, 'grad_norm': 1.5, 'learning_rate': 5e-07, 'rewards/chosen': 0.01, 'epoch': 0.1}",
+        )
+        .unwrap();
+        assert_eq!(step, None);
+        assert!(v.contains(&("loss".to_string(), 0.6931)));
+        assert!(v.contains(&("rewards/chosen".to_string(), 0.01)));
+        assert_eq!(v.len(), 5);
+        let (step, v) = parse_metrics(r#"{"step": 12, "loss": 0.5, "note": "x"}"#).unwrap();
+        assert_eq!((step, v), (Some(12), vec![("loss".to_string(), 0.5)]));
+        // The end-of-training summary and plain text are not metrics.
+        assert_eq!(
+            parse_metrics("{'train_runtime': 12.5, 'train_samples_per_second': 3.1}"),
+            None
+        );
+        assert_eq!(parse_metrics("training round 2 on 4 pairs"), None);
+        assert_eq!(
+            parse_metrics("{'loss': nan, 'epoch': 1.0}")
+                .unwrap()
+                .1
+                .len(),
+            1
+        );
     }
 
     #[test]

@@ -185,6 +185,17 @@ impl Store {
         .await
     }
 
+    /// The last step with metrics of a job (0 when none): where a trainer's logged dicts that
+    /// carry no step of their own continue counting.
+    pub async fn last_metric_step(&self, job_id: i64) -> Result<i64> {
+        Ok(sqlx::query_scalar(
+            "SELECT coalesce(max(step), 0) FROM training_metrics WHERE training_job_id = ?",
+        )
+        .bind(job_id)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
     /// One optimizer step's metrics (TRL's names), replacing a step recorded before (a
     /// resumed training repeats no step, but a retried one may).
     pub async fn record_training_metrics(
