@@ -136,14 +136,17 @@ pub(crate) fn read_lines(path: &Path, offset: i64) -> (Vec<String>, i64) {
     (lines, offset + last_newline as i64 + 1)
 }
 
+/// Named values of one logged step.
+pub(crate) type Metrics = Vec<(String, f64)>;
+
 /// The metrics in one line of a trainer's output, when it is a logged dict: a JSON object, or
 /// the Python `dict` repr that Hugging Face's `Trainer` (so TRL) prints every `logging_steps`,
-/// e.g. `{'loss': 0.6931, 'grad_norm': 1.2, 'learning_rate': 5e-07, 'rewards/chosen': 0.01,
+/// e.g. `{'loss': 0.6914, 'grad_norm': 1.2, 'learning_rate': 5e-07, 'rewards/chosen': 0.01,
 /// 'epoch': 0.1}`. Returns the step it names (`step` or `global_step`), if any, and every
 /// numeric value under its own name (TRL's names pass through). Lines that are not a dict of
 /// numbers (a final `{'train_runtime': ...}` summary is one) are recognised by their keys:
 /// the summary's `train_*` entries are skipped.
-pub(crate) fn parse_metrics(line: &str) -> Option<(Option<i64>, Vec<(String, f64)>)> {
+pub(crate) fn parse_metrics(line: &str) -> Option<(Option<i64>, Metrics)> {
     let t = line.trim();
     let start = t.find('{')?;
     if !t.ends_with('}') {
@@ -254,11 +257,11 @@ mod tests {
     #[test]
     fn logged_dicts_become_metrics_under_their_names() {
         let (step, v) = parse_metrics(
-            "{'loss': 0.6931, 'grad_norm': 1.5, 'learning_rate': 5e-07, 'rewards/chosen': 0.01, 'epoch': 0.1}",
+            "{'loss': 0.6914, 'grad_norm': 1.5, 'learning_rate': 5e-07, 'rewards/chosen': 0.01, 'epoch': 0.1}",
         )
         .unwrap();
         assert_eq!(step, None);
-        assert!(v.contains(&("loss".to_string(), 0.6931)));
+        assert!(v.contains(&("loss".to_string(), 0.6914)));
         assert!(v.contains(&("rewards/chosen".to_string(), 0.01)));
         assert_eq!(v.len(), 5);
         let (step, v) = parse_metrics(r#"{"step": 12, "loss": 0.5, "note": "x"}"#).unwrap();
