@@ -452,6 +452,13 @@ pub(crate) async fn correct(ctx: &Ctx<'_>) -> Result<()> {
         .await
 }
 
+/// A unit's prompt metadata as JSON, for the labels rules (`None` without any).
+fn metadata(u: &aligner_store::UnpairedRow) -> Option<serde_json::Value> {
+    u.metadata
+        .as_deref()
+        .and_then(|m| serde_json::from_str(m).ok())
+}
+
 pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
     let e = ctx.engine;
     let (run_id, round) = (ctx.run_id, ctx.round());
@@ -509,11 +516,7 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
             .iter()
             .map(|u| {
                 let rule = spec.benign_preference.as_ref()?;
-                let meta = u
-                    .metadata
-                    .as_deref()
-                    .and_then(|m| serde_json::from_str(m).ok());
-                if rule.labels.is_harmful(meta.as_ref()) {
+                if rule.labels.is_harmful(metadata(u).as_ref()) {
                     return None;
                 }
                 Some(match u.correction.as_deref() {
@@ -537,11 +540,7 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
                 let gen_ok = u.generation_status == Outcome::Ok;
                 let corr_ok = u.correction_status == Some(Outcome::Ok) && benign.is_none();
                 let benign_refusal = spec.benign_refusals.as_ref().is_some_and(|rule| {
-                    let meta = u
-                        .metadata
-                        .as_deref()
-                        .and_then(|m| serde_json::from_str(m).ok());
-                    !rule.is_harmful(meta.as_ref())
+                    !rule.is_harmful(metadata(u).as_ref())
                         && u.correction
                             .as_deref()
                             .is_some_and(crate::refusal::is_refusal)

@@ -234,14 +234,12 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
             e.store
                 .set_training_process(job.id, Some(&identity))
                 .await?;
-            e.store.set_training_pgid(job.id, Some(id.pid)).await?;
             (job, id, Some(child), (0, 0))
         }
     };
     let attempt_dir = id.attempt_dir.clone();
     let (code, tail) = follow(ctx, &job, &id, child, offsets).await?;
     e.store.set_training_process(job.id, None).await?;
-    e.store.set_training_pgid(job.id, None).await?;
     let tail_text = tail.join("\n  ");
     if e.interrupted() {
         e.store

@@ -269,7 +269,6 @@ pub struct TrainingJobRow {
     pub exit_code: Option<i64>,
     pub output_dir: String,
     pub error: Option<String>,
-    pub pgid: Option<i64>,
     /// JSON: who the running `command` trainer is and where its output goes.
     pub process: Option<String>,
     pub stdout_offset: i64,

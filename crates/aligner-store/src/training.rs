@@ -6,6 +6,10 @@ use crate::{
     CheckpointRow, Error, NewTrainingJob, Result, RoundCost, StageStatus, Store, TrainingJobRow,
 };
 
+/// Lines of a training job's output: (job, attempt, stream, line).
+const TRAINING_LOGS: BatchInsert =
+    BatchInsert::new("INSERT INTO training_logs (training_job_id, attempt, stream, line) ");
+
 impl Store {
     /// Creates the round's training job, or re-opens it after a crash (attempts + 1).
     pub async fn start_training_job(&self, job: &NewTrainingJob<'_>) -> Result<TrainingJobRow> {
@@ -39,23 +43,12 @@ impl Store {
 
     pub async fn training_job(&self, run_id: i64, round: i64) -> Result<Option<TrainingJobRow>> {
         Ok(sqlx::query_as::<_, TrainingJobRow>(
-            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, pgid, process, stdout_offset, stderr_offset FROM training_jobs WHERE run_id = ? AND round = ?",
+            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, process, stdout_offset, stderr_offset FROM training_jobs WHERE run_id = ? AND round = ?",
         )
         .bind(run_id)
         .bind(round)
         .fetch_optional(&self.pool)
         .await?)
-    }
-
-    /// Records the process group of the running train command, so a resumed run can stop a
-    /// trainer that outlived a killed `aligner`.
-    pub async fn set_training_pgid(&self, job_id: i64, pgid: Option<i64>) -> Result<()> {
-        sqlx::query("UPDATE training_jobs SET pgid = ? WHERE id = ?")
-            .bind(pgid)
-            .bind(job_id)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
     }
 
     /// Records the pipeline's `prices:` for a run (replacing what an earlier start recorded):
@@ -110,7 +103,7 @@ impl Store {
     /// A run's training jobs still marked running.
     pub async fn running_training_jobs(&self, run_id: i64) -> Result<Vec<TrainingJobRow>> {
         Ok(sqlx::query_as::<_, TrainingJobRow>(
-            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, pgid, process, stdout_offset, stderr_offset FROM training_jobs WHERE run_id = ? AND status = 'running' ORDER BY round",
+            "SELECT id, run_id, round, status, attempts, exit_code, output_dir, error, process, stdout_offset, stderr_offset FROM training_jobs WHERE run_id = ? AND status = 'running' ORDER BY round",
         )
         .bind(run_id)
         .fetch_all(&self.pool)
@@ -145,11 +138,9 @@ impl Store {
         lines: &[(String, String)],
         (stdout_offset, stderr_offset): (i64, i64),
     ) -> Result<()> {
-        const INSERT: BatchInsert =
-            BatchInsert::new("INSERT INTO training_logs (training_job_id, attempt, stream, line) ");
         let mut tx = self.pool.begin().await?;
         if !lines.is_empty() {
-            INSERT
+            TRAINING_LOGS
                 .execute_on(&mut tx, lines, |mut b, (stream, line)| {
                     b.push_bind(job_id)
                         .push_bind(attempt)
@@ -174,9 +165,7 @@ impl Store {
         attempt: i64,
         lines: &[(String, String)],
     ) -> Result<()> {
-        const INSERT: BatchInsert =
-            BatchInsert::new("INSERT INTO training_logs (training_job_id, attempt, stream, line) ");
-        self.insert_batch(INSERT, lines, |mut b, (stream, line)| {
+        self.insert_batch(TRAINING_LOGS, lines, |mut b, (stream, line)| {
             b.push_bind(job_id)
                 .push_bind(attempt)
                 .push_bind(stream)
