@@ -53,7 +53,7 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("candle-core", &["aligner-local", "aligner-train"]),
     ("candle-nn", &["aligner-local", "aligner-train"]),
     ("candle-transformers", &["aligner-local"]),
-    ("reqwest", &["aligner-openai", "aligner-daemon"]),
+    ("reqwest", &["aligner-openai", "aligner-daemon", "aligner-cluster"]),
     (
         "axum",
         &["aligner-server", "aligner-daemon", "aligner-mockserver"],

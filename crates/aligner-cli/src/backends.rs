@@ -1,5 +1,6 @@
 //! Wires the spec's models to real backends: the OpenAI-compatible HTTP client, local models
-//! and embedders (`aligner_local::shared`, loaded once per process), the built-in trainer.
+//! and embedders (`aligner_local::shared`, loaded once per process), the built-in trainer, the
+//! cluster schedulers.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -52,5 +53,16 @@ impl aligner_engine::BackendFactory for Factory {
 
     fn trainer(&self) -> anyhow::Result<Arc<dyn aligner_engine::Trainer>> {
         Ok(Arc::new(aligner_train::pipeline::BuiltinTrainer))
+    }
+
+    fn cluster(
+        &self,
+        scheduler: &aligner_engine::cluster::Scheduler,
+    ) -> anyhow::Result<Arc<dyn aligner_engine::cluster::ClusterJobs>> {
+        match scheduler {
+            aligner_engine::cluster::Scheduler::Ray(c) => Ok(Arc::new(
+                aligner_cluster::RayJobs::new(c.clone()).map_err(anyhow::Error::msg)?,
+            )),
+        }
     }
 }

@@ -9,7 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use aligner_engine::{Engine, RunOptions};
 use aligner_spec::Pipeline;
-use aligner_store::{Stage, Store};
+use aligner_store::Store;
 
 use crate::output::{self, SqlFormat};
 use crate::progress::Bars;
@@ -145,6 +145,9 @@ pub enum Command {
     Serve(Box<crate::serve::ServeArgs>),
     /// Train an Aligner on question-answer-correction data with the built-in trainer.
     TrainAligner(crate::train::TrainAlignerArgs),
+    /// One round's DPO or SFT over an exported pairs file with the built-in trainer, as a
+    /// cluster job runs it (`rounds.train.backend: {kind: ray}`); metrics go to stdout as JSON.
+    Train(Box<crate::train::TrainArgs>),
     /// A checkpoint as a re-quantized GGUF (default Q8_0) for fast local inference.
     ExportGguf(crate::train::ExportGgufArgs),
     /// The offline default models.
@@ -220,6 +223,9 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         Command::TrainAligner(args) => {
             tokio::task::spawn_blocking(move || crate::train::train_aligner(args)).await?
         }
+        Command::Train(args) => {
+            tokio::task::spawn_blocking(move || crate::train::train(*args)).await?
+        }
         Command::Models(c) => crate::fetch::models(c),
         Command::Prompts(c) => crate::fetch::prompts(c),
         Command::Run {
@@ -248,18 +254,8 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             json,
         } => {
             let path = store_path(&store, None);
-            let ro = Store::open_read_only(&path).await?;
-            let row = ro.find_run(&which).await?;
-            ro.close().await;
-            let file = pipeline.unwrap_or_else(|| PathBuf::from(&row.pipeline_path));
-            if !file.exists() {
-                return Err(Invalid::Message(format!(
-                    "run `{}` was started from `{}`, which no longer exists\nhint: pass `--pipeline FILE`",
-                    row.id,
-                    file.display()
-                ))
-                .into());
-            }
+            let (run_id, file) =
+                aligner_daemon::client::resume_target(&path, &which, pipeline).await?;
             let spec = load(&file)?;
             let store = StoreArg { store: Some(path) };
             run(
@@ -267,7 +263,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
                 spec,
                 &store,
                 RunOptions {
-                    run_id: Some(row.id),
+                    run_id: Some(run_id),
                     ..Default::default()
                 },
                 json,
@@ -316,22 +312,6 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
             store,
         } => {
             let store = Store::open_read_only(&store_path(&store, None)).await?;
-            let row = store.find_run(&run).await?;
-            if !store.stage_done(row.id, round, Stage::Synthesize).await? {
-                return Err(Invalid::Message(format!(
-                    "run `{}` round {round} has not finished its synthesize stage, so its pairs are not final\nhint: `aligner status {}` shows where the run is; `aligner resume {}` finishes it",
-                    row.id, row.id, row.id
-                ))
-                .into());
-            }
-            let pairs = aligner_engine::pair_records(&store, row.id, round).await?;
-            if pairs.is_empty() {
-                return Err(Invalid::Message(format!(
-                    "run `{}` round {round} has no kept pairs\nhint: `aligner status {}` shows its rounds",
-                    row.id, row.id
-                ))
-                .into());
-            }
             let kind = match kind {
                 ExportKind::Dpo => aligner_dataset::Kind::Dpo,
                 ExportKind::Sft => aligner_dataset::Kind::Sft,
@@ -340,7 +320,8 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
                 ExportFormat::Jsonl => aligner_dataset::Format::Jsonl,
                 ExportFormat::Parquet => aligner_dataset::Format::Parquet,
             };
-            let n = aligner_dataset::write_pairs(&out, format, kind, conversational, &pairs)?;
+            let how = (kind, format, conversational);
+            let n = aligner_engine::export_pairs(&store, &run, round, how, &out).await?;
             eprintln!("wrote {n} records to `{}`", out.display());
             Ok(())
         }
@@ -348,33 +329,13 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
 }
 
 fn validate(files: &[PathBuf], json: bool) -> Result<()> {
-    let mut bad = 0;
-    for file in files {
-        match Pipeline::from_path(file) {
-            Ok(spec) => {
-                if json {
-                    println!("{}", serde_json::to_string_pretty(&spec.snapshot())?);
-                } else {
-                    println!(
-                        "ok: `{}` ({} rounds, {} models)",
-                        file.display(),
-                        spec.rounds.count,
-                        spec.models.len()
-                    );
-                }
-            }
-            Err(errors) => {
-                bad += 1;
-                eprintln!("{errors}");
-            }
-        }
-    }
+    let (out, errors, bad) = aligner_spec::check_files(files, json);
+    print!("{out}");
+    eprint!("{errors}");
     if bad > 0 {
-        return Err(Invalid::Message(format!(
-            "{bad} of {} pipeline file(s) did not validate",
-            files.len()
-        ))
-        .into());
+        let n = files.len();
+        let message = format!("{bad} of {n} pipeline file(s) did not validate");
+        return Err(Invalid::Message(message).into());
     }
     Ok(())
 }
@@ -406,7 +367,7 @@ async fn run(
     let flag = engine.interrupt_flag();
     tokio::spawn(async move {
         // Ctrl-C or SIGTERM: stop feeding items, commit what is in flight, release the lease.
-        ctrl_c_or_sigterm().await;
+        aligner_engine::shutdown_signal().await;
         eprintln!("interrupt: finishing in-flight items (press Ctrl-C again to abort)");
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
         if tokio::signal::ctrl_c().await.is_ok() {
@@ -415,30 +376,12 @@ async fn run(
     });
     let outcome = engine.run(&options).await;
     bars.clear();
-    let outcome = outcome?;
-    let summaries = store.round_summaries(outcome.run_id).await?;
-    let aligner = store.aligner_eval(outcome.run_id).await?;
-    let metrics = store.eval_metrics(outcome.run_id).await?;
-    let gates = store.gate_decisions(outcome.run_id).await?;
+    let mut outcome = outcome?;
+    outcome.store = std::fs::canonicalize(&path).unwrap_or(path);
+    let (run_id, outcome) = (outcome.run_id, serde_json::to_value(&outcome)?);
+    let text = aligner_report::terminal::finished(&store, run_id, outcome, json).await?;
     store.close().await;
-    let abs = std::fs::canonicalize(&path).unwrap_or(path);
-    if json {
-        let v = serde_json::json!({"run": outcome, "store": abs, "rounds": summaries, "aligner_eval": aligner, "evaluation": metrics, "gate": gates, "peak_rss_kb": peak_rss_kb()});
-        println!("{}", serde_json::to_string_pretty(&v)?);
-    } else {
-        use aligner_report::terminal;
-        print!("{}", terminal::aligner_eval(&aligner));
-        print!("{}", terminal::summaries(&summaries));
-        print!("{}", terminal::evaluation(&metrics, &gates));
-        println!(
-            "\nrun {} {}: {} round(s)\nstore: {}\nlook at the pairs:\n  aligner sql --store {} \"SELECT round, prompt, rejected, chosen FROM pairs_latest LIMIT 5\"",
-            outcome.run_id,
-            if outcome.resumed { "resumed and finished" } else { "finished" },
-            outcome.rounds,
-            abs.display(),
-            abs.display()
-        );
-    }
+    print!("{text}");
     Ok(())
 }
 
@@ -462,28 +405,4 @@ async fn status(which: Option<&str>, store: &StoreArg, json: bool) -> Result<()>
         }
     }
     Ok(())
-}
-
-/// This process's peak resident set size (Linux `VmHWM`), for `--json` reports and benchmarks.
-fn peak_rss_kb() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
-}
-
-/// Resolves on the first Ctrl-C or SIGTERM.
-pub(crate) async fn ctrl_c_or_sigterm() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-    let terminate = async {
-        match term.as_mut() {
-            Some(t) => {
-                t.recv().await;
-            }
-            None => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate => {}
-    }
 }

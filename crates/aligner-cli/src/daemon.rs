@@ -122,12 +122,12 @@ pub async fn serve(args: DaemonArgs) -> Result<()> {
         config,
         Arc::new(crate::backends::Factory),
         async {
-            crate::commands::ctrl_c_or_sigterm().await;
+            aligner_engine::shutdown_signal().await;
             eprintln!(
                 "stopping: in-flight items finish first (a second Ctrl-C or SIGTERM exits at once)"
             );
             tokio::spawn(async {
-                crate::commands::ctrl_c_or_sigterm().await;
+                aligner_engine::shutdown_signal().await;
                 std::process::exit(130);
             });
         },
@@ -257,7 +257,9 @@ pub async fn cancel(run: &str, daemon: &DaemonArg, store: &StoreArg) -> Result<(
         }
         None => {
             let store = Store::open(&crate::commands::store_path(store, None)).await?;
-            let id = aligner_daemon::client::cancel_in_store(&store, run).await?;
+            let id =
+                aligner_daemon::client::cancel_in_store(&store, &crate::backends::Factory, run)
+                    .await?;
             println!("run {id}: cancelled");
         }
     }

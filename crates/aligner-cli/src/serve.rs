@@ -151,7 +151,7 @@ pub async fn run(args: ServeArgs) -> Result<()> {
         proxy: args.proxy.into(),
     };
     let shutdown = async {
-        crate::commands::ctrl_c_or_sigterm().await;
+        aligner_engine::shutdown_signal().await;
         eprintln!("shutting down: finishing requests in flight (press Ctrl-C again to stop now)");
         tokio::spawn(async {
             if tokio::signal::ctrl_c().await.is_ok() {

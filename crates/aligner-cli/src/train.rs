@@ -101,6 +101,73 @@ pub fn train_aligner(args: TrainAlignerArgs) -> Result<()> {
     )
 }
 
+/// `aligner train`'s flags: the train stage's settings and placeholders under their YAML names.
+#[derive(clap::Args, Debug, Clone)]
+pub struct TrainArgs {
+    /// The exported pairs (JSONL or Parquet, plain or conversational).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// The model to train: a GGUF file, a checkpoint folder or a hub id.
+    #[arg(long)]
+    pub base: String,
+    /// The frozen DPO reference (default: the base).
+    #[arg(long)]
+    pub reference: Option<String>,
+    /// Where the checkpoint (a Hugging Face folder) goes.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "dpo", value_parser = ["dpo", "sft"])]
+    pub method: String,
+    #[arg(long, default_value = "sigmoid", value_parser = ["sigmoid", "ipo", "sigmoid_nll"])]
+    pub loss: String,
+    #[arg(long, default_value_t = 0.1)]
+    pub beta: f64,
+    #[arg(long, default_value_t = 1e-6)]
+    pub learning_rate: f64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u32,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: u32,
+    #[arg(long, default_value_t = 1)]
+    pub gradient_accumulation: u32,
+    #[arg(long, default_value_t = 1024)]
+    pub max_length: u32,
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    /// Train only the last N layers (default: every weight).
+    #[arg(long)]
+    pub train_layers: Option<u32>,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Resumable state (default: `<out>.state`).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+}
+
+pub fn train(a: TrainArgs) -> Result<()> {
+    let options = aligner_spec::BuiltinTrainer {
+        train_layers: a.train_layers,
+        seed: a.seed,
+        ..Default::default()
+    };
+    let stage = aligner_spec::TrainStage {
+        method: serde_json::from_value(a.method.as_str().into())?,
+        loss: serde_json::from_value(a.loss.as_str().into())?,
+        beta: a.beta,
+        learning_rate: a.learning_rate,
+        epochs: a.epochs,
+        batch_size: a.batch_size,
+        gradient_accumulation: a.gradient_accumulation,
+        max_length: a.max_length,
+        warmup_ratio: a.warmup_ratio,
+        reference: aligner_spec::ReferencePolicy::Initial,
+        backend: aligner_spec::TrainBackend::Builtin(options.clone()),
+    };
+    let reference = a.reference.as_deref().unwrap_or(&a.base);
+    let (data, base, out) = (&a.data, &a.base, &a.out);
+    aligner_train::pipeline::train_pairs(data, base, reference, out, stage, options, a.state_dir)
+}
+
 /// `aligner export-gguf`: a checkpoint (or any GGUF) as a re-quantized GGUF for fast local
 /// inference (`kind: local`, `aligner serve`, llama.cpp).
 #[derive(clap::Args, Debug, Clone)]

@@ -183,9 +183,35 @@ pub async fn store_events(
     ))
 }
 
+/// `aligner resume`: the run `which` names in the store at `path`, and the pipeline file to
+/// continue it with (`pipeline`, else the one it was started from, which must still exist).
+pub async fn resume_target(
+    path: &std::path::Path,
+    which: &str,
+    pipeline: Option<std::path::PathBuf>,
+) -> Result<(i64, std::path::PathBuf)> {
+    let ro = Store::open_read_only(path).await?;
+    let row = ro.find_run(which).await?;
+    ro.close().await;
+    let file = pipeline.unwrap_or_else(|| std::path::PathBuf::from(&row.pipeline_path));
+    if !file.exists() {
+        return Err(Invalid::Message(format!(
+            "run `{}` was started from `{}`, which no longer exists\nhint: pass `--pipeline FILE`",
+            row.id,
+            file.display()
+        ))
+        .into());
+    }
+    Ok((row.id, file))
+}
+
 /// Cancels a run in a store no daemon drives it from: refused when a process holds its lease
 /// or a daemon is driving it; a daemon's queued or paused job is cancelled in its queue too.
-pub async fn cancel_in_store(store: &Store, run: &str) -> Result<i64> {
+pub async fn cancel_in_store(
+    store: &Store,
+    factory: &dyn aligner_engine::BackendFactory,
+    run: &str,
+) -> Result<i64> {
     let row = store.find_run(run).await?;
     if row.status != RunStatus::Running {
         return Err(Invalid::Message(format!("run {} is already {}", row.id, row.status)).into());
@@ -230,7 +256,7 @@ pub async fn cancel_in_store(store: &Store, run: &str) -> Result<i64> {
         )
         .await?;
     // A trainer the dead process started may still be running: it is ours, stop it.
-    aligner_engine::stop_orphaned_trainers(store, row.id).await?;
+    aligner_engine::stop_orphaned_trainers(store, factory, row.id).await?;
     Ok(row.id)
 }
 

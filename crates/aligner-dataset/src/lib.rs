@@ -341,6 +341,89 @@ fn write_record(
     v
 }
 
+/// Reads preference pairs as [`write_pairs`] writes them (what `aligner train` trains on):
+/// `prompt`, `chosen`, `rejected` and an optional `system`, each a string or, in the
+/// conversational form, a list of `{role, content}` messages. JSONL, or Parquet in the plain
+/// form.
+pub fn read_pairs(path: &Path) -> Result<Vec<PairRecord>> {
+    let parquet = path.extension().is_some_and(|e| e == "parquet");
+    let rerr = |m: String| Error::Read {
+        path: path.into(),
+        format: if parquet { "Parquet" } else { "JSONL" },
+        message: m,
+    };
+    if parquet {
+        let df = read_frame(path, Format::Parquet)?;
+        let p = string_column(&df, path, "prompt", "prompt")?;
+        let c = string_column(&df, path, "chosen", "chosen")?;
+        let r = string_column(&df, path, "rejected", "rejected")?;
+        let sys = string_column(&df, path, "system", "system").ok();
+        let mut out = Vec::with_capacity(df.height());
+        for (i, ((p, c), r)) in p.into_iter().zip(c).zip(r).enumerate() {
+            let (Some(prompt), Some(chosen), Some(rejected)) = (p, c, r) else {
+                return Err(rerr(format!(
+                    "row {} has an empty prompt, chosen or rejected",
+                    i + 1
+                )));
+            };
+            let system = sys.as_ref().and_then(|s| s[i].clone());
+            out.push(PairRecord {
+                system,
+                prompt,
+                chosen,
+                rejected,
+            });
+        }
+        return Ok(out);
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| rerr(e.to_string()))?;
+    let mut out = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = |m: String| rerr(format!("line {}: {m}", i + 1));
+        let v: serde_json::Value = serde_json::from_str(line).map_err(|e| at(e.to_string()))?;
+        // A string, or the messages of a conversational record: (system, text of the turns).
+        let field = |name: &str| -> std::result::Result<(Option<String>, String), String> {
+            match &v[name] {
+                serde_json::Value::String(s) => Ok((None, s.clone())),
+                serde_json::Value::Array(messages) => {
+                    let mut system = None;
+                    let mut text = Vec::new();
+                    for m in messages {
+                        let content = m["content"].as_str().unwrap_or_default().to_string();
+                        if m["role"] == "system" {
+                            system = Some(content);
+                        } else {
+                            text.push(content);
+                        }
+                    }
+                    Ok((system, text.join("\n\n")))
+                }
+                _ => Err(format!(
+                    "`{name}` is missing or is neither a string nor a list of messages"
+                )),
+            }
+        };
+        let (in_prompt, prompt) = field("prompt").map_err(at)?;
+        let (_, chosen) = field("chosen").map_err(at)?;
+        let (_, rejected) = field("rejected").map_err(at)?;
+        let system = v["system"].as_str().map(str::to_string).or(in_prompt);
+        out.push(PairRecord {
+            system,
+            prompt,
+            chosen,
+            rejected,
+        });
+    }
+    if out.is_empty() {
+        return Err(rerr("no pairs in the file".into()));
+    }
+    Ok(out)
+}
+
 /// Writes pairs as JSONL (one record per line) or Parquet. Returns the number of records.
 pub fn write_pairs(
     path: &Path,
@@ -533,5 +616,45 @@ mod tests {
             df.column("prompt").unwrap().dtype(),
             DataType::List(_)
         ));
+    }
+
+    #[test]
+    fn pairs_read_back_as_they_were_written_in_every_form() {
+        let dir = tempfile::tempdir().unwrap();
+        let pairs = vec![
+            PairRecord {
+                system: Some("Be brief.".into()),
+                prompt: "How do I lay off staff humanely?".into(),
+                chosen: "Tell them in person, early.".into(),
+                rejected: "I can't help with that.".into(),
+            },
+            PairRecord {
+                system: None,
+                prompt: "Hi".into(),
+                chosen: "Hello!".into(),
+                rejected: "No.".into(),
+            },
+        ];
+        for (name, format, conversational) in [
+            ("plain.jsonl", Format::Jsonl, false),
+            ("chat.jsonl", Format::Jsonl, true),
+            ("plain.parquet", Format::Parquet, false),
+        ] {
+            let path = dir.path().join(name);
+            write_pairs(&path, format, Kind::Dpo, conversational, &pairs).unwrap();
+            let back = read_pairs(&path).unwrap();
+            assert_eq!(back.len(), 2, "{name}");
+            for (a, b) in back.iter().zip(&pairs) {
+                assert_eq!(
+                    (&a.system, &a.prompt, &a.chosen, &a.rejected),
+                    (&b.system, &b.prompt, &b.chosen, &b.rejected),
+                    "{name}"
+                );
+            }
+        }
+        let bad = dir.path().join("bad.jsonl");
+        std::fs::write(&bad, "{\"prompt\": \"x\", \"chosen\": 3}\n").unwrap();
+        let err = read_pairs(&bad).unwrap_err().to_string();
+        assert!(err.contains("line 1: `chosen` is missing"), "{err}");
     }
 }

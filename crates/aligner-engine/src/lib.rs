@@ -7,6 +7,7 @@
 //! marked done only after its last unit is committed, so after a `kill -9` the driver re-plans,
 //! skips what is committed, and retries what was in flight.
 
+pub mod cluster;
 mod evaluate;
 mod executor;
 pub mod filters;
@@ -15,6 +16,7 @@ mod lease;
 pub mod planner;
 pub mod refusal;
 pub use evaluate::{degenerate, gate_decision, omega, omega_interval, parse_verdict};
+mod remote;
 mod semantic;
 mod stages;
 mod teach;
@@ -106,6 +108,17 @@ pub trait BackendFactory: Send + Sync {
     /// The built-in trainer of `rounds.train.backend: {kind: builtin}`.
     fn trainer(&self) -> anyhow::Result<Arc<dyn Trainer>> {
         Err(anyhow::anyhow!("this build has no built-in trainer\nhint: use the `aligner` binary, or `backend: {{ kind: command, command: ... }}` with your own trainer"))
+    }
+
+    /// The client of a cluster scheduler (`rounds.train.backend: {kind: ray}`).
+    fn cluster(
+        &self,
+        scheduler: &cluster::Scheduler,
+    ) -> anyhow::Result<Arc<dyn cluster::ClusterJobs>> {
+        Err(anyhow::anyhow!(
+            "this build cannot submit jobs to {}\nhint: use the `aligner` binary",
+            scheduler.describe()
+        ))
     }
 }
 
@@ -205,6 +218,57 @@ pub struct RunOutcome {
     pub resumed: bool,
     pub store: PathBuf,
     pub rounds: u32,
+}
+
+/// Resolves on the first Ctrl-C or SIGTERM: how every front end (a run, the daemon, the
+/// server) learns it should stop.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let terminate = async {
+        match term.as_mut() {
+            Some(t) => {
+                t.recv().await;
+            }
+            None => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}
+
+/// `aligner export`: run `run`'s kept pairs of `round` into `out`; refused (as a usage error)
+/// before the round's synthesize stage is done, or when it kept none. Returns how many.
+pub async fn export_pairs(
+    store: &Store,
+    run: &str,
+    round: i64,
+    (kind, format, conversational): (aligner_dataset::Kind, aligner_dataset::Format, bool),
+    out: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let row = store.find_run(run).await?;
+    let refuse = |m: String| anyhow::Error::new(aligner_spec::Invalid::Message(m));
+    if !store.stage_done(row.id, round, Stage::Synthesize).await? {
+        return Err(refuse(format!(
+            "run `{}` round {round} has not finished its synthesize stage, so its pairs are not final\nhint: `aligner status {}` shows where the run is; `aligner resume {}` finishes it",
+            row.id, row.id, row.id
+        )));
+    }
+    let pairs = pair_records(store, row.id, round).await?;
+    if pairs.is_empty() {
+        return Err(refuse(format!(
+            "run `{}` round {round} has no kept pairs\nhint: `aligner status {}` shows its rounds",
+            row.id, row.id
+        )));
+    }
+    Ok(aligner_dataset::write_pairs(
+        out,
+        format,
+        kind,
+        conversational,
+        &pairs,
+    )?)
 }
 
 /// A round's kept pairs as export records (what a train command receives and `aligner

@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use aligner_dataset::{Format, Kind};
 use aligner_spec::{
-    ExportFormat, ModelSpec, ReferencePolicy, TrainBackend, TrainMethod, TrainStage,
+    ExportFormat, ExternalTrainer, ModelSpec, ReferencePolicy, TrainBackend, TrainMethod,
+    TrainStage,
 };
 use aligner_store::{EventKind, Level, NewTrainingJob, StageEnd, StageStatus};
 
+use crate::cluster::Scheduler;
 use crate::stages::Ctx;
 use crate::trainer_process::{self, Identity};
 use crate::{Error, Result, Stage};
@@ -56,7 +58,7 @@ pub(crate) fn placeholders(
     ]
 }
 
-fn enum_str<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn enum_str<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v)
         .ok()
         .and_then(|v| v.as_str().map(str::to_string))
@@ -93,15 +95,17 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         stage: "train",
         message,
     };
-    let (command, format, conversational, serve_model) = match &train.backend {
+    let (external, scheduler) = match &train.backend {
         TrainBackend::Builtin(options) => return run_builtin(ctx, train, options).await,
-        TrainBackend::Command {
-            command,
-            format,
-            conversational,
-            serve_model,
-        } => (command, format, conversational, serve_model),
+        TrainBackend::Command(t) => (t, None),
+        TrainBackend::Ray { trainer, cluster } => (trainer, Some(Scheduler::Ray(cluster.clone()))),
     };
+    let ExternalTrainer {
+        command,
+        format,
+        conversational,
+        serve_model,
+    } = external;
     e.store
         .start_stage(run_id, round, Stage::Train, Some(1))
         .await?;
@@ -147,6 +151,16 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
     // output folder work on resume.
     let out = dir.join("checkpoint");
     let previous = e.store.training_job(run_id, round).await?;
+    if let Some(scheduler) = scheduler {
+        let paths = RoundPaths {
+            base: &base,
+            reference: &reference,
+            dir: &dir,
+            data: &data,
+            out: &out,
+        };
+        return crate::remote::run(ctx, train, external, scheduler, paths, previous).await;
+    }
     // The trainer this round started last time, when the job never finished: still running
     // (followed again), or ended while no orchestrator watched (its result is taken as it is).
     let last = previous
@@ -347,7 +361,7 @@ async fn follow(
 }
 
 /// Removes the round's earlier attempt folders and their output files.
-fn remove_attempts(dir: &Path) -> std::result::Result<(), String> {
+pub(crate) fn remove_attempts(dir: &Path) -> std::result::Result<(), String> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Ok(());
     };
@@ -368,7 +382,7 @@ fn remove_attempts(dir: &Path) -> std::result::Result<(), String> {
 }
 
 /// Marks the round's train stage failed with `message`; returns the error to stop with.
-async fn train_failed(ctx: &Ctx<'_>, message: String) -> Result<Error> {
+pub(crate) async fn train_failed(ctx: &Ctx<'_>, message: String) -> Result<Error> {
     ctx.engine
         .store
         .finish_stage(
@@ -386,19 +400,31 @@ async fn train_failed(ctx: &Ctx<'_>, message: String) -> Result<Error> {
 }
 
 /// What differs between a round's command and built-in training jobs.
-struct RoundJob<'a> {
-    backend: &'a str,
-    reference: &'a str,
-    base: &'a str,
+pub(crate) struct RoundJob<'a> {
+    pub backend: &'a str,
+    pub reference: &'a str,
+    pub base: &'a str,
     /// The exported pairs (command) or the trainer's state folder (built-in).
-    data: &'a Path,
-    pairs: usize,
-    out: &'a Path,
-    command: Option<&'a str>,
+    pub data: &'a Path,
+    pub pairs: usize,
+    pub out: &'a Path,
+    pub command: Option<&'a str>,
+}
+
+/// Where a round's user trainer reads and writes.
+pub(crate) struct RoundPaths<'a> {
+    pub base: &'a str,
+    pub reference: &'a str,
+    /// The round's folder.
+    pub dir: &'a Path,
+    /// The exported pairs.
+    pub data: &'a Path,
+    /// Where the registered checkpoint goes.
+    pub out: &'a Path,
 }
 
 /// Records (or re-attempts) a round's `training_jobs` row.
-async fn start_job(
+pub(crate) async fn start_job(
     ctx: &Ctx<'_>,
     train: &TrainStage,
     job: RoundJob<'_>,
@@ -425,7 +451,7 @@ async fn start_job(
 }
 
 /// The round's kept pairs; none fails the stage (there is nothing to train on).
-async fn round_pairs(ctx: &Ctx<'_>) -> Result<Vec<aligner_dataset::PairRecord>> {
+pub(crate) async fn round_pairs(ctx: &Ctx<'_>) -> Result<Vec<aligner_dataset::PairRecord>> {
     let e = ctx.engine;
     let (run_id, round) = (ctx.run_id, ctx.round as i64);
     let pairs = crate::pair_records(&e.store, run_id, round).await?;
@@ -451,7 +477,7 @@ pub(crate) fn move_into_place(attempt_dir: &Path, out: &Path) -> std::result::Re
 }
 
 /// Registers the round's checkpoint (marking its job done), finishes the stage and reports it.
-async fn register(
+pub(crate) async fn register(
     ctx: &Ctx<'_>,
     job_id: i64,
     exit_code: i64,

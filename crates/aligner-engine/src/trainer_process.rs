@@ -186,25 +186,30 @@ pub(crate) async fn kill_group(pgid: i64, signal: &str) {
         .await;
 }
 
-/// Stops the `command` trainers of a run that no orchestrator follows any more (after
-/// `aligner cancel` of a run whose process died): SIGTERM to each group that is provably the
-/// trainer that run started, and its job marked failed. Returns how many were stopped.
+/// Stops the trainers of a run that no orchestrator follows any more (after `aligner cancel`
+/// of a run whose process died): SIGTERM to each `command` group that is provably the trainer
+/// that run started, a stop request for each cluster job still pending or running; their jobs
+/// are marked failed. Returns how many were stopped.
 pub async fn stop_orphaned_trainers(
     store: &aligner_store::Store,
+    factory: &dyn crate::BackendFactory,
     run_id: i64,
 ) -> crate::Result<usize> {
     let mut stopped = 0;
     for job in store.running_training_jobs(run_id).await? {
-        let Some(id) = job
+        let local = job
             .process
             .as_deref()
-            .and_then(|p| serde_json::from_str::<Identity>(p).ok())
-        else {
-            continue;
-        };
-        if id.is_alive() {
-            kill_group(id.pid, "TERM").await;
+            .and_then(|p| serde_json::from_str::<Identity>(p).ok());
+        if let Some(id) = local {
+            if id.is_alive() {
+                kill_group(id.pid, "TERM").await;
+                stopped += 1;
+            }
+        } else if crate::remote::stop_orphaned(factory, &job).await? {
             stopped += 1;
+        } else if job.process.is_none() {
+            continue;
         }
         store.set_training_process(job.id, None).await?;
         store

@@ -208,6 +208,42 @@ pub fn evaluation(metrics: &[EvalMetricRow], gates: &[GateDecisionRow]) -> Strin
     out
 }
 
+/// This process's peak resident set size (Linux `VmHWM`), for `--json` reports and benchmarks.
+fn peak_rss_kb() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// What `aligner run` prints when a run ends: the Aligner's evaluation, the rounds, the
+/// evaluation and gate, and where to look next; with `json`, the same as one JSON object
+/// (`outcome` is the engine's) with this process's peak resident set size.
+pub async fn finished(
+    store: &aligner_store::Store,
+    run_id: i64,
+    outcome: serde_json::Value,
+    json: bool,
+) -> Result<String> {
+    let rounds = store.round_summaries(run_id).await?;
+    let aligner = store.aligner_eval(run_id).await?;
+    let metrics = store.eval_metrics(run_id).await?;
+    let gates = store.gate_decisions(run_id).await?;
+    let path = &outcome["store"];
+    if json {
+        let v = serde_json::json!({"run": outcome, "store": path, "rounds": rounds, "aligner_eval": aligner, "evaluation": metrics, "gate": gates, "peak_rss_kb": peak_rss_kb()});
+        return Ok(format!("{}\n", serde_json::to_string_pretty(&v)?));
+    }
+    let path = path.as_str().unwrap_or_default();
+    Ok(format!(
+        "{}{}{}\nrun {run_id} {}: {} round(s)\nstore: {path}\nlook at the pairs:\n  aligner sql --store {path} \"SELECT round, prompt, rejected, chosen FROM pairs_latest LIMIT 5\"\n",
+        aligner_eval(&aligner),
+        summaries(&rounds),
+        evaluation(&metrics, &gates),
+        if outcome["resumed"] == true { "resumed and finished" } else { "finished" },
+        outcome["rounds"],
+    ))
+}
+
 /// A run's state, its stages and its rounds.
 pub fn run(run: &RunRow, rounds: &[RoundSummary], stages: &[StageRow]) -> String {
     let mut out = String::new();

@@ -86,3 +86,29 @@ impl Pipeline {
 
 #[cfg(test)]
 mod tests;
+
+/// `aligner validate`: each file checked. Returns what goes to stdout (an `ok:` line per valid
+/// file, or with `json` its snapshot), what goes to stderr (every error of the others) and how
+/// many did not validate.
+pub fn check_files(files: &[std::path::PathBuf], json: bool) -> (String, String, usize) {
+    let (mut out, mut errors, mut bad) = (String::new(), String::new(), 0);
+    for file in files {
+        match Pipeline::from_path(file) {
+            Ok(spec) if json => {
+                let snapshot = serde_json::to_string_pretty(&spec.snapshot()).unwrap_or_default();
+                out.push_str(&format!("{snapshot}\n"));
+            }
+            Ok(spec) => out.push_str(&format!(
+                "ok: `{}` ({} rounds, {} models)\n",
+                file.display(),
+                spec.rounds.count,
+                spec.models.len()
+            )),
+            Err(e) => {
+                bad += 1;
+                errors.push_str(&format!("{e}\n"));
+            }
+        }
+    }
+    (out, errors, bad)
+}

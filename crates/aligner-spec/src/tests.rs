@@ -220,12 +220,12 @@ fn full_example_parses() {
             max_length: 1024,
             warmup_ratio: 0.03,
             reference: ReferencePolicy::Initial,
-            backend: TrainBackend::Command {
+            backend: TrainBackend::Command(ExternalTrainer {
                 command: "python train.py --data {data} --model {base_model} --out {output_dir} --round {round}".into(),
                 format: ExportFormat::Jsonl,
                 conversational: false,
                 serve_model: Some("ckpt-round-{round}".into()),
-            },
+            }),
         })
     );
     let eval = r.evaluate.as_ref().unwrap();
@@ -1534,4 +1534,72 @@ fn prices_and_budget() {
     );
     assert!(e.contains("at: prices.aligner.per_hour"), "{e}");
     assert!(e.contains("at: budget.max_cost"), "{e}");
+}
+
+#[test]
+fn a_ray_backend_submits_the_command_to_the_cluster() {
+    let dir = setup();
+    let text = full_with(
+        "      kind: command\n",
+        "      kind: ray\n      address: http://127.0.0.1:8265/\n      runtime_env: { env_vars: { HF_HOME: /shared/hf } }\n      entrypoint_num_gpus: 1\n      metadata: { team: alignment }\n",
+    );
+    let spec = load(&dir, &text).expect("valid");
+    let TrainBackend::Ray { trainer, cluster } = &spec.rounds.train.as_ref().unwrap().backend
+    else {
+        panic!("not a ray backend");
+    };
+    assert!(trainer.command.contains("{output_dir}"));
+    assert_eq!(trainer.serve_model.as_deref(), Some("ckpt-round-{round}"));
+    assert_eq!(cluster.address, "http://127.0.0.1:8265");
+    assert_eq!(
+        cluster.runtime_env,
+        Some(serde_json::json!({"env_vars": {"HF_HOME": "/shared/hf"}}))
+    );
+    assert_eq!(cluster.entrypoint_num_gpus, Some(1.0));
+    assert_eq!(cluster.entrypoint_num_cpus, None);
+    assert_eq!(cluster.metadata["team"], "alignment");
+    assert_eq!(cluster.poll_seconds, 2.0);
+}
+
+#[test]
+fn error_ray_backend_fields() {
+    let dir = setup();
+    let text = full_with(
+        "      kind: command\n",
+        "      kind: ray\n      runtime_env: [pip]\n      entrypoint_num_gpus: -1\n",
+    );
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: missing field `address` for `kind: ray`
+      --> pipelines/x.yaml:57:5
+       at: rounds.train.backend
+      hint: the Ray dashboard's address, e.g. `address: ${RAY_ADDRESS:-http://127.0.0.1:8265}`
+
+    error: `runtime_env` must be a mapping (Ray's runtime environment)
+      --> pipelines/x.yaml:59:20
+       at: rounds.train.backend.runtime_env
+      hint: e.g. `runtime_env: {env_vars: {HF_HOME: /shared/hf}}`
+
+    error: `entrypoint_num_gpus` must be at least 0, got `-1`
+      --> pipelines/x.yaml:60:28
+       at: rounds.train.backend.entrypoint_num_gpus
+    ");
+    let text = full_with(
+        "      kind: command\n",
+        "      kind: ray\n      address: 127.0.0.1:6379\n",
+    );
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: `address` must be the dashboard's http(s) URL, got `127.0.0.1:6379`
+      --> pipelines/x.yaml:59:16
+       at: rounds.train.backend.address
+      hint: e.g. `http://127.0.0.1:8265` (the dashboard port, not the GCS port 6379)
+    ");
+    let text = full_with(
+        "      kind: command\n",
+        "      kind: command\n      address: http://127.0.0.1:8265\n",
+    );
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: field `address` applies to `kind: ray` only
+      --> pipelines/x.yaml:59:7
+       at: rounds.train.backend.address
+    ");
 }

@@ -327,19 +327,56 @@ pub enum ExportFormat {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum TrainBackend {
-    /// Runs a user command. Placeholders: `{data}`, `{base_model}`, `{output_dir}`, `{round}`.
-    Command {
-        command: String,
-        /// How the exported pairs look on disk. Default jsonl.
-        format: ExportFormat,
-        /// Conversational (`[{role, content}]`) instead of plain strings. Default false.
-        conversational: bool,
-        /// For an `openai` upstream: the model name under which the server serves the new
-        /// checkpoint (`{round}` and `{output_dir}` are filled in). Required then.
-        serve_model: Option<String>,
+    /// Runs a user command on this machine.
+    Command(ExternalTrainer),
+    /// Submits the user command as a job to a Ray cluster (the Jobs REST API of its dashboard).
+    Ray {
+        trainer: ExternalTrainer,
+        cluster: RayCluster,
     },
     /// The built-in candle trainer (`aligner-train`), for `kind: local` generate models.
     Builtin(BuiltinTrainer),
+}
+
+impl TrainBackend {
+    /// The user's trainer, for the backends that run one.
+    pub fn external(&self) -> Option<&ExternalTrainer> {
+        match self {
+            TrainBackend::Command(t) | TrainBackend::Ray { trainer: t, .. } => Some(t),
+            TrainBackend::Builtin(_) => None,
+        }
+    }
+}
+
+/// A user's trainer: a command over the exported pairs. Placeholders: `{data}`,
+/// `{base_model}`, `{ref_model}`, `{output_dir}`, `{round}` and the train stage's settings.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExternalTrainer {
+    pub command: String,
+    /// How the exported pairs look on disk. Default jsonl.
+    pub format: ExportFormat,
+    /// Conversational (`[{role, content}]`) instead of plain strings. Default false.
+    pub conversational: bool,
+    /// For an `openai` upstream: the model name under which the server serves the new
+    /// checkpoint (`{round}` and `{output_dir}` are filled in). Required then.
+    pub serve_model: Option<String>,
+}
+
+/// Where and how a Ray job runs. Paths in the command (`{data}`, `{output_dir}`) must be
+/// readable and writable from the cluster's workers: a shared filesystem, as on most clusters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RayCluster {
+    /// The dashboard's address, e.g. `http://127.0.0.1:8265`.
+    pub address: String,
+    /// Ray's `runtime_env` (working_dir, pip, env_vars, ...), passed as written; the
+    /// placeholders' `ALIGNER_*` variables are added to its `env_vars`.
+    pub runtime_env: Option<serde_json::Value>,
+    pub entrypoint_num_cpus: Option<f64>,
+    pub entrypoint_num_gpus: Option<f64>,
+    /// Extra job metadata (strings); `aligner_run` and `aligner_round` are always set.
+    pub metadata: std::collections::BTreeMap<String, String>,
+    /// Seconds between two looks at the job's state and logs. Default 2.
+    pub poll_seconds: f64,
 }
 
 /// Options of the built-in trainer. Without `lora` or `train_layers` every weight trains.
@@ -356,6 +393,20 @@ pub struct BuiltinTrainer {
     pub max_grad_norm: f64,
     /// Save resumable state every N optimizer steps. Default 50.
     pub save_every: u32,
+}
+
+impl Default for BuiltinTrainer {
+    /// What validation fills in when the YAML sets nothing (`aligner train`'s defaults too).
+    fn default() -> Self {
+        BuiltinTrainer {
+            lora: None,
+            train_layers: None,
+            seed: 42,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            save_every: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]

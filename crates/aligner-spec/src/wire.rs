@@ -406,6 +406,7 @@ pub struct TrainWire {
 #[serde(rename_all = "snake_case")]
 pub enum BackendKind {
     Command,
+    Ray,
     Builtin,
 }
 
@@ -482,7 +483,8 @@ impl BuiltinWire<'_> {
 
 with_builtin_options! {
     /// `rounds.train.backend:`. `command`, `format`, `conversational` and `serve_model` belong
-    /// to `kind: command`; the rest to `kind: builtin`.
+    /// to `kind: command` and `kind: ray`; `address` ... `poll_seconds` to `kind: ray`; the rest
+    /// to `kind: builtin`.
     #[derive(Debug, Clone, Deserialize)]
     #[serde(deny_unknown_fields, expecting = "a backend mapping with a `kind`")]
     pub struct BackendWire {
@@ -491,6 +493,12 @@ with_builtin_options! {
         pub format: Option<ExportFormatWire>,
         pub conversational: Option<bool>,
         pub serve_model: Option<String>,
+        pub address: Option<String>,
+        pub runtime_env: Option<serde_json::Value>,
+        pub entrypoint_num_cpus: Option<f64>,
+        pub entrypoint_num_gpus: Option<f64>,
+        pub metadata: Option<std::collections::BTreeMap<String, String>>,
+        pub poll_seconds: Option<f64>,
     }
 }
 

@@ -368,6 +368,73 @@ pub fn train_aligner(
     })
 }
 
+/// A local model spec for a path or hub id given on the command line.
+fn local_model(model: &str) -> LocalModel {
+    let path = PathBuf::from(model);
+    let source = if path.is_file() {
+        LocalSource::Gguf {
+            path,
+            architecture: None,
+        }
+    } else if path.is_dir() {
+        LocalSource::HfFolder {
+            path,
+            architecture: None,
+        }
+    } else {
+        LocalSource::HubId {
+            id: model.to_string(),
+            revision: None,
+        }
+    };
+    LocalModel {
+        source,
+        dtype: "q8_0".into(),
+    }
+}
+
+/// `aligner train`: one round's DPO or SFT over an exported pairs file, by the built-in
+/// trainer, as any job (a Ray or Slurm job, a shell) can run it. Each optimizer step's metrics
+/// go to stdout as one JSON object under TRL's names (`{"step": 1, "loss": 0.69, ...}`, what
+/// the train stage reads into `training_metrics`); progress goes to stderr.
+pub fn train_pairs(
+    data: &Path,
+    base: &str,
+    reference: &str,
+    out: &Path,
+    stage: aligner_spec::TrainStage,
+    options: aligner_spec::BuiltinTrainer,
+    state_dir: Option<PathBuf>,
+) -> Result<()> {
+    use std::io::Write;
+    let pairs = aligner_dataset::read_pairs(data)?;
+    eprintln!("{}: {} pairs", data.display(), pairs.len());
+    let request = TrainRequest {
+        round: 0,
+        stage,
+        options,
+        base: local_model(base),
+        reference: local_model(reference),
+        pairs,
+        out_dir: out.to_path_buf(),
+        state_dir: state_dir.unwrap_or_else(|| out.with_extension("state")),
+        interrupt: Default::default(),
+    };
+    run(&request, &mut |ev| match ev {
+        TrainEvent::Log(line) => eprintln!("{line}"),
+        TrainEvent::Metrics { step, values } => {
+            let mut object = serde_json::Map::new();
+            object.insert("step".into(), step.into());
+            for (k, v) in values {
+                object.insert(k, serde_json::Value::from(v));
+            }
+            let mut stdout = std::io::stdout().lock();
+            let _ = writeln!(stdout, "{}", serde_json::Value::Object(object));
+            let _ = stdout.flush();
+        }
+    })
+}
+
 /// One Aligner training, from the command or from a pipeline's `train_aligner` stage.
 pub struct AlignerJob {
     /// A GGUF file or a Hugging Face folder.

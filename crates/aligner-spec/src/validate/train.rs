@@ -136,8 +136,10 @@ impl Ctx<'_> {
                     ("format", b.format.is_some()),
                     ("conversational", b.conversational.is_some()),
                     ("serve_model", b.serve_model.is_some()),
-                ];
-                for (field, _) in set.iter().filter(|(_, is_set)| *is_set) {
+                ]
+                .into_iter()
+                .chain(ray_fields(b));
+                for (field, _) in set.filter(|(_, is_set)| *is_set) {
                     self.err(
                         &p(&format!("backend.{field}")),
                         Anchor::Key,
@@ -170,7 +172,22 @@ impl Ctx<'_> {
                     50,
                 )))
             }
-            BackendKind::Command => {
+            BackendKind::Command | BackendKind::Ray => {
+                let kind = if b.kind == BackendKind::Ray {
+                    "ray"
+                } else {
+                    "command"
+                };
+                if kind == "command" {
+                    for (field, _) in ray_fields(b).filter(|(_, is_set)| *is_set) {
+                        self.err(
+                            &p(&format!("backend.{field}")),
+                            Anchor::Key,
+                            format!("field `{field}` applies to `kind: ray` only"),
+                            None,
+                        );
+                    }
+                }
                 for field in b.builtin().set() {
                     self.err(
                         &p(&format!("backend.{field}")),
@@ -188,7 +205,7 @@ impl Ctx<'_> {
                         self.missing(
                             &p("backend"),
                             "command",
-                            "missing field `command` for `kind: command`",
+                            format!("missing field `command` for `kind: {kind}`"),
                             Some("e.g. `command: \"python train.py --data {data} --model {base_model} --out {output_dir}\"`".into()),
                         );
                         None
@@ -236,7 +253,8 @@ impl Ctx<'_> {
                         );
                     }
                 }
-                command.map(|command| TrainBackend::Command {
+                let cluster = (kind == "ray").then(|| self.ray_cluster(&p("backend"), b));
+                let trainer = command.map(|command| ExternalTrainer {
                     command,
                     format: match b.format.unwrap_or(ExportFormatWire::Jsonl) {
                         ExportFormatWire::Jsonl => ExportFormat::Jsonl,
@@ -244,7 +262,14 @@ impl Ctx<'_> {
                     },
                     conversational: b.conversational.unwrap_or(false),
                     serve_model: b.serve_model.clone(),
-                })
+                });
+                match cluster {
+                    None => trainer.map(TrainBackend::Command),
+                    Some(cluster) => Some(TrainBackend::Ray {
+                        trainer: trainer?,
+                        cluster: cluster?,
+                    }),
+                }
             }
         };
         Some(TrainStage {
@@ -262,6 +287,82 @@ impl Ctx<'_> {
                 ReferenceWire::Previous => ReferencePolicy::Previous,
             },
             backend: backend?,
+        })
+    }
+}
+
+/// `kind: ray`'s own fields, and whether each is set.
+fn ray_fields(b: &BackendWire) -> impl Iterator<Item = (&'static str, bool)> {
+    [
+        ("address", b.address.is_some()),
+        ("runtime_env", b.runtime_env.is_some()),
+        ("entrypoint_num_cpus", b.entrypoint_num_cpus.is_some()),
+        ("entrypoint_num_gpus", b.entrypoint_num_gpus.is_some()),
+        ("metadata", b.metadata.is_some()),
+        ("poll_seconds", b.poll_seconds.is_some()),
+    ]
+    .into_iter()
+}
+
+impl Ctx<'_> {
+    /// `kind: ray`'s cluster: where the dashboard is and what the job asks for.
+    fn ray_cluster(&mut self, path: &str, b: &BackendWire) -> Option<RayCluster> {
+        let q = |f: &str| join(path, f);
+        let address = match &b.address {
+            None => {
+                self.missing(
+                    path,
+                    "address",
+                    "missing field `address` for `kind: ray`",
+                    Some("the Ray dashboard's address, e.g. `address: ${RAY_ADDRESS:-http://127.0.0.1:8265}`".into()),
+                );
+                None
+            }
+            Some(a) => self.interpolate(&q("address"), a).filter(|a| {
+                let ok = a.starts_with("http://") || a.starts_with("https://");
+                if !ok {
+                    self.err(
+                        &q("address"),
+                        Anchor::Value,
+                        format!("`address` must be the dashboard's http(s) URL, got `{a}`"),
+                        Some("e.g. `http://127.0.0.1:8265` (the dashboard port, not the GCS port 6379)".into()),
+                    );
+                }
+                ok
+            }),
+        };
+        if let Some(env) = &b.runtime_env {
+            if !env.is_object() {
+                self.err(
+                    &q("runtime_env"),
+                    Anchor::Value,
+                    "`runtime_env` must be a mapping (Ray's runtime environment)",
+                    Some("e.g. `runtime_env: {env_vars: {HF_HOME: /shared/hf}}`".into()),
+                );
+            }
+        }
+        for (field, value) in [
+            ("entrypoint_num_cpus", b.entrypoint_num_cpus),
+            ("entrypoint_num_gpus", b.entrypoint_num_gpus),
+        ] {
+            if let Some(v) = value {
+                self.expect(&q(field), v >= 0.0, "at least 0", v);
+            }
+        }
+        let poll_seconds = b.poll_seconds.unwrap_or(2.0);
+        self.expect(
+            &q("poll_seconds"),
+            poll_seconds > 0.0 && poll_seconds <= 3600.0,
+            "more than 0 and at most 3600",
+            poll_seconds,
+        );
+        Some(RayCluster {
+            address: address?.trim_end_matches('/').to_string(),
+            runtime_env: b.runtime_env.clone().filter(|e| e.is_object()),
+            entrypoint_num_cpus: b.entrypoint_num_cpus,
+            entrypoint_num_gpus: b.entrypoint_num_gpus,
+            metadata: b.metadata.clone().unwrap_or_default(),
+            poll_seconds,
         })
     }
 }
