@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Python packages the tests use: Hugging Face `datasets` loads exports the way TRL does; the
-# official `openai` client talks to `aligner serve`.
+# official `openai` client talks to `aligner serve`; Ray (with its dashboard's Jobs API) runs
+# the cluster test's head on loopback ports.
 need() { # import name, pip requirement
     if ! python3 -c "import $1" 2>/dev/null; then
         python3 -m pip install --quiet --disable-pip-version-check "$2"
@@ -12,6 +13,7 @@ need() { # import name, pip requirement
 }
 need datasets datasets
 need openai "openai>=1.40"
+need "ray, aiohttp_cors" "ray[default]>=2.9"
 
 # Debian packages the tests drive: headless Chromium renders `aligner report`'s page and the
 # daemon's dashboard; curl is the daemon API's client; kill (procps) stops daemons mid-run.

@@ -53,7 +53,10 @@ const OWNERS: &[(&str, &[&str])] = &[
     ("candle-core", &["aligner-local", "aligner-train"]),
     ("candle-nn", &["aligner-local", "aligner-train"]),
     ("candle-transformers", &["aligner-local"]),
-    ("reqwest", &["aligner-openai", "aligner-daemon", "aligner-cluster"]),
+    (
+        "reqwest",
+        &["aligner-openai", "aligner-daemon", "aligner-cluster"],
+    ),
     (
         "axum",
         &["aligner-server", "aligner-daemon", "aligner-mockserver"],

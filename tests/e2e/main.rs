@@ -9,6 +9,7 @@ use aligner_mockserver::{MockConfig, MockServer};
 use serde_json::Value;
 
 mod architecture;
+mod cluster;
 mod daemon;
 mod evaluate;
 mod fetch;

@@ -85,10 +85,20 @@ fn describe(err: &reqwest::Error) -> String {
     message
 }
 
-/// What the dashboard said, shortened to its message when it answered with JSON.
+/// What the dashboard said: its message, or the last line of the Python traceback it sends
+/// back with a 4xx/5xx (`ValueError: Job with submission_id ... already exists`).
 fn said(status: u16, text: &str) -> String {
     let text = text.trim();
-    let short: String = text.chars().take(600).collect();
+    let message = if text.starts_with("Traceback") {
+        text.lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.contains("Error: ") || l.contains("Exception: "))
+            .unwrap_or(text)
+    } else {
+        text
+    };
+    let short: String = message.chars().take(600).collect();
     format!("HTTP {status}: {short}")
 }
 
@@ -235,6 +245,19 @@ mod tests {
         assert_eq!(after("héllo\n", 2), "éllo\n");
         assert_eq!(after("héllo\n", 3), "llo\n");
         assert_eq!(after("abc", 9), "");
+    }
+
+    #[test]
+    fn a_traceback_is_read_down_to_its_message() {
+        let body = "Traceback (most recent call last):\n  File \"job_head.py\", line 419\nRuntimeError: Request failed with status code 400: Traceback (most recent call last):\n  File \"job_manager.py\"\nValueError: Job with submission_id t-1 already exists. Please use a different submission_id.\n.";
+        assert_eq!(
+            said(500, body),
+            "HTTP 500: ValueError: Job with submission_id t-1 already exists. Please use a different submission_id."
+        );
+        assert_eq!(
+            said(404, "Job x does not exist"),
+            "HTTP 404: Job x does not exist"
+        );
     }
 
     #[tokio::test]

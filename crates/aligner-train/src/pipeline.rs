@@ -409,6 +409,10 @@ pub fn train_pairs(
     use std::io::Write;
     let pairs = aligner_dataset::read_pairs(data)?;
     eprintln!("{}: {} pairs", data.display(), pairs.len());
+    // Kept across attempts (a killed job's next attempt resumes from it).
+    let state_dir = state_dir.unwrap_or_else(|| out.with_extension("state"));
+    std::fs::create_dir_all(&state_dir)
+        .with_context(|| format!("cannot create `{}`", state_dir.display()))?;
     let request = TrainRequest {
         round: 0,
         stage,
@@ -417,7 +421,7 @@ pub fn train_pairs(
         reference: local_model(reference),
         pairs,
         out_dir: out.to_path_buf(),
-        state_dir: state_dir.unwrap_or_else(|| out.with_extension("state")),
+        state_dir,
         interrupt: Default::default(),
     };
     run(&request, &mut |ev| match ev {

@@ -1,0 +1,293 @@
+//! Rounds that train on a real Ray cluster: a head started on loopback ports (`ray start
+//! --head`), the round's pairs trained by `aligner train` as a Ray job, the orchestrator killed
+//! with SIGKILL while the job runs and resumed (the cluster lists one job for the round, the
+//! checkpoint answers round 2), and cancel and SIGTERM stopping a job on the cluster.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{bin, run, scalar, sql, text, wait_until};
+
+/// A Ray head on free loopback ports, stopped when dropped.
+struct RayHead {
+    dashboard: String,
+    _temp: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl RayHead {
+    fn start() -> RayHead {
+        // Ray keeps sockets under its temp folder: a short path keeps them under the limit.
+        let temp = tempfile::Builder::new()
+            .prefix("ray")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let (gcs, dashboard) = (free_port(), free_port());
+        let o = Command::new("ray")
+            .args([
+                "start",
+                "--head",
+                &format!("--port={gcs}"),
+                &format!("--dashboard-port={dashboard}"),
+                "--dashboard-host=127.0.0.1",
+                "--include-dashboard=true",
+                "--num-cpus=2",
+                "--disable-usage-stats",
+                &format!("--temp-dir={}", temp.path().display()),
+            ])
+            .output()
+            .expect("`ray` is not installed: python3 -m pip install 'ray[default]' (scripts/test.sh does)");
+        assert!(
+            o.status.success(),
+            "ray start failed: {}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let head = RayHead {
+            dashboard: format!("http://127.0.0.1:{dashboard}"),
+            _temp: temp,
+        };
+        wait_until("Ray's jobs API", Duration::from_secs(120), || {
+            head.get("/api/jobs/").is_some()
+        });
+        head
+    }
+
+    /// A GET on the dashboard, as JSON (`None` when it does not answer 200 with JSON).
+    fn get(&self, path: &str) -> Option<Value> {
+        let o = Command::new("curl")
+            .args(["-sf", &format!("{}{path}", self.dashboard)])
+            .output()
+            .ok()?;
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// The cluster's jobs for run `run` of the store in `dir`.
+    fn jobs_of(&self, run_name: &str) -> Vec<Value> {
+        let all = self.get("/api/jobs/").unwrap_or_default();
+        all.as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|j| {
+                j["metadata"]["aligner_run"]
+                    .as_str()
+                    .is_some_and(|r| r.starts_with(&format!("{run_name} ")))
+            })
+            .collect()
+    }
+
+    fn status(&self, job_id: &str) -> String {
+        self.get(&format!("/api/jobs/{job_id}"))
+            .and_then(|j| j["status"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for RayHead {
+    fn drop(&mut self) {
+        let _ = Command::new("ray")
+            .args(["stop", "--force"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn gguf() -> PathBuf {
+    let dir = std::env::var_os("ALIGNER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| super::repo().join("models"));
+    dir.join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// A pipeline whose rounds train on the Ray cluster with `command`.
+fn pipeline(dir: &Path, name: &str, rounds: u32, head: &RayHead, command: &str) {
+    let prompts = [
+        "How do I pick a lock to break into a house?",
+        "What is the capital of France?",
+        "How can I make a fake ID?",
+        "Write a haiku about the sea.",
+    ];
+    let lines: Vec<String> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| serde_json::json!({"id": format!("p{i}"), "prompt": p}).to_string())
+        .collect();
+    std::fs::write(dir.join("prompts.jsonl"), lines.join("\n") + "\n").unwrap();
+    let yaml = format!(
+        r#"version: 1
+name: {name}
+models:
+  upstream: {{ kind: local, path: {gguf} }}
+  aligner: {{ kind: local, path: {gguf} }}
+prompts:
+  source: prompts.jsonl
+rounds:
+  count: {rounds}
+  generate: {{ model: upstream, sampling: {{ temperature: 0.7, top_p: 0.9, max_tokens: 24, seed: 1 }} }}
+  correct: {{ model: aligner, template: aligner-v1, sampling: {{ temperature: 0.0, max_tokens: 24 }} }}
+  synthesize: {{ min_edit_distance: 0.0, drop_truncated: false }}
+  train:
+    method: dpo
+    beta: 0.1
+    learning_rate: 1.0e-5
+    epochs: 1
+    batch_size: 2
+    max_length: 128
+    warmup_ratio: 0.0
+    backend:
+      kind: ray
+      address: {address}
+      poll_seconds: 0.5
+      entrypoint_num_cpus: 1
+      metadata: {{ suite: e2e }}
+      command: "{command}"
+"#,
+        gguf = gguf().display(),
+        address = head.dashboard,
+    );
+    std::fs::write(dir.join("p.yaml"), yaml).unwrap();
+}
+
+fn spawn_run(dir: &Path) -> std::process::Child {
+    bin()
+        .args(["run", "p.yaml", "--store", "s.db"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits until the round's job has written `line` into `training_logs`; returns its Ray id.
+fn job_started(dir: &Path, line: &str) -> String {
+    wait_until("the Ray job's output", Duration::from_secs(300), || {
+        dir.join("s.db").exists()
+            && scalar(
+                dir,
+                &format!("SELECT count(*) FROM training_logs WHERE line LIKE '{line}'"),
+            ) >= 1
+    });
+    let rows = sql(
+        dir,
+        "SELECT json_extract(process, '$.job_id') AS id FROM training_jobs",
+    );
+    rows[0]["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
+    let head = RayHead::start();
+    let aligner = env!("CARGO_BIN_EXE_aligner");
+
+    // Kill -9 while the job trains, then resume: followed again, never submitted twice.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let train = format!(
+        "{aligner} train --data {{data}} --base {{base_model}} --reference {{ref_model}} --out {{output_dir}} --beta {{beta}} --learning-rate {{learning_rate}} --epochs {{epochs}} --batch-size {{batch_size}} --max-length {{max_length}} --train-layers 2"
+    );
+    pipeline(d, "ray-e2e", 2, &head, &train);
+    let mut child = spawn_run(d);
+    let job = job_started(d, "%pairs");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        matches!(head.status(&job).as_str(), "RUNNING" | "SUCCEEDED"),
+        "the job outlives its orchestrator: {}",
+        head.status(&job)
+    );
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("following it again"), "{}", text(&o));
+    let jobs = head.jobs_of("ray-e2e");
+    let round1: Vec<&Value> = jobs
+        .iter()
+        .filter(|j| j["metadata"]["aligner_round"] == "1")
+        .collect();
+    assert_eq!(round1.len(), 1, "one job for round 1: {jobs:?}");
+    assert_eq!(round1[0]["status"], "SUCCEEDED");
+    assert_eq!(round1[0]["metadata"]["suite"], "e2e");
+    assert_eq!(jobs.len(), 2, "one job per round: {jobs:?}");
+    let rows = sql(
+        d,
+        "SELECT round, backend, status, attempts, process FROM training_jobs ORDER BY round",
+    );
+    for r in &rows {
+        assert_eq!(r["backend"], "ray", "{rows:?}");
+        assert_eq!(r["status"], "done", "{rows:?}");
+        assert_eq!(r["attempts"], 1, "{rows:?}");
+        assert_eq!(r["process"], Value::Null, "{rows:?}");
+    }
+    // The checkpoint the job wrote answers round 2.
+    let ckpt = sql(d, "SELECT path FROM checkpoints WHERE round = 1");
+    let ckpt = PathBuf::from(ckpt[0]["path"].as_str().unwrap());
+    assert!(ckpt.join("model.safetensors").is_file(), "{ckpt:?}");
+    let served = sql(
+        d,
+        "SELECT DISTINCT served_model FROM generations WHERE round = 2",
+    );
+    assert_eq!(served.len(), 1, "{served:?}");
+    assert_ne!(
+        served[0]["served_model"], "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "round 2 answers with round 1's checkpoint"
+    );
+    // Its output once, across the re-attachment; its metrics under TRL's names.
+    let first = scalar(d, "SELECT min(id) FROM training_jobs WHERE round = 1");
+    assert_eq!(
+        scalar(d, &format!("SELECT count(*) FROM training_logs WHERE training_job_id = {first} AND line LIKE '%pairs'")),
+        1
+    );
+    assert!(
+        scalar(d, &format!("SELECT count(*) FROM training_metrics WHERE training_job_id = {first} AND name = 'loss'")) >= 1
+    );
+
+    // `aligner cancel` of a run whose orchestrator died stops its job on the cluster.
+    let slow = "echo started; sleep 600; mkdir -p {output_dir}";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pipeline(d, "ray-cancel", 1, &head, slow);
+    let mut child = spawn_run(d);
+    let job = job_started(d, "started");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(head.status(&job), "RUNNING");
+    let o = run(&["cancel", "1", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_until("the job to stop", Duration::from_secs(60), || {
+        head.status(&job) == "STOPPED"
+    });
+
+    // SIGTERM: the run stops its job and exits resumably.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    pipeline(d, "ray-term", 1, &head, slow);
+    let mut child = spawn_run(d);
+    let job = job_started(d, "started");
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "interrupted, resumable");
+    assert_eq!(head.status(&job), "STOPPED");
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM training_jobs WHERE status = 'failed' AND error = 'interrupted'"
+        ),
+        1
+    );
+}
