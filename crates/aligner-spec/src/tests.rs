@@ -1245,7 +1245,7 @@ fn error_several_type_errors_in_one_block() {
       --> pipelines/x.yaml:48:11
        at: rounds.train.beta
 
-    error: unknown variant `cmd`, expected `command` or `builtin`
+    error: unknown variant `cmd`, expected one of `command`, `ray`, `builtin`
       --> pipelines/x.yaml:58:13
        at: rounds.train.backend.kind
     "#);
