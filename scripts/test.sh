@@ -16,11 +16,14 @@ need openai "openai>=1.40"
 need "ray, aiohttp_cors" "ray[default]>=2.9"
 
 # Debian packages the tests drive: headless Chromium renders `aligner report`'s page and the
-# daemon's dashboard; curl is the daemon API's client; kill (procps) stops daemons mid-run.
+# daemon's dashboard; curl is the daemon API's and Ray's client; kill (procps) stops daemons
+# mid-run; Slurm and munge run the single-node cluster of the Slurm test.
 missing=()
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 { [ -x /usr/bin/kill ] || [ -x /bin/kill ]; } || missing+=(procps)
+command -v slurmctld >/dev/null 2>&1 || missing+=(slurm-wlm)
+command -v munged >/dev/null 2>&1 || missing+=(munge)
 if [ ${#missing[@]} -gt 0 ]; then
     sudo=""
     if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi

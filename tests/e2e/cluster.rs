@@ -114,6 +114,15 @@ fn gguf() -> PathBuf {
 
 /// A pipeline whose rounds train on the Ray cluster with `command`.
 fn pipeline(dir: &Path, name: &str, rounds: u32, head: &RayHead, command: &str) {
+    let backend = format!(
+        "      kind: ray\n      address: {}\n      poll_seconds: 0.5\n      entrypoint_num_cpus: 1\n      metadata: {{ suite: e2e }}\n",
+        head.dashboard
+    );
+    pipeline_with(dir, name, rounds, &backend, command);
+}
+
+/// A pipeline whose rounds train with `command` on the cluster `backend` describes.
+fn pipeline_with(dir: &Path, name: &str, rounds: u32, backend: &str, command: &str) {
     let prompts = [
         "How do I pick a lock to break into a house?",
         "What is the capital of France?",
@@ -148,21 +157,16 @@ rounds:
     max_length: 128
     warmup_ratio: 0.0
     backend:
-      kind: ray
-      address: {address}
-      poll_seconds: 0.5
-      entrypoint_num_cpus: 1
-      metadata: {{ suite: e2e }}
-      command: "{command}"
+{backend}      command: "{command}"
 "#,
         gguf = gguf().display(),
-        address = head.dashboard,
     );
     std::fs::write(dir.join("p.yaml"), yaml).unwrap();
 }
 
 fn spawn_run(dir: &Path) -> std::process::Child {
     bin()
+        .envs(slurm_env(dir))
         .args(["run", "p.yaml", "--store", "s.db"])
         .current_dir(dir)
         .stdout(Stdio::null())
@@ -290,4 +294,249 @@ fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
         ),
         1
     );
+}
+
+/// `SLURM_CONF` for the commands a test runs in `dir`, when its Slurm put one there.
+fn slurm_env(dir: &Path) -> Vec<(String, String)> {
+    match std::fs::read_to_string(dir.join("slurm-conf-path")) {
+        Ok(conf) => vec![("SLURM_CONF".into(), conf)],
+        Err(_) => vec![],
+    }
+}
+
+fn run_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    bin()
+        .envs(slurm_env(dir))
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+/// A single-node Slurm on loopback ports: munged, slurmctld and slurmd in the foreground,
+/// their configuration and state in a temporary folder; stopped (jobs cancelled) when dropped.
+struct Slurm {
+    conf: PathBuf,
+    daemons: Vec<std::process::Child>,
+    _temp: tempfile::TempDir,
+}
+
+impl Slurm {
+    fn start() -> Slurm {
+        let temp = tempfile::Builder::new()
+            .prefix("slurm")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let t = temp.path().to_path_buf();
+        for d in ["state", "spool", "log"] {
+            std::fs::create_dir_all(t.join(d)).unwrap();
+        }
+        let key: Vec<u8> = (0..1024u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(t.join("munge.key"), key).unwrap();
+        let munge_key = t.join("munge.key");
+        let _ = Command::new("chmod").arg("600").arg(&munge_key).status();
+        let host = String::from_utf8(Command::new("hostname").arg("-s").output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_string();
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let (ctld, slurmd) = (free_port(), free_port());
+        let p = |f: &str| t.join(f).display().to_string();
+        let conf = format!(
+            "ClusterName=aligner-test\nSlurmctldHost={host}(127.0.0.1)\nSlurmctldPort={ctld}\nSlurmdPort={slurmd}\n\
+             AuthType=auth/munge\nAuthInfo=socket={sock}\nCredType=cred/munge\nSlurmUser=root\nSlurmdUser=root\n\
+             StateSaveLocation={state}\nSlurmdSpoolDir={spool}\nSlurmctldPidFile={ctldpid}\nSlurmdPidFile={dpid}\n\
+             SlurmctldLogFile={ctldlog}\nSlurmdLogFile={dlog}\nProctrackType=proctrack/linuxproc\nTaskPlugin=task/none\n\
+             JobAcctGatherType=jobacct_gather/none\nAccountingStorageType=accounting_storage/none\nJobCompType=jobcomp/none\n\
+             MpiDefault=none\nSchedulerType=sched/backfill\nSelectType=select/cons_tres\nSelectTypeParameters=CR_Core\nReturnToService=2\n\
+             NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory=1000 State=UNKNOWN\n\
+             PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP\n",
+            sock = p("munge.sock"),
+            state = p("state"),
+            spool = p("spool"),
+            ctldpid = p("slurmctld.pid"),
+            dpid = p("slurmd.pid"),
+            ctldlog = p("log/slurmctld.log"),
+            dlog = p("log/slurmd.log"),
+        );
+        let conf_path = t.join("slurm.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let spawn = |program: &str, args: &[String]| {
+            Command::new(program)
+                .args(args)
+                .env("SLURM_CONF", &conf_path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start `{program}` ({e}): install slurm-wlm and munge (scripts/test.sh does)"))
+        };
+        let mut slurm = Slurm {
+            conf: conf_path.clone(),
+            daemons: vec![],
+            _temp: temp,
+        };
+        slurm.daemons.push(spawn(
+            "munged",
+            &[
+                "-F".into(),
+                "--force".into(),
+                format!("--key-file={}", munge_key.display()),
+                format!("--socket={}", p("munge.sock")),
+                format!("--pid-file={}", p("munged.pid")),
+                format!("--log-file={}", p("log/munged.log")),
+                format!("--seed-file={}", p("munge.seed")),
+            ],
+        ));
+        wait_until("munged's socket", Duration::from_secs(30), || {
+            Path::new(&p("munge.sock")).exists()
+        });
+        slurm
+            .daemons
+            .push(spawn("slurmctld", &["-D".into(), "-c".into(), "-i".into()]));
+        slurm.daemons.push(spawn("slurmd", &["-D".into()]));
+        wait_until("an idle Slurm node", Duration::from_secs(60), || {
+            let o = Command::new("sinfo")
+                .args(["-h", "-o", "%t"])
+                .env("SLURM_CONF", &conf_path)
+                .output();
+            o.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "idle")
+        });
+        slurm
+    }
+
+    /// Points the tests' commands in `dir` at this Slurm.
+    fn serve(&self, dir: &Path) {
+        std::fs::write(dir.join("slurm-conf-path"), self.conf.display().to_string()).unwrap();
+    }
+
+    /// Job `name`'s state as `squeue` reports it (empty when it has none).
+    fn state(&self, name: &str) -> String {
+        let o = Command::new("squeue")
+            .args(["-h", "-t", "all", &format!("--name={name}"), "-o", "%T"])
+            .env("SLURM_CONF", &self.conf)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    }
+
+    /// How many jobs named `aligner-{name}-...` Slurm holds.
+    fn jobs_of(&self, name: &str) -> Vec<String> {
+        let o = Command::new("squeue")
+            .args(["-h", "-t", "all", "-o", "%j|%T"])
+            .env("SLURM_CONF", &self.conf)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .filter(|l| l.starts_with(&format!("aligner-{name}-")))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for Slurm {
+    fn drop(&mut self) {
+        let _ = Command::new("scancel")
+            .args(["--user=root", "--full"])
+            .env("SLURM_CONF", &self.conf)
+            .status();
+        for d in self.daemons.iter_mut().rev() {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+    }
+}
+
+#[test]
+fn rounds_train_on_a_real_slurm_and_survive_kill_9_cancel_and_sigterm() {
+    let slurm = Slurm::start();
+    let aligner = env!("CARGO_BIN_EXE_aligner");
+    let backend = "      kind: slurm\n      cpus_per_task: 1\n      time: \"00:30:00\"\n      sbatch: [\"--comment=e2e\"]\n      poll_seconds: 0.5\n";
+
+    // Kill -9 while the job trains, then resume: followed again, never submitted twice.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    slurm.serve(d);
+    let train = format!(
+        "{aligner} train --data {{data}} --base {{base_model}} --reference {{ref_model}} --out {{output_dir}} --beta {{beta}} --learning-rate {{learning_rate}} --epochs {{epochs}} --batch-size {{batch_size}} --max-length {{max_length}} --train-layers 2"
+    );
+    pipeline_with(d, "slurm-e2e", 2, backend, &train);
+    let mut child = spawn_run(d);
+    let job = job_started(d, "%pairs");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(
+        matches!(
+            slurm.state(&job).as_str(),
+            "RUNNING" | "COMPLETING" | "COMPLETED"
+        ),
+        "the job outlives its orchestrator: {}",
+        slurm.state(&job)
+    );
+    let o = run_in(d, &["run", "p.yaml", "--store", "s.db"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("following it again"), "{}", text(&o));
+    let jobs = slurm.jobs_of("slurm-e2e");
+    assert_eq!(jobs.len(), 2, "one job per round: {jobs:?}");
+    assert!(jobs.iter().all(|j| j.ends_with("|COMPLETED")), "{jobs:?}");
+    let rows = sql(
+        d,
+        "SELECT round, backend, status, attempts FROM training_jobs ORDER BY round",
+    );
+    for r in &rows {
+        assert_eq!(r["backend"], "slurm", "{rows:?}");
+        assert_eq!(r["status"], "done", "{rows:?}");
+        assert_eq!(r["attempts"], 1, "{rows:?}");
+    }
+    let served = sql(
+        d,
+        "SELECT DISTINCT served_model FROM generations WHERE round = 2",
+    );
+    assert_ne!(served[0]["served_model"], "SmolLM2-135M-Instruct.Q4_1.gguf");
+    let first = scalar(d, "SELECT min(id) FROM training_jobs WHERE round = 1");
+    assert_eq!(
+        scalar(d, &format!("SELECT count(*) FROM training_logs WHERE training_job_id = {first} AND line LIKE '%pairs'")),
+        1
+    );
+    assert!(
+        scalar(d, &format!("SELECT count(*) FROM training_metrics WHERE training_job_id = {first} AND name = 'loss'")) >= 1
+    );
+
+    // `aligner cancel` of a run whose orchestrator died cancels its job.
+    let slow = "echo started; sleep 600; mkdir -p {output_dir}";
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    slurm.serve(d);
+    pipeline_with(d, "slurm-cancel", 1, backend, slow);
+    let mut child = spawn_run(d);
+    let job = job_started(d, "started");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(slurm.state(&job), "RUNNING");
+    let o = run_in(d, &["cancel", "1", "--store", "s.db"]);
+    assert!(o.status.success(), "{}", text(&o));
+    wait_until("the job to be cancelled", Duration::from_secs(60), || {
+        slurm.state(&job) == "CANCELLED"
+    });
+
+    // SIGTERM: the run cancels its job and exits resumably.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    slurm.serve(d);
+    pipeline_with(d, "slurm-term", 1, backend, slow);
+    let mut child = spawn_run(d);
+    let job = job_started(d, "started");
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert_eq!(
+        child.wait().unwrap().code(),
+        Some(130),
+        "interrupted, resumable"
+    );
+    assert_eq!(slurm.state(&job), "CANCELLED");
 }

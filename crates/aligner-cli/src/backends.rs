@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aligner_backend::TextGenerator;
+use aligner_cluster::{RayJobs, SlurmJobs};
+use aligner_engine::cluster::{ClusterJobs, Scheduler};
 use aligner_spec::ModelSpec;
 
 pub struct Factory;
@@ -55,14 +57,10 @@ impl aligner_engine::BackendFactory for Factory {
         Ok(Arc::new(aligner_train::pipeline::BuiltinTrainer))
     }
 
-    fn cluster(
-        &self,
-        scheduler: &aligner_engine::cluster::Scheduler,
-    ) -> anyhow::Result<Arc<dyn aligner_engine::cluster::ClusterJobs>> {
-        match scheduler {
-            aligner_engine::cluster::Scheduler::Ray(c) => Ok(Arc::new(
-                aligner_cluster::RayJobs::new(c.clone()).map_err(anyhow::Error::msg)?,
-            )),
-        }
+    fn cluster(&self, scheduler: &Scheduler) -> anyhow::Result<Arc<dyn ClusterJobs>> {
+        Ok(match scheduler {
+            Scheduler::Ray(c) => Arc::new(RayJobs::new(c.clone()).map_err(anyhow::Error::msg)?),
+            Scheduler::Slurm(c) => Arc::new(SlurmJobs::new(c.clone())),
+        })
     }
 }

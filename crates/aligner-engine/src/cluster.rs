@@ -14,18 +14,37 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "scheduler", rename_all = "snake_case")]
 pub enum Scheduler {
     Ray(aligner_spec::RayCluster),
+    Slurm(aligner_spec::SlurmCluster),
 }
 
 impl Scheduler {
     pub fn describe(&self) -> String {
         match self {
             Scheduler::Ray(c) => format!("the Ray cluster at {}", c.address),
+            Scheduler::Slurm(_) => "Slurm".to_string(),
+        }
+    }
+
+    /// The backend's name in `training_jobs.backend`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Scheduler::Ray(_) => "ray",
+            Scheduler::Slurm(_) => "slurm",
         }
     }
 
     pub fn poll_seconds(&self) -> f64 {
         match self {
             Scheduler::Ray(c) => c.poll_seconds,
+            Scheduler::Slurm(c) => c.poll_seconds,
+        }
+    }
+
+    /// How a user stops job `id` by hand.
+    pub fn stop_command(&self, id: &str) -> String {
+        match self {
+            Scheduler::Ray(c) => format!("ray job stop --address {} {id}", c.address),
+            Scheduler::Slurm(_) => format!("scancel --name={id}"),
         }
     }
 }
@@ -40,6 +59,19 @@ pub struct RemoteJob {
     pub job_id: String,
     pub attempt: i64,
     pub attempt_dir: PathBuf,
+}
+
+impl RemoteJob {
+    /// Where a scheduler that writes the job's output to a file puts it (Slurm's `--output`),
+    /// beside the attempt's folder on the shared filesystem.
+    pub fn output_file(&self) -> PathBuf {
+        PathBuf::from(format!("{}.out", self.attempt_dir.display()))
+    }
+
+    /// Where the job's wrapper writes its exit status (Slurm), like a `command` trainer's.
+    pub fn exit_file(&self) -> PathBuf {
+        PathBuf::from(format!("{}.exit", self.attempt_dir.display()))
+    }
 }
 
 /// What is submitted.
@@ -76,14 +108,13 @@ impl JobState {
 /// reached); the engine adds the place and the hint.
 #[async_trait::async_trait]
 pub trait ClusterJobs: Send + Sync {
-    /// Submits `job` under `job.id`. An id the cluster already has is not submitted again and
-    /// is not an error.
-    async fn submit(&self, job: &ClusterJob) -> Result<(), String>;
-    async fn state(&self, id: &str) -> Result<JobState, String>;
+    /// Submits `job` (under `remote.job_id`, which `job.id` repeats).
+    async fn submit(&self, remote: &RemoteJob, job: &ClusterJob) -> Result<(), String>;
+    async fn state(&self, remote: &RemoteJob) -> Result<JobState, String>;
     /// The job's output from byte `offset` on (as much as the scheduler has now).
-    async fn logs(&self, id: &str, offset: u64) -> Result<String, String>;
+    async fn logs(&self, remote: &RemoteJob, offset: u64) -> Result<String, String>;
     /// Asks the scheduler to stop the job; one that has finished is fine.
-    async fn stop(&self, id: &str) -> Result<(), String>;
+    async fn stop(&self, remote: &RemoteJob) -> Result<(), String>;
 }
 
 /// The complete lines of `text` (output read from some offset) and how many bytes they take;

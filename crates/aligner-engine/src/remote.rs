@@ -42,7 +42,7 @@ pub(crate) async fn run(
         .map_err(|source| Error::component(round, "train", source))?;
     let unreachable = |err: String| {
         stage_err(format!(
-            "cannot reach {where_}: {err}\nhint: check `rounds.train.backend.address` and that the cluster's dashboard is up; nothing was lost, `aligner run` again continues the round"
+            "cannot reach {where_}: {err}\nhint: check `rounds.train.backend` (Ray: its `address` and that the dashboard is up; Slurm: `sbatch` and `squeue` on PATH, `SLURM_CONF`); nothing was lost, `aligner run` again continues the round"
         ))
     };
     let stored = previous
@@ -75,11 +75,11 @@ pub(crate) async fn run(
     };
     let (job, remote, offset) = match (previous, stored) {
         (Some(job), Some(remote)) => {
-            let state = jobs.state(&remote.job_id).await.map_err(unreachable)?;
+            let state = jobs.state(&remote).await.map_err(unreachable)?;
             let how = match &state {
                 JobState::Unknown => {
                     // Stored, then the orchestrator died before the cluster had it.
-                    jobs.submit(&submission(&remote))
+                    jobs.submit(&remote, &submission(&remote))
                         .await
                         .map_err(|err| submit_failed(&remote.job_id, &where_, err))
                         .map_err(stage_err)?;
@@ -115,6 +115,7 @@ pub(crate) async fn run(
                 ExportFormat::Jsonl => Format::Jsonl,
             };
             aligner_dataset::write_pairs(paths.data, fmt, kind, trainer.conversational, &pairs)?;
+            let remote_backend = scheduler.name();
             let remote = RemoteJob {
                 scheduler,
                 job_id: job_id(ctx, attempt).await?,
@@ -126,7 +127,7 @@ pub(crate) async fn run(
                 ctx,
                 stage,
                 RoundJob {
-                    backend: "ray",
+                    backend: remote_backend,
                     reference: paths.reference,
                     base: paths.base,
                     data: paths.data,
@@ -140,7 +141,7 @@ pub(crate) async fn run(
             // cluster, so the job is never submitted twice.
             let handle = serde_json::to_string(&remote).expect("a job handle serializes");
             e.store.set_training_process(job.id, Some(&handle)).await?;
-            jobs.submit(&submitted)
+            jobs.submit(&remote, &submitted)
                 .await
                 .map_err(|err| submit_failed(&remote.job_id, &where_, err))
                 .map_err(stage_err)?;
@@ -269,7 +270,7 @@ async fn follow(
     let mut stopping: Option<Instant> = None;
     let mut lost = 0;
     loop {
-        let state = match jobs.state(&remote.job_id).await {
+        let state = match jobs.state(remote).await {
             Ok(JobState::Unknown) => JobState::Failed("the cluster no longer knows it".into()),
             Ok(state) => {
                 lost = 0;
@@ -294,7 +295,7 @@ async fn follow(
             }
         };
         let finished = state.is_finished();
-        match jobs.logs(&remote.job_id, offset.max(0) as u64).await {
+        match jobs.logs(remote, offset.max(0) as u64).await {
             Ok(text) => {
                 let (lines, used) = complete_lines(&text, finished);
                 if used > 0 {
@@ -334,7 +335,7 @@ async fn follow(
             match stopping {
                 None => {
                     stopping = Some(Instant::now());
-                    if let Err(err) = jobs.stop(&remote.job_id).await {
+                    if let Err(err) = jobs.stop(remote).await {
                         tracing::warn!(target: "aligner::train", "cannot stop job `{}`: {err}", remote.job_id);
                     }
                 }
@@ -366,24 +367,22 @@ pub(crate) async fn stop_orphaned(
     else {
         return Ok(false);
     };
-    let stop_failed = |err: String| {
-        Error::Stage {
+    let stop_failed = |err: String| Error::Stage {
         round: job.round as u32,
         stage: "train",
         message: format!(
-            "cannot stop job `{}` on {}: {err}\nhint: stop it on the cluster yourself (`ray job stop {}`)",
+            "cannot stop job `{}` on {}: {err}\nhint: stop it on the cluster yourself (`{}`)",
             remote.job_id,
             remote.scheduler.describe(),
-            remote.job_id
+            remote.scheduler.stop_command(&remote.job_id)
         ),
-    }
     };
     let jobs = factory
         .cluster(&remote.scheduler)
         .map_err(|err| stop_failed(format!("{err:#}")))?;
-    match jobs.state(&remote.job_id).await.map_err(stop_failed)? {
+    match jobs.state(&remote).await.map_err(stop_failed)? {
         JobState::Pending | JobState::Running => {
-            jobs.stop(&remote.job_id).await.map_err(stop_failed)?;
+            jobs.stop(&remote).await.map_err(stop_failed)?;
             Ok(true)
         }
         _ => Ok(false),

@@ -99,6 +99,9 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         TrainBackend::Builtin(options) => return run_builtin(ctx, train, options).await,
         TrainBackend::Command(t) => (t, None),
         TrainBackend::Ray { trainer, cluster } => (trainer, Some(Scheduler::Ray(cluster.clone()))),
+        TrainBackend::Slurm { trainer, cluster } => {
+            (trainer, Some(Scheduler::Slurm(cluster.clone())))
+        }
     };
     let ExternalTrainer {
         command,

@@ -1245,7 +1245,7 @@ fn error_several_type_errors_in_one_block() {
       --> pipelines/x.yaml:48:11
        at: rounds.train.beta
 
-    error: unknown variant `cmd`, expected one of `command`, `ray`, `builtin`
+    error: unknown variant `cmd`, expected one of `command`, `ray`, `slurm`, `builtin`
       --> pipelines/x.yaml:58:13
        at: rounds.train.backend.kind
     "#);
@@ -1601,5 +1601,62 @@ fn error_ray_backend_fields() {
     error: field `address` applies to `kind: ray` only
       --> pipelines/x.yaml:59:7
        at: rounds.train.backend.address
+    ");
+}
+
+#[test]
+fn a_slurm_backend_submits_a_batch_job() {
+    let dir = setup();
+    let text = full_with(
+        "      kind: command\n",
+        "      kind: slurm\n      partition: gpu\n      time: \"04:00:00\"\n      gpus: \"8\"\n      cpus_per_task: 16\n      sbatch: [\"--account=alignment\"]\n",
+    );
+    let spec = load(&dir, &text).expect("valid");
+    let TrainBackend::Slurm { trainer, cluster } = &spec.rounds.train.as_ref().unwrap().backend
+    else {
+        panic!("not a slurm backend");
+    };
+    assert_eq!(trainer.serve_model.as_deref(), Some("ckpt-round-{round}"));
+    assert_eq!(cluster.partition.as_deref(), Some("gpu"));
+    assert_eq!(cluster.time.as_deref(), Some("04:00:00"));
+    assert_eq!(cluster.gpus.as_deref(), Some("8"));
+    assert_eq!(cluster.cpus_per_task, Some(16));
+    assert_eq!(cluster.sbatch, vec!["--account=alignment".to_string()]);
+    assert_eq!(cluster.poll_seconds, 5.0);
+}
+
+#[test]
+fn error_slurm_backend_fields() {
+    let dir = setup();
+    let text = full_with(
+        "      kind: command\n",
+        "      kind: slurm\n      address: http://127.0.0.1:8265\n      nodes: 0\n      sbatch: [\"account=x\"]\n",
+    );
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: field `address` applies to `kind: ray` only
+      --> pipelines/x.yaml:59:7
+       at: rounds.train.backend.address
+
+    error: `nodes` must be at least 1, got `0`
+      --> pipelines/x.yaml:60:14
+       at: rounds.train.backend.nodes
+
+    error: `account=x` is not an sbatch option
+      --> pipelines/x.yaml:61:16
+       at: rounds.train.backend.sbatch[0]
+      hint: write options as sbatch takes them, e.g. `--account=alignment` or `--constraint=a100`
+    ");
+    let text = full_with(
+        "      kind: command\n",
+        "      kind: command\n      partition: gpu\n      poll_seconds: 1\n",
+    );
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: field `partition` applies to `kind: slurm` only
+      --> pipelines/x.yaml:59:7
+       at: rounds.train.backend.partition
+
+    error: field `poll_seconds` applies to `kind: ray` and `kind: slurm` only
+      --> pipelines/x.yaml:60:7
+       at: rounds.train.backend.poll_seconds
     ");
 }

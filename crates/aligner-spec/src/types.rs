@@ -334,6 +334,11 @@ pub enum TrainBackend {
         trainer: ExternalTrainer,
         cluster: RayCluster,
     },
+    /// Submits the user command as a Slurm batch job (`sbatch`).
+    Slurm {
+        trainer: ExternalTrainer,
+        cluster: SlurmCluster,
+    },
     /// The built-in candle trainer (`aligner-train`), for `kind: local` generate models.
     Builtin(BuiltinTrainer),
 }
@@ -342,7 +347,9 @@ impl TrainBackend {
     /// The user's trainer, for the backends that run one.
     pub fn external(&self) -> Option<&ExternalTrainer> {
         match self {
-            TrainBackend::Command(t) | TrainBackend::Ray { trainer: t, .. } => Some(t),
+            TrainBackend::Command(t)
+            | TrainBackend::Ray { trainer: t, .. }
+            | TrainBackend::Slurm { trainer: t, .. } => Some(t),
             TrainBackend::Builtin(_) => None,
         }
     }
@@ -393,6 +400,26 @@ pub struct BuiltinTrainer {
     pub max_grad_norm: f64,
     /// Save resumable state every N optimizer steps. Default 50.
     pub save_every: u32,
+}
+
+/// What a Slurm batch job asks for. The job runs the command on a node that must see this
+/// machine's `{data}` and `{output_dir}` (a shared filesystem); its output goes to
+/// `{output_dir}.out`, its exit status to `{output_dir}.exit`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SlurmCluster {
+    pub partition: Option<String>,
+    /// `--time`, e.g. `04:00:00`.
+    pub time: Option<String>,
+    pub nodes: Option<u32>,
+    /// `--gpus`, e.g. `8` or `a100:8`.
+    pub gpus: Option<String>,
+    pub cpus_per_task: Option<u32>,
+    /// `--mem`, e.g. `64G`.
+    pub mem: Option<String>,
+    /// Further `#SBATCH` options as written, e.g. `--account=alignment`.
+    pub sbatch: Vec<String>,
+    /// Seconds between two looks at the job's state and output. Default 5.
+    pub poll_seconds: f64,
 }
 
 impl Default for BuiltinTrainer {

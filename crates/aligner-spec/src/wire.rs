@@ -407,6 +407,7 @@ pub struct TrainWire {
 pub enum BackendKind {
     Command,
     Ray,
+    Slurm,
     Builtin,
 }
 
@@ -483,8 +484,9 @@ impl BuiltinWire<'_> {
 
 with_builtin_options! {
     /// `rounds.train.backend:`. `command`, `format`, `conversational` and `serve_model` belong
-    /// to `kind: command` and `kind: ray`; `address` ... `poll_seconds` to `kind: ray`; the rest
-    /// to `kind: builtin`.
+    /// to `kind: command`, `kind: ray` and `kind: slurm`; `address` ... `metadata` to `kind: ray`,
+    /// `partition` ... `sbatch` to `kind: slurm` (`poll_seconds` to both); the rest to
+    /// `kind: builtin`.
     #[derive(Debug, Clone, Deserialize)]
     #[serde(deny_unknown_fields, expecting = "a backend mapping with a `kind`")]
     pub struct BackendWire {
@@ -499,6 +501,13 @@ with_builtin_options! {
         pub entrypoint_num_gpus: Option<f64>,
         pub metadata: Option<std::collections::BTreeMap<String, String>>,
         pub poll_seconds: Option<f64>,
+        pub partition: Option<String>,
+        pub time: Option<String>,
+        pub nodes: Option<u32>,
+        pub gpus: Option<String>,
+        pub cpus_per_task: Option<u32>,
+        pub mem: Option<String>,
+        pub sbatch: Option<Vec<String>>,
     }
 }
 

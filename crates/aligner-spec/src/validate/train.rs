@@ -138,7 +138,7 @@ impl Ctx<'_> {
                     ("serve_model", b.serve_model.is_some()),
                 ]
                 .into_iter()
-                .chain(ray_fields(b));
+                .chain(cluster_only_fields(b));
                 for (field, _) in set.filter(|(_, is_set)| *is_set) {
                     self.err(
                         &p(&format!("backend.{field}")),
@@ -172,21 +172,32 @@ impl Ctx<'_> {
                     50,
                 )))
             }
-            BackendKind::Command | BackendKind::Ray => {
-                let kind = if b.kind == BackendKind::Ray {
-                    "ray"
-                } else {
-                    "command"
+            BackendKind::Command | BackendKind::Ray | BackendKind::Slurm => {
+                let kind = match b.kind {
+                    BackendKind::Ray => "ray",
+                    BackendKind::Slurm => "slurm",
+                    _ => "command",
                 };
-                if kind == "command" {
-                    for (field, _) in ray_fields(b).filter(|(_, is_set)| *is_set) {
+                for (owner, k) in [("ray", BackendKind::Ray), ("slurm", BackendKind::Slurm)] {
+                    if k == b.kind {
+                        continue;
+                    }
+                    for (field, _) in cluster_fields(b, k).into_iter().filter(|f| f.1) {
                         self.err(
                             &p(&format!("backend.{field}")),
                             Anchor::Key,
-                            format!("field `{field}` applies to `kind: ray` only"),
+                            format!("field `{field}` applies to `kind: {owner}` only"),
                             None,
                         );
                     }
+                }
+                if b.kind == BackendKind::Command && b.poll_seconds.is_some() {
+                    self.err(
+                        &p("backend.poll_seconds"),
+                        Anchor::Key,
+                        "field `poll_seconds` applies to `kind: ray` and `kind: slurm` only",
+                        None,
+                    );
                 }
                 for field in b.builtin().set() {
                     self.err(
@@ -253,7 +264,13 @@ impl Ctx<'_> {
                         );
                     }
                 }
-                let cluster = (kind == "ray").then(|| self.ray_cluster(&p("backend"), b));
+                let scheduler = match b.kind {
+                    BackendKind::Ray => Some(self.ray_cluster(&p("backend"), b).map(Cluster::Ray)),
+                    BackendKind::Slurm => {
+                        Some(self.slurm_cluster(&p("backend"), b).map(Cluster::Slurm))
+                    }
+                    _ => None,
+                };
                 let trainer = command.map(|command| ExternalTrainer {
                     command,
                     format: match b.format.unwrap_or(ExportFormatWire::Jsonl) {
@@ -263,12 +280,16 @@ impl Ctx<'_> {
                     conversational: b.conversational.unwrap_or(false),
                     serve_model: b.serve_model.clone(),
                 });
-                match cluster {
+                match scheduler {
                     None => trainer.map(TrainBackend::Command),
-                    Some(cluster) => Some(TrainBackend::Ray {
-                        trainer: trainer?,
-                        cluster: cluster?,
-                    }),
+                    Some(cluster) => match (trainer?, cluster?) {
+                        (trainer, Cluster::Ray(cluster)) => {
+                            Some(TrainBackend::Ray { trainer, cluster })
+                        }
+                        (trainer, Cluster::Slurm(cluster)) => {
+                            Some(TrainBackend::Slurm { trainer, cluster })
+                        }
+                    },
                 }
             }
         };
@@ -291,17 +312,36 @@ impl Ctx<'_> {
     }
 }
 
-/// `kind: ray`'s own fields, and whether each is set.
-fn ray_fields(b: &BackendWire) -> impl Iterator<Item = (&'static str, bool)> {
-    [
-        ("address", b.address.is_some()),
-        ("runtime_env", b.runtime_env.is_some()),
-        ("entrypoint_num_cpus", b.entrypoint_num_cpus.is_some()),
-        ("entrypoint_num_gpus", b.entrypoint_num_gpus.is_some()),
-        ("metadata", b.metadata.is_some()),
-        ("poll_seconds", b.poll_seconds.is_some()),
-    ]
-    .into_iter()
+/// The fields of one cluster kind (`ray` or `slurm`), and whether each is set.
+fn cluster_fields(b: &BackendWire, kind: BackendKind) -> Vec<(&'static str, bool)> {
+    match kind {
+        BackendKind::Ray => vec![
+            ("address", b.address.is_some()),
+            ("runtime_env", b.runtime_env.is_some()),
+            ("entrypoint_num_cpus", b.entrypoint_num_cpus.is_some()),
+            ("entrypoint_num_gpus", b.entrypoint_num_gpus.is_some()),
+            ("metadata", b.metadata.is_some()),
+        ],
+        BackendKind::Slurm => vec![
+            ("partition", b.partition.is_some()),
+            ("time", b.time.is_some()),
+            ("nodes", b.nodes.is_some()),
+            ("gpus", b.gpus.is_some()),
+            ("cpus_per_task", b.cpus_per_task.is_some()),
+            ("mem", b.mem.is_some()),
+            ("sbatch", b.sbatch.is_some()),
+        ],
+        BackendKind::Command | BackendKind::Builtin => vec![],
+    }
+}
+
+/// Every cluster-only field, and whether each is set (`kind: command` and `kind: builtin`
+/// take none of them).
+fn cluster_only_fields(b: &BackendWire) -> impl Iterator<Item = (&'static str, bool)> {
+    let mut all = cluster_fields(b, BackendKind::Ray);
+    all.extend(cluster_fields(b, BackendKind::Slurm));
+    all.push(("poll_seconds", b.poll_seconds.is_some()));
+    all.into_iter()
 }
 
 impl Ctx<'_> {
@@ -362,6 +402,74 @@ impl Ctx<'_> {
             entrypoint_num_cpus: b.entrypoint_num_cpus,
             entrypoint_num_gpus: b.entrypoint_num_gpus,
             metadata: b.metadata.clone().unwrap_or_default(),
+            poll_seconds,
+        })
+    }
+}
+
+/// A validated cluster block, before it joins its trainer.
+enum Cluster {
+    Ray(RayCluster),
+    Slurm(SlurmCluster),
+}
+
+impl Ctx<'_> {
+    /// `kind: slurm`'s batch options.
+    fn slurm_cluster(&mut self, path: &str, b: &BackendWire) -> Option<SlurmCluster> {
+        let q = |f: &str| join(path, f);
+        let mut text = |field: &str, value: &Option<String>| -> Option<String> {
+            let v = self.interpolate(&q(field), value.as_deref()?)?;
+            if v.trim().is_empty() || v.contains('\n') {
+                self.err(
+                    &q(field),
+                    Anchor::Value,
+                    format!("`{field}` must be one non-empty line"),
+                    None,
+                );
+                return None;
+            }
+            Some(v)
+        };
+        let partition = text("partition", &b.partition);
+        let time = text("time", &b.time);
+        let gpus = text("gpus", &b.gpus);
+        let mem = text("mem", &b.mem);
+        for (field, value) in [("nodes", b.nodes), ("cpus_per_task", b.cpus_per_task)] {
+            if let Some(v) = value {
+                self.expect(&q(field), v >= 1, "at least 1", v);
+            }
+        }
+        let mut sbatch = Vec::new();
+        for (i, line) in b.sbatch.iter().flatten().enumerate() {
+            let at = q(&format!("sbatch[{i}]"));
+            if let Some(line) = self.interpolate(&at, line) {
+                if !line.starts_with('-') || line.contains('\n') {
+                    self.err(
+                        &at,
+                        Anchor::Value,
+                        format!("`{line}` is not an sbatch option"),
+                        Some("write options as sbatch takes them, e.g. `--account=alignment` or `--constraint=a100`".into()),
+                    );
+                } else {
+                    sbatch.push(line);
+                }
+            }
+        }
+        let poll_seconds = b.poll_seconds.unwrap_or(5.0);
+        self.expect(
+            &q("poll_seconds"),
+            poll_seconds > 0.0 && poll_seconds <= 3600.0,
+            "more than 0 and at most 3600",
+            poll_seconds,
+        );
+        Some(SlurmCluster {
+            partition,
+            time,
+            nodes: b.nodes,
+            gpus,
+            cpus_per_task: b.cpus_per_task,
+            mem,
+            sbatch,
             poll_seconds,
         })
     }
