@@ -107,3 +107,121 @@ fn serve_with_a_missing_model_exits_2_naming_the_path_and_fetch() {
     assert!(t.contains("`models/not-here.gguf`"), "{t}");
     assert!(t.contains("aligner models fetch"), "{t}");
 }
+
+/// `rounds.train.serve: {kind: command}` with an `openai` upstream: round 1 asks the user's
+/// server (an `aligner serve` of SmolLM2), `aligner train` trains round 1's pairs, and the
+/// orchestrator serves the checkpoint with `aligner serve` on its own port, which answers
+/// round 2. Killed with SIGKILL once that server runs, the resumed run reuses it (no second
+/// server on the port), and stops it at the end.
+#[test]
+fn the_serve_block_puts_each_checkpoint_behind_an_endpoint_for_the_next_round() {
+    let model = smollm2();
+    let upstream = serve(&model, "upstream");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let prompts: Vec<String> = (0..8)
+        .map(|i| {
+            serde_json::json!({"id": format!("p{i}"), "prompt": format!("Write a short note about the number {i}.")})
+                .to_string()
+        })
+        .collect();
+    std::fs::write(d.join("prompts.jsonl"), prompts.join("\n") + "\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let aligner = env!("CARGO_BIN_EXE_aligner");
+    let yaml = format!(
+        r#"version: 1
+name: serve-e2e
+models:
+  upstream: {{ kind: openai, base_url: "{url}", model: upstream, weights: {gguf} }}
+  aligner: {{ kind: local, path: {gguf} }}
+prompts:
+  source: prompts.jsonl
+rounds:
+  count: 2
+  generate: {{ model: upstream, sampling: {{ temperature: 0.7, max_tokens: 48, seed: 1 }} }}
+  correct: {{ model: aligner, template: aligner-v1, sampling: {{ temperature: 0.0, max_tokens: 24 }} }}
+  synthesize: {{ min_edit_distance: 0.0, drop_truncated: false }}
+  train:
+    method: dpo
+    learning_rate: 1.0e-5
+    epochs: 1
+    batch_size: 2
+    max_length: 128
+    warmup_ratio: 0.0
+    backend:
+      kind: command
+      command: "{aligner} train --data {{data}} --base {{base_model}} --reference {{ref_model}} --out {{output_dir}} --batch-size 2 --max-length 128 --train-layers 2"
+      serve_model: "upstream-round-{{round}}"
+    serve:
+      kind: command
+      command: "{aligner} serve {{checkpoint}} --port {{port}} --name {{name}}"
+      port: {port}
+      timeout_secs: 120
+"#,
+        url = upstream.url,
+        gguf = model.display(),
+    );
+    std::fs::write(d.join("p.yaml"), yaml).unwrap();
+    let mut child = bin()
+        .args(["run", "p.yaml", "--store", "s.db"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "round 1's checkpoint served",
+        Duration::from_secs(300),
+        || {
+            d.join("s.db").exists()
+                && scalar(
+                    d,
+                    "SELECT count(*) FROM checkpoints WHERE server IS NOT NULL",
+                ) == 1
+        },
+    );
+    let pid = scalar(
+        d,
+        "SELECT json_extract(server, '$.process.pid') FROM checkpoints WHERE round = 1",
+    );
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    // It was starting when the orchestrator died; it comes up on its own.
+    wait_until(
+        "the checkpoint's server, orphaned, to answer",
+        Duration::from_secs(120),
+        || {
+            let models = Command::new("curl")
+                .args(["-sf", &format!("http://127.0.0.1:{port}/v1/models")])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&models.stdout).contains("upstream-round-1")
+        },
+    );
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    let served = sql(
+        d,
+        "SELECT DISTINCT round, served_model FROM generations ORDER BY round",
+    );
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert_eq!(served[0]["served_model"], "upstream");
+    assert_eq!(served[1]["served_model"], "upstream-round-1");
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM checkpoints WHERE server IS NOT NULL"
+        ),
+        0,
+        "the run's end stops its servers"
+    );
+    wait_until(
+        "the checkpoint's server to stop",
+        Duration::from_secs(30),
+        || !Path::new(&format!("/proc/{pid}")).exists(),
+    );
+}

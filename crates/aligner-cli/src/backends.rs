@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use aligner_backend::TextGenerator;
-use aligner_cluster::{RayJobs, SlurmJobs};
+use aligner_cluster::{HttpServing, RayJobs, SlurmJobs};
 use aligner_engine::cluster::{ClusterJobs, Scheduler};
+use aligner_engine::serving::CheckpointServer;
 use aligner_spec::ModelSpec;
 
 pub struct Factory;
@@ -55,6 +56,10 @@ impl aligner_engine::BackendFactory for Factory {
 
     fn trainer(&self) -> anyhow::Result<Arc<dyn aligner_engine::Trainer>> {
         Ok(Arc::new(aligner_train::pipeline::BuiltinTrainer))
+    }
+
+    fn checkpoint_server(&self) -> anyhow::Result<Arc<dyn CheckpointServer>> {
+        Ok(Arc::new(HttpServing::new().map_err(anyhow::Error::msg)?))
     }
 
     fn cluster(&self, scheduler: &Scheduler) -> anyhow::Result<Arc<dyn ClusterJobs>> {

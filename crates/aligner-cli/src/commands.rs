@@ -1,6 +1,5 @@
 //! The subcommands: argument parsing (clap) and what each one does.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -290,13 +289,7 @@ pub async fn dispatch(cli: Cli) -> Result<()> {
         } => {
             let sql = match query {
                 Some(q) if q != "-" => q,
-                _ => {
-                    let mut s = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut s)
-                        .context("reading SQL from stdin")?;
-                    s
-                }
+                _ => std::io::read_to_string(std::io::stdin()).context("reading SQL from stdin")?,
             };
             let store = Store::open_read_only(&store_path(&store, None)).await?;
             let result = store.query_read_only(&sql).await?;

@@ -162,6 +162,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         warmup_ratio: a.warmup_ratio,
         reference: aligner_spec::ReferencePolicy::Initial,
         backend: aligner_spec::TrainBackend::Builtin(options.clone()),
+        serve: None,
     };
     let reference = a.reference.as_deref().unwrap_or(&a.base);
     let (data, base, out) = (&a.data, &a.base, &a.out);

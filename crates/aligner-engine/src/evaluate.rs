@@ -552,11 +552,19 @@ async fn version_backend(
                 .map_err(|source| Error::Backend { name, source })?;
             Ok((backend, None, ckpt.path.clone()))
         }
-        (_, served) => Ok((
-            e.backend(key)?,
-            served.clone(),
-            served.clone().unwrap_or(ckpt.path),
-        )),
+        (_, served) => {
+            let backend =
+                match crate::serving::served_model(e, (ctx.round, "evaluate"), &ckpt).await? {
+                    Some(m) => {
+                        let name = format!("{key}@round-{v}");
+                        e.factory
+                            .text_generator(&name, &m)
+                            .map_err(|source| Error::Backend { name, source })?
+                    }
+                    None => e.backend(key)?,
+                };
+            Ok((backend, served.clone(), served.clone().unwrap_or(ckpt.path)))
+        }
     }
 }
 

@@ -18,6 +18,7 @@ pub mod refusal;
 pub use evaluate::{degenerate, gate_decision, omega, omega_interval, parse_verdict};
 mod remote;
 mod semantic;
+pub mod serving;
 mod stages;
 mod teach;
 mod train;
@@ -108,6 +109,13 @@ pub trait BackendFactory: Send + Sync {
     /// The built-in trainer of `rounds.train.backend: {kind: builtin}`.
     fn trainer(&self) -> anyhow::Result<Arc<dyn Trainer>> {
         Err(anyhow::anyhow!("this build has no built-in trainer\nhint: use the `aligner` binary, or `backend: {{ kind: command, command: ... }}` with your own trainer"))
+    }
+
+    /// The HTTP side of `rounds.train.serve` (is a checkpoint served; load it).
+    fn checkpoint_server(&self) -> anyhow::Result<Arc<dyn serving::CheckpointServer>> {
+        Err(anyhow::anyhow!(
+            "this build cannot serve checkpoints\nhint: use the `aligner` binary"
+        ))
     }
 
     /// The client of a cluster scheduler (`rounds.train.backend: {kind: ray}`).
@@ -472,7 +480,13 @@ impl Engine {
                 }));
             }
         }
-        let result = match self.drive(run_id, resumed, options, &lease).await {
+        let driven = self.drive(run_id, resumed, options, &lease).await;
+        // Servers `rounds.train.serve` started are needed no longer (a resumed run starts them
+        // again where it needs them).
+        if let Err(err) = serving::stop_servers(&self.store, run_id).await {
+            tracing::warn!("cannot stop the run's checkpoint servers: {err}");
+        }
+        let result = match driven {
             Err(Error::Interrupted { .. }) if lease.lost() => Err(Error::LeaseLost { run: run_id }),
             other => other,
         };

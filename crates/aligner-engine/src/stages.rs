@@ -102,8 +102,9 @@ pub(crate) fn to_sampling(s: &Sampling, seed_offset: u64) -> Sampling {
 struct Upstream {
     /// Model name sent instead of the configured one (a served checkpoint).
     model_override: Option<String>,
-    /// A local upstream's checkpoint, loaded instead of the configured model.
-    local: Option<aligner_spec::LocalModel>,
+    /// The model asked instead of the configured one: a local upstream's checkpoint, or a
+    /// served checkpoint's own server.
+    instead: Option<ModelSpec>,
     upstream_ref: String,
     checkpoint_id: Option<i64>,
 }
@@ -127,7 +128,7 @@ async fn upstream(ctx: &Ctx<'_>) -> Result<Upstream> {
             model_override: None,
             upstream_ref: configured,
             checkpoint_id: None,
-            local: None,
+            instead: None,
         });
     }
     let ckpt = e
@@ -139,19 +140,22 @@ async fn upstream(ctx: &Ctx<'_>) -> Result<Upstream> {
             stage: "generate",
             message: format!("round {} left no checkpoint to answer with", ctx.round - 1),
         })?;
-    // A local upstream answers with the checkpoint folder itself.
-    let local = match (
+    // A local upstream answers with the checkpoint folder itself; a served one from where
+    // `rounds.train.serve` put it (served first when it is not).
+    let instead = match (
         &e.spec.models[&e.spec.rounds.generate.model],
         &ckpt.serve_model,
     ) {
-        (ModelSpec::Local(_), None) => Some(crate::train::checkpoint_model(&ckpt.path)),
-        _ => None,
+        (ModelSpec::Local(_), None) => {
+            Some(ModelSpec::Local(crate::train::checkpoint_model(&ckpt.path)))
+        }
+        _ => crate::serving::served_model(e, (ctx.round, "generate"), &ckpt).await?,
     };
     Ok(Upstream {
         model_override: ckpt.serve_model.clone(),
         upstream_ref: ckpt.serve_model.clone().unwrap_or(ckpt.path.clone()),
         checkpoint_id: Some(ckpt.id),
-        local,
+        instead,
     })
 }
 
@@ -278,11 +282,11 @@ pub(crate) async fn generate(ctx: &Ctx<'_>) -> Result<()> {
         .await?;
     e.observer
         .stage_started(ctx.round, Stage::Generate, total as u64, done_ok as u64);
-    let backend = match &up.local {
+    let backend = match &up.instead {
         Some(m) => {
             let name = format!("{}@round-{}", spec.model, ctx.round - 1);
             e.factory
-                .text_generator(&name, &ModelSpec::Local(m.clone()))
+                .text_generator(&name, m)
                 .map_err(|source| Error::Backend { name, source })?
         }
         None => e.backend(&spec.model)?,

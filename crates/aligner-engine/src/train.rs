@@ -95,6 +95,8 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
         stage: "train",
         message,
     };
+    // The accelerators go to training: checkpoint servers started for earlier rounds stop.
+    crate::serving::stop_servers(&e.store, run_id).await?;
     let (external, scheduler) = match &train.backend {
         TrainBackend::Builtin(options) => return run_builtin(ctx, train, options).await,
         TrainBackend::Command(t) => (t, None),

@@ -221,6 +221,7 @@ pub async fn stop_orphaned_trainers(
             )
             .await?;
     }
+    stopped += crate::serving::stop_servers(store, run_id).await?;
     Ok(stopped)
 }
 

@@ -226,6 +226,7 @@ fn full_example_parses() {
                 conversational: false,
                 serve_model: Some("ckpt-round-{round}".into()),
             }),
+            serve: None,
         })
     );
     let eval = r.evaluate.as_ref().unwrap();

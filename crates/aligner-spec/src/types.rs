@@ -445,6 +445,32 @@ pub struct LoraSpec {
     pub targets: Vec<String>,
 }
 
+/// `rounds.train.serve`: how a round's checkpoint gets behind the upstream's endpoint before
+/// the next round asks it (and before evaluation asks it as version k).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ServeSpec {
+    pub how: ServeHow,
+    /// How long the server may take to list the checkpoint. Default 600.
+    pub timeout_secs: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum ServeHow {
+    /// Start a server for the checkpoint (`{checkpoint}`, `{port}`, `{name}`, `{round}`); it is
+    /// ready when `{base_url}/models` lists `{name}`. Round k's listens on `port + k - 1`.
+    Command {
+        command: String,
+        port: u16,
+        /// With `{port}`; default `http://127.0.0.1:{port}/v1`.
+        base_url: String,
+    },
+    /// vLLM with `--enable-lora`: `POST /v1/load_lora_adapter` (the checkpoint is an adapter).
+    VllmLora { base_url: Option<String> },
+    /// SGLang: `POST /update_weights_from_disk` (the checkpoint replaces the served weights).
+    SglangReload { base_url: Option<String> },
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainStage {
     pub method: TrainMethod,
@@ -458,6 +484,7 @@ pub struct TrainStage {
     pub warmup_ratio: f64,
     pub reference: ReferencePolicy,
     pub backend: TrainBackend,
+    pub serve: Option<ServeSpec>,
 }
 
 /// `rounds.evaluate`: each round's model measured on the held-out prompts.

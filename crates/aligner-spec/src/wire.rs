@@ -399,6 +399,27 @@ pub struct TrainWire {
     pub warmup_ratio: Option<f64>,
     pub reference: Option<ReferenceWire>,
     pub backend: BackendWire,
+    pub serve: Option<ServeWire>,
+}
+
+/// `rounds.train.serve:`: how a round's checkpoint gets behind the upstream's endpoint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a serve mapping with a `kind`")]
+pub struct ServeWire {
+    pub kind: ServeKindWire,
+    pub command: Option<String>,
+    pub port: Option<u16>,
+    pub base_url: Option<String>,
+    pub timeout_secs: Option<f64>,
+}
+
+/// `rounds.train.serve.kind:`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServeKindWire {
+    Command,
+    VllmLora,
+    SglangReload,
 }
 
 /// `rounds.train.backend.kind:`.

@@ -282,6 +282,8 @@ pub struct CheckpointRow {
     pub round: i64,
     pub path: String,
     pub serve_model: Option<String>,
+    /// The server `serve: {kind: command}` started for it (JSON), while it runs.
+    pub server: Option<String>,
 }
 
 /// A row of the Aligner's data as ingested (`aligner_examples`).

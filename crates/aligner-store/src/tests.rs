@@ -43,7 +43,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "pair origin".to_string(),
             "daemon crashes".to_string(),
             "training process".to_string(),
-            "costs".to_string()
+            "costs".to_string(),
+            "checkpoint server".to_string()
         ]
     );
     let tables = store

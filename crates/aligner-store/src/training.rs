@@ -268,11 +268,35 @@ impl Store {
 
     pub async fn checkpoint(&self, run_id: i64, round: i64) -> Result<Option<CheckpointRow>> {
         Ok(sqlx::query_as::<_, CheckpointRow>(
-            "SELECT id, run_id, round, path, serve_model FROM checkpoints WHERE run_id = ? AND round = ?",
+            "SELECT id, run_id, round, path, serve_model, server FROM checkpoints WHERE run_id = ? AND round = ?",
         )
         .bind(run_id)
         .bind(round)
         .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Records (or clears) the server a checkpoint's `serve: {kind: command}` started.
+    pub async fn set_checkpoint_server(
+        &self,
+        checkpoint_id: i64,
+        server: Option<&str>,
+    ) -> Result<()> {
+        sqlx::query("UPDATE checkpoints SET server = ? WHERE id = ?")
+            .bind(server)
+            .bind(checkpoint_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// The run's checkpoints that have a server recorded: (checkpoint id, round, its record).
+    pub async fn checkpoint_servers(&self, run_id: i64) -> Result<Vec<(i64, i64, String)>> {
+        Ok(sqlx::query_as::<_, (i64, i64, String)>(
+            "SELECT id, round, server FROM checkpoints WHERE run_id = ? AND server IS NOT NULL ORDER BY round",
+        )
+        .bind(run_id)
+        .fetch_all(&self.pool)
         .await?)
     }
 }

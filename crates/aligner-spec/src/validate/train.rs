@@ -293,6 +293,23 @@ impl Ctx<'_> {
                 }
             }
         };
+        let serve = match &w.serve {
+            None => Some(None),
+            Some(sw) => {
+                let served = matches!(&backend, Some(b) if b.external().is_some_and(|t| t.serve_model.is_some()));
+                if !generate_is_openai || (backend.is_some() && !served) {
+                    self.err(
+                        &p("serve"),
+                        Anchor::Key,
+                        "`serve` puts a checkpoint behind an `openai` upstream's endpoint, under the backend's `serve_model`",
+                        Some(format!("it needs the generate model `{generate_model}` to be `kind: openai` and a `command`, `ray` or `slurm` backend with `serve_model`; a local upstream answers from the checkpoint folder by itself")),
+                    );
+                    None
+                } else {
+                    self.serve(&p("serve"), sw).map(Some)
+                }
+            }
+        };
         Some(TrainStage {
             method: w.method.unwrap_or(TrainMethod::Dpo),
             beta,
@@ -308,7 +325,81 @@ impl Ctx<'_> {
                 ReferenceWire::Previous => ReferencePolicy::Previous,
             },
             backend: backend?,
+            serve: serve?,
         })
+    }
+
+    /// `rounds.train.serve`.
+    fn serve(&mut self, path: &str, w: &ServeWire) -> Option<ServeSpec> {
+        let q = |f: &str| join(path, f);
+        let timeout_secs = w.timeout_secs.unwrap_or(600.0);
+        self.expect(
+            &q("timeout_secs"),
+            timeout_secs > 0.0,
+            "more than 0",
+            timeout_secs,
+        );
+        let base_url = match &w.base_url {
+            Some(u) => {
+                let u = self.interpolate(&q("base_url"), u)?;
+                if !(u.starts_with("http://") || u.starts_with("https://")) {
+                    self.err(
+                        &q("base_url"),
+                        Anchor::Value,
+                        format!("`base_url` must be an http(s) URL, got `{u}`"),
+                        None,
+                    );
+                    return None;
+                }
+                Some(u.trim_end_matches('/').to_string())
+            }
+            None => None,
+        };
+        let how = match w.kind {
+            ServeKindWire::Command => {
+                let command = match &w.command {
+                    None => {
+                        self.missing(path, "command", "missing field `command` for `kind: command`", Some("e.g. `command: \"vllm serve {checkpoint} --port {port} --served-model-name {name}\"` or `\"aligner serve {checkpoint} --port {port} --name {name}\"`".into()));
+                        None
+                    }
+                    Some(c) => self.interpolate(&q("command"), c).filter(|c| {
+                        let ok = c.contains("{checkpoint}");
+                        if !ok {
+                            self.err(&q("command"), Anchor::Value, "`command` does not use `{checkpoint}`", Some("the server must load the round's checkpoint: `{checkpoint}`; also available: `{port}`, `{name}`, `{round}`".into()));
+                        }
+                        ok
+                    }),
+                };
+                let port = w.port.or_else(|| {
+                    self.missing(path, "port", "missing field `port` for `kind: command`", Some("the port round 1's checkpoint is served on (round k's: port + k - 1), e.g. `port: 8100`".into()));
+                    None
+                });
+                let base_url = base_url.unwrap_or_else(|| "http://127.0.0.1:{port}/v1".to_string());
+                ServeHow::Command {
+                    command: command?,
+                    port: port?,
+                    base_url,
+                }
+            }
+            ServeKindWire::VllmLora | ServeKindWire::SglangReload => {
+                for (field, set) in [("command", w.command.is_some()), ("port", w.port.is_some())] {
+                    if set {
+                        self.err(
+                            &q(field),
+                            Anchor::Key,
+                            format!("field `{field}` applies to `kind: command` only"),
+                            None,
+                        );
+                    }
+                }
+                if w.kind == ServeKindWire::VllmLora {
+                    ServeHow::VllmLora { base_url }
+                } else {
+                    ServeHow::SglangReload { base_url }
+                }
+            }
+        };
+        Some(ServeSpec { how, timeout_secs })
     }
 }
 
