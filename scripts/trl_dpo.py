@@ -3,9 +3,18 @@
 
 aligner fills in the arguments: the round's pairs ({data}, TRL's prompt/chosen/rejected
 columns), the model to train ({base_model}), the DPO reference ({ref_model}) and where the
-checkpoint must go ({output_dir}). Requires `pip install trl transformers datasets torch`.
+checkpoint must go ({output_dir}). Requires `pip install trl transformers datasets torch`
+(and `peft` for `--use-peft`).
+
+With `--use-peft` the checkpoint is a LoRA adapter on the original weights, which vLLM loads at
+run time (`rounds.train.serve: {kind: vllm_lora}`). Later rounds get the previous round's
+adapter as `--model`: it is trained further on the same base (vLLM serves one adapter over the
+base, not a stack), and the reference is the base with the adapter switched off, i.e. the
+initial model (`reference: initial`).
 """
 import argparse
+import json
+import os
 
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -26,12 +35,32 @@ def main() -> None:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--max-length", type=int, default=1024)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
+    p.add_argument("--use-peft", action="store_true", help="train (or continue) a LoRA adapter")
+    p.add_argument("--lora-r", type=int, default=16)
+    p.add_argument("--lora-alpha", type=int, default=32)
     a = p.parse_args()
 
     data = load_dataset("json" if a.data.endswith(".jsonl") else "parquet", data_files=a.data, split="train")
-    tokenizer = AutoTokenizer.from_pretrained(a.model)
-    model = AutoModelForCausalLM.from_pretrained(a.model)
-    ref = AutoModelForCausalLM.from_pretrained(a.ref_model)
+    peft_config = None
+    adapter = os.path.join(a.model, "adapter_config.json")
+    if a.use_peft and os.path.exists(adapter):
+        from peft import PeftModel
+
+        base = json.load(open(adapter))["base_model_name_or_path"]
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), a.model, is_trainable=True)
+        ref = None
+    elif a.use_peft:
+        from peft import LoraConfig
+
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+        model = AutoModelForCausalLM.from_pretrained(a.model)
+        ref = None
+        peft_config = LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, target_modules="all-linear", task_type="CAUSAL_LM")
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(a.model)
+        model = AutoModelForCausalLM.from_pretrained(a.model)
+        ref = AutoModelForCausalLM.from_pretrained(a.ref_model)
     loss = "sigmoid" if a.loss == "sigmoid_nll" else a.loss
     config = DPOConfig(
         output_dir=a.output_dir,
@@ -48,7 +77,9 @@ def main() -> None:
         logging_steps=1,
         save_strategy="no",
     )
-    trainer = DPOTrainer(model=model, ref_model=ref, args=config, train_dataset=data, processing_class=tokenizer)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config
+    )
     trainer.train()
     trainer.save_model(a.output_dir)
     tokenizer.save_pretrained(a.output_dir)

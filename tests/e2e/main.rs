@@ -1232,3 +1232,73 @@ fn sql_reads_stdin_and_status_speaks_json() {
     assert_eq!(v[0]["run"]["status"], "done");
     assert_eq!(v[0]["stages"].as_array().unwrap().len(), 4);
 }
+
+/// `rounds.train.serve` against a server that loads checkpoints itself: vLLM's runtime LoRA
+/// loading and SGLang's weight update (the test double speaks both), and a refusal that fails
+/// the round with the server's words and keeps round 1.
+#[test]
+fn the_serve_block_loads_each_checkpoint_into_vllm_or_sglang() {
+    let with_serve = |server: &MockServer, kind: &str| {
+        let dir = setup(server, 10, &[], 2, 4, true);
+        let yaml = std::fs::read_to_string(dir.path().join("p.yaml")).unwrap()
+            + &format!("    serve: {{ kind: {kind}, timeout_secs: 10 }}\n");
+        std::fs::write(dir.path().join("p.yaml"), yaml).unwrap();
+        dir
+    };
+    let checkpoint = |d: &Path| -> String {
+        sql(d, "SELECT path FROM checkpoints WHERE round = 1")[0]["path"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = with_serve(&server, "vllm_lora");
+    let d = dir.path();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(
+        server.adapters(),
+        vec![("ckpt-round-1".to_string(), checkpoint(d))],
+        "round 1's checkpoint loaded once, under its serve_model"
+    );
+    assert!(server.stats().per_model["ckpt-round-1"] > 0);
+    assert_eq!(
+        sql(
+            d,
+            "SELECT DISTINCT served_model FROM generations WHERE round = 2"
+        )
+        .len(),
+        1
+    );
+
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = with_serve(&server, "sglang_reload");
+    let d = dir.path();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    assert_eq!(server.weights(), Some(checkpoint(d)));
+
+    let server = aligner_mockserver::spawn_in_thread(MockConfig {
+        refuse_lora: Some("LoRA is not enabled. Use --enable-lora to enable LoRA.".into()),
+        ..Default::default()
+    });
+    let dir = with_serve(&server, "vllm_lora");
+    let d = dir.path();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("LoRA is not enabled. Use --enable-lora to enable LoRA."),
+        "{}",
+        text(&o)
+    );
+    assert!(text(&o).contains("refused to load"), "{}", text(&o));
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM checkpoints WHERE round = 1"),
+        1
+    );
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM generations WHERE round = 2"),
+        0
+    );
+}

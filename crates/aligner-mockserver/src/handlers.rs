@@ -22,6 +22,9 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     }
     router
         .route(PATH_MODELS, get(models))
+        .route("/v1/load_lora_adapter", post(load_lora_adapter))
+        .route("/update_weights_from_disk", post(update_weights))
+        .route("/get_model_info", get(model_info))
         .fallback(not_found)
         .with_state(shared)
 }
@@ -335,11 +338,85 @@ async fn models(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Respon
     if let Some(resp) = check_auth(&shared, &headers) {
         return resp;
     }
-    axum::Json(json!({
-        "object": "list",
-        "data": [{"id": "mock", "object": "model", "created": 0, "owned_by": "aligner-mockserver"}],
-    }))
-    .into_response()
+    let mut data = vec![
+        json!({"id": "mock", "object": "model", "created": 0, "owned_by": "aligner-mockserver"}),
+    ];
+    for (name, _) in shared
+        .adapters
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        data.push(json!({"id": name, "object": "model", "created": 0, "owned_by": "aligner-mockserver", "parent": "mock"}));
+    }
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// vLLM's runtime LoRA loading: the adapter's name is served from now on. A path that is not
+/// a folder is refused as vLLM refuses it.
+async fn load_lora_adapter(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    bump(&shared.counters.requests);
+    bump(&shared.counters.other);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let (Some(name), Some(path)) = (v["lora_name"].as_str(), v["lora_path"].as_str()) else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "lora_name and lora_path are required",
+            "invalid_request_error",
+        );
+    };
+    if let Some(message) = &shared.config.refuse_lora {
+        return error_response(StatusCode::BAD_REQUEST, message, "invalid_request_error");
+    }
+    if !std::path::Path::new(path).is_dir() {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("Loading lora {name} failed: No adapter found for {path}"),
+            "invalid_request_error",
+        );
+    }
+    let mut adapters = shared.adapters.lock().unwrap_or_else(|e| e.into_inner());
+    if adapters.iter().any(|(n, _)| n == name) {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("The lora adapter '{name}' has already been loaded."),
+            "invalid_request_error",
+        );
+    }
+    adapters.push((name.to_string(), path.to_string()));
+    format!("Success: LoRA adapter '{name}' added successfully.").into_response()
+}
+
+/// SGLang's in-place weight update.
+async fn update_weights(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    bump(&shared.counters.requests);
+    bump(&shared.counters.other);
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+    let Some(path) = v["model_path"].as_str() else {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "model_path is required",
+            "invalid_request_error",
+        );
+    };
+    if !std::path::Path::new(path).is_dir() {
+        return axum::Json(json!({"success": false, "message": format!("Failed to get weights iterator: {path} is not a model folder.")})).into_response();
+    }
+    *shared.weights.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.to_string());
+    axum::Json(json!({"success": true, "message": "Succeeded to update model weights."}))
+        .into_response()
+}
+
+async fn model_info(State(shared): State<Arc<Shared>>) -> Response {
+    bump(&shared.counters.requests);
+    bump(&shared.counters.other);
+    let path = shared
+        .weights
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    axum::Json(json!({"model_path": path.unwrap_or_else(|| "mock".into()), "is_generation": true}))
+        .into_response()
 }
 
 async fn not_found(State(shared): State<Arc<Shared>>, uri: Uri) -> Response {

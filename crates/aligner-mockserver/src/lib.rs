@@ -1,7 +1,9 @@
 //! Loopback OpenAI-compatible test server with deterministic answers and fault injection.
 //!
 //! A test double for tests and benchmarks only: it serves `/v1/chat/completions`,
-//! `/v1/completions` and `/v1/models` on `127.0.0.1`, answers cheaply and predictably (see
+//! `/v1/completions` and `/v1/models` on `127.0.0.1` (and vLLM's `/v1/load_lora_adapter`,
+//! SGLang's `/update_weights_from_disk` and `/get_model_info`, so serving checkpoints can be
+//! tested), answers cheaply and predictably (see
 //! [`answers`]), and injects 429s, 500s, slow answers and malformed bodies with seeded
 //! probabilities or from a fixed script. It keeps counters ([`MockStats`]) but logs nothing.
 
@@ -58,6 +60,9 @@ pub struct MockConfig {
     pub script: Vec<Fault>,
     /// Serve chat only, like most hosted APIs: `/v1/completions` is an unknown path (404).
     pub chat_only: bool,
+    /// Refuse `POST /v1/load_lora_adapter` with this message (HTTP 400), as vLLM does for an
+    /// adapter it cannot load.
+    pub refuse_lora: Option<String>,
 }
 
 /// Injected faults and rejections, by kind.
@@ -135,6 +140,10 @@ pub(crate) struct Shared {
     pub script_pos: AtomicU64,
     pub per_model: Mutex<BTreeMap<String, u64>>,
     pub last_body: Mutex<Option<axum::body::Bytes>>,
+    /// Adapters loaded with `POST /v1/load_lora_adapter` (vLLM): (name, path), listed as models.
+    pub adapters: Mutex<Vec<(String, String)>>,
+    /// The weights `POST /update_weights_from_disk` (SGLang) last loaded.
+    pub weights: Mutex<Option<String>>,
 }
 
 impl Shared {
@@ -148,6 +157,8 @@ impl Shared {
             script_pos: AtomicU64::new(0),
             per_model: Mutex::new(BTreeMap::new()),
             last_body: Mutex::new(None),
+            adapters: Mutex::new(Vec::new()),
+            weights: Mutex::new(None),
         }
     }
 
@@ -294,6 +305,24 @@ impl MockServer {
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
         serde_json::from_slice(&body).ok()
+    }
+
+    /// The LoRA adapters loaded so far (vLLM's `load_lora_adapter`): (name, path).
+    pub fn adapters(&self) -> Vec<(String, String)> {
+        self.shared
+            .adapters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The weights SGLang's `update_weights_from_disk` loaded last.
+    pub fn weights(&self) -> Option<String> {
+        self.shared
+            .weights
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Stops accepting connections. For a server from [`spawn_in_thread`] this also stops its

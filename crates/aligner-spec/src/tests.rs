@@ -718,6 +718,7 @@ fn known_fields_table_matches_serde() {
         ("rounds.train", serde_fields::<TrainWire>()),
         ("rounds.train.backend", serde_fields::<BackendWire>()),
         ("rounds.train.backend.lora", serde_fields::<LoraWire>()),
+        ("rounds.train.serve", serde_fields::<ServeWire>()),
         ("rounds.evaluate", serde_fields::<EvaluateWire>()),
         ("rounds.evaluate.sampling", serde_fields::<Sampling>()),
         ("rounds.evaluate.judge_sampling", serde_fields::<Sampling>()),
@@ -1660,4 +1661,69 @@ fn error_slurm_backend_fields() {
       --> pipelines/x.yaml:60:7
        at: rounds.train.backend.poll_seconds
     ");
+}
+
+#[test]
+fn a_serve_block_puts_the_checkpoint_behind_the_upstream() {
+    let dir = setup();
+    let text = full_with(
+        "  evaluate:\n",
+        "    serve:\n      kind: command\n      command: \"vllm serve {checkpoint} --port {port} --served-model-name {name}\"\n      port: 8100\n  evaluate:\n",
+    );
+    let spec = load(&dir, &text).expect("valid");
+    let serve = spec.rounds.train.as_ref().unwrap().serve.clone().unwrap();
+    assert_eq!(serve.timeout_secs, 600.0);
+    assert_eq!(
+        serve.how,
+        ServeHow::Command {
+            command: "vllm serve {checkpoint} --port {port} --served-model-name {name}".into(),
+            port: 8100,
+            base_url: "http://127.0.0.1:{port}/v1".into(),
+        }
+    );
+    let text = full_with(
+        "  evaluate:\n",
+        "    serve: { kind: vllm_lora }\n  evaluate:\n",
+    );
+    let spec = load(&dir, &text).expect("valid");
+    assert_eq!(
+        spec.rounds.train.unwrap().serve.unwrap().how,
+        ServeHow::VllmLora { base_url: None }
+    );
+}
+
+#[test]
+fn error_serve_block() {
+    let dir = setup();
+    let text = full_with(
+        "  evaluate:\n",
+        "    serve: { kind: command, command: \"vllm serve --port {port}\" }\n  evaluate:\n",
+    );
+    insta::assert_snapshot!(errors(&dir, &text), @r"
+    error: missing field `port` for `kind: command`
+      --> pipelines/x.yaml:63:5
+       at: rounds.train.serve
+      hint: the port round 1's checkpoint is served on (round k's: port + k - 1), e.g. `port: 8100`
+
+    error: `command` does not use `{checkpoint}`
+      --> pipelines/x.yaml:63:38
+       at: rounds.train.serve.command
+      hint: the server must load the round's checkpoint: `{checkpoint}`; also available: `{port}`, `{name}`, `{round}`
+    ");
+    let text = full_with(
+        "  evaluate:\n",
+        "    serve: { kind: sglang_reload, port: 30000 }\n  evaluate:\n",
+    )
+    .replace("      serve_model: \"ckpt-round-{round}\"\n", "");
+    insta::assert_snapshot!(errors(&dir, &text), @r#"
+    error: `serve_model` is required: the generate model `upstream` is `kind: openai`
+      --> pipelines/x.yaml:57:5
+       at: rounds.train.backend
+      hint: the name under which your server will serve the new checkpoint, e.g. `serve_model: "ckpt-round-{round}"` (`{round}` and `{output_dir}` are filled in)
+
+    error: `serve` puts a checkpoint behind an `openai` upstream's endpoint, under the backend's `serve_model`
+      --> pipelines/x.yaml:62:5
+       at: rounds.train.serve
+      hint: it needs the generate model `upstream` to be `kind: openai` and a `command`, `ray` or `slurm` backend with `serve_model`; a local upstream answers from the checkpoint folder by itself
+    "#);
 }
