@@ -1302,3 +1302,80 @@ fn the_serve_block_loads_each_checkpoint_into_vllm_or_sglang() {
         0
     );
 }
+
+/// A model served by two replicas: requests spread over both, one dies mid-stage, and every
+/// prompt is still answered once, each row naming the replica that answered it.
+#[test]
+fn a_replica_that_dies_mid_stage_loses_and_doubles_nothing() {
+    let slow = MockConfig {
+        latency: Duration::from_millis(50),
+        ..Default::default()
+    };
+    let a = aligner_mockserver::spawn_in_thread(slow.clone());
+    let b = aligner_mockserver::spawn_in_thread(slow);
+    let aligner = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = setup(&a, 200, &[], 1, 4, false);
+    let d = dir.path();
+    let yaml = std::fs::read_to_string(d.join("p.yaml"))
+        .unwrap()
+        .replacen(
+            "    model: mock-upstream\n",
+            &format!(
+                "    model: mock-upstream\n    replicas: [{}]\n    replica_concurrency: 2\n",
+                b.base_url
+            ),
+            1,
+        )
+        .replacen(
+            &format!("    base_url: {}\n    model: mock-aligner", a.base_url),
+            &format!(
+                "    base_url: {}\n    model: mock-aligner",
+                aligner.base_url
+            ),
+            1,
+        );
+    assert!(yaml.contains(&aligner.base_url));
+    std::fs::write(d.join("p.yaml"), yaml).unwrap();
+    let log = std::fs::File::create(d.join("run.log")).unwrap();
+    let mut child = bin()
+        .args(["run", "p.yaml", "--store", "s.db"])
+        .current_dir(d)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until("some generations", Duration::from_secs(60), || {
+        d.join("s.db").exists() && scalar(d, "SELECT count(*) FROM generations") >= 10
+    });
+    let (a_url, b_url) = (a.base_url.clone(), b.base_url.clone());
+    let answered_by_a = a.stats().ok as i64;
+    a.shutdown();
+    let status = child.wait().unwrap();
+    let log = std::fs::read_to_string(d.join("run.log")).unwrap_or_default();
+    assert!(status.success(), "{log}");
+    let train = scalar(d, "SELECT count(*) FROM prompts WHERE split = 'train'");
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM generations WHERE status = 'ok'"),
+        train
+    );
+    assert_eq!(
+        scalar(d, "SELECT count(DISTINCT prompt_id) FROM generations"),
+        train
+    );
+    let by = sql(
+        d,
+        "SELECT replica, count(*) AS n FROM generations GROUP BY replica ORDER BY replica",
+    );
+    let names: Vec<&str> = by.iter().map(|r| r["replica"].as_str().unwrap()).collect();
+    let mut expected = vec![a_url.as_str(), b_url.as_str()];
+    expected.sort();
+    assert_eq!(names, expected, "{by:?}");
+    assert!(
+        answered_by_a < train / 2,
+        "killed mid-stage ({answered_by_a} of {train})"
+    );
+    assert!(
+        b.stats().ok as i64 > train / 2,
+        "the surviving replica took the rest"
+    );
+}

@@ -101,6 +101,9 @@ pub struct Completion {
     pub latency: Duration,
     /// Attempts it took, 1 when the first one succeeded.
     pub attempts: u32,
+    /// Which endpoint answered, when a model has several (replicas); `None` otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
 }
 
 /// A request that failed for good (after the backend's own retries).

@@ -28,23 +28,12 @@ impl aligner_engine::BackendFactory for Factory {
                     })?),
                     None => None,
                 };
-                let mut config = aligner_openai::Config::new(&m.base_url, &m.model);
-                config.api_key = api_key;
-                config.max_concurrency = m.max_concurrency;
-                config.requests_per_minute = m.requests_per_minute;
-                config.tokens_per_minute = m.tokens_per_minute;
-                config.timeout = Duration::from_secs_f64(m.timeout_secs);
-                config.max_retries = m.max_retries;
-                config.raw_as_chat = m.raw_endpoint == aligner_spec::RawEndpoint::Chat;
-                if let Some(ms) = std::env::var("ALIGNER_BACKOFF_BASE_MS")
+                let backoff = std::env::var("ALIGNER_BACKOFF_BASE_MS")
                     .ok()
                     .and_then(|v| v.parse::<u64>().ok())
-                {
-                    config.backoff_base = Duration::from_millis(ms);
-                }
-                let backend = aligner_openai::OpenAiBackend::new(config)
-                    .map_err(|e| anyhow::anyhow!(e.message))?;
-                Ok(Arc::new(backend))
+                    .map(Duration::from_millis);
+                aligner_openai::from_spec(m, api_key, backoff)
+                    .map_err(|e| anyhow::anyhow!(e.message))
             }
             ModelSpec::Local(m) => Ok(aligner_local::shared::backend(name, m)?),
         }

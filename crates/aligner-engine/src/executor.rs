@@ -252,6 +252,7 @@ pub(crate) fn outcome(result: &CallResult) -> ItemOutcome {
             text: Some(c.text.clone()),
             finish_reason: Some(c.finish_reason.as_str().to_string()),
             served_model: Some(c.model.clone()),
+            replica: c.replica.clone(),
             prompt_tokens: c.prompt_tokens.map(i64::from),
             completion_tokens: c.completion_tokens.map(i64::from),
             latency_ms: Some(c.latency.as_secs_f64() * 1000.0),

@@ -239,6 +239,7 @@ mod tests {
                 completion_tokens: None,
                 latency: Duration::ZERO,
                 attempts: 1,
+                replica: None,
             })
         }
     }

@@ -198,6 +198,7 @@ impl LocalBackend {
             completion_tokens: Some(out.tokens.len() as u32),
             latency: started.elapsed(),
             attempts: 1,
+            replica: None,
         })
     }
 }

@@ -194,6 +194,11 @@ async fn inject(shared: &Shared, poisoned: bool) -> Result<(), Response> {
 }
 
 async fn ok_latency(shared: &Shared) {
+    // A server at capacity makes the request wait for a slot, then answer in `latency`.
+    let _slot = match &shared.slots {
+        Some(s) => s.acquire().await.ok(),
+        None => None,
+    };
     if !shared.config.latency.is_zero() {
         tokio::time::sleep(shared.config.latency).await;
     }

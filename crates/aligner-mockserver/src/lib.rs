@@ -60,6 +60,9 @@ pub struct MockConfig {
     pub script: Vec<Fault>,
     /// Serve chat only, like most hosted APIs: `/v1/completions` is an unknown path (404).
     pub chat_only: bool,
+    /// Answers at most this many completion requests at once (the rest wait their turn), so
+    /// that with `latency` the server, not the client, is the bottleneck. `None`: no limit.
+    pub capacity: Option<usize>,
     /// Refuse `POST /v1/load_lora_adapter` with this message (HTTP 400), as vLLM does for an
     /// adapter it cannot load.
     pub refuse_lora: Option<String>,
@@ -144,11 +147,14 @@ pub(crate) struct Shared {
     pub adapters: Mutex<Vec<(String, String)>>,
     /// The weights `POST /update_weights_from_disk` (SGLang) last loaded.
     pub weights: Mutex<Option<String>>,
+    /// [`MockConfig::capacity`]'s slots.
+    pub slots: Option<tokio::sync::Semaphore>,
 }
 
 impl Shared {
     fn new(config: MockConfig) -> Self {
         let expected_auth = config.api_key.as_ref().map(|k| format!("Bearer {k}"));
+        let slots = config.capacity.map(tokio::sync::Semaphore::new);
         Self {
             config,
             expected_auth,
@@ -159,6 +165,7 @@ impl Shared {
             last_body: Mutex::new(None),
             adapters: Mutex::new(Vec::new()),
             weights: Mutex::new(None),
+            slots,
         }
     }
 

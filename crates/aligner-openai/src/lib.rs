@@ -7,6 +7,7 @@
 //! bearer header and never appears in errors, logs or `Debug` output.
 
 mod body;
+mod fleet;
 mod limiter;
 mod response;
 mod retry;
@@ -28,6 +29,7 @@ use tracing::Instrument;
 pub use body::{
     build_body, effective_model, estimate_tokens, Endpoint, DEFAULT_MAX_TOKENS_ESTIMATE,
 };
+pub use fleet::Fleet;
 pub use limiter::TokenBucket;
 pub use response::{excerpt, parse_response, ParsedResponse, EXCERPT_CHARS};
 pub use retry::{
@@ -309,6 +311,7 @@ impl OpenAiBackend {
                         completion_tokens: parsed.completion_tokens,
                         latency,
                         attempts: attempt + 1,
+                        replica: None,
                     });
                 }
                 Outcome::Fatal(message) => {
@@ -492,6 +495,35 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 /// At most `n` characters of `s`.
 fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
+}
+
+/// The backend of a pipeline's `kind: openai` model: one endpoint, or a [`Fleet`] over its
+/// replicas. `api_key` is the resolved key; `backoff_base` overrides the retry backoff (tests).
+pub fn from_spec(
+    m: &aligner_spec::OpenAiModel,
+    api_key: Option<String>,
+    backoff_base: Option<Duration>,
+) -> Result<std::sync::Arc<dyn TextGenerator>, Error> {
+    let mut config = Config::new(&m.base_url, &m.model);
+    config.api_key = api_key;
+    config.max_concurrency = m.max_concurrency;
+    config.requests_per_minute = m.requests_per_minute;
+    config.tokens_per_minute = m.tokens_per_minute;
+    config.timeout = Duration::from_secs_f64(m.timeout_secs);
+    config.max_retries = m.max_retries;
+    config.raw_as_chat = m.raw_endpoint == aligner_spec::RawEndpoint::Chat;
+    if let Some(b) = backoff_base {
+        config.backoff_base = b;
+    }
+    if m.replicas.is_empty() {
+        return Ok(std::sync::Arc::new(OpenAiBackend::new(config)?));
+    }
+    let per_replica = m.replica_concurrency.unwrap_or(m.max_concurrency);
+    Ok(std::sync::Arc::new(Fleet::new(
+        config,
+        &m.endpoints(),
+        per_replica,
+    )?))
 }
 
 #[async_trait::async_trait]

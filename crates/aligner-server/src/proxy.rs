@@ -1037,6 +1037,7 @@ mod tests {
             completion_tokens: Some(c),
             latency: Duration::ZERO,
             attempts: 1,
+            replica: None,
         };
         let ex = Exchange {
             id: String::new(),

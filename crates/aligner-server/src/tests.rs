@@ -116,6 +116,7 @@ fn completion(tokens: u32) -> Completion {
         completion_tokens: Some(tokens),
         latency: Duration::ZERO,
         attempts: 1,
+        replica: None,
     }
 }
 

@@ -145,6 +145,8 @@ fn full_example_parses() {
             max_retries: 5,
             raw_endpoint: RawEndpoint::Completions,
             weights: Some("meta-llama/Llama-3.1-8B-Instruct".into()),
+            replicas: vec![],
+            replica_concurrency: None,
         })
     );
     assert_eq!(
@@ -1161,7 +1163,7 @@ fn error_every_unknown_field_at_once() {
     error: unknown field `colour`
       --> pipelines/x.yaml:22:5
        at: models.aligner.colour
-      hint: valid fields here: `kind`, `base_url`, `model`, `api_key_env`, `max_concurrency`, `requests_per_minute`, `tokens_per_minute`, `timeout`, `max_retries`, `raw_endpoint`, `weights`, `path`, `hub`, `revision`, `dtype`
+      hint: valid fields here: `kind`, `base_url`, `model`, `api_key_env`, `max_concurrency`, `requests_per_minute`, `tokens_per_minute`, `timeout`, `max_retries`, `raw_endpoint`, `weights`, `replicas`, `replica_concurrency`, `path`, `hub`, `revision`, `dtype`
 
     error: unknown field `sed`
       --> pipelines/x.yaml:28:3

@@ -93,6 +93,24 @@ pub struct OpenAiModel {
     /// the name the server gives them (`model`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub weights: Option<String>,
+    /// More endpoints serving the same model (replicas); `base_url` is the first. Requests go
+    /// to the replica with the fewest in flight; one that fails is taken out, probed, and let
+    /// back in.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub replicas: Vec<String>,
+    /// Requests in flight at once per replica (`max_concurrency` bounds them all). Default:
+    /// `max_concurrency`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica_concurrency: Option<u32>,
+}
+
+impl OpenAiModel {
+    /// Every endpoint that serves the model: `base_url`, then the replicas.
+    pub fn endpoints(&self) -> Vec<String> {
+        std::iter::once(self.base_url.clone())
+            .chain(self.replicas.iter().cloned())
+            .collect()
+    }
 }
 
 /// `raw_endpoint:` of an `openai` model.

@@ -36,7 +36,7 @@ impl Store {
     pub async fn insert_eval_answers(&self, items: &[NewEvalAnswer]) -> Result<()> {
         const INSERT: BatchInsert = BatchInsert::new(
             "INSERT INTO eval_answers (run_id, version, prompt_id, kind, status, text, finish_reason, model,
-             model_ref, completion_tokens, latency_ms, refusal, degenerate, error, prompt_tokens) ",
+             model_ref, completion_tokens, latency_ms, refusal, degenerate, error, prompt_tokens, replica) ",
         )
         .tail(" ON CONFLICT (run_id, version, prompt_id, kind) DO NOTHING");
         self.insert_batch(INSERT, items, |mut b, a| {
@@ -54,7 +54,8 @@ impl Store {
                 .push_bind(a.refusal.map(i64::from))
                 .push_bind(&a.degenerate)
                 .push_bind(&a.out.error)
-                .push_bind(a.out.prompt_tokens);
+                .push_bind(a.out.prompt_tokens)
+                .push_bind(&a.out.replica);
         })
         .await
     }

@@ -80,7 +80,7 @@ impl Store {
     pub async fn insert_generations(&self, items: &[NewGeneration]) -> Result<()> {
         const INSERT: BatchInsert = BatchInsert::new(
             "INSERT INTO generations (run_id, round, prompt_id, sample_idx, status, text, finish_reason, model,
-             backend, served_model, checkpoint_id, sampling, prompt_tokens, completion_tokens, latency_ms, attempts, error) ",
+             backend, served_model, checkpoint_id, sampling, prompt_tokens, completion_tokens, latency_ms, attempts, error, replica) ",
         )
         .tail(" ON CONFLICT (run_id, round, prompt_id, sample_idx) DO NOTHING");
         self.insert_batch(INSERT, items, |mut b, g| {
@@ -100,7 +100,8 @@ impl Store {
                 .push_bind(g.out.completion_tokens)
                 .push_bind(g.out.latency_ms)
                 .push_bind(g.out.attempts)
-                .push_bind(&g.out.error);
+                .push_bind(&g.out.error)
+                .push_bind(&g.out.replica);
         })
         .await
     }
@@ -163,7 +164,7 @@ impl Store {
     pub async fn insert_corrections(&self, items: &[NewCorrection]) -> Result<()> {
         const INSERT: BatchInsert = BatchInsert::new(
             "INSERT INTO corrections (run_id, round, generation_id, status, text, finish_reason, model, backend,
-             served_model, template_id, template_hash, sampling, prompt_tokens, completion_tokens, latency_ms, attempts, error) ",
+             served_model, template_id, template_hash, sampling, prompt_tokens, completion_tokens, latency_ms, attempts, error, replica) ",
         )
         .tail(" ON CONFLICT (generation_id) DO NOTHING");
         self.insert_batch(INSERT, items, |mut b, c| {
@@ -183,7 +184,8 @@ impl Store {
                 .push_bind(c.out.completion_tokens)
                 .push_bind(c.out.latency_ms)
                 .push_bind(c.out.attempts)
-                .push_bind(&c.out.error);
+                .push_bind(&c.out.error)
+                .push_bind(&c.out.replica);
         })
         .await
     }

@@ -117,6 +117,8 @@ pub struct ItemOutcome {
     pub text: Option<String>,
     pub finish_reason: Option<String>,
     pub served_model: Option<String>,
+    /// The endpoint that answered, when the model has several.
+    pub replica: Option<String>,
     pub prompt_tokens: Option<i64>,
     pub completion_tokens: Option<i64>,
     pub latency_ms: Option<f64>,

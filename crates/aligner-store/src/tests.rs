@@ -44,7 +44,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "daemon crashes".to_string(),
             "training process".to_string(),
             "costs".to_string(),
-            "checkpoint server".to_string()
+            "checkpoint server".to_string(),
+            "replicas".to_string()
         ]
     );
     let tables = store

@@ -268,6 +268,45 @@ impl Ctx<'_> {
             }
             Some(v)
         });
+        let mut replicas = Vec::new();
+        for (i, raw) in w.replicas.iter().flatten().enumerate() {
+            let p = join(path, &format!("replicas[{i}]"));
+            let Some(u) = self.interpolate(&p, raw) else {
+                ok = false;
+                continue;
+            };
+            let good = url::Url::parse(&u).is_ok_and(|parsed| {
+                matches!(parsed.scheme(), "http" | "https") && parsed.has_host()
+            });
+            let u = u.trim_end_matches('/').to_string();
+            if !good {
+                self.err(
+                    &p,
+                    Anchor::Value,
+                    format!("replica `{u}` is not an http(s) url"),
+                    Some("e.g. `http://10.0.0.2:8000/v1`".into()),
+                );
+                ok = false;
+            } else if base_url.as_deref() == Some(u.as_str()) || replicas.contains(&u) {
+                self.err(
+                    &p,
+                    Anchor::Value,
+                    format!("replica `{u}` is listed twice (`base_url` is the first replica)"),
+                    None,
+                );
+                ok = false;
+            } else {
+                replicas.push(u);
+            }
+        }
+        if let Some(n) = w.replica_concurrency {
+            ok &= self.expect(
+                &join(path, "replica_concurrency"),
+                (1..=max_concurrency).contains(&n),
+                &format!("between 1 and `max_concurrency` ({max_concurrency})"),
+                n,
+            );
+        }
         let (base_url, model) = (base_url?, model?);
         ok.then(|| OpenAiModel {
             base_url,
@@ -280,6 +319,8 @@ impl Ctx<'_> {
             max_retries,
             raw_endpoint: w.raw_endpoint.unwrap_or_default(),
             weights,
+            replicas,
+            replica_concurrency: w.replica_concurrency,
         })
     }
 
