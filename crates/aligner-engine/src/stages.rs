@@ -618,6 +618,17 @@ pub(crate) async fn synthesize(ctx: &Ctx<'_>) -> Result<()> {
             .await?;
         e.observer.advanced(kept, dropped);
     }
+    // The cap on benign-preference pairs needs the round's correction pairs counted first;
+    // run again after a restart, it drops nothing more.
+    if let Some(ratio) = spec.benign_preference.as_ref().and_then(|b| b.max_ratio) {
+        let capped = e.store.cap_benign_pairs(run_id, round, ratio).await?;
+        if capped > 0 {
+            e.observer.note(&format!(
+                "round {}: {capped} benign-preference pairs over `max_ratio` {ratio} dropped (`benign_cap`)",
+                ctx.round
+            ));
+        }
+    }
     let (kept, dropped) = e.store.pair_counts(run_id, round).await?;
     e.store
         .finish_stage(

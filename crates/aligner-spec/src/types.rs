@@ -287,6 +287,12 @@ pub struct BenignPreference {
     pub labels: LabelRule,
     /// Default: the refusal teacher's texts ([`crate::REFUSAL_TEXTS`]).
     pub refusals: Vec<String>,
+    /// At most this many benign-preference pairs per kept correction pair in a round; the
+    /// rest are dropped as `benign_cap` (picked by a hash of the prompt). As the upstream
+    /// learns, correction pairs dry up while benign prompts keep giving pairs; the cap keeps
+    /// the mix. Unset: no cap.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ratio: Option<f64>,
 }
 
 /// `rounds.synthesize.semantic`: drops pairs by what their texts mean, using sentence

@@ -367,6 +367,7 @@ pub struct BenignPreferenceWire {
     pub field: String,
     pub harmful: Vec<String>,
     pub refusals: Option<Vec<String>>,
+    pub max_ratio: Option<f64>,
 }
 
 /// `rounds.synthesize.semantic:`: filters on sentence embeddings.

@@ -233,4 +233,36 @@ impl Store {
             .await?;
         Ok((row.get(0), row.get(1)))
     }
+
+    /// `benign_preference.max_ratio`: drops kept benign-preference pairs of a round beyond
+    /// `ratio` per kept correction pair, as `benign_cap`, in an order fixed by the prompt (a
+    /// multiplicative hash of its id), so a rerun drops the same ones. Returns how many.
+    pub async fn cap_benign_pairs(&self, run_id: i64, round: i64, ratio: f64) -> Result<u64> {
+        let mut tx = self.pool.begin().await?;
+        let corrections: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pairs WHERE run_id = ? AND round = ? AND verdict = 'kept' AND origin = 'correction'",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_one(&mut *tx)
+        .await?;
+        let benign: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM pairs WHERE run_id = ? AND round = ? AND verdict = 'kept' AND origin != 'correction'
+             ORDER BY (prompt_id * 2654435761) % 4294967291, id",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_all(&mut *tx)
+        .await?;
+        let allowed = (ratio * corrections as f64).floor() as usize;
+        let excess = &benign[benign.len().min(allowed)..];
+        for id in excess {
+            sqlx::query("UPDATE pairs SET verdict = 'dropped', reason = 'benign_cap' WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(excess.len() as u64)
+    }
 }

@@ -441,3 +441,76 @@ async fn a_job_its_daemon_keeps_dying_on_is_failed_with_the_reason() {
         (0, 0)
     );
 }
+
+/// `benign_preference.max_ratio`: kept benign-preference pairs beyond the ratio are dropped as
+/// `benign_cap`, the same ones on a rerun, and correction pairs are never touched.
+#[tokio::test]
+async fn benign_pairs_beyond_the_ratio_are_capped_the_same_way_twice() {
+    let (_dir, store) = fresh().await;
+    let run = store.create_run("p", "p.yaml", "{}", "h").await.unwrap();
+    let prompts: Vec<_> = (0..10).map(|i| prompt(i, &format!("p{i}"))).collect();
+    store.insert_prompts(run, &prompts).await.unwrap();
+    store
+        .ensure_round(run, 1, "up", "up-model", None)
+        .await
+        .unwrap();
+    let rows = store.train_prompts_page(run, -1, 20).await.unwrap();
+    let gens: Vec<NewGeneration> = rows
+        .iter()
+        .map(|p| NewGeneration {
+            run_id: run,
+            round: 1,
+            prompt_id: p.id,
+            sample_idx: 0,
+            model: "up".into(),
+            backend: "test".into(),
+            checkpoint_id: None,
+            sampling: "{}".into(),
+            out: ok("answer"),
+        })
+        .collect();
+    store.insert_generations(&gens).await.unwrap();
+    let unpaired = store.unpaired_page(run, 1, 0, 20).await.unwrap();
+    // Two correction pairs, eight benign-preference pairs.
+    let pairs: Vec<NewPair> = unpaired
+        .iter()
+        .enumerate()
+        .map(|(i, u)| NewPair {
+            run_id: run,
+            round: 1,
+            prompt_id: u.prompt_id,
+            generation_id: u.generation_id,
+            correction_id: None,
+            chosen: Some("chosen".into()),
+            rejected: Some("rejected".into()),
+            reason: None,
+            edit_distance: None,
+            length_ratio: None,
+            origin: if i < 2 {
+                PairOrigin::Correction
+            } else {
+                PairOrigin::AnswerOverRefusalText
+            },
+        })
+        .collect();
+    store.insert_pairs(&pairs).await.unwrap();
+    assert_eq!(store.cap_benign_pairs(run, 1, 1.5).await.unwrap(), 5);
+    let kept = || async {
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT prompt_id, origin FROM pairs WHERE verdict = 'kept' ORDER BY prompt_id",
+        )
+        .fetch_all(&store.pool)
+        .await
+        .unwrap()
+    };
+    let first = kept().await;
+    assert_eq!(first.iter().filter(|(_, o)| o == "correction").count(), 2);
+    assert_eq!(first.len(), 2 + 3);
+    assert_eq!(store.cap_benign_pairs(run, 1, 1.5).await.unwrap(), 0);
+    assert_eq!(kept().await, first);
+    assert_eq!(
+        store.pair_counts(run, 1).await.unwrap(),
+        (5, 5),
+        "capped pairs count as dropped"
+    );
+}

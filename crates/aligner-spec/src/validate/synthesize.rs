@@ -98,7 +98,19 @@ impl Ctx<'_> {
             }
             None => crate::REFUSAL_TEXTS.iter().map(|t| t.to_string()).collect(),
         };
-        BenignPreference { labels, refusals }
+        if let Some(r) = w.max_ratio {
+            self.expect(
+                &join(path, "max_ratio"),
+                r >= 0.0 && r.is_finite(),
+                "at least 0",
+                r,
+            );
+        }
+        BenignPreference {
+            labels,
+            refusals,
+            max_ratio: w.max_ratio,
+        }
     }
 
     /// `rounds.synthesize.semantic`: the embedder folder must hold a sentence-transformers
