@@ -203,6 +203,24 @@ fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
         "{aligner} train --data {{data}} --base {{base_model}} --reference {{ref_model}} --out {{output_dir}} --beta {{beta}} --learning-rate {{learning_rate}} --epochs {{epochs}} --batch-size {{batch_size}} --max-length {{max_length}} --train-layers 2"
     );
     pipeline(d, "ray-e2e", 2, &head, &train);
+    // The upstream is served (`aligner serve`, as vLLM would), and the serve block starts a
+    // server on each checkpoint for the next round.
+    let upstream = Served::start(&gguf(), "upstream");
+    let port = free_port();
+    let yaml = std::fs::read_to_string(d.join("p.yaml"))
+        .unwrap()
+        .replace(
+            &format!("  upstream: {{ kind: local, path: {} }}", gguf().display()),
+            &format!(
+                "  upstream: {{ kind: openai, base_url: \"{}\", model: upstream, weights: {} }}",
+                upstream.url,
+                gguf().display()
+            ),
+        )
+        + &format!(
+            "      serve_model: \"upstream-round-{{round}}\"\n    serve:\n      kind: command\n      command: \"{aligner} serve {{checkpoint}} --port {{port}} --name {{name}}\"\n      port: {port}\n      timeout_secs: 120\n"
+        );
+    std::fs::write(d.join("p.yaml"), yaml).unwrap();
     let mut child = spawn_run(d);
     let job = job_started(d, "%pairs");
     child.kill().unwrap(); // SIGKILL
@@ -234,19 +252,26 @@ fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
         assert_eq!(r["attempts"], 1, "{rows:?}");
         assert_eq!(r["process"], Value::Null, "{rows:?}");
     }
-    // The checkpoint the job wrote answers round 2.
+    // The checkpoint the job wrote answers round 2, behind the server the serve block started.
     let ckpt = sql(d, "SELECT path FROM checkpoints WHERE round = 1");
     let ckpt = PathBuf::from(ckpt[0]["path"].as_str().unwrap());
     assert!(ckpt.join("model.safetensors").is_file(), "{ckpt:?}");
     let served = sql(
         d,
-        "SELECT DISTINCT served_model FROM generations WHERE round = 2",
+        "SELECT DISTINCT round, served_model FROM generations ORDER BY round",
     );
-    assert_eq!(served.len(), 1, "{served:?}");
-    assert_ne!(
-        served[0]["served_model"], "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "round 2 answers with round 1's checkpoint"
+    assert_eq!(served.len(), 2, "{served:?}");
+    assert_eq!(served[0]["served_model"], "upstream");
+    assert_eq!(served[1]["served_model"], "upstream-round-1");
+    assert_eq!(
+        scalar(
+            d,
+            "SELECT count(*) FROM checkpoints WHERE server IS NOT NULL"
+        ),
+        0,
+        "the run's end stops the checkpoint's server"
     );
+    drop(upstream);
     // Its output once, across the re-attachment; its metrics under TRL's names.
     let first = scalar(d, "SELECT min(id) FROM training_jobs WHERE round = 1");
     assert_eq!(
@@ -294,6 +319,42 @@ fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
         ),
         1
     );
+}
+
+/// An `aligner serve` of a model (the upstream's server, as vLLM would be), killed when
+/// dropped.
+struct Served {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Served {
+    fn start(model: &Path, name: &str) -> Served {
+        let mut child = bin()
+            .args([
+                "serve",
+                model.to_str().unwrap(),
+                "--port",
+                "0",
+                "--name",
+                name,
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let line = super::first_stdout_line(&mut child, Duration::from_secs(120))
+            .expect("`aligner serve` prints its address");
+        let url = line.trim().rsplit(' ').next().unwrap().to_string();
+        Served { child, url }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// `SLURM_CONF` for the commands a test runs in `dir`, when its Slurm put one there.

@@ -142,6 +142,9 @@ pub struct TrainArgs {
     /// Resumable state (default: `<out>.state`).
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// `cpu`, or `cuda` / `cuda:N` in a build with the `cuda` feature (a GPU node's job).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -164,9 +167,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
         backend: aligner_spec::TrainBackend::Builtin(options.clone()),
         serve: None,
     };
-    let reference = a.reference.as_deref().unwrap_or(&a.base);
-    let (data, base, out) = (&a.data, &a.base, &a.out);
-    aligner_train::pipeline::train_pairs(data, base, reference, out, stage, options, a.state_dir)
+    let job = aligner_train::pipeline::PairsJob {
+        data: &a.data,
+        base: &a.base,
+        reference: a.reference.as_deref().unwrap_or(&a.base),
+        out: &a.out,
+        state_dir: a.state_dir.clone(),
+        device: &a.device,
+    };
+    aligner_train::pipeline::train_pairs(job, stage, options)
 }
 
 /// `aligner export-gguf`: a checkpoint (or any GGUF) as a re-quantized GGUF for fast local

@@ -127,7 +127,12 @@ pub fn completion_ids(tok: &TextTokenizer, text: &str) -> Result<Vec<u32>> {
 }
 
 fn run(req: &TrainRequest, events: &mut dyn FnMut(TrainEvent)) -> Result<()> {
-    let device = Device::Cpu;
+    run_on(req, events, &Device::Cpu)
+}
+
+/// [`run`] on `device` (a GPU with the `cuda` feature: `aligner train --device cuda`).
+fn run_on(req: &TrainRequest, events: &mut dyn FnMut(TrainEvent), device: &Device) -> Result<()> {
+    let device = device.clone();
     let stage = &req.stage;
     let opts = &req.options;
     let base_path = model_path(&req.base)?;
@@ -393,20 +398,52 @@ fn local_model(model: &str) -> LocalModel {
     }
 }
 
+/// Where `aligner train` reads and writes, and on what it runs.
+pub struct PairsJob<'a> {
+    /// The exported pairs.
+    pub data: &'a Path,
+    /// A GGUF file, a checkpoint folder or a hub id.
+    pub base: &'a str,
+    pub reference: &'a str,
+    pub out: &'a Path,
+    /// Default: `<out>.state`.
+    pub state_dir: Option<PathBuf>,
+    pub device: &'a str,
+}
+
 /// `aligner train`: one round's DPO or SFT over an exported pairs file, by the built-in
-/// trainer, as any job (a Ray or Slurm job, a shell) can run it. Each optimizer step's metrics
+/// trainer, as any job (a Ray or Slurm job, a shell) can run it, on `device` (`cpu`, `cuda`
+/// or `cuda:N`; CUDA needs a build with the `cuda` feature). Each optimizer step's metrics
 /// go to stdout as one JSON object under TRL's names (`{"step": 1, "loss": 0.69, ...}`, what
 /// the train stage reads into `training_metrics`); progress goes to stderr.
 pub fn train_pairs(
-    data: &Path,
-    base: &str,
-    reference: &str,
-    out: &Path,
+    job: PairsJob<'_>,
     stage: aligner_spec::TrainStage,
     options: aligner_spec::BuiltinTrainer,
-    state_dir: Option<PathBuf>,
 ) -> Result<()> {
     use std::io::Write;
+    let PairsJob {
+        data,
+        base,
+        reference,
+        out,
+        state_dir,
+        device,
+    } = job;
+    let device = match device {
+        "cpu" => Device::Cpu,
+        d => {
+            let ordinal = match d.strip_prefix("cuda") {
+                Some("") => 0,
+                Some(n) => n
+                    .trim_start_matches(':')
+                    .parse()
+                    .with_context(|| format!("--device {d}: expected cpu, cuda or cuda:N"))?,
+                None => bail!("--device {d}: expected cpu, cuda or cuda:N"),
+            };
+            Device::new_cuda(ordinal).with_context(|| format!("--device {d}: this build has no CUDA (build with `--features cuda`), or no GPU {ordinal}"))?
+        }
+    };
     let pairs = aligner_dataset::read_pairs(data)?;
     eprintln!("{}: {} pairs", data.display(), pairs.len());
     // Kept across attempts (a killed job's next attempt resumes from it).
@@ -424,19 +461,23 @@ pub fn train_pairs(
         state_dir,
         interrupt: Default::default(),
     };
-    run(&request, &mut |ev| match ev {
-        TrainEvent::Log(line) => eprintln!("{line}"),
-        TrainEvent::Metrics { step, values } => {
-            let mut object = serde_json::Map::new();
-            object.insert("step".into(), step.into());
-            for (k, v) in values {
-                object.insert(k, serde_json::Value::from(v));
+    run_on(
+        &request,
+        &mut |ev| match ev {
+            TrainEvent::Log(line) => eprintln!("{line}"),
+            TrainEvent::Metrics { step, values } => {
+                let mut object = serde_json::Map::new();
+                object.insert("step".into(), step.into());
+                for (k, v) in values {
+                    object.insert(k, serde_json::Value::from(v));
+                }
+                let mut stdout = std::io::stdout().lock();
+                let _ = writeln!(stdout, "{}", serde_json::Value::Object(object));
+                let _ = stdout.flush();
             }
-            let mut stdout = std::io::stdout().lock();
-            let _ = writeln!(stdout, "{}", serde_json::Value::Object(object));
-            let _ = stdout.flush();
-        }
-    })
+        },
+        &device,
+    )
 }
 
 /// One Aligner training, from the command or from a pipeline's `train_aligner` stage.
