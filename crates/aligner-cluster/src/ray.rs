@@ -73,7 +73,8 @@ impl RayJobs {
     }
 }
 
-fn describe(err: &reqwest::Error) -> String {
+/// An HTTP error with its causes (connection refused, timed out, ...).
+pub(crate) fn describe(err: &reqwest::Error) -> String {
     let mut message = err.to_string();
     let mut source = std::error::Error::source(err);
     while let Some(s) = source {

@@ -49,9 +49,9 @@ impl HttpServing {
             .json(&body)
             .send()
             .await
-            .map_err(|e| format!("POST {url}: {e}"))?;
+            .map_err(|e| format!("POST {url}: {}", crate::ray::describe(&e)))?;
         let status = r.status();
-        let text = r.text().await.map_err(|e| e.to_string())?;
+        let text = r.text().await.map_err(|e| crate::ray::describe(&e))?;
         if !status.is_success() {
             return Err(format!(
                 "POST {url}: HTTP {}: {}",

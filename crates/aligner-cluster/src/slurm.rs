@@ -35,6 +35,10 @@ impl SlurmJobs {
         };
         opt(format!("--job-name={}", job.id));
         opt(format!("--output={}", remote.output_file().display()));
+        // A requeued job would run twice under one attempt and restart its output file; a
+        // preempted or failed node fails the attempt instead, and the next one is submitted
+        // by `aligner run`.
+        opt("--no-requeue".to_string());
         if let Some(v) = &c.partition {
             opt(format!("--partition={v}"));
         }
@@ -118,6 +122,30 @@ fn exit_status(path: &Path) -> Option<i64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
 
+/// The job's output as text with one byte of text per byte of file, so offsets counted on the
+/// text are offsets in the file: an invalid byte reads as `?`, and a character cut in half at
+/// the end of what is written so far waits for its other bytes.
+fn text_of(mut buf: Vec<u8>) -> String {
+    let mut at = 0;
+    loop {
+        match std::str::from_utf8(&buf[at..]) {
+            Ok(_) => break,
+            Err(e) => match e.error_len() {
+                None => {
+                    buf.truncate(at + e.valid_up_to());
+                    break;
+                }
+                Some(n) => {
+                    let bad = at + e.valid_up_to();
+                    buf[bad..bad + n].fill(b'?');
+                    at = bad + n;
+                }
+            },
+        }
+    }
+    String::from_utf8(buf).unwrap_or_default()
+}
+
 #[async_trait::async_trait]
 impl ClusterJobs for SlurmJobs {
     async fn submit(&self, remote: &RemoteJob, job: &ClusterJob) -> Result<(), String> {
@@ -198,13 +226,7 @@ impl ClusterJobs for SlurmJobs {
         f.seek(SeekFrom::Start(offset))
             .and_then(|_| f.read_to_end(&mut buf))
             .map_err(|e| format!("cannot read `{}`: {e}", remote.output_file().display()))?;
-        // Stop before a character cut in half at the end of what is written so far.
-        let valid = match std::str::from_utf8(&buf) {
-            Ok(_) => buf.len(),
-            Err(e) if e.error_len().is_none() => e.valid_up_to(),
-            Err(_) => buf.len(),
-        };
-        Ok(String::from_utf8_lossy(&buf[..valid]).into_owned())
+        Ok(text_of(buf))
     }
 
     async fn stop(&self, remote: &RemoteJob) -> Result<(), String> {
@@ -250,6 +272,7 @@ mod tests {
             r#"#!/bin/sh
 #SBATCH --job-name=aligner-x-1-r1-a1
 #SBATCH --output=/shared/round-1/checkpoint.attempt-1.out
+#SBATCH --no-requeue
 #SBATCH --partition=gpu
 #SBATCH --time=04:00:00
 #SBATCH --gpus=8
@@ -266,6 +289,15 @@ echo "$code" > '/shared/round-1/checkpoint.attempt-1.exit.tmp' && mv '/shared/ro
 exit "$code"
 "#
         );
+    }
+
+    #[test]
+    fn output_bytes_and_text_keep_the_same_length() {
+        assert_eq!(text_of(b"caf\xc3\xa9\n".to_vec()), "caf\u{e9}\n");
+        assert_eq!(text_of(b"latin \xe9 one\n".to_vec()), "latin ? one\n");
+        assert_eq!(text_of(b"a\nhalf \xc3".to_vec()), "a\nhalf ");
+        let mixed = b"\xff\xfeok\n".to_vec();
+        assert_eq!(text_of(mixed.clone()).len(), mixed.len());
     }
 
     #[test]

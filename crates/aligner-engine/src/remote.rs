@@ -164,27 +164,35 @@ pub(crate) async fn run(
 
     let (state, tail) = follow(ctx, jobs.as_ref(), &job, &remote, offset).await?;
     if e.interrupted() && !matches!(state, JobState::Succeeded) {
-        e.store.set_training_process(job.id, None).await?;
-        e.store
-            .finish_training_job(job.id, StageStatus::Failed, None, Some("interrupted"))
-            .await?;
+        if state.is_finished() {
+            e.store.set_training_process(job.id, None).await?;
+            e.store
+                .finish_training_job(job.id, StageStatus::Failed, None, Some("interrupted"))
+                .await?;
+        } else {
+            // The cluster did not confirm the stop: the job stays recorded as running, so the
+            // next `aligner run` follows it (or `aligner cancel` stops it) instead of
+            // submitting another attempt beside it.
+            e.observer.note(&format!(
+                "round {round} train: job `{}` did not stop in time; it stays recorded (`{}` stops it by hand)",
+                remote.job_id,
+                remote.scheduler.stop_command(&remote.job_id)
+            ));
+        }
         return Err(e.interrupted_error(run_id));
     }
     let tail_text = tail.join("\n  ");
     let attempt_dir = &remote.attempt_dir;
     let failure = match &state {
-        JobState::Succeeded
-            if std::fs::read_dir(attempt_dir).map_or(true, |mut d| d.next().is_none()) =>
-        {
-            Some(format!(
-                "job `{}` succeeded but wrote no checkpoint into `{}`\nhint: the command must write the trained model into `{{output_dir}}`, on a filesystem this machine shares with the cluster's workers",
-                remote.job_id,
-                attempt_dir.display()
-            ))
-        }
+        // Moved into place before a crash that came before registering it.
+        JobState::Succeeded if !attempt_dir.exists() && is_non_empty(paths.out) => None,
+        JobState::Succeeded if !is_non_empty(attempt_dir) => Some(format!(
+            "job `{}` succeeded but wrote no checkpoint into `{}`\nhint: the command must write the trained model into `{{output_dir}}`, on a filesystem this machine shares with the cluster's workers",
+            remote.job_id,
+            attempt_dir.display()
+        )),
         JobState::Succeeded => {
             train::move_into_place(attempt_dir, paths.out).map_err(stage_err)?;
-            train::remove_attempts(paths.dir).map_err(stage_err)?;
             None
         }
         other => Some(format!(
@@ -195,8 +203,8 @@ pub(crate) async fn run(
             remote.attempt + 1
         )),
     };
-    e.store.set_training_process(job.id, None).await?;
     if let Some(message) = failure {
+        e.store.set_training_process(job.id, None).await?;
         e.store
             .finish_training_job(job.id, StageStatus::Failed, None, Some(&message))
             .await?;
@@ -206,7 +214,16 @@ pub(crate) async fn run(
         s.replace("{round}", &round.to_string())
             .replace("{output_dir}", &paths.out.display().to_string())
     });
-    train::register(ctx, job.id, 0, paths.out, serve).await
+    // Registered first, then the handle and the attempt's files go: a crash in between
+    // leaves a finished round, never a job whose evidence is gone.
+    train::register(ctx, job.id, 0, paths.out, serve).await?;
+    e.store.set_training_process(job.id, None).await?;
+    train::remove_attempts(paths.dir).map_err(stage_err)?;
+    Ok(())
+}
+
+fn is_non_empty(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir).is_ok_and(|mut d| d.next().is_some())
 }
 
 fn submit_failed(id: &str, where_: &str, err: String) -> String {
@@ -332,17 +349,13 @@ async fn follow(
             return Ok((state, tail.into()));
         }
         if e.interrupted() {
-            match stopping {
-                None => {
-                    stopping = Some(Instant::now());
-                    if let Err(err) = jobs.stop(remote).await {
-                        tracing::warn!(target: "aligner::train", "cannot stop job `{}`: {err}", remote.job_id);
-                    }
-                }
-                Some(since) if since.elapsed() > Duration::from_secs(60) => {
-                    return Ok((state, tail.into()));
-                }
-                Some(_) => {}
+            let since = *stopping.get_or_insert_with(Instant::now);
+            if since.elapsed() > Duration::from_secs(60) {
+                return Ok((state, tail.into()));
+            }
+            // Asked again at every look until the cluster reports the job ended.
+            if let Err(err) = jobs.stop(remote).await {
+                tracing::warn!(target: "aligner::train", "cannot stop job `{}`: {err}", remote.job_id);
             }
         }
         let wait = if stopping.is_some() {

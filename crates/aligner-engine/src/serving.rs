@@ -78,16 +78,25 @@ pub(crate) async fn ensure_served(
             .clone()
             .unwrap_or_else(|| upstream.base_url.trim_end_matches('/').to_string()),
     };
-    if server
-        .is_served(&serve.how, &url, &name, &ckpt.path)
-        .await
-        .unwrap_or(false)
-    {
-        return Ok(Some((url, name)));
-    }
     let what = format!("checkpoint {} (round {})", ckpt.path, ckpt.round);
     match &serve.how {
         ServeHow::Command { command, port, .. } => {
+            let listed = server.is_served(&serve.how, &url, &name, &ckpt.path).await;
+            if listed.is_ok_and(|l| l) {
+                // A server answering under the name must be the one this run started for this
+                // checkpoint: another run's (same name, same port) answers with other weights.
+                let ours = ckpt
+                    .server
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str::<Server>(r).ok())
+                    .is_some_and(|r| r.url == url && r.process.is_alive());
+                if ours {
+                    return Ok(Some((url, name)));
+                }
+                return Err(fail(format!(
+                    "{url} already serves `{name}`, but not from a server this run started for {what}\nhint: another run's server holds the port; stop it, or give this pipeline another `rounds.train.serve.port` or `serve_model`"
+                )));
+            }
             start(
                 e,
                 serve,
@@ -100,20 +109,30 @@ pub(crate) async fn ensure_served(
             .map_err(|m| fail(format!("cannot serve {what}: {m}")))?;
         }
         how => {
-            server
-                .load(how, &url, &name, &ckpt.path)
+            // Every replica of the upstream loads it, unless `base_url` names one server.
+            let targets = match how {
+                ServeHow::VllmLora { base_url: Some(u) }
+                | ServeHow::SglangReload { base_url: Some(u) } => vec![u.clone()],
+                _ => upstream
+                    .endpoints()
+                    .iter()
+                    .map(|u| u.trim_end_matches('/').to_string())
+                    .collect(),
+            };
+            for target in &targets {
+                load_into(
+                    server.as_ref(),
+                    serve,
+                    how,
+                    target,
+                    (&name, &ckpt.path),
+                    &what,
+                )
                 .await
-                .map_err(|m| fail(format!("the server at {url} refused to load {what}: {m}\nhint: vLLM needs `--enable-lora` (and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`) and an adapter checkpoint; SGLang needs a checkpoint of the served architecture")))?;
-            let deadline = Instant::now() + Duration::from_secs_f64(serve.timeout_secs);
-            while !server
-                .is_served(how, &url, &name, &ckpt.path)
-                .await
-                .unwrap_or(false)
-            {
-                if Instant::now() > deadline {
-                    return Err(fail(format!("the server at {url} accepted {what} but does not answer for it as `{name}` after {} s", serve.timeout_secs)));
-                }
-                tokio::time::sleep(Duration::from_millis(500)).await;
+                .map_err(fail)?;
+            }
+            if targets.len() > 1 {
+                return Ok(Some((url, name)));
             }
         }
     }
@@ -121,6 +140,50 @@ pub(crate) async fn ensure_served(
         "round {round} {stage}: {what} served at {url} as `{name}`"
     ));
     Ok(Some((url, name)))
+}
+
+/// Asks the server at `url` to load the checkpoint unless it serves it already, and waits until
+/// it answers for it.
+async fn load_into(
+    server: &dyn CheckpointServer,
+    serve: &ServeSpec,
+    how: &ServeHow,
+    url: &str,
+    (name, path): (&str, &str),
+    what: &str,
+) -> std::result::Result<(), String> {
+    if server
+        .is_served(how, url, name, path)
+        .await
+        .is_ok_and(|l| l)
+    {
+        return Ok(());
+    }
+    server.load(how, url, name, path).await.map_err(|m| {
+        let hint = if m.contains(": HTTP ") {
+            "vLLM needs `--enable-lora` (and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`) and an adapter checkpoint; SGLang needs a checkpoint of the served architecture"
+        } else {
+            "the server did not answer: check that it runs and that `rounds.train.serve.base_url` (default: the upstream's `base_url` and `replicas`) reaches it"
+        };
+        format!("the server at {url} refused to load {what}: {m}\nhint: {hint}")
+    })?;
+    let deadline = Instant::now() + Duration::from_secs_f64(serve.timeout_secs);
+    loop {
+        match server.is_served(how, url, name, path).await {
+            Ok(true) => return Ok(()),
+            last if Instant::now() > deadline => {
+                let why = last
+                    .err()
+                    .map(|e| format!(" (last check: {e})"))
+                    .unwrap_or_default();
+                return Err(format!(
+                    "the server at {url} accepted {what} but does not answer for it as `{name}` after {} s{why}",
+                    serve.timeout_secs
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
 }
 
 /// Round k's checkpoint listens on `port + k - 1`, so two versions can be up at once (an
@@ -161,12 +224,13 @@ async fn start(
         .await
         .map_err(|err| err.to_string())?;
     let deadline = Instant::now() + Duration::from_secs_f64(serve.timeout_secs);
+    let mut last_check = String::new();
     loop {
-        if server
-            .is_served(&serve.how, url, name, &ckpt.path)
-            .await
-            .unwrap_or(false)
-        {
+        let check = server.is_served(&serve.how, url, name, &ckpt.path).await;
+        if let Err(e) = &check {
+            last_check = e.clone();
+        }
+        if check.is_ok_and(|served| served) {
             // Reaped when it ends; the record stays until it is stopped.
             tokio::spawn(async move {
                 let _ = child.wait().await;
@@ -187,8 +251,13 @@ async fn start(
             } else if e.interrupted() {
                 "interrupted".to_string()
             } else {
+                let last = if last_check.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (last check: {last_check})")
+                };
                 format!(
-                    "`{url}/models` did not list `{name}` within {} s",
+                    "`{url}/models` did not list `{name}` within {} s{last}",
                     serve.timeout_secs
                 )
             };
@@ -209,15 +278,27 @@ async fn stop_one(e: &Engine, id: i64, record: Option<&str>) {
     let _ = e.store.set_checkpoint_server(id, None).await;
 }
 
+/// Stops a recorded server that is provably ours and alive, and waits until it is gone (its
+/// GPU memory and port free again): SIGTERM, then SIGKILL after 30 s.
 async fn stop_record(record: Option<&str>) -> bool {
     let Some(server) = record.and_then(|r| serde_json::from_str::<Server>(r).ok()) else {
         return false;
     };
-    if server.process.is_alive() {
-        trainer_process::kill_group(server.process.pid, "TERM").await;
-        return true;
+    let p = &server.process;
+    if !p.is_alive() {
+        return false;
     }
-    false
+    trainer_process::kill_group(p.pid, "TERM").await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.is_alive() {
+        if Instant::now() > deadline {
+            trainer_process::kill_group(p.pid, "KILL").await;
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    true
 }
 
 /// Stops every server a run's `serve: {kind: command}` started (before a train stage needs
@@ -253,5 +334,7 @@ pub(crate) async fn served_model(
     let mut m = upstream.clone();
     m.base_url = url;
     m.model = name;
+    // The checkpoint is served there only, not by the upstream's replicas.
+    m.replicas.clear();
     Ok(Some(ModelSpec::Openai(m)))
 }

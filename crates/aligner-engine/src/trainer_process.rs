@@ -196,6 +196,9 @@ pub async fn stop_orphaned_trainers(
     run_id: i64,
 ) -> crate::Result<usize> {
     let mut stopped = 0;
+    // A job that cannot be stopped (its cluster unreachable) does not keep the others, or the
+    // run's checkpoint servers, running: every one is tried, the failures reported at the end.
+    let mut failures = Vec::new();
     for job in store.running_training_jobs(run_id).await? {
         let local = job
             .process
@@ -206,10 +209,17 @@ pub async fn stop_orphaned_trainers(
                 kill_group(id.pid, "TERM").await;
                 stopped += 1;
             }
-        } else if crate::remote::stop_orphaned(factory, &job).await? {
-            stopped += 1;
-        } else if job.process.is_none() {
-            continue;
+        } else {
+            match crate::remote::stop_orphaned(factory, &job).await {
+                Ok(true) => stopped += 1,
+                Ok(false) if job.process.is_none() => continue,
+                Ok(false) => {}
+                Err(err) => {
+                    // Its handle stays, so a later `aligner cancel` can try again.
+                    failures.push(err.to_string());
+                    continue;
+                }
+            }
         }
         store.set_training_process(job.id, None).await?;
         store
@@ -222,6 +232,9 @@ pub async fn stop_orphaned_trainers(
             .await?;
     }
     stopped += crate::serving::stop_servers(store, run_id).await?;
+    if !failures.is_empty() {
+        return Err(crate::Error::Other(failures.join("\n")));
+    }
     Ok(stopped)
 }
 

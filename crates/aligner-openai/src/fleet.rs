@@ -20,7 +20,10 @@ const MAX_COOL_DOWN: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Health {
-    Up,
+    /// Serving; `wait` is the cool-down it gets if it fails again (back to the first one only
+    /// after a completion succeeds, so a replica whose `/models` answers but whose completions
+    /// fail is not let back in at full rate).
+    Up { wait: Duration },
     /// Out until `until`; `probing` while a probe is in flight.
     Down {
         until: Instant,
@@ -49,7 +52,7 @@ impl Replica {
     fn take_out(&self) {
         let mut h = self.health.lock().unwrap_or_else(|e| e.into_inner());
         let wait = match *h {
-            Health::Up => COOL_DOWN,
+            Health::Up { wait } => wait,
             Health::Down { wait, .. } => (wait * 2).min(MAX_COOL_DOWN),
         };
         *h = Health::Down {
@@ -70,6 +73,8 @@ struct Inner {
     model: String,
     /// Attempts per request across the fleet.
     max_attempts: u32,
+    /// How long a request may wait for a replica to come back.
+    timeout: Duration,
     next: AtomicUsize,
 }
 
@@ -97,7 +102,7 @@ impl Fleet {
                 url: url.trim_end_matches('/').to_string(),
                 backend: OpenAiBackend::new(c)?,
                 outstanding: AtomicUsize::new(0),
-                health: Mutex::new(Health::Up),
+                health: Mutex::new(Health::Up { wait: COOL_DOWN }),
             });
         }
         let probe = reqwest::Client::builder()
@@ -117,6 +122,7 @@ impl Fleet {
                 auth: config.api_key.clone().map(|k| format!("Bearer {k}")),
                 model: config.model.clone(),
                 max_attempts: (config.max_retries + 1).max(endpoints.len() as u32 + 1),
+                timeout: config.timeout,
                 next: AtomicUsize::new(0),
                 replicas,
             }),
@@ -125,8 +131,8 @@ impl Fleet {
 
     /// The replica to send the next request to: the one with the fewest outstanding among
     /// those up (ties taken in turn). Replicas whose cool-down has passed are probed in the
-    /// background; when none is up, this waits for one to come back.
-    async fn pick(&self) -> &Replica {
+    /// background; when none is up, this waits for one to come back, until `deadline`.
+    async fn pick(&self, deadline: Instant) -> Option<&Replica> {
         let inner = &self.inner;
         loop {
             let now = Instant::now();
@@ -137,7 +143,7 @@ impl Fleet {
             for i in 0..n {
                 let (idx, r) = ((start + i) % n, &inner.replicas[(start + i) % n]);
                 match r.health() {
-                    Health::Up => {
+                    Health::Up { .. } => {
                         if best.is_none_or(|b| {
                             r.outstanding.load(Ordering::Relaxed)
                                 < b.outstanding.load(Ordering::Relaxed)
@@ -164,7 +170,10 @@ impl Fleet {
                 }
             }
             if let Some(r) = best {
-                return r;
+                return Some(r);
+            }
+            if now >= deadline {
+                return None;
             }
             let wait = soonest
                 .map(|s| s.saturating_duration_since(now))
@@ -188,7 +197,11 @@ impl Fleet {
             .is_ok_and(|resp| resp.status().is_success());
         if ok {
             tracing::info!(target: "aligner::openai", "replica {} is back", r.url);
-            r.set(Health::Up);
+            let wait = match r.health() {
+                Health::Down { wait, .. } => (wait * 2).min(MAX_COOL_DOWN),
+                Health::Up { wait } => wait,
+            };
+            r.set(Health::Up { wait });
         } else {
             r.take_out();
         }
@@ -219,13 +232,20 @@ impl TextGenerator for Fleet {
                 .await;
         }
         let mut failures: Vec<String> = Vec::new();
+        // With every replica out, a request waits for one to come back for as long as one
+        // request may take, then fails (a run's Ctrl-C waits for its requests in flight).
+        let deadline = Instant::now() + inner.timeout;
         for attempt in 0..inner.max_attempts {
-            let r = self.pick().await;
+            let Some(r) = self.pick(deadline).await else {
+                failures.push("every replica is out and none came back in time".into());
+                break;
+            };
             r.outstanding.fetch_add(1, Ordering::Relaxed);
             let result = r.backend.complete(request.clone()).await;
             r.outstanding.fetch_sub(1, Ordering::Relaxed);
             match result {
                 Ok(mut c) => {
+                    r.set(Health::Up { wait: COOL_DOWN });
                     c.attempts = attempt + 1;
                     c.replica = Some(r.url.clone());
                     return Ok(c);
@@ -244,11 +264,7 @@ impl TextGenerator for Fleet {
         }
         Err(Error {
             kind: ErrorKind::Transient,
-            message: format!(
-                "no replica answered after {} attempts: {}",
-                inner.max_attempts,
-                failures.join("; ")
-            ),
+            message: format!("no replica answered: {}", failures.join("; ")),
             attempts: inner.max_attempts,
         })
     }
@@ -337,6 +353,42 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        assert_eq!(fleet.inner.replicas[0].health(), Health::Up);
+        assert!(matches!(
+            fleet.inner.replicas[0].health(),
+            Health::Up { .. }
+        ));
+    }
+}
+
+#[cfg(test)]
+mod deadline {
+    use super::*;
+
+    /// With every replica gone, a request fails after the timeout instead of waiting forever.
+    #[tokio::test]
+    async fn a_request_to_a_fleet_that_is_all_down_fails_in_time() {
+        let urls = vec![
+            "http://127.0.0.1:1/v1".to_string(),
+            "http://127.0.0.1:2/v1".to_string(),
+        ];
+        let mut config = Config::new("http://unused/v1", "m");
+        config.timeout = Duration::from_secs(2);
+        let fleet = Fleet::new(config, &urls, 1).unwrap();
+        let started = Instant::now();
+        let err = fleet
+            .complete(CompletionRequest {
+                prompt: aligner_backend::Prompt::Raw("x".into()),
+                sampling: Default::default(),
+                model: None,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        assert_eq!(err.kind, ErrorKind::Transient);
+        assert!(err.message.contains("127.0.0.1:1"), "{}", err.message);
     }
 }
