@@ -13,9 +13,11 @@ base, not a stack), and the reference is the base with the adapter switched off,
 initial model (`reference: initial`).
 """
 import argparse
+import dataclasses
 import json
 import os
 
+import torch
 from datasets import load_dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import DPOConfig, DPOTrainer
@@ -61,21 +63,34 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(a.model)
         model = AutoModelForCausalLM.from_pretrained(a.model)
         ref = AutoModelForCausalLM.from_pretrained(a.ref_model)
-    loss = "sigmoid" if a.loss == "sigmoid_nll" else a.loss
+    # `sigmoid_nll` is DPO plus an NLL term on the chosen answers (RPO): TRL before 1.0 spells
+    # it `rpo_alpha`, later TRL as a second loss, `sft`, weighted beside `sigmoid`.
+    fields = {f.name for f in dataclasses.fields(DPOConfig)}
+    gpu = torch.cuda.is_available()
+    loss_args = {"loss_type": a.loss}
+    if a.loss == "sigmoid_nll":
+        if "rpo_alpha" in fields:
+            loss_args = {"loss_type": "sigmoid", "rpo_alpha": 1.0}
+        else:
+            loss_args = {"loss_type": ["sigmoid", "sft"], "loss_weights": [1.0, 1.0]}
     config = DPOConfig(
         output_dir=a.output_dir,
         beta=a.beta,
-        loss_type=loss,
-        rpo_alpha=1.0 if a.loss == "sigmoid_nll" else None,
         learning_rate=a.lr,
         num_train_epochs=a.epochs,
         per_device_train_batch_size=a.batch_size,
         gradient_accumulation_steps=a.grad_accum,
         max_length=a.max_length,
-        warmup_ratio=a.warmup_ratio,
         lr_scheduler_type="cosine",
         logging_steps=1,
         save_strategy="no",
+        report_to="none",
+        # bf16 on a GPU that has it; f32 on the CPU (a smoke test, or a machine without GPUs).
+        bf16=gpu and torch.cuda.is_bf16_supported(),
+        use_cpu=not gpu,
+        **loss_args,
+        # transformers 5 takes the ratio as a float `warmup_steps`; earlier ones as `warmup_ratio`.
+        **({"warmup_ratio": a.warmup_ratio} if "warmup_ratio" in fields else {"warmup_steps": a.warmup_ratio}),
     )
     trainer = DPOTrainer(
         model=model, ref_model=ref, args=config, train_dataset=data, processing_class=tokenizer, peft_config=peft_config

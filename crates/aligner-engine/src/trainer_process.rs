@@ -142,10 +142,10 @@ pub(crate) type Metrics = Vec<(String, f64)>;
 /// The metrics in one line of a trainer's output, when it is a logged dict: a JSON object, or
 /// the Python `dict` repr that Hugging Face's `Trainer` (so TRL) prints every `logging_steps`,
 /// e.g. `{'loss': 0.6914, 'grad_norm': 1.2, 'learning_rate': 5e-07, 'rewards/chosen': 0.01,
-/// 'epoch': 0.1}`. Returns the step it names (`step` or `global_step`), if any, and every
-/// numeric value under its own name (TRL's names pass through). Lines that are not a dict of
-/// numbers (a final `{'train_runtime': ...}` summary is one) are recognised by their keys:
-/// the summary's `train_*` entries are skipped.
+/// 'epoch': 0.1}` (transformers 5 quotes the numbers: `{'loss': '0.6931', ...}`). Returns the step it names (`step` or `global_step`), if any, and every
+/// numeric value under its own name (TRL's names pass through). The final summary
+/// (`{'train_runtime': ..., 'train_loss': ...}`) is recognised by its `train_*` keys and is
+/// not a step.
 pub(crate) fn parse_metrics(line: &str) -> Option<(Option<i64>, Metrics)> {
     let t = line.trim();
     let start = t.find('{')?;
@@ -163,13 +163,24 @@ pub(crate) fn parse_metrics(line: &str) -> Option<(Option<i64>, Metrics)> {
         serde_json::from_str(&json).ok()
     })?;
     let map = value.as_object()?;
+    // The end-of-training summary (`train_runtime`, `train_loss`, ...) is not a step.
+    if map.keys().any(|k| k.starts_with("train_")) {
+        return None;
+    }
     let mut step = None;
     let mut values = Vec::new();
     for (k, v) in map {
-        let Some(x) = v.as_f64() else { continue };
+        // transformers 5 prints its numbers as strings (`{'loss': '0.6931', ...}`).
+        let Some(x) = v
+            .as_f64()
+            .or_else(|| v.as_str().and_then(|t| t.trim().parse::<f64>().ok()))
+            .filter(|x| x.is_finite())
+        else {
+            continue;
+        };
         match k.as_str() {
             "step" | "global_step" => step = Some(x as i64),
-            k if k.starts_with("train_") || k == "total_flos" => {}
+            "total_flos" => {}
             k => values.push((k.to_string(), x)),
         }
     }
@@ -291,6 +302,20 @@ mod tests {
             None
         );
         assert_eq!(parse_metrics("training round 2 on 4 pairs"), None);
+        // transformers 5 (TRL 1.x) quotes its numbers; found by scripts/check_trl_dpo.sh.
+        let (_, v) = parse_metrics(
+            "{'loss': '0.6759', 'grad_norm': '15.52', 'learning_rate': '7.5e-07', 'rewards/margins': '0.03476', 'epoch': '1.5'}",
+        )
+        .unwrap();
+        assert!(v.contains(&("loss".to_string(), 0.6759)), "{v:?}");
+        assert!(
+            v.contains(&("rewards/margins".to_string(), 0.03476)),
+            "{v:?}"
+        );
+        assert_eq!(
+            parse_metrics("{'train_runtime': '6.282', 'train_loss': '0.6832', 'epoch': '2'}"),
+            None
+        );
         assert_eq!(
             parse_metrics("{'loss': nan, 'epoch': 1.0}")
                 .unwrap()
