@@ -834,3 +834,71 @@ fn proxy_corrects_with_a_local_smollm2_aligner() {
         1
     );
 }
+
+/// `--aligner-price`: each answer says what its correction cost, and so does its record; a
+/// malformed price is refused before the proxy listens.
+#[test]
+fn proxy_reports_what_each_correction_cost() {
+    let upstream = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let aligner = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "--upstream",
+        upstream.base_url.as_str(),
+        "--upstream-model",
+        "mock-upstream",
+        "--aligner-url",
+        aligner.base_url.as_str(),
+        "--aligner-model",
+        "mock-aligner",
+        "--aligner-price",
+        "2,8",
+        "--record",
+        "s.db",
+    ];
+    let p = proxy(dir.path(), &args, &[]);
+    let a = post(&p, &chat("Name a prime number."));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let al = &a.json()["usage"]["aligner"]["aligner"];
+    let (input, output) = (
+        al["prompt_tokens"].as_f64().unwrap(),
+        al["completion_tokens"].as_f64().unwrap(),
+    );
+    assert!(input > 0.0 && output > 0.0, "{al}");
+    let cost = al["cost_usd"].as_f64().unwrap();
+    assert!(
+        (cost - (input * 2.0 + output * 8.0) / 1e6).abs() < 1e-12,
+        "{al}"
+    );
+    wait_until("the record", Duration::from_secs(30), || {
+        scalar(dir.path(), "SELECT count(*) FROM proxy_records") >= 1
+    });
+    drop(p);
+    let rows = sql(
+        dir.path(),
+        "SELECT aligner_cost_usd, aligner_prompt_tokens, aligner_completion_tokens FROM proxy_records",
+    );
+    let recorded = rows[0]["aligner_cost_usd"].as_f64().unwrap();
+    assert!((recorded - cost).abs() < 1e-12, "{rows:?}");
+
+    let o = run(
+        &[
+            "serve",
+            "--upstream",
+            upstream.base_url.as_str(),
+            "--aligner-url",
+            aligner.base_url.as_str(),
+            "--aligner-model",
+            "m",
+            "--aligner-price",
+            "cheap",
+        ],
+        dir.path(),
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("`--aligner-price` must be INPUT,OUTPUT"),
+        "{}",
+        text(&o)
+    );
+}

@@ -104,6 +104,10 @@ pub struct ProxyArgs {
     /// Requests in flight to each model at once [default: 1024].
     #[arg(long, value_name = "N")]
     pub max_concurrency: Option<u32>,
+    /// The Aligner's price in USD per million input and output tokens (`0.15,0.60`): each
+    /// response's usage, and each record, says what the correction cost.
+    #[arg(long, value_name = "INPUT,OUTPUT")]
+    pub aligner_price: Option<String>,
 }
 
 impl From<ProxyArgs> for ProxyOptions {
@@ -134,6 +138,7 @@ impl From<ProxyArgs> for ProxyOptions {
             record: a.record,
             max_body_bytes: a.max_body_bytes,
             max_concurrency: a.max_concurrency,
+            aligner_price: a.aligner_price,
         }
     }
 }

@@ -112,6 +112,10 @@ pub struct ProxyOptions {
     pub max_body_bytes: Option<usize>,
     /// Requests in flight to each model at once [default: 1024].
     pub max_concurrency: Option<u32>,
+    /// The Aligner's price, `INPUT,OUTPUT` in USD per million tokens: each response's
+    /// `usage.aligner.aligner.cost_usd` and `proxy_records.aligner_cost_usd` then say what the
+    /// correction cost.
+    pub aligner_price: Option<String>,
 }
 
 impl ProxyOptions {
@@ -133,6 +137,7 @@ impl ProxyOptions {
             ("aligner-max-tokens", self.aligner_max_tokens.is_some()),
             ("aligner-temperature", self.aligner_temperature.is_some()),
             ("on-aligner-error", self.on_aligner_error.is_some()),
+            ("aligner-price", self.aligner_price.is_some()),
             ("record", self.record.is_some()),
             ("max-body-bytes", self.max_body_bytes.is_some()),
             ("max-concurrency", self.max_concurrency.is_some()),
@@ -284,6 +289,20 @@ pub async fn run(
     if max_body == 0 {
         return Err(invalid("`--max-body-bytes` must be at least 1".into()));
     }
+    let aligner_price = match &p.aligner_price {
+        None => None,
+        Some(text) => {
+            let parsed: Option<Vec<f64>> = text.split(',').map(|v| v.trim().parse().ok()).collect();
+            match parsed.as_deref() {
+                Some(&[input, output]) if input >= 0.0 && output >= 0.0 => Some((input, output)),
+                _ => {
+                    return Err(invalid(format!(
+                        "`--aligner-price` must be INPUT,OUTPUT in USD per million tokens, got `{text}`\nhint: e.g. `--aligner-price 0.15,0.60`"
+                    )))
+                }
+            }
+        }
+    };
     let max_tokens = p.aligner_max_tokens.unwrap_or(512);
     if max_tokens == 0 {
         return Err(invalid("`--aligner-max-tokens` must be at least 1".into()));
@@ -403,6 +422,7 @@ pub async fn run(
         name: name.clone(),
         created: super::unix_now(),
         max_body,
+        aligner_price,
         aligner_name,
     });
     listening(&format!(
@@ -462,6 +482,8 @@ struct Proxy {
     sampling: Sampling,
     on_error: OnAlignerError,
     recorder: Option<mpsc::UnboundedSender<NewProxyRecord>>,
+    /// USD per million input and output tokens of the Aligner (`--aligner-price`).
+    aligner_price: Option<(f64, f64)>,
     /// The name `/v1/models` lists.
     name: String,
     created: u64,
@@ -536,6 +558,7 @@ impl Proxy {
                 aligner_completion_tokens: ok.and_then(|c| c.completion_tokens),
                 upstream_ms: Some(millis(ex.upstream_time)),
                 aligner_ms: Some(millis(aligner)),
+                aligner_cost_usd: ok.and_then(|c| cost(self.aligner_price, c)),
                 stream: ex.stream,
                 requested_at_ms: ex.requested_ms,
                 answered_at_ms: ex.answered_ms,
@@ -608,10 +631,18 @@ struct Exchange {
     include_usage: bool,
 }
 
+/// What completion `c` cost at `price` (USD per million input and output tokens), when both
+/// its token counts are known.
+fn cost(price: Option<(f64, f64)>, c: &Completion) -> Option<f64> {
+    let (input, output) = price?;
+    let (p, o) = (c.prompt_tokens?, c.completion_tokens?);
+    Some((f64::from(p) * input + f64::from(o) * output) / 1e6)
+}
+
 impl Exchange {
     /// Token counts of both models: the upstream prompt once (as OpenAI counts `n` choices),
     /// every upstream completion, every correction's prompt and completion.
-    fn usage(&self, corrections: &[Option<&Completion>]) -> Value {
+    fn usage(&self, corrections: &[Option<&Completion>], price: Option<(f64, f64)>) -> Value {
         let count = |c: &Completion| {
             (
                 u64::from(c.prompt_tokens.unwrap_or(0)),
@@ -631,6 +662,10 @@ impl Exchange {
             "upstream": part(up_prompt, up_completion),
             "aligner": part(al_prompt, al_completion),
         });
+        if let Some((input, output)) = price {
+            total["aligner"]["aligner"]["cost_usd"] =
+                json!((al_prompt as f64 * input + al_completion as f64 * output) / 1e6);
+        }
         total
     }
 }
@@ -804,7 +839,7 @@ async fn whole(
         created: ex.created,
         model: ex.answers[0].model.clone(),
         choices,
-        usage: ex.usage(&corrections),
+        usage: ex.usage(&corrections, p.aligner_price),
         system_fingerprint: None,
         extra: Map::from_iter([("aligner".to_string(), summary)]),
     };
@@ -929,7 +964,7 @@ impl ProxyChunks {
         if self.ex.include_usage {
             let corrections: Vec<Option<&Completion>> =
                 outcomes.iter().map(|r| r.as_ref().ok()).collect();
-            let usage = self.ex.usage(&corrections);
+            let usage = self.ex.usage(&corrections, self.p.aligner_price);
             out.chunk(Vec::<ChunkChoice>::new(), Some(Some(usage)), Map::new());
         }
         self.p.record(&self.ex, &outcomes, aligner_time);
@@ -1052,7 +1087,7 @@ mod tests {
             include_usage: false,
         };
         let (a, b) = (c(20, 4), c(22, 6));
-        let u = ex.usage(&[Some(&a), Some(&b)]);
+        let u = ex.usage(&[Some(&a), Some(&b)], None);
         assert_eq!(u["prompt_tokens"], 52);
         assert_eq!(u["completion_tokens"], 22);
         assert_eq!(u["total_tokens"], 74);

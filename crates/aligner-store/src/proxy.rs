@@ -31,6 +31,8 @@ pub struct NewProxyRecord {
     pub aligner_completion_tokens: Option<u32>,
     pub upstream_ms: Option<f64>,
     pub aligner_ms: Option<f64>,
+    /// The correction's cost in USD, when the Aligner's price is known.
+    pub aligner_cost_usd: Option<f64>,
     pub stream: bool,
     pub requested_at_ms: i64,
     pub answered_at_ms: i64,
@@ -77,7 +79,7 @@ impl Store {
              status, aligner_error, upstream_url, upstream_model, aligner_model, template_id,
              template_hash, answer_finish_reason, correction_finish_reason, upstream_prompt_tokens,
              upstream_completion_tokens, aligner_prompt_tokens, aligner_completion_tokens,
-             upstream_ms, aligner_ms, stream, requested_at, answered_at, corrected_at) ",
+             upstream_ms, aligner_ms, stream, aligner_cost_usd, requested_at, answered_at, corrected_at) ",
         )
         .tail(" ON CONFLICT (request_id, choice) DO NOTHING")
         .chunk(INSERT_CHUNK / 2);
@@ -103,7 +105,8 @@ impl Store {
                 .push_bind(r.aligner_completion_tokens)
                 .push_bind(r.upstream_ms)
                 .push_bind(r.aligner_ms)
-                .push_bind(r.stream);
+                .push_bind(r.stream)
+                .push_bind(r.aligner_cost_usd);
             for ms in [
                 Some(r.requested_at_ms),
                 Some(r.answered_at_ms),

@@ -45,7 +45,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "training process".to_string(),
             "costs".to_string(),
             "checkpoint server".to_string(),
-            "replicas".to_string()
+            "replicas".to_string(),
+            "proxy cost".to_string()
         ]
     );
     let tables = store
