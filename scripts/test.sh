@@ -14,6 +14,8 @@ need() { # import name, pip requirement
 need datasets datasets
 need openai "openai>=1.40"
 need "ray, aiohttp_cors" "ray[default]>=2.9"
+# pyenv installs new console scripts (`ray`) behind shims only after a rehash.
+if command -v pyenv >/dev/null 2>&1; then pyenv rehash || true; fi
 
 # Debian packages the tests drive: headless Chromium renders `aligner report`'s page and the
 # daemon's dashboard; curl is the daemon API's and Ray's client; kill (procps) stops daemons
