@@ -177,12 +177,12 @@ fn spawn_run(dir: &Path) -> std::process::Child {
 
 /// Waits until the round's job has written `line` into `training_logs`; returns its Ray id.
 fn job_started(dir: &Path, line: &str) -> String {
-    wait_until("the Ray job's output", Duration::from_secs(300), || {
-        dir.join("s.db").exists()
-            && scalar(
-                dir,
-                &format!("SELECT count(*) FROM training_logs WHERE line LIKE '{line}'"),
-            ) >= 1
+    wait_until("the job's output", Duration::from_secs(300), || {
+        super::try_scalar(
+            dir,
+            &format!("SELECT count(*) FROM training_logs WHERE line LIKE '{line}'"),
+        )
+        .is_some_and(|n| n >= 1)
     });
     let rows = sql(
         dir,
@@ -205,7 +205,7 @@ fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
     pipeline(d, "ray-e2e", 2, &head, &train);
     // The upstream is served (`aligner serve`, as vLLM would), and the serve block starts a
     // server on each checkpoint for the next round.
-    let upstream = Served::start(&gguf(), "upstream");
+    let upstream = super::serve::serve(&gguf(), "upstream");
     let port = free_port();
     let yaml = std::fs::read_to_string(d.join("p.yaml"))
         .unwrap()
@@ -282,26 +282,44 @@ fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
         scalar(d, &format!("SELECT count(*) FROM training_metrics WHERE training_job_id = {first} AND name = 'loss'")) >= 1
     );
 
-    // `aligner cancel` of a run whose orchestrator died stops its job on the cluster.
+    let backend = format!(
+        "      kind: ray\n      address: {}\n      poll_seconds: 0.5\n      entrypoint_num_cpus: 1\n",
+        head.dashboard
+    );
+    let status = |job: &str| head.status(job);
+    cancel_and_sigterm("ray", &backend, &status, ("RUNNING", "STOPPED"), &|_| {});
+}
+
+/// On a cluster (`backend`): `aligner cancel` of a run whose orchestrator died stops its job,
+/// and SIGTERM to a run stops its job and exits resumably (130). `status` reads a job's state
+/// on the cluster; `(running, stopped)` are its words for them; `prepare` readies a run folder.
+fn cancel_and_sigterm(
+    name: &str,
+    backend: &str,
+    status: &dyn Fn(&str) -> String,
+    (running, stopped): (&str, &str),
+    prepare: &dyn Fn(&Path),
+) {
     let slow = "echo started; sleep 600; mkdir -p {output_dir}";
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    pipeline(d, "ray-cancel", 1, &head, slow);
+    prepare(d);
+    pipeline_with(d, &format!("{name}-cancel"), 1, backend, slow);
     let mut child = spawn_run(d);
     let job = job_started(d, "started");
-    child.kill().unwrap();
+    child.kill().unwrap(); // SIGKILL: the job outlives it
     child.wait().unwrap();
-    assert_eq!(head.status(&job), "RUNNING");
-    let o = run(&["cancel", "1", "--store", "s.db"], d);
+    assert_eq!(status(&job), running);
+    let o = run_in(d, &["cancel", "1", "--store", "s.db"]);
     assert!(o.status.success(), "{}", text(&o));
     wait_until("the job to stop", Duration::from_secs(60), || {
-        head.status(&job) == "STOPPED"
+        status(&job) == stopped
     });
 
-    // SIGTERM: the run stops its job and exits resumably.
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    pipeline(d, "ray-term", 1, &head, slow);
+    prepare(d);
+    pipeline_with(d, &format!("{name}-term"), 1, backend, slow);
     let mut child = spawn_run(d);
     let job = job_started(d, "started");
     let term = Command::new("kill")
@@ -309,9 +327,9 @@ fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
         .status()
         .unwrap();
     assert!(term.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(130), "interrupted, resumable");
-    assert_eq!(head.status(&job), "STOPPED");
+    let code = child.wait().unwrap().code();
+    assert_eq!(code, Some(130), "interrupted, resumable");
+    assert_eq!(status(&job), stopped);
     assert_eq!(
         scalar(
             d,
@@ -319,42 +337,6 @@ fn rounds_train_on_a_real_ray_cluster_and_survive_kill_9_cancel_and_sigterm() {
         ),
         1
     );
-}
-
-/// An `aligner serve` of a model (the upstream's server, as vLLM would be), killed when
-/// dropped.
-struct Served {
-    child: std::process::Child,
-    url: String,
-}
-
-impl Served {
-    fn start(model: &Path, name: &str) -> Served {
-        let mut child = bin()
-            .args([
-                "serve",
-                model.to_str().unwrap(),
-                "--port",
-                "0",
-                "--name",
-                name,
-            ])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let line = super::first_stdout_line(&mut child, Duration::from_secs(120))
-            .expect("`aligner serve` prints its address");
-        let url = line.trim().rsplit(' ').next().unwrap().to_string();
-        Served { child, url }
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// `SLURM_CONF` for the commands a test runs in `dir`, when its Slurm put one there.
@@ -565,39 +547,7 @@ fn rounds_train_on_a_real_slurm_and_survive_kill_9_cancel_and_sigterm() {
         scalar(d, &format!("SELECT count(*) FROM training_metrics WHERE training_job_id = {first} AND name = 'loss'")) >= 1
     );
 
-    // `aligner cancel` of a run whose orchestrator died cancels its job.
-    let slow = "echo started; sleep 600; mkdir -p {output_dir}";
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    slurm.serve(d);
-    pipeline_with(d, "slurm-cancel", 1, backend, slow);
-    let mut child = spawn_run(d);
-    let job = job_started(d, "started");
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_eq!(slurm.state(&job), "RUNNING");
-    let o = run_in(d, &["cancel", "1", "--store", "s.db"]);
-    assert!(o.status.success(), "{}", text(&o));
-    wait_until("the job to be cancelled", Duration::from_secs(60), || {
-        slurm.state(&job) == "CANCELLED"
-    });
-
-    // SIGTERM: the run cancels its job and exits resumably.
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    slurm.serve(d);
-    pipeline_with(d, "slurm-term", 1, backend, slow);
-    let mut child = spawn_run(d);
-    let job = job_started(d, "started");
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert_eq!(
-        child.wait().unwrap().code(),
-        Some(130),
-        "interrupted, resumable"
-    );
-    assert_eq!(slurm.state(&job), "CANCELLED");
+    let status = |job: &str| slurm.state(job);
+    let serve = |d: &Path| slurm.serve(d);
+    cancel_and_sigterm("slurm", backend, &status, ("RUNNING", "CANCELLED"), &serve);
 }

@@ -57,6 +57,20 @@ fn sql(dir: &Path, query: &str) -> Vec<serde_json::Map<String, Value>> {
     serde_json::from_slice::<Vec<serde_json::Map<String, Value>>>(&o.stdout).expect("json rows")
 }
 
+/// [`scalar`] for a wait: `None` while the store is not there yet or not yet migrated (a run
+/// that was just spawned creates it).
+fn try_scalar(dir: &Path, query: &str) -> Option<i64> {
+    if !dir.join("s.db").exists() {
+        return None;
+    }
+    let o = run(&["sql", "--store", "s.db", "--format", "json", query], dir);
+    if !o.status.success() {
+        return None;
+    }
+    let rows: Vec<serde_json::Map<String, Value>> = serde_json::from_slice(&o.stdout).ok()?;
+    rows.first()?.values().next()?.as_i64()
+}
+
 fn scalar(dir: &Path, query: &str) -> i64 {
     let rows = sql(dir, query);
     rows[0]
@@ -820,11 +834,10 @@ fn a_resumed_run_follows_the_trainer_a_killed_run_started() {
     std::fs::write(d.join("train.sh"), SLOW_TRAIN_SCRIPT).unwrap();
     let mut child = spawn_run(d);
     wait_until("the trainer's first line", Duration::from_secs(60), || {
-        std::path::Path::new(&d.join("s.db")).exists()
-            && scalar(
-                d,
-                "SELECT count(*) FROM training_logs WHERE line = 'step 1'",
-            ) == 1
+        try_scalar(
+            d,
+            "SELECT count(*) FROM training_logs WHERE line = 'step 1'",
+        ) == Some(1)
     });
     child.kill().unwrap(); // SIGKILL: no chance to stop the trainer
     child.wait().unwrap();
@@ -893,11 +906,10 @@ fn cancel_stops_the_trainer_a_killed_run_left_running() {
     .unwrap();
     let mut child = spawn_run(d);
     wait_until("the trainer's first line", Duration::from_secs(60), || {
-        d.join("s.db").exists()
-            && scalar(
-                d,
-                "SELECT count(*) FROM training_logs WHERE line = 'step 1'",
-            ) == 1
+        try_scalar(
+            d,
+            "SELECT count(*) FROM training_logs WHERE line = 'step 1'",
+        ) == Some(1)
     });
     let pid = scalar(
         d,
@@ -1345,7 +1357,7 @@ fn a_replica_that_dies_mid_stage_loses_and_doubles_nothing() {
         .spawn()
         .unwrap();
     wait_until("some generations", Duration::from_secs(60), || {
-        d.join("s.db").exists() && scalar(d, "SELECT count(*) FROM generations") >= 10
+        try_scalar(d, "SELECT count(*) FROM generations").is_some_and(|n| n >= 10)
     });
     let (a_url, b_url) = (a.base_url.clone(), b.base_url.clone());
     let answered_by_a = a.stats().ok as i64;

@@ -19,9 +19,9 @@ pub(crate) fn smollm2() -> PathBuf {
 }
 
 /// A running `aligner serve`, killed when dropped if it is still there.
-struct Serving {
+pub(crate) struct Serving {
     child: Child,
-    url: String,
+    pub(crate) url: String,
 }
 
 impl Drop for Serving {
@@ -31,7 +31,7 @@ impl Drop for Serving {
     }
 }
 
-fn serve(model: &Path, name: &str) -> Serving {
+pub(crate) fn serve(model: &Path, name: &str) -> Serving {
     let mut child = bin()
         .args([
             "serve",
@@ -177,11 +177,10 @@ rounds:
         "round 1's checkpoint served",
         Duration::from_secs(300),
         || {
-            d.join("s.db").exists()
-                && scalar(
-                    d,
-                    "SELECT count(*) FROM checkpoints WHERE server IS NOT NULL",
-                ) == 1
+            try_scalar(
+                d,
+                "SELECT count(*) FROM checkpoints WHERE server IS NOT NULL",
+            ) == Some(1)
         },
     );
     let pid = scalar(

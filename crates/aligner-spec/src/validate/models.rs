@@ -159,9 +159,7 @@ impl Ctx<'_> {
                 let p = join(path, "base_url");
                 let url = self.interpolate(&p, raw);
                 url.filter(|u| {
-                    let good = url::Url::parse(u).is_ok_and(|parsed| {
-                        matches!(parsed.scheme(), "http" | "https") && parsed.has_host()
-                    });
+                    let good = is_http_url(u);
                     if !good {
                         self.err(
                             &p,
@@ -275,9 +273,7 @@ impl Ctx<'_> {
                 ok = false;
                 continue;
             };
-            let good = url::Url::parse(&u).is_ok_and(|parsed| {
-                matches!(parsed.scheme(), "http" | "https") && parsed.has_host()
-            });
+            let good = is_http_url(&u);
             let u = u.trim_end_matches('/').to_string();
             if !good {
                 self.err(
@@ -473,4 +469,10 @@ impl Ctx<'_> {
             None
         }
     }
+}
+
+/// Whether `u` is an http(s) URL with a host (a server's base URL).
+fn is_http_url(u: &str) -> bool {
+    url::Url::parse(u)
+        .is_ok_and(|parsed| matches!(parsed.scheme(), "http" | "https") && parsed.has_host())
 }
