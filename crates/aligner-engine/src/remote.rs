@@ -4,11 +4,9 @@
 //! restart the stored job is followed again, never submitted twice; one the cluster never
 //! received is submitted under the same id.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use aligner_dataset::{Format, Kind};
-use aligner_spec::{ExportFormat, ExternalTrainer, TrainMethod, TrainStage};
+use aligner_spec::{ExternalTrainer, TrainStage};
 use aligner_store::{EventKind, StageStatus, TrainingJobRow};
 
 use crate::cluster::{complete_lines, ClusterJob, ClusterJobs, JobState, RemoteJob, Scheduler};
@@ -105,16 +103,8 @@ pub(crate) async fn run(
             let attempt = previous.map_or(1, |j| j.attempts + 1);
             train::remove_attempts(paths.dir).map_err(stage_err)?;
             let attempt_dir = paths.dir.join(format!("checkpoint.attempt-{attempt}"));
-            let pairs = train::round_pairs(ctx).await?;
-            let kind = match stage.method {
-                TrainMethod::Dpo => Kind::Dpo,
-                TrainMethod::Sft => Kind::Sft,
-            };
-            let fmt = match trainer.format {
-                ExportFormat::Parquet => Format::Parquet,
-                ExportFormat::Jsonl => Format::Jsonl,
-            };
-            aligner_dataset::write_pairs(paths.data, fmt, kind, trainer.conversational, &pairs)?;
+            let how = (trainer.format, trainer.conversational);
+            let pairs = train::export_pairs(ctx, stage, how, paths.data).await?;
             let remote_backend = scheduler.name();
             let remote = RemoteJob {
                 scheduler,
@@ -282,8 +272,7 @@ async fn follow(
 ) -> Result<(JobState, Vec<String>)> {
     let e = ctx.engine;
     let poll = Duration::from_secs_f64(remote.scheduler.poll_seconds());
-    let mut tail: VecDeque<String> = VecDeque::new();
-    let mut step = e.store.last_metric_step(job.id).await?;
+    let mut output = train::OutputLog::new(&e.store, job.id).await?;
     let mut stopping: Option<Instant> = None;
     let mut lost = 0;
     loop {
@@ -317,28 +306,13 @@ async fn follow(
                 let (lines, used) = complete_lines(&text, finished);
                 if used > 0 {
                     offset += used as i64;
-                    for line in &lines {
-                        tracing::info!(target: "aligner::train", "{line}");
-                        if tail.len() == 20 {
-                            tail.pop_front();
-                        }
-                        tail.push_back(line.clone());
-                    }
                     let tagged: Vec<(String, String)> = lines
-                        .iter()
-                        .map(|l| ("stdout".to_string(), l.clone()))
+                        .into_iter()
+                        .map(|l| ("stdout".to_string(), l))
                         .collect();
-                    e.store
-                        .append_training_output(job.id, remote.attempt, &tagged, (offset, 0))
+                    output
+                        .record(&e.store, job.id, remote.attempt, &tagged, (offset, 0))
                         .await?;
-                    for line in &lines {
-                        if let Some((named, values)) = crate::trainer_process::parse_metrics(line) {
-                            step = named.unwrap_or(step + 1);
-                            e.store
-                                .record_training_metrics(job.id, step, &values)
-                                .await?;
-                        }
-                    }
                 }
             }
             Err(err) => {
@@ -346,12 +320,12 @@ async fn follow(
             }
         }
         if finished {
-            return Ok((state, tail.into()));
+            return Ok((state, output.tail()));
         }
         if e.interrupted() {
             let since = *stopping.get_or_insert_with(Instant::now);
             if since.elapsed() > Duration::from_secs(60) {
-                return Ok((state, tail.into()));
+                return Ok((state, output.tail()));
             }
             // Asked again at every look until the cluster reports the job ended.
             if let Err(err) = jobs.stop(remote).await {

@@ -208,17 +208,7 @@ pub(crate) async fn run(ctx: &Ctx<'_>) -> Result<()> {
             // attempt is kept (for a look) until the next one starts.
             remove_attempts(&dir).map_err(stage_err)?;
             let attempt_dir = dir.join(format!("checkpoint.attempt-{attempt}"));
-            let pairs = round_pairs(ctx).await?;
-            let kind = match train.method {
-                TrainMethod::Dpo => Kind::Dpo,
-                TrainMethod::Sft => Kind::Sft,
-            };
-            let fmt = if matches!(format, ExportFormat::Parquet) {
-                Format::Parquet
-            } else {
-                Format::Jsonl
-            };
-            aligner_dataset::write_pairs(&data, fmt, kind, *conversational, &pairs)?;
+            let pairs = export_pairs(ctx, train, (*format, *conversational), &data).await?;
             let values = placeholders(train, &data, &base, &reference, &attempt_dir, ctx.round);
             let rendered = render_command(command, &values);
             let job = start_job(
@@ -304,11 +294,9 @@ async fn follow(
     mut offsets: (i64, i64),
 ) -> Result<(Option<i64>, Vec<String>)> {
     let e = ctx.engine;
-    let mut tail: std::collections::VecDeque<String> = Default::default();
+    let mut output = OutputLog::new(&e.store, job.id).await?;
     let mut stopping = false;
     let mut status = None;
-    // Logged dicts without a step of their own are counted on from the last one stored.
-    let mut step = e.store.last_metric_step(job.id).await?;
     loop {
         // Whether it has ended is asked before reading, so the last read sees everything.
         let ended = match &mut child {
@@ -330,27 +318,10 @@ async fn follow(
                 .map(|l| ("stdout".to_string(), l))
                 .chain(err.into_iter().map(|l| ("stderr".to_string(), l)))
                 .collect();
-            for (_, line) in &lines {
-                tracing::info!(target: "aligner::train", "{line}");
-                if tail.len() == 20 {
-                    tail.pop_front();
-                }
-                tail.push_back(line.clone());
-            }
             offsets = (out_at, err_at);
-            e.store
-                .append_training_output(job.id, id.attempt, &lines, offsets)
+            output
+                .record(&e.store, job.id, id.attempt, &lines, offsets)
                 .await?;
-            // A trainer's logged dicts (TRL's `{'loss': ...}` lines, or JSON objects) land in
-            // `training_metrics` under their own names.
-            for (_, line) in &lines {
-                if let Some((named, values)) = trainer_process::parse_metrics(line) {
-                    step = named.unwrap_or(step + 1);
-                    e.store
-                        .record_training_metrics(job.id, step, &values)
-                        .await?;
-                }
-            }
         }
         if ended {
             break;
@@ -362,7 +333,80 @@ async fn follow(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let code = status.unwrap_or_else(|| id.exit_code());
-    Ok((code, tail.into()))
+    Ok((code, output.tail()))
+}
+
+/// Writes the round's kept pairs where a user's trainer reads them (`{data}`); returns them.
+pub(crate) async fn export_pairs(
+    ctx: &Ctx<'_>,
+    train: &TrainStage,
+    (format, conversational): (ExportFormat, bool),
+    data: &Path,
+) -> Result<Vec<aligner_dataset::PairRecord>> {
+    let pairs = round_pairs(ctx).await?;
+    let kind = match train.method {
+        TrainMethod::Dpo => Kind::Dpo,
+        TrainMethod::Sft => Kind::Sft,
+    };
+    let fmt = match format {
+        ExportFormat::Parquet => Format::Parquet,
+        ExportFormat::Jsonl => Format::Jsonl,
+    };
+    aligner_dataset::write_pairs(data, fmt, kind, conversational, &pairs)?;
+    Ok(pairs)
+}
+
+/// A user's trainer's output as it is followed (a local process or a cluster job): each line
+/// into `training_logs` once (with the read offsets, in one transaction), its logged dicts
+/// (TRL's `{'loss': ...}` lines, or JSON objects) into `training_metrics` under their own
+/// names, and the last lines kept for an error message.
+pub(crate) struct OutputLog {
+    tail: std::collections::VecDeque<String>,
+    /// Logged dicts without a step of their own are counted on from the last one stored.
+    step: i64,
+}
+
+impl OutputLog {
+    pub(crate) async fn new(store: &aligner_store::Store, job_id: i64) -> Result<Self> {
+        Ok(OutputLog {
+            tail: Default::default(),
+            step: store.last_metric_step(job_id).await?,
+        })
+    }
+
+    /// Records `(stream, line)`s read up to `offsets`.
+    pub(crate) async fn record(
+        &mut self,
+        store: &aligner_store::Store,
+        job_id: i64,
+        attempt: i64,
+        lines: &[(String, String)],
+        offsets: (i64, i64),
+    ) -> Result<()> {
+        for (_, line) in lines {
+            tracing::info!(target: "aligner::train", "{line}");
+            if self.tail.len() == 20 {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(line.clone());
+        }
+        store
+            .append_training_output(job_id, attempt, lines, offsets)
+            .await?;
+        for (_, line) in lines {
+            if let Some((named, values)) = trainer_process::parse_metrics(line) {
+                self.step = named.unwrap_or(self.step + 1);
+                store
+                    .record_training_metrics(job_id, self.step, &values)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn tail(self) -> Vec<String> {
+        self.tail.into()
+    }
 }
 
 /// Removes the round's earlier attempt folders and their output files.
