@@ -500,7 +500,7 @@ fn the_study_pipeline_scaled_down_runs_end_to_end() {
         .replace("../data/study/", "")
         .replace("store: ../runs/study/aligner.db\n", "")
         .replace("workdir: ../runs/study", "workdir: work")
-        .replace("count: 3", "count: 1")
+        .replace("count: 3", "count: 2")
         .replace("max_tokens: 128", "max_tokens: 16")
         .replace("max_tokens: 96", "max_tokens: 16")
         .replace("max_tokens: 160", "max_tokens: 24")
@@ -568,6 +568,41 @@ fn the_study_pipeline_scaled_down_runs_end_to_end() {
         }
     }
     assert!(benign_kept >= 1, "{pairs:?}");
+    // `train.replay`: round 2 kept fewer than 200 pairs, so round 1's correction pairs of the
+    // prompts round 2 has no pair of fill its training set, and the trainer got them all.
+    let kept2 = scalar(
+        d,
+        "SELECT count(*) FROM pairs WHERE round = 2 AND verdict = 'kept'",
+    );
+    let eligible = scalar(
+        d,
+        "SELECT count(DISTINCT prompt_id) FROM pairs WHERE round = 1 AND verdict = 'kept'
+           AND origin = 'correction' AND prompt_id NOT IN
+             (SELECT prompt_id FROM pairs WHERE round = 2 AND verdict = 'kept')",
+    );
+    assert!(eligible >= 1 || kept2 >= 1, "no pair to train round 2 on");
+    let replayed = sql(
+        d,
+        "SELECT r.round, p.round AS from_round, p.origin FROM replayed_pairs r
+           JOIN pairs p ON p.id = r.pair_id",
+    );
+    assert_eq!(
+        replayed.len() as i64,
+        eligible.min(200 - kept2),
+        "{replayed:?}"
+    );
+    for r in &replayed {
+        assert_eq!(
+            (&r["round"], &r["from_round"]),
+            (&2.into(), &1.into()),
+            "{r:?}"
+        );
+        assert_eq!(r["origin"], "correction", "{r:?}");
+    }
+    assert_eq!(
+        scalar(d, "SELECT pairs FROM training_jobs WHERE round = 2"),
+        kept2 + replayed.len() as i64
+    );
     // Every source of the held-out set has its own rate with a Wilson interval, for the
     // upstream alone and with the Aligner; round 0 is the initial model, measured in round 1.
     let sources = [

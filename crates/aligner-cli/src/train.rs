@@ -163,9 +163,8 @@ pub fn train(a: TrainArgs) -> Result<()> {
         gradient_accumulation: a.gradient_accumulation,
         max_length: a.max_length,
         warmup_ratio: a.warmup_ratio,
-        reference: aligner_spec::ReferencePolicy::Initial,
         backend: aligner_spec::TrainBackend::Builtin(options.clone()),
-        serve: None,
+        ..Default::default()
     };
     let job = aligner_train::pipeline::PairsJob {
         data: &a.data,

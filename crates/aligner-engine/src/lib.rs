@@ -290,13 +290,18 @@ pub async fn pair_records(
         .kept_pairs(run_id, round)
         .await?
         .into_iter()
-        .map(|p| aligner_dataset::PairRecord {
-            system: p.system,
-            prompt: p.prompt,
-            chosen: p.chosen.unwrap_or_default(),
-            rejected: p.rejected.unwrap_or_default(),
-        })
+        .map(pair_record)
         .collect())
+}
+
+/// A stored pair as a training record.
+pub(crate) fn pair_record(p: aligner_store::ExportPair) -> aligner_dataset::PairRecord {
+    aligner_dataset::PairRecord {
+        system: p.system,
+        prompt: p.prompt,
+        chosen: p.chosen.unwrap_or_default(),
+        rejected: p.rejected.unwrap_or_default(),
+    }
 }
 
 /// The part of a spec snapshot that must not change while a run is continued. Connection

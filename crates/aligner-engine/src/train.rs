@@ -503,7 +503,24 @@ pub(crate) async fn start_job(
 pub(crate) async fn round_pairs(ctx: &Ctx<'_>) -> Result<Vec<aligner_dataset::PairRecord>> {
     let e = ctx.engine;
     let (run_id, round) = (ctx.run_id, ctx.round as i64);
-    let pairs = crate::pair_records(&e.store, run_id, round).await?;
+    let mut pairs = crate::pair_records(&e.store, run_id, round).await?;
+    let replay = e.spec.rounds.train.as_ref().and_then(|t| t.replay.as_ref());
+    if let Some(replay) = replay {
+        let origins: Vec<&str> = replay.origins.iter().map(|o| o.as_str()).collect();
+        let replayed = e
+            .store
+            .replay_pairs(run_id, round, replay.min_pairs.into(), &origins)
+            .await?;
+        if !replayed.is_empty() {
+            tracing::info!(
+                "round {}: {} pairs of its own, {} replayed from earlier rounds (`replayed_pairs`)",
+                ctx.round,
+                pairs.len(),
+                replayed.len()
+            );
+        }
+        pairs.extend(replayed.into_iter().map(crate::pair_record));
+    }
     if pairs.is_empty() {
         return Err(train_failed(ctx, no_pairs(ctx.round)).await?);
     }

@@ -229,6 +229,7 @@ fn full_example_parses() {
                 serve_model: Some("ckpt-round-{round}".into()),
             }),
             serve: None,
+            replay: None,
         })
     );
     let eval = r.evaluate.as_ref().unwrap();
@@ -721,6 +722,7 @@ fn known_fields_table_matches_serde() {
         ("rounds.train.backend", serde_fields::<BackendWire>()),
         ("rounds.train.backend.lora", serde_fields::<LoraWire>()),
         ("rounds.train.serve", serde_fields::<ServeWire>()),
+        ("rounds.train.replay", serde_fields::<ReplayWire>()),
         ("rounds.evaluate", serde_fields::<EvaluateWire>()),
         ("rounds.evaluate.sampling", serde_fields::<Sampling>()),
         ("rounds.evaluate.judge_sampling", serde_fields::<Sampling>()),
@@ -1728,4 +1730,56 @@ fn error_serve_block() {
        at: rounds.train.serve
       hint: it needs the generate model `upstream` to be `kind: openai` and a `command`, `ray` or `slurm` backend with `serve_model`; a local upstream answers from the checkpoint folder by itself
     "#);
+}
+
+#[test]
+fn replay_tops_up_a_short_round_with_correction_pairs_by_default() {
+    let dir = setup();
+    let text = full_with(
+        "  evaluate:\n",
+        "    replay: { min_pairs: 200 }\n  evaluate:\n",
+    );
+    let spec = load(&dir, &text).expect("valid");
+    assert_eq!(
+        spec.rounds.train.unwrap().replay,
+        Some(Replay {
+            min_pairs: 200,
+            origins: vec![PairKind::Correction]
+        })
+    );
+    let text = full_with(
+        "  evaluate:\n",
+        "    replay: { min_pairs: 10, origins: [correction, answer_over_refusal_text] }\n  evaluate:\n",
+    );
+    let spec = load(&dir, &text).expect("valid");
+    assert_eq!(
+        spec.rounds.train.unwrap().replay.unwrap().origins,
+        vec![PairKind::Correction, PairKind::AnswerOverRefusalText]
+    );
+}
+
+#[test]
+fn error_replay() {
+    let dir = setup();
+    for (block, expected) in [
+        ("{ min_pairs: 0 }", "rounds.train.replay.min_pairs"),
+        ("{ min_pairs: 5, origins: [] }", "`origins` is empty"),
+        ("{ min_pairs: 5, origins: [corection] }", "corection"),
+        ("{ min_pair: 5 }", "min_pair"),
+    ] {
+        let text = full_with(
+            "  evaluate:\n",
+            &format!("    replay: {block}\n  evaluate:\n"),
+        );
+        let e = errors(&dir, &text);
+        assert!(e.contains(expected), "{block}: {e}");
+    }
+}
+
+#[test]
+fn the_train_stage_default_is_what_validation_fills_in() {
+    let dir = setup();
+    let minimal = "version: 1\nname: t\nmodels:\n  m: { kind: local, path: models/tiny.gguf }\nprompts: { source: data/prompts.jsonl }\nrounds:\n  generate: { model: m }\n  correct: { model: m }\n  train: { backend: { kind: builtin } }\n";
+    let spec = load(&dir, minimal).expect("valid");
+    assert_eq!(spec.rounds.train.unwrap(), TrainStage::default());
 }

@@ -509,6 +509,64 @@ pub struct TrainStage {
     pub reference: ReferencePolicy,
     pub backend: TrainBackend,
     pub serve: Option<ServeSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replay: Option<Replay>,
+}
+
+impl Default for TrainStage {
+    /// What validation fills in when the YAML sets only `backend: {kind: builtin}`.
+    fn default() -> Self {
+        TrainStage {
+            method: TrainMethod::Dpo,
+            beta: 0.1,
+            loss: DpoLoss::Sigmoid,
+            learning_rate: 1e-6,
+            epochs: 3,
+            batch_size: 8,
+            gradient_accumulation: 1,
+            max_length: 1024,
+            warmup_ratio: 0.03,
+            reference: ReferencePolicy::Initial,
+            backend: TrainBackend::Builtin(BuiltinTrainer::default()),
+            serve: None,
+            replay: None,
+        }
+    }
+}
+
+/// `rounds.train.replay`: when a round kept fewer than `min_pairs` pairs, earlier rounds' kept
+/// pairs of the listed kinds fill its training set up to `min_pairs`: newest round first, one
+/// per prompt, never a prompt the round has a pair of. As the upstream learns, its answers to
+/// harmful prompts are refusals already, so correction pairs dry up while benign prompts keep
+/// giving pairs; replaying earlier corrections keeps the set's size and mix. The store's
+/// `replayed_pairs` lists what each round replayed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Replay {
+    pub min_pairs: u32,
+    /// Default: `[correction]`.
+    pub origins: Vec<PairKind>,
+}
+
+/// Where a pair came from (`pairs.origin`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PairKind {
+    /// chosen = the Aligner's correction, rejected = the upstream's answer.
+    Correction,
+    /// A benign prompt: chosen = the answer, rejected = the Aligner's refusal of it.
+    AnswerOverAlignerRefusal,
+    /// A benign prompt: chosen = the answer, rejected = a refusal text.
+    AnswerOverRefusalText,
+}
+
+impl PairKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PairKind::Correction => "correction",
+            PairKind::AnswerOverAlignerRefusal => "answer_over_aligner_refusal",
+            PairKind::AnswerOverRefusalText => "answer_over_refusal_text",
+        }
+    }
 }
 
 /// `rounds.evaluate`: each round's model measured on the held-out prompts.

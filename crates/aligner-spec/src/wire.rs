@@ -407,6 +407,15 @@ pub struct TrainWire {
     pub reference: Option<ReferenceWire>,
     pub backend: BackendWire,
     pub serve: Option<ServeWire>,
+    pub replay: Option<ReplayWire>,
+}
+
+/// `rounds.train.replay:`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, expecting = "a replay mapping with `min_pairs`")]
+pub struct ReplayWire {
+    pub min_pairs: u32,
+    pub origins: Option<Vec<crate::types::PairKind>>,
 }
 
 /// `rounds.train.serve:`: how a round's checkpoint gets behind the upstream's endpoint.

@@ -103,4 +103,80 @@ impl Store {
         .fetch_all(&self.pool)
         .await?)
     }
+
+    /// The earlier rounds' pairs round `round` replayed (`rounds.train.replay`), in the order
+    /// they were picked. On the first call for a round, when it kept fewer than `min_pairs`,
+    /// they are picked and recorded in one transaction: earlier rounds' kept pairs whose
+    /// `origin` is one of `origins` and whose prompt has no kept pair in `round`, one per
+    /// prompt (its newest), newest round first. Later calls (a resumed train stage) read the
+    /// record, so a round always trains on the same set.
+    pub async fn replay_pairs(
+        &self,
+        run_id: i64,
+        round: i64,
+        min_pairs: i64,
+        origins: &[&str],
+    ) -> Result<Vec<ExportPair>> {
+        let mut tx = self.pool.begin().await?;
+        let recorded: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM replayed_pairs WHERE run_id = ? AND round = ?",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_one(&mut *tx)
+        .await?;
+        if recorded == 0 {
+            let kept: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pairs WHERE run_id = ? AND round = ? AND verdict = 'kept'",
+            )
+            .bind(run_id)
+            .bind(round)
+            .fetch_one(&mut *tx)
+            .await?;
+            let wanted = (min_pairs - kept).max(0);
+            if wanted > 0 && !origins.is_empty() {
+                let marks = vec!["?"; origins.len()].join(", ");
+                let sql = format!(
+                    "SELECT p.id, p.prompt_id FROM pairs p
+                     WHERE p.run_id = ? AND p.round < ? AND p.verdict = 'kept' AND p.origin IN ({marks})
+                       AND p.prompt_id NOT IN (SELECT x.prompt_id FROM pairs x
+                           WHERE x.run_id = p.run_id AND x.round = ? AND x.verdict = 'kept')
+                     ORDER BY p.round DESC, p.id"
+                );
+                let mut q = sqlx::query_as::<_, (i64, i64)>(&sql)
+                    .bind(run_id)
+                    .bind(round);
+                for o in origins {
+                    q = q.bind(*o);
+                }
+                let candidates = q.bind(round).fetch_all(&mut *tx).await?;
+                let mut seen = std::collections::HashSet::new();
+                let picked = candidates
+                    .into_iter()
+                    .filter(|(_, prompt)| seen.insert(*prompt))
+                    .take(wanted as usize);
+                for (pair_id, _) in picked {
+                    sqlx::query(
+                        "INSERT INTO replayed_pairs (run_id, round, pair_id) VALUES (?, ?, ?)",
+                    )
+                    .bind(run_id)
+                    .bind(round)
+                    .bind(pair_id)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+        }
+        let pairs = sqlx::query_as::<_, ExportPair>(
+            "SELECT p.id AS pair_id, pr.system, pr.prompt, p.chosen, p.rejected
+             FROM replayed_pairs r JOIN pairs p ON p.id = r.pair_id JOIN prompts pr ON pr.id = p.prompt_id
+             WHERE r.run_id = ? AND r.round = ? ORDER BY r.rowid",
+        )
+        .bind(run_id)
+        .bind(round)
+        .fetch_all(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(pairs)
+    }
 }

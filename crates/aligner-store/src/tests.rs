@@ -46,7 +46,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "costs".to_string(),
             "checkpoint server".to_string(),
             "replicas".to_string(),
-            "proxy cost".to_string()
+            "proxy cost".to_string(),
+            "replayed pairs".to_string()
         ]
     );
     let tables = store
@@ -83,6 +84,7 @@ async fn migrations_apply_on_a_fresh_file() {
             "prompts",
             "proxy_qac",
             "proxy_records",
+            "replayed_pairs",
             "round_summary",
             "rounds",
             "runs",
@@ -514,4 +516,117 @@ async fn benign_pairs_beyond_the_ratio_are_capped_the_same_way_twice() {
         (5, 5),
         "capped pairs count as dropped"
     );
+}
+
+/// One round of `n`-prompt answers with a pair each: `origin(i)` gives prompt i's pair kind, or
+/// `None` for a pair dropped as identical.
+async fn round_of_pairs(
+    store: &Store,
+    run: i64,
+    round: i64,
+    origin: impl Fn(usize) -> Option<PairOrigin>,
+) {
+    store
+        .ensure_round(run, round, "up", "up-model", None)
+        .await
+        .unwrap();
+    let rows = store.train_prompts_page(run, -1, 100).await.unwrap();
+    let gens: Vec<NewGeneration> = rows
+        .iter()
+        .map(|p| NewGeneration {
+            run_id: run,
+            round,
+            prompt_id: p.id,
+            sample_idx: 0,
+            model: "up".into(),
+            backend: "test".into(),
+            checkpoint_id: None,
+            sampling: "{}".into(),
+            out: ok(&format!("answer {round}")),
+        })
+        .collect();
+    store.insert_generations(&gens).await.unwrap();
+    let unpaired = store.unpaired_page(run, round, 0, 100).await.unwrap();
+    let pairs: Vec<NewPair> = unpaired
+        .iter()
+        .enumerate()
+        .map(|(i, u)| NewPair {
+            run_id: run,
+            round,
+            prompt_id: u.prompt_id,
+            generation_id: u.generation_id,
+            correction_id: None,
+            chosen: Some(format!("chosen {round}.{i}")),
+            rejected: Some(format!("rejected {round}.{i}")),
+            reason: origin(i).is_none().then(|| "identical".into()),
+            edit_distance: None,
+            length_ratio: None,
+            origin: origin(i).unwrap_or(PairOrigin::Correction),
+        })
+        .collect();
+    store.insert_pairs(&pairs).await.unwrap();
+}
+
+/// `rounds.train.replay`: a round short of `min_pairs` is topped up with earlier rounds' kept
+/// pairs of the asked kinds, newest round first, one per prompt, never a prompt the round has
+/// a pair of; the pick is recorded, so a resumed round trains on the same set.
+#[tokio::test]
+async fn a_short_round_replays_earlier_pairs_once_and_the_same_on_resume() {
+    let (_dir, store) = fresh().await;
+    let run = store.create_run("p", "p.yaml", "{}", "h").await.unwrap();
+    let prompts: Vec<_> = (0..10).map(|i| prompt(i, &format!("p{i}"))).collect();
+    store.insert_prompts(run, &prompts).await.unwrap();
+    let benign = |i: usize| (i >= 6).then_some(PairOrigin::AnswerOverRefusalText);
+    // Round 1: prompts 0-5 give correction pairs, 6-9 benign ones.
+    round_of_pairs(&store, run, 1, |i| {
+        benign(i).or(Some(PairOrigin::Correction))
+    })
+    .await;
+    // Round 2: prompts 0, 1, 4 and 5 give correction pairs, 2 and 3 dropped ones.
+    round_of_pairs(&store, run, 2, |i| match i {
+        0 | 1 | 4 | 5 => Some(PairOrigin::Correction),
+        _ => benign(i),
+    })
+    .await;
+    // Round 3: prompt 0 only, and the benign ones.
+    round_of_pairs(&store, run, 3, |i| match i {
+        0 => Some(PairOrigin::Correction),
+        _ => benign(i),
+    })
+    .await;
+    let texts = |pairs: Vec<ExportPair>| -> Vec<String> {
+        pairs.into_iter().map(|p| p.chosen.unwrap()).collect()
+    };
+    // Round 3 kept 5 (prompt 0 and the four benign); 4 more from rounds 2 then 1: prompts 1,
+    // 4, 5 from round 2 (its newest), then prompt 2 from round 1 (round 2 dropped it).
+    let first = texts(
+        store
+            .replay_pairs(run, 3, 9, &["correction"])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        first,
+        ["chosen 2.1", "chosen 2.4", "chosen 2.5", "chosen 1.2"]
+    );
+    // Resumed (even with another target), the recorded pick is what it trains on.
+    let again = texts(
+        store
+            .replay_pairs(run, 3, 50, &["correction"])
+            .await
+            .unwrap(),
+    );
+    assert_eq!(again, first);
+    // A round with enough pairs of its own replays nothing; benign kinds are not replayed
+    // unless asked, and never for a prompt the round has.
+    assert!(store
+        .replay_pairs(run, 1, 5, &["correction"])
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(store
+        .replay_pairs(run, 2, 20, &["answer_over_refusal_text"])
+        .await
+        .unwrap()
+        .is_empty());
 }

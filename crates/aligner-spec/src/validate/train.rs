@@ -326,6 +326,37 @@ impl Ctx<'_> {
             },
             backend: backend?,
             serve: serve?,
+            replay: match &w.replay {
+                None => None,
+                Some(r) => Some(self.replay(&p("replay"), r)?),
+            },
+        })
+    }
+
+    /// `rounds.train.replay`.
+    fn replay(&mut self, path: &str, w: &ReplayWire) -> Option<Replay> {
+        let ok = self.expect(
+            &join(path, "min_pairs"),
+            w.min_pairs >= 1,
+            "at least 1",
+            w.min_pairs,
+        );
+        let origins = w
+            .origins
+            .clone()
+            .unwrap_or_else(|| vec![PairKind::Correction]);
+        if origins.is_empty() {
+            self.err(
+                &join(path, "origins"),
+                Anchor::Value,
+                "`origins` is empty: nothing could be replayed",
+                Some("list the pair kinds to replay, e.g. `origins: [correction]` (the default), or remove `replay`".into()),
+            );
+            return None;
+        }
+        ok.then_some(Replay {
+            min_pairs: w.min_pairs,
+            origins,
         })
     }
 
