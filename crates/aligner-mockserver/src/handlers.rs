@@ -46,6 +46,8 @@ struct ChatBody {
     max_tokens: Option<u64>,
     #[serde(default)]
     temperature: Option<f64>,
+    #[serde(default)]
+    stream: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -270,6 +272,10 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         .sum();
     let completion_tokens = answers::word_count(&text);
     bump(&shared.counters.ok);
+    if req.stream == Some(true) {
+        let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens});
+        return stream_chat(shared, model, &text, finish, usage);
+    }
     axum::Json(json!({
         "id": "chatcmpl-mock",
         "object": "chat.completion",
@@ -287,6 +293,67 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         },
     }))
     .into_response()
+}
+
+/// A chat answer as server-sent events: one word (with the spaces before it) per chunk,
+/// `stream_delay` apart, then the finish reason, usage and `[DONE]`; with `cut_stream_after`,
+/// the body ends after that many words, with neither.
+fn stream_chat(
+    shared: &Shared,
+    model: &str,
+    text: &str,
+    finish: &str,
+    usage: serde_json::Value,
+) -> Response {
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
+               "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let mut pieces: Vec<String> = Vec::new();
+    let (mut piece, mut in_word) = (String::new(), false);
+    for c in text.chars() {
+        if c.is_whitespace() && in_word {
+            pieces.push(std::mem::take(&mut piece));
+            in_word = false;
+        }
+        in_word |= !c.is_whitespace();
+        piece.push(c);
+    }
+    if !piece.is_empty() {
+        pieces.push(piece);
+    }
+    let cut = shared.config.cut_stream_after;
+    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), None)];
+    let words = pieces.len().min(cut.unwrap_or(usize::MAX));
+    events.extend(
+        pieces[..words]
+            .iter()
+            .map(|p| chunk(json!({"content": p}), None)),
+    );
+    let whole = cut.is_none_or(|n| n >= pieces.len());
+    if whole {
+        events.push(chunk(json!({}), Some(finish)));
+        let mut last = chunk(json!({}), None);
+        last["choices"] = json!([]);
+        last["usage"] = usage;
+        events.push(last);
+    }
+    let mut lines: Vec<String> = events.iter().map(|e| format!("data: {e}\n\n")).collect();
+    if whole {
+        lines.push("data: [DONE]\n\n".to_string());
+    }
+    let delay = shared.config.stream_delay;
+    let body = futures::stream::unfold(lines.into_iter(), move |mut it| async move {
+        let line = it.next()?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Some((Ok::<_, std::convert::Infallible>(line), it))
+    });
+    Response::builder()
+        .header(header::CONTENT_TYPE, "text/event-stream")
+        .body(axum::body::Body::from_stream(body))
+        .expect("a streamed response builds")
 }
 
 async fn completions(

@@ -66,6 +66,11 @@ pub struct MockConfig {
     /// Refuse `POST /v1/load_lora_adapter` with this message (HTTP 400), as vLLM does for an
     /// adapter it cannot load.
     pub refuse_lora: Option<String>,
+    /// Streamed chat answers (`"stream": true`) send one word per event, this far apart.
+    pub stream_delay: Duration,
+    /// A streamed chat answer stops after this many words: the connection closes without a
+    /// finish reason or `[DONE]`, as when a server dies mid-answer.
+    pub cut_stream_after: Option<usize>,
 }
 
 /// Injected faults and rejections, by kind.

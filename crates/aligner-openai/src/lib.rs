@@ -11,6 +11,7 @@ mod fleet;
 mod limiter;
 mod response;
 mod retry;
+mod stream;
 pub mod wire;
 
 use std::fmt;
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use aligner_backend::{
-    Completion, CompletionRequest, Error, ErrorKind, Message, Prompt, TextGenerator,
+    Completion, CompletionRequest, Error, ErrorKind, Message, Prompt, TextGenerator, TextSink,
 };
 use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
 use reqwest::StatusCode;
@@ -267,7 +268,14 @@ impl OpenAiBackend {
         format!("{}{}", self.inner.base_url, endpoint.path())
     }
 
-    async fn run(&self, mut request: CompletionRequest) -> Result<Completion, Error> {
+    /// One completion, retried per the config. With a `sink` the server is asked to stream
+    /// and each text piece goes to the sink as it arrives; a stream that breaks after its
+    /// first piece is not retried (the pieces are out), it fails.
+    async fn run(
+        &self,
+        mut request: CompletionRequest,
+        sink: Option<&TextSink>,
+    ) -> Result<Completion, Error> {
         let inner = &*self.inner;
         if inner.config.raw_as_chat {
             if let Prompt::Raw(text) = &mut request.prompt {
@@ -275,7 +283,11 @@ impl OpenAiBackend {
                 request.prompt = Prompt::Chat(vec![Message::new("user", text)]);
             }
         }
-        let (endpoint, body) = build_body(&request, &inner.config.model);
+        let (endpoint, mut body) = build_body(&request, &inner.config.model);
+        if sink.is_some() {
+            body["stream"] = true.into();
+            body["stream_options"] = serde_json::json!({"include_usage": true});
+        }
         let model = effective_model(&request, &inner.config.model).to_string();
         let url = self.url(endpoint);
         let body = serde_json::to_vec(&body)
@@ -294,7 +306,7 @@ impl OpenAiBackend {
                 let Ok(_permit) = inner.semaphore.acquire().await else {
                     return Err(config_error("the backend was shut down".into()));
                 };
-                self.attempt(&url, &body, endpoint, &model).await
+                self.attempt(&url, &body, endpoint, &model, sink).await
             };
             match outcome {
                 Outcome::Done(parsed, latency) => {
@@ -355,7 +367,14 @@ impl OpenAiBackend {
         })
     }
 
-    async fn attempt(&self, url: &str, body: &[u8], endpoint: Endpoint, model: &str) -> Outcome {
+    async fn attempt(
+        &self,
+        url: &str,
+        body: &[u8],
+        endpoint: Endpoint,
+        model: &str,
+        sink: Option<&TextSink>,
+    ) -> Outcome {
         let inner = &*self.inner;
         bump(&inner.counters.requests);
         let start = std::time::Instant::now();
@@ -374,6 +393,11 @@ impl OpenAiBackend {
         };
         let status = response.status();
         let retry_after = parse_retry_after(response.headers(), SystemTime::now());
+        if let (Some(sink), true) = (sink, status.is_success()) {
+            return self
+                .read_stream(response, endpoint, model, sink, start)
+                .await;
+        }
         let bytes = match response.bytes().await {
             Ok(b) => b,
             Err(e) => return self.transport_error(&e),
@@ -442,6 +466,61 @@ impl OpenAiBackend {
             ))
         } else {
             Outcome::Fatal(what)
+        }
+    }
+
+    /// Reads a streamed answer, sending each piece to `sink`. Until the first piece a
+    /// failure is worth another attempt; after it, the answer is broken and the call fails.
+    async fn read_stream(
+        &self,
+        mut response: reqwest::Response,
+        endpoint: Endpoint,
+        model: &str,
+        sink: &TextSink,
+        start: std::time::Instant,
+    ) -> Outcome {
+        let mut events = stream::Events::default();
+        let mut answer = stream::Answer::new(endpoint);
+        let broken = |answer: &stream::Answer, reason: String| {
+            if answer.received() == 0 {
+                Outcome::Retry {
+                    reason,
+                    status: None,
+                    retry_after: None,
+                }
+            } else {
+                Outcome::Fatal(format!(
+                    "{reason} (after {} streamed characters, which were sent on)",
+                    answer.received()
+                ))
+            }
+        };
+        'read: loop {
+            let bytes = match response.chunk().await {
+                Ok(Some(b)) => b,
+                Ok(None) => break,
+                Err(e) => {
+                    let Outcome::Retry { reason, .. } = self.transport_error(&e) else {
+                        return Outcome::Fatal(error_chain(&e));
+                    };
+                    return broken(&answer, format!("the stream broke: {reason}"));
+                }
+            };
+            for payload in events.push(&bytes) {
+                match answer.read(&payload) {
+                    Ok(stream::Step::Done) => break 'read,
+                    Ok(stream::Step::Text(piece)) => {
+                        if !piece.is_empty() {
+                            let _ = sink.send(piece);
+                        }
+                    }
+                    Err(e) => return broken(&answer, e),
+                }
+            }
+        }
+        match answer.finish(model) {
+            Ok(parsed) => Outcome::Done(parsed, start.elapsed()),
+            Err(e) => Outcome::Fatal(e),
         }
     }
 
@@ -538,14 +617,35 @@ impl TextGenerator for OpenAiBackend {
             model = effective_model(&request, &self.inner.config.model),
             endpoint = Endpoint::for_prompt(&request.prompt).path(),
         );
-        let result = self.run(request).instrument(span).await;
+        let result = self.run(request, None).instrument(span).await;
+        self.count(&result);
+        result
+    }
+
+    async fn complete_streaming(
+        &self,
+        request: CompletionRequest,
+        sink: TextSink,
+    ) -> Result<Completion, Error> {
+        let span = tracing::debug_span!(
+            "openai_stream",
+            model = effective_model(&request, &self.inner.config.model),
+            endpoint = Endpoint::for_prompt(&request.prompt).path(),
+        );
+        let result = self.run(request, Some(&sink)).instrument(span).await;
+        self.count(&result);
+        result
+    }
+}
+
+impl OpenAiBackend {
+    fn count(&self, result: &Result<Completion, Error>) {
         let c = &self.inner.counters;
         bump(if result.is_ok() {
             &c.succeeded
         } else {
             &c.failed
         });
-        result
     }
 }
 

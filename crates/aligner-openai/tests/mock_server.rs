@@ -400,3 +400,66 @@ async fn seeded_faults_mixed_all_succeed_with_enough_retries() {
     assert_eq!(s.retries, f.status_429 + f.status_500 + f.malformed);
     assert_eq!(s.requests, 100 + s.retries);
 }
+
+/// `complete_streaming` asks for a stream and hands each piece on as it arrives: the first
+/// piece comes long before the whole answer, and the pieces add up to the answer.
+#[tokio::test]
+async fn a_streamed_answer_arrives_piece_by_piece() {
+    let server = start_server(MockConfig {
+        stream_delay: Duration::from_millis(40),
+        ..MockConfig::default()
+    })
+    .await;
+    let backend = make_backend(&server, |_| {});
+    let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel();
+    let start = Instant::now();
+    let call = tokio::spawn(async move {
+        backend
+            .complete_streaming(chat("one two three four five six"), sink)
+            .await
+    });
+    let first = pieces.recv().await.unwrap();
+    let first_at = start.elapsed();
+    let c = call.await.unwrap().unwrap();
+    let mut text = first;
+    while let Ok(p) = pieces.try_recv() {
+        text.push_str(&p);
+    }
+    assert_eq!(text, "answer: one two three four five six");
+    assert_eq!(c.text, text);
+    assert_eq!(c.finish_reason, FinishReason::Stop);
+    assert_eq!((c.prompt_tokens, c.completion_tokens), (Some(8), Some(7)));
+    assert!(
+        first_at * 3 < c.latency,
+        "first piece at {first_at:?}, whole answer at {:?}",
+        c.latency
+    );
+    let body = server.last_request_body().unwrap();
+    assert_eq!(body["stream"], true);
+    assert_eq!(body["stream_options"]["include_usage"], true);
+}
+
+/// A stream that breaks after its first pieces fails (no retry: the pieces are out), naming
+/// how far it got; one that breaks before any piece is retried like any failed call.
+#[tokio::test]
+async fn a_stream_that_breaks_midway_fails_without_a_retry() {
+    let server = start_server(MockConfig {
+        cut_stream_after: Some(3),
+        ..MockConfig::default()
+    })
+    .await;
+    let backend = make_backend(&server, |_| {});
+    let (sink, mut pieces) = tokio::sync::mpsc::unbounded_channel();
+    let e = backend
+        .complete_streaming(chat("one two three four five six"), sink)
+        .await
+        .unwrap_err();
+    assert!(e.message.contains("without a finish_reason"), "{e}");
+    assert_eq!(e.attempts, 1, "{e}");
+    let mut sent = String::new();
+    while let Ok(p) = pieces.try_recv() {
+        sent.push_str(&p);
+    }
+    assert_eq!(sent, "answer: one two");
+    assert_eq!(server.stats().per_path["/v1/chat/completions"], 1);
+}
