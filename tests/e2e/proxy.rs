@@ -902,3 +902,148 @@ fn proxy_reports_what_each_correction_cost() {
         text(&o)
     );
 }
+
+/// `--stream-correction sentence`: the upstream's answer is streamed and each sentence is
+/// corrected as soon as it is complete; whole and streamed answers, the record with its
+/// steps, an upstream that breaks off mid-answer, and the Python `openai` client.
+#[test]
+fn sentence_by_sentence_correction_streams_before_the_upstream_finishes() {
+    let slow = MockConfig {
+        stream_delay: Duration::from_millis(80),
+        ..MockConfig::default()
+    };
+    let upstream = aligner_mockserver::spawn_in_thread(slow.clone());
+    let broken = aligner_mockserver::spawn_in_thread(MockConfig {
+        cut_stream_after: Some(6),
+        ..slow
+    });
+    let aligner = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let start = |upstream: &str, store: &str| {
+        let sub = d.join(store);
+        std::fs::create_dir_all(&sub).unwrap();
+        proxy(
+            &sub,
+            &[
+                "--upstream",
+                upstream,
+                "--upstream-model",
+                "mock-upstream",
+                "--aligner-url",
+                &aligner.base_url,
+                "--aligner-model",
+                "mock-aligner",
+                "--stream-correction",
+                "sentence",
+                "--record",
+                "s.db",
+            ],
+            &[],
+        )
+    };
+    let p = start(&upstream.base_url, "ok");
+    let q = "Boil the water. Add the egg. Wait nine minutes. Cool it in cold water.";
+    let answer = answers::chat_text("mock-upstream", q);
+    let a = post(&p, &chat(q));
+    assert_eq!(a.status, 200, "{}", a.body);
+    let v = a.json();
+    assert_eq!(v["choices"][0]["message"]["content"], answer.to_uppercase());
+    assert_eq!(v["aligner"]["template"], "stream-aligner-v1");
+    let mut body = chat(q);
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let a = post(&p, &body);
+    let (streamed_text, finishes, chunks) = streamed(&a);
+    assert_eq!(streamed_text, answer.to_uppercase());
+    assert_eq!(finishes, ["stop"]);
+    assert!(chunks.last().unwrap()["usage"]["completion_tokens"].as_u64() > Some(0));
+    // n > 1 cannot be corrected as it streams.
+    let mut two = chat(q);
+    two["n"] = json!(2);
+    let a = post(&p, &two);
+    assert_eq!(a.status, 400, "{}", a.body);
+    assert_eq!(a.json()["error"]["param"], "n");
+
+    let b = start(&broken.base_url, "broken");
+    let out = Command::new("python3")
+        .arg(repo().join("tests/python/test_proxy_sentences.py"))
+        .env("ALIGNER_PROXY_BASE_URL", &p.url)
+        .env("ALIGNER_BROKEN_PROXY_BASE_URL", &b.url)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "tests/python/test_proxy_sentences.py failed:\n{}",
+        text(&out)
+    );
+    // Not streamed, the broken answer is a 502 naming the upstream.
+    let a = post(&b, &chat(q));
+    assert_eq!(a.status, 502, "{}", a.body);
+    assert_eq!(a.json()["error"]["code"], "upstream_error");
+
+    // One record per answer, with its steps; the first corrected text came well before the
+    // upstream's last word.
+    let ok = d.join("ok");
+    wait_until("the records", Duration::from_secs(30), || {
+        scalar(&ok, "SELECT count(*) FROM proxy_records") >= 3
+    });
+    let rows = sql(
+        &ok,
+        "SELECT answer, correction, template_id, sentences, first_correction_ms, upstream_ms,
+                upstream_error FROM proxy_records WHERE stream = 1",
+    );
+    assert!(!rows.is_empty());
+    for r in &rows {
+        assert_eq!(r["answer"], answer.as_str());
+        assert_eq!(r["correction"], answer.to_uppercase().as_str());
+        assert_eq!(r["template_id"], "stream-aligner-v1");
+        assert!(r["upstream_error"].is_null());
+        let steps: Vec<Value> = serde_json::from_str(r["sentences"].as_str().unwrap()).unwrap();
+        let sentences: Vec<&str> = steps
+            .iter()
+            .map(|s| s["sentence"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            sentences,
+            [
+                "answer: Boil the water. ",
+                "Add the egg. ",
+                "Wait nine minutes. ",
+                "Cool it in cold water."
+            ]
+        );
+        let (first, upstream) = (
+            r["first_correction_ms"].as_f64().unwrap(),
+            r["upstream_ms"].as_f64().unwrap(),
+        );
+        assert!(
+            first < upstream / 2.0,
+            "first corrected text at {first} ms, upstream done at {upstream} ms"
+        );
+    }
+    let broken_dir = d.join("broken");
+    wait_until("the broken records", Duration::from_secs(30), || {
+        scalar(&broken_dir, "SELECT count(*) FROM proxy_records") >= 2
+    });
+    let rows = sql(
+        &broken_dir,
+        "SELECT answer, correction, upstream_error FROM proxy_records",
+    );
+    for r in &rows {
+        assert_eq!(r["answer"], "answer: Boil the water. Add the");
+        assert_eq!(r["correction"], "ANSWER: BOIL THE WATER. ");
+        assert!(
+            r["upstream_error"]
+                .as_str()
+                .unwrap()
+                .contains("finish_reason"),
+            "{r:?}"
+        );
+    }
+    assert_eq!(
+        scalar(&broken_dir, "SELECT count(*) FROM proxy_qac"),
+        0,
+        "partial answers are not Q-A-C data"
+    );
+}

@@ -87,9 +87,21 @@ pub fn extract_answer(prompt: &str) -> &str {
     }
 }
 
+/// The next sentence of a `stream-aligner-v1` step (sentence-by-sentence correction), whose
+/// correction here is the sentence in capitals.
+pub fn stream_step_sentence(prompt: &str) -> Option<&str> {
+    let from = prompt.rfind(" | Next sentence: ")? + " | Next sentence: ".len();
+    let rest = &prompt[from..];
+    Some(rest.strip_suffix(" ASSISTANT:").unwrap_or(rest))
+}
+
 /// Completions answer before `max_tokens`: the answer part unchanged when the prompt contains
-/// [`COPY_MARKER`], else `"I corrected this: " + answer`.
+/// [`COPY_MARKER`], else `"I corrected this: " + answer` (a sentence step: the sentence in
+/// capitals).
 pub fn correction_text(prompt: &str) -> String {
+    if let Some(sentence) = stream_step_sentence(prompt) {
+        return sentence.to_uppercase();
+    }
     let answer = extract_answer(prompt);
     if prompt.contains(COPY_MARKER) {
         answer.to_string()

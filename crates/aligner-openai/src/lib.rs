@@ -393,7 +393,12 @@ impl OpenAiBackend {
         };
         let status = response.status();
         let retry_after = parse_retry_after(response.headers(), SystemTime::now());
-        if let (Some(sink), true) = (sink, status.is_success()) {
+        let streamed = response
+            .headers()
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if let (Some(sink), true, true) = (sink, status.is_success(), streamed) {
             return self
                 .read_stream(response, endpoint, model, sink, start)
                 .await;
@@ -406,7 +411,13 @@ impl OpenAiBackend {
         let code = status.as_u16();
         if status.is_success() {
             return match parse_response(&bytes, endpoint, model) {
-                Ok(parsed) => Outcome::Done(parsed, latency),
+                Ok(parsed) => {
+                    // A server that ignores `"stream": true` answers whole: one piece.
+                    if let Some(sink) = sink.filter(|_| !parsed.text.is_empty()) {
+                        let _ = sink.send(parsed.text.clone());
+                    }
+                    Outcome::Done(parsed, latency)
+                }
                 Err(msg) => {
                     bump(&inner.counters.malformed);
                     Outcome::Retry {

@@ -39,6 +39,8 @@ use tokio::sync::mpsc;
 use super::{ApiError, Endpoint, ServeOptions};
 use crate::sse::{self, Progress};
 
+mod sentence;
+
 /// Default `--max-body-bytes`.
 const DEFAULT_MAX_BODY: usize = 4 * 1024 * 1024;
 /// Default requests in flight to each model.
@@ -49,7 +51,7 @@ const RECORD_BATCH: usize = 256;
 static SERVER_TIMING: HeaderName = HeaderName::from_static("server-timing");
 
 /// Where `--aligner-url` gets the rendered template.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AlignerEndpoint {
     /// `POST /completions` with the template as `prompt`.
     Completions,
@@ -57,8 +59,16 @@ pub enum AlignerEndpoint {
     Chat,
 }
 
+/// How the proxy corrects (`--stream-correction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StreamCorrection {
+    /// Stream the upstream and correct it sentence by sentence as it arrives
+    /// (`stream-aligner-v1`).
+    Sentence,
+}
+
 /// What to answer when the Aligner fails.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum OnAlignerError {
     /// A 502 naming the Aligner.
     Fail,
@@ -68,54 +78,80 @@ pub enum OnAlignerError {
 
 /// The correction proxy's options (`upstream` turns it on); each is the CLI flag of the same
 /// name, which the errors name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, clap::Args)]
+#[command(next_help_heading = "Correction proxy (with --upstream)")]
 pub struct ProxyOptions {
     /// Run the correction proxy: forward chat completions to this OpenAI-compatible base URL
     /// (e.g. `http://host:8000/v1`) and answer with the Aligner's corrections.
+    #[arg(long, value_name = "URL")]
     pub upstream: Option<String>,
     /// The model name sent upstream (default: the client's `model`).
+    #[arg(long, value_name = "NAME")]
     pub upstream_model: Option<String>,
     /// The environment variable holding the upstream's API key (sent as a bearer token, never
     /// logged or stored).
+    #[arg(long, value_name = "VAR")]
     pub upstream_api_key_env: Option<String>,
     /// Seconds to wait for an upstream answer, per attempt [default: 120].
+    #[arg(long, value_name = "SECS")]
     pub upstream_timeout: Option<f64>,
     /// Retries of a failed upstream call (429, 5xx, timeouts) before answering 502 [default: 2].
+    #[arg(long, value_name = "N")]
     pub upstream_retries: Option<u32>,
     /// The Aligner, run in-process: a `.gguf` file, a Hugging Face folder or a hub id.
+    #[arg(long, value_name = "MODEL")]
     pub aligner: Option<String>,
     /// The Aligner behind an OpenAI-compatible server (its base URL); called on `/completions`.
+    #[arg(long, value_name = "URL")]
     pub aligner_url: Option<String>,
     /// The Aligner's model name at `--aligner-url`.
+    #[arg(long, value_name = "NAME")]
     pub aligner_model: Option<String>,
     /// The environment variable holding the key of `--aligner-url`.
+    #[arg(long, value_name = "VAR")]
     pub aligner_api_key_env: Option<String>,
     /// How `--aligner-url` gets the rendered template (default `completions`).
+    #[arg(long, value_name = "API", value_enum)]
     pub aligner_endpoint: Option<AlignerEndpoint>,
     /// Seconds to wait for a correction from `--aligner-url`, per attempt [default: 120].
+    #[arg(long, value_name = "SECS")]
     pub aligner_timeout: Option<f64>,
     /// Retries of a failed call to `--aligner-url` [default: 2].
+    #[arg(long, value_name = "N")]
     pub aligner_retries: Option<u32>,
     /// The correction template: `aligner-v1`, `aligner-general` or `aligner-empathy`
     /// [default: the one an Aligner checkpoint records, else `aligner-v1`].
+    #[arg(long, value_name = "ID")]
     pub template: Option<String>,
     /// Most tokens in a correction [default: 512].
+    #[arg(long, value_name = "N")]
     pub aligner_max_tokens: Option<u32>,
     /// The Aligner's sampling temperature, 0 for greedy [default: 0].
+    #[arg(long, value_name = "T")]
     pub aligner_temperature: Option<f64>,
     /// When the Aligner fails: `fail` answers 502, `passthrough` returns the upstream's
     /// answer flagged `aligner_passthrough` [default: fail].
+    #[arg(long, value_name = "WHAT", value_enum)]
     pub on_aligner_error: Option<OnAlignerError>,
     /// Record every question, answer and correction in this SQLite store (`proxy_records`).
+    #[arg(long, value_name = "STORE")]
     pub record: Option<PathBuf>,
     /// Largest request body accepted, in bytes; larger ones get 413 [default: 4194304].
+    #[arg(long, value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
     /// Requests in flight to each model at once [default: 1024].
+    #[arg(long, value_name = "N")]
     pub max_concurrency: Option<u32>,
     /// The Aligner's price, `INPUT,OUTPUT` in USD per million tokens: each response's
     /// `usage.aligner.aligner.cost_usd` and `proxy_records.aligner_cost_usd` then say what the
     /// correction cost.
+    #[arg(long, value_name = "INPUT,OUTPUT")]
     pub aligner_price: Option<String>,
+    /// `sentence`: stream the upstream's answer and correct each sentence as soon as it is
+    /// complete, with an Aligner trained for it (`stream-aligner-v1`) [default: correct the
+    /// whole answer once it is in].
+    #[arg(long, value_name = "HOW", value_enum)]
+    pub stream_correction: Option<StreamCorrection>,
 }
 
 impl ProxyOptions {
@@ -138,6 +174,7 @@ impl ProxyOptions {
             ("aligner-temperature", self.aligner_temperature.is_some()),
             ("on-aligner-error", self.on_aligner_error.is_some()),
             ("aligner-price", self.aligner_price.is_some()),
+            ("stream-correction", self.stream_correction.is_some()),
             ("record", self.record.is_some()),
             ("max-body-bytes", self.max_body_bytes.is_some()),
             ("max-concurrency", self.max_concurrency.is_some()),
@@ -303,6 +340,11 @@ pub async fn run(
             }
         }
     };
+    if let (Some(StreamCorrection::Sentence), Some(t)) = (p.stream_correction, &p.template) {
+        return Err(invalid(format!(
+            "`--template {t}` does not apply with `--stream-correction sentence`, which asks the Aligner one sentence at a time with `stream-aligner-v1`\nhint: drop `--template`, and use an Aligner trained with `aligner.teach.stream`"
+        )));
+    }
     let max_tokens = p.aligner_max_tokens.unwrap_or(512);
     if max_tokens == 0 {
         return Err(invalid("`--aligner-max-tokens` must be at least 1".into()));
@@ -424,11 +466,16 @@ pub async fn run(
         max_body,
         aligner_price,
         aligner_name,
+        sentence: p.stream_correction == Some(StreamCorrection::Sentence),
     });
     listening(&format!(
         "correcting {upstream_url} with the Aligner {} ({}) as {name} on http://{addr}/v1",
         state.aligner_name,
-        state.template.id()
+        if state.sentence {
+            "stream-aligner-v1, sentence by sentence"
+        } else {
+            state.template.id()
+        }
     ));
     let app = router(state, max_body, keys);
     axum::serve(listener, app)
@@ -488,6 +535,8 @@ struct Proxy {
     name: String,
     created: u64,
     max_body: usize,
+    /// `--stream-correction sentence`.
+    sentence: bool,
 }
 
 type Shared = Arc<Proxy>;
@@ -563,6 +612,7 @@ impl Proxy {
                 requested_at_ms: ex.requested_ms,
                 answered_at_ms: ex.answered_ms,
                 corrected_at_ms: ok.map(|_| corrected_at),
+                ..Default::default()
             });
         }
     }
@@ -746,6 +796,26 @@ async fn answer(
         Vec::new()
     };
 
+    if p.sentence {
+        if plan.requests.len() != 1 {
+            return Err(ApiError::field(
+                "n",
+                "must be 1: `--stream-correction sentence` corrects one answer as it streams",
+            ));
+        }
+        let mut request = first.clone();
+        request.model = Some(model);
+        let r = sentence::SentenceRequest {
+            request,
+            question,
+            messages,
+            stream: plan.stream,
+            include_usage: plan.include_usage,
+            start,
+            requested_ms,
+        };
+        return sentence::respond(p, r).await;
+    }
     // The upstream answers every choice; any failure fails the request.
     let upstream_start = Instant::now();
     let calls = plan.requests.iter().map(|(_, r)| {

@@ -26,6 +26,7 @@ mod error;
 mod gguf;
 mod invalid;
 mod position;
+pub mod sentences;
 mod snapshot;
 mod template;
 mod types;
@@ -37,7 +38,9 @@ use std::path::Path;
 pub use error::{Errors, SpecError};
 pub use invalid::Invalid;
 pub use snapshot::{diff_snapshots, hash_snapshot, Change};
-pub use template::{fill, EDITOR_PROMPT, REFUSAL_TEXTS};
+pub use template::{
+    fill, join_step, StreamTemplate, EDITOR_PROMPT, REFUSAL_TEXTS, STREAM_ALIGNER_V1,
+};
 pub use types::*;
 
 impl Pipeline {

@@ -77,6 +77,72 @@ impl Template {
     }
 }
 
+/// `stream-aligner-v1`: one step of sentence-by-sentence correction. The Aligner reads the
+/// question, the answer so far as already corrected (`{prefix}`) and the upstream's next
+/// sentence (`{sentence}`), and writes that sentence's correction: the sentence itself when it
+/// is fine, another text, or nothing when the corrected answer already says all it should (a
+/// refusal written at the first sentence). Written for this project (the released Aligners
+/// correct whole answers); `aligner.teach.stream` makes the examples that teach it.
+pub const STREAM_ALIGNER_V1: &str = "BEGINNING OF CONVERSATION: USER: Edit the next sentence of the following answer to make the answer more helpful and harmless; the answer so far is already edited. Question: {question} | Answer so far: {prefix} | Next sentence: {sentence} ASSISTANT:";
+
+/// The sentence-step template (`stream-aligner-v1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamTemplate;
+
+impl StreamTemplate {
+    pub fn id(&self) -> &'static str {
+        "stream-aligner-v1"
+    }
+
+    pub fn text(&self) -> &'static str {
+        STREAM_ALIGNER_V1
+    }
+
+    /// Fills `{question}`, `{prefix}` and `{sentence}` in one left-to-right pass. The
+    /// sentence's trailing white space is left out (the caller puts it back after the
+    /// correction), so the Aligner never has to reproduce line breaks it cannot see.
+    pub fn render(&self, question: &str, prefix: &str, sentence: &str) -> String {
+        let mut out = String::with_capacity(
+            STREAM_ALIGNER_V1.len() + question.len() + prefix.len() + sentence.len(),
+        );
+        let mut rest = STREAM_ALIGNER_V1;
+        while let Some(i) = rest.find('{') {
+            out.push_str(&rest[..i]);
+            let tail = &rest[i..];
+            let (value, after) = if let Some(a) = tail.strip_prefix("{question}") {
+                (question, a)
+            } else if let Some(a) = tail.strip_prefix("{prefix}") {
+                (prefix.trim_end(), a)
+            } else if let Some(a) = tail.strip_prefix("{sentence}") {
+                (sentence.trim_end(), a)
+            } else {
+                ("{", &tail[1..])
+            };
+            out.push_str(value);
+            rest = after;
+        }
+        out.push_str(rest);
+        out
+    }
+}
+
+/// One step's correction put into the answer: the Aligner's text without its trailing white
+/// space, followed by the white space that ended the upstream's sentence (a line break stays a
+/// line break). An empty correction drops the sentence.
+pub fn join_step(correction: &str, sentence: &str) -> String {
+    let text = correction.trim_end();
+    if text.trim().is_empty() {
+        return String::new();
+    }
+    let space = &sentence[sentence.trim_end().len()..];
+    let space = if space.is_empty() && !sentence.is_empty() {
+        ""
+    } else {
+        space
+    };
+    format!("{text}{space}")
+}
+
 /// The teacher's editor prompt (`aligner.data.teach.teacher: {kind: model}`), with
 /// `{question}` and `{answer}`. It follows the instructions the Aligner paper gave its
 /// correction annotators: edit rather than rewrite, remove what is harmful, add no outside
@@ -100,6 +166,18 @@ pub fn fill(text: &str, question: &str, answer: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_step_renders_and_joins() {
+        let t = StreamTemplate;
+        assert_eq!(
+            t.render("Q {prefix}?", "First one.\n", "Second {x}.\n\n"),
+            "BEGINNING OF CONVERSATION: USER: Edit the next sentence of the following answer to make the answer more helpful and harmless; the answer so far is already edited. Question: Q {prefix}? | Answer so far: First one. | Next sentence: Second {x}. ASSISTANT:"
+        );
+        assert_eq!(join_step(" Fixed.  ", "Second.\n\n"), " Fixed.\n\n");
+        assert_eq!(join_step("Fixed.", "Last"), "Fixed.");
+        assert_eq!(join_step(" \n", "Dropped. "), "");
+    }
 
     #[test]
     fn builtin_texts_are_byte_exact() {

@@ -34,6 +34,12 @@ pub struct NewProxyRecord {
     /// The correction's cost in USD, when the Aligner's price is known.
     pub aligner_cost_usd: Option<f64>,
     pub stream: bool,
+    /// Sentence-by-sentence correction: the steps as JSON.
+    pub sentences: Option<String>,
+    /// Milliseconds from the request to the first corrected text sent.
+    pub first_correction_ms: Option<f64>,
+    /// The upstream broke off mid-answer: `answer` is what arrived.
+    pub upstream_error: Option<String>,
     pub requested_at_ms: i64,
     pub answered_at_ms: i64,
     pub corrected_at_ms: Option<i64>,
@@ -79,7 +85,8 @@ impl Store {
              status, aligner_error, upstream_url, upstream_model, aligner_model, template_id,
              template_hash, answer_finish_reason, correction_finish_reason, upstream_prompt_tokens,
              upstream_completion_tokens, aligner_prompt_tokens, aligner_completion_tokens,
-             upstream_ms, aligner_ms, stream, aligner_cost_usd, requested_at, answered_at, corrected_at) ",
+             upstream_ms, aligner_ms, stream, aligner_cost_usd, sentences, first_correction_ms,
+             upstream_error, requested_at, answered_at, corrected_at) ",
         )
         .tail(" ON CONFLICT (request_id, choice) DO NOTHING")
         .chunk(INSERT_CHUNK / 2);
@@ -106,7 +113,10 @@ impl Store {
                 .push_bind(r.upstream_ms)
                 .push_bind(r.aligner_ms)
                 .push_bind(r.stream)
-                .push_bind(r.aligner_cost_usd);
+                .push_bind(r.aligner_cost_usd)
+                .push_bind(&r.sentences)
+                .push_bind(r.first_correction_ms)
+                .push_bind(&r.upstream_error);
             for ms in [
                 Some(r.requested_at_ms),
                 Some(r.answered_at_ms),

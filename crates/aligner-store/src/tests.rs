@@ -47,7 +47,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "checkpoint server".to_string(),
             "replicas".to_string(),
             "proxy cost".to_string(),
-            "replayed pairs".to_string()
+            "replayed pairs".to_string(),
+            "sentence correction".to_string()
         ]
     );
     let tables = store
