@@ -61,7 +61,8 @@ const OWNERS: &[(&str, &[&str])] = &[
         "axum",
         &["aligner-server", "aligner-daemon", "aligner-mockserver"],
     ),
-    ("clap", &["aligner-cli"]),
+    // The proxy's flags are defined once, on `aligner_server::proxy::ProxyOptions`.
+    ("clap", &["aligner-cli", "aligner-server"]),
     ("plotters", &["aligner-report"]),
 ];
 
