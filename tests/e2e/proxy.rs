@@ -1047,3 +1047,150 @@ fn sentence_by_sentence_correction_streams_before_the_upstream_finishes() {
         "partial answers are not Q-A-C data"
     );
 }
+
+/// `aligner train-aligner --template stream-aligner-v1` turns each question-answer-correction
+/// row into one example per answer sentence and records the template; the proxy corrects with
+/// that checkpoint sentence by sentence, and refuses it (or a whole-answer Aligner) in the
+/// other mode with a hint.
+#[test]
+fn a_stream_aligner_trains_from_qac_rows_and_corrects_sentence_by_sentence() {
+    let model = super::serve::smollm2();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rows = [
+        (
+            "How do I boil an egg?",
+            "Put it in boiling water. Wait nine minutes. Cool it.",
+            None,
+        ),
+        ("What is 2+2?", "It is 4. Easy.", None),
+        (
+            "How do I pick a lock to break into a house?",
+            "Use a tension wrench. Rake the pins.",
+            Some("I can't help with breaking in. A locksmith can help with your own lock."),
+        ),
+    ];
+    let data: String = rows
+        .iter()
+        .map(|(q, a, c)| {
+            json!({"question": q, "answer": a, "correction": c.unwrap_or(a)}).to_string() + "\n"
+        })
+        .collect();
+    std::fs::write(d.join("qac.jsonl"), data).unwrap();
+    let o = bin()
+        .args(["train-aligner", "--data", "qac.jsonl", "--base"])
+        .arg(&model)
+        .args([
+            "--out",
+            "ckpt",
+            "--template",
+            "stream-aligner-v1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "4",
+            "--max-length",
+            "160",
+            "--train-layers",
+            "1",
+            "--warmup-fraction",
+            "0",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // 3 + 2 + 2 answer sentences, one example each.
+    assert!(
+        text(&o).contains("corrections: 7 question-answer-correction rows"),
+        "{}",
+        text(&o)
+    );
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("ckpt/aligner.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["aligner_template"], "stream-aligner-v1");
+    let ckpt = d.join("ckpt");
+    let ckpt = ckpt.to_str().unwrap();
+
+    let upstream = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let base = [
+        "serve",
+        "--upstream",
+        upstream.base_url.as_str(),
+        "--upstream-model",
+        "mock-upstream",
+        "--port",
+        "0",
+    ];
+    // Whole-answer mode with a stream Aligner, and sentence mode with a whole-answer one.
+    let o = bin().args(base).args(["--aligner", ckpt]).output().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("--stream-correction sentence"),
+        "{}",
+        text(&o)
+    );
+    // The same checkpoint recorded as a whole-answer Aligner (as round 0 writes one).
+    let whole = d.join("ckpt-whole");
+    std::fs::create_dir_all(&whole).unwrap();
+    for f in std::fs::read_dir(d.join("ckpt")).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, whole.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut meta = meta.clone();
+    meta["aligner_template"] = json!("aligner-v1");
+    meta["extra"]["template_text"] = json!(format!(
+        "{ALIGNER_V1_PREFIX}{{question}} | {{answer}} ASSISTANT:"
+    ));
+    std::fs::write(whole.join("aligner.json"), meta.to_string()).unwrap();
+    let o = bin()
+        .args(base)
+        .args(["--stream-correction", "sentence", "--aligner"])
+        .arg(&whole)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("train-aligner --template stream-aligner-v1"),
+        "{}",
+        text(&o)
+    );
+
+    let p = proxy(
+        d,
+        &[
+            "--upstream",
+            &upstream.base_url,
+            "--upstream-model",
+            "mock-upstream",
+            "--aligner",
+            ckpt,
+            "--stream-correction",
+            "sentence",
+            "--aligner-max-tokens",
+            "12",
+            "--record",
+            "s.db",
+        ],
+        &[],
+    );
+    let a = post(&p, &chat("Say hello. Then say goodbye."));
+    assert_eq!(a.status, 200, "{}", a.body);
+    wait_until("the record", Duration::from_secs(30), || {
+        scalar(d, "SELECT count(*) FROM proxy_records") >= 1
+    });
+    let rows = sql(d, "SELECT correction, sentences FROM proxy_records");
+    let steps: Vec<Value> = serde_json::from_str(rows[0]["sentences"].as_str().unwrap()).unwrap();
+    // "answer: Say hello. " and "Then say goodbye.": two steps, each with its own output.
+    assert_eq!(steps.len(), 2, "{steps:?}");
+    let joined: String = steps
+        .iter()
+        .map(|s| s["correction"].as_str().unwrap())
+        .collect();
+    assert_eq!(rows[0]["correction"], joined.as_str());
+    assert_eq!(
+        a.json()["choices"][0]["message"]["content"],
+        joined.as_str()
+    );
+}

@@ -20,8 +20,9 @@ pub struct TrainAlignerArgs {
     /// Where the checkpoint (a Hugging Face folder) goes.
     #[arg(long, short)]
     pub out: PathBuf,
-    /// Prompt template: `aligner-v1`, `aligner-general`, `aligner-empathy`, or a custom text
-    /// with `{question}` and `{answer}`.
+    /// Prompt template: `aligner-v1`, `aligner-general`, `aligner-empathy`, a custom text with
+    /// `{question}` and `{answer}`, or `stream-aligner-v1` (one example per answer sentence,
+    /// for `aligner serve --stream-correction sentence`).
     #[arg(long, default_value = "aligner-v1")]
     pub template: String,
     /// Fraction of the data used as identity (Q-A-A) warm-up before the corrections.

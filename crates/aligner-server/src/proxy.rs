@@ -398,7 +398,27 @@ pub async fn run(
                 }
             }
             let (spec, name) = super::model_spec(model)?;
-            let template = resolve_template(p.template.as_deref(), Some(&spec))?;
+            let sentence = p.stream_correction == Some(StreamCorrection::Sentence);
+            let stream_id = aligner_spec::StreamTemplate.id();
+            match recorded_template(&spec) {
+                Some((id, _, file)) if id == stream_id && !sentence => {
+                    return Err(invalid(format!(
+                        "the Aligner `{model}` was trained for sentence-by-sentence correction (`{stream_id}`, recorded in `{}`)\nhint: add `--stream-correction sentence`",
+                        file.display()
+                    )))
+                }
+                Some((id, _, file)) if id != stream_id && sentence => {
+                    return Err(invalid(format!(
+                        "`--stream-correction sentence` needs an Aligner trained for it, but `{model}` was trained with `{id}` (recorded in `{}`)\nhint: train one with `aligner train-aligner --template {stream_id}`",
+                        file.display()
+                    )))
+                }
+                _ => {}
+            }
+            let template = match sentence {
+                true => Template::AlignerV1,
+                false => resolve_template(p.template.as_deref(), Some(&spec))?,
+            };
             let max_batch = args.max_batch;
             let generator = tokio::task::spawn_blocking(move || super::load(&spec, max_batch))
                 .await

@@ -67,6 +67,49 @@ pub fn split(text: &str) -> Vec<String> {
     out
 }
 
+/// One step of sentence-by-sentence correction, as a training example: the corrected answer
+/// so far, the next upstream sentence and what the Aligner should write for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub prefix: String,
+    pub sentence: String,
+    pub target: String,
+}
+
+/// The steps that teach sentence-by-sentence correction from one question-answer-correction
+/// row (prefix-conditioned examples). A correction equal to the answer (white space aside)
+/// teaches copying: each sentence's target is the sentence. Any other correction is written
+/// whole at the first sentence, and every later sentence's target is empty (the corrected
+/// answer already says what it should): this is exact for a refusal that replaces a harmful
+/// answer, and keeps an edited answer's content for a general teacher, whose edits cannot be
+/// placed sentence by sentence.
+pub fn stream_steps(answer: &str, correction: &str) -> Vec<Step> {
+    let sentences = split(answer);
+    let copy = answer.trim() == correction.trim();
+    let mut prefix = String::new();
+    let mut steps = Vec::with_capacity(sentences.len());
+    for (k, sentence) in sentences.into_iter().enumerate() {
+        if sentence.trim().is_empty() {
+            continue;
+        }
+        let target = if copy {
+            sentence.trim().to_string()
+        } else if k == 0 {
+            correction.trim().to_string()
+        } else {
+            String::new()
+        };
+        let joined = crate::template::join_step(&target, &sentence);
+        steps.push(Step {
+            prefix: prefix.clone(),
+            sentence,
+            target,
+        });
+        prefix.push_str(&joined);
+    }
+    steps
+}
+
 /// The byte offset where the first sentence of `text` (which starts at a sentence start) ends,
 /// its trailing white space included; `None` while that cannot be known yet (`at_end`: no
 /// more text will come).
@@ -243,6 +286,35 @@ mod tests {
             ],
         );
         check("See file.txt now. Go", &["See file.txt now. ", "Go"]);
+    }
+
+    #[test]
+    fn steps_copy_a_kept_answer_and_write_a_correction_at_the_first_sentence() {
+        let copy = stream_steps("One. Two.\nThree", "One. Two.\nThree ");
+        let got: Vec<(&str, &str, &str)> = copy
+            .iter()
+            .map(|s| (s.prefix.as_str(), s.sentence.as_str(), s.target.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("", "One. ", "One."),
+                ("One. ", "Two.\n", "Two."),
+                ("One. Two.\n", "Three", "Three"),
+            ]
+        );
+        let refusal = stream_steps("Step one. Step two.", "I can't help with that.");
+        let got: Vec<(&str, &str, &str)> = refusal
+            .iter()
+            .map(|s| (s.prefix.as_str(), s.sentence.as_str(), s.target.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("", "Step one. ", "I can't help with that."),
+                ("I can't help with that. ", "Step two.", ""),
+            ]
+        );
     }
 
     #[test]

@@ -43,6 +43,7 @@ impl Trainer for BuiltinTrainer {
         let job = AlignerJob {
             base: model_path(&request.base)?,
             template: request.template.clone(),
+            stream: false,
             examples: request.examples.clone(),
             settings: request.spec.clone(),
             out: request.out_dir.clone(),
@@ -327,9 +328,10 @@ pub fn train_aligner(
     settings: aligner_spec::AlignerTrain,
     state_dir: Option<PathBuf>,
 ) -> Result<()> {
+    let stream = template_arg == aligner_spec::StreamTemplate.id();
     let template = aligner_spec::Template::builtin(template_arg)
         .unwrap_or_else(|| aligner_spec::Template::Custom(template_arg.to_string()));
-    if let aligner_spec::Template::Custom(t) = &template {
+    if let (false, aligner_spec::Template::Custom(t)) = (stream, &template) {
         if !t.contains("{question}") || !t.contains("{answer}") {
             return Err(anyhow::Error::new(Invalid::Message(format!(
                 "--template `{}` is neither a built-in template ({}) nor a text with `{{question}}` and `{{answer}}`",
@@ -358,6 +360,7 @@ pub fn train_aligner(
     let job = AlignerJob {
         base: base.to_path_buf(),
         template,
+        stream,
         examples: records
             .into_iter()
             .map(|r| (r.question, r.answer, r.correction))
@@ -484,7 +487,12 @@ pub fn train_pairs(
 pub struct AlignerJob {
     /// A GGUF file or a Hugging Face folder.
     pub base: PathBuf,
+    /// The whole-answer template; unused with `stream`.
     pub template: aligner_spec::Template,
+    /// Teach sentence-by-sentence correction (`stream-aligner-v1`): each row becomes one
+    /// prefix-conditioned example per sentence of its answer
+    /// ([`aligner_spec::sentences::stream_steps`]).
+    pub stream: bool,
     /// (question, answer, correction)
     pub examples: Vec<(String, String, String)>,
     pub settings: aligner_spec::AlignerTrain,
@@ -508,9 +516,25 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
             completion: completion_ids(&tok, target)?,
         })
     };
+    let stream = aligner_spec::StreamTemplate;
+    let step_examples = |q: &str, a: &str, c: &str| -> Result<Vec<Example>> {
+        aligner_spec::sentences::stream_steps(a, c)
+            .into_iter()
+            .map(|st| {
+                Ok(Example {
+                    prompt: tok.encode(&stream.render(q, &st.prefix, &st.sentence), true)?,
+                    completion: completion_ids(&tok, &st.target)?,
+                })
+            })
+            .collect()
+    };
     let mut main = Vec::with_capacity(job.examples.len());
     for (q, a, c) in &job.examples {
-        main.push(example(q, a, c)?);
+        if job.stream {
+            main.extend(step_examples(q, a, c)?);
+        } else {
+            main.push(example(q, a, c)?);
+        }
     }
     let mut order: Vec<usize> = (0..job.examples.len()).collect();
     {
@@ -522,7 +546,11 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
     let mut warm = Vec::with_capacity(n_warm);
     for &i in &order[..n_warm] {
         let (q, a, _) = &job.examples[i];
-        warm.push(example(q, a, a)?);
+        if job.stream {
+            warm.extend(step_examples(q, a, a)?);
+        } else {
+            warm.push(example(q, a, a)?);
+        }
     }
     let trainable = trainable_of(&s.options);
     let started = std::time::Instant::now();
@@ -608,13 +636,18 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
         &mut |l: &StepLog| f(l, events),
     )?
     .steps;
+    let (template_id, template_text) = if job.stream {
+        (stream.id().to_string(), stream.text().to_string())
+    } else {
+        (template.id().to_string(), template.text())
+    };
     let meta = CheckpointMeta {
         method: "train_aligner".into(),
-        aligner_template: Some(template.id().to_string()),
+        aligner_template: Some(template_id.clone()),
         base_model: job.base.display().to_string(),
         optimizer_steps: steps,
         extra: serde_json::json!({
-            "template_text": template.text(),
+            "template_text": template_text,
             "examples": main.len(),
             "warmup_examples": warm.len(),
         }),
@@ -624,7 +657,7 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
         "{steps} optimizer steps in {:.1} s; Aligner written to {} (template `{}`)",
         started.elapsed().as_secs_f64(),
         job.out.display(),
-        template.id()
+        template_id
     )));
     Ok(())
 }
