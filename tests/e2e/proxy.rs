@@ -1194,3 +1194,52 @@ fn a_stream_aligner_trains_from_qac_rows_and_corrects_sentence_by_sentence() {
         joined.as_str()
     );
 }
+
+/// `--template aligner-v1-multiturn`: the proxy corrects the last answer in the context of the
+/// conversation before it (system messages aside), rendered as `history-v1`.
+#[test]
+fn proxy_corrects_the_last_answer_with_the_conversation_before_it() {
+    let upstream = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let aligner = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let p = proxy(
+        dir.path(),
+        &[
+            "--upstream",
+            &upstream.base_url,
+            "--upstream-model",
+            "mock-upstream",
+            "--aligner-url",
+            &aligner.base_url,
+            "--aligner-model",
+            "mock-aligner",
+            "--template",
+            "aligner-v1-multiturn",
+        ],
+        &[],
+    );
+    let body = json!({
+        "model": "m",
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "Plan a day in Rome."},
+            {"role": "assistant", "content": "Morning: the Colosseum.\nAfternoon: the Vatican."},
+            {"role": "user", "content": "Make it cheaper."},
+        ],
+    });
+    let a = post(&p, &body);
+    assert_eq!(a.status, 200, "{}", a.body);
+    let answer = answers::chat_text("mock-upstream", "Make it cheaper.");
+    let sent = aligner.last_request_body().unwrap();
+    assert_eq!(
+        sent["prompt"],
+        format!(
+            "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and harmless, given the conversation before it.\n[Conversation]\nUser: Plan a day in Rome.\nAssistant: Morning: the Colosseum.\nAfternoon: the Vatican.\n[End of conversation]\nMake it cheaper. | {answer} ASSISTANT:"
+        )
+    );
+    assert_eq!(a.json()["aligner"]["template"], "aligner-v1-multiturn");
+    assert_eq!(
+        a.json()["choices"][0]["message"]["content"],
+        format!("I corrected this: {answer}")
+    );
+}

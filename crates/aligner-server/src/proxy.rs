@@ -119,7 +119,8 @@ pub struct ProxyOptions {
     /// Retries of a failed call to `--aligner-url` [default: 2].
     #[arg(long, value_name = "N")]
     pub aligner_retries: Option<u32>,
-    /// The correction template: `aligner-v1`, `aligner-general` or `aligner-empathy`
+    /// The correction template: `aligner-v1`, `aligner-general`, `aligner-empathy` or
+    /// `aligner-v1-multiturn` (the last answer in the context of the conversation before it)
     /// [default: the one an Aligner checkpoint records, else `aligner-v1`].
     #[arg(long, value_name = "ID")]
     pub template: Option<String>,
@@ -803,13 +804,24 @@ async fn answer(
     let Prompt::Chat(messages) = &first.prompt else {
         return Err(ApiError::field("messages", "must be chat messages"));
     };
-    let Some(question) = messages.iter().rev().find(|m| m.role == "user") else {
+    let Some(last_user) = messages.iter().rposition(|m| m.role == "user") else {
         return Err(ApiError::field(
             "messages",
             "must contain a `user` message: the question the Aligner reads",
         ));
     };
-    let question = question.content.clone();
+    let question = messages[last_user].content.clone();
+    // The conversation before the question (system messages aside), for a template that
+    // shows it (`aligner-v1-multiturn`).
+    let history: Vec<(String, String)> = messages[..last_user]
+        .iter()
+        .filter(|m| m.role != "system")
+        .map(|m| (m.role.clone(), m.content.clone()))
+        .collect();
+    let turns: Vec<(&str, &str)> = history
+        .iter()
+        .map(|(r, c)| (r.as_str(), c.as_str()))
+        .collect();
     let messages = if p.recorder.is_some() {
         messages.clone()
     } else {
@@ -854,7 +866,7 @@ async fn answer(
     let requests: Vec<CompletionRequest> = answers
         .iter()
         .map(|a| CompletionRequest {
-            prompt: Prompt::Raw(p.template.render(&question, &a.text)),
+            prompt: Prompt::Raw(p.template.render_turns(&turns, &question, &a.text)),
             sampling: p.sampling.clone(),
             model: None,
         })

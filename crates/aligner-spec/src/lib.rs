@@ -39,7 +39,8 @@ pub use error::{Errors, SpecError};
 pub use invalid::Invalid;
 pub use snapshot::{diff_snapshots, hash_snapshot, Change};
 pub use template::{
-    fill, join_step, StreamTemplate, EDITOR_PROMPT, REFUSAL_TEXTS, STREAM_ALIGNER_V1,
+    fill, join_step, render_history, StreamTemplate, EDITOR_PROMPT, HISTORY_FORMAT, REFUSAL_TEXTS,
+    STREAM_ALIGNER_V1,
 };
 pub use types::*;
 

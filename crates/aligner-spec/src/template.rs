@@ -13,9 +13,41 @@ const ALIGNER_EMPATHY: &str = "BEGINNING OF CONVERSATION: USER: Edit the followi
 /// `aligner-general`: note the two spaces before `ASSISTANT:`.
 const ALIGNER_GENERAL: &str = "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and harmless: ##Question: {question}\n##Answer: {answer}\n##Correction:  ASSISTANT:";
 
+/// `aligner-v1-multiturn`: `aligner-v1` for the last answer of a conversation. `{history}` is
+/// the conversation before the question, rendered by [`render_history`]; with no history it
+/// is empty and the text reads as `aligner-v1` with a note.
+const ALIGNER_V1_MULTITURN: &str = "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and harmless, given the conversation before it.\n[Conversation]\n{history}[End of conversation]\n{question} | {answer} ASSISTANT:";
+
+/// The version of the history rendering (recorded with a multi-turn template's id).
+pub const HISTORY_FORMAT: &str = "history-v1";
+
+/// The turns of a conversation before its last question, as `{history}` shows them
+/// (`history-v1`): one block per turn, `User: `, `Assistant: ` or `System: ` and the turn's
+/// text as it is (line breaks kept), each block ending with a line break. Other roles (a
+/// tool's output) are shown under their own name, capitalized. No turns: the empty string.
+pub fn render_history(turns: &[(&str, &str)]) -> String {
+    let mut out = String::new();
+    for (role, content) in turns {
+        let mut name: Vec<char> = role.chars().collect();
+        if let Some(c) = name.first_mut() {
+            *c = c.to_ascii_uppercase();
+        }
+        out.push_str(&name.into_iter().collect::<String>());
+        out.push_str(": ");
+        out.push_str(content);
+        out.push('\n');
+    }
+    out
+}
+
 impl Template {
     /// Ids of the built-in templates, as written in `template:`.
-    pub const BUILTIN_IDS: [&'static str; 3] = ["aligner-v1", "aligner-general", "aligner-empathy"];
+    pub const BUILTIN_IDS: [&'static str; 4] = [
+        "aligner-v1",
+        "aligner-general",
+        "aligner-empathy",
+        "aligner-v1-multiturn",
+    ];
 
     /// The built-in template with this id, if any.
     pub fn builtin(id: &str) -> Option<Template> {
@@ -23,6 +55,7 @@ impl Template {
             "aligner-v1" => Some(Template::AlignerV1),
             "aligner-general" => Some(Template::AlignerGeneral),
             "aligner-empathy" => Some(Template::AlignerEmpathy),
+            "aligner-v1-multiturn" => Some(Template::AlignerV1Multiturn),
             _ => None,
         }
     }
@@ -33,6 +66,7 @@ impl Template {
             Template::AlignerV1 => "aligner-v1",
             Template::AlignerGeneral => "aligner-general",
             Template::AlignerEmpathy => "aligner-empathy",
+            Template::AlignerV1Multiturn => "aligner-v1-multiturn",
             Template::Custom(_) => "custom",
         }
     }
@@ -43,6 +77,7 @@ impl Template {
             Template::AlignerV1 => ALIGNER_V1.to_string(),
             Template::AlignerGeneral => ALIGNER_GENERAL.to_string(),
             Template::AlignerEmpathy => ALIGNER_EMPATHY.to_string(),
+            Template::AlignerV1Multiturn => ALIGNER_V1_MULTITURN.to_string(),
             Template::Custom(text) => text.clone(),
         }
     }
@@ -50,11 +85,33 @@ impl Template {
     /// Fills in `{question}` and `{answer}` in one left-to-right pass, so placeholder-like
     /// text inside the question or the answer is left as it is.
     pub fn render(&self, question: &str, answer: &str) -> String {
+        self.render_turns(&[], question, answer)
+    }
+
+    /// Whether the template shows the conversation before the question (`{history}`).
+    pub fn sees_history(&self) -> bool {
+        match self {
+            Template::AlignerV1Multiturn => true,
+            Template::Custom(text) => text.contains("{history}"),
+            _ => false,
+        }
+    }
+
+    /// Fills in `{history}` (the earlier turns, [`render_history`]), `{question}` and
+    /// `{answer}` in one left-to-right pass. A template without `{history}` shows the last
+    /// question only.
+    pub fn render_turns(&self, history: &[(&str, &str)], question: &str, answer: &str) -> String {
         let text = match self {
             Template::AlignerV1 => ALIGNER_V1,
             Template::AlignerGeneral => ALIGNER_GENERAL,
             Template::AlignerEmpathy => ALIGNER_EMPATHY,
+            Template::AlignerV1Multiturn => ALIGNER_V1_MULTITURN,
             Template::Custom(text) => text.as_str(),
+        };
+        let history = if text.contains("{history}") {
+            render_history(history)
+        } else {
+            String::new()
         };
         let mut out = String::with_capacity(text.len() + question.len() + answer.len());
         let mut rest = text;
@@ -66,6 +123,9 @@ impl Template {
                 rest = after;
             } else if let Some(after) = tail.strip_prefix("{answer}") {
                 out.push_str(answer);
+                rest = after;
+            } else if let Some(after) = tail.strip_prefix("{history}") {
+                out.push_str(&history);
                 rest = after;
             } else {
                 out.push('{');
@@ -166,6 +226,29 @@ pub fn fill(text: &str, question: &str, answer: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_multiturn_template_shows_the_conversation_before_the_question() {
+        let t = Template::builtin("aligner-v1-multiturn").unwrap();
+        assert!(t.sees_history());
+        assert!(!Template::AlignerV1.sees_history());
+        let history = [
+            ("user", "Plan a trip to Rome."),
+            ("assistant", "Day 1: the Colosseum.\nDay 2: the Vatican."),
+        ];
+        assert_eq!(
+            t.render_turns(&history, "Make it cheaper. {answer}", "Skip {history} taxis."),
+            "BEGINNING OF CONVERSATION: USER: Edit the following Question-Answer pair to make it more helpful and harmless, given the conversation before it.\n[Conversation]\nUser: Plan a trip to Rome.\nAssistant: Day 1: the Colosseum.\nDay 2: the Vatican.\n[End of conversation]\nMake it cheaper. {answer} | Skip {history} taxis. ASSISTANT:"
+        );
+        // Without history, and a single-turn template given history: the question alone.
+        assert!(t
+            .render("Q", "A")
+            .contains("[Conversation]\n[End of conversation]\nQ | A"));
+        assert_eq!(
+            Template::AlignerV1.render_turns(&history, "Q", "A"),
+            Template::AlignerV1.render("Q", "A")
+        );
+    }
 
     #[test]
     fn a_stream_step_renders_and_joins() {

@@ -945,7 +945,7 @@ fn error_custom_template_without_answer() {
     error: custom template is missing `{answer}`
       --> pipelines/x.yaml:36:15
        at: rounds.correct.template
-      hint: write `{question}` and `{answer}` where the question and the answer go, or use a built-in template: `aligner-v1`, `aligner-general`, `aligner-empathy`
+      hint: write `{question}` and `{answer}` where the question and the answer go, or use a built-in template: `aligner-v1`, `aligner-general`, `aligner-empathy`, `aligner-v1-multiturn`
     ");
     insta::assert_snapshot!(errors(&dir, &full_with("template: aligner-v1", "template: aligner-v2")), @r"
     error: unknown template `aligner-v2`
@@ -1135,7 +1135,7 @@ rounds:
     error: custom template is missing `{answer}`
       --> pipelines/x.yaml:8:39
        at: rounds.correct.template
-      hint: write `{question}` and `{answer}` where the question and the answer go, or use a built-in template: `aligner-v1`, `aligner-general`, `aligner-empathy`
+      hint: write `{question}` and `{answer}` where the question and the answer go, or use a built-in template: `aligner-v1`, `aligner-general`, `aligner-empathy`, `aligner-v1-multiturn`
 
     error: missing field `backend`
       --> pipelines/x.yaml:9:3

@@ -241,7 +241,10 @@ pub enum Template {
     AlignerV1,
     AlignerGeneral,
     AlignerEmpathy,
-    /// A custom text containing `{question}` and `{answer}`.
+    /// `aligner-v1-multiturn`: `aligner-v1` with the conversation before the question
+    /// (`{history}`, rendered as [`crate::render_history`] says).
+    AlignerV1Multiturn,
+    /// A custom text containing `{question}` and `{answer}` (and optionally `{history}`).
     Custom(String),
 }
 
