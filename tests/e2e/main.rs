@@ -1391,3 +1391,128 @@ fn a_replica_that_dies_mid_stage_loses_and_doubles_nothing() {
         "the surviving replica took the rest"
     );
 }
+
+/// Multi-turn prompts (`prompts.fields.messages`): the last user turn is the prompt, the turns
+/// before it its history, carried through two rounds into TRL's conversational export (loaded
+/// by `datasets`); the plain export refuses them with a hint.
+#[test]
+fn conversations_go_through_two_rounds_into_a_conversational_export() {
+    let server = aligner_mockserver::spawn_in_thread(MockConfig::default());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let rows: Vec<String> = (0..8)
+        .map(|i| {
+            let messages = if i % 2 == 0 {
+                serde_json::json!([
+                    {"role": "system", "content": "You are a travel agent."},
+                    {"role": "user", "content": format!("Plan day {i} in Rome.")},
+                    {"role": "assistant", "content": "Morning: the Colosseum.\nAfternoon: the Vatican."},
+                    {"role": "user", "content": format!("Make day {i} cheaper.")},
+                ])
+            } else {
+                serde_json::json!([{"role": "user", "content": format!("Name a prime above {i}0.")}])
+            };
+            serde_json::json!({"id": format!("c{i}"), "messages": messages}).to_string()
+        })
+        .collect();
+    std::fs::write(d.join("prompts.jsonl"), rows.join("\n") + "\n").unwrap();
+    std::fs::write(d.join("train.sh"), TRAIN_SCRIPT).unwrap();
+    let spec = pipeline(&server, 2, 4, 0.5, true)
+        .replace(
+            "fields: { id: id, metadata: [category] }",
+            "fields: { id: id, messages: messages }",
+        )
+        .replace("holdout: 0.1", "holdout: 0.25")
+        .replace("template: aligner-v1", "template: aligner-v1-multiturn")
+        .replace(
+            "      serve_model: \"ckpt-round-{round}\"",
+            "      serve_model: \"ckpt-round-{round}\"\n      conversational: true",
+        );
+    std::fs::write(d.join("p.yaml"), spec).unwrap();
+    let o = run(&["run", "p.yaml", "--store", "s.db"], d);
+    assert!(o.status.success(), "{}", text(&o));
+    // The last user turn is the prompt; the turns between the system message and it are its
+    // history (NULL for a single turn).
+    let prompts = sql(
+        d,
+        "SELECT source_id, system, history, prompt FROM prompts ORDER BY idx",
+    );
+    assert_eq!(prompts.len(), 8);
+    for p in &prompts {
+        let i: usize = p["source_id"].as_str().unwrap()[1..].parse().unwrap();
+        if i.is_multiple_of(2) {
+            assert_eq!(p["prompt"], format!("Make day {i} cheaper.").as_str());
+            assert_eq!(p["system"], "You are a travel agent.");
+            let h: Value = serde_json::from_str(p["history"].as_str().unwrap()).unwrap();
+            assert_eq!(h[0]["content"], format!("Plan day {i} in Rome.").as_str());
+            assert_eq!(h[1]["role"], "assistant");
+        } else {
+            assert!(p["history"].is_null(), "{p:?}");
+        }
+    }
+    assert_eq!(
+        scalar(d, "SELECT count(*) FROM generations WHERE round = 2"),
+        6
+    );
+    // The round's training data and the export keep the conversation as the prompt.
+    let o = run(
+        &[
+            "export",
+            "--store",
+            "s.db",
+            "--run",
+            "1",
+            "--round",
+            "2",
+            "--conversational",
+            "--out",
+            "conv.jsonl",
+        ],
+        d,
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let exported = std::fs::read_to_string(d.join("conv.jsonl")).unwrap();
+    let mut multi = 0;
+    for line in exported.lines() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        let prompt = v["prompt"].as_array().unwrap();
+        if prompt.len() == 4 {
+            multi += 1;
+            let roles: Vec<&str> = prompt.iter().map(|m| m["role"].as_str().unwrap()).collect();
+            assert_eq!(roles, ["system", "user", "assistant", "user"]);
+        } else {
+            assert_eq!(prompt.len(), 1, "{v}");
+        }
+    }
+    assert!(multi >= 1, "{exported}");
+    assert_eq!(
+        exported,
+        std::fs::read_to_string(d.join("runs/e2e-1/round-2/pairs.jsonl")).unwrap()
+    );
+    let o = Command::new("python3")
+        .arg(repo().join("tests/python/check_export.py"))
+        .args(["conv.jsonl", "dpo", "conversational"])
+        .current_dir(d)
+        .env("HF_DATASETS_OFFLINE", "1")
+        .env("HF_HUB_OFFLINE", "1")
+        .env("HF_HOME", d.join("hf"))
+        .output()
+        .expect("python3 runs");
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(
+        &[
+            "export",
+            "--store",
+            "s.db",
+            "--run",
+            "1",
+            "--round",
+            "2",
+            "--out",
+            "plain.jsonl",
+        ],
+        d,
+    );
+    assert!(!o.status.success());
+    assert!(text(&o).contains("--conversational"), "{}", text(&o));
+}

@@ -63,6 +63,10 @@ pub struct Mapping {
     pub prompt: String,
     pub id: Option<String>,
     pub system: Option<String>,
+    /// A column of OpenAI-style conversations (`[{"role", "content"}]`, or that as a JSON
+    /// string): the last `user` turn is the prompt, a leading `system` turn the system prompt
+    /// (unless `system` maps a column), the turns between them the history. Replaces `prompt`.
+    pub messages: Option<String>,
     pub metadata: Vec<String>,
 }
 
@@ -72,6 +76,8 @@ pub struct PromptRecord {
     pub source_id: String,
     pub prompt: String,
     pub system: Option<String>,
+    /// The turns before the prompt (role, content), oldest first; empty for a single turn.
+    pub history: Vec<(String, String)>,
     pub metadata: Option<Value>,
 }
 
@@ -103,6 +109,99 @@ fn read_frame(path: &Path, format: Format) -> Result<DataFrame> {
             .map_err(err)?
             .finish()
             .map_err(err),
+    }
+}
+
+/// A conversation's leading system message, the turns before its last user message, and that
+/// message (`None` when there is none).
+type Conversation = (Option<String>, Vec<(String, String)>, Option<String>);
+
+/// The conversations of a `messages` column: a list of `{role, content}` structs (JSONL,
+/// Parquet) or a JSON string of one (CSV).
+fn messages_column(df: &DataFrame, path: &Path, column: &str) -> Result<Vec<Conversation>> {
+    let col = df.column(column).map_err(|_| Error::MissingColumn {
+        path: path.into(),
+        column: column.into(),
+        field: "messages",
+        available: df
+            .get_column_names()
+            .iter()
+            .map(|c| format!("`{c}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    })?;
+    let bad = |row: usize, what: &str| {
+        Error::Read {
+        path: path.into(),
+        format: "messages",
+        message: format!("column `{column}`, row {}: {what}; expected a list of {{\"role\", \"content\"}} objects", row + 1),
+    }
+    };
+    let mut out = Vec::with_capacity(df.height());
+    if col.dtype() == &DataType::String {
+        let ca = col.str().map_err(|e| bad(0, &e.to_string()))?;
+        for (row, text) in ca.into_iter().enumerate() {
+            let turns: Vec<(String, String)> = match text {
+                None => Vec::new(),
+                Some(t) => {
+                    let v: Vec<Value> =
+                        serde_json::from_str(t).map_err(|e| bad(row, &e.to_string()))?;
+                    v.iter()
+                        .map(|m| match (m["role"].as_str(), m["content"].as_str()) {
+                            (Some(r), Some(c)) => Ok((r.to_string(), c.to_string())),
+                            _ => Err(bad(row, "a message without a string `role` and `content`")),
+                        })
+                        .collect::<Result<_>>()?
+                }
+            };
+            out.push(conversation(turns));
+        }
+        return Ok(out);
+    }
+    let list = col
+        .as_materialized_series()
+        .list()
+        .map_err(|e| bad(0, &e.to_string()))?;
+    for (row, messages) in list.into_iter().enumerate() {
+        let mut turns = Vec::new();
+        if let Some(s) = messages {
+            let st = s.struct_().map_err(|e| bad(row, &e.to_string()))?;
+            let field = |name: &str| -> Result<Vec<Option<String>>> {
+                let f = st
+                    .field_by_name(name)
+                    .map_err(|_| bad(row, &format!("no `{name}`")))?;
+                let f = f
+                    .cast(&DataType::String)
+                    .map_err(|e| bad(row, &e.to_string()))?;
+                Ok(f.str()
+                    .map_err(|e| bad(row, &e.to_string()))?
+                    .into_iter()
+                    .map(|v| v.map(str::to_string))
+                    .collect())
+            };
+            for (r, c) in field("role")?.into_iter().zip(field("content")?) {
+                turns.push((r.unwrap_or_default(), c.unwrap_or_default()));
+            }
+        }
+        out.push(conversation(turns));
+    }
+    Ok(out)
+}
+
+/// Splits a conversation into its system message, its history and its last user message
+/// (what follows that message, an assistant reply to it, is not part of the prompt).
+fn conversation(mut turns: Vec<(String, String)>) -> Conversation {
+    let system = match turns.first() {
+        Some((r, _)) if r == "system" => Some(turns.remove(0).1),
+        _ => None,
+    };
+    match turns.iter().rposition(|(r, _)| r == "user") {
+        Some(last) => {
+            turns.truncate(last + 1);
+            let prompt = turns.pop().map(|(_, c)| c);
+            (system, turns, prompt)
+        }
+        None => (system, Vec::new(), None),
     }
 }
 
@@ -143,7 +242,15 @@ pub fn read_prompts(
     mapping: &Mapping,
 ) -> Result<(Vec<PromptRecord>, ReadReport)> {
     let df = read_frame(path, format)?;
-    let prompts = string_column(&df, path, &mapping.prompt, "prompt")?;
+    let conversations = mapping
+        .messages
+        .as_deref()
+        .map(|c| messages_column(&df, path, c))
+        .transpose()?;
+    let prompts = match &conversations {
+        Some(c) => c.iter().map(|(_, _, p)| p.clone()).collect(),
+        None => string_column(&df, path, &mapping.prompt, "prompt")?,
+    };
     let ids = mapping
         .id
         .as_deref()
@@ -173,9 +280,14 @@ pub fn read_prompts(
             .as_ref()
             .and_then(|ids| ids[row].clone())
             .unwrap_or_else(|| row.to_string());
+        let (turn_system, history) = match &conversations {
+            Some(c) => (c[row].0.clone(), c[row].1.clone()),
+            None => (None, Vec::new()),
+        };
         let system = systems
             .as_ref()
             .and_then(|s| s[row].clone())
+            .or(turn_system)
             .filter(|s| !s.is_empty());
         let meta = (!metadata.is_empty()).then(|| {
             Value::Object(
@@ -189,13 +301,14 @@ pub fn read_prompts(
             source_id,
             prompt,
             system,
+            history,
             metadata: meta,
         });
     }
     if out.is_empty() {
         return Err(Error::NoPrompts {
             path: path.into(),
-            column: mapping.prompt.clone(),
+            column: mapping.messages.clone().unwrap_or(mapping.prompt.clone()),
         });
     }
     Ok((out, report))
@@ -257,6 +370,8 @@ pub enum Kind {
 #[derive(Debug, Clone)]
 pub struct PairRecord {
     pub system: Option<String>,
+    /// The turns before the prompt (role, content), oldest first; empty for a single turn.
+    pub history: Vec<(String, String)>,
     pub prompt: String,
     pub chosen: String,
     pub rejected: String,
@@ -264,7 +379,7 @@ pub struct PairRecord {
 
 #[derive(serde::Serialize)]
 struct Msg<'a> {
-    role: &'static str,
+    role: &'a str,
     content: &'a str,
 }
 
@@ -303,6 +418,9 @@ fn write_record(
                 role: "system",
                 content: system,
             });
+        }
+        for (role, content) in &pair.history {
+            prompt.push(Msg { role, content });
         }
         prompt.push(Msg {
             role: "user",
@@ -369,6 +487,7 @@ pub fn read_pairs(path: &Path) -> Result<Vec<PairRecord>> {
             let system = sys.as_ref().and_then(|s| s[i].clone());
             out.push(PairRecord {
                 system,
+                history: Vec::new(),
                 prompt,
                 chosen,
                 rejected,
@@ -407,12 +526,34 @@ pub fn read_pairs(path: &Path) -> Result<Vec<PairRecord>> {
                 )),
             }
         };
-        let (in_prompt, prompt) = field("prompt").map_err(at)?;
+        // A conversational prompt: its system message, the turns before its last user
+        // message, and that message.
+        let (in_prompt, history, prompt) = match &v["prompt"] {
+            serde_json::Value::Array(messages) => {
+                let turns: Vec<(String, String)> = messages
+                    .iter()
+                    .map(|m| {
+                        (
+                            m["role"].as_str().unwrap_or_default().to_string(),
+                            m["content"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect();
+                let (system, history, prompt) = conversation(turns);
+                let prompt = prompt.ok_or_else(|| at("`prompt` has no user message".into()))?;
+                (system, history, prompt)
+            }
+            _ => {
+                let (s, p) = field("prompt").map_err(at)?;
+                (s, Vec::new(), p)
+            }
+        };
         let (_, chosen) = field("chosen").map_err(at)?;
         let (_, rejected) = field("rejected").map_err(at)?;
         let system = v["system"].as_str().map(str::to_string).or(in_prompt);
         out.push(PairRecord {
             system,
+            history,
             prompt,
             chosen,
             rejected,
@@ -438,6 +579,15 @@ pub fn write_pairs(
     };
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(|e| werr(e.to_string()))?;
+    }
+    if let (false, Some(i)) = (
+        conversational,
+        pairs.iter().position(|p| !p.history.is_empty()),
+    ) {
+        return Err(werr(format!(
+            "pair {} has earlier turns, which the plain format cannot hold\nhint: export conversationally (`conversational: true` on the backend, `aligner export --conversational`): TRL's conversational format keeps them as the prompt's messages",
+            i + 1
+        )));
     }
     let mut jsonl = Vec::new();
     for pair in pairs {
@@ -495,6 +645,7 @@ mod tests {
 
     fn mapping() -> Mapping {
         Mapping {
+            messages: None,
             prompt: "question".into(),
             id: Some("qid".into()),
             system: None,
@@ -529,6 +680,7 @@ mod tests {
         // Parquet through our own writer, read back.
         let pq = dir.path().join("p.parquet");
         let pair = PairRecord {
+            history: Vec::new(),
             system: None,
             prompt: "q".into(),
             chosen: "c".into(),
@@ -536,6 +688,7 @@ mod tests {
         };
         write_pairs(&pq, Format::Parquet, Kind::Dpo, false, &[pair]).unwrap();
         let m = Mapping {
+            messages: None,
             prompt: "prompt".into(),
             id: None,
             system: None,
@@ -545,6 +698,7 @@ mod tests {
         assert_eq!(
             rows,
             vec![PromptRecord {
+                history: Vec::new(),
                 source_id: "0".into(),
                 prompt: "q".into(),
                 system: None,
@@ -559,6 +713,7 @@ mod tests {
         let jsonl = dir.path().join("p.jsonl");
         std::fs::write(&jsonl, "{\"text\": \"hi\"}\n").unwrap();
         let m = Mapping {
+            messages: None,
             prompt: "prompt".into(),
             id: None,
             system: None,
@@ -581,6 +736,7 @@ mod tests {
     fn conversational_exports_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let pair = PairRecord {
+            history: Vec::new(),
             system: Some("be nice".into()),
             prompt: "q".into(),
             chosen: "c".into(),
@@ -623,12 +779,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let pairs = vec![
             PairRecord {
+                history: Vec::new(),
                 system: Some("Be brief.".into()),
                 prompt: "How do I lay off staff humanely?".into(),
                 chosen: "Tell them in person, early.".into(),
                 rejected: "I can't help with that.".into(),
             },
             PairRecord {
+                history: Vec::new(),
                 system: None,
                 prompt: "Hi".into(),
                 chosen: "Hello!".into(),

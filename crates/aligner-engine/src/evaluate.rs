@@ -644,11 +644,7 @@ impl ItemStage for VersionAnswers<'_> {
     type Row = NewEvalAnswer;
 
     fn request(&self, p: &HoldoutPromptRow) -> CompletionRequest {
-        let mut messages = Vec::with_capacity(2);
-        if let Some(system) = &p.system {
-            messages.push(Message::new("system", system.clone()));
-        }
-        messages.push(Message::new("user", p.prompt.clone()));
+        let messages = crate::chat_messages(p.system.as_deref(), p.history.as_deref(), &p.prompt);
         CompletionRequest {
             prompt: Prompt::Chat(messages),
             sampling: self.sampling.clone(),
@@ -678,23 +674,28 @@ struct AnswerCorrections<'a> {
 }
 
 impl ItemStage for AnswerCorrections<'_> {
-    /// (question, answer)
-    type Unit = (String, EvalAnswerRow);
+    /// (question, its history, answer)
+    type Unit = (String, Option<String>, EvalAnswerRow);
     type Row = NewEvalAnswer;
 
-    fn request(&self, (q, a): &(String, EvalAnswerRow)) -> CompletionRequest {
+    fn request(&self, (q, h, a): &(String, Option<String>, EvalAnswerRow)) -> CompletionRequest {
         CompletionRequest {
-            prompt: Prompt::Raw(
-                self.spec
-                    .template
-                    .render(q, a.text.as_deref().unwrap_or("")),
-            ),
+            prompt: Prompt::Raw(crate::render_correction(
+                &self.spec.template,
+                h.as_deref(),
+                q,
+                a.text.as_deref().unwrap_or(""),
+            )),
             sampling: self.sampling.clone(),
             model: None,
         }
     }
 
-    fn record(&self, (_, a): (String, EvalAnswerRow), result: &CallResult) -> NewEvalAnswer {
+    fn record(
+        &self,
+        (_, _, a): (String, Option<String>, EvalAnswerRow),
+        result: &CallResult,
+    ) -> NewEvalAnswer {
         answer_row(
             self.run_id,
             (a.version, a.prompt_id, "corrected"),
@@ -950,7 +951,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             .collect();
         let questions: HashMap<i64, &HoldoutPromptRow> =
             self.prompts.iter().map(|p| (p.id, p)).collect();
-        let todo: Vec<(String, EvalAnswerRow)> = answers
+        let todo: Vec<(String, Option<String>, EvalAnswerRow)> = answers
             .iter()
             .filter(|a| {
                 self.corrects.contains(&a.version)
@@ -961,7 +962,7 @@ impl<'c, 'e> Evaluation<'c, 'e> {
             .filter_map(|a| {
                 questions
                     .get(&a.prompt_id)
-                    .map(|p| (p.prompt.clone(), a.clone()))
+                    .map(|p| (p.prompt.clone(), p.history.clone(), a.clone()))
             })
             .collect();
         if todo.is_empty() {
@@ -1270,6 +1271,7 @@ mod tests {
     #[test]
     fn benign_answers_changed_from_the_initial_model() {
         let prompt = |id| HoldoutPromptRow {
+            history: None,
             id,
             idx: id,
             source_id: format!("p{id}"),

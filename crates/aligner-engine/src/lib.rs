@@ -294,10 +294,60 @@ pub async fn pair_records(
         .collect())
 }
 
+/// The turns of a stored `prompts.history` (JSON `[{"role", "content"}]`), oldest first.
+pub(crate) fn history_turns(history: Option<&str>) -> Vec<(String, String)> {
+    let Some(text) = history else {
+        return Vec::new();
+    };
+    let v: Vec<serde_json::Value> = serde_json::from_str(text).unwrap_or_default();
+    v.iter()
+        .filter_map(|m| {
+            Some((
+                m["role"].as_str()?.to_string(),
+                m["content"].as_str()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
+/// A prompt's chat messages: its system prompt, the turns before it, and the prompt.
+pub(crate) fn chat_messages(
+    system: Option<&str>,
+    history: Option<&str>,
+    prompt: &str,
+) -> Vec<aligner_backend::Message> {
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(aligner_backend::Message::new("system", system.to_string()));
+    }
+    for (role, content) in history_turns(history) {
+        messages.push(aligner_backend::Message::new(role, content));
+    }
+    messages.push(aligner_backend::Message::new("user", prompt.to_string()));
+    messages
+}
+
+/// A correction prompt: the template with the question (and, for a template that shows it,
+/// the conversation before it) and the answer.
+pub(crate) fn render_correction(
+    template: &aligner_spec::Template,
+    history: Option<&str>,
+    question: &str,
+    answer: &str,
+) -> String {
+    let turns = history_turns(history);
+    let refs: Vec<(&str, &str)> = turns
+        .iter()
+        .map(|(r, c)| (r.as_str(), c.as_str()))
+        .collect();
+    template.render_turns(&refs, question, answer)
+}
+
 /// A stored pair as a training record.
 pub(crate) fn pair_record(p: aligner_store::ExportPair) -> aligner_dataset::PairRecord {
     aligner_dataset::PairRecord {
         system: p.system,
+        history: history_turns(p.history.as_deref()),
         prompt: p.prompt,
         chosen: p.chosen.unwrap_or_default(),
         rejected: p.rejected.unwrap_or_default(),
@@ -803,5 +853,31 @@ mod tests {
         let c = serde_json::json!({"models": {"up": {"kind": "openai", "model": "other", "max_concurrency": 4}}});
         assert_eq!(resume_relevant(&a), resume_relevant(&b));
         assert_ne!(resume_relevant(&a), resume_relevant(&c));
+    }
+
+    #[test]
+    fn a_conversation_is_asked_and_corrected_with_its_earlier_turns() {
+        let history = r#"[{"role": "user", "content": "Plan a day in Rome."}, {"role": "assistant", "content": "See the Colosseum."}]"#;
+        let m = chat_messages(Some("Be brief."), Some(history), "Make it cheaper.");
+        let got: Vec<(&str, &str)> = m
+            .iter()
+            .map(|m| (m.role.as_str(), m.content.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("system", "Be brief."),
+                ("user", "Plan a day in Rome."),
+                ("assistant", "See the Colosseum."),
+                ("user", "Make it cheaper."),
+            ]
+        );
+        assert_eq!(chat_messages(None, None, "Hi").len(), 1);
+        let t = aligner_spec::Template::AlignerV1Multiturn;
+        let prompt = render_correction(&t, Some(history), "Make it cheaper.", "Walk.");
+        assert!(
+            prompt.contains("[Conversation]\nUser: Plan a day in Rome.\nAssistant: See the Colosseum.\n[End of conversation]\nMake it cheaper. | Walk. ASSISTANT:"),
+            "{prompt}"
+        );
     }
 }

@@ -8,7 +8,7 @@ use std::collections::HashSet;
 
 use sha2::{Digest, Sha256};
 
-use aligner_backend::{CompletionRequest, Message, Prompt, Sampling};
+use aligner_backend::{CompletionRequest, Prompt, Sampling};
 use aligner_spec::{CorrectStage, GenerateStage, ModelSpec};
 use aligner_store::{
     EventKind, Level, NewCorrection, NewGeneration, NewPair, Outcome, PairOrigin, StageEnd, Store,
@@ -175,6 +175,7 @@ struct Sample {
     prompt_id: i64,
     sample_idx: i64,
     system: Option<String>,
+    history: Option<String>,
     prompt: String,
 }
 
@@ -205,6 +206,7 @@ impl Pending for Unanswered {
                         prompt_id: p.id,
                         sample_idx: k,
                         system: p.system.clone(),
+                        history: p.history.clone(),
                         prompt: p.prompt.clone(),
                     });
                 }
@@ -231,11 +233,7 @@ impl ItemStage for Generate<'_> {
     type Row = NewGeneration;
 
     fn request(&self, u: &Sample) -> CompletionRequest {
-        let mut messages = Vec::with_capacity(2);
-        if let Some(system) = &u.system {
-            messages.push(Message::new("system", system.clone()));
-        }
-        messages.push(Message::new("user", u.prompt.clone()));
+        let messages = crate::chat_messages(u.system.as_deref(), u.history.as_deref(), &u.prompt);
         CompletionRequest {
             prompt: Prompt::Chat(messages),
             sampling: to_sampling(&self.spec.sampling, u.sample_idx as u64),
@@ -389,7 +387,12 @@ impl ItemStage for Correct<'_> {
 
     fn request(&self, u: &UncorrectedRow) -> CompletionRequest {
         CompletionRequest {
-            prompt: Prompt::Raw(self.spec.template.render(&u.prompt, &u.answer)),
+            prompt: Prompt::Raw(crate::render_correction(
+                &self.spec.template,
+                u.history.as_deref(),
+                &u.prompt,
+                &u.answer,
+            )),
             sampling: self.sampling.clone(),
             model: None,
         }

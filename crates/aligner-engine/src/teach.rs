@@ -104,6 +104,7 @@ fn read_rows(a: &AlignerSpec) -> Result<Vec<NewAlignerExample>> {
                 prompt: p.prompt_field.clone(),
                 id: p.id_field.clone(),
                 system: p.system_field.clone(),
+                messages: p.messages_field.clone(),
                 metadata: p.metadata_fields.clone(),
             };
             let (records, _) =

@@ -176,6 +176,10 @@ pub struct PromptsSpec {
     pub id_field: Option<String>,
     /// Column holding a per-row system prompt.
     pub system_field: Option<String>,
+    /// A column of conversations (`[{"role", "content"}]`): the last user turn is the prompt,
+    /// the turns before it its history. Replaces `prompt_field`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages_field: Option<String>,
     /// Extra columns copied into the prompt's metadata (e.g. `category`).
     pub metadata_fields: Vec<String>,
     /// A system prompt for every row (a per-row one wins).

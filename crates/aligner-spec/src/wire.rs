@@ -295,6 +295,7 @@ pub struct FieldsWire {
     pub prompt: Option<String>,
     pub id: Option<String>,
     pub system: Option<String>,
+    pub messages: Option<String>,
     #[serde(default)]
     pub metadata: Vec<String>,
 }

@@ -87,6 +87,7 @@ mod tests {
             source_id: idx.to_string(),
             split: split.into(),
             system: None,
+            history: None,
             prompt: format!("p{idx}"),
             prompt_hash: format!("h{idx}"),
             metadata: None,

@@ -13,7 +13,7 @@ impl Store {
     /// The run's held-out prompts, in order.
     pub async fn holdout_prompts(&self, run_id: i64) -> Result<Vec<HoldoutPromptRow>> {
         Ok(sqlx::query_as::<_, HoldoutPromptRow>(
-            "SELECT id, idx, source_id, system, prompt, metadata FROM prompts
+            "SELECT id, idx, source_id, system, history, prompt, metadata FROM prompts
              WHERE run_id = ? AND split = 'holdout' ORDER BY idx",
         )
         .bind(run_id)

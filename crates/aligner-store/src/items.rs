@@ -11,7 +11,7 @@ impl Store {
     /// leaves no partial prompt set).
     pub async fn insert_prompts(&self, run_id: i64, prompts: &[NewPrompt]) -> Result<()> {
         const INSERT: BatchInsert = BatchInsert::new(
-            "INSERT INTO prompts (run_id, idx, source_id, split, system, prompt, prompt_hash, metadata) ",
+            "INSERT INTO prompts (run_id, idx, source_id, split, system, history, prompt, prompt_hash, metadata) ",
         );
         self.insert_batch(INSERT, prompts, |mut b, p| {
             b.push_bind(run_id)
@@ -19,6 +19,7 @@ impl Store {
                 .push_bind(&p.source_id)
                 .push_bind(&p.split)
                 .push_bind(&p.system)
+                .push_bind(&p.history)
                 .push_bind(&p.prompt)
                 .push_bind(&p.prompt_hash)
                 .push_bind(p.metadata.as_ref().map(|m| m.to_string()));
@@ -44,7 +45,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<PromptRow>> {
         Ok(sqlx::query_as::<_, PromptRow>(
-            "SELECT id, idx, system, prompt, prompt_hash FROM prompts
+            "SELECT id, idx, system, history, prompt, prompt_hash FROM prompts
              WHERE run_id = ? AND split = 'train' AND idx > ? ORDER BY idx LIMIT ?",
         )
         .bind(run_id)
@@ -141,7 +142,7 @@ impl Store {
         limit: i64,
     ) -> Result<Vec<UncorrectedRow>> {
         self.generation_page(
-            "SELECT g.id AS generation_id, g.prompt_id, p.prompt, g.text AS answer
+            "SELECT g.id AS generation_id, g.prompt_id, p.history, p.prompt, g.text AS answer
              FROM generations g JOIN prompts p ON p.id = g.prompt_id
              WHERE g.run_id = ? AND g.round = ? AND g.status = 'ok'
                AND NOT EXISTS (SELECT 1 FROM corrections c WHERE c.generation_id = g.id)",

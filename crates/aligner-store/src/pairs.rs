@@ -94,7 +94,7 @@ impl Store {
     /// The kept pairs of a round with their prompt, in pair order.
     pub async fn kept_pairs(&self, run_id: i64, round: i64) -> Result<Vec<ExportPair>> {
         Ok(sqlx::query_as::<_, ExportPair>(
-            "SELECT p.id AS pair_id, pr.system, pr.prompt, p.chosen, p.rejected
+            "SELECT p.id AS pair_id, pr.system, pr.history, pr.prompt, p.chosen, p.rejected
              FROM pairs p JOIN prompts pr ON pr.id = p.prompt_id
              WHERE p.run_id = ? AND p.round = ? AND p.verdict = 'kept' ORDER BY p.id",
         )
@@ -168,7 +168,7 @@ impl Store {
             }
         }
         let pairs = sqlx::query_as::<_, ExportPair>(
-            "SELECT p.id AS pair_id, pr.system, pr.prompt, p.chosen, p.rejected
+            "SELECT p.id AS pair_id, pr.system, pr.history, pr.prompt, p.chosen, p.rejected
              FROM replayed_pairs r JOIN pairs p ON p.id = r.pair_id JOIN prompts pr ON pr.id = p.prompt_id
              WHERE r.run_id = ? AND r.round = ? ORDER BY r.rowid",
         )

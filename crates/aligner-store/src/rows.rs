@@ -97,6 +97,8 @@ pub struct NewPrompt {
     /// `train` | `holdout`
     pub split: String,
     pub system: Option<String>,
+    /// The turns before the prompt, as JSON (`[{"role", "content"}]`); `None`: single-turn.
+    pub history: Option<String>,
     pub prompt: String,
     pub prompt_hash: String,
     pub metadata: Option<serde_json::Value>,
@@ -107,6 +109,7 @@ pub struct PromptRow {
     pub id: i64,
     pub idx: i64,
     pub system: Option<String>,
+    pub history: Option<String>,
     pub prompt: String,
     pub prompt_hash: String,
 }
@@ -154,6 +157,7 @@ pub struct NewGeneration {
 pub struct UncorrectedRow {
     pub generation_id: i64,
     pub prompt_id: i64,
+    pub history: Option<String>,
     pub prompt: String,
     pub answer: String,
 }
@@ -238,6 +242,7 @@ impl PairOrigin {
 pub struct ExportPair {
     pub pair_id: i64,
     pub system: Option<String>,
+    pub history: Option<String>,
     pub prompt: String,
     pub chosen: Option<String>,
     pub rejected: Option<String>,
@@ -390,6 +395,7 @@ pub struct HoldoutPromptRow {
     /// The prompt file's id for it.
     pub source_id: String,
     pub system: Option<String>,
+    pub history: Option<String>,
     pub prompt: String,
     pub metadata: Option<String>,
 }

@@ -14,6 +14,7 @@ fn prompt(idx: i64, text: &str) -> NewPrompt {
         source_id: idx.to_string(),
         split: "train".into(),
         system: None,
+        history: None,
         prompt: text.into(),
         prompt_hash: format!("h{text}"),
         metadata: None,
@@ -48,7 +49,8 @@ async fn migrations_apply_on_a_fresh_file() {
             "replicas".to_string(),
             "proxy cost".to_string(),
             "replayed pairs".to_string(),
-            "sentence correction".to_string()
+            "sentence correction".to_string(),
+            "prompt history".to_string()
         ]
     );
     let tables = store

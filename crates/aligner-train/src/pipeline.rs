@@ -102,6 +102,7 @@ pub fn prompt_ids(
     tok: &TextTokenizer,
     chat: Option<&ChatTemplate>,
     system: Option<&str>,
+    history: &[(String, String)],
     prompt: &str,
 ) -> Result<Vec<u32>> {
     let text = match chat {
@@ -109,6 +110,9 @@ pub fn prompt_ids(
             let mut msgs = Vec::new();
             if let Some(s) = system {
                 msgs.push(Message::new("system", s));
+            }
+            for (role, content) in history {
+                msgs.push(Message::new(role.as_str(), content.as_str()));
             }
             msgs.push(Message::new("user", prompt));
             c.render(&msgs, true)?
@@ -150,7 +154,13 @@ fn run_on(req: &TrainRequest, events: &mut dyn FnMut(TrainEvent), device: &Devic
     let mut pairs = Vec::with_capacity(req.pairs.len());
     for p in &req.pairs {
         pairs.push(Pair {
-            prompt: prompt_ids(&tok, chat.as_ref(), p.system.as_deref(), &p.prompt)?,
+            prompt: prompt_ids(
+                &tok,
+                chat.as_ref(),
+                p.system.as_deref(),
+                &p.history,
+                &p.prompt,
+            )?,
             chosen: completion_ids(&tok, &p.chosen)?,
             rejected: completion_ids(&tok, &p.rejected)?,
         });

@@ -64,6 +64,15 @@ impl Ctx<'_> {
             column(self, "prompt", &w.fields.prompt).unwrap_or_else(|| "prompt".into());
         let id_field = column(self, "id", &w.fields.id);
         let system_field = column(self, "system", &w.fields.system);
+        let messages_field = column(self, "messages", &w.fields.messages);
+        if messages_field.is_some() && w.fields.prompt.is_some() {
+            self.err(
+                "prompts.fields.messages",
+                Anchor::Key,
+                "`messages` and `prompt` are exclusive: with `messages` the prompt is the conversation's last user turn",
+                Some("map either a column of single prompts (`prompt`) or a column of conversations (`messages`)".into()),
+            );
+        }
         for (i, m) in w.fields.metadata.iter().enumerate() {
             if m.trim().is_empty() {
                 self.err(
@@ -135,6 +144,7 @@ impl Ctx<'_> {
             prompt_field,
             id_field,
             system_field,
+            messages_field,
             metadata_fields: w.fields.metadata.clone(),
             system_prompt: w.system_prompt.clone(),
             sample: w.sample,
