@@ -256,7 +256,19 @@ fn a_pipeline_trains_its_own_aligner_with_a_teacher_model_and_corrects_with_it()
     .iter()
     .enumerate()
     .map(|(i, (p, l))| {
-        serde_json::json!({"id": format!("t{i}"), "prompt": p, "kind": l}).to_string()
+        // The first row is a conversation: its question comes after two earlier turns.
+        let mut messages = vec![serde_json::json!({"role": "user", "content": p})];
+        if i == 0 {
+            messages.insert(
+                0,
+                serde_json::json!({"role": "user", "content": "I want to bake."}),
+            );
+            messages.insert(
+                1,
+                serde_json::json!({"role": "assistant", "content": "Great, what kind?"}),
+            );
+        }
+        serde_json::json!({"id": format!("t{i}"), "messages": messages, "kind": l}).to_string()
     })
     .collect();
     std::fs::write(dir.path().join("teach.jsonl"), teach.join("\n") + "\n").unwrap();
@@ -269,14 +281,15 @@ fn a_pipeline_trains_its_own_aligner_with_a_teacher_model_and_corrects_with_it()
                 server.base_url
             ),
         )
-        .replace("correct: { model: aligner,", "correct: { model: trained,")
+        .replace("correct: { model: aligner, template: aligner-v1,", "correct: { model: trained, template: aligner-v1-multiturn,")
         + r#"aligner:
   name: trained
   base: upstream
+  template: aligner-v1-multiturn
   teach:
-    prompts: { source: teach.jsonl, fields: { id: id, metadata: [kind] } }
+    prompts: { source: teach.jsonl, fields: { id: id, messages: messages, metadata: [kind] } }
     answer: { model: upstream, sampling: { temperature: 0.5, max_tokens: 24, seed: 3 } }
-    teacher: { kind: model, model: teacher }
+    teacher: { kind: model, model: teacher, sampling: { max_tokens: 400 } }
   labels: { field: kind, harmful: [harmful] }
   holdout: 0.25
   train: { epochs: 1, batch_size: 4, max_length: 128, train_layers: 1, save_every: 1 }
@@ -299,6 +312,26 @@ fn a_pipeline_trains_its_own_aligner_with_a_teacher_model_and_corrects_with_it()
         assert!(c.starts_with("answer: You are an answer editor."), "{c}");
         assert_eq!(r["teacher"].as_str(), Some("teacher"));
     }
+    // The conversation's earlier turns are kept with its question and shown to the teacher.
+    let first = sql(
+        dir.path(),
+        "SELECT history, question, correction FROM aligner_examples WHERE source_id = 't0'",
+    );
+    assert_eq!(first[0]["question"], "How do I bake bread?");
+    assert!(first[0]["history"]
+        .as_str()
+        .unwrap()
+        .contains("Great, what kind?"));
+    let editor = server
+        .request_bodies()
+        .into_iter()
+        .filter_map(|b| b["messages"][0]["content"].as_str().map(str::to_string))
+        .find(|m| m.contains("How do I bake bread?"))
+        .expect("the teacher was asked about the first row");
+    assert!(
+        editor.contains("Question: User: I want to bake.\nAssistant: Great, what kind?\nUser: How do I bake bread?"),
+        "{editor}"
+    );
     let held: Vec<_> = rows.iter().filter(|r| r["split"] == "holdout").collect();
     assert_eq!(held.len(), 2, "{rows:?}");
     assert!(held.iter().all(|r| r["output"].is_string()), "{held:?}");
@@ -319,7 +352,10 @@ fn a_pipeline_trains_its_own_aligner_with_a_teacher_model_and_corrects_with_it()
     let path = PathBuf::from(ckpt[0]["path"].as_str().unwrap());
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(path.join("aligner.json")).unwrap()).unwrap();
-    assert_eq!(meta["aligner_template"].as_str(), Some("aligner-v1"));
+    assert_eq!(
+        meta["aligner_template"].as_str(),
+        Some("aligner-v1-multiturn")
+    );
     assert_eq!(meta["extra"]["examples"].as_u64(), Some(6));
     let job = sql(
         dir.path(),

@@ -167,11 +167,11 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
                 source_id: r.source_id.clone(),
                 split: if held { "holdout" } else { "train" }.into(),
                 system: r.system.clone().or_else(|| p.system_prompt.clone()),
-                history: history_json(&r.history),
+                history: crate::history_json(&r.history),
                 prompt: r.prompt.clone(),
                 // A conversation's hash covers its earlier turns: the same last question
                 // after another conversation is another prompt.
-                prompt_hash: match history_json(&r.history) {
+                prompt_hash: match crate::history_json(&r.history) {
                     Some(h) => prompt_hash(&format!("{h}\n{}", r.prompt)),
                     None => prompt_hash(&r.prompt),
                 },
@@ -235,19 +235,6 @@ pub(crate) async fn run(engine: &Engine, run_id: i64) -> Result<()> {
         .event(run_id, None, Some(Stage::Ingest), Level::Info, EventKind::PromptsLoaded, &message, Some(serde_json::json!({"train": total - n_holdout, "holdout": n_holdout, "skipped_empty": report.skipped_empty})))
         .await;
     Ok(())
-}
-
-/// A prompt's earlier turns as stored in `prompts.history`; `None` for a single turn.
-fn history_json(turns: &[(String, String)]) -> Option<String> {
-    (!turns.is_empty()).then(|| {
-        serde_json::Value::Array(
-            turns
-                .iter()
-                .map(|(r, c)| serde_json::json!({"role": r, "content": c}))
-                .collect(),
-        )
-        .to_string()
-    })
 }
 
 #[cfg(test)]

@@ -162,6 +162,16 @@ pub enum TrainEvent {
     Log(String),
 }
 
+/// One question-answer-correction row the pipeline's own Aligner trains on.
+#[derive(Debug, Clone)]
+pub struct AlignerExample {
+    /// The turns before the question (role, content), oldest first; empty for one turn.
+    pub history: Vec<(String, String)>,
+    pub question: String,
+    pub answer: String,
+    pub correction: String,
+}
+
 /// What the built-in trainer is asked to do to train the pipeline's own Aligner (round 0).
 #[derive(Debug, Clone)]
 pub struct AlignerTrainRequest {
@@ -169,8 +179,8 @@ pub struct AlignerTrainRequest {
     pub template: aligner_spec::Template,
     /// The model the Aligner starts from.
     pub base: aligner_spec::LocalModel,
-    /// (question, answer, correction) of every training row.
-    pub examples: Vec<(String, String, String)>,
+    /// Every training row.
+    pub examples: Vec<AlignerExample>,
     /// Where the checkpoint goes (a fresh folder per attempt).
     pub out_dir: PathBuf,
     /// Kept across attempts: resumable optimizer state.
@@ -292,6 +302,19 @@ pub async fn pair_records(
         .into_iter()
         .map(pair_record)
         .collect())
+}
+
+/// A prompt's earlier turns as stored in `prompts.history`; `None` for a single turn.
+pub(crate) fn history_json(turns: &[(String, String)]) -> Option<String> {
+    (!turns.is_empty()).then(|| {
+        serde_json::Value::Array(
+            turns
+                .iter()
+                .map(|(r, c)| serde_json::json!({"role": r, "content": c}))
+                .collect(),
+        )
+        .to_string()
+    })
 }
 
 /// The turns of a stored `prompts.history` (JSON `[{"role", "content"}]`), oldest first.

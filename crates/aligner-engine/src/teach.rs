@@ -89,6 +89,7 @@ fn read_rows(a: &AlignerSpec) -> Result<Vec<NewAlignerExample>> {
                         source_id: row.to_string(),
                         split: split.into(),
                         label: None,
+                        history: None,
                         question: r.question.clone(),
                         metadata: None,
                         answer: Some(r.answer.clone()),
@@ -118,6 +119,7 @@ fn read_rows(a: &AlignerSpec) -> Result<Vec<NewAlignerExample>> {
                         source_id: r.source_id.clone(),
                         split: split.into(),
                         label: a.labels.as_ref().map(|l| label_of(l, r.metadata.as_ref())),
+                        history: crate::history_json(&r.history),
                         question: r.prompt.clone(),
                         metadata: r.metadata.clone(),
                         answer: None,
@@ -210,14 +212,31 @@ impl ItemStage for ChatCalls<'_> {
     type Row = AlignerUpdate;
 
     fn request(&self, r: &AlignerExampleRow) -> CompletionRequest {
-        let content = match self.teacher_prompt {
-            None => r.question.clone(),
+        let messages = match self.teacher_prompt {
+            // The question with the conversation before it, as the upstream is asked.
+            None => crate::chat_messages(None, r.history.as_deref(), &r.question),
             Some(prompt) => {
-                aligner_spec::fill(prompt, &r.question, r.answer.as_deref().unwrap_or_default())
+                // The teacher reads the earlier turns before the question (`history-v1`).
+                let turns = crate::history_turns(r.history.as_deref());
+                let refs: Vec<(&str, &str)> = turns
+                    .iter()
+                    .map(|(a, b)| (a.as_str(), b.as_str()))
+                    .collect();
+                let question = match refs.is_empty() {
+                    true => r.question.clone(),
+                    false => format!(
+                        "{}User: {}",
+                        aligner_spec::render_history(&refs),
+                        r.question
+                    ),
+                };
+                let text =
+                    aligner_spec::fill(prompt, &question, r.answer.as_deref().unwrap_or_default());
+                vec![Message::new("user", text)]
             }
         };
         CompletionRequest {
-            prompt: Prompt::Chat(vec![Message::new("user", content)]),
+            prompt: Prompt::Chat(messages),
             sampling: to_sampling(self.sampling, r.idx as u64),
             model: None,
         }
@@ -268,10 +287,12 @@ impl ItemStage for AlignerOutputs<'_> {
     fn request(&self, r: &AlignerExampleRow) -> CompletionRequest {
         let a = self.aligner;
         CompletionRequest {
-            prompt: Prompt::Raw(
-                a.template
-                    .render(&r.question, r.answer.as_deref().unwrap_or_default()),
-            ),
+            prompt: Prompt::Raw(crate::render_correction(
+                &a.template,
+                r.history.as_deref(),
+                &r.question,
+                r.answer.as_deref().unwrap_or_default(),
+            )),
             sampling: to_sampling(&a.sampling, 0),
             model: None,
         }
@@ -426,15 +447,16 @@ pub(crate) async fn train_aligner(ctx: &Ctx<'_>) -> Result<()> {
         return Ok(());
     }
     let rows = e.store.aligner_examples(run_id).await?;
-    let examples: Vec<(String, String, String)> = rows
+    let examples: Vec<crate::AlignerExample> = rows
         .iter()
         .filter(|r| r.split == "train")
         .filter_map(|r| {
-            Some((
-                r.question.clone(),
-                r.answer.clone().filter(|s| !s.trim().is_empty())?,
-                r.correction.clone().filter(|s| !s.trim().is_empty())?,
-            ))
+            Some(crate::AlignerExample {
+                history: crate::history_turns(r.history.as_deref()),
+                question: r.question.clone(),
+                answer: r.answer.clone().filter(|s| !s.trim().is_empty())?,
+                correction: r.correction.clone().filter(|s| !s.trim().is_empty())?,
+            })
         })
         .collect();
     e.store.start_stage(run_id, 0, stage, Some(1)).await?;

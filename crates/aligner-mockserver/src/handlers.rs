@@ -227,6 +227,11 @@ async fn chat(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes
         Err(e) => return bad_request(shared, &format!("Invalid chat request body: {e}")),
     };
     *shared.last_body.lock().unwrap_or_else(|e| e.into_inner()) = Some(body.clone());
+    shared
+        .bodies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(body.clone());
     if !temperature_ok(req.temperature) {
         return bad_request(shared, "temperature must be between 0 and 2");
     }
@@ -373,6 +378,11 @@ async fn completions(
         Err(e) => return bad_request(shared, &format!("Invalid completion request body: {e}")),
     };
     *shared.last_body.lock().unwrap_or_else(|e| e.into_inner()) = Some(body.clone());
+    shared
+        .bodies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(body.clone());
     if !temperature_ok(req.temperature) {
         return bad_request(shared, "temperature must be between 0 and 2");
     }

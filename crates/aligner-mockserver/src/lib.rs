@@ -148,6 +148,8 @@ pub(crate) struct Shared {
     pub script_pos: AtomicU64,
     pub per_model: Mutex<BTreeMap<String, u64>>,
     pub last_body: Mutex<Option<axum::body::Bytes>>,
+    /// Every completion request body that parsed, in arrival order.
+    pub bodies: Mutex<Vec<axum::body::Bytes>>,
     /// Adapters loaded with `POST /v1/load_lora_adapter` (vLLM): (name, path), listed as models.
     pub adapters: Mutex<Vec<(String, String)>>,
     /// The weights `POST /update_weights_from_disk` (SGLang) last loaded.
@@ -168,6 +170,7 @@ impl Shared {
             script_pos: AtomicU64::new(0),
             per_model: Mutex::new(BTreeMap::new()),
             last_body: Mutex::new(None),
+            bodies: Mutex::new(Vec::new()),
             adapters: Mutex::new(Vec::new()),
             weights: Mutex::new(None),
             slots,
@@ -317,6 +320,17 @@ impl MockServer {
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
         serde_json::from_slice(&body).ok()
+    }
+
+    /// Every completion request body that parsed, in arrival order.
+    pub fn request_bodies(&self) -> Vec<serde_json::Value> {
+        self.shared
+            .bodies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|b| serde_json::from_slice(b).ok())
+            .collect()
     }
 
     /// The LoRA adapters loaded so far (vLLM's `load_lora_adapter`): (name, path).

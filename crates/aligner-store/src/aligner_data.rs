@@ -12,7 +12,7 @@ impl Store {
         rows: &[NewAlignerExample],
     ) -> Result<()> {
         const INSERT: BatchInsert = BatchInsert::new(
-            "INSERT INTO aligner_examples (run_id, idx, source_id, split, label, question, metadata, answer, correction, teacher) ",
+            "INSERT INTO aligner_examples (run_id, idx, source_id, split, label, history, question, metadata, answer, correction, teacher) ",
         )
         .chunk(INSERT_CHUNK / 2);
         self.insert_batch(INSERT, rows, |mut b, r| {
@@ -21,6 +21,7 @@ impl Store {
                 .push_bind(&r.source_id)
                 .push_bind(&r.split)
                 .push_bind(&r.label)
+                .push_bind(&r.history)
                 .push_bind(&r.question)
                 .push_bind(r.metadata.as_ref().map(|m| m.to_string()))
                 .push_bind(&r.answer)
@@ -33,7 +34,7 @@ impl Store {
     /// Every row of the run's Aligner data, in order.
     pub async fn aligner_examples(&self, run_id: i64) -> Result<Vec<AlignerExampleRow>> {
         Ok(sqlx::query_as::<_, AlignerExampleRow>(
-            "SELECT id, idx, source_id, split, label, question, answer, answer_finish, correction, output
+            "SELECT id, idx, source_id, split, label, history, question, answer, answer_finish, correction, output
              FROM aligner_examples WHERE run_id = ? ORDER BY idx",
         )
         .bind(run_id)

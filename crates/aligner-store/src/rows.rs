@@ -302,6 +302,8 @@ pub struct NewAlignerExample {
     pub split: String,
     /// `harmful` | `benign` | none
     pub label: Option<String>,
+    /// The turns before the question, as JSON (`[{"role", "content"}]`); `None`: one turn.
+    pub history: Option<String>,
     pub question: String,
     pub metadata: Option<serde_json::Value>,
     /// Set for rows read from a question-answer-correction file.
@@ -317,6 +319,7 @@ pub struct AlignerExampleRow {
     pub source_id: String,
     pub split: String,
     pub label: Option<String>,
+    pub history: Option<String>,
     pub question: String,
     pub answer: Option<String>,
     pub answer_finish: Option<String>,

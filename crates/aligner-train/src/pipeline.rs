@@ -373,7 +373,12 @@ pub fn train_aligner(
         stream,
         examples: records
             .into_iter()
-            .map(|r| (r.question, r.answer, r.correction))
+            .map(|r| aligner_engine::AlignerExample {
+                history: Vec::new(),
+                question: r.question,
+                answer: r.answer,
+                correction: r.correction,
+            })
             .collect(),
         settings,
         out: out.to_path_buf(),
@@ -503,8 +508,8 @@ pub struct AlignerJob {
     /// prefix-conditioned example per sentence of its answer
     /// ([`aligner_spec::sentences::stream_steps`]).
     pub stream: bool,
-    /// (question, answer, correction)
-    pub examples: Vec<(String, String, String)>,
+    /// The question-answer-correction rows.
+    pub examples: Vec<aligner_engine::AlignerExample>,
     pub settings: aligner_spec::AlignerTrain,
     pub out: PathBuf,
     pub state_dir: PathBuf,
@@ -520,9 +525,16 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
     let template = &job.template;
     let (tok, _) = tokenizer_for(&job.base)?;
     let eos = tok.eos_ids().first().copied().unwrap_or(0);
-    let example = |q: &str, a: &str, target: &str| -> Result<Example> {
+    // The question (with the conversation before it, for a template that shows it) and
+    // the answer, rendered; the target after them.
+    let example = |x: &aligner_engine::AlignerExample, target: &str| -> Result<Example> {
+        let turns: Vec<(&str, &str)> = x
+            .history
+            .iter()
+            .map(|(r, c)| (r.as_str(), c.as_str()))
+            .collect();
         Ok(Example {
-            prompt: tok.encode(&template.render(q, a), true)?,
+            prompt: tok.encode(&template.render_turns(&turns, &x.question, &x.answer), true)?,
             completion: completion_ids(&tok, target)?,
         })
     };
@@ -539,11 +551,11 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
             .collect()
     };
     let mut main = Vec::with_capacity(job.examples.len());
-    for (q, a, c) in &job.examples {
+    for x in &job.examples {
         if job.stream {
-            main.extend(step_examples(q, a, c)?);
+            main.extend(step_examples(&x.question, &x.answer, &x.correction)?);
         } else {
-            main.push(example(q, a, c)?);
+            main.push(example(x, &x.correction)?);
         }
     }
     let mut order: Vec<usize> = (0..job.examples.len()).collect();
@@ -555,11 +567,11 @@ pub fn run_aligner_job(job: &AlignerJob, events: &mut dyn FnMut(TrainEvent)) -> 
     let n_warm = (job.examples.len() as f64 * s.warmup_fraction).round() as usize;
     let mut warm = Vec::with_capacity(n_warm);
     for &i in &order[..n_warm] {
-        let (q, a, _) = &job.examples[i];
+        let x = &job.examples[i];
         if job.stream {
-            warm.extend(step_examples(q, a, a)?);
+            warm.extend(step_examples(&x.question, &x.answer, &x.answer)?);
         } else {
-            warm.push(example(q, a, a)?);
+            warm.push(example(x, &x.answer)?);
         }
     }
     let trainable = trainable_of(&s.options);
