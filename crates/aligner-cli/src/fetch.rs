@@ -26,7 +26,7 @@ pub enum PromptsCommand {
         /// The data folder.
         #[arg(long, default_value = "data")]
         dir: PathBuf,
-        /// Which sets: strongreject, mtbench, quickstart, harmbench [default: all but harmbench].
+        /// Which sets: strongreject, mtbench, quickstart, harmbench, mtbench-conversations, ... [default: the default sets].
         sets: Vec<String>,
     },
 }

