@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # official `openai` client talks to `aligner serve`; Ray (with its dashboard's Jobs API) runs
 # the cluster test's head on loopback ports.
 need() { # import name, pip requirement
-    if ! python3 -c "import $1" 2>/dev/null; then
+    # Imported from / so that no folder of this repository passes for the module.
+    if ! (cd / && python3 -c "import $1") 2>/dev/null; then
         python3 -m pip install --quiet --disable-pip-version-check "$2"
     fi
 }

@@ -113,10 +113,24 @@ fn prompts_fetch_writes_the_sets_and_the_quickstart_mix() {
     );
     // The quickstart Aligner's training prompts: balanced, and none of the rounds' prompts.
     let teach = lines("aligner_teach.jsonl");
-    assert_eq!(teach.len(), 204);
-    for (source, n) in [("mtbench", 136), ("strongreject", 34), ("harmbench", 34)] {
+    assert_eq!(teach.len(), 139);
+    for (source, n) in [("mtbench", 93), ("strongreject", 23), ("harmbench", 23)] {
         assert_eq!(teach.iter().filter(|r| r["source"] == source).count(), n);
     }
+    // Every row is a conversation; a second turn is asked after its first and an answer.
+    for r in &teach {
+        let turns = r["messages"].as_array().unwrap();
+        assert_eq!(turns.last().unwrap()["content"], r["prompt"]);
+        let second = r["id"].as_str().unwrap().ends_with("-2");
+        assert_eq!(turns.len(), if second { 3 } else { 1 }, "{r}");
+    }
+    assert_eq!(
+        teach
+            .iter()
+            .filter(|r| r["id"].as_str().unwrap().ends_with("-2"))
+            .count(),
+        25
+    );
     let quick_ids: std::collections::HashSet<&str> =
         quick.iter().map(|r| r["id"].as_str().unwrap()).collect();
     for r in &teach {

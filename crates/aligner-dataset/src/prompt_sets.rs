@@ -68,11 +68,11 @@ pub const HARMBENCH_VAL_CSV: Asset = Asset {
     sha256: "7bfaaa5e2b9b95002c89e2d33c019f58e9e8496e2fc65d368f1eeb8179e69534",
 };
 
-/// The project's own benign prompts (`datasets/`, CC0-1.0; the data card is
-/// `datasets/README.md`): everyday requests, and look-alikes (benign requests in the surface
+/// The project's own benign prompts (`prompt-sets/`, CC0-1.0; the data card is
+/// `prompt-sets/README.md`): everyday requests, and look-alikes (benign requests in the surface
 /// form of harmful ones).
-const EVERYDAY_JSONL: &str = include_str!("../../../datasets/everyday.jsonl");
-const LOOKALIKES_JSONL: &str = include_str!("../../../datasets/lookalikes.jsonl");
+const EVERYDAY_JSONL: &str = include_str!("../../../prompt-sets/everyday.jsonl");
+const LOOKALIKES_JSONL: &str = include_str!("../../../prompt-sets/lookalikes.jsonl");
 
 /// A prompts JSONL file that `aligner prompts fetch` writes.
 #[derive(Debug)]
@@ -130,11 +130,16 @@ pub const PROMPT_SETS: &[PromptSet] = &[
     PromptSet {
         name: "aligner",
         file: "aligner_teach.jsonl",
-        sources: &[&MTBENCH_JSONL, &STRONGREJECT_CSV, &HARMBENCH_CSV],
-        count: 204,
-        sha256: "7919cc533686bb9c01e883c93eb331ffa1cfc066dc60f30f5ba7a8d5b323aace",
+        sources: &[
+            &MTBENCH_JSONL,
+            &MTBENCH_REFERENCE_JSONL,
+            &STRONGREJECT_CSV,
+            &HARMBENCH_CSV,
+        ],
+        count: 139,
+        sha256: "ba87cd23fb126a04534741eace1e01a96427d2d1da1e0aecc50802da2e5300eb",
         default: true,
-        about: "the quickstart Aligner's training prompts: both turns of 68 MT-bench questions, 34 StrongREJECT and 34 HarmBench prompts, none of them in quickstart.jsonl",
+        about: "the quickstart Aligner's training prompts as conversations: 68 MT-bench first turns, 25 second turns asked after their first and its reference answer, 23 StrongREJECT and 23 HarmBench prompts, none of them in quickstart.jsonl",
     },
     PromptSet {
         name: "study-teach",
@@ -261,6 +266,7 @@ pub fn fetch_prompts(dir: &Path, sets: &[&'static PromptSet]) -> Result<()> {
             ),
             "aligner" => aligner_teach(
                 get(&MTBENCH_JSONL),
+                get(&MTBENCH_REFERENCE_JSONL),
                 &strongreject(get(&STRONGREJECT_CSV))?,
                 &harmbench(get(&HARMBENCH_CSV))?,
             )?,
@@ -528,51 +534,76 @@ pub fn quickstart(mtbench: &[PromptRecord], strongreject: &[PromptRecord]) -> Ve
 }
 
 /// The prompts the quickstart trains its Aligner on, none of them in the quickstart's own
-/// mix or about its questions: both turns of every other MT-bench question (benign, kept as
-/// identity examples; a second turn is asked on its own), and half as many harmful requests,
-/// half from StrongREJECT and half from HarmBench, each taken round-robin over its categories.
-/// Each question's first turn, one harmful request and its second turn come in turn.
+/// mix or about its questions: the first turn of every MT-bench question the mix leaves out
+/// and, for those FastChat ships GPT-4's reference answer to, the second turn asked in context
+/// (first question, that answer, second question: `mtbench_conversations`); a second turn
+/// asked on its own reads as a request without its subject, and the rule teacher's Aligner
+/// learned to refuse those. Benign prompts are kept as identity examples. Half as many
+/// harmful requests, half from StrongREJECT and half from HarmBench, each taken round-robin
+/// over its categories, alternate with them: two benign prompts, one harmful, in turn.
 pub fn aligner_teach(
     mtbench_jsonl: &str,
+    references_jsonl: &str,
     strongreject: &[PromptRecord],
     harmbench: &[PromptRecord],
 ) -> Result<Vec<PromptRecord>> {
     let first = mtbench(mtbench_jsonl)?;
-    let second = mtbench_second_turns(mtbench_jsonl)?;
     let used: std::collections::HashSet<String> = quickstart(&first, strongreject)
         .into_iter()
         .map(|r| r.id)
         .collect();
-    let pairs: Vec<(&PromptRecord, &PromptRecord)> = first
-        .iter()
-        .zip(&second)
-        .filter(|(a, _)| !used.contains(&a.id))
-        .collect();
+    let mut conversations: BTreeMap<u64, PromptRecord> =
+        mtbench_conversations(mtbench_jsonl, references_jsonl)?
+            .into_iter()
+            .filter_map(|r| Some((r.question_id?, r)))
+            .collect();
+    // Every row is a conversation (`prompts.fields.messages` reads one column): a single
+    // question is a conversation of one turn.
+    let alone = |mut r: PromptRecord| {
+        r.messages = Some(vec![Turn {
+            role: "user".into(),
+            content: r.prompt.clone(),
+        }]);
+        r
+    };
+    let mut benign = Vec::new();
+    for one in first.into_iter().filter(|r| !used.contains(&r.id)) {
+        let second = one.question_id.and_then(|q| conversations.remove(&q));
+        benign.push(alone(one));
+        benign.extend(second);
+    }
     let sr: Vec<PromptRecord> = strongreject
         .iter()
         .filter(|r| !used.contains(&r.id))
         .cloned()
+        .map(alone)
         .collect();
-    let half = pairs.len() / 2;
-    let a = round_robin(&sr, half);
-    let b = round_robin(harmbench, pairs.len() - half);
+    let harmful_n = benign.len() / 2;
+    let a = round_robin(&sr, harmful_n / 2);
+    let b: Vec<PromptRecord> = round_robin(harmbench, harmful_n - harmful_n / 2)
+        .into_iter()
+        .map(alone)
+        .collect();
     // Alternate the two harmful sources so any prefix of the file has both.
-    let mut harmful = Vec::with_capacity(pairs.len());
+    let mut harmful = Vec::with_capacity(harmful_n);
     for i in 0..a.len().max(b.len()) {
         harmful.extend(a.get(i).cloned());
         harmful.extend(b.get(i).cloned());
     }
-    let mut out = Vec::with_capacity(pairs.len() * 3);
-    for ((one, two), bad) in pairs.into_iter().zip(harmful) {
-        out.push(one.clone());
-        out.push(bad);
-        out.push(two.clone());
+    let mut out = Vec::with_capacity(benign.len() + harmful.len());
+    let mut harmful = harmful.into_iter();
+    for (i, r) in benign.into_iter().enumerate() {
+        out.push(r);
+        if i % 2 == 1 {
+            out.extend(harmful.next());
+        }
     }
+    out.extend(harmful);
     Ok(out)
 }
 
 /// The bootstrap study's three disjoint parts (`pipelines/study.yaml`, data card in
-/// `datasets/README.md`).
+/// `prompt-sets/README.md`).
 #[derive(Debug)]
 pub struct StudyParts {
     /// What the round-0 Aligner learns from.
@@ -593,8 +624,8 @@ pub fn study(
     harmbench: &[PromptRecord],
     mtbench: &[PromptRecord],
 ) -> Result<StudyParts> {
-    let everyday = parse_own(EVERYDAY_JSONL, "datasets/everyday.jsonl")?;
-    let lookalikes = parse_own(LOOKALIKES_JSONL, "datasets/lookalikes.jsonl")?;
+    let everyday = parse_own(EVERYDAY_JSONL, "prompt-sets/everyday.jsonl")?;
+    let lookalikes = parse_own(LOOKALIKES_JSONL, "prompt-sets/lookalikes.jsonl")?;
     // (source records, held out, teaching): the rest goes to the pool.
     let plan: [(&[PromptRecord], usize, usize); 5] = [
         (strongreject, 75, 50),
