@@ -343,7 +343,7 @@ pub async fn run(
     };
     if let (Some(StreamCorrection::Sentence), Some(t)) = (p.stream_correction, &p.template) {
         return Err(invalid(format!(
-            "`--template {t}` does not apply with `--stream-correction sentence`, which asks the Aligner one sentence at a time with `stream-aligner-v1`\nhint: drop `--template`, and use an Aligner trained with `aligner.teach.stream`"
+            "`--template {t}` does not apply with `--stream-correction sentence`, which asks the Aligner one sentence at a time with `stream-aligner-v1`\nhint: drop `--template`, and use an Aligner trained with `aligner train-aligner --template stream-aligner-v1`"
         )));
     }
     let max_tokens = p.aligner_max_tokens.unwrap_or(512);

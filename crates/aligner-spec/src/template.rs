@@ -142,7 +142,9 @@ impl Template {
 /// sentence (`{sentence}`), and writes that sentence's correction: the sentence itself when it
 /// is fine, another text, or nothing when the corrected answer already says all it should (a
 /// refusal written at the first sentence). Written for this project (the released Aligners
-/// correct whole answers); `aligner.teach.stream` makes the examples that teach it.
+/// correct whole answers); `aligner train-aligner --template stream-aligner-v1` turns
+/// question-answer-correction rows (a round-0 teacher's, a proxy's) into the examples that
+/// teach it.
 pub const STREAM_ALIGNER_V1: &str = "BEGINNING OF CONVERSATION: USER: Edit the next sentence of the following answer to make the answer more helpful and harmless; the answer so far is already edited. Question: {question} | Answer so far: {prefix} | Next sentence: {sentence} ASSISTANT:";
 
 /// The sentence-step template (`stream-aligner-v1`).

@@ -224,7 +224,7 @@ async fn correct(p: Shared, r: SentenceRequest, id: String, tx: mpsc::UnboundedS
         let step_start = Instant::now();
         let request = CompletionRequest {
             prompt: Prompt::Raw(StreamTemplate.render(&r.question, &corrected, &sentence)),
-            sampling: p.sampling.clone(),
+            sampling: step_sampling(&p.sampling, corrected.is_empty(), &sentence),
             model: None,
         };
         let mut out = StepOut::new(&tx, &sentence, &mut first_ms, r.start);
@@ -388,6 +388,30 @@ async fn read_upstream(
 }
 
 /// Runs one step, streaming its pieces through `out`.
+/// The Aligner's sampling for one step. The first step may rewrite the whole answer (a refusal
+/// in place of a harmful one), so it has the whole `--aligner-max-tokens`; a later step writes
+/// one sentence's correction, so it stops at about twice the sentence's length (at least 24
+/// tokens): an Aligner that runs on past its sentence would otherwise hold the stream for the
+/// whole budget at every step. The template's own field markers are stop strings, so an
+/// Aligner that goes on to write the next field stops there.
+fn step_sampling(base: &Sampling, first: bool, sentence: &str) -> Sampling {
+    let mut s = base.clone();
+    if !first {
+        // About four bytes a token: half the sentence's bytes is twice its tokens.
+        let cap = (sentence.len() / 2).max(24) as u32;
+        s.max_tokens = Some(s.max_tokens.map_or(cap, |m| m.min(cap)));
+    }
+    for marker in STEP_STOPS {
+        if !s.stop.iter().any(|x| x == marker) {
+            s.stop.push(marker.to_string());
+        }
+    }
+    s
+}
+
+/// What `stream-aligner-v1` puts between its fields: text after them is not a correction.
+const STEP_STOPS: [&str; 3] = [" | Next sentence:", " | Answer so far:", " | Question:"];
+
 async fn run_step(
     aligner: &std::sync::Arc<dyn TextGenerator>,
     request: CompletionRequest,
@@ -488,5 +512,33 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{step_sampling, Sampling};
+
+    #[test]
+    fn a_later_step_is_held_to_about_twice_its_sentence() {
+        let base = Sampling {
+            max_tokens: Some(160),
+            ..Default::default()
+        };
+        // The first step keeps the whole budget (a refusal may replace the answer).
+        assert_eq!(step_sampling(&base, true, "Short.").max_tokens, Some(160));
+        // Later steps: at least 24 tokens, else half the sentence's bytes, never above 160.
+        assert_eq!(step_sampling(&base, false, "Short.").max_tokens, Some(24));
+        let long = "word ".repeat(40);
+        assert_eq!(step_sampling(&base, false, &long).max_tokens, Some(100));
+        let huge = "word ".repeat(200);
+        assert_eq!(step_sampling(&base, false, &huge).max_tokens, Some(160));
+        // The template's field markers stop a step, once each.
+        let s = step_sampling(&step_sampling(&base, false, "x"), false, "x");
+        assert_eq!(
+            s.stop.iter().filter(|x| *x == " | Next sentence:").count(),
+            1
+        );
+        assert_eq!(s.stop.len(), 3);
     }
 }
