@@ -65,7 +65,9 @@ pub struct Mapping {
     pub system: Option<String>,
     /// A column of OpenAI-style conversations (`[{"role", "content"}]`, or that as a JSON
     /// string): the last `user` turn is the prompt, a leading `system` turn the system prompt
-    /// (unless `system` maps a column), the turns between them the history. Replaces `prompt`.
+    /// (unless `system` maps a column), the turns between them the history. Replaces `prompt`,
+    /// except in a row whose conversation is null or empty: that row's `prompt` column, when
+    /// the file has one, is a single question.
     pub messages: Option<String>,
     pub metadata: Vec<String>,
 }
@@ -248,7 +250,22 @@ pub fn read_prompts(
         .map(|c| messages_column(&df, path, c))
         .transpose()?;
     let prompts = match &conversations {
-        Some(c) => c.iter().map(|(_, _, p)| p.clone()).collect(),
+        // A row without a conversation (null `messages`) is a single question when the file
+        // also has the prompt column: files that mix the two forms lose no row.
+        Some(c) => {
+            let single = if df.column(&mapping.prompt).is_ok() {
+                Some(string_column(&df, path, &mapping.prompt, "prompt")?)
+            } else {
+                None
+            };
+            c.iter()
+                .enumerate()
+                .map(|(row, (_, turns, p))| match (p, &single) {
+                    (None, Some(single)) if turns.is_empty() => single[row].clone(),
+                    _ => p.clone(),
+                })
+                .collect()
+        }
         None => string_column(&df, path, &mapping.prompt, "prompt")?,
     };
     let ids = mapping
@@ -651,6 +668,38 @@ mod tests {
             system: None,
             metadata: vec!["category".into()],
         }
+    }
+
+    #[test]
+    fn a_row_without_a_conversation_is_its_prompt_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mixed.jsonl");
+        std::fs::write(
+            &path,
+            concat!(
+                r#"{"id": "a", "prompt": "And shorter?", "messages": [{"role": "user", "content": "Write a poem."}, {"role": "assistant", "content": "Roses."}, {"role": "user", "content": "And shorter?"}]}"#,
+                "\n",
+                r#"{"id": "b", "prompt": "Why is the sky blue?"}"#,
+                "\n",
+                r#"{"id": "c", "prompt": " ", "messages": null}"#,
+                "\n",
+            ),
+        )
+        .unwrap();
+        let m = Mapping {
+            prompt: "prompt".into(),
+            id: Some("id".into()),
+            system: None,
+            messages: Some("messages".into()),
+            metadata: Vec::new(),
+        };
+        let (rows, report) = read_prompts(&path, Format::Jsonl, &m).unwrap();
+        assert_eq!(report.skipped_empty, 1);
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].prompt, "And shorter?");
+        assert_eq!(rows[0].history.len(), 2);
+        assert_eq!(rows[1].prompt, "Why is the sky blue?");
+        assert!(rows[1].history.is_empty());
     }
 
     #[test]
