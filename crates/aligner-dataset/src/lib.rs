@@ -118,20 +118,30 @@ fn read_frame(path: &Path, format: Format) -> Result<DataFrame> {
 /// message (`None` when there is none).
 type Conversation = (Option<String>, Vec<(String, String)>, Option<String>);
 
-/// The conversations of a `messages` column: a list of `{role, content}` structs (JSONL,
-/// Parquet) or a JSON string of one (CSV).
-fn messages_column(df: &DataFrame, path: &Path, column: &str) -> Result<Vec<Conversation>> {
-    let col = df.column(column).map_err(|_| Error::MissingColumn {
+/// A column of the file, or the error naming it, what it was for and the columns there are.
+fn column_of<'a>(
+    df: &'a DataFrame,
+    path: &Path,
+    column: &str,
+    field: &'static str,
+) -> Result<&'a Column> {
+    df.column(column).map_err(|_| Error::MissingColumn {
         path: path.into(),
         column: column.into(),
-        field: "messages",
+        field,
         available: df
             .get_column_names()
             .iter()
             .map(|c| format!("`{c}`"))
             .collect::<Vec<_>>()
             .join(", "),
-    })?;
+    })
+}
+
+/// The conversations of a `messages` column: a list of `{role, content}` structs (JSONL,
+/// Parquet) or a JSON string of one (CSV).
+fn messages_column(df: &DataFrame, path: &Path, column: &str) -> Result<Vec<Conversation>> {
+    let col = column_of(df, path, column, "messages")?;
     let bad = |row: usize, what: &str| {
         Error::Read {
         path: path.into(),
@@ -213,17 +223,7 @@ fn string_column(
     column: &str,
     field: &'static str,
 ) -> Result<Vec<Option<String>>> {
-    let col = df.column(column).map_err(|_| Error::MissingColumn {
-        path: path.into(),
-        column: column.into(),
-        field,
-        available: df
-            .get_column_names()
-            .iter()
-            .map(|c| format!("`{c}`"))
-            .collect::<Vec<_>>()
-            .join(", "),
-    })?;
+    let col = column_of(df, path, column, field)?;
     let as_str = col.cast(&DataType::String).map_err(|e| Error::Read {
         path: path.into(),
         format: "text",
