@@ -105,8 +105,9 @@ impl GgufFile {
         Ok((info.ggml_dtype, dims, buf))
     }
 
-    /// A 2-D weight; Q4_1 and Q8_0 stay quantized, F32/F16/BF16 become f32, other formats are
-    /// dequantized to f32 by candle.
+    /// A 2-D weight; Q4_1 and Q8_0 stay quantized, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K and Q6_K are
+    /// converted exactly into the kernels' formats (see `blocks`), F32/F16/BF16 become f32, other
+    /// formats (and everything, with `ALIGNER_DEQUANTIZE=1`) are dequantized to f32 by candle.
     pub fn weight(&self, name: &str) -> Result<Weight> {
         let (dtype, dims, raw) = self.raw(name)?;
         let [rows, cols] = dims[..] else {
@@ -124,6 +125,16 @@ impl GgufFile {
             }),
             GgmlDType::Q4_1 => Weight::from_q4_1_bytes(rows, cols, &raw),
             GgmlDType::Q8_0 => Weight::from_q8_0_bytes(rows, cols, &raw),
+            _ if !dequantize => match Weight::from_ggml(dtype, rows, cols, &raw)
+                .with_context(|| format!("{}: tensor `{name}`", self.path.display()))?
+            {
+                Some(w) => Ok(w),
+                None => Ok(Weight::F32 {
+                    rows,
+                    cols,
+                    w: self.dequantized(name)?,
+                }),
+            },
             _ => Ok(Weight::F32 {
                 rows,
                 cols,

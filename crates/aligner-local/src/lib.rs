@@ -9,6 +9,7 @@
 //! files (`safetensors`), and in `model` on the attention function alone (its disjoint writes).
 
 pub mod backend;
+pub mod blocks;
 pub mod chat;
 pub mod config;
 pub mod device;

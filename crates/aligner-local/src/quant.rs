@@ -19,8 +19,9 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use crate::blocks::{self, Family};
 use crate::sync_ptr::SyncPtr;
-use crate::tiled::{self, Q4_1x16, Q8_0x16};
+use crate::tiled::{self, Q4_1x16, Q5x16, Q6x16, Q8_0x16};
 
 pub const QK: usize = 32;
 
@@ -56,6 +57,10 @@ pub enum Weight {
     Q4_1x16(Q4_1x16),
     /// Q8_0 repacked sixteen rows at a time for the AVX-512 VNNI kernels.
     Q8_0x16(Q8_0x16),
+    /// 5-bit codes (GGML `Q5_0`, `Q5_1`, `Q5_K`), sixteen rows at a time.
+    Q5x16(Q5x16),
+    /// 6-bit codes with a scale per 16 values (GGML `Q6_K`), sixteen rows at a time.
+    Q6x16(Q6x16),
 }
 
 impl Weight {
@@ -68,6 +73,8 @@ impl Weight {
             | Weight::Bf16 { rows, cols, .. } => (*rows, *cols),
             Weight::Q4_1x16(w) => (w.rows, w.cols),
             Weight::Q8_0x16(w) => (w.rows, w.cols),
+            Weight::Q5x16(w) => (w.rows, w.cols),
+            Weight::Q6x16(w) => (w.rows, w.cols),
         }
     }
 
@@ -85,6 +92,8 @@ impl Weight {
             Weight::Q8_0 { .. } | Weight::Q8_0x16(_) => "q8_0",
             Weight::F32 { .. } => "f32",
             Weight::Bf16 { .. } => "bf16",
+            Weight::Q5x16(_) => "q5",
+            Weight::Q6x16(_) => "q6",
         }
     }
 
@@ -97,6 +106,8 @@ impl Weight {
             Weight::Bf16 { w, .. } => 2 * w.len(),
             Weight::Q4_1x16(w) => w.size_bytes(),
             Weight::Q8_0x16(w) => w.size_bytes(),
+            Weight::Q5x16(w) => w.size_bytes(),
+            Weight::Q6x16(w) => w.size_bytes(),
         }
     }
 
@@ -148,6 +159,8 @@ impl Weight {
         Ok(match &parts[0] {
             Weight::Q4_1x16(_) => concat_repacked!(Q4_1x16),
             Weight::Q8_0x16(_) => concat_repacked!(Q8_0x16),
+            Weight::Q5x16(_) => concat_repacked!(Q5x16),
+            Weight::Q6x16(_) => concat_repacked!(Q6x16),
             Weight::Q4_1 { .. } => {
                 let (mut qs, mut d, mut m) = (Vec::new(), Vec::new(), Vec::new());
                 for p in parts {
@@ -225,6 +238,55 @@ impl Weight {
         })
     }
 
+    /// From GGML blocks of a type [`blocks::family`] knows (`Q4_0`, `Q4_K`, `Q5_0`, `Q5_1`,
+    /// `Q5_K`, `Q6_K`), converted exactly: 4-bit codes into the `Q4_1` kernels' format (in the
+    /// fastest layout for this CPU), 5- and 6-bit codes into [`Q5x16`] / [`Q6x16`] (sixteen rows
+    /// at a time; the AVX-512 kernels where the CPU has them, their scalar reference elsewhere).
+    /// `None` when the format has no conversion or the rows do not come in sixteens.
+    pub fn from_ggml(
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+        raw: &[u8],
+    ) -> anyhow::Result<Option<Self>> {
+        let Some(fam) = blocks::family(dtype) else {
+            return Ok(None);
+        };
+        blocks::row_bytes(dtype, cols)?;
+        let each = |f: &mut dyn FnMut(usize, &[u8], &[f32], &[f32])| {
+            blocks::for_each_row(dtype, rows, cols, raw, f)
+        };
+        match fam {
+            Family::Q4 => {
+                let nb = cols / QK;
+                let mut qs = vec![0u8; rows * nb * 16];
+                let mut d = vec![0f32; rows * nb];
+                let mut m = vec![0f32; rows * nb];
+                each(&mut |r, q, dr, mr| {
+                    for b in 0..nb {
+                        let bi = r * nb + b;
+                        for j in 0..16 {
+                            qs[bi * 16 + j] = q[b * QK + j] | (q[b * QK + j + 16] << 4);
+                        }
+                        d[bi] = dr[b];
+                        m[bi] = mr[b];
+                    }
+                })?;
+                let w = Weight::Q4_1 {
+                    rows,
+                    cols,
+                    qs,
+                    d,
+                    m,
+                };
+                Ok(Some(w.into_fastest_layout()))
+            }
+            _ if !rows.is_multiple_of(tiled::LANES) => Ok(None),
+            Family::Q5 => Ok(Some(Weight::Q5x16(Q5x16::from_rows(rows, cols, each)?))),
+            Family::Q6 => Ok(Some(Weight::Q6x16(Q6x16::from_rows(rows, cols, each)?))),
+        }
+    }
+
     /// From GGML Q8_0 blocks (`d: f16, qs: [i8; 32]`, 34 bytes each).
     pub fn from_q8_0_bytes(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
         Ok(Self::q8_0_rowwise(rows, cols, raw)?.into_fastest_layout())
@@ -288,6 +350,8 @@ impl Weight {
             }
             Weight::Q4_1x16(w) => w.row_f32(r, out),
             Weight::Q8_0x16(w) => w.row_f32(r, out),
+            Weight::Q5x16(w) => w.row_f32(r, out),
+            Weight::Q6x16(w) => w.row_f32(r, out),
             Weight::F32 { w, .. } => out.copy_from_slice(&w[r * cols..(r + 1) * cols]),
             Weight::Bf16 { w, .. } => {
                 for (o, x) in out.iter_mut().zip(&w[r * cols..(r + 1) * cols]) {
@@ -345,6 +409,8 @@ impl Weight {
             }
             Weight::Q4_1x16(w) => w.matmul(&ActQ8::quantize(x, m, k, true), m, out),
             Weight::Q8_0x16(w) => w.matmul(&ActQ8::quantize(x, m, k, false), m, out),
+            Weight::Q5x16(w) => w.matmul(&ActQ8::quantize(x, m, k, true), m, out),
+            Weight::Q6x16(w) => w.matmul(&ActQ8::quantize(x, m, k, false), m, out),
             Weight::F32 { w, .. } => {
                 par_columns(out, m, n, k, |c, r| {
                     dot_f32(&w[c * k..(c + 1) * k], &x[r * k..(r + 1) * k])
@@ -385,6 +451,8 @@ pub struct ActQ8 {
     s: Vec<f32>,
     /// `sum(qs)` per block.
     qsum: Vec<i32>,
+    /// `sum(qs)` over the first 16 values of each block.
+    qlo: Vec<i32>,
 }
 
 pub struct ActRow<'a> {
@@ -392,6 +460,7 @@ pub struct ActRow<'a> {
     pub d: &'a [f32],
     pub s: &'a [f32],
     pub qsum: &'a [i32],
+    pub qlo: &'a [i32],
 }
 
 /// One row's slices as `ActQ8::quantize` zips them: input, codes, scales, then sums and
@@ -434,7 +503,18 @@ impl ActQ8 {
         } else {
             work.for_each(row);
         }
-        ActQ8 { nb, qs, d, s, qsum }
+        let qlo = qs
+            .chunks_exact(QK)
+            .map(|b| b[..QK / 2].iter().map(|&v| v as i32).sum())
+            .collect();
+        ActQ8 {
+            nb,
+            qs,
+            d,
+            s,
+            qsum,
+            qlo,
+        }
     }
 
     #[inline]
@@ -449,6 +529,7 @@ impl ActQ8 {
                 &self.s[r * nb..(r + 1) * nb]
             },
             qsum: &self.qsum[r * nb..(r + 1) * nb],
+            qlo: &self.qlo[r * nb..(r + 1) * nb],
         }
     }
 }

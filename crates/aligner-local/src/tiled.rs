@@ -73,6 +73,31 @@ pub struct Q8_0x16 {
     d: Vec<f32>,
 }
 
+/// 5-bit codes (`Q5_0`, `Q5_1`, `Q5_K`) in groups of sixteen rows: per (group, block) the
+/// low nibbles as in [`Q4_1x16`], then 64 bytes of fifth bits (lane `l`'s 32-bit word holds the
+/// fifth bit of value `4c + j` at bit `8j + c` and of value `16 + 4c + j` at bit `8j + 4 + c`, so
+/// one shift and one mask put each chunk's fifth bits on bit 4 of its bytes), then the sixteen
+/// scales `d` and offsets `m` (value = d * code + m).
+pub struct Q5x16 {
+    pub rows: usize,
+    pub cols: usize,
+    qs: Vec<u8>,
+    qh: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
+/// 6-bit codes (`Q6_K`) in groups of sixteen rows: per (group, block) eight 64-byte chunks as in
+/// [`Q8_0x16`] (the codes 0..64 as they are), then two scales per row, one per half-block of
+/// 16 values: value = d * (code - 32).
+pub struct Q6x16 {
+    pub rows: usize,
+    pub cols: usize,
+    qs: Vec<u8>,
+    /// Per (group, block): the sixteen first-half scales, then the sixteen second-half ones.
+    d: Vec<f32>,
+}
+
 /// Emits `concat` for a tiled type whose per-group arrays are the fields listed: groups are
 /// independent, so stacking rows just appends each array.
 macro_rules! concat_fn {
@@ -158,6 +183,7 @@ impl Q4_1x16 {
         grouped_matmul(self.rows, self.cols, a, m, out, Kind::Q4_1, |gb, nb| {
             Group {
                 qs: &self.qs[gb * 256..(gb + nb) * 256],
+                qh: &[],
                 d: &self.d[gb * LANES..(gb + nb) * LANES],
                 m: &self.m[gb * LANES..(gb + nb) * LANES],
             }
@@ -218,9 +244,158 @@ impl Q8_0x16 {
         grouped_matmul(self.rows, self.cols, a, m, out, Kind::Q8_0, |gb, nb| {
             Group {
                 qs: &self.qs[gb * 512..(gb + nb) * 512],
+                qh: &[],
                 d: &self.d[gb * LANES..(gb + nb) * LANES],
                 m: &[],
             }
+        });
+    }
+}
+
+impl Q5x16 {
+    /// From decoded rows: `row(r, q, d, m)` fills row `r`'s codes (one byte per value, 0..32)
+    /// and its per-block scales and offsets.
+    pub fn from_rows(
+        rows: usize,
+        cols: usize,
+        mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
+        let nb = cols / QK;
+        let groups = rows / LANES;
+        let mut tq = vec![0u8; groups * nb * 256];
+        let mut th = vec![0u8; groups * nb * 64];
+        let mut td = vec![0f32; groups * nb * LANES];
+        let mut tm = vec![0f32; groups * nb * LANES];
+        row(&mut |r, q, d, m| {
+            let (g, l) = (r / LANES, r % LANES);
+            for b in 0..nb {
+                let gb = g * nb + b;
+                let q = &q[b * QK..(b + 1) * QK];
+                let mut hbits = 0u32;
+                for c in 0..4 {
+                    for j in 0..4 {
+                        let (lo, hi) = (q[4 * c + j], q[16 + 4 * c + j]);
+                        tq[gb * 256 + c * 64 + l * 4 + j] = (lo & 0x0f) | ((hi & 0x0f) << 4);
+                        hbits |= ((lo >> 4) as u32 & 1) << (8 * j + c);
+                        hbits |= ((hi >> 4) as u32 & 1) << (8 * j + 4 + c);
+                    }
+                }
+                th[gb * 64 + l * 4..gb * 64 + l * 4 + 4].copy_from_slice(&hbits.to_le_bytes());
+                td[gb * LANES + l] = d[b];
+                tm[gb * LANES + l] = m[b];
+            }
+        })?;
+        Ok(Q5x16 {
+            rows,
+            cols,
+            qs: tq,
+            qh: th,
+            d: td,
+            m: tm,
+        })
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.qs.len() + self.qh.len() + 4 * (self.d.len() + self.m.len())
+    }
+
+    concat_fn!(qs, qh, d, m);
+
+    /// The code of value `i` (0..32) of row lane `l` in (group, block) `gb`.
+    fn code(&self, gb: usize, l: usize, i: usize) -> u8 {
+        let (c, j, high) = ((i % 16) / 4, i % 4, i >= 16);
+        let byte = self.qs[gb * 256 + c * 64 + l * 4 + j];
+        let hw = u32::from_le_bytes(
+            self.qh[gb * 64 + l * 4..gb * 64 + l * 4 + 4]
+                .try_into()
+                .unwrap(),
+        );
+        if high {
+            (byte >> 4) | ((((hw >> (8 * j + 4 + c)) & 1) as u8) << 4)
+        } else {
+            (byte & 0x0f) | ((((hw >> (8 * j + c)) & 1) as u8) << 4)
+        }
+    }
+
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        for (b, gb, l) in row_blocks(self.cols, r) {
+            let (d, m) = (self.d[gb * LANES + l], self.m[gb * LANES + l]);
+            for i in 0..QK {
+                out[b * QK + i] = d * self.code(gb, l, i) as f32 + m;
+            }
+        }
+    }
+
+    /// `out[m, rows] = a · selfᵀ` for activations quantized as `Q8_1` (with sums).
+    pub fn matmul(&self, a: &ActQ8, m: usize, out: &mut [f32]) {
+        grouped_matmul(self.rows, self.cols, a, m, out, Kind::Q5, |gb, nb| Group {
+            qs: &self.qs[gb * 256..(gb + nb) * 256],
+            qh: &self.qh[gb * 64..(gb + nb) * 64],
+            d: &self.d[gb * LANES..(gb + nb) * LANES],
+            m: &self.m[gb * LANES..(gb + nb) * LANES],
+        });
+    }
+}
+
+impl Q6x16 {
+    /// From decoded rows: `row(r, q, d, _)` fills row `r`'s codes (0..64) and its scales, one
+    /// per 16 values.
+    pub fn from_rows(
+        rows: usize,
+        cols: usize,
+        mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
+        let nb = cols / QK;
+        let groups = rows / LANES;
+        let mut tq = vec![0u8; groups * nb * 512];
+        let mut td = vec![0f32; groups * nb * 2 * LANES];
+        row(&mut |r, q, d, _| {
+            let (g, l) = (r / LANES, r % LANES);
+            for b in 0..nb {
+                let gb = g * nb + b;
+                for c in 0..8 {
+                    let dst = gb * 512 + c * 64 + l * 4;
+                    tq[dst..dst + 4].copy_from_slice(&q[b * QK + 4 * c..b * QK + 4 * c + 4]);
+                }
+                td[gb * 2 * LANES + l] = d[2 * b];
+                td[gb * 2 * LANES + LANES + l] = d[2 * b + 1];
+            }
+        })?;
+        Ok(Q6x16 {
+            rows,
+            cols,
+            qs: tq,
+            d: td,
+        })
+    }
+
+    pub fn size_bytes(&self) -> usize {
+        self.qs.len() + 4 * self.d.len()
+    }
+
+    concat_fn!(qs, d);
+
+    pub fn row_f32(&self, r: usize, out: &mut [f32]) {
+        for (b, gb, l) in row_blocks(self.cols, r) {
+            for c in 0..8 {
+                let d = self.d[gb * 2 * LANES + (c / 4) * LANES + l];
+                for j in 0..4 {
+                    let q = self.qs[gb * 512 + c * 64 + l * 4 + j];
+                    out[b * QK + 4 * c + j] = d * (q as i32 - 32) as f32;
+                }
+            }
+        }
+    }
+
+    /// `out[m, rows] = a · selfᵀ` for activations quantized as `Q8_0` (with half-block sums).
+    pub fn matmul(&self, a: &ActQ8, m: usize, out: &mut [f32]) {
+        grouped_matmul(self.rows, self.cols, a, m, out, Kind::Q6, |gb, nb| Group {
+            qs: &self.qs[gb * 512..(gb + nb) * 512],
+            qh: &[],
+            d: &self.d[gb * 2 * LANES..(gb + nb) * 2 * LANES],
+            m: &[],
         });
     }
 }
@@ -246,6 +421,8 @@ fn grouped_matmul<'w>(
 /// One group's weights (all blocks of sixteen rows).
 pub(crate) struct Group<'a> {
     qs: &'a [u8],
+    /// Fifth bits (`Q5` only).
+    qh: &'a [u8],
     d: &'a [f32],
     m: &'a [f32],
 }
@@ -254,6 +431,8 @@ pub(crate) struct Group<'a> {
 pub(crate) enum Kind {
     Q4_1,
     Q8_0,
+    Q5,
+    Q6,
 }
 
 /// One group against up to four activation rows: `out_rows[i]` points at the sixteen
@@ -276,6 +455,14 @@ fn tile(w: &Group<'_>, act: &[ActRow<'_>], out_rows: [*mut f32; 4], kind: Kind) 
                     (Kind::Q8_0, 3) => avx512::q8_0::<3>(w, act, out_rows),
                     (Kind::Q8_0, 2) => avx512::q8_0::<2>(w, act, out_rows),
                     (Kind::Q8_0, _) => avx512::q8_0::<1>(w, act, out_rows),
+                    (Kind::Q5, 4) => avx512::q5::<4>(w, act, out_rows),
+                    (Kind::Q5, 3) => avx512::q5::<3>(w, act, out_rows),
+                    (Kind::Q5, 2) => avx512::q5::<2>(w, act, out_rows),
+                    (Kind::Q5, _) => avx512::q5::<1>(w, act, out_rows),
+                    (Kind::Q6, 4) => avx512::q6::<4>(w, act, out_rows),
+                    (Kind::Q6, 3) => avx512::q6::<3>(w, act, out_rows),
+                    (Kind::Q6, 2) => avx512::q6::<2>(w, act, out_rows),
+                    (Kind::Q6, _) => avx512::q6::<1>(w, act, out_rows),
                 }
             }
             return;
@@ -325,7 +512,10 @@ pub(crate) mod scalar {
     use crate::quant::{ActRow, QK};
 
     pub fn dot(w: &Group<'_>, row: &ActRow<'_>, kind: Kind) -> [f32; LANES] {
-        let nb = w.d.len() / LANES;
+        let nb = match kind {
+            Kind::Q6 => w.d.len() / (2 * LANES),
+            _ => w.d.len() / LANES,
+        };
         let mut acc = [0f32; LANES];
         let mut macc = [0f32; LANES];
         for b in 0..nb {
@@ -333,12 +523,20 @@ pub(crate) mod scalar {
             for l in 0..LANES {
                 let mut isum = 0i32;
                 match kind {
-                    Kind::Q4_1 => {
+                    Kind::Q4_1 | Kind::Q5 => {
+                        let hw = if kind == Kind::Q5 {
+                            let o = b * 64 + l * 4;
+                            u32::from_le_bytes(w.qh[o..o + 4].try_into().unwrap())
+                        } else {
+                            0
+                        };
                         for c in 0..4 {
                             for j in 0..4 {
                                 let q = w.qs[b * 256 + c * 64 + l * 4 + j];
-                                isum += (q & 0x0f) as i32 * y[4 * c + j] as i32;
-                                isum += (q >> 4) as i32 * y[16 + 4 * c + j] as i32;
+                                let lo5 = (((hw >> (8 * j + c)) & 1) << 4) as i32;
+                                let hi5 = (((hw >> (8 * j + 4 + c)) & 1) << 4) as i32;
+                                isum += ((q & 0x0f) as i32 | lo5) * y[4 * c + j] as i32;
+                                isum += ((q >> 4) as i32 | hi5) * y[16 + 4 * c + j] as i32;
                             }
                         }
                     }
@@ -351,10 +549,27 @@ pub(crate) mod scalar {
                         }
                         isum -= 128 * row.qsum[b];
                     }
+                    Kind::Q6 => {
+                        let mut half = [0i32; 2];
+                        for c in 0..8 {
+                            for j in 0..4 {
+                                let q = w.qs[b * 512 + c * 64 + l * 4 + j];
+                                half[c / 4] += q as i32 * y[4 * c + j] as i32;
+                            }
+                        }
+                        let lo = row.qlo[b];
+                        let i0 = half[0] - 32 * lo;
+                        let i1 = half[1] - 32 * (row.qsum[b] - lo);
+                        let s0 = w.d[b * 2 * LANES + l] * row.d[b];
+                        let s1 = w.d[b * 2 * LANES + LANES + l] * row.d[b];
+                        acc[l] = s0.mul_add(i0 as f32, acc[l]);
+                        acc[l] = s1.mul_add(i1 as f32, acc[l]);
+                        continue;
+                    }
                 }
                 let scale = w.d[b * LANES + l] * row.d[b];
                 acc[l] = scale.mul_add(isum as f32, acc[l]);
-                if kind == Kind::Q4_1 {
+                if matches!(kind, Kind::Q4_1 | Kind::Q5) {
                     macc[l] = w.m[b * LANES + l].mul_add(row.s[b], macc[l]);
                 }
             }
@@ -475,6 +690,151 @@ mod avx512 {
             unsafe { _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i], zero_ps)) };
         }
     }
+
+    /// # Safety
+    /// As [`q4_1`]; `w.qh` holds the blocks' fifth bits.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn q5<const R: usize>(w: &Group<'_>, rows: &[ActRow<'_>], out: [*mut f32; 4]) {
+        let nb = w.d.len() / LANES;
+        assert!(w.qs.len() >= nb * 256 && w.qh.len() >= nb * 64 && w.m.len() >= nb * LANES);
+        assert!(rows.len() >= R);
+        for r in &rows[..R] {
+            assert!(r.qs.len() >= nb * QK && r.d.len() >= nb && r.s.len() >= nb);
+        }
+        let low = _mm512_set1_epi8(0x0f);
+        let bit4 = _mm512_set1_epi8(0x10);
+        let zero = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let mut macc = [_mm512_setzero_ps(); R];
+        let (wq, wh, wd, wm) = (w.qs.as_ptr(), w.qh.as_ptr(), w.d.as_ptr(), w.m.as_ptr());
+        for b in 0..nb {
+            // SAFETY: reads at block b < nb, inside the lengths asserted above.
+            unsafe {
+                let base = wq.add(b * 256);
+                let w0 = _mm512_loadu_si512(base as *const _);
+                let w1 = _mm512_loadu_si512(base.add(64) as *const _);
+                let w2 = _mm512_loadu_si512(base.add(128) as *const _);
+                let w3 = _mm512_loadu_si512(base.add(192) as *const _);
+                let qh = _mm512_loadu_si512(wh.add(b * 64) as *const _);
+                // 0xF8: a | (b & c), the nibble with its fifth bit put on bit 4.
+                let l0 = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(w0, low),
+                    _mm512_slli_epi32::<4>(qh),
+                    bit4,
+                );
+                let l1 = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(w1, low),
+                    _mm512_slli_epi32::<3>(qh),
+                    bit4,
+                );
+                let l2 = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(w2, low),
+                    _mm512_slli_epi32::<2>(qh),
+                    bit4,
+                );
+                let l3 = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(w3, low),
+                    _mm512_slli_epi32::<1>(qh),
+                    bit4,
+                );
+                let h0 = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(_mm512_srli_epi16(w0, 4), low),
+                    qh,
+                    bit4,
+                );
+                let h1 = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(_mm512_srli_epi16(w1, 4), low),
+                    _mm512_srli_epi32::<1>(qh),
+                    bit4,
+                );
+                let h2 = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(_mm512_srli_epi16(w2, 4), low),
+                    _mm512_srli_epi32::<2>(qh),
+                    bit4,
+                );
+                let h3 = _mm512_ternarylogic_epi32::<0xF8>(
+                    _mm512_and_si512(_mm512_srli_epi16(w3, 4), low),
+                    _mm512_srli_epi32::<3>(qh),
+                    bit4,
+                );
+                let dw = _mm512_loadu_ps(wd.add(b * LANES));
+                let mw = _mm512_loadu_ps(wm.add(b * LANES));
+                for i in 0..R {
+                    let y = rows[i].qs.as_ptr().add(b * QK);
+                    let mut s0 = _mm512_dpbusd_epi32(zero, l0, bcast4(y));
+                    let mut s1 = _mm512_dpbusd_epi32(zero, h0, bcast4(y.add(16)));
+                    s0 = _mm512_dpbusd_epi32(s0, l1, bcast4(y.add(4)));
+                    s1 = _mm512_dpbusd_epi32(s1, h1, bcast4(y.add(20)));
+                    s0 = _mm512_dpbusd_epi32(s0, l2, bcast4(y.add(8)));
+                    s1 = _mm512_dpbusd_epi32(s1, h2, bcast4(y.add(24)));
+                    s0 = _mm512_dpbusd_epi32(s0, l3, bcast4(y.add(12)));
+                    s1 = _mm512_dpbusd_epi32(s1, h3, bcast4(y.add(28)));
+                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*rows[i].d.get_unchecked(b)));
+                    acc[i] = _mm512_fmadd_ps(scale, isum, acc[i]);
+                    macc[i] =
+                        _mm512_fmadd_ps(mw, _mm512_set1_ps(*rows[i].s.get_unchecked(b)), macc[i]);
+                }
+            }
+        }
+        for i in 0..R {
+            // SAFETY: out[i] points at 16 writable floats (caller).
+            unsafe { _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i], macc[i])) };
+        }
+    }
+
+    /// # Safety
+    /// As [`q4_1`]; the activation rows carry half-block sums.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn q6<const R: usize>(w: &Group<'_>, rows: &[ActRow<'_>], out: [*mut f32; 4]) {
+        let nb = w.d.len() / (2 * LANES);
+        assert!(w.qs.len() >= nb * 512 && rows.len() >= R);
+        for r in &rows[..R] {
+            assert!(r.qs.len() >= nb * QK && r.d.len() >= nb);
+            assert!(r.qsum.len() >= nb && r.qlo.len() >= nb);
+        }
+        let zero = _mm512_setzero_si512();
+        let mut acc = [_mm512_setzero_ps(); R];
+        let (wq, wd) = (w.qs.as_ptr(), w.d.as_ptr());
+        for b in 0..nb {
+            // SAFETY: reads at block b < nb, inside the lengths asserted above.
+            unsafe {
+                let base = wq.add(b * 512);
+                let wv: [__m512i; 8] =
+                    std::array::from_fn(|c| _mm512_loadu_si512(base.add(64 * c) as *const _));
+                let d0 = _mm512_loadu_ps(wd.add(b * 2 * LANES));
+                let d1 = _mm512_loadu_ps(wd.add(b * 2 * LANES + LANES));
+                for i in 0..R {
+                    let y = rows[i].qs.as_ptr().add(b * QK);
+                    let mut a0 = _mm512_dpbusd_epi32(zero, wv[0], bcast4(y));
+                    let mut a1 = _mm512_dpbusd_epi32(zero, wv[1], bcast4(y.add(4)));
+                    let mut b0 = _mm512_dpbusd_epi32(zero, wv[4], bcast4(y.add(16)));
+                    let mut b1 = _mm512_dpbusd_epi32(zero, wv[5], bcast4(y.add(20)));
+                    a0 = _mm512_dpbusd_epi32(a0, wv[2], bcast4(y.add(8)));
+                    a1 = _mm512_dpbusd_epi32(a1, wv[3], bcast4(y.add(12)));
+                    b0 = _mm512_dpbusd_epi32(b0, wv[6], bcast4(y.add(24)));
+                    b1 = _mm512_dpbusd_epi32(b1, wv[7], bcast4(y.add(28)));
+                    let lo = *rows[i].qlo.get_unchecked(b);
+                    let hi = *rows[i].qsum.get_unchecked(b) - lo;
+                    let i0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                        _mm512_add_epi32(a0, a1),
+                        _mm512_set1_epi32(32 * lo),
+                    ));
+                    let i1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(
+                        _mm512_add_epi32(b0, b1),
+                        _mm512_set1_epi32(32 * hi),
+                    ));
+                    let da = _mm512_set1_ps(*rows[i].d.get_unchecked(b));
+                    acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d0, da), i0, acc[i]);
+                    acc[i] = _mm512_fmadd_ps(_mm512_mul_ps(d1, da), i1, acc[i]);
+                }
+            }
+        }
+        for i in 0..R {
+            // SAFETY: out[i] points at 16 writable floats (caller).
+            unsafe { _mm512_storeu_ps(out[i], _mm512_add_ps(acc[i], _mm512_setzero_ps())) };
+        }
+    }
 }
 
 #[cfg(test)]
@@ -543,20 +903,23 @@ mod tests {
                 let mut dense = vec![0f32; cols];
                 match kind {
                     Kind::Q4_1 => t4.matmul(&a, m, &mut out),
-                    Kind::Q8_0 => t8.matmul(&a, m, &mut out),
+                    _ => t8.matmul(&a, m, &mut out),
                 }
                 for g in 0..rows / LANES {
                     let group = match kind {
                         Kind::Q4_1 => Group {
+                            qh: &[],
                             qs: &t4.qs[g * nb * 256..(g + 1) * nb * 256],
                             d: &t4.d[g * nb * LANES..(g + 1) * nb * LANES],
                             m: &t4.m[g * nb * LANES..(g + 1) * nb * LANES],
                         },
                         Kind::Q8_0 => Group {
+                            qh: &[],
                             qs: &t8.qs[g * nb * 512..(g + 1) * nb * 512],
                             d: &t8.d[g * nb * LANES..(g + 1) * nb * LANES],
                             m: &[],
                         },
+                        _ => unreachable!(),
                     };
                     for r in 0..m {
                         let want = scalar::dot(&group, &a.row(r), kind);
@@ -565,7 +928,7 @@ mod tests {
                         for (l, v) in got.iter().enumerate() {
                             match kind {
                                 Kind::Q4_1 => t4.row_f32(g * LANES + l, &mut dense),
-                                Kind::Q8_0 => t8.row_f32(g * LANES + l, &mut dense),
+                                _ => t8.row_f32(g * LANES + l, &mut dense),
                             }
                             let xr = &x[r * cols..(r + 1) * cols];
                             let exact = crate::quant::dot_f32(&dense, xr);
@@ -576,6 +939,112 @@ mod tests {
                                 .sum::<f32>()
                                 / 100.0;
                             assert!((exact - v).abs() < bound + 1e-4, "{exact} vs {v}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod converted {
+    use super::*;
+    use crate::blocks::tests::{random_blocks, TYPES};
+    use crate::quant::tests::lcg;
+    use crate::quant::Weight;
+    use candle_core::quantized::ggml_file::qtensor_from_ggml;
+    use candle_core::Device;
+
+    fn group_of(w: &Weight, g: usize) -> (Group<'_>, Kind) {
+        match w {
+            Weight::Q5x16(t) => {
+                let nb = t.cols / QK;
+                let gb = g * nb;
+                let grp = Group {
+                    qs: &t.qs[gb * 256..(gb + nb) * 256],
+                    qh: &t.qh[gb * 64..(gb + nb) * 64],
+                    d: &t.d[gb * LANES..(gb + nb) * LANES],
+                    m: &t.m[gb * LANES..(gb + nb) * LANES],
+                };
+                (grp, Kind::Q5)
+            }
+            Weight::Q6x16(t) => {
+                let nb = t.cols / QK;
+                let gb = g * nb;
+                let grp = Group {
+                    qs: &t.qs[gb * 512..(gb + nb) * 512],
+                    qh: &[],
+                    d: &t.d[gb * 2 * LANES..(gb + nb) * 2 * LANES],
+                    m: &[],
+                };
+                (grp, Kind::Q6)
+            }
+            Weight::Q4_1x16(t) => {
+                let nb = t.cols / QK;
+                let gb = g * nb;
+                let grp = Group {
+                    qs: &t.qs[gb * 256..(gb + nb) * 256],
+                    qh: &[],
+                    d: &t.d[gb * LANES..(gb + nb) * LANES],
+                    m: &t.m[gb * LANES..(gb + nb) * LANES],
+                };
+                (grp, Kind::Q4_1)
+            }
+            other => panic!("not tiled: {}", other.kind()),
+        }
+    }
+
+    /// GGML's 4-, 5- and 6-bit formats kept quantized: every row reads back as GGML
+    /// dequantizes it, the products have the scalar reference's bits for every tile height,
+    /// and they are close to the dequantized product.
+    #[test]
+    fn converted_formats_read_back_as_ggml_and_multiply_as_the_reference() {
+        let mut seed = 41u64;
+        let (rows, cols) = (32, 512);
+        for dtype in TYPES {
+            let raw = random_blocks(dtype, rows, cols, &mut seed);
+            let w = Weight::from_ggml(dtype, rows, cols, &raw).unwrap().unwrap();
+            let want = qtensor_from_ggml(dtype, &raw, vec![rows, cols], &Device::Cpu)
+                .and_then(|t| t.dequantize(&Device::Cpu))
+                .and_then(|t| t.flatten_all())
+                .and_then(|t| t.to_vec1::<f32>())
+                .unwrap();
+            let mut dense = vec![0f32; rows * cols];
+            for r in 0..rows {
+                w.row_f32(r, &mut dense[r * cols..(r + 1) * cols]);
+            }
+            for (i, (g, e)) in dense.iter().zip(&want).enumerate() {
+                assert!(
+                    (g - e).abs() <= 1e-6 * e.abs().max(1e-3),
+                    "{dtype:?} value {i}: {g} vs {e}"
+                );
+            }
+            for m in 1..=6 {
+                let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
+                let mut out = vec![0f32; m * rows];
+                w.matmul(&x, m, &mut out);
+                let tiled_kind = !matches!(w, Weight::Q4_1 { .. });
+                let a = ActQ8::quantize(&x, m, cols, true);
+                for r in 0..m {
+                    let xr = &x[r * cols..(r + 1) * cols];
+                    for c in 0..rows {
+                        let v = out[r * rows + c];
+                        let wr = &dense[c * cols..(c + 1) * cols];
+                        let exact = crate::quant::dot_f32(wr, xr);
+                        let bound: f32 =
+                            wr.iter().zip(xr).map(|(p, q)| (p * q).abs()).sum::<f32>() / 100.0;
+                        assert!(
+                            (exact - v).abs() < bound + 1e-4,
+                            "{dtype:?} m={m} ({r}, {c}): {exact} vs {v}"
+                        );
+                    }
+                    if tiled_kind {
+                        for g in 0..rows / LANES {
+                            let (grp, kind) = group_of(&w, g);
+                            let want = scalar::dot(&grp, &a.row(r), kind);
+                            let got = &out[r * rows + g * LANES..r * rows + (g + 1) * LANES];
+                            assert_eq!(got, &want[..], "{dtype:?} m={m} group {g} row {r}");
                         }
                     }
                 }
