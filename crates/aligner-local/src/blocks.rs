@@ -11,6 +11,8 @@
 //! | GGML type | block | value | becomes |
 //! |---|---|---|---|
 //! | `Q4_0` | 32 | `d (q - 8)`, q 4-bit | [`Family::Q4`]: `d q + m`, m = -8 d |
+//! | `Q4_1` | 32 | `d q + m` | [`Family::Q4`] |
+//! | `Q8_0` | 32 | `d q`, q signed 8-bit | [`Family::Q8`] (codes stored as their bytes) |
 //! | `Q4_K` | 256 in 8 x 32 | `d sc q - dmin mn` | [`Family::Q4`]: d = d sc, m = -dmin mn |
 //! | `Q5_0` | 32 | `d (q - 16)`, q 5-bit | [`Family::Q5`]: m = -16 d |
 //! | `Q5_1` | 32 | `d q + m` | [`Family::Q5`] |
@@ -30,13 +32,15 @@ pub enum Family {
     Q5,
     /// 6-bit codes, value = scale * (code - 32), a scale per 16 values.
     Q6,
+    /// Signed 8-bit codes (as their bytes), value = scale * code.
+    Q8,
 }
 
 impl Family {
     /// Scales (and offsets) per 32 values.
     pub fn scales_per_block(self) -> usize {
         match self {
-            Family::Q4 | Family::Q5 => 1,
+            Family::Q4 | Family::Q5 | Family::Q8 => 1,
             Family::Q6 => 2,
         }
     }
@@ -45,7 +49,8 @@ impl Family {
 /// The family `dtype` converts into, if any.
 pub fn family(dtype: GgmlDType) -> Option<Family> {
     match dtype {
-        GgmlDType::Q4_0 | GgmlDType::Q4K => Some(Family::Q4),
+        GgmlDType::Q4_0 | GgmlDType::Q4_1 | GgmlDType::Q4K => Some(Family::Q4),
+        GgmlDType::Q8_0 => Some(Family::Q8),
         GgmlDType::Q5_0 | GgmlDType::Q5_1 | GgmlDType::Q5K => Some(Family::Q5),
         GgmlDType::Q6K => Some(Family::Q6),
         _ => None,
@@ -100,6 +105,18 @@ pub fn decode_row(dtype: GgmlDType, raw: &[u8], q: &mut [u8], d: &mut [f32], m: 
                 }
                 d[bi] = dd;
                 m[bi] = -8.0 * dd;
+            }
+            GgmlDType::Q4_1 => {
+                for j in 0..16 {
+                    q[j] = blk[4 + j] & 0x0f;
+                    q[j + 16] = blk[4 + j] >> 4;
+                }
+                d[bi] = f16_at(blk, 0);
+                m[bi] = f16_at(blk, 2);
+            }
+            GgmlDType::Q8_0 => {
+                q.copy_from_slice(&blk[2..34]);
+                d[bi] = f16_at(blk, 0);
             }
             GgmlDType::Q5_0 | GgmlDType::Q5_1 => {
                 let dd = f16_at(blk, 0);
@@ -162,17 +179,48 @@ pub fn decode_row(dtype: GgmlDType, raw: &[u8], q: &mut [u8], d: &mut [f32], m: 
     }
 }
 
-/// Decodes row after row of a `[rows, cols]` tensor in `dtype`, calling `f(row, q, d, m)`.
+/// Reads the rows starting at a row into a buffer that holds a whole number of rows.
+pub type ReadRows<'a> = dyn FnMut(usize, &mut [u8]) -> Result<()> + 'a;
+
+/// Rows read at once: the tensor never has to be in memory whole, raw and converted at once.
+const ROWS_PER_READ: usize = 64;
+
+/// Decodes row after row of a `[rows, cols]` tensor in `dtype`, reading its blocks a few rows
+/// at a time with `read`, and calls `f(row, q, d, m)` for each.
 pub fn for_each_row(
     dtype: GgmlDType,
     rows: usize,
     cols: usize,
-    raw: &[u8],
-    mut f: impl FnMut(usize, &[u8], &[f32], &[f32]),
+    read: &mut ReadRows<'_>,
+    f: &mut dyn FnMut(usize, &[u8], &[f32], &[f32]),
 ) -> Result<()> {
     let Some(fam) = family(dtype) else {
         bail!("{dtype:?} has no converted kernel format");
     };
+    let rb = row_bytes(dtype, cols)?;
+    let subs = cols / 32 * fam.scales_per_block();
+    let (mut q, mut d, mut m) = (vec![0u8; cols], vec![0f32; subs], vec![0f32; subs]);
+    let mut buf = vec![0u8; rb * ROWS_PER_READ.min(rows)];
+    let mut first = 0;
+    while first < rows {
+        let n = ROWS_PER_READ.min(rows - first);
+        read(first, &mut buf[..n * rb])?;
+        for (i, row) in buf[..n * rb].chunks_exact(rb).enumerate() {
+            decode_row(dtype, row, &mut q, &mut d, &mut m);
+            f(first + i, &q, &d, &m);
+        }
+        first += n;
+    }
+    Ok(())
+}
+
+/// A reader over a tensor's bytes in memory, after checking their length.
+pub fn from_slice<'a>(
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    raw: &'a [u8],
+) -> Result<impl FnMut(usize, &mut [u8]) -> Result<()> + 'a> {
     let rb = row_bytes(dtype, cols)?;
     if raw.len() != rb * rows {
         bail!(
@@ -181,13 +229,10 @@ pub fn for_each_row(
             raw.len()
         );
     }
-    let subs = cols / 32 * fam.scales_per_block();
-    let (mut q, mut d, mut m) = (vec![0u8; cols], vec![0f32; subs], vec![0f32; subs]);
-    for (r, row) in raw.chunks_exact(rb).enumerate() {
-        decode_row(dtype, row, &mut q, &mut d, &mut m);
-        f(r, &q, &d, &m);
-    }
-    Ok(())
+    Ok(move |first: usize, buf: &mut [u8]| {
+        buf.copy_from_slice(&raw[first * rb..first * rb + buf.len()]);
+        Ok(())
+    })
 }
 
 /// The value of code `q` in sub-block scale `d` and offset `m` of `fam` (the reference the
@@ -196,6 +241,7 @@ pub fn value(fam: Family, q: u8, d: f32, m: f32) -> f32 {
     match fam {
         Family::Q4 | Family::Q5 => d * q as f32 + m,
         Family::Q6 => d * (q as i32 - 32) as f32,
+        Family::Q8 => d * (q as i8) as f32,
     }
 }
 
@@ -223,8 +269,10 @@ pub(crate) mod tests {
             let scale =
                 |seed: &mut u64| f16::from_f32(0.002 + lcg(seed).abs() * 0.01).to_le_bytes();
             match dtype {
-                GgmlDType::Q4_0 | GgmlDType::Q5_0 => blk[0..2].copy_from_slice(&scale(seed)),
-                GgmlDType::Q5_1 => {
+                GgmlDType::Q4_0 | GgmlDType::Q5_0 | GgmlDType::Q8_0 => {
+                    blk[0..2].copy_from_slice(&scale(seed))
+                }
+                GgmlDType::Q5_1 | GgmlDType::Q4_1 => {
                     blk[0..2].copy_from_slice(&scale(seed));
                     blk[2..4].copy_from_slice(&f16::from_f32(lcg(seed) * 0.2).to_le_bytes());
                 }
@@ -240,8 +288,10 @@ pub(crate) mod tests {
         raw
     }
 
-    pub(crate) const TYPES: [GgmlDType; 6] = [
+    pub(crate) const TYPES: [GgmlDType; 8] = [
         GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q8_0,
         GgmlDType::Q4K,
         GgmlDType::Q5_0,
         GgmlDType::Q5_1,
@@ -263,7 +313,8 @@ pub(crate) mod tests {
                 .unwrap();
             let fam = family(dtype).unwrap();
             let per = 32 / fam.scales_per_block();
-            for_each_row(dtype, rows, cols, &raw, |r, q, d, m| {
+            let mut read = from_slice(dtype, rows, cols, &raw).unwrap();
+            for_each_row(dtype, rows, cols, &mut read, &mut |r, q, d, m| {
                 for c in 0..cols {
                     let s = c / per;
                     let mm = if fam == Family::Q6 { 0.0 } else { m[s] };
@@ -281,7 +332,9 @@ pub(crate) mod tests {
 
     #[test]
     fn a_row_that_is_not_whole_blocks_is_an_error() {
-        let err = for_each_row(GgmlDType::Q4K, 1, 96, &[0u8; 144], |_, _, _, _| {}).unwrap_err();
+        let err = from_slice(GgmlDType::Q4K, 1, 96, &[0u8; 144])
+            .err()
+            .unwrap();
         assert!(
             err.to_string().contains("whole number of 256-value blocks"),
             "{err}"

@@ -105,11 +105,13 @@ impl GgufFile {
         Ok((info.ggml_dtype, dims, buf))
     }
 
-    /// A 2-D weight; Q4_1 and Q8_0 stay quantized, Q4_0, Q4_K, Q5_0, Q5_1, Q5_K and Q6_K are
-    /// converted exactly into the kernels' formats (see `blocks`), F32/F16/BF16 become f32, other
-    /// formats (and everything, with `ALIGNER_DEQUANTIZE=1`) are dequantized to f32 by candle.
+    /// A 2-D weight: Q4_0, Q4_1, Q4_K, Q5_0, Q5_1, Q5_K, Q6_K and Q8_0 stay quantized,
+    /// converted exactly into the kernels' formats (see `blocks`); F32/F16/BF16 become f32;
+    /// other formats (and everything, with `ALIGNER_DEQUANTIZE=1`) are dequantized to f32 by
+    /// candle.
     pub fn weight(&self, name: &str) -> Result<Weight> {
-        let (dtype, dims, raw) = self.raw(name)?;
+        let info = self.info(name)?;
+        let (dtype, dims) = (info.ggml_dtype, info.shape.dims().to_vec());
         let [rows, cols] = dims[..] else {
             bail!(
                 "{}: `{name}` has shape {dims:?}, expected 2-D",
@@ -117,30 +119,28 @@ impl GgufFile {
             );
         };
         let dequantize = std::env::var_os("ALIGNER_DEQUANTIZE").is_some();
-        match dtype {
-            GgmlDType::Q4_1 | GgmlDType::Q8_0 if dequantize => Ok(Weight::F32 {
-                rows,
-                cols,
-                w: self.dequantized(name)?,
-            }),
-            GgmlDType::Q4_1 => Weight::from_q4_1_bytes(rows, cols, &raw),
-            GgmlDType::Q8_0 => Weight::from_q8_0_bytes(rows, cols, &raw),
-            _ if !dequantize => match Weight::from_ggml(dtype, rows, cols, &raw)
-                .with_context(|| format!("{}: tensor `{name}`", self.path.display()))?
-            {
-                Some(w) => Ok(w),
-                None => Ok(Weight::F32 {
-                    rows,
-                    cols,
-                    w: self.dequantized(name)?,
-                }),
-            },
-            _ => Ok(Weight::F32 {
-                rows,
-                cols,
-                w: self.dequantized(name)?,
-            }),
+        if !dequantize && crate::blocks::family(dtype).is_some() {
+            // Read a few rows at a time: the tensor is never in memory twice.
+            let start = self.content.tensor_data_offset + info.offset;
+            let rb = crate::blocks::row_bytes(dtype, cols)
+                .with_context(|| format!("{}: tensor `{name}`", self.path.display()))?;
+            let mut read = |first: usize, buf: &mut [u8]| -> Result<()> {
+                let mut r = self.reader.lock().expect("gguf reader lock");
+                r.seek(SeekFrom::Start(start + (first * rb) as u64))?;
+                r.read_exact(buf)
+                    .with_context(|| format!("{}: reading tensor `{name}`", self.path.display()))
+            };
+            let w = Weight::from_ggml(dtype, rows, cols, &mut read)
+                .with_context(|| format!("{}: tensor `{name}`", self.path.display()))?;
+            if let Some(w) = w {
+                return Ok(w);
+            }
         }
+        Ok(Weight::F32 {
+            rows,
+            cols,
+            w: self.dequantized(name)?,
+        })
     }
 
     pub fn vector(&self, name: &str) -> Result<Vec<f32>> {

@@ -238,27 +238,36 @@ impl Weight {
         })
     }
 
-    /// From GGML blocks of a type [`blocks::family`] knows (`Q4_0`, `Q4_K`, `Q5_0`, `Q5_1`,
-    /// `Q5_K`, `Q6_K`), converted exactly: 4-bit codes into the `Q4_1` kernels' format (in the
-    /// fastest layout for this CPU), 5- and 6-bit codes into [`Q5x16`] / [`Q6x16`] (sixteen rows
-    /// at a time; the AVX-512 kernels where the CPU has them, their scalar reference elsewhere).
-    /// `None` when the format has no conversion or the rows do not come in sixteens.
+    /// From GGML blocks of a type [`blocks::family`] knows (`Q4_0`, `Q4_1`, `Q4_K`, `Q5_0`,
+    /// `Q5_1`, `Q5_K`, `Q6_K`, `Q8_0`), read a few rows at a time with `read` and converted
+    /// exactly: 4-bit codes into the `Q4_1` kernels' format, 8-bit codes into the `Q8_0`
+    /// kernels' (both sixteen rows at a time where this CPU has AVX-512 VNNI, GGML's row-wise
+    /// layout elsewhere), 5- and 6-bit codes into [`Q5x16`] / [`Q6x16`] (the AVX-512 kernels where
+    /// the CPU has them, their scalar reference elsewhere). `None` when the format has no
+    /// conversion, or is 5- or 6-bit and the rows do not come in sixteens.
     pub fn from_ggml(
         dtype: candle_core::quantized::GgmlDType,
         rows: usize,
         cols: usize,
-        raw: &[u8],
+        read: &mut blocks::ReadRows<'_>,
     ) -> anyhow::Result<Option<Self>> {
         let Some(fam) = blocks::family(dtype) else {
             return Ok(None);
         };
         blocks::row_bytes(dtype, cols)?;
-        let each = |f: &mut dyn FnMut(usize, &[u8], &[f32], &[f32])| {
-            blocks::for_each_row(dtype, rows, cols, raw, f)
+        let mut each = |f: &mut dyn FnMut(usize, &[u8], &[f32], &[f32])| {
+            blocks::for_each_row(dtype, rows, cols, read, f)
         };
-        match fam {
+        let tiled_rows = rows.is_multiple_of(tiled::LANES);
+        let nb = cols / QK;
+        Ok(Some(match fam {
+            Family::Q4 if tiled_rows && tiled::available() => {
+                Weight::Q4_1x16(Q4_1x16::from_rows(rows, cols, each)?)
+            }
+            Family::Q8 if tiled_rows && tiled::available() => {
+                Weight::Q8_0x16(Q8_0x16::from_rows(rows, cols, each)?)
+            }
             Family::Q4 => {
-                let nb = cols / QK;
                 let mut qs = vec![0u8; rows * nb * 16];
                 let mut d = vec![0f32; rows * nb];
                 let mut m = vec![0f32; rows * nb];
@@ -272,19 +281,40 @@ impl Weight {
                         m[bi] = mr[b];
                     }
                 })?;
-                let w = Weight::Q4_1 {
+                Weight::Q4_1 {
                     rows,
                     cols,
                     qs,
                     d,
                     m,
-                };
-                Ok(Some(w.into_fastest_layout()))
+                }
             }
-            _ if !rows.is_multiple_of(tiled::LANES) => Ok(None),
-            Family::Q5 => Ok(Some(Weight::Q5x16(Q5x16::from_rows(rows, cols, each)?))),
-            Family::Q6 => Ok(Some(Weight::Q6x16(Q6x16::from_rows(rows, cols, each)?))),
-        }
+            Family::Q8 => {
+                let mut qs = vec![0i8; rows * cols];
+                let mut d = vec![0f32; rows * nb];
+                each(&mut |r, q, dr, _| {
+                    for (o, &v) in qs[r * cols..(r + 1) * cols].iter_mut().zip(q) {
+                        *o = v as i8;
+                    }
+                    d[r * nb..(r + 1) * nb].copy_from_slice(dr);
+                })?;
+                Weight::Q8_0 { rows, cols, qs, d }
+            }
+            _ if !tiled_rows => return Ok(None),
+            Family::Q5 => Weight::Q5x16(Q5x16::from_rows(rows, cols, each)?),
+            Family::Q6 => Weight::Q6x16(Q6x16::from_rows(rows, cols, each)?),
+        }))
+    }
+
+    /// [`Weight::from_ggml`] over a whole tensor's bytes in memory.
+    pub fn from_ggml_bytes(
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+        raw: &[u8],
+    ) -> anyhow::Result<Option<Self>> {
+        let mut read = blocks::from_slice(dtype, rows, cols, raw)?;
+        Self::from_ggml(dtype, rows, cols, &mut read)
     }
 
     /// From GGML Q8_0 blocks (`d: f16, qs: [i8; 32]`, 34 bytes each).

@@ -159,6 +159,42 @@ impl Q4_1x16 {
         }
     }
 
+    /// From decoded rows: `row(r, q, d, m)` gives row `r`'s codes (one byte per value, 0..16)
+    /// and its per-block scales and offsets.
+    pub fn from_rows(
+        rows: usize,
+        cols: usize,
+        mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
+        let nb = cols / QK;
+        let groups = rows / LANES;
+        let mut tq = vec![0u8; groups * nb * 256];
+        let mut td = vec![0f32; groups * nb * LANES];
+        let mut tm = vec![0f32; groups * nb * LANES];
+        row(&mut |r, q, d, m| {
+            let (g, l) = (r / LANES, r % LANES);
+            for b in 0..nb {
+                let gb = g * nb + b;
+                let q = &q[b * QK..(b + 1) * QK];
+                for c in 0..4 {
+                    for j in 0..4 {
+                        tq[gb * 256 + c * 64 + l * 4 + j] = q[4 * c + j] | (q[16 + 4 * c + j] << 4);
+                    }
+                }
+                td[gb * LANES + l] = d[b];
+                tm[gb * LANES + l] = m[b];
+            }
+        })?;
+        Ok(Q4_1x16 {
+            rows,
+            cols,
+            qs: tq,
+            d: td,
+            m: tm,
+        })
+    }
+
     pub fn size_bytes(&self) -> usize {
         self.qs.len() + 4 * (self.d.len() + self.m.len())
     }
@@ -219,6 +255,39 @@ impl Q8_0x16 {
             qs: tq,
             d: td,
         }
+    }
+
+    /// From decoded rows: `row(r, q, d, _)` gives row `r`'s signed codes (as their bytes) and
+    /// its per-block scales.
+    pub fn from_rows(
+        rows: usize,
+        cols: usize,
+        mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
+    ) -> anyhow::Result<Self> {
+        assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
+        let nb = cols / QK;
+        let groups = rows / LANES;
+        let mut tq = vec![0u8; groups * nb * 512];
+        let mut td = vec![0f32; groups * nb * LANES];
+        row(&mut |r, q, d, _| {
+            let (g, l) = (r / LANES, r % LANES);
+            for b in 0..nb {
+                let gb = g * nb + b;
+                for c in 0..8 {
+                    let dst = gb * 512 + c * 64 + l * 4;
+                    for j in 0..4 {
+                        tq[dst + j] = q[b * QK + 4 * c + j] ^ 0x80;
+                    }
+                }
+                td[gb * LANES + l] = d[b];
+            }
+        })?;
+        Ok(Q8_0x16 {
+            rows,
+            cols,
+            qs: tq,
+            d: td,
+        })
     }
 
     pub fn size_bytes(&self) -> usize {
@@ -991,11 +1060,22 @@ mod converted {
                 };
                 (grp, Kind::Q4_1)
             }
+            Weight::Q8_0x16(t) => {
+                let nb = t.cols / QK;
+                let gb = g * nb;
+                let grp = Group {
+                    qs: &t.qs[gb * 512..(gb + nb) * 512],
+                    qh: &[],
+                    d: &t.d[gb * LANES..(gb + nb) * LANES],
+                    m: &[],
+                };
+                (grp, Kind::Q8_0)
+            }
             other => panic!("not tiled: {}", other.kind()),
         }
     }
 
-    /// GGML's 4-, 5- and 6-bit formats kept quantized: every row reads back as GGML
+    /// GGML's 4-, 5-, 6- and 8-bit formats kept quantized: every row reads back as GGML
     /// dequantizes it, the products have the scalar reference's bits for every tile height,
     /// and they are close to the dequantized product.
     #[test]
@@ -1004,7 +1084,9 @@ mod converted {
         let (rows, cols) = (32, 512);
         for dtype in TYPES {
             let raw = random_blocks(dtype, rows, cols, &mut seed);
-            let w = Weight::from_ggml(dtype, rows, cols, &raw).unwrap().unwrap();
+            let w = Weight::from_ggml_bytes(dtype, rows, cols, &raw)
+                .unwrap()
+                .unwrap();
             let want = qtensor_from_ggml(dtype, &raw, vec![rows, cols], &Device::Cpu)
                 .and_then(|t| t.dequantize(&Device::Cpu))
                 .and_then(|t| t.flatten_all())
@@ -1024,7 +1106,7 @@ mod converted {
                 let x: Vec<f32> = (0..m * cols).map(|_| lcg(&mut seed)).collect();
                 let mut out = vec![0f32; m * rows];
                 w.matmul(&x, m, &mut out);
-                let tiled_kind = !matches!(w, Weight::Q4_1 { .. });
+                let tiled_kind = !matches!(w, Weight::Q4_1 { .. } | Weight::Q8_0 { .. });
                 let a = ActQ8::quantize(&x, m, cols, true);
                 for r in 0..m {
                     let xr = &x[r * cols..(r + 1) * cols];
