@@ -124,6 +124,10 @@ impl Weight {
         let same = parts.iter().all(|p| {
             std::mem::discriminant(p) == std::mem::discriminant(&parts[0])
                 && p.cols() == parts[0].cols()
+                && match (p, &parts[0]) {
+                    (Weight::Q5x16(a), Weight::Q5x16(b)) => a.symmetric() == b.symmetric(),
+                    _ => true,
+                }
         });
         if parts.is_empty() || !same {
             return Err(parts);
@@ -301,7 +305,10 @@ impl Weight {
                 Weight::Q8_0 { rows, cols, qs, d }
             }
             _ if !tiled_rows => return Ok(None),
-            Family::Q5 => Weight::Q5x16(Q5x16::from_rows(rows, cols, each)?),
+            Family::Q5 => {
+                let symmetric = dtype == candle_core::quantized::GgmlDType::Q5_0;
+                Weight::Q5x16(Q5x16::from_rows(rows, cols, symmetric, each)?)
+            }
             Family::Q6 => Weight::Q6x16(Q6x16::from_rows(rows, cols, each)?),
         }))
     }

@@ -77,7 +77,9 @@ pub struct Q8_0x16 {
 /// low nibbles as in [`Q4_1x16`], then 64 bytes of fifth bits (lane `l`'s 32-bit word holds the
 /// fifth bit of value `4c + j` at bit `8j + c` and of value `16 + 4c + j` at bit `8j + 4 + c`, so
 /// one shift and one mask put each chunk's fifth bits on bit 4 of its bytes), then the sixteen
-/// scales `d` and offsets `m` (value = d * code + m).
+/// scales `d` and offsets `m` (value = d * code + m). `Q5_0` is symmetric (value = d * (code -
+/// 16)): it keeps no offsets, and its products subtract `16 * sum(a)` from the integer sum, as
+/// for `Q8_0`.
 pub struct Q5x16 {
     pub rows: usize,
     pub cols: usize,
@@ -324,9 +326,11 @@ impl Q8_0x16 {
 impl Q5x16 {
     /// From decoded rows: `row(r, q, d, m)` fills row `r`'s codes (one byte per value, 0..32)
     /// and its per-block scales and offsets.
+    /// `symmetric`: the offsets are `-16 d` (`Q5_0`), and are not kept.
     pub fn from_rows(
         rows: usize,
         cols: usize,
+        symmetric: bool,
         mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
@@ -335,7 +339,7 @@ impl Q5x16 {
         let mut tq = vec![0u8; groups * nb * 256];
         let mut th = vec![0u8; groups * nb * 64];
         let mut td = vec![0f32; groups * nb * LANES];
-        let mut tm = vec![0f32; groups * nb * LANES];
+        let mut tm = vec![0f32; if symmetric { 0 } else { groups * nb * LANES }];
         row(&mut |r, q, d, m| {
             let (g, l) = (r / LANES, r % LANES);
             for b in 0..nb {
@@ -352,7 +356,9 @@ impl Q5x16 {
                 }
                 th[gb * 64 + l * 4..gb * 64 + l * 4 + 4].copy_from_slice(&hbits.to_le_bytes());
                 td[gb * LANES + l] = d[b];
-                tm[gb * LANES + l] = m[b];
+                if !symmetric {
+                    tm[gb * LANES + l] = m[b];
+                }
             }
         })?;
         Ok(Q5x16 {
@@ -370,6 +376,11 @@ impl Q5x16 {
     }
 
     concat_fn!(qs, qh, d, m);
+
+    /// Whether the offsets are implied (`Q5_0`): only such weights stack with each other.
+    pub fn symmetric(&self) -> bool {
+        self.m.is_empty()
+    }
 
     /// The code of value `i` (0..32) of row lane `l` in (group, block) `gb`.
     fn code(&self, gb: usize, l: usize, i: usize) -> u8 {
@@ -389,9 +400,14 @@ impl Q5x16 {
 
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         for (b, gb, l) in row_blocks(self.cols, r) {
-            let (d, m) = (self.d[gb * LANES + l], self.m[gb * LANES + l]);
+            let d = self.d[gb * LANES + l];
             for i in 0..QK {
-                out[b * QK + i] = d * self.code(gb, l, i) as f32 + m;
+                let q = self.code(gb, l, i);
+                out[b * QK + i] = if self.symmetric() {
+                    d * (q as i32 - 16) as f32
+                } else {
+                    d * q as f32 + self.m[gb * LANES + l]
+                };
             }
         }
     }
@@ -402,7 +418,11 @@ impl Q5x16 {
             qs: &self.qs[gb * 256..(gb + nb) * 256],
             qh: &self.qh[gb * 64..(gb + nb) * 64],
             d: &self.d[gb * LANES..(gb + nb) * LANES],
-            m: &self.m[gb * LANES..(gb + nb) * LANES],
+            m: if self.symmetric() {
+                &[]
+            } else {
+                &self.m[gb * LANES..(gb + nb) * LANES]
+            },
         });
     }
 }
@@ -524,10 +544,14 @@ fn tile(w: &Group<'_>, act: &[ActRow<'_>], out_rows: [*mut f32; 4], kind: Kind) 
                     (Kind::Q8_0, 3) => avx512::q8_0::<3>(w, act, out_rows),
                     (Kind::Q8_0, 2) => avx512::q8_0::<2>(w, act, out_rows),
                     (Kind::Q8_0, _) => avx512::q8_0::<1>(w, act, out_rows),
-                    (Kind::Q5, 4) => avx512::q5::<4>(w, act, out_rows),
-                    (Kind::Q5, 3) => avx512::q5::<3>(w, act, out_rows),
-                    (Kind::Q5, 2) => avx512::q5::<2>(w, act, out_rows),
-                    (Kind::Q5, _) => avx512::q5::<1>(w, act, out_rows),
+                    (Kind::Q5, 4) if w.m.is_empty() => avx512::q5::<4, true>(w, act, out_rows),
+                    (Kind::Q5, 4) => avx512::q5::<4, false>(w, act, out_rows),
+                    (Kind::Q5, 3) if w.m.is_empty() => avx512::q5::<3, true>(w, act, out_rows),
+                    (Kind::Q5, 3) => avx512::q5::<3, false>(w, act, out_rows),
+                    (Kind::Q5, 2) if w.m.is_empty() => avx512::q5::<2, true>(w, act, out_rows),
+                    (Kind::Q5, 2) => avx512::q5::<2, false>(w, act, out_rows),
+                    (Kind::Q5, _) if w.m.is_empty() => avx512::q5::<1, true>(w, act, out_rows),
+                    (Kind::Q5, _) => avx512::q5::<1, false>(w, act, out_rows),
                     (Kind::Q6, 4) => avx512::q6::<4>(w, act, out_rows),
                     (Kind::Q6, 3) => avx512::q6::<3>(w, act, out_rows),
                     (Kind::Q6, 2) => avx512::q6::<2>(w, act, out_rows),
@@ -608,6 +632,9 @@ pub(crate) mod scalar {
                                 isum += ((q >> 4) as i32 | hi5) * y[16 + 4 * c + j] as i32;
                             }
                         }
+                        if kind == Kind::Q5 && w.m.is_empty() {
+                            isum -= 16 * row.qsum[b];
+                        }
                     }
                     Kind::Q8_0 => {
                         for c in 0..8 {
@@ -638,7 +665,7 @@ pub(crate) mod scalar {
                 }
                 let scale = w.d[b * LANES + l] * row.d[b];
                 acc[l] = scale.mul_add(isum as f32, acc[l]);
-                if matches!(kind, Kind::Q4_1 | Kind::Q5) {
+                if kind == Kind::Q4_1 || (kind == Kind::Q5 && !w.m.is_empty()) {
                     macc[l] = w.m[b * LANES + l].mul_add(row.s[b], macc[l]);
                 }
             }
@@ -761,14 +788,21 @@ mod avx512 {
     }
 
     /// # Safety
-    /// As [`q4_1`]; `w.qh` holds the blocks' fifth bits.
+    /// As [`q4_1`]; `w.qh` holds the blocks' fifth bits; `SYM`: no offsets, the codes are
+    /// centred on 16 (`Q5_0`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
-    pub unsafe fn q5<const R: usize>(w: &Group<'_>, rows: &[ActRow<'_>], out: [*mut f32; 4]) {
+    pub unsafe fn q5<const R: usize, const SYM: bool>(
+        w: &Group<'_>,
+        rows: &[ActRow<'_>],
+        out: [*mut f32; 4],
+    ) {
         let nb = w.d.len() / LANES;
-        assert!(w.qs.len() >= nb * 256 && w.qh.len() >= nb * 64 && w.m.len() >= nb * LANES);
+        assert!(w.qs.len() >= nb * 256 && w.qh.len() >= nb * 64);
+        assert!(SYM || w.m.len() >= nb * LANES);
         assert!(rows.len() >= R);
         for r in &rows[..R] {
-            assert!(r.qs.len() >= nb * QK && r.d.len() >= nb && r.s.len() >= nb);
+            assert!(r.qs.len() >= nb * QK && r.d.len() >= nb && r.qsum.len() >= nb);
+            assert!(SYM || r.s.len() >= nb);
         }
         let low = _mm512_set1_epi8(0x0f);
         let bit4 = _mm512_set1_epi8(0x10);
@@ -827,7 +861,11 @@ mod avx512 {
                     bit4,
                 );
                 let dw = _mm512_loadu_ps(wd.add(b * LANES));
-                let mw = _mm512_loadu_ps(wm.add(b * LANES));
+                let mw = if SYM {
+                    _mm512_setzero_ps()
+                } else {
+                    _mm512_loadu_ps(wm.add(b * LANES))
+                };
                 for i in 0..R {
                     let y = rows[i].qs.as_ptr().add(b * QK);
                     let mut s0 = _mm512_dpbusd_epi32(zero, l0, bcast4(y));
@@ -838,11 +876,18 @@ mod avx512 {
                     s1 = _mm512_dpbusd_epi32(s1, h2, bcast4(y.add(24)));
                     s0 = _mm512_dpbusd_epi32(s0, l3, bcast4(y.add(12)));
                     s1 = _mm512_dpbusd_epi32(s1, h3, bcast4(y.add(28)));
-                    let isum = _mm512_cvtepi32_ps(_mm512_add_epi32(s0, s1));
+                    let mut si = _mm512_add_epi32(s0, s1);
+                    if SYM {
+                        let bias = _mm512_set1_epi32(16 * *rows[i].qsum.get_unchecked(b));
+                        si = _mm512_sub_epi32(si, bias);
+                    }
+                    let isum = _mm512_cvtepi32_ps(si);
                     let scale = _mm512_mul_ps(dw, _mm512_set1_ps(*rows[i].d.get_unchecked(b)));
                     acc[i] = _mm512_fmadd_ps(scale, isum, acc[i]);
-                    macc[i] =
-                        _mm512_fmadd_ps(mw, _mm512_set1_ps(*rows[i].s.get_unchecked(b)), macc[i]);
+                    if !SYM {
+                        let sa = _mm512_set1_ps(*rows[i].s.get_unchecked(b));
+                        macc[i] = _mm512_fmadd_ps(mw, sa, macc[i]);
+                    }
                 }
             }
         }
@@ -1034,7 +1079,11 @@ mod converted {
                     qs: &t.qs[gb * 256..(gb + nb) * 256],
                     qh: &t.qh[gb * 64..(gb + nb) * 64],
                     d: &t.d[gb * LANES..(gb + nb) * LANES],
-                    m: &t.m[gb * LANES..(gb + nb) * LANES],
+                    m: if t.symmetric() {
+                        &[]
+                    } else {
+                        &t.m[gb * LANES..(gb + nb) * LANES]
+                    },
                 };
                 (grp, Kind::Q5)
             }
