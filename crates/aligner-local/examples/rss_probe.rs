@@ -12,6 +12,10 @@ fn main() {
     println!("opened {}", hwm());
     let tok = aligner_local::tokenizer::TextTokenizer::from_gguf(&file.content).unwrap();
     println!("tokenizer {}", hwm());
+    let tok2 = aligner_local::tokenizer::TextTokenizer::from_gguf(&file.content).unwrap();
+    println!("tokenizer twice {}", hwm());
+    drop(tok2);
+    println!("second dropped {}", hwm());
     let model = aligner_local::model::Model::from_gguf(&file).unwrap();
     println!("model {} weights {}", hwm(), model.weight_bytes() >> 20);
     drop(file);
