@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -143,10 +142,13 @@ impl TextTokenizer {
             );
         }
 
-        let mut vocab = serde_json::Map::with_capacity(tokens.len());
-        for (id, t) in tokens.iter().enumerate() {
-            vocab.insert(t.clone(), json!(id));
-        }
+        // Built with the library's own constructors, not through a tokenizer.json document: the
+        // document for a 150k-token vocabulary left ~120 MB of freed heap behind.
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(id, t)| (t.clone(), id as u32))
+            .collect();
         let mut merge_pairs = Vec::with_capacity(merges.len());
         for m in &merges {
             // A merge is "left right"; a token never starts with a space in byte-level BPE.
@@ -156,49 +158,42 @@ impl TextTokenizer {
                 .find(|&(_, c)| c == ' ')
                 .map(|(i, _)| i)
                 .ok_or_else(|| anyhow!("GGUF merge {m:?} has no space"))?;
-            merge_pairs.push(json!([&m[..cut], &m[cut + 1..]]));
+            merge_pairs.push((m[..cut].to_string(), m[cut + 1..].to_string()));
         }
+        drop(merges);
+        let bpe = tokenizers::models::bpe::BPE::builder()
+            .vocab_and_merges(vocab, merge_pairs)
+            .ignore_merges(ignore_merges)
+            .build()
+            .map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
+        let mut tok = Tokenizer::new(bpe);
+        let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre_tokenizer)
+            .map_err(|e| anyhow!("the pre-tokenizer for `{pre}`: {e}"))?;
+        tok.with_pre_tokenizer(Some(pre));
+        tok.with_decoder(Some(
+            tokenizers::pre_tokenizers::byte_level::ByteLevel::new(true, true, true),
+        ));
         // Control (3), user-defined (4) and unknown (2) tokens are matched before
         // pre-tokenization, as llama.cpp does. Control and unknown ones only when special
-        // tokens are parsed; user-defined ones always.
-        let mut added = Vec::new();
-        for (id, (t, ty)) in tokens.iter().zip(&types).enumerate() {
+        // tokens are parsed; user-defined ones always. Each keeps its vocabulary id.
+        let (mut special, mut plain) = (Vec::new(), Vec::new());
+        for (t, ty) in tokens.iter().zip(&types) {
             if matches!(ty, 2..=4) {
-                added.push(json!({
-                    "id": id,
-                    "content": t,
-                    "single_word": false,
-                    "lstrip": false,
-                    "rstrip": false,
-                    "normalized": false,
-                    "special": *ty != 4,
-                }));
+                let added = tokenizers::AddedToken::from(t.clone(), *ty != 4)
+                    .single_word(false)
+                    .lstrip(false)
+                    .rstrip(false)
+                    .normalized(false);
+                if *ty == 4 {
+                    plain.push(added);
+                } else {
+                    special.push(added);
+                }
             }
         }
-        let doc = json!({
-            "version": "1.0",
-            "truncation": null,
-            "padding": null,
-            "added_tokens": added,
-            "normalizer": null,
-            "pre_tokenizer": pre_tokenizer,
-            "post_processor": null,
-            "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-            "model": {
-                "type": "BPE",
-                "dropout": null,
-                "unk_token": null,
-                "continuing_subword_prefix": null,
-                "end_of_word_suffix": null,
-                "fuse_unk": false,
-                "byte_fallback": false,
-                "ignore_merges": ignore_merges,
-                "vocab": vocab,
-                "merges": merge_pairs,
-            }
-        });
-        let tok = Tokenizer::from_str(&doc.to_string())
-            .map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
+        tok.add_special_tokens(special)
+            .and_then(|_| tok.add_tokens(plain))
+            .map_err(|e| anyhow!("the GGUF vocabulary's special tokens: {e}"))?;
 
         let id_of = |key: &str| -> Result<Option<u32>> {
             match md.get(key) {
