@@ -179,6 +179,9 @@ pub fn decode_row(dtype: GgmlDType, raw: &[u8], q: &mut [u8], d: &mut [f32], m: 
     }
 }
 
+/// Takes one decoded row: its index, codes, sub-block scales and offsets.
+pub type RowSink<'a> = dyn FnMut(usize, &[u8], &[f32], &[f32]) + 'a;
+
 /// Reads the rows starting at a row into a buffer that holds a whole number of rows.
 pub type ReadRows<'a> = dyn FnMut(usize, &mut [u8]) -> Result<()> + 'a;
 
@@ -192,7 +195,7 @@ pub fn for_each_row(
     rows: usize,
     cols: usize,
     read: &mut ReadRows<'_>,
-    f: &mut dyn FnMut(usize, &[u8], &[f32], &[f32]),
+    f: &mut crate::blocks::RowSink<'_>,
 ) -> Result<()> {
     let Some(fam) = family(dtype) else {
         bail!("{dtype:?} has no converted kernel format");

@@ -259,9 +259,8 @@ impl Weight {
             return Ok(None);
         };
         blocks::row_bytes(dtype, cols)?;
-        let mut each = |f: &mut dyn FnMut(usize, &[u8], &[f32], &[f32])| {
-            blocks::for_each_row(dtype, rows, cols, read, f)
-        };
+        let mut each =
+            |f: &mut crate::blocks::RowSink<'_>| blocks::for_each_row(dtype, rows, cols, read, f);
         let tiled_rows = rows.is_multiple_of(tiled::LANES);
         let nb = cols / QK;
         Ok(Some(match fam {

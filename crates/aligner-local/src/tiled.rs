@@ -166,7 +166,7 @@ impl Q4_1x16 {
     pub fn from_rows(
         rows: usize,
         cols: usize,
-        mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
+        mut row: impl FnMut(&mut crate::blocks::RowSink<'_>) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
         let nb = cols / QK;
@@ -264,7 +264,7 @@ impl Q8_0x16 {
     pub fn from_rows(
         rows: usize,
         cols: usize,
-        mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
+        mut row: impl FnMut(&mut crate::blocks::RowSink<'_>) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
         let nb = cols / QK;
@@ -331,7 +331,7 @@ impl Q5x16 {
         rows: usize,
         cols: usize,
         symmetric: bool,
-        mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
+        mut row: impl FnMut(&mut crate::blocks::RowSink<'_>) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
         let nb = cols / QK;
@@ -433,7 +433,7 @@ impl Q6x16 {
     pub fn from_rows(
         rows: usize,
         cols: usize,
-        mut row: impl FnMut(&mut dyn FnMut(usize, &[u8], &[f32], &[f32])) -> anyhow::Result<()>,
+        mut row: impl FnMut(&mut crate::blocks::RowSink<'_>) -> anyhow::Result<()>,
     ) -> anyhow::Result<Self> {
         assert!(rows.is_multiple_of(LANES) && cols.is_multiple_of(QK));
         let nb = cols / QK;
