@@ -45,7 +45,7 @@ cargo clippy --workspace --all-targets -- -D warnings -W clippy::undocumented_un
 # pipelines read (data/). Both are skipped when already there with the right checksums.
 cargo test --workspace --no-run
 aligner="${CARGO_TARGET_DIR:-target}/debug/aligner"
-"$aligner" models fetch default qwen2.5-coder-0.5b
+"$aligner" models fetch default qwen2.5-coder-0.5b gemma3-270m
 "$aligner" prompts fetch
 
 cargo test --workspace "$@"

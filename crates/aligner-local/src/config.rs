@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use crate::gguf::GgufFile;
 
 /// The architectures the loaders read, for hints.
-pub const SUPPORTED: &str = "llama (Llama, SmolLM), mistral, qwen2";
+pub const SUPPORTED: &str = "llama (Llama, SmolLM), mistral, qwen2, gemma3 (GGUF, inference only)";
 
 /// How rotary embeddings pair up dimensions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -47,6 +47,30 @@ pub struct ModelConfig {
     /// Rotary frequency scaling (Llama 3.1+, linear); `None`: plain `rope_theta`.
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
+    /// Gemma 3's differences from the llama layer; `None` for every other architecture.
+    #[serde(default)]
+    pub gemma3: Option<Gemma3>,
+}
+
+/// What a Gemma 3 layer does beyond a llama layer: the embedding scaled by `sqrt(hidden)`,
+/// RMS norms on each query and key head, norms after attention and after the feed-forward
+/// block (before their residual adds), a GELU (tanh) gate, and local layers that attend to the
+/// last `sliding_window` positions with their own rotary base, every `pattern`-th layer global.
+/// The GGUF conversion stores Gemma's norm weights with their `+ 1` applied.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Gemma3 {
+    pub sliding_window: usize,
+    /// Layer `i` is global when `(i + 1) % pattern == 0`.
+    pub pattern: usize,
+    /// The local layers' rotary base (the global ones use `rope_theta`).
+    pub rope_theta_local: f64,
+}
+
+impl Gemma3 {
+    /// Whether layer `i` attends to a sliding window.
+    pub fn is_local(&self, i: usize) -> bool {
+        !(i + 1).is_multiple_of(self.pattern)
+    }
 }
 
 /// How a model scales its rotary frequencies. Only these are implemented; a file asking for
@@ -71,12 +95,14 @@ pub enum RopeScaling {
 impl ModelConfig {
     /// The rotary inverse frequencies, one per pair of dimensions: `rope_theta^(-2i/d)`, scaled.
     pub fn inv_freqs(&self) -> Vec<f64> {
+        self.inv_freqs_for(self.rope_theta)
+    }
+
+    /// [`Self::inv_freqs`] with another rotary base (Gemma 3's local layers).
+    pub fn inv_freqs_for(&self, theta: f64) -> Vec<f64> {
         let half = self.head_dim / 2;
         let base: Vec<f64> = (0..half)
-            .map(|i| {
-                self.rope_theta
-                    .powf(-(2.0 * i as f64) / self.head_dim as f64)
-            })
+            .map(|i| theta.powf(-(2.0 * i as f64) / self.head_dim as f64))
             .collect();
         match &self.rope_scaling {
             None => base,
@@ -207,7 +233,7 @@ impl ModelConfig {
         let arch = file.string("general.architecture")?;
         let rope = match arch.as_str() {
             "llama" | "mistral" => RopeStyle::Interleaved,
-            "qwen2" => RopeStyle::Halves,
+            "qwen2" | "gemma3" => RopeStyle::Halves,
             other => bail!(
                 "{}: GGUF architecture `{other}` is not supported\nhint: supported architectures: {SUPPORTED}",
                 file.path.display()
@@ -225,7 +251,35 @@ impl ModelConfig {
             .usize(&key("attention.key_length"))
             .unwrap_or(hidden / heads);
         let rope_scaling = gguf_rope_scaling(file, &arch, head_dim / 2)?;
+        let gemma3 = if arch == "gemma3" {
+            if let Some(v) = file
+                .usize(&key("attention.value_length"))
+                .ok()
+                .filter(|&v| v != head_dim)
+            {
+                bail!(
+                    "{}: gemma3 with value heads of {v} and key heads of {head_dim} dimensions is not implemented",
+                    file.path.display()
+                );
+            }
+            if rope_scaling.is_some() {
+                bail!(
+                    "{}: gemma3 with rotary scaling (the larger Gemma 3 models' global layers) is not implemented\nhint: Gemma 3 270M and 1B have none",
+                    file.path.display()
+                );
+            }
+            Some(Gemma3 {
+                sliding_window: need("attention.sliding_window")?,
+                // llama.cpp's (and Hugging Face's) Gemma 3: five local layers, then a global one;
+                // the local rotary base is not in the file.
+                pattern: 6,
+                rope_theta_local: 10_000.0,
+            })
+        } else {
+            None
+        };
         Ok(ModelConfig {
+            gemma3,
             rope_scaling,
             vocab: embed_dims[0],
             hidden,
@@ -279,6 +333,7 @@ impl ModelConfig {
         let hidden = get("hidden_size")?;
         let heads = get("num_attention_heads")?;
         Ok(ModelConfig {
+            gemma3: None,
             rope_scaling: hf_rope_scaling(&cfg_path, &cfg["rope_scaling"])?,
             architecture: arch.to_string(),
             vocab: get("vocab_size")?,
@@ -304,6 +359,7 @@ mod tests {
 
     fn llama31() -> ModelConfig {
         ModelConfig {
+            gemma3: None,
             architecture: "llama".into(),
             vocab: 10,
             hidden: 4096,
@@ -331,6 +387,7 @@ mod tests {
     fn llama3_scaling_keeps_short_wavelengths_divides_long_ones_and_blends_between() {
         let c = llama31();
         let plain = ModelConfig {
+            gemma3: None,
             rope_scaling: None,
             ..c.clone()
         }

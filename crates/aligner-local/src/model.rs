@@ -1,6 +1,6 @@
-//! The llama-family transformer (Llama, SmolLM, Mistral, Qwen2) on the CPU path: weights from
-//! GGUF or Hugging Face safetensors, a ragged-batch forward pass over many sequences at once,
-//! each with its own KV cache.
+//! The llama-family transformer (Llama, SmolLM, Mistral, Qwen2, and Gemma 3's variant of the
+//! layer) on the CPU path: weights from GGUF or Hugging Face safetensors, a ragged-batch
+//! forward pass over many sequences at once, each with its own KV cache.
 
 use std::path::Path;
 
@@ -29,6 +29,23 @@ struct LayerWeights {
     w_gate: Weight,
     w_up: Weight,
     w_down: Weight,
+    norms: ExtraNorms,
+}
+
+/// Gemma 3's extra norms: on each query and key head, and after the attention and the
+/// feed-forward blocks.
+#[derive(Default)]
+struct ExtraNorms {
+    q: Option<Vec<f32>>,
+    k: Option<Vec<f32>>,
+    post_attn: Option<Vec<f32>>,
+    post_ffn: Option<Vec<f32>>,
+}
+
+impl ExtraNorms {
+    fn all(&self) -> bool {
+        self.q.is_some() && self.k.is_some() && self.post_attn.is_some() && self.post_ffn.is_some()
+    }
 }
 
 /// One layer as it runs: q/k/v, and gate/up, each one product over stacked rows.
@@ -42,6 +59,7 @@ pub struct Layer {
     ffn_norm: Vec<f32>,
     gate_up: Proj,
     w_down: Weight,
+    norms: ExtraNorms,
 }
 
 /// Projections of the same input. Stacked into one weight when they share a format: one
@@ -101,6 +119,9 @@ pub struct Model {
     lm_head: Option<Weight>,
     cos: Vec<f32>,
     sin: Vec<f32>,
+    /// Gemma 3's local layers' rotary tables (empty otherwise).
+    cos_local: Vec<f32>,
+    sin_local: Vec<f32>,
 }
 
 /// One sequence's keys and values, per layer, position-major, in f16 (as llama.cpp's default
@@ -184,6 +205,12 @@ impl Model {
                 w_gate: file.weight(&p("ffn_gate.weight"))?,
                 w_up: file.weight(&p("ffn_up.weight"))?,
                 w_down: file.weight(&p("ffn_down.weight"))?,
+                norms: ExtraNorms {
+                    q: file.optional_vector(&p("attn_q_norm.weight"))?,
+                    k: file.optional_vector(&p("attn_k_norm.weight"))?,
+                    post_attn: file.optional_vector(&p("post_attention_norm.weight"))?,
+                    post_ffn: file.optional_vector(&p("post_ffw_norm.weight"))?,
+                },
             });
         }
         let lm_head = if file.has("output.weight") {
@@ -215,6 +242,7 @@ impl Model {
                 w_gate: st.weight(&p("mlp.gate_proj.weight"))?,
                 w_up: st.weight(&p("mlp.up_proj.weight"))?,
                 w_down: st.weight(&p("mlp.down_proj.weight"))?,
+                norms: ExtraNorms::default(),
             });
         }
         let embed = st.weight("model.embed_tokens.weight")?;
@@ -243,6 +271,15 @@ impl Model {
             bail!("inconsistent model shapes: {c:?}");
         }
         for (i, l) in layers.iter().enumerate() {
+            if c.gemma3.is_some() && !l.norms.all() {
+                bail!("layer {i}: a gemma3 layer needs attn_q_norm, attn_k_norm, post_attention_norm and post_ffw_norm weights");
+            }
+            if c.gemma3.is_none() && (l.norms.post_attn.is_some() || l.norms.q.is_some()) {
+                bail!(
+                    "layer {i}: query/key or post-block norms in a `{}` model are not implemented",
+                    c.architecture
+                );
+            }
             let want = [
                 (&l.wq, c.heads * c.head_dim, c.hidden, "q"),
                 (&l.wk, c.kv_heads * c.head_dim, c.hidden, "k"),
@@ -274,21 +311,29 @@ impl Model {
                 ffn_norm: l.ffn_norm,
                 gate_up: Proj::new(vec![l.w_gate, l.w_up]),
                 w_down: l.w_down,
+                norms: l.norms,
             })
             .collect();
         // Rotary tables up to the context length, computed in f64 then rounded once.
         let half = c.head_dim / 2;
         let ctx = c.context.min(1 << 17);
-        let mut cos = vec![0f32; ctx * half];
-        let mut sin = vec![0f32; ctx * half];
-        let inv = c.inv_freqs();
-        for p in 0..ctx {
-            for (i, freq) in inv.iter().enumerate() {
-                let a = p as f64 * freq;
-                cos[p * half + i] = a.cos() as f32;
-                sin[p * half + i] = a.sin() as f32;
+        let tables = |inv: Vec<f64>| {
+            let mut cos = vec![0f32; ctx * half];
+            let mut sin = vec![0f32; ctx * half];
+            for p in 0..ctx {
+                for (i, freq) in inv.iter().enumerate() {
+                    let a = p as f64 * freq;
+                    cos[p * half + i] = a.cos() as f32;
+                    sin[p * half + i] = a.sin() as f32;
+                }
             }
-        }
+            (cos, sin)
+        };
+        let (cos, sin) = tables(c.inv_freqs());
+        let (cos_local, sin_local) = match &c.gemma3 {
+            Some(g) => tables(c.inv_freqs_for(g.rope_theta_local)),
+            None => (Vec::new(), Vec::new()),
+        };
         Ok(Model {
             config,
             embed,
@@ -297,6 +342,8 @@ impl Model {
             lm_head,
             cos,
             sin,
+            cos_local,
+            sin_local,
         })
     }
 
@@ -345,6 +392,12 @@ impl Model {
                 r += 1;
             }
         }
+        if c.gemma3.is_some() {
+            let scale = (h as f32).sqrt();
+            x.iter_mut().for_each(|v| *v *= scale);
+        }
+        let eps = c.rms_eps as f32;
+        let mut normed = Vec::new();
         let mut xn = vec![0f32; rows * h];
         let mut q = vec![0f32; rows * qd];
         let mut k = vec![0f32; rows * kvd];
@@ -361,9 +414,12 @@ impl Model {
             add_bias(&mut q, l.bq.as_deref());
             add_bias(&mut k, l.bk.as_deref());
             add_bias(&mut v, l.bv.as_deref());
+            norm_in_place(&mut q, l.norms.q.as_deref(), eps, &mut normed);
+            norm_in_place(&mut k, l.norms.k.as_deref(), eps, &mut normed);
+            let local = c.gemma3.as_ref().filter(|g| g.is_local(li));
             for (row, &(_, p)) in pos.iter().enumerate() {
-                self.rope(&mut q[row * qd..(row + 1) * qd], p);
-                self.rope(&mut k[row * kvd..(row + 1) * kvd], p);
+                self.rope(&mut q[row * qd..(row + 1) * qd], p, local.is_some());
+                self.rope(&mut k[row * kvd..(row + 1) * kvd], p, local.is_some());
             }
             for (i, ch) in chunks.iter_mut().enumerate() {
                 let s = starts[i];
@@ -375,16 +431,25 @@ impl Model {
                     kvd,
                 );
             }
-            self.attention(chunks, &starts, li, &q, &mut att);
+            let window = local.map(|g| g.sliding_window);
+            self.attention(chunks, &starts, li, &q, &mut att, window);
             l.wo.matmul(&att, rows, &mut proj);
+            norm_in_place(&mut proj, l.norms.post_attn.as_deref(), eps, &mut normed);
             add_into(&mut x, &proj);
             rms_norm(&x, &l.ffn_norm, c.rms_eps as f32, &mut xn);
             l.gate_up
                 .matmul(&xn, rows, &mut [&mut gate, &mut up], &mut stacked);
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + exp_fast(-*g)) * u;
+            if c.gemma3.is_some() {
+                for (g, u) in gate.iter_mut().zip(&up) {
+                    *g = gelu_tanh(*g) * u;
+                }
+            } else {
+                for (g, u) in gate.iter_mut().zip(&up) {
+                    *g = *g / (1.0 + exp_fast(-*g)) * u;
+                }
             }
             l.w_down.matmul(&gate, rows, &mut proj);
+            norm_in_place(&mut proj, l.norms.post_ffn.as_deref(), eps, &mut normed);
             add_into(&mut x, &proj);
         }
         for ch in chunks.iter_mut() {
@@ -413,11 +478,16 @@ impl Model {
         logits.chunks_exact(vocab).map(|l| l.to_vec()).collect()
     }
 
-    fn rope(&self, x: &mut [f32], p: usize) {
+    fn rope(&self, x: &mut [f32], p: usize, local: bool) {
         let hd = self.config.head_dim;
         let half = hd / 2;
-        let cos = &self.cos[p * half..(p + 1) * half];
-        let sin = &self.sin[p * half..(p + 1) * half];
+        let (cos, sin) = if local {
+            (&self.cos_local, &self.sin_local)
+        } else {
+            (&self.cos, &self.sin)
+        };
+        let cos = &cos[p * half..(p + 1) * half];
+        let sin = &sin[p * half..(p + 1) * half];
         for head in x.chunks_exact_mut(hd) {
             match self.config.rope {
                 RopeStyle::Interleaved => {
@@ -438,7 +508,8 @@ impl Model {
         }
     }
 
-    /// Causal attention of every chunk's new rows over its cache (already holding them).
+    /// Causal attention of every chunk's new rows over its cache (already holding them); with
+    /// `window`, each row sees only the last `window` positions (itself included).
     ///
     /// Keys and values are stored in f16 (as llama.cpp's default cache); queries, scores,
     /// probabilities and sums stay in f32.
@@ -452,6 +523,7 @@ impl Model {
         li: usize,
         q: &[f32],
         out: &mut [f32],
+        window: Option<usize>,
     ) {
         let c = &self.config;
         let hd = c.head_dim;
@@ -526,10 +598,11 @@ impl Model {
                     score_tile(qt, keys, kvd * KEY_TILE, hd, longest, scale, scores, stride);
                     for (qi, &(hh, t)) in tile.iter().enumerate() {
                         let row = starts[i] + t;
-                        let s = &mut scores[qi * stride..qi * stride + upto[qi]];
+                        let lo = window.map_or(0, |w| upto[qi].saturating_sub(w));
+                        let s = &mut scores[qi * stride + lo..qi * stride + upto[qi]];
                         let inv = softmax_unnormalized(s);
                         acc.iter_mut().for_each(|a| *a = 0.0);
-                        for (j, s) in s.iter().enumerate() {
+                        for (j, s) in (lo..).zip(s.iter()) {
                             let w = s * inv;
                             for (a, x) in acc.iter_mut().zip(&vals[j * hd..(j + 1) * hd]) {
                                 *a = w.mul_add(*x, *a);
@@ -681,6 +754,24 @@ fn rms_norm(x: &[f32], w: &[f32], eps: f32, out: &mut [f32]) {
     }
 }
 
+/// `x = rms_norm(x, w)` over each `w.len()` values, when there is a `w`.
+fn norm_in_place(x: &mut [f32], w: Option<&[f32]>, eps: f32, scratch: &mut Vec<f32>) {
+    if let Some(w) = w {
+        scratch.resize(x.len(), 0.0);
+        rms_norm(x, w, eps, scratch);
+        x.copy_from_slice(scratch);
+    }
+}
+
+/// GELU with the tanh approximation (Gemma's `gelu_pytorch_tanh`), through the identity
+/// `0.5 x (1 + tanh(u)) = x / (1 + e^(-2u))` and the vectorizing [`exp_fast`].
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    let u = SQRT_2_OVER_PI * x * (1.0 + 0.044_715 * x * x);
+    x / (1.0 + exp_fast(-2.0 * u))
+}
+
 fn add_bias(x: &mut [f32], b: Option<&[f32]>) {
     if let Some(b) = b {
         for row in x.chunks_exact_mut(b.len()) {
@@ -714,6 +805,19 @@ mod tests {
         }
         assert!(exp_fast(-1e30) >= 0.0 && exp_fast(-1e30) < 1e-37);
         assert!(exp_fast(1e30).is_finite() && exp_fast(1e30) > 1e38);
+    }
+
+    #[test]
+    fn gelu_matches_the_tanh_formula() {
+        for i in -400..400 {
+            let x = i as f32 / 40.0;
+            let want = 0.5 * x * (1.0 + (0.797_884_6 * x * (1.0 + 0.044_715 * x * x)).tanh());
+            let got = gelu_tanh(x);
+            assert!(
+                (got - want).abs() <= 1e-6 * (1.0 + want.abs()),
+                "{x}: {got} vs {want}"
+            );
+        }
     }
 
     #[test]

@@ -96,7 +96,8 @@ struct Parts {
 }
 
 impl TextTokenizer {
-    /// Builds the tokenizer from a GGUF file's metadata (BPE `gpt2` vocabularies only).
+    /// Builds the tokenizer from a GGUF file's metadata: byte-level BPE (`gpt2`) or
+    /// SentencePiece (`llama`, as Gemma's) vocabularies.
     pub fn from_gguf(content: &gguf_file::Content) -> Result<Self> {
         let md = &content.metadata;
         let model = md
@@ -105,26 +106,15 @@ impl TextTokenizer {
             .transpose()
             .map_err(|e| anyhow!("GGUF tokenizer.ggml.model: {e}"))?
             .unwrap_or_default();
-        if model != "gpt2" {
+        if model != "gpt2" && model != "llama" {
             bail!(
-                "GGUF tokenizer model {model:?} is not supported: only byte-level BPE (\"gpt2\") \
-                 vocabularies are read from GGUF metadata. Point the model at a Hugging Face \
-                 folder with tokenizer.json instead."
+                "GGUF tokenizer model {model:?} is not supported: byte-level BPE (\"gpt2\") and \
+                 SentencePiece (\"llama\") vocabularies are read from GGUF metadata. Point the \
+                 model at a Hugging Face folder with tokenizer.json instead."
             );
         }
-        let pre = match md.get("tokenizer.ggml.pre") {
-            Some(v) => v
-                .to_string()
-                .map_err(|e| anyhow!("GGUF tokenizer.ggml.pre: {e}"))?
-                .clone(),
-            None => "default".to_string(),
-        };
-        let (pre_tokenizer, ignore_merges, default_add_bos) = pre_tokenizer_for(&pre)?;
-
         let tokens = gguf_strings(md, "tokenizer.ggml.tokens")?
             .ok_or_else(|| anyhow!("GGUF metadata has no tokenizer.ggml.tokens"))?;
-        let merges = gguf_strings(md, "tokenizer.ggml.merges")?
-            .ok_or_else(|| anyhow!("GGUF metadata has no tokenizer.ggml.merges"))?;
         let types: Vec<i64> = match md.get("tokenizer.ggml.token_type") {
             Some(v) => v
                 .to_vec()
@@ -142,58 +132,12 @@ impl TextTokenizer {
             );
         }
 
-        // Built with the library's own constructors, not through a tokenizer.json document: the
-        // document for a 150k-token vocabulary left ~120 MB of freed heap behind.
-        let vocab: tokenizers::models::bpe::Vocab = tokens
-            .iter()
-            .enumerate()
-            .map(|(id, t)| (t.clone(), id as u32))
-            .collect();
-        let mut merge_pairs = Vec::with_capacity(merges.len());
-        for m in &merges {
-            // A merge is "left right"; a token never starts with a space in byte-level BPE.
-            let cut = m
-                .char_indices()
-                .skip(1)
-                .find(|&(_, c)| c == ' ')
-                .map(|(i, _)| i)
-                .ok_or_else(|| anyhow!("GGUF merge {m:?} has no space"))?;
-            merge_pairs.push((m[..cut].to_string(), m[cut + 1..].to_string()));
-        }
-        drop(merges);
-        let bpe = tokenizers::models::bpe::BPE::builder()
-            .vocab_and_merges(vocab, merge_pairs)
-            .ignore_merges(ignore_merges)
-            .build()
-            .map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
-        let mut tok = Tokenizer::new(bpe);
-        let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre_tokenizer)
-            .map_err(|e| anyhow!("the pre-tokenizer for `{pre}`: {e}"))?;
-        tok.with_pre_tokenizer(Some(pre));
-        tok.with_decoder(Some(
-            tokenizers::pre_tokenizers::byte_level::ByteLevel::new(true, true, true),
-        ));
-        // Control (3), user-defined (4) and unknown (2) tokens are matched before
-        // pre-tokenization, as llama.cpp does. Control and unknown ones only when special
-        // tokens are parsed; user-defined ones always. Each keeps its vocabulary id.
-        let (mut special, mut plain) = (Vec::new(), Vec::new());
-        for (t, ty) in tokens.iter().zip(&types) {
-            if matches!(ty, 2..=4) {
-                let added = tokenizers::AddedToken::from(t.clone(), *ty != 4)
-                    .single_word(false)
-                    .lstrip(false)
-                    .rstrip(false)
-                    .normalized(false);
-                if *ty == 4 {
-                    plain.push(added);
-                } else {
-                    special.push(added);
-                }
-            }
-        }
-        tok.add_special_tokens(special)
-            .and_then(|_| tok.add_tokens(plain))
-            .map_err(|e| anyhow!("the GGUF vocabulary's special tokens: {e}"))?;
+        let (mut tok, default_add_bos) = if model == "llama" {
+            (spm_tokenizer(md, &tokens)?, true)
+        } else {
+            byte_level_tokenizer(md, &tokens)?
+        };
+        add_vocab_specials(&mut tok, &tokens, &types)?;
 
         let id_of = |key: &str| -> Result<Option<u32>> {
             match md.get(key) {
@@ -514,6 +458,169 @@ impl StreamDecoder {
             .decode(&self.ids[self.prefix_offset..], self.skip_special)?;
         Ok((prefix, full))
     }
+}
+
+/// A byte-level BPE (`gpt2`) vocabulary's tokenizer, and whether such files add a BOS token by
+/// default. Built with the library's own constructors, not through a tokenizer.json document:
+/// the document for a 150k-token vocabulary left ~120 MB of freed heap behind.
+fn byte_level_tokenizer(
+    md: &std::collections::HashMap<String, gguf_file::Value>,
+    tokens: &[String],
+) -> Result<(Tokenizer, bool)> {
+    let pre = match md.get("tokenizer.ggml.pre") {
+        Some(v) => v
+            .to_string()
+            .map_err(|e| anyhow!("GGUF tokenizer.ggml.pre: {e}"))?
+            .clone(),
+        None => "default".to_string(),
+    };
+    let (pre_tokenizer, ignore_merges, default_add_bos) = pre_tokenizer_for(&pre)?;
+    let merges = gguf_strings(md, "tokenizer.ggml.merges")?
+        .ok_or_else(|| anyhow!("GGUF metadata has no tokenizer.ggml.merges"))?;
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), id as u32))
+        .collect();
+    let mut merge_pairs = Vec::with_capacity(merges.len());
+    for m in &merges {
+        // A merge is "left right"; a token never starts with a space in byte-level BPE.
+        let cut = m
+            .char_indices()
+            .skip(1)
+            .find(|&(_, c)| c == ' ')
+            .map(|(i, _)| i)
+            .ok_or_else(|| anyhow!("GGUF merge {m:?} has no space"))?;
+        merge_pairs.push((m[..cut].to_string(), m[cut + 1..].to_string()));
+    }
+    drop(merges);
+    let bpe = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(vocab, merge_pairs)
+        .ignore_merges(ignore_merges)
+        .build()
+        .map_err(|e| anyhow!("building the tokenizer from GGUF metadata: {e}"))?;
+    let mut tok = Tokenizer::new(bpe);
+    let pre: tokenizers::PreTokenizerWrapper = serde_json::from_value(pre_tokenizer)
+        .map_err(|e| anyhow!("the pre-tokenizer for `{pre}`: {e}"))?;
+    tok.with_pre_tokenizer(Some(pre));
+    tok.with_decoder(Some(
+        tokenizers::pre_tokenizers::byte_level::ByteLevel::new(true, true, true),
+    ));
+    Ok((tok, default_add_bos))
+}
+
+/// A SentencePiece (`llama`) vocabulary's tokenizer, as llama.cpp's: spaces become `▁`, the
+/// text is split into characters, and the adjacent pair whose joined piece scores highest is
+/// joined until none is in the vocabulary; characters outside it become `<0xNN>` byte tokens.
+/// Expressed as BPE merges ranked by the joined piece's score (as Hugging Face converts
+/// SentencePiece models), with byte fallback. No space is added in front (Gemma's
+/// `add_space_prefix` is false; a file that asks for one is refused).
+fn spm_tokenizer(
+    md: &std::collections::HashMap<String, gguf_file::Value>,
+    tokens: &[String],
+) -> Result<Tokenizer> {
+    if let Some(v) = md.get("tokenizer.ggml.add_space_prefix") {
+        if v.to_bool().unwrap_or(false) {
+            bail!("GGUF SentencePiece vocabulary with add_space_prefix = true is not implemented (Gemma's is false)");
+        }
+    }
+    let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| anyhow!("GGUF tokenizer.ggml.scores: {e}"))?
+            .iter()
+            .map(|x| {
+                x.to_f32()
+                    .map_err(|e| anyhow!("GGUF tokenizer.ggml.scores: {e}"))
+            })
+            .collect::<Result<_>>()?,
+        None => bail!("GGUF SentencePiece vocabulary has no tokenizer.ggml.scores"),
+    };
+    if scores.len() != tokens.len() {
+        bail!(
+            "GGUF tokenizer.ggml.scores has {} entries for {} tokens",
+            scores.len(),
+            tokens.len()
+        );
+    }
+    let vocab: tokenizers::models::bpe::Vocab = tokens
+        .iter()
+        .enumerate()
+        .map(|(id, t)| (t.clone(), id as u32))
+        .collect();
+    // Every split of every piece into two pieces of the vocabulary, ranked by the whole
+    // piece's score (highest first), then by the halves' ids.
+    let mut ranked: Vec<(f32, u32, u32, usize, usize)> = Vec::new();
+    for (id, piece) in tokens.iter().enumerate() {
+        for (cut, _) in piece.char_indices().skip(1) {
+            let (l, r) = (&piece[..cut], &piece[cut..]);
+            if let (Some(&a), Some(&b)) = (vocab.get(l), vocab.get(r)) {
+                ranked.push((scores[id], a, b, id, cut));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.total_cmp(&x.0).then(x.1.cmp(&y.1)).then(x.2.cmp(&y.2)));
+    let merges: Vec<(String, String)> = ranked
+        .into_iter()
+        .map(|(_, _, _, id, cut)| (tokens[id][..cut].to_string(), tokens[id][cut..].to_string()))
+        .collect();
+    let unk = md
+        .get("tokenizer.ggml.unknown_token_id")
+        .and_then(|v| gguf_int(v).ok())
+        .and_then(|i| tokens.get(i as usize).cloned());
+    let mut builder = tokenizers::models::bpe::BPE::builder()
+        .vocab_and_merges(vocab, merges)
+        .byte_fallback(true)
+        .fuse_unk(true);
+    if let Some(unk) = unk {
+        builder = builder.unk_token(unk);
+    }
+    let bpe = builder
+        .build()
+        .map_err(|e| anyhow!("building the SentencePiece tokenizer from GGUF metadata: {e}"))?;
+    let mut tok = Tokenizer::new(bpe);
+    tok.with_normalizer(Some(
+        tokenizers::normalizers::Replace::new(" ", "\u{2581}")
+            .map_err(|e| anyhow!("the SentencePiece normalizer: {e}"))?,
+    ))
+    .map_err(|e| anyhow!("the SentencePiece normalizer: {e}"))?;
+    tok.with_decoder(Some(tokenizers::decoders::sequence::Sequence::new(vec![
+        tokenizers::decoders::DecoderWrapper::Replace(
+            tokenizers::normalizers::Replace::new("\u{2581}", " ")
+                .map_err(|e| anyhow!("the SentencePiece decoder: {e}"))?,
+        ),
+        tokenizers::decoders::DecoderWrapper::ByteFallback(
+            tokenizers::decoders::byte_fallback::ByteFallback::new(),
+        ),
+        tokenizers::decoders::DecoderWrapper::Fuse(tokenizers::decoders::fuse::Fuse::new()),
+    ])));
+    Ok(tok)
+}
+
+/// Control (3), user-defined (4) and unknown (2) tokens are matched before pre-tokenization, as
+/// llama.cpp does. Control and unknown ones only when special tokens are parsed; user-defined
+/// ones always. Each keeps its vocabulary id.
+fn add_vocab_specials(tok: &mut Tokenizer, tokens: &[String], types: &[i64]) -> Result<()> {
+    let (mut special, mut plain) = (Vec::new(), Vec::new());
+    for (t, ty) in tokens.iter().zip(types) {
+        if matches!(ty, 2..=4) {
+            let added = tokenizers::AddedToken::from(t.clone(), *ty != 4)
+                .single_word(false)
+                .lstrip(false)
+                .rstrip(false)
+                .normalized(false);
+            if *ty == 4 {
+                plain.push(added);
+            } else {
+                special.push(added);
+            }
+        }
+    }
+    tok.add_special_tokens(special)
+        .and_then(|_| tok.add_tokens(plain))
+        .map_err(|e| anyhow!("the GGUF vocabulary's special tokens: {e}"))?;
+
+    Ok(())
 }
 
 /// The `tokenizer.json` pre-tokenizer equivalent to llama.cpp's regexes for `pre`, whether BPE

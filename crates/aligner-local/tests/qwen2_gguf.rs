@@ -1,6 +1,9 @@
 //! The CPU path on a real Qwen2.5 GGUF (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M: Q5_0, Q8_0, Q6_K
 //! and Q4_K tensors, QKV biases): weights kept quantized, logits against candle's own Qwen2
-//! implementation on the same file, and a greedy answer.
+//! implementation on the same file, a greedy answer, and the tokenizer and greedy tokens
+//! against llama.cpp's on the same file.
+
+mod golden;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -106,4 +109,15 @@ fn qwen2_runs_quantized_and_agrees_with_candles_qwen2() {
         .unwrap();
     eprintln!("greedy answer: {:?}", out.text);
     assert!(out.text.contains("Paris"), "{:?}", out.text);
+}
+
+#[test]
+fn qwen2_tokens_and_greedy_path_match_llama_cpp() {
+    let file = GgufFile::open(&gguf_path()).unwrap();
+    let model = Model::from_gguf(&file).unwrap();
+    let tok = TextTokenizer::from_gguf(&file.content).unwrap();
+    golden::tokens_match(&tok, "qwen25");
+    let (steps, argmax, worst) = golden::greedy_path_agrees(&model, &tok, "qwen25", 0.15);
+    eprintln!("qwen25: llama.cpp's greedy token is our argmax at {argmax} of {steps} steps; largest gap {worst}");
+    assert!(argmax * 10 >= steps * 9, "{argmax} of {steps}");
 }

@@ -137,13 +137,20 @@ fn gguf_unsupported_tokenizers_are_refused() {
     );
     content.metadata.insert(
         "tokenizer.ggml.model".into(),
-        gguf_file::Value::String("llama".into()),
+        gguf_file::Value::String("bert".into()),
     );
     let err = TextTokenizer::from_gguf(&content).unwrap_err().to_string();
     assert!(
-        err.contains("\"llama\"") && err.contains("tokenizer.json"),
+        err.contains("\"bert\"") && err.contains("tokenizer.json"),
         "{err}"
     );
+    // A SentencePiece vocabulary needs its scores.
+    content.metadata.insert(
+        "tokenizer.ggml.model".into(),
+        gguf_file::Value::String("llama".into()),
+    );
+    let err = TextTokenizer::from_gguf(&content).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.ggml.scores"), "{err}");
 }
 
 #[test]

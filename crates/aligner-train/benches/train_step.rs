@@ -211,6 +211,7 @@ fn random_smollm2() -> (Config, Weights) {
         qkv_bias: false,
         rope: aligner_train::model::RopeStyle::Halves,
         rope_scaling: None,
+        gemma3: None,
     };
     let mut state = 0x9e37_79b9_7f4a_7c15_u64;
     let mut normal = |n: usize| -> Vec<f32> {

@@ -871,6 +871,12 @@ pub fn gguf_tensor_names(c: &Config) -> Vec<(String, String, Option<usize>)> {
 pub fn gguf_weights(path: &Path) -> Result<(Config, Weights)> {
     let file = GgufFile::open(path)?;
     let config = Config::from_gguf(&file)?;
+    if config.gemma3.is_some() {
+        bail!(
+            "{}: training gemma3 models is not implemented (the built-in trainer runs the llama layer); gemma3 GGUF files run for inference only",
+            path.display()
+        );
+    }
     let mut w = Weights::new();
     let mut put = |gguf: &str, hf: String, permute_heads: Option<usize>| -> Result<()> {
         let (_, dims, _) = file.raw(gguf)?;

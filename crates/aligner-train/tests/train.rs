@@ -28,6 +28,7 @@ fn tiny_config() -> Config {
         qkv_bias: false,
         rope: aligner_train::model::RopeStyle::Halves,
         rope_scaling: None,
+        gemma3: None,
     }
 }
 

@@ -1,0 +1,83 @@
+//! Checks against llama.cpp's golden fixtures (`scripts/fixtures/llamacpp_cli_golden.py`):
+//! tokenizer ids of fixed strings, and greedy tokens teacher-forced along llama.cpp's path.
+
+use std::path::PathBuf;
+
+use aligner_local::model::{Chunk, KvCache, Model};
+use aligner_local::tokenizer::TextTokenizer;
+
+fn fixture(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Every string of `NAME_tokens.json` tokenizes to llama.cpp's ids.
+pub fn tokens_match(tok: &TextTokenizer, name: &str) {
+    let doc = fixture(&format!("{name}_tokens.json"));
+    let cases = doc["cases"].as_array().unwrap();
+    assert!(cases.len() >= 40);
+    for c in cases {
+        let text = c["text"].as_str().unwrap();
+        let special = c["parse_special"].as_bool().unwrap();
+        let want: Vec<u32> = serde_json::from_value(c["ids"].clone()).unwrap();
+        assert_eq!(
+            tok.encode(text, special).unwrap(),
+            want,
+            "{name}: {text:?} (special tokens parsed: {special})"
+        );
+    }
+}
+
+/// Along llama.cpp's greedy path for each prompt of `NAME_greedy.json`, its token is our
+/// argmax or at most `tolerance` logits below it. Returns (steps, steps where it is our argmax,
+/// the largest gap).
+pub fn greedy_path_agrees(
+    model: &Model,
+    tok: &TextTokenizer,
+    name: &str,
+    tolerance: f32,
+) -> (usize, usize, f32) {
+    let doc = fixture(&format!("{name}_greedy.json"));
+    let prompts = doc["prompts"].as_array().unwrap();
+    assert!(prompts.len() >= 4);
+    let (mut steps, mut argmax, mut worst) = (0, 0, 0f32);
+    for p in prompts {
+        let prompt = p["prompt"].as_str().unwrap();
+        let ids: Vec<u32> = serde_json::from_value(p["prompt_ids"].clone()).unwrap();
+        assert_eq!(
+            tok.encode(prompt, true).unwrap(),
+            ids,
+            "{name}: prompt ids of {prompt:?}"
+        );
+        let path: Vec<u32> = serde_json::from_value(p["greedy_ids"].clone()).unwrap();
+        let mut cache = KvCache::new(model.config.layers);
+        let mut logits = model
+            .forward(&mut [Chunk {
+                cache: &mut cache,
+                tokens: &ids,
+                logits: true,
+            }])
+            .remove(0);
+        for (i, &t) in path.iter().enumerate() {
+            let best = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+            let gap = best - logits[t as usize];
+            assert!(
+                gap <= tolerance,
+                "{name}: {prompt:?} step {i}: llama.cpp's token {t} is {gap} logits below our best"
+            );
+            steps += 1;
+            argmax += usize::from(gap == 0.0);
+            worst = worst.max(gap);
+            logits = model
+                .forward(&mut [Chunk {
+                    cache: &mut cache,
+                    tokens: &[t],
+                    logits: true,
+                }])
+                .remove(0);
+        }
+    }
+    (steps, argmax, worst)
+}
