@@ -18,7 +18,7 @@
 //! `Q8_0` weights are stored with 128 added (as unsigned bytes, which `vpdpbusd` needs); the
 //! product subtracts `128 * sum(a)` per block, which keeps the integer sum exact.
 
-// `unsafe` here: the AVX-512 kernels (`avx512`: intrinsics with raw-pointer loads and stores,
+// `unsafe` here: the AVX-512 kernels (`avx512`) and the AVX2 ones (`avx2`: intrinsics with raw-pointer loads and stores,
 // called only after the run-time CPU feature check) and the per-group output pointers they
 // store through (from `SyncPtr`).
 #![allow(unsafe_code)]
@@ -560,6 +560,21 @@ fn tile(w: &Group<'_>, act: &[ActRow<'_>], out_rows: [*mut f32; 4], kind: Kind) 
             }
             return;
         }
+        if matches!(kind, Kind::Q5 | Kind::Q6) && avx2::available() {
+            for (row, &o) in act.iter().zip(&out_rows) {
+                // SAFETY: the CPU has AVX2 and FMA (checked); the kernels assert the slice
+                // lengths they read, and `o` points at 16 writable floats only this task
+                // writes.
+                unsafe {
+                    match kind {
+                        Kind::Q5 if w.m.is_empty() => avx2::q5::<true>(w, row, o),
+                        Kind::Q5 => avx2::q5::<false>(w, row, o),
+                        _ => avx2::q6(w, row, o),
+                    }
+                }
+            }
+            return;
+        }
     }
     for (row, &o) in act.iter().zip(&out_rows) {
         let v = scalar::dot(w, row, kind);
@@ -951,6 +966,137 @@ mod avx512 {
     }
 }
 
+/// The 5- and 6-bit kernels for CPUs with AVX2 but not AVX-512 VNNI, on the same sixteen-row
+/// layout: each 64-byte chunk is two 256-bit halves of eight rows, multiplied with
+/// `vpmaddubsw` (no overflow: codes below 64 times activations within 127, two at a time) and
+/// summed to 32 bits with `vpmaddwd`. Per output the arithmetic is [`scalar`]'s, so the
+/// results have its bits.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    use super::{Group, LANES};
+    use crate::quant::{ActRow, QK};
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| {
+            std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+        })
+    }
+
+    /// Four activation bytes at `p`, broadcast to all eight 32-bit lanes.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    unsafe fn bcast4(p: *const i8) -> __m256i {
+        // SAFETY: the caller keeps p + 4 inside the activation row.
+        _mm256_set1_epi32(unsafe { std::ptr::read_unaligned(p as *const i32) })
+    }
+
+    /// The four-byte dot products of unsigned `w` and signed `a`, summed into `acc` per lane.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn dot4(acc: __m256i, w: __m256i, a: __m256i) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(w, a);
+        _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `out` points at 16 writable floats; `w` holds whole blocks of 5-bit codes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn q5<const SYM: bool>(w: &Group<'_>, row: &ActRow<'_>, out: *mut f32) {
+        let nb = w.d.len() / LANES;
+        assert!(w.qs.len() >= nb * 256 && w.qh.len() >= nb * 64);
+        assert!(SYM || w.m.len() >= nb * LANES);
+        assert!(row.qs.len() >= nb * QK && row.d.len() >= nb && row.qsum.len() >= nb);
+        assert!(SYM || row.s.len() >= nb);
+        let low = _mm256_set1_epi8(0x0f);
+        let bit4 = _mm256_set1_epi8(0x10);
+        for half in 0..2 {
+            let mut acc = _mm256_setzero_ps();
+            let mut macc = _mm256_setzero_ps();
+            for b in 0..nb {
+                // SAFETY: reads at block b < nb and half < 2, inside the lengths asserted.
+                unsafe {
+                    let base = w.qs.as_ptr().add(b * 256 + half * 32);
+                    let qh = _mm256_loadu_si256(w.qh.as_ptr().add(b * 64 + half * 32) as *const _);
+                    let y = row.qs.as_ptr().add(b * QK);
+                    let chunk = |c: usize| _mm256_loadu_si256(base.add(64 * c) as *const _);
+                    let lo = |wc: __m256i, h: __m256i| {
+                        _mm256_or_si256(_mm256_and_si256(wc, low), _mm256_and_si256(h, bit4))
+                    };
+                    let hi = |wc: __m256i, h: __m256i| {
+                        _mm256_or_si256(
+                            _mm256_and_si256(_mm256_srli_epi16(wc, 4), low),
+                            _mm256_and_si256(h, bit4),
+                        )
+                    };
+                    let (w0, w1, w2, w3) = (chunk(0), chunk(1), chunk(2), chunk(3));
+                    let mut isum = _mm256_setzero_si256();
+                    isum = dot4(isum, lo(w0, _mm256_slli_epi32(qh, 4)), bcast4(y));
+                    isum = dot4(isum, lo(w1, _mm256_slli_epi32(qh, 3)), bcast4(y.add(4)));
+                    isum = dot4(isum, lo(w2, _mm256_slli_epi32(qh, 2)), bcast4(y.add(8)));
+                    isum = dot4(isum, lo(w3, _mm256_slli_epi32(qh, 1)), bcast4(y.add(12)));
+                    isum = dot4(isum, hi(w0, qh), bcast4(y.add(16)));
+                    isum = dot4(isum, hi(w1, _mm256_srli_epi32(qh, 1)), bcast4(y.add(20)));
+                    isum = dot4(isum, hi(w2, _mm256_srli_epi32(qh, 2)), bcast4(y.add(24)));
+                    isum = dot4(isum, hi(w3, _mm256_srli_epi32(qh, 3)), bcast4(y.add(28)));
+                    if SYM {
+                        isum = _mm256_sub_epi32(isum, _mm256_set1_epi32(16 * row.qsum[b]));
+                    }
+                    let dw = _mm256_loadu_ps(w.d.as_ptr().add(b * LANES + half * 8));
+                    let scale = _mm256_mul_ps(dw, _mm256_set1_ps(row.d[b]));
+                    acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(isum), acc);
+                    if !SYM {
+                        let mw = _mm256_loadu_ps(w.m.as_ptr().add(b * LANES + half * 8));
+                        macc = _mm256_fmadd_ps(mw, _mm256_set1_ps(row.s[b]), macc);
+                    }
+                }
+            }
+            // SAFETY: out points at 16 writable floats (caller); half * 8 + 8 <= 16.
+            unsafe { _mm256_storeu_ps(out.add(half * 8), _mm256_add_ps(acc, macc)) };
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; `out` points at 16 writable floats; `w` holds whole blocks of 6-bit codes.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn q6(w: &Group<'_>, row: &ActRow<'_>, out: *mut f32) {
+        let nb = w.d.len() / (2 * LANES);
+        assert!(w.qs.len() >= nb * 512);
+        assert!(row.qs.len() >= nb * QK && row.d.len() >= nb);
+        assert!(row.qsum.len() >= nb && row.qlo.len() >= nb);
+        for half in 0..2 {
+            let mut acc = _mm256_setzero_ps();
+            for b in 0..nb {
+                // SAFETY: reads at block b < nb and half < 2, inside the lengths asserted.
+                unsafe {
+                    let base = w.qs.as_ptr().add(b * 512 + half * 32);
+                    let y = row.qs.as_ptr().add(b * QK);
+                    let mut a0 = _mm256_setzero_si256();
+                    let mut a1 = _mm256_setzero_si256();
+                    for c in 0..4 {
+                        let wc = _mm256_loadu_si256(base.add(64 * c) as *const _);
+                        a0 = dot4(a0, wc, bcast4(y.add(4 * c)));
+                        let wc = _mm256_loadu_si256(base.add(64 * (c + 4)) as *const _);
+                        a1 = dot4(a1, wc, bcast4(y.add(16 + 4 * c)));
+                    }
+                    let lo = row.qlo[b];
+                    let hi = row.qsum[b] - lo;
+                    let i0 = _mm256_sub_epi32(a0, _mm256_set1_epi32(32 * lo));
+                    let i1 = _mm256_sub_epi32(a1, _mm256_set1_epi32(32 * hi));
+                    let da = _mm256_set1_ps(row.d[b]);
+                    let d0 = _mm256_loadu_ps(w.d.as_ptr().add(b * 2 * LANES + half * 8));
+                    let d1 = _mm256_loadu_ps(w.d.as_ptr().add(b * 2 * LANES + LANES + half * 8));
+                    acc = _mm256_fmadd_ps(_mm256_mul_ps(d0, da), _mm256_cvtepi32_ps(i0), acc);
+                    acc = _mm256_fmadd_ps(_mm256_mul_ps(d1, da), _mm256_cvtepi32_ps(i1), acc);
+                }
+            }
+            // SAFETY: out points at 16 writable floats (caller); half * 8 + 8 <= 16.
+            unsafe { _mm256_storeu_ps(out.add(half * 8), _mm256_add_ps(acc, _mm256_setzero_ps())) };
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1176,6 +1322,24 @@ mod converted {
                             let want = scalar::dot(&grp, &a.row(r), kind);
                             let got = &out[r * rows + g * LANES..r * rows + (g + 1) * LANES];
                             assert_eq!(got, &want[..], "{dtype:?} m={m} group {g} row {r}");
+                            #[cfg(target_arch = "x86_64")]
+                            if matches!(kind, Kind::Q5 | Kind::Q6) && avx2::available() {
+                                let mut v = [0f32; LANES];
+                                // SAFETY: AVX2 and FMA present (checked); `v` holds 16 floats;
+                                // the group holds whole blocks.
+                                unsafe {
+                                    match kind {
+                                        Kind::Q5 if grp.m.is_empty() => {
+                                            avx2::q5::<true>(&grp, &a.row(r), v.as_mut_ptr())
+                                        }
+                                        Kind::Q5 => {
+                                            avx2::q5::<false>(&grp, &a.row(r), v.as_mut_ptr())
+                                        }
+                                        _ => avx2::q6(&grp, &a.row(r), v.as_mut_ptr()),
+                                    }
+                                }
+                                assert_eq!(v, want, "AVX2 {dtype:?} group {g} row {r}");
+                            }
                         }
                     }
                 }
