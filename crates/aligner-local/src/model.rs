@@ -721,7 +721,7 @@ fn softmax_unnormalized(s: &mut [f32]) -> f32 {
 /// branch-free so loops over it vectorize. Inputs are clamped to [-87, 88]: below, ~1e-38;
 /// above, ~1.6e38.
 #[inline(always)]
-fn exp_fast(x: f32) -> f32 {
+pub(crate) fn exp_fast(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_145_75;
     const LN2_LO: f32 = 1.428_606_8e-6;
     let x = x.clamp(-87.0, 88.0);

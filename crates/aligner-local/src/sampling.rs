@@ -5,6 +5,8 @@ use std::collections::HashMap;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::model::exp_fast;
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy (argmax).
@@ -98,10 +100,12 @@ impl Sampler {
         let inv_t = 1.0 / p.temperature;
         let max = logits.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
         if p.top_k == 0 && p.top_p >= 1.0 {
-            // The whole distribution: no sort needed, one pass of exponentials.
+            // The whole distribution: no sort needed, one pass of exponentials (the
+            // vectorizing exp: over a 150-260k-token vocabulary, libm's took a sixth of a
+            // 16-sequence decoding step).
             let w = &mut self.weights;
             w.clear();
-            w.extend(logits.iter().map(|&l| ((l - max) * inv_t).exp()));
+            w.extend(logits.iter().map(|&l| exp_fast((l - max) * inv_t)));
             let total: f64 = w.iter().map(|&x| x as f64).sum();
             let mut u = self.rng.gen::<f64>() * total;
             for (i, &x) in w.iter().enumerate() {
@@ -125,7 +129,7 @@ impl Sampler {
         let full_total: f64 = if p.top_p < 1.0 {
             logits
                 .iter()
-                .map(|&l| (((l - max) * inv_t) as f64).exp())
+                .map(|&l| exp_fast((l - max) * inv_t) as f64)
                 .sum()
         } else {
             0.0
