@@ -291,6 +291,20 @@ pub(crate) mod tests {
         raw
     }
 
+    /// The values of a `[rows, cols]` tensor of `dtype` blocks, by candle's GGML dequantizer.
+    pub(crate) fn ggml_dequantized(
+        dtype: GgmlDType,
+        rows: usize,
+        cols: usize,
+        raw: &[u8],
+    ) -> Vec<f32> {
+        qtensor_from_ggml(dtype, raw, vec![rows, cols], &Device::Cpu)
+            .and_then(|t| t.dequantize(&Device::Cpu))
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .unwrap()
+    }
+
     pub(crate) const TYPES: [GgmlDType; 8] = [
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
@@ -309,11 +323,7 @@ pub(crate) mod tests {
         let (rows, cols) = (4, 512);
         for dtype in TYPES {
             let raw = random_blocks(dtype, rows, cols, &mut seed);
-            let want = qtensor_from_ggml(dtype, &raw, vec![rows, cols], &Device::Cpu)
-                .and_then(|t| t.dequantize(&Device::Cpu))
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .unwrap();
+            let want = ggml_dequantized(dtype, rows, cols, &raw);
             let fam = family(dtype).unwrap();
             let per = 32 / fam.scales_per_block();
             let mut read = from_slice(dtype, rows, cols, &raw).unwrap();

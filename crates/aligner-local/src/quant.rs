@@ -223,23 +223,13 @@ impl Weight {
 
     /// From GGML Q4_1 blocks, in GGML's row-wise layout whatever the CPU.
     pub fn q4_1_rowwise(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
-        check_blocks(rows, cols, raw.len(), 20, "Q4_1")?;
-        let nb = rows * cols / QK;
-        let mut qs = Vec::with_capacity(nb * 16);
-        let mut d = Vec::with_capacity(nb);
-        let mut m = Vec::with_capacity(nb);
-        for b in raw.chunks_exact(20) {
-            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-            m.push(f16::from_le_bytes([b[2], b[3]]).to_f32());
-            qs.extend_from_slice(&b[4..20]);
-        }
-        Ok(Weight::Q4_1 {
+        let dtype = candle_core::quantized::GgmlDType::Q4_1;
+        Self::rowwise(
+            dtype,
             rows,
             cols,
-            qs,
-            d,
-            m,
-        })
+            &mut blocks::from_slice(dtype, rows, cols, raw)?,
+        )
     }
 
     /// From GGML blocks of a type [`blocks::family`] knows (`Q4_0`, `Q4_1`, `Q4_K`, `Q5_0`,
@@ -247,7 +237,7 @@ impl Weight {
     /// exactly: 4-bit codes into the `Q4_1` kernels' format, 8-bit codes into the `Q8_0`
     /// kernels' (both sixteen rows at a time where this CPU has AVX-512 VNNI, GGML's row-wise
     /// layout elsewhere), 5- and 6-bit codes into [`Q5x16`] / [`Q6x16`] (the AVX-512 kernels where
-    /// the CPU has them, their scalar reference elsewhere). `None` when the format has no
+    /// the CPU has them, else the AVX2 ones, else their scalar reference). `None` when the format has no
     /// conversion, or is 5- or 6-bit and the rows do not come in sixteens.
     pub fn from_ggml(
         dtype: candle_core::quantized::GgmlDType,
@@ -258,11 +248,9 @@ impl Weight {
         let Some(fam) = blocks::family(dtype) else {
             return Ok(None);
         };
-        blocks::row_bytes(dtype, cols)?;
-        let mut each =
-            |f: &mut crate::blocks::RowSink<'_>| blocks::for_each_row(dtype, rows, cols, read, f);
         let tiled_rows = rows.is_multiple_of(tiled::LANES);
-        let nb = cols / QK;
+        let each =
+            |f: &mut crate::blocks::RowSink<'_>| blocks::for_each_row(dtype, rows, cols, read, f);
         Ok(Some(match fam {
             Family::Q4 if tiled_rows && tiled::available() => {
                 Weight::Q4_1x16(Q4_1x16::from_rows(rows, cols, each)?)
@@ -270,39 +258,7 @@ impl Weight {
             Family::Q8 if tiled_rows && tiled::available() => {
                 Weight::Q8_0x16(Q8_0x16::from_rows(rows, cols, each)?)
             }
-            Family::Q4 => {
-                let mut qs = vec![0u8; rows * nb * 16];
-                let mut d = vec![0f32; rows * nb];
-                let mut m = vec![0f32; rows * nb];
-                each(&mut |r, q, dr, mr| {
-                    for b in 0..nb {
-                        let bi = r * nb + b;
-                        for j in 0..16 {
-                            qs[bi * 16 + j] = q[b * QK + j] | (q[b * QK + j + 16] << 4);
-                        }
-                        d[bi] = dr[b];
-                        m[bi] = mr[b];
-                    }
-                })?;
-                Weight::Q4_1 {
-                    rows,
-                    cols,
-                    qs,
-                    d,
-                    m,
-                }
-            }
-            Family::Q8 => {
-                let mut qs = vec![0i8; rows * cols];
-                let mut d = vec![0f32; rows * nb];
-                each(&mut |r, q, dr, _| {
-                    for (o, &v) in qs[r * cols..(r + 1) * cols].iter_mut().zip(q) {
-                        *o = v as i8;
-                    }
-                    d[r * nb..(r + 1) * nb].copy_from_slice(dr);
-                })?;
-                Weight::Q8_0 { rows, cols, qs, d }
-            }
+            Family::Q4 | Family::Q8 => Self::rowwise(dtype, rows, cols, read)?,
             _ if !tiled_rows => return Ok(None),
             Family::Q5 => {
                 let symmetric = dtype == candle_core::quantized::GgmlDType::Q5_0;
@@ -310,6 +266,52 @@ impl Weight {
             }
             Family::Q6 => Weight::Q6x16(Q6x16::from_rows(rows, cols, each)?),
         }))
+    }
+
+    /// 4- or 8-bit codes (`Q4_0`, `Q4_1`, `Q4_K`, `Q8_0`) in GGML's row-wise layout.
+    fn rowwise(
+        dtype: candle_core::quantized::GgmlDType,
+        rows: usize,
+        cols: usize,
+        read: &mut blocks::ReadRows<'_>,
+    ) -> anyhow::Result<Self> {
+        let nb = cols / QK;
+        match blocks::family(dtype) {
+            Some(Family::Q4) => {
+                let mut qs = vec![0u8; rows * nb * 16];
+                let mut d = vec![0f32; rows * nb];
+                let mut m = vec![0f32; rows * nb];
+                blocks::for_each_row(dtype, rows, cols, read, &mut |r, q, dr, mr| {
+                    for b in 0..nb {
+                        let bi = r * nb + b;
+                        for j in 0..16 {
+                            qs[bi * 16 + j] = q[b * QK + j] | (q[b * QK + j + 16] << 4);
+                        }
+                    }
+                    d[r * nb..(r + 1) * nb].copy_from_slice(dr);
+                    m[r * nb..(r + 1) * nb].copy_from_slice(mr);
+                })?;
+                Ok(Weight::Q4_1 {
+                    rows,
+                    cols,
+                    qs,
+                    d,
+                    m,
+                })
+            }
+            Some(Family::Q8) => {
+                let mut qs = vec![0i8; rows * cols];
+                let mut d = vec![0f32; rows * nb];
+                blocks::for_each_row(dtype, rows, cols, read, &mut |r, q, dr, _| {
+                    for (o, &v) in qs[r * cols..(r + 1) * cols].iter_mut().zip(q) {
+                        *o = v as i8;
+                    }
+                    d[r * nb..(r + 1) * nb].copy_from_slice(dr);
+                })?;
+                Ok(Weight::Q8_0 { rows, cols, qs, d })
+            }
+            _ => anyhow::bail!("{dtype:?} has no row-wise kernel format"),
+        }
     }
 
     /// [`Weight::from_ggml`] over a whole tensor's bytes in memory.
@@ -348,15 +350,13 @@ impl Weight {
 
     /// From GGML Q8_0 blocks, in GGML's row-wise layout whatever the CPU.
     pub fn q8_0_rowwise(rows: usize, cols: usize, raw: &[u8]) -> anyhow::Result<Self> {
-        check_blocks(rows, cols, raw.len(), 34, "Q8_0")?;
-        let nb = rows * cols / QK;
-        let mut qs = Vec::with_capacity(nb * QK);
-        let mut d = Vec::with_capacity(nb);
-        for b in raw.chunks_exact(34) {
-            d.push(f16::from_le_bytes([b[0], b[1]]).to_f32());
-            qs.extend(b[2..34].iter().map(|&x| x as i8));
-        }
-        Ok(Weight::Q8_0 { rows, cols, qs, d })
+        let dtype = candle_core::quantized::GgmlDType::Q8_0;
+        Self::rowwise(
+            dtype,
+            rows,
+            cols,
+            &mut blocks::from_slice(dtype, rows, cols, raw)?,
+        )
     }
 
     /// Row `r` as f32 (embedding lookups).
@@ -461,23 +461,6 @@ impl Weight {
     }
 }
 
-fn check_blocks(
-    rows: usize,
-    cols: usize,
-    len: usize,
-    block_bytes: usize,
-    what: &str,
-) -> anyhow::Result<()> {
-    if !cols.is_multiple_of(QK) {
-        anyhow::bail!("{what} weight with {cols} columns: not a multiple of the block size {QK}");
-    }
-    let want = rows * cols / QK * block_bytes;
-    if len != want {
-        anyhow::bail!("{what} weight [{rows}, {cols}] needs {want} bytes, found {len}");
-    }
-    Ok(())
-}
-
 /// Quantized activations, one row per input row.
 pub struct ActQ8 {
     nb: usize,
@@ -499,11 +482,11 @@ pub struct ActRow<'a> {
     pub qlo: &'a [i32],
 }
 
-/// One row's slices as `ActQ8::quantize` zips them: input, codes, scales, then sums and
-/// integer sums.
+/// One row's slices as `ActQ8::quantize` zips them: input, codes, scales, then sums, integer
+/// sums and first-half integer sums.
 type RowParts<'a> = (
     ((&'a [f32], &'a mut [i8]), &'a mut [f32]),
-    (&'a mut [f32], &'a mut [i32]),
+    (&'a mut [f32], (&'a mut [i32], &'a mut [i32])),
 );
 
 impl ActQ8 {
@@ -513,11 +496,13 @@ impl ActQ8 {
         let mut d = vec![0f32; m * nb];
         let mut s = vec![0f32; if with_sums { m * nb } else { 0 }];
         let mut qsum = vec![0i32; m * nb];
-        let row = |(((xr, qr), dr), (sr, ir)): RowParts<'_>| {
+        let mut qlo = vec![0i32; m * nb];
+        let row = |(((xr, qr), dr), (sr, (ir, lr))): RowParts<'_>| {
             for (b, (xb, qb)) in xr.chunks_exact(QK).zip(qr.chunks_exact_mut(QK)).enumerate() {
                 let (dd, sum) = quantize_block(xb, qb);
                 dr[b] = f16::from_f32(dd).to_f32();
                 ir[b] = sum;
+                lr[b] = qb[..QK / 2].iter().map(|&v| v as i32).sum();
                 if with_sums {
                     sr[b] = f16::from_f32(sum as f32 * dd).to_f32();
                 }
@@ -532,17 +517,17 @@ impl ActQ8 {
             .chunks_exact(k)
             .zip(qs.chunks_exact_mut(k))
             .zip(d.chunks_exact_mut(nb))
-            .zip(s_rows.into_iter().zip(qsum.chunks_exact_mut(nb)));
+            .zip(
+                s_rows
+                    .into_iter()
+                    .zip(qsum.chunks_exact_mut(nb).zip(qlo.chunks_exact_mut(nb))),
+            );
         // Quantizing is ~1/500 of the product that follows; split it only when it is large.
         if m * k >= 1 << 15 {
             work.par_bridge().for_each(row);
         } else {
             work.for_each(row);
         }
-        let qlo = qs
-            .chunks_exact(QK)
-            .map(|b| b[..QK / 2].iter().map(|&v| v as i32).sum())
-            .collect();
         ActQ8 {
             nb,
             qs,

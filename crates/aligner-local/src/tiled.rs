@@ -382,32 +382,24 @@ impl Q5x16 {
         self.m.is_empty()
     }
 
-    /// The code of value `i` (0..32) of row lane `l` in (group, block) `gb`.
-    fn code(&self, gb: usize, l: usize, i: usize) -> u8 {
-        let (c, j, high) = ((i % 16) / 4, i % 4, i >= 16);
-        let byte = self.qs[gb * 256 + c * 64 + l * 4 + j];
-        let hw = u32::from_le_bytes(
-            self.qh[gb * 64 + l * 4..gb * 64 + l * 4 + 4]
-                .try_into()
-                .unwrap(),
-        );
-        if high {
-            (byte >> 4) | ((((hw >> (8 * j + 4 + c)) & 1) as u8) << 4)
-        } else {
-            (byte & 0x0f) | ((((hw >> (8 * j + c)) & 1) as u8) << 4)
-        }
-    }
-
     pub fn row_f32(&self, r: usize, out: &mut [f32]) {
         for (b, gb, l) in row_blocks(self.cols, r) {
             let d = self.d[gb * LANES + l];
-            for i in 0..QK {
-                let q = self.code(gb, l, i);
-                out[b * QK + i] = if self.symmetric() {
-                    d * (q as i32 - 16) as f32
-                } else {
-                    d * q as f32 + self.m[gb * LANES + l]
-                };
+            let o = gb * 64 + l * 4;
+            let hw = u32::from_le_bytes(self.qh[o..o + 4].try_into().expect("four bytes"));
+            for c in 0..4 {
+                for j in 0..4 {
+                    let byte = self.qs[gb * 256 + c * 64 + l * 4 + j];
+                    let lo = (byte & 0x0f) | ((((hw >> (8 * j + c)) & 1) as u8) << 4);
+                    let hi = (byte >> 4) | ((((hw >> (8 * j + 4 + c)) & 1) as u8) << 4);
+                    for (i, q) in [(4 * c + j, lo), (16 + 4 * c + j, hi)] {
+                        out[b * QK + i] = if self.symmetric() {
+                            d * (q as i32 - 16) as f32
+                        } else {
+                            d * q as f32 + self.m[gb * LANES + l]
+                        };
+                    }
+                }
             }
         }
     }
@@ -1210,11 +1202,9 @@ mod tests {
 #[cfg(test)]
 mod converted {
     use super::*;
-    use crate::blocks::tests::{random_blocks, TYPES};
+    use crate::blocks::tests::{ggml_dequantized, random_blocks, TYPES};
     use crate::quant::tests::lcg;
     use crate::quant::Weight;
-    use candle_core::quantized::ggml_file::qtensor_from_ggml;
-    use candle_core::Device;
 
     fn group_of(w: &Weight, g: usize) -> (Group<'_>, Kind) {
         match w {
@@ -1282,11 +1272,7 @@ mod converted {
             let w = Weight::from_ggml_bytes(dtype, rows, cols, &raw)
                 .unwrap()
                 .unwrap();
-            let want = qtensor_from_ggml(dtype, &raw, vec![rows, cols], &Device::Cpu)
-                .and_then(|t| t.dequantize(&Device::Cpu))
-                .and_then(|t| t.flatten_all())
-                .and_then(|t| t.to_vec1::<f32>())
-                .unwrap();
+            let want = ggml_dequantized(dtype, rows, cols, &raw);
             let mut dense = vec![0f32; rows * cols];
             for r in 0..rows {
                 w.row_f32(r, &mut dense[r * cols..(r + 1) * cols]);

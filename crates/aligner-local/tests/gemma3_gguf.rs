@@ -9,39 +9,21 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use aligner_local::engine::{Engine, EngineOptions, GenParams};
-use aligner_local::gguf::GgufFile;
 use aligner_local::model::Model;
 use aligner_local::sampling::SamplingParams;
 use aligner_local::tokenizer::TextTokenizer;
 
-fn gguf_path() -> PathBuf {
-    let dir = std::env::var_os("ALIGNER_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let p = dir.join(aligner_local::fetch::GEMMA3_GGUF);
-    assert!(
-        p.is_file(),
-        "{} is missing: run `aligner models fetch gemma3-270m` (or set ALIGNER_MODELS_DIR)",
-        p.display()
-    );
-    p
+fn load() -> (PathBuf, Model, TextTokenizer) {
+    golden::load(aligner_local::fetch::GEMMA3_GGUF, "gemma3-270m")
 }
 
 const PROMPT: &str = "The capital of France is";
 
 #[test]
 fn gemma3_runs_quantized_and_continues_as_llama_cpp() {
-    let path = gguf_path();
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::from_gguf(&file).unwrap();
-    let tok = TextTokenizer::from_gguf(&file.content).unwrap();
+    let (path, model, tok) = load();
     assert_eq!(model.config.architecture, "gemma3");
-    let file_bytes = std::fs::metadata(&path).unwrap().len() as f64;
-    let held = model.weight_bytes() as f64;
-    assert!(
-        held <= 1.25 * file_bytes,
-        "weights hold {held} bytes for a {file_bytes}-byte file"
-    );
+    let (held, file_bytes) = golden::weights_within_a_quarter_of_the_file(&model, &path);
 
     let ids = tok.encode(PROMPT, true).unwrap();
     // BOS, then SentencePiece pieces with `▁` for spaces and no space added in front.
@@ -69,11 +51,6 @@ fn gemma3_runs_quantized_and_continues_as_llama_cpp() {
 
 #[test]
 fn gemma3_tokens_and_greedy_path_match_llama_cpp() {
-    let file = GgufFile::open(&gguf_path()).unwrap();
-    let model = Model::from_gguf(&file).unwrap();
-    let tok = TextTokenizer::from_gguf(&file.content).unwrap();
-    golden::tokens_match(&tok, "gemma3");
-    let (steps, argmax, worst) = golden::greedy_path_agrees(&model, &tok, "gemma3", 0.35);
-    eprintln!("gemma3: llama.cpp's greedy token is our argmax at {argmax} of {steps} steps; largest gap {worst}");
-    assert!(argmax * 10 >= steps * 9, "{argmax} of {steps}");
+    let (_, model, tok) = load();
+    golden::agrees_with_llama_cpp(&model, &tok, "gemma3", 0.35);
 }

@@ -9,40 +9,25 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use aligner_local::engine::{Engine, EngineOptions, GenParams};
-use aligner_local::gguf::GgufFile;
 use aligner_local::model::{Chunk, KvCache, Model};
 use aligner_local::sampling::{argmax, SamplingParams};
 use aligner_local::tokenizer::TextTokenizer;
 
-fn gguf_path() -> PathBuf {
-    let dir = std::env::var_os("ALIGNER_MODELS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
-    let p = dir.join(aligner_local::fetch::QWEN25_CODER_GGUF);
-    assert!(
-        p.is_file(),
-        "{} is missing: run `aligner models fetch qwen2.5-coder-0.5b` (or set ALIGNER_MODELS_DIR)",
-        p.display()
-    );
-    p
+fn load() -> (PathBuf, Model, TextTokenizer) {
+    golden::load(
+        aligner_local::fetch::QWEN25_CODER_GGUF,
+        "qwen2.5-coder-0.5b",
+    )
 }
 
 const PROMPT: &str = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat is the capital of France? Answer in one sentence.<|im_end|>\n<|im_start|>assistant\n";
 
 #[test]
 fn qwen2_runs_quantized_and_agrees_with_candles_qwen2() {
-    let path = gguf_path();
-    let file = GgufFile::open(&path).unwrap();
-    let model = Model::from_gguf(&file).unwrap();
-    let tok = TextTokenizer::from_gguf(&file.content).unwrap();
+    let (path, model, tok) = load();
     assert_eq!(model.config.architecture, "qwen2");
     // Weights stay quantized: within a quarter of the file's size (it was 2.4 GB in f32).
-    let file_bytes = std::fs::metadata(&path).unwrap().len() as f64;
-    let held = model.weight_bytes() as f64;
-    assert!(
-        held <= 1.25 * file_bytes,
-        "weights hold {held} bytes for a {file_bytes}-byte file"
-    );
+    let (held, file_bytes) = golden::weights_within_a_quarter_of_the_file(&model, &path);
 
     let ids = tok.encode(PROMPT, true).unwrap();
     let mut cache = KvCache::new(model.config.layers);
@@ -113,11 +98,6 @@ fn qwen2_runs_quantized_and_agrees_with_candles_qwen2() {
 
 #[test]
 fn qwen2_tokens_and_greedy_path_match_llama_cpp() {
-    let file = GgufFile::open(&gguf_path()).unwrap();
-    let model = Model::from_gguf(&file).unwrap();
-    let tok = TextTokenizer::from_gguf(&file.content).unwrap();
-    golden::tokens_match(&tok, "qwen25");
-    let (steps, argmax, worst) = golden::greedy_path_agrees(&model, &tok, "qwen25", 0.15);
-    eprintln!("qwen25: llama.cpp's greedy token is our argmax at {argmax} of {steps} steps; largest gap {worst}");
-    assert!(argmax * 10 >= steps * 9, "{argmax} of {steps}");
+    let (_, model, tok) = load();
+    golden::agrees_with_llama_cpp(&model, &tok, "qwen25", 0.15);
 }

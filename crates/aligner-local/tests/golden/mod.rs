@@ -1,10 +1,53 @@
-//! Checks against llama.cpp's golden fixtures (`scripts/fixtures/llamacpp_cli_golden.py`):
+//! What the real-GGUF tests share: loading a fetched model, the weight-size bound, and the
+//! checks against llama.cpp's golden fixtures (`scripts/fixtures/llamacpp_cli_golden.py`):
 //! tokenizer ids of fixed strings, and greedy tokens teacher-forced along llama.cpp's path.
 
 use std::path::PathBuf;
 
+use aligner_local::gguf::GgufFile;
 use aligner_local::model::{Chunk, KvCache, Model};
 use aligner_local::tokenizer::TextTokenizer;
+
+/// `file` in the models folder (`$ALIGNER_MODELS_DIR`, else the repository's `models/`), with
+/// its model and tokenizer; a missing file names the fetch command (`aligner models fetch
+/// fetch_name`).
+pub fn load(file: &str, fetch_name: &str) -> (PathBuf, Model, TextTokenizer) {
+    let dir = std::env::var_os("ALIGNER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let path = dir.join(file);
+    assert!(
+        path.is_file(),
+        "{} is missing: run `aligner models fetch {fetch_name}` (or set ALIGNER_MODELS_DIR)",
+        path.display()
+    );
+    let gguf = GgufFile::open(&path).unwrap();
+    let model = Model::from_gguf(&gguf).unwrap();
+    let tok = TextTokenizer::from_gguf(&gguf.content).unwrap();
+    (path, model, tok)
+}
+
+/// Weights stay quantized: they hold at most 1.25 times the file's bytes. Returns (held, file).
+pub fn weights_within_a_quarter_of_the_file(model: &Model, path: &std::path::Path) -> (f64, f64) {
+    let file_bytes = std::fs::metadata(path).unwrap().len() as f64;
+    let held = model.weight_bytes() as f64;
+    assert!(
+        held <= 1.25 * file_bytes,
+        "weights hold {held} bytes for a {file_bytes}-byte file"
+    );
+    (held, file_bytes)
+}
+
+/// [`tokens_match`], then [`greedy_path_agrees`] with llama.cpp's token our argmax at nine
+/// steps in ten at least.
+pub fn agrees_with_llama_cpp(model: &Model, tok: &TextTokenizer, name: &str, tolerance: f32) {
+    tokens_match(tok, name);
+    let (steps, argmax, worst) = greedy_path_agrees(model, tok, name, tolerance);
+    eprintln!(
+        "{name}: llama.cpp's greedy token is our argmax at {argmax} of {steps} steps; largest gap {worst}"
+    );
+    assert!(argmax * 10 >= steps * 9, "{argmax} of {steps}");
+}
 
 fn fixture(name: &str) -> serde_json::Value {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
